@@ -1,0 +1,55 @@
+# ISPF Match. `make demo` runs a local federation; `make test` runs every check.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.DEFAULT_GOAL := help
+.PHONY: help install dev demo test lint typecheck proto proto-check pytest bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed ## create .venv and install the node, CLI and SDK
+
+dev: $(VENV)/.dev ## install with the development tools
+
+demo: install ## run four provinces on loopback and reconcile every pair (reports in demo-out/)
+	$(BIN)/ispf demo $(DEMO_ARGS)
+
+test: dev lint typecheck proto-check pytest ## every check CI runs
+
+lint: dev ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: dev ## mypy --strict
+	$(BIN)/mypy
+
+proto: dev ## regenerate the committed stubs in common/ispf/v1 from proto/
+	PYTHON=$(BIN)/python scripts/gen_proto.sh
+
+proto-check: dev ## fail if the committed stubs differ from what proto/ generates
+	@tmp=$$(mktemp -d) && PYTHON=$(BIN)/python scripts/gen_proto.sh $$tmp >/dev/null 2>&1 && \
+	  diff -r -x __pycache__ $$tmp/ispf/v1 common/ispf/v1 && rm -rf $$tmp && \
+	  echo "proto-check: generated stubs are up to date"
+
+pytest: dev ## the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: dev ## benchmarks: blinding throughput vs the raw primitive (figures, not pass/fail)
+	$(BIN)/python bench/blinding.py
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out

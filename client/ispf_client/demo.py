@@ -1,0 +1,239 @@
+"""`ispf demo`: a local federation of province nodes, reconciled pair by pair.
+
+Creates a throw-away forum (CA, certificates, salt), starts one node per
+province on loopback (port 0), loads each registry from CSV through the
+internal API exactly as a province would, reconciles every pair, writes the
+reports, prints a province x province matrix, and checks the result against a
+plaintext reference computed from the same files (possible only here, where
+one machine holds every registry) and, for generated data, the planted truth.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from itertools import combinations
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ispf.errors import IspfError
+from ispf.identity import KNOWN_PROVINCES
+from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
+from ispf.records import check_label, check_record_id
+from ispf.v1 import internal_pb2
+from ispf_client.csvio import RowProblem, read_registry_csv, write_problems
+from ispf_client.forum import init_forum
+from ispf_client.loader import LoadReport, load_csv
+from ispf_client.progress import watch_with_progress
+from ispf_client.report import write_report
+from ispf_client.sdk import ClientProfile, NodeClient
+from ispf_client.synth import generate
+
+DEFAULT_PROVINCES = ("punjab", "sindh", "kp", "balochistan")
+
+
+@dataclass
+class DemoResult:
+    ok: bool
+    matrix: dict[tuple[str, str], int] = field(default_factory=dict)
+    loads: dict[str, LoadReport] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+
+def reference_matches(
+    paths: dict[str, Path], province_digits: frozenset[str]
+) -> tuple[dict[tuple[str, str], int], dict[str, set[tuple[str, str, str, str]]]]:
+    """Plaintext truth: shared IDs per pair, and report rows per province."""
+    held: dict[str, dict[str, list[tuple[str, str, str]]]] = {}
+    for p, path in paths.items():
+        by_rid: dict[str, tuple[str, str, str]] = {}
+        for item in read_registry_csv(path):
+            if isinstance(item, RowProblem):
+                continue
+            try:
+                rid = check_record_id(item.record_id)
+                label = check_label(item.programme, item.status)
+                nid = canonicalise(item.nid, province_digits=province_digits).digits
+            except IspfError:
+                continue
+            by_rid[rid] = (nid, label.programme, label.status)  # last row wins
+        per_nid: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        for rid, (nid, prog, st) in by_rid.items():
+            per_nid[nid].append((rid, prog, st))
+        held[p] = per_nid
+    counts: dict[tuple[str, str], int] = {}
+    rows: dict[str, set[tuple[str, str, str, str]]] = defaultdict(set)
+    for p, q in combinations(paths, 2):
+        common = held[p].keys() & held[q].keys()
+        counts[(p, q)] = len(common)
+        for a, b in ((p, q), (q, p)):
+            for nid in common:
+                for rid, _, _ in held[a][nid]:
+                    for _, bprog, bst in held[b][nid]:
+                        rows[a].add((rid, b, bprog, bst))
+    return counts, rows
+
+
+def run_demo(
+    *,
+    provinces: list[str],
+    out: Path,
+    data: Path | None = None,
+    records: int = 2000,
+    seed: int = 1,
+    workers: int = 0,
+    console: Console | None = None,
+    workdir: Path | None = None,
+) -> DemoResult:
+    from ispf_server.config import load_config
+    from ispf_server.node import Node, create_server
+    from ispf_server.pool import BlindingPool
+
+    con = console or Console()
+    result = DemoResult(ok=True)
+    digits = frozenset(DEFAULT_PROVINCE_DIGITS | {KNOWN_PROVINCES.get(p, "3") for p in provinces})
+    with tempfile.TemporaryDirectory(prefix="ispf-demo-") as tmp:
+        work = workdir or Path(tmp)
+        layout = init_forum(work / "forum", provinces, base_port=0)
+        # Registries: given, or generated with a planted truth.
+        fed = None
+        if data is not None:
+            paths = {p: data / f"{p}.csv" for p in provinces}
+            missing = [str(x) for x in paths.values() if not x.is_file()]
+            if missing:
+                raise FileNotFoundError(f"no registry file: {', '.join(missing)}")
+        else:
+            fed = generate(provinces, records, seed=seed)
+            (work / "data").mkdir(parents=True, exist_ok=True)
+            paths = {}
+            for p in provinces:
+                paths[p] = work / "data" / f"{p}.csv"
+                paths[p].write_text(fed.csv_text(p), encoding="utf-8")
+        pool = BlindingPool(workers or (os.cpu_count() or 1))
+        nodes, servers, ports = {}, {}, {}
+        try:
+            for p in provinces:
+                cfg = load_config(layout.node_dir(p) / "node.toml")
+                node = Node(replace(cfg, province_digits=digits), pool=pool)
+                server, port = create_server(node, "127.0.0.1:0")
+                server.start()
+                nodes[p], servers[p], ports[p] = node, server, port
+            for p, node in nodes.items():
+                node.peer_addresses = {q: f"127.0.0.1:{ports[q]}" for q in provinces if q != p}
+            con.print(
+                "[bold]Federation up:[/] "
+                + ", ".join(f"{p} (127.0.0.1:{ports[p]})" for p in provinces)
+            )
+            clients = {
+                p: NodeClient(_profile(layout.client_dir(p) / "profile.toml", ports[p]))
+                for p in provinces
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            for p in provinces:
+                rep = load_csv(clients[p], paths[p])
+                result.loads[p] = rep
+                con.print(
+                    f"  {p}: {rep.rows} rows, {rep.accepted} loaded, "
+                    f"{rep.rejected} rejected"
+                    + (f" (see {out / f'{p}-load-errors.csv'})" if rep.rejected else "")
+                )
+                if rep.rejected:
+                    write_problems(out / f"{p}-load-errors.csv", rep.problems)
+            for p, q in combinations(provinces, 2):
+                status = clients[p].start_reconciliation(q)
+                final = watch_with_progress(clients[p], status.session_id, f"{p} ⇄ {q}", con)
+                if final.state != internal_pb2.SESSION_STATE_COMPLETED:
+                    result.ok = False
+                    result.failures.append(f"{p} ⇄ {q}: {final.error}")
+                    continue
+                result.matrix[(p, q)] = final.match_count
+                # The responder must have logged the same result.
+                mirror = clients[q].session(final.session_id)
+                if (mirror.match_count, mirror.result_digest) != (
+                    final.match_count,
+                    final.result_digest,
+                ):
+                    result.ok = False
+                    result.failures.append(f"{p} ⇄ {q}: the two sides disagree")
+            reports = {p: write_report(clients[p], out) for p in provinces}
+            for c in clients.values():
+                c.close()
+        finally:
+            for s in servers.values():
+                s.stop(grace=1).wait()
+            for n in nodes.values():
+                n.close()
+            pool.close()
+        _print_matrix(con, provinces, result.matrix)
+        counts, rows = reference_matches(paths, digits)
+        _check(
+            result,
+            "match counts equal the plaintext reference",
+            all(result.matrix.get(k) == v for k, v in counts.items()),
+        )
+        got_rows = {
+            p: {(r[1], r[2], r[3], r[4]) for r in _csv_rows(reports[p].matches_csv)}
+            for p in provinces
+        }
+        _check(
+            result,
+            "report rows equal the plaintext reference",
+            all(got_rows[p] == rows.get(p, set()) for p in provinces),
+        )
+        if fed is not None:
+            _check(
+                result,
+                "match counts equal the planted truth",
+                all(result.matrix.get(k) == len(v) for k, v in fed.planted.items()),
+            )
+            _check(
+                result,
+                "every planted invalid row was reported",
+                all(len(result.loads[p].problems) == fed.invalid_rows[p] for p in provinces),
+            )
+        for line in result.checks:
+            con.print(line)
+        for f in result.failures:
+            con.print(f"[red]FAILED[/] {f}")
+        con.print(f"Reports written to {out}/")
+    return result
+
+
+def _check(result: DemoResult, what: str, ok: bool) -> None:
+    result.checks.append(f"[green]✔[/] {what}" if ok else f"[red]✘[/] {what}: NO")
+    if not ok:
+        result.ok = False
+        result.failures.append(f"check failed: {what}")
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.reader(fh))[1:]
+
+
+def _print_matrix(con: Console, provinces: list[str], matrix: dict[tuple[str, str], int]) -> None:
+    t = Table(title="Matched identity numbers, province × province")
+    t.add_column("")
+    for p in provinces:
+        t.add_column(p, justify="right")
+    for p in provinces:
+        cells = []
+        for q in provinces:
+            v = matrix.get((p, q), matrix.get((q, p)))
+            cells.append("—" if p == q else ("failed" if v is None else str(v)))
+        t.add_row(p, *cells)
+    con.print(t)
+
+
+def _profile(path: Path, port: int) -> ClientProfile:
+    prof = ClientProfile.load(path)
+    return ClientProfile(prof.province, f"127.0.0.1:{port}", prof.ca, prof.cert, prof.key)
+
+
+__all__ = ["DEFAULT_PROVINCES", "DemoResult", "run_demo"]

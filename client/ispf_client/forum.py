@@ -1,0 +1,276 @@
+"""Forum administration: the demo CA, certificates for each role, salts, node configs.
+
+The CA signs ECDSA P-256 certificates whose subject is ``CN=<name>, OU=<role>``
+(see `ispf.identity`). Node certificates name the node as
+``<province>.node.ispf`` (what peers verify) plus the hosts it is reached at.
+Every private key and salt is written owner-only (0600).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ispf.errors import ConfigError
+from ispf.identity import PROVINCE_RE, ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, node_hostname
+from ispf.keys import ForumSalt, write_private_file
+
+CA_DAYS = 3650
+LEAF_DAYS = 397
+
+
+@dataclass(frozen=True)
+class ForumLayout:
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def salt_dir(self) -> Path:
+        return self.root / "salts"
+
+    def salt_file(self, epoch: int) -> Path:
+        return self.salt_dir / f"epoch-{epoch}.salt"
+
+    def node_dir(self, province: str) -> Path:
+        return self.root / "nodes" / province
+
+    def client_dir(self, province: str) -> Path:
+        return self.root / "clients" / province
+
+    def auditor_dir(self, name: str) -> Path:
+        return self.root / "auditors" / name
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(cn: str, ou: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ISPF Forum"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def create_ca(layout: ForumLayout) -> None:
+    if layout.ca_cert.exists():
+        raise ConfigError(f"a forum CA already exists in {layout.root}")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ISPF Forum"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "ISPF Forum CA"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_private_file(layout.ca_key, _key_pem(key))
+    layout.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_certificate(
+    layout: ForumLayout,
+    *,
+    name: str,
+    role: str,
+    out_dir: Path,
+    stem: str,
+    hosts: tuple[str, ...] = (),
+) -> tuple[Path, Path]:
+    """Issue a leaf certificate for `name` in `role`; returns (cert path, key path)."""
+    if role not in (ROLE_NODE, ROLE_INTERNAL, ROLE_AUDIT):
+        raise ConfigError(f"unknown role '{role}'")
+    if role != ROLE_AUDIT and not PROVINCE_RE.match(name):
+        raise ConfigError(f"province '{name}' must be a lowercase slug like 'punjab'")
+    ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("the forum CA key is not an EC key")
+    ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name, role))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if role == ROLE_NODE:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        sans: list[x509.GeneralName] = [x509.DNSName(node_hostname(name))]
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(
+        ca_key, hashes.SHA256()
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
+    if key_path.exists():
+        key_path.unlink()
+    write_private_file(key_path, _key_pem(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def new_salt(layout: ForumLayout, epoch: int) -> Path:
+    path = layout.salt_file(epoch)
+    if path.exists():
+        raise ConfigError(f"a salt for epoch {epoch} already exists: {path}")
+    layout.salt_dir.mkdir(parents=True, exist_ok=True)
+    ForumSalt.generate(epoch).to_file(path)
+    return path
+
+
+def _rel(path: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(path, base)
+
+
+def write_node_config(
+    layout: ForumLayout,
+    province: str,
+    *,
+    listen: str,
+    peers: dict[str, str],
+    epoch: int,
+    workers: int = 0,
+) -> Path:
+    d = layout.node_dir(province)
+    lines = [
+        f'province = "{province}"',
+        f'listen = "{listen}"',
+        'store = "node.sqlite"',
+        "",
+        "[tls]",
+        f'ca = "{_rel(layout.ca_cert, d)}"',
+        'cert = "node.pem"',
+        'key = "node.key"',
+        "",
+        "[salts]",
+        f'dir = "{_rel(layout.salt_dir, d)}"',
+        f"current_epoch = {epoch}",
+        "",
+        "[blinding]",
+        f"workers = {workers}",
+        "chunk_values = 4096",
+        "",
+        "[policy]",
+        'purposes = ["reconciliation", "statistics"]',
+        "max_set_size = 50000000",
+    ]
+    for peer, addr in sorted(peers.items()):
+        lines += ["", f"[peers.{peer}]", f'address = "{addr}"']
+    path = d / "node.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_client_profile(layout: ForumLayout, province: str, address: str) -> Path:
+    d = layout.client_dir(province)
+    path = d / "profile.toml"
+    path.write_text(
+        "\n".join(
+            [
+                f'province = "{province}"',
+                f'address = "{address}"',
+                "",
+                "[tls]",
+                f'ca = "{_rel(layout.ca_cert, d)}"',
+                'cert = "client.pem"',
+                'key = "client.key"',
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def init_forum(
+    root: Path,
+    provinces: list[str],
+    *,
+    epoch: int = 1,
+    host: str = "127.0.0.1",
+    base_port: int = 50051,
+    extra_hosts: tuple[str, ...] = (),
+) -> ForumLayout:
+    """Create a demo forum: CA, a node and an internal client per province, one salt."""
+    if len(set(provinces)) != len(provinces) or len(provinces) < 1:
+        raise ConfigError("provinces must be distinct and at least one")
+    layout = ForumLayout(root)
+    create_ca(layout)
+    new_salt(layout, epoch)
+    hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", host, *extra_hosts)))
+    addresses = {p: f"{host}:{base_port + i}" for i, p in enumerate(provinces)}
+    for p in provinces:
+        issue_certificate(
+            layout, name=p, role=ROLE_NODE, out_dir=layout.node_dir(p), stem="node", hosts=hosts
+        )
+        issue_certificate(
+            layout, name=p, role=ROLE_INTERNAL, out_dir=layout.client_dir(p), stem="client"
+        )
+        write_node_config(
+            layout,
+            p,
+            listen=addresses[p],
+            epoch=epoch,
+            peers={q: a for q, a in addresses.items() if q != p},
+        )
+        write_client_profile(layout, p, addresses[p])
+    return layout

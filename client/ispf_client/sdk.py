@@ -1,0 +1,204 @@
+"""Client SDK for a province's own systems: talks to its own node's internal API.
+
+Every call has a deadline; every failure is raised as the `ispf.errors` class
+the node raised (translated here, in one place).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import grpc
+
+from ispf.errors import ConfigError, from_rpc_error
+from ispf.identity import node_hostname
+from ispf.keys import check_private_file
+from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_TIMEOUT = 60.0
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """Where the node is and which certificate to present (read from a TOML file)."""
+
+    province: str
+    address: str
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def load(cls, path: Path) -> ClientProfile:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            tls = data["tls"]
+            base = path.parent
+            return cls(
+                province=str(data["province"]),
+                address=str(data["address"]),
+                ca=(base / tls["ca"]).resolve(),
+                cert=(base / tls["cert"]).resolve(),
+                key=(base / tls["key"]).resolve(),
+            )
+        except FileNotFoundError as exc:
+            raise ConfigError(f"client profile {path} does not exist") from exc
+        except (KeyError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"client profile {path} is invalid: {exc}") from exc
+
+
+def secure_channel(profile: ClientProfile) -> grpc.Channel:
+    check_private_file(profile.key)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=profile.ca.read_bytes(),
+        private_key=profile.key.read_bytes(),
+        certificate_chain=profile.cert.read_bytes(),
+    )
+    return grpc.secure_channel(
+        profile.address,
+        creds,
+        options=[
+            ("grpc.ssl_target_name_override", node_hostname(profile.province)),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+
+
+def translated(fn: Callable[P, R]) -> Callable[P, R]:
+    """Raise the `ispf.errors` class the server raised instead of a bare RpcError."""
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _translated_stream(it: Iterable[R]) -> Iterator[R]:
+    try:
+        yield from it
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
+
+
+class NodeClient:
+    """The internal API of one node. Use as a context manager, or call `close()`."""
+
+    def __init__(self, profile: ClientProfile, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.profile = profile
+        self.timeout = timeout
+        self._channel = secure_channel(profile)
+        self._registry = internal_pb2_grpc.RegistryServiceStub(self._channel)
+        self._recon = internal_pb2_grpc.ReconciliationServiceStub(self._channel)
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    @translated
+    def upsert(self, records: Iterable[internal_pb2.Record]) -> internal_pb2.UpsertRecordsResponse:
+        return self._registry.UpsertRecords(
+            internal_pb2.UpsertRecordsRequest(records=list(records)), timeout=self.timeout
+        )
+
+    @translated
+    def delete(self, record_ids: Iterable[str]) -> internal_pb2.DeleteRecordsResponse:
+        return self._registry.DeleteRecords(
+            internal_pb2.DeleteRecordsRequest(record_ids=list(record_ids)), timeout=self.timeout
+        )
+
+    @translated
+    def stats(self) -> internal_pb2.RegistryStats:
+        return self._registry.GetRegistryStats(
+            internal_pb2.GetRegistryStatsRequest(), timeout=self.timeout
+        )
+
+    @translated
+    def peers(self) -> list[str]:
+        return list(
+            self._recon.ListPeers(internal_pb2.ListPeersRequest(), timeout=self.timeout).peers
+        )
+
+    @translated
+    def start_reconciliation(
+        self,
+        peer: str,
+        *,
+        purpose: str = "reconciliation",
+        count_only: bool = False,
+        collections: Iterable[str] = (),
+        peer_collections: Iterable[str] = (),
+    ) -> internal_pb2.SessionStatus:
+        return self._recon.StartReconciliation(
+            internal_pb2.StartReconciliationRequest(
+                peer=peer,
+                purpose=purpose,
+                mode=common_pb2.MODE_COUNT_ONLY if count_only else common_pb2.MODE_MUTUAL,
+                collections=list(collections),
+                peer_collections=list(peer_collections),
+            ),
+            timeout=self.timeout,
+        )
+
+    def watch(
+        self, session_id: str, *, timeout: float = 24 * 3600.0
+    ) -> Iterator[internal_pb2.SessionStatus]:
+        """Status updates until the session completes or fails."""
+        return _translated_stream(
+            self._recon.WatchSession(
+                internal_pb2.WatchSessionRequest(session_id=session_id), timeout=timeout
+            )
+        )
+
+    def wait(self, session_id: str, *, timeout: float = 24 * 3600.0) -> internal_pb2.SessionStatus:
+        last = None
+        for status in self.watch(session_id, timeout=timeout):
+            last = status
+        if last is None:  # pragma: no cover - the node always sends one status
+            raise ConfigError("node sent no session status")
+        return last
+
+    @translated
+    def session(self, session_id: str) -> internal_pb2.SessionStatus:
+        return self._recon.GetSession(
+            internal_pb2.WatchSessionRequest(session_id=session_id), timeout=self.timeout
+        )
+
+    @translated
+    def sessions(self) -> list[internal_pb2.SessionStatus]:
+        return list(
+            self._recon.ListSessions(
+                internal_pb2.ListSessionsRequest(), timeout=self.timeout
+            ).sessions
+        )
+
+    def matches(self, session_id: str = "") -> Iterator[internal_pb2.Match]:
+        """Matches of one session, or of the latest completed session with each peer."""
+        for batch in _translated_stream(
+            self._recon.GetMatches(
+                internal_pb2.GetMatchesRequest(session_id=session_id), timeout=self.timeout
+            )
+        ):
+            yield from batch.matches

@@ -1,0 +1,184 @@
+"""The one error hierarchy of ISPF Match, each class carrying its gRPC status.
+
+::
+
+    IspfError                      INTERNAL
+    ├── InvalidInput               INVALID_ARGUMENT
+    │   ├── InvalidNationalId
+    │   ├── InvalidRecord
+    │   └── InvalidBlindedValue
+    ├── ProtocolViolation          INVALID_ARGUMENT  (a peer broke the session protocol)
+    ├── NotFound                   NOT_FOUND
+    │   ├── UnknownSession
+    │   └── UnknownPeer
+    ├── PreconditionFailed         FAILED_PRECONDITION
+    │   ├── SaltMismatch
+    │   ├── UnknownEpoch
+    │   ├── VersionMismatch
+    │   └── ConfigError
+    │       └── KeyFileError
+    ├── PermissionDenied           PERMISSION_DENIED
+    │   └── PolicyRefused
+    ├── Unauthenticated            UNAUTHENTICATED
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED
+    ├── SessionAborted             ABORTED
+    │   └── ResultMismatch
+    ├── PeerUnavailable            UNAVAILABLE
+    └── DeadlineExceeded           DEADLINE_EXCEEDED
+
+The server translates these to gRPC status in one interceptor
+(`ispf_server.guard`); the client turns a status back into the same class in
+one place (`ispf.errors.from_rpc_error`). Messages never contain an ID number,
+a salt or a key: they say what was wrong and where (a position, a field).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+ERROR_TYPE_KEY = "ispf-error-type"
+
+
+class IspfError(Exception):
+    """Base class. `code` is the gRPC status a server answers with."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(IspfError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidNationalId(InvalidInput):
+    """An identity number that is not a valid 13-digit CNIC/CRC/NICOP number.
+
+    `reason_code` is machine-readable (`nid.length`, `nid.non_digit`, ...).
+    """
+
+    def __init__(self, reason_code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class InvalidRecord(InvalidInput):
+    def __init__(self, reason_code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class InvalidBlindedValue(InvalidInput):
+    pass
+
+
+class ProtocolViolation(IspfError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(IspfError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class UnknownSession(NotFound):
+    pass
+
+
+class UnknownPeer(NotFound):
+    pass
+
+
+class PreconditionFailed(IspfError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SaltMismatch(PreconditionFailed):
+    pass
+
+
+class UnknownEpoch(PreconditionFailed):
+    pass
+
+
+class VersionMismatch(PreconditionFailed):
+    pass
+
+
+class ConfigError(PreconditionFailed):
+    pass
+
+
+class KeyFileError(ConfigError):
+    pass
+
+
+class PermissionDenied(IspfError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class PolicyRefused(PermissionDenied):
+    pass
+
+
+class Unauthenticated(IspfError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(IspfError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class SessionAborted(IspfError):
+    code = grpc.StatusCode.ABORTED
+
+
+class ResultMismatch(SessionAborted):
+    pass
+
+
+class PeerUnavailable(IspfError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(IspfError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _all_subclasses(cls: type[IspfError]) -> list[type[IspfError]]:
+    out: list[type[IspfError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_NAME: dict[str, type[IspfError]] = {c.__name__: c for c in _all_subclasses(IspfError)}
+_BY_CODE: dict[grpc.StatusCode, type[IspfError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.ABORTED: SessionAborted,
+    grpc.StatusCode.UNAVAILABLE: PeerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> IspfError:
+    """Translate a failed call back into the class the server raised."""
+    code: grpc.StatusCode = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if isinstance(err, grpc.Call) else None) or code.name
+    name = None
+    if isinstance(err, grpc.Call):
+        for key, value in err.trailing_metadata() or ():
+            if key == ERROR_TYPE_KEY:
+                name = value if isinstance(value, str) else value.decode()
+    cls = _BY_NAME.get(name or "") or _BY_CODE.get(code, IspfError)
+    if cls in (InvalidNationalId, InvalidRecord):
+        return cls("remote", details)
+    out = cls(details)
+    out.code = code
+    return out

@@ -1,0 +1,93 @@
+"""National identity numbers (CNIC, CRC/B-form, NICOP): canonical form and validation.
+
+All three share NADRA's 13-digit number. Accepted spellings are 13 ASCII digits
+(``3520212345671``) or the printed form with dashes after the 5th and 12th digit
+(``35202-1234567-1``); surrounding whitespace is ignored. Anything else is
+rejected with a reason that names what is wrong but never echoes the number.
+
+The first digit is the province of issue; the set of allowed digits is
+configurable because AJK's prefix is not verified. There is no published
+checksum, so none is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ispf.errors import InvalidNationalId
+
+# 1 KP, 2 former FATA, 3 Punjab, 4 Sindh, 5 Balochistan, 6 Islamabad, 7 Gilgit-Baltistan.
+DEFAULT_PROVINCE_DIGITS: frozenset[str] = frozenset("1234567")
+
+_DIGITS = frozenset("0123456789")
+_DASHED_LEN = 15
+
+
+@dataclass(frozen=True, slots=True)
+class NationalId:
+    """A validated identity number. `digits` is the canonical 13-digit form.
+
+    `repr` and `str` mask the number so that it cannot end up in a log line by
+    accident; use `.digits` where the number is really needed.
+    """
+
+    digits: str
+
+    def __repr__(self) -> str:
+        return f"NationalId({self.masked()})"
+
+    def __str__(self) -> str:
+        return self.masked()
+
+    def masked(self) -> str:
+        return f"{self.digits[0]}XXXX-XXXXXXX-X"
+
+    @property
+    def province_digit(self) -> str:
+        return self.digits[0]
+
+    def encode(self) -> bytes:
+        return self.digits.encode("ascii")
+
+
+def canonicalise(
+    raw: str, *, province_digits: Iterable[str] = DEFAULT_PROVINCE_DIGITS
+) -> NationalId:
+    """Validate `raw` and return its canonical form, or raise `InvalidNationalId`."""
+    text = raw.strip()
+    if not text:
+        raise InvalidNationalId("nid.empty", "identity number is empty")
+    for i, ch in enumerate(text, start=1):
+        if ch not in _DIGITS and ch != "-":
+            if not ch.isascii():
+                raise InvalidNationalId(
+                    "nid.non_ascii",
+                    f"character {i} of the identity number is not an ASCII digit or dash",
+                )
+            raise InvalidNationalId(
+                "nid.non_digit", f"character {i} of the identity number is not a digit"
+            )
+    if "-" in text:
+        dashes = tuple(i for i, ch in enumerate(text, start=1) if ch == "-")
+        if len(text) != _DASHED_LEN or dashes != (6, 14):
+            raise InvalidNationalId(
+                "nid.dash_position",
+                "misplaced dash in identity number: expected 13 digits, or the form "
+                "NNNNN-NNNNNNN-N",
+            )
+        digits = text.replace("-", "")
+    else:
+        digits = text
+    if len(digits) != 13:
+        raise InvalidNationalId(
+            "nid.length", f"identity number has {len(digits)} digits, expected 13"
+        )
+    allowed = frozenset(province_digits)
+    if digits[0] not in allowed:
+        raise InvalidNationalId(
+            "nid.province",
+            "identity number starts with an unknown province digit (allowed: "
+            f"{', '.join(sorted(allowed))})",
+        )
+    return NationalId(digits)

@@ -1,0 +1,46 @@
+"""`ispf-node --config node.toml`: run a province node until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ispf.errors import IspfError
+from ispf_server.config import load_config
+from ispf_server.node import Node, create_server
+
+log = logging.getLogger("ispf_server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ispf-node", description="Run an ISPF Match province node.")
+    ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        node = Node(load_config(args.config))
+        server, port = create_server(node)
+    except IspfError as exc:
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    server.start()
+    log.info("node %s serving on port %d", node.province, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("node %s stopping", node.province)
+    server.stop(grace=10).wait()
+    node.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Node configuration: one explicit dataclass, built once from a TOML file.
+
+Paths in the file are relative to the file's folder. Secrets (TLS key, salts)
+are read from the files named here, never from the command line or the
+environment. Example (``ispf forum init`` writes one per node)::
+
+    province = "punjab"
+    listen = "127.0.0.1:50051"
+    store = "punjab.sqlite"
+
+    [tls]
+    ca = "../../ca.pem"
+    cert = "node.pem"
+    key = "node.key"
+
+    [salts]
+    dir = "../../salts"          # holds epoch-<N>.salt
+    current_epoch = 1
+
+    [blinding]
+    workers = 0                  # 0: one process per core
+    chunk_values = 4096
+
+    [policy]
+    purposes = ["reconciliation", "statistics"]
+    max_set_size = 50000000
+
+    [peers.sindh]
+    address = "127.0.0.1:50052"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ispf.errors import ConfigError
+from ispf.identity import PROVINCE_RE
+from ispf.nid import DEFAULT_PROVINCE_DIGITS
+
+DEFAULT_PURPOSES = ("reconciliation", "statistics")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What this node, as responder, allows peers to do (same for every peer for now)."""
+
+    purposes: frozenset[str] = frozenset(DEFAULT_PURPOSES)
+    # Largest set a peer may submit in one session; bounds what a peer can learn.
+    max_set_size: int = 50_000_000
+    # Own collections peers may match against; empty means all.
+    collections: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    province: str
+    listen: str
+    store: Path
+    tls: TlsConfig
+    salt_dir: Path
+    current_epoch: int
+    peers: dict[str, PeerConfig] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    workers: int = 0
+    chunk_values: int = 4096
+    province_digits: frozenset[str] = DEFAULT_PROVINCE_DIGITS
+    # Seconds a peer session may stay idle before the responder forgets it.
+    session_idle_timeout: float = 600.0
+    # Deadline for a whole session's streaming calls, and for unary calls.
+    session_deadline: float = 3600.0
+    call_deadline: float = 30.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def blinding_workers(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+
+def _req(table: dict[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}: missing required setting '{key}'")
+    return table[key]
+
+
+def load_config(path: Path) -> NodeConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    base = path.parent
+    where = str(path)
+
+    def p(v: str) -> Path:
+        return (base / v).resolve()
+
+    province = str(_req(data, "province", where))
+    if not PROVINCE_RE.match(province):
+        raise ConfigError(f"{where}: province '{province}' must be a lowercase slug")
+    tls = _req(data, "tls", where)
+    salts = _req(data, "salts", where)
+    blinding = data.get("blinding", {})
+    pol = data.get("policy", {})
+    peers = {
+        name: PeerConfig(name=name, address=str(_req(v, "address", f"{where} [peers.{name}]")))
+        for name, v in data.get("peers", {}).items()
+    }
+    return NodeConfig(
+        province=province,
+        listen=str(data.get("listen", "127.0.0.1:50051")),
+        store=p(str(_req(data, "store", where))),
+        tls=TlsConfig(
+            ca=p(_req(tls, "ca", f"{where} [tls]")),
+            cert=p(_req(tls, "cert", f"{where} [tls]")),
+            key=p(_req(tls, "key", f"{where} [tls]")),
+        ),
+        salt_dir=p(str(_req(salts, "dir", f"{where} [salts]"))),
+        current_epoch=int(_req(salts, "current_epoch", f"{where} [salts]")),
+        peers=peers,
+        policy=PolicyConfig(
+            purposes=frozenset(pol.get("purposes", DEFAULT_PURPOSES)),
+            max_set_size=int(pol.get("max_set_size", PolicyConfig.max_set_size)),
+            collections=frozenset(pol.get("collections", ())),
+        ),
+        workers=int(blinding.get("workers", 0)),
+        chunk_values=int(blinding.get("chunk_values", 4096)),
+        province_digits=frozenset(str(d) for d in data.get("province_digits", "1234567")),
+        session_idle_timeout=float(data.get("session_idle_timeout", 600.0)),
+        session_deadline=float(data.get("session_deadline", 3600.0)),
+        call_deadline=float(data.get("call_deadline", 30.0)),
+    )

@@ -1,0 +1,127 @@
+"""Who may call what, and errors to gRPC status: both in this one interceptor.
+
+Every handler is wrapped so that (1) the caller's certificate role is checked
+against the service before any handler code runs, and (2) an `IspfError`
+becomes its gRPC status with the class name in trailing metadata, while any
+other exception becomes INTERNAL with no detail (it is logged here instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import grpc
+
+from ispf.errors import ERROR_TYPE_KEY, IspfError, PermissionDenied, Unauthenticated
+from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
+
+log = logging.getLogger(__name__)
+
+ANY_ROLE = frozenset({ROLE_NODE, ROLE_INTERNAL, ROLE_AUDIT})
+# Service -> roles allowed. Internal services also require the node's own province.
+ACCESS: dict[str, frozenset[str]] = {
+    "ispf.v1.PeerService": frozenset({ROLE_NODE}),
+    "ispf.v1.RegistryService": frozenset({ROLE_INTERNAL}),
+    "ispf.v1.ReconciliationService": frozenset({ROLE_INTERNAL}),
+    "grpc.health.v1.Health": ANY_ROLE,
+    "grpc.reflection.v1alpha.ServerReflection": ANY_ROLE,
+    "grpc.reflection.v1.ServerReflection": ANY_ROLE,
+}
+OWN_PROVINCE_ONLY = frozenset({"ispf.v1.RegistryService", "ispf.v1.ReconciliationService"})
+
+
+def caller_identity(context: grpc.ServicerContext) -> Identity:
+    """The caller's identity, from the verified TLS client certificate."""
+    auth = context.auth_context()
+    pems: bytes | list[bytes] = auth.get("x509_pem_cert") or []
+    ident = identity_from_pem(pems[0]) if isinstance(pems, list) and pems else None
+    if ident is None:
+        raise Unauthenticated("no forum client certificate with a role was presented")
+    return ident
+
+
+def abort_with(context: grpc.ServicerContext, err: IspfError) -> NoReturn:
+    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__),))
+    context.abort(err.code, err.message)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _internal(context: grpc.ServicerContext, method: str) -> None:
+    if cast(Any, context).code() not in (None, grpc.StatusCode.OK):
+        raise
+    log.exception("unexpected error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error (see the node log)")
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+
+class Guard(_Interceptor):
+    def __init__(self, province: str) -> None:
+        self.province = province
+
+    def _authorize(self, service: str, context: grpc.ServicerContext) -> None:
+        allowed = ACCESS.get(service)
+        ident = caller_identity(context)
+        if allowed is None or ident.role not in allowed:
+            raise PermissionDenied(f"a certificate with role '{ident.role}' may not call {service}")
+        if service in OWN_PROVINCE_ONLY and ident.province != self.province:
+            raise PermissionDenied(
+                f"internal API of node {self.province} refused to {ident.role} certificate "
+                f"of {ident.province}"
+            )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        service = method.split("/")[1] if method.count("/") == 2 else method
+        authorize = self._authorize
+
+        def unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    authorize(service, context)
+                    return behaviour(request, context)
+                except IspfError as err:
+                    abort_with(context, err)
+                except Exception:
+                    _internal(context, method)
+
+            return run
+
+        def streaming(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
+            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    authorize(service, context)
+                    yield from behaviour(request, context)
+                except IspfError as err:
+                    abort_with(context, err)
+                except Exception:
+                    _internal(context, method)
+
+            return run
+
+        h = handler
+        kw = {
+            "request_deserializer": h.request_deserializer,
+            "response_serializer": h.response_serializer,
+        }
+        if h.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(h.unary_unary), **kw)
+        if h.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(h.stream_unary), **kw)
+        if h.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(h.unary_stream), **kw)
+        assert h.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(streaming(h.stream_stream), **kw)

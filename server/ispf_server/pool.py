@@ -1,0 +1,83 @@
+"""Blinding across all cores.
+
+X25519 in `cryptography` holds the GIL, so the node blinds in a pool of worker
+processes (spawned, not forked: forking a process that runs gRPC is unsafe).
+Salt and scalar bytes travel to the workers with each task over the pool's
+pipe, inside the node; key objects themselves refuse pickling.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any, TypeVar
+
+from ispf.hazmat import curve
+from ispf.keys import BlindingKey, ForumSalt
+
+T = TypeVar("T")
+
+
+class _InlineExecutor(Executor):
+    """Runs tasks in the calling thread: for tests and tiny federations."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        fut: Future[T] = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            fut.set_exception(exc)
+        return fut
+
+
+class BlindingPool:
+    """Hashes and blinds packed chunks of values, `workers` processes wide (0: inline)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: Executor
+        if workers > 0:
+            self._executor = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        else:
+            self._executor = _InlineExecutor()
+
+    @property
+    def depth(self) -> int:
+        """How many chunks to keep in flight so every worker stays busy."""
+        return max(2, 2 * self.workers + 1)
+
+    def hash_and_blind(
+        self, salt: ForumSalt, key: BlindingKey, digits: list[bytes]
+    ) -> Future[bytes]:
+        return self._executor.submit(
+            curve.hash_and_blind_many, salt.unsafe_raw(), key.unsafe_raw(), digits
+        )
+
+    def reblind(self, key: BlindingKey, packed: bytes, out_bytes: int) -> Future[bytes]:
+        return self._executor.submit(curve.x25519_many, key.unsafe_raw(), packed, out_bytes)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def pipelined(
+    submit: Callable[[T], Future[bytes]], items: Iterable[T], depth: int
+) -> Iterator[tuple[T, bytes]]:
+    """Yield (item, result) in input order, keeping up to `depth` tasks in flight."""
+    window: deque[tuple[T, Future[bytes]]] = deque()
+    try:
+        for item in items:
+            window.append((item, submit(item)))
+            if len(window) >= depth:
+                head, fut = window.popleft()
+                yield head, fut.result()
+        while window:
+            head, fut = window.popleft()
+            yield head, fut.result()
+    finally:
+        for _, fut in window:
+            fut.cancel()

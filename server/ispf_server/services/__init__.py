@@ -1,0 +1,1 @@
+"""gRPC servicers: thin translation between messages and the node's operations."""

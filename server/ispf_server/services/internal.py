@@ -1,0 +1,175 @@
+"""The internal API (the province's own internal-role certificates only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from ispf.errors import InvalidNationalId, InvalidRecord, UnknownSession
+from ispf.nid import canonicalise
+from ispf.records import check_label, check_record_id
+from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
+from ispf_server.session.progress import RUNNING, Snapshot
+from ispf_server.store import StoredRecord
+
+if TYPE_CHECKING:
+    from ispf_server.node import Node
+
+MAX_BATCH = 50_000
+MATCH_BATCH = 2_000
+
+
+class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def UpsertRecords(
+        self, request: internal_pb2.UpsertRecordsRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.UpsertRecordsResponse:
+        if len(request.records) > MAX_BATCH:
+            raise InvalidRecord(
+                "batch.too_large",
+                f"{len(request.records)} records in one request, at most {MAX_BATCH}",
+            )
+        good: dict[str, StoredRecord] = {}
+        errors: list[internal_pb2.RowError] = []
+        digits = self.node.config.province_digits
+        for i, rec in enumerate(request.records):
+            position = rec.position or i + 1
+            try:
+                rid = check_record_id(rec.record_id)
+                label = check_label(rec.programme, rec.status)
+                nid = canonicalise(rec.nid, province_digits=digits)
+            except (InvalidNationalId, InvalidRecord) as exc:
+                errors.append(
+                    internal_pb2.RowError(
+                        position=position,
+                        record_id=rec.record_id[:128],
+                        code=exc.reason_code,
+                        reason=exc.message,
+                    )
+                )
+                continue
+            # A record id repeated in one batch: the last row wins, as in a file replay.
+            good[rid] = StoredRecord(rid, nid.digits, label)
+        counts = self.node.store.upsert(good.values())
+        return internal_pb2.UpsertRecordsResponse(
+            accepted=len(good),
+            inserted=counts.inserted,
+            updated=counts.updated,
+            unchanged=counts.unchanged,
+            errors=errors,
+        )
+
+    def DeleteRecords(
+        self, request: internal_pb2.DeleteRecordsRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.DeleteRecordsResponse:
+        deleted, missing = self.node.store.delete(list(request.record_ids))
+        return internal_pb2.DeleteRecordsResponse(deleted=deleted, not_found=missing)
+
+    def GetRegistryStats(
+        self, request: internal_pb2.GetRegistryStatsRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.RegistryStats:
+        total, distinct, labels = self.node.store.stats()
+        return internal_pb2.RegistryStats(
+            province=self.node.province,
+            records=total,
+            distinct_ids=distinct,
+            labels=[
+                internal_pb2.LabelCount(
+                    label=common_pb2.Label(programme=lb.programme, status=lb.status), records=n
+                )
+                for lb, n in labels
+            ],
+        )
+
+
+class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def StartReconciliation(
+        self, request: internal_pb2.StartReconciliationRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.SessionStatus:
+        mode = request.mode or common_pb2.MODE_MUTUAL
+        snap = self.node.start_session(
+            peer=request.peer,
+            purpose=request.purpose or "reconciliation",
+            mode=mode,
+            collections=frozenset(request.collections),
+            peer_collections=frozenset(request.peer_collections),
+        )
+        return snap.to_proto()
+
+    def _snapshot(self, session_id: str) -> Snapshot:
+        p = self.node.board.get(session_id)
+        if p is not None:
+            return p.snapshot()
+        row = self.node.store.session(session_id)
+        if row is None:
+            raise UnknownSession(f"no session {session_id[:64]} on node {self.node.province}")
+        return Snapshot.from_row(row)
+
+    def GetSession(
+        self, request: internal_pb2.WatchSessionRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.SessionStatus:
+        return self._snapshot(request.session_id).to_proto()
+
+    def WatchSession(
+        self, request: internal_pb2.WatchSessionRequest, context: grpc.ServicerContext
+    ) -> Iterator[internal_pb2.SessionStatus]:
+        snap = self._snapshot(request.session_id)
+        yield snap.to_proto()
+        progress = self.node.board.get(request.session_id)
+        while progress is not None and snap.state == RUNNING and context.is_active():
+            new = self.node.board.wait_for_change(progress, snap.version, timeout=0.5)
+            if new.version != snap.version:
+                snap = new
+                yield snap.to_proto()
+
+    def ListSessions(
+        self, request: internal_pb2.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.ListSessionsResponse:
+        return internal_pb2.ListSessionsResponse(
+            sessions=[self._snapshot(r.session_id).to_proto() for r in self.node.store.sessions()]
+        )
+
+    def ListPeers(
+        self, request: internal_pb2.ListPeersRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.ListPeersResponse:
+        return internal_pb2.ListPeersResponse(peers=sorted(self.node.peer_addresses))
+
+    def GetMatches(
+        self, request: internal_pb2.GetMatchesRequest, context: grpc.ServicerContext
+    ) -> Iterator[internal_pb2.MatchBatch]:
+        store = self.node.store
+        if request.session_id:
+            row = store.session(request.session_id)
+            if row is None or row.state != "COMPLETED":
+                raise UnknownSession(
+                    f"no completed session {request.session_id[:64]} on node {self.node.province}"
+                )
+            rows = [row]
+        else:
+            rows = store.latest_completed_sessions()
+        batch: list[internal_pb2.Match] = []
+        for s in rows:
+            for m in store.matches(s.session_id):
+                batch.append(
+                    internal_pb2.Match(
+                        record_id=m.record_id,
+                        programme=m.label.programme,
+                        status=m.label.status,
+                        peer=s.peer,
+                        peer_programme=m.peer_label.programme,
+                        peer_status=m.peer_label.status,
+                        session_id=s.session_id,
+                    )
+                )
+                if len(batch) >= MATCH_BATCH:
+                    yield internal_pb2.MatchBatch(matches=batch)
+                    batch = []
+        if batch:
+            yield internal_pb2.MatchBatch(matches=batch)

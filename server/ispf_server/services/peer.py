@@ -1,0 +1,59 @@
+"""The peer API (node role only): sessions answered by this node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from ispf.errors import ProtocolViolation
+from ispf.v1 import peer_pb2, peer_pb2_grpc
+from ispf_server.guard import caller_identity
+from ispf_server.session.initiator import SESSION_KEY
+from ispf_server.session.responder import Responder
+
+
+def _session_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata():
+        if key == SESSION_KEY:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    raise ProtocolViolation(f"streaming call without '{SESSION_KEY}' metadata")
+
+
+class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
+    def __init__(self, responder: Responder) -> None:
+        self.r = responder
+
+    def Handshake(
+        self, request: peer_pb2.HandshakeRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.HandshakeResponse:
+        return self.r.handshake(request, caller_identity(context).province)
+
+    def Reblind(
+        self, request_iterator: Iterator[peer_pb2.BlindedChunk], context: grpc.ServicerContext
+    ) -> Iterator[peer_pb2.BlindedChunk]:
+        return self.r.reblind(
+            request_iterator, _session_id(context), caller_identity(context).province
+        )
+
+    def FetchBlinded(
+        self, request: peer_pb2.FetchRequest, context: grpc.ServicerContext
+    ) -> Iterator[peer_pb2.BlindedChunk]:
+        return self.r.fetch(request, caller_identity(context).province)
+
+    def ReturnTags(
+        self, request_iterator: Iterator[peer_pb2.BlindedChunk], context: grpc.ServicerContext
+    ) -> peer_pb2.ReturnTagsResponse:
+        return self.r.return_tags(
+            request_iterator, _session_id(context), caller_identity(context).province
+        )
+
+    def Conclude(
+        self, request: peer_pb2.ConcludeRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.ConcludeResponse:
+        return self.r.conclude(request, caller_identity(context).province)
+
+    def Abort(
+        self, request: peer_pb2.AbortRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.AbortResponse:
+        return self.r.abort(request, caller_identity(context).province)

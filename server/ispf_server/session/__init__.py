@@ -1,0 +1,1 @@
+"""The session engine: the mutual labelled protocol and count-only mode."""

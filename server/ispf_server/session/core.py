@@ -1,0 +1,107 @@
+"""Pieces both roles of a session use: chunking, stream checks, intersection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
+from ispf.errors import ProtocolViolation
+from ispf.v1 import peer_pb2
+from ispf_server.session.plan import LabelSet, Plan
+from ispf_server.store import MatchRow
+
+PROTOCOL_VERSION = 1
+MAX_CHUNK_VALUES = 65_536
+
+
+def chunked(items: list[bytes], size: int) -> Iterator[list[bytes]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def checked_chunks(
+    chunks: Iterable[peer_pb2.BlindedChunk],
+    *,
+    session_id: str,
+    item_bytes: int,
+    announced: int,
+    what: str,
+) -> Iterator[bytes]:
+    """Yield chunk payloads, enforcing session id, sequence, size and announced total."""
+    total = 0
+    for seq, ch in enumerate(chunks):
+        if ch.session_id != session_id:
+            raise ProtocolViolation(f"{what}: chunk {seq} belongs to another session")
+        if ch.seq != seq:
+            raise ProtocolViolation(f"{what}: chunk {ch.seq} arrived where chunk {seq} was due")
+        n, rem = divmod(len(ch.values), item_bytes)
+        if rem or n == 0:
+            raise ProtocolViolation(
+                f"{what}: chunk {seq} holds {len(ch.values)} bytes, not a positive "
+                f"multiple of {item_bytes}"
+            )
+        if n > MAX_CHUNK_VALUES:
+            raise ProtocolViolation(
+                f"{what}: chunk {seq} holds {n} values, at most {MAX_CHUNK_VALUES}"
+            )
+        total += n
+        if total > announced:
+            raise ProtocolViolation(f"{what}: more than the {announced} values announced")
+        yield ch.values
+    if total != announced:
+        raise ProtocolViolation(f"{what}: stream ended after {total} of {announced} values")
+
+
+def split(packed: bytes, width: int) -> list[bytes]:
+    return [packed[i : i + width] for i in range(0, len(packed), width)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    match_count: int
+    digest: bytes
+    matches: list[MatchRow]
+
+
+def intersect(
+    plan: Plan,
+    own_tags: bytes,
+    peer_groups: list[LabelSet],
+    peer_sizes: list[int],
+    peer_tags: bytes,
+) -> Outcome:
+    """Own records whose tag the peer also holds, with the peer's labels for each."""
+    index = {t: i for i, t in enumerate(split(own_tags, TAG_BYTES))}
+    matched: list[bytes] = []
+    rows: list[MatchRow] = []
+    tags = split(peer_tags, TAG_BYTES)
+    pos = 0
+    for labels, size in zip(peer_groups, peer_sizes, strict=True):
+        for t in tags[pos : pos + size]:
+            i = index.get(t)
+            if i is None:
+                continue
+            matched.append(t)
+            for rec in plan.owners[plan.order[i]]:
+                rows.extend(MatchRow(rec.record_id, rec.label, pl) for pl in labels)
+        pos += size
+    return Outcome(len(matched), result_digest(matched), rows)
+
+
+def count_common(own_tags: bytes, peer_tags: bytes) -> int:
+    return len(set(split(own_tags, TAG_BYTES)) & set(split(peer_tags, TAG_BYTES)))
+
+
+__all__ = [
+    "MAX_CHUNK_VALUES",
+    "POINT_BYTES",
+    "PROTOCOL_VERSION",
+    "TAG_BYTES",
+    "Outcome",
+    "checked_chunks",
+    "chunked",
+    "count_common",
+    "intersect",
+    "split",
+]

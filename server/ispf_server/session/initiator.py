@@ -1,0 +1,343 @@
+"""The initiating side of a session, run in a background thread of the node.
+
+Own values go out on `Reblind` while the peer's values come in on
+`FetchBlinded` and go back as tags on `ReturnTags`; the two directions run
+concurrently, and blinding is pipelined through the process pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from ispf.blinding import POINT_BYTES, TAG_BYTES
+from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
+from ispf.keys import BlindingKey, ForumSalt
+from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
+from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.session.core import (
+    PROTOCOL_VERSION,
+    Outcome,
+    checked_chunks,
+    chunked,
+    count_common,
+    intersect,
+)
+from ispf_server.session.plan import build_plan, parse_groups
+from ispf_server.session.progress import COMPLETED, FAILED, Progress
+from ispf_server.store import Store
+
+log = logging.getLogger(__name__)
+SESSION_KEY = "ispf-session-id"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    session_id: str
+    peer: str
+    purpose: str
+    mode: int
+    collections: frozenset[str]
+    peer_collections: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    call: float
+    session: float
+
+
+class _Captured:
+    """Errors raised inside request iterators, which gRPC would otherwise swallow."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    def wrap(self, gen: Iterator[T]) -> Iterator[T]:
+        try:
+            yield from gen
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def reraise(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+class Initiator:
+    def __init__(
+        self,
+        *,
+        province: str,
+        request: SessionRequest,
+        stub: peer_pb2_grpc.PeerServiceStub,
+        store: Store,
+        pool: BlindingPool,
+        salt: ForumSalt,
+        progress: Progress,
+        chunk_values: int,
+        max_set_size: int,
+        deadlines: Deadlines,
+    ) -> None:
+        self.province = province
+        self.req = request
+        self.stub = stub
+        self.store = store
+        self.pool = pool
+        self.salt = salt
+        self.progress = progress
+        self.chunk_values = chunk_values
+        self.max_set_size = max_set_size
+        self.deadlines = deadlines
+        self.key = BlindingKey.generate()
+        self.md = ((SESSION_KEY, request.session_id),)
+
+    @property
+    def labelled(self) -> bool:
+        return self.req.mode == common_pb2.MODE_MUTUAL
+
+    def run(self) -> None:
+        """Run the session to the end; failures are recorded, never raised."""
+        sid = self.req.session_id
+        try:
+            self._run()
+        except IspfError as exc:
+            self._fail(exc.message)
+        except grpc.RpcError as exc:
+            self._fail(f"peer {self.req.peer}: {from_rpc_error(exc).message}")
+        except Exception:
+            log.exception("session %s: unexpected failure", sid)
+            self._fail("internal error (see the node log)")
+
+    def _fail(self, reason: str) -> None:
+        sid = self.req.session_id
+        log.warning("session %s with %s failed: %s", sid, self.req.peer, reason)
+        self.store.fail_session(sid, reason)
+        self.progress.finish(FAILED, error=reason)
+        # The peer may be gone or already know; its own idle timeout cleans up then.
+        with contextlib.suppress(grpc.RpcError):
+            self.stub.Abort(
+                peer_pb2.AbortRequest(session_id=sid, reason=reason[:200]),
+                timeout=self.deadlines.call,
+            )
+
+    def _run(self) -> None:
+        sid, cfg = self.req.session_id, self.deadlines
+        plan = build_plan(
+            self.store.records(self.req.collections),
+            secrets.SystemRandom(),
+            labelled=self.labelled,
+        )
+        groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
+        hs = self.stub.Handshake(
+            peer_pb2.HandshakeRequest(
+                protocol_version=PROTOCOL_VERSION,
+                session_id=sid,
+                epoch=self.salt.epoch,
+                key_check=self.salt.key_check(),
+                purpose=self.req.purpose,
+                mode=self.req.mode,  # type: ignore[arg-type]
+                responder_collections=sorted(self.req.peer_collections),
+                groups=groups,
+            ),
+            timeout=cfg.call,
+        )
+        peer_groups, peer_sizes = parse_groups(
+            list(hs.groups), labelled=self.labelled, max_total=self.max_set_size
+        )
+        peer_total = sum(peer_sizes)
+        self.progress.update(
+            phase="exchange",
+            own_records=plan.own_records,
+            own_values=plan.total,
+            peer_values=peer_total,
+            work_total=plan.total + peer_total,
+        )
+        log.info(
+            "session %s with %s: %d own values, %d peer values",
+            sid,
+            self.req.peer,
+            plan.total,
+            peer_total,
+        )
+        own_tags = bytearray()
+        own_error: list[BaseException] = []
+
+        def own_direction() -> None:
+            try:
+                own_tags.extend(self._send_own(plan.order))
+            except BaseException as exc:
+                own_error.append(exc)
+
+        worker = threading.Thread(target=own_direction, name=f"session-{sid[:8]}-own")
+        worker.start()
+        try:
+            peer_tags = self._answer_peer(peer_total)
+        finally:
+            worker.join()
+        if own_error:
+            raise own_error[0]
+        if len(own_tags) != plan.total * TAG_BYTES:
+            raise ProtocolViolation(
+                f"peer returned {len(own_tags) // TAG_BYTES} tags for {plan.total} values"
+            )
+        self.progress.update(phase="intersect")
+        if self.labelled:
+            outcome = intersect(plan, bytes(own_tags), peer_groups, peer_sizes, peer_tags)
+        else:
+            outcome = Outcome(count_common(bytes(own_tags), peer_tags), b"", [])
+        answer = self.stub.Conclude(
+            peer_pb2.ConcludeRequest(
+                session_id=sid,
+                match_count=outcome.match_count if self.labelled else 0,
+                result_digest=outcome.digest,
+            ),
+            timeout=cfg.call,
+        )
+        if self.labelled and not (
+            answer.agreed
+            and answer.match_count == outcome.match_count
+            and hmac.compare_digest(answer.result_digest, outcome.digest)
+        ):
+            raise ResultMismatch(
+                f"result differs: node {self.province} found {outcome.match_count} matches, "
+                f"peer {self.req.peer} found {answer.match_count}"
+            )
+        self.store.complete_session(
+            sid,
+            own_records=plan.own_records,
+            own_values=plan.total,
+            peer_values=peer_total,
+            match_count=outcome.match_count,
+            result_digest=outcome.digest,
+            matches=outcome.matches,
+        )
+        self.progress.finish(
+            COMPLETED,
+            match_count=outcome.match_count,
+            result_digest=outcome.digest,
+            matched_records=len({m.record_id for m in outcome.matches}),
+        )
+        log.info(
+            "session %s with %s completed: %d matches", sid, self.req.peer, outcome.match_count
+        )
+
+    def _stream_call(
+        self,
+        call: Callable[[Iterator[peer_pb2.BlindedChunk]], T],
+        requests: Iterator[peer_pb2.BlindedChunk],
+    ) -> T:
+        captured = _Captured()
+        try:
+            result = call(captured.wrap(requests))
+        except grpc.RpcError:
+            captured.reraise()  # our own failure explains the peer's complaint
+            raise
+        captured.reraise()
+        return result
+
+    def _send_own(self, order: list[bytes]) -> bytes:
+        """Stream own blinded values; collect the peer's tags for them, in order."""
+        sid = self.req.session_id
+        sizes: deque[int] = deque()
+
+        def requests() -> Iterator[peer_pb2.BlindedChunk]:
+            results = pipelined(
+                lambda d: self.pool.hash_and_blind(self.salt, self.key, d),
+                chunked(order, self.chunk_values),
+                self.pool.depth,
+            )
+            for seq, (digits, packed) in enumerate(results):
+                sizes.append(len(digits))
+                self.progress.add(blinded=len(digits), work_done=len(digits))
+                yield peer_pb2.BlindedChunk(session_id=sid, seq=seq, values=packed)
+                self.progress.add(sent=len(digits))
+
+        tags = bytearray()
+
+        def call(reqs: Iterator[peer_pb2.BlindedChunk]) -> None:
+            responses = self.stub.Reblind(reqs, timeout=self.deadlines.session, metadata=self.md)
+            payloads = (
+                self._in_step(responses, sizes)
+                if self.labelled
+                else checked_chunks(
+                    responses,
+                    session_id=sid,
+                    item_bytes=TAG_BYTES,
+                    announced=len(order),
+                    what="Reblind answer",
+                )
+            )
+            for payload in payloads:
+                tags.extend(payload)
+                self.progress.add(received=len(payload) // TAG_BYTES)
+
+        self._stream_call(call, requests())
+        return bytes(tags)
+
+    def _in_step(
+        self, responses: Iterable[peer_pb2.BlindedChunk], sizes: deque[int]
+    ) -> Iterator[bytes]:
+        """Mutual mode: answer chunk i must hold exactly the tags for request chunk i."""
+        sid = self.req.session_id
+        for seq, ch in enumerate(responses):
+            if (
+                ch.session_id != sid
+                or ch.seq != seq
+                or not sizes
+                or len(ch.values) != sizes.popleft() * TAG_BYTES
+            ):
+                raise ProtocolViolation(f"Reblind answer chunk {seq} does not match request")
+            yield ch.values
+        if sizes:
+            raise ProtocolViolation("Reblind answer ended early")
+
+    def _answer_peer(self, peer_total: int) -> bytes:
+        """Re-blind the peer's values into tags; in mutual mode send them back."""
+        sid = self.req.session_id
+        tags = bytearray()
+        fetched = self.stub.FetchBlinded(
+            peer_pb2.FetchRequest(session_id=sid), timeout=self.deadlines.session
+        )
+
+        def tag_chunks() -> Iterator[peer_pb2.BlindedChunk]:
+            values = checked_chunks(
+                fetched,
+                session_id=sid,
+                item_bytes=POINT_BYTES,
+                announced=peer_total,
+                what="FetchBlinded",
+            )
+            results = pipelined(
+                lambda v: self.pool.reblind(self.key, v, TAG_BYTES), values, self.pool.depth
+            )
+            for seq, (_, t) in enumerate(results):
+                tags.extend(t)
+                n = len(t) // TAG_BYTES
+                self.progress.add(received=n, work_done=n)
+                yield peer_pb2.BlindedChunk(session_id=sid, seq=seq, values=t)
+                self.progress.add(sent=n)
+
+        if self.labelled:
+            answer = self._stream_call(
+                lambda reqs: self.stub.ReturnTags(
+                    reqs, timeout=self.deadlines.session, metadata=self.md
+                ),
+                tag_chunks(),
+            )
+            if answer.received != peer_total:
+                raise ProtocolViolation(f"peer acknowledged {answer.received} of {peer_total} tags")
+        else:
+            for _ in tag_chunks():
+                pass
+        return bytes(tags)

@@ -1,0 +1,86 @@
+"""What one side sends in a session: its distinct IDs, grouped by label set, shuffled.
+
+An ID held under several labels goes once, in the group of its label set, so
+the peer learns group sizes and nothing about record order. `owners` maps each
+ID back to every record that holds it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ispf.errors import InvalidRecord, ProtocolViolation
+from ispf.records import Label, check_label
+from ispf.v1 import common_pb2
+from ispf_server.store import StoredRecord
+
+LabelSet = tuple[Label, ...]
+MAX_GROUPS = 10_000
+
+
+@dataclass
+class Plan:
+    groups: list[LabelSet]
+    sizes: list[int]
+    # Distinct canonical IDs (ASCII digits) in send order, group after group.
+    order: list[bytes]
+    owners: dict[bytes, list[StoredRecord]]
+    own_records: int
+
+    @property
+    def total(self) -> int:
+        return len(self.order)
+
+    def to_proto(self) -> list[common_pb2.LabelGroup]:
+        return [
+            common_pb2.LabelGroup(
+                labels=[common_pb2.Label(programme=lb.programme, status=lb.status) for lb in g],
+                size=n,
+            )
+            for g, n in zip(self.groups, self.sizes, strict=True)
+        ]
+
+
+def build_plan(records: list[StoredRecord], rng: random.Random, *, labelled: bool) -> Plan:
+    owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
+    for r in records:
+        owners[r.nid.encode("ascii")].append(r)
+    by_group: dict[LabelSet, list[bytes]] = defaultdict(list)
+    for nid, recs in owners.items():
+        key: LabelSet = tuple(sorted({r.label for r in recs})) if labelled else ()
+        by_group[key].append(nid)
+    groups = sorted(by_group)
+    order: list[bytes] = []
+    sizes: list[int] = []
+    for g in groups:
+        members = by_group[g]
+        rng.shuffle(members)
+        order.extend(members)
+        sizes.append(len(members))
+    return Plan(groups, sizes, order, dict(owners), len(records))
+
+
+def parse_groups(
+    groups: list[common_pb2.LabelGroup], *, labelled: bool, max_total: int
+) -> tuple[list[LabelSet], list[int]]:
+    """Validate a peer's announced groups; raise ProtocolViolation with the reason."""
+    if len(groups) > MAX_GROUPS:
+        raise ProtocolViolation(f"{len(groups)} label groups announced, at most {MAX_GROUPS}")
+    out: list[LabelSet] = []
+    sizes: list[int] = []
+    for i, g in enumerate(groups):
+        if labelled and not g.labels:
+            raise ProtocolViolation(f"label group {i} has no labels in a labelled session")
+        if not labelled and g.labels:
+            raise ProtocolViolation(f"label group {i} carries labels in a count-only session")
+        try:
+            labels = tuple(sorted({check_label(lb.programme, lb.status) for lb in g.labels}))
+        except InvalidRecord as exc:
+            raise ProtocolViolation(f"label group {i}: {exc.message}") from exc
+        out.append(labels)
+        sizes.append(g.size)
+    if sum(sizes) > max_total:
+        raise ProtocolViolation(f"{sum(sizes)} values announced, at most {max_total}")
+    return out, sizes

@@ -1,0 +1,384 @@
+"""The responding side of a session: state kept between the peer's calls."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ispf.blinding import POINT_BYTES, TAG_BYTES
+from ispf.errors import (
+    PolicyRefused,
+    ProtocolViolation,
+    ResultMismatch,
+    SaltMismatch,
+    UnknownSession,
+    VersionMismatch,
+)
+from ispf.keys import BlindingKey, ForumSalt
+from ispf.v1 import common_pb2, peer_pb2
+from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.session.core import (
+    MAX_CHUNK_VALUES,
+    PROTOCOL_VERSION,
+    Outcome,
+    checked_chunks,
+    chunked,
+    intersect,
+    split,
+)
+from ispf_server.session.plan import LabelSet, Plan, build_plan, parse_groups
+from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
+from ispf_server.store import Store
+
+log = logging.getLogger(__name__)
+_rng = secrets.SystemRandom()
+
+
+@dataclass
+class ResponderSession:
+    session_id: str
+    peer: str
+    mode: int
+    purpose: str
+    salt: ForumSalt
+    key: BlindingKey
+    plan: Plan
+    peer_groups: list[LabelSet]
+    peer_sizes: list[int]
+    progress: Progress
+    last_used: float = field(default_factory=time.monotonic)
+    initiator_tags: bytearray = field(default_factory=bytearray)
+    own_tags: bytearray = field(default_factory=bytearray)
+    reblind_done: bool = False
+    return_done: bool = False
+    busy: set[str] = field(default_factory=set)
+
+    @property
+    def labelled(self) -> bool:
+        return self.mode == common_pb2.MODE_MUTUAL
+
+    @property
+    def peer_total(self) -> int:
+        return sum(self.peer_sizes)
+
+
+class Responder:
+    """Answers peers' sessions for one node."""
+
+    def __init__(
+        self,
+        *,
+        province: str,
+        store: Store,
+        pool: BlindingPool,
+        salts: dict[int, ForumSalt],
+        board: ProgressBoard,
+        purposes: frozenset[str],
+        collections: frozenset[str],
+        max_set_size: int,
+        chunk_values: int,
+        idle_timeout: float,
+    ) -> None:
+        self.province = province
+        self.store = store
+        self.pool = pool
+        self.salts = salts
+        self.board = board
+        self.purposes = purposes
+        self.collections = collections
+        self.max_set_size = max_set_size
+        self.chunk_values = chunk_values
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._sessions: dict[str, ResponderSession] = {}
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [
+                s
+                for s in self._sessions.values()
+                if not s.busy and now - s.last_used > self.idle_timeout
+            ]
+        for s in stale:
+            self._fail(s, "peer went silent: session expired")
+
+    def _get(self, session_id: str, caller: str) -> ResponderSession:
+        self._expire()
+        with self._lock:
+            s = self._sessions.get(session_id)
+        # A session of another peer is reported as unknown: ids are not to be probed.
+        if s is None or s.peer != caller:
+            raise UnknownSession("unknown or expired session id")
+        s.last_used = time.monotonic()
+        return s
+
+    def _fail(self, s: ResponderSession, reason: str) -> None:
+        with self._lock:
+            self._sessions.pop(s.session_id, None)
+        self.store.fail_session(s.session_id, reason)
+        s.progress.finish(FAILED, error=reason)
+        log.warning("session %s with %s failed: %s", s.session_id, s.peer, reason)
+
+    def _guard(self, s: ResponderSession, step: str) -> _Step:
+        return _Step(self, s, step)
+
+    # -- the protocol -------------------------------------------------------
+
+    def handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
+        self._expire()
+        if req.protocol_version != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"protocol version {req.protocol_version} not supported; this node speaks "
+                f"version {PROTOCOL_VERSION}"
+            )
+        try:
+            uuid.UUID(req.session_id)
+        except ValueError as exc:
+            raise ProtocolViolation("session id must be a UUID") from exc
+        with self._lock:
+            known = req.session_id in self._sessions
+        if known or self.store.session(req.session_id) is not None:
+            raise ProtocolViolation("session id already used: a replay or a client bug")
+        salt = self.salts.get(req.epoch)
+        if salt is None:
+            raise SaltMismatch(
+                f"epoch {req.epoch} is not held by node {self.province} "
+                f"(it holds {', '.join(map(str, sorted(self.salts))) or 'none'})"
+            )
+        if not hmac.compare_digest(req.key_check, salt.key_check()):
+            raise SaltMismatch(
+                f"key check value for epoch {req.epoch} does not match node {self.province}'s: "
+                "the two nodes hold different salts for this epoch"
+            )
+        if req.purpose not in self.purposes:
+            raise PolicyRefused(
+                f"purpose '{req.purpose}' is not allowed by node {self.province}'s policy "
+                f"(allowed: {', '.join(sorted(self.purposes))})"
+            )
+        if req.mode not in (common_pb2.MODE_MUTUAL, common_pb2.MODE_COUNT_ONLY):
+            raise ProtocolViolation("mode must be MODE_MUTUAL or MODE_COUNT_ONLY")
+        labelled = req.mode == common_pb2.MODE_MUTUAL
+        wanted = frozenset(req.responder_collections)
+        if self.collections and not wanted <= self.collections:
+            refused = ", ".join(sorted(wanted - self.collections))
+            raise PolicyRefused(f"collections not open to peers by policy: {refused}")
+        try:
+            groups, sizes = parse_groups(
+                list(req.groups), labelled=labelled, max_total=self.max_set_size
+            )
+        except ProtocolViolation as exc:
+            if sum(g.size for g in req.groups) > self.max_set_size:
+                raise PolicyRefused(
+                    f"set of {sum(g.size for g in req.groups)} values exceeds the "
+                    f"policy limit of {self.max_set_size}"
+                ) from exc
+            raise
+        plan = build_plan(self.store.records(wanted or self.collections), _rng, labelled=labelled)
+        self.store.begin_session(
+            req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
+        )
+        progress = self.board.open(
+            Snapshot(
+                session_id=req.session_id,
+                peer=caller,
+                role="responder",
+                mode=req.mode,
+                purpose=req.purpose,
+                epoch=req.epoch,
+                phase="exchange",
+                own_records=plan.own_records,
+                own_values=plan.total,
+                peer_values=sum(sizes),
+                work_total=plan.total + sum(sizes),
+            )
+        )
+        s = ResponderSession(
+            session_id=req.session_id,
+            peer=caller,
+            mode=req.mode,
+            purpose=req.purpose,
+            salt=salt,
+            key=BlindingKey.generate(),
+            plan=plan,
+            peer_groups=groups,
+            peer_sizes=sizes,
+            progress=progress,
+        )
+        with self._lock:
+            self._sessions[s.session_id] = s
+        log.info(
+            "session %s: %s opened a %s session (epoch %d, purpose %s): %d values each way",
+            s.session_id,
+            caller,
+            "mutual" if labelled else "count-only",
+            req.epoch,
+            req.purpose,
+            plan.total,
+            sum(sizes),
+        )
+        answer_groups = plan.to_proto() if labelled else [common_pb2.LabelGroup(size=plan.total)]
+        return peer_pb2.HandshakeResponse(
+            session_id=s.session_id, groups=answer_groups, max_chunk_values=MAX_CHUNK_VALUES
+        )
+
+    def reblind(
+        self, chunks: Iterator[peer_pb2.BlindedChunk], session_id: str, caller: str
+    ) -> Iterator[peer_pb2.BlindedChunk]:
+        s = self._get(session_id, caller)
+        with self._guard(s, "reblind"):
+            if s.reblind_done:
+                raise ProtocolViolation("Reblind was already done for this session")
+            values = checked_chunks(
+                chunks,
+                session_id=s.session_id,
+                item_bytes=POINT_BYTES,
+                announced=s.peer_total,
+                what="Reblind",
+            )
+            results = pipelined(
+                lambda v: self.pool.reblind(s.key, v, TAG_BYTES), values, self.pool.depth
+            )
+            if s.labelled:
+                for seq, (_, tags) in enumerate(results):
+                    s.initiator_tags += tags
+                    n = len(tags) // TAG_BYTES
+                    s.progress.add(received=n, work_done=n, sent=n)
+                    yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=tags)
+            else:
+                # Count-only: answer only once all is in, shuffled, so the initiator
+                # cannot map tags to its records.
+                for _, tags in results:
+                    s.initiator_tags += tags
+                    n = len(tags) // TAG_BYTES
+                    s.progress.add(received=n, work_done=n)
+                shuffled = split(bytes(s.initiator_tags), TAG_BYTES)
+                _rng.shuffle(shuffled)
+                for seq, part in enumerate(chunked(shuffled, self.chunk_values)):
+                    s.progress.add(sent=len(part))
+                    yield peer_pb2.BlindedChunk(
+                        session_id=s.session_id, seq=seq, values=b"".join(part)
+                    )
+            s.reblind_done = True
+
+    def fetch(self, req: peer_pb2.FetchRequest, caller: str) -> Iterator[peer_pb2.BlindedChunk]:
+        s = self._get(req.session_id, caller)
+        with self._guard(s, "fetch"):
+            results = pipelined(
+                lambda d: self.pool.hash_and_blind(s.salt, s.key, d),
+                chunked(s.plan.order, self.chunk_values),
+                self.pool.depth,
+            )
+            for seq, (digits, packed) in enumerate(results):
+                s.progress.add(blinded=len(digits), work_done=len(digits), sent=len(digits))
+                yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=packed)
+
+    def return_tags(
+        self, chunks: Iterator[peer_pb2.BlindedChunk], session_id: str, caller: str
+    ) -> peer_pb2.ReturnTagsResponse:
+        s = self._get(session_id, caller)
+        with self._guard(s, "return"):
+            if not s.labelled:
+                raise ProtocolViolation("ReturnTags is not part of a count-only session")
+            if s.return_done:
+                raise ProtocolViolation("ReturnTags was already done for this session")
+            own = bytearray()
+            for payload in checked_chunks(
+                chunks,
+                session_id=s.session_id,
+                item_bytes=TAG_BYTES,
+                announced=s.plan.total,
+                what="ReturnTags",
+            ):
+                own += payload
+                s.progress.add(received=len(payload) // TAG_BYTES)
+            s.own_tags = own
+            s.return_done = True
+            return peer_pb2.ReturnTagsResponse(received=len(own) // TAG_BYTES)
+
+    def conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
+        s = self._get(req.session_id, caller)
+        with self._guard(s, "conclude"):
+            if not s.reblind_done or (s.labelled and not s.return_done):
+                raise ProtocolViolation("Conclude before all values were exchanged")
+            if s.labelled:
+                outcome = intersect(
+                    s.plan,
+                    bytes(s.own_tags),
+                    s.peer_groups,
+                    s.peer_sizes,
+                    bytes(s.initiator_tags),
+                )
+                agreed = req.match_count == outcome.match_count and hmac.compare_digest(
+                    req.result_digest, outcome.digest
+                )
+            else:
+                outcome = Outcome(0, b"", [])
+                agreed = True
+            if not agreed:
+                raise ResultMismatch(
+                    f"result differs: peer {caller} found {req.match_count} matches, node "
+                    f"{self.province} found {outcome.match_count}"
+                )
+            self.store.complete_session(
+                s.session_id,
+                own_records=s.plan.own_records,
+                own_values=s.plan.total,
+                peer_values=s.peer_total,
+                match_count=outcome.match_count,
+                result_digest=outcome.digest,
+                matches=outcome.matches,
+            )
+            with self._lock:
+                self._sessions.pop(s.session_id, None)
+            s.progress.finish(
+                COMPLETED,
+                match_count=outcome.match_count,
+                result_digest=outcome.digest,
+                matched_records=len({m.record_id for m in outcome.matches}),
+            )
+            log.info(
+                "session %s with %s completed: %d matches",
+                s.session_id,
+                caller,
+                outcome.match_count,
+            )
+            return peer_pb2.ConcludeResponse(
+                match_count=outcome.match_count, result_digest=outcome.digest, agreed=True
+            )
+
+    def abort(self, req: peer_pb2.AbortRequest, caller: str) -> peer_pb2.AbortResponse:
+        s = self._get(req.session_id, caller)
+        reason = req.reason[:200] if req.reason.isprintable() else "no printable reason"
+        self._fail(s, f"aborted by {caller}: {reason}")
+        return peer_pb2.AbortResponse()
+
+
+class _Step:
+    """Marks a session busy during a step; a failure in the step fails the session."""
+
+    def __init__(self, owner: Responder, s: ResponderSession, step: str) -> None:
+        self.owner, self.s, self.step = owner, s, step
+
+    def __enter__(self) -> None:
+        self.s.busy.add(self.step)
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: object
+    ) -> None:
+        self.s.busy.discard(self.step)
+        self.s.last_used = time.monotonic()
+        if ev is not None:
+            if isinstance(ev, GeneratorExit):
+                msg = "the peer cancelled the stream"
+            else:
+                msg = getattr(ev, "message", None) or "internal error (see the node log)"
+            self.owner._fail(self.s, f"{self.step}: {msg}")

@@ -1,0 +1,299 @@
+"""The node's own store: registry records, sessions and their results (SQLite).
+
+One file per node. This is the only place raw ID numbers are kept. Every write
+is one transaction: a batch of records lands whole or not at all, and a
+session's results become visible together with its COMPLETED state, so partial
+results are never shown as final.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ispf.records import Label
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    record_id  TEXT PRIMARY KEY,
+    nid        TEXT NOT NULL,
+    programme  TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_nid ON records(nid);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id      TEXT PRIMARY KEY,
+    peer            TEXT NOT NULL,
+    role            TEXT NOT NULL,
+    mode            INTEGER NOT NULL,
+    purpose         TEXT NOT NULL,
+    epoch           INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    own_records     INTEGER NOT NULL DEFAULT 0,
+    own_values      INTEGER NOT NULL DEFAULT 0,
+    peer_values     INTEGER NOT NULL DEFAULT 0,
+    match_count     INTEGER NOT NULL DEFAULT 0,
+    matched_records INTEGER NOT NULL DEFAULT 0,
+    result_digest   BLOB,
+    error           TEXT NOT NULL DEFAULT '',
+    started_at      TEXT NOT NULL,
+    finished_at     TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS matches (
+    session_id     TEXT NOT NULL REFERENCES sessions(session_id),
+    record_id      TEXT NOT NULL,
+    programme      TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    peer_programme TEXT NOT NULL,
+    peer_status    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id);
+"""
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    record_id: str
+    nid: str
+    label: Label
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertCounts:
+    inserted: int
+    updated: int
+    unchanged: int
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRow:
+    record_id: str
+    label: Label
+    peer_label: Label
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    session_id: str
+    peer: str
+    role: str
+    mode: int
+    purpose: str
+    epoch: int
+    state: str
+    own_records: int
+    own_values: int
+    peer_values: int
+    match_count: int
+    matched_records: int
+    result_digest: bytes
+    error: str
+    started_at: str
+    finished_at: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            # Sessions left RUNNING by a crash are not results: mark them failed.
+            self._db.execute(
+                "UPDATE sessions SET state='FAILED', error='node restarted during session', "
+                "finished_at=? WHERE state='RUNNING'",
+                (utcnow(),),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- registry -----------------------------------------------------------
+
+    def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
+        """Insert or update records by record id, all in one transaction."""
+        ins = upd = same = 0
+        now = utcnow()
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for r in records:
+                    row = cur.execute(
+                        "SELECT nid, programme, status FROM records WHERE record_id=?",
+                        (r.record_id,),
+                    ).fetchone()
+                    new = (r.nid, r.label.programme, r.label.status)
+                    if row is None:
+                        cur.execute(
+                            "INSERT INTO records VALUES (?,?,?,?,?)", (r.record_id, *new, now)
+                        )
+                        ins += 1
+                    elif tuple(row) != new:
+                        cur.execute(
+                            "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
+                            "WHERE record_id=?",
+                            (*new, now, r.record_id),
+                        )
+                        upd += 1
+                    else:
+                        same += 1
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return UpsertCounts(ins, upd, same)
+
+    def delete(self, record_ids: Iterable[str]) -> tuple[int, list[str]]:
+        deleted, missing = 0, []
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for rid in record_ids:
+                    if cur.execute("DELETE FROM records WHERE record_id=?", (rid,)).rowcount:
+                        deleted += 1
+                    else:
+                        missing.append(rid)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return deleted, missing
+
+    def records(self, programmes: frozenset[str] = frozenset()) -> list[StoredRecord]:
+        """Records taking part in a session, ordered by ID (empty filter: all)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record_id, nid, programme, status FROM records ORDER BY nid, record_id"
+            ).fetchall()
+        return [
+            StoredRecord(rid, nid, Label(prog, st))
+            for rid, nid, prog, st in rows
+            if not programmes or prog in programmes
+        ]
+
+    def stats(self) -> tuple[int, int, list[tuple[Label, int]]]:
+        with self._lock:
+            total = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            distinct = self._db.execute("SELECT COUNT(DISTINCT nid) FROM records").fetchone()[0]
+            labels = self._db.execute(
+                "SELECT programme, status, COUNT(*) FROM records GROUP BY programme, status "
+                "ORDER BY programme, status"
+            ).fetchall()
+        return total, distinct, [(Label(p, s), n) for p, s, n in labels]
+
+    # -- sessions -----------------------------------------------------------
+
+    def begin_session(
+        self, session_id: str, peer: str, role: str, mode: int, purpose: str, epoch: int
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO sessions (session_id, peer, role, mode, purpose, epoch, state, "
+                "started_at) VALUES (?,?,?,?,?,?, 'RUNNING', ?)",
+                (session_id, peer, role, mode, purpose, epoch, utcnow()),
+            )
+
+    def complete_session(
+        self,
+        session_id: str,
+        *,
+        own_records: int,
+        own_values: int,
+        peer_values: int,
+        match_count: int,
+        result_digest: bytes,
+        matches: list[MatchRow],
+    ) -> None:
+        """Store the results and mark the session COMPLETED, in one transaction."""
+        matched_records = len({m.record_id for m in matches})
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany(
+                    "INSERT INTO matches VALUES (?,?,?,?,?,?)",
+                    (
+                        (
+                            session_id,
+                            m.record_id,
+                            m.label.programme,
+                            m.label.status,
+                            m.peer_label.programme,
+                            m.peer_label.status,
+                        )
+                        for m in matches
+                    ),
+                )
+                cur.execute(
+                    "UPDATE sessions SET state='COMPLETED', own_records=?, own_values=?, "
+                    "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
+                    "finished_at=? WHERE session_id=?",
+                    (
+                        own_records,
+                        own_values,
+                        peer_values,
+                        match_count,
+                        matched_records,
+                        result_digest,
+                        utcnow(),
+                        session_id,
+                    ),
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def fail_session(self, session_id: str, error: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE sessions SET state='FAILED', error=?, finished_at=? "
+                "WHERE session_id=? AND state='RUNNING'",
+                (error, utcnow(), session_id),
+            )
+
+    def session(self, session_id: str) -> SessionRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM sessions WHERE session_id=?", (session_id,)
+            ).fetchone()
+        return SessionRow(*row) if row else None
+
+    def sessions(self) -> list[SessionRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM sessions ORDER BY started_at").fetchall()
+        return [SessionRow(*r) for r in rows]
+
+    def latest_completed_sessions(self) -> list[SessionRow]:
+        """The latest completed session with each peer."""
+        latest: dict[str, SessionRow] = {}
+        for s in self.sessions():
+            if s.state == "COMPLETED":
+                latest[s.peer] = s
+        return list(latest.values())
+
+    def matches(self, session_id: str) -> Iterator[MatchRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record_id, programme, status, peer_programme, peer_status FROM matches "
+                "WHERE session_id=? ORDER BY record_id, peer_programme, peer_status",
+                (session_id,),
+            ).fetchall()
+        for rid, p, s, pp, ps in rows:
+            yield MatchRow(rid, Label(p, s), Label(pp, ps))
