@@ -6,8 +6,10 @@ import logging
 import re
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -161,12 +163,20 @@ class Node:
         self.store.close()
 
 
-def create_server(node: Node, listen: str | None = None) -> tuple[grpc.Server, int]:
-    """Build the node's gRPC server and bind it; returns (server, bound port). Not started."""
+def create_server(
+    node: Node,
+    listen: str | None = None,
+    *,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+) -> tuple[grpc.Server, int]:
+    """Build the node's gRPC server and bind it; returns (server, bound port). Not started.
+
+    `interceptors` run before the node's own guard (tests use one to record traffic).
+    """
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[Guard(node.province)],
+        interceptors=[*interceptors, Guard(node.province)],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -216,7 +216,7 @@ class Responder:
         with self._lock:
             self._sessions[s.session_id] = s
         log.info(
-            "session %s: %s opened a %s session (epoch %d, purpose %s): %d values each way",
+            "session %s: %s opened a %s session (epoch %d, purpose %s): %d own, %d peer values",
             s.session_id,
             caller,
             "mutual" if labelled else "count-only",
