@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provinces", default="punjab,sindh,kp,balochistan")
     p.add_argument("--data", help="folder with <province>.csv files (default: generate)")
     p.add_argument("--out", default="demo-out", help="report folder")
-    p.add_argument("--records", type=int, default=5000, help="records per generated registry")
+    p.add_argument("--records", type=int, default=10000, help="records per generated registry")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="blinding processes (0: all cores)")
     p.set_defaults(func=cmd_demo)

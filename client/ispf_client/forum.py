@@ -257,7 +257,8 @@ def init_forum(
     create_ca(layout)
     new_salt(layout, epoch)
     hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", host, *extra_hosts)))
-    addresses = {p: f"{host}:{base_port + i}" for i, p in enumerate(provinces)}
+    # Port 0 (tests, demo): every node binds a free port, peers are set at run time.
+    addresses = {p: f"{host}:{base_port + i if base_port else 0}" for i, p in enumerate(provinces)}
     for p in provinces:
         issue_certificate(
             layout, name=p, role=ROLE_NODE, out_dir=layout.node_dir(p), stem="node", hosts=hosts
