@@ -20,8 +20,9 @@ from ispf_server.session.core import chunked
 
 def raw_x25519(n: int) -> float:
     key = X25519PrivateKey.generate()
-    peer = X25519PublicKey.from_public_bytes(X25519PrivateKey.generate().public_key()
-                                             .public_bytes_raw())
+    peer = X25519PublicKey.from_public_bytes(
+        X25519PrivateKey.generate().public_key().public_bytes_raw()
+    )
     t = time.perf_counter()
     for _ in range(n):
         key.exchange(peer)
@@ -33,11 +34,15 @@ def pipeline(workers: int, ids: list[bytes], chunk: int) -> float:
     salt, key = ForumSalt.generate(1), BlindingKey.generate()
     try:
         # Warm the workers up (spawn and import) outside the timing.
-        list(pipelined(lambda d: pool.hash_and_blind(salt, key, d), [ids[:8]] * max(workers, 1),
-                       pool.depth))
+        list(
+            pipelined(
+                lambda d: pool.hash_and_blind(salt, key, d), [ids[:8]] * max(workers, 1), pool.depth
+            )
+        )
         t = time.perf_counter()
-        for _ in pipelined(lambda d: pool.hash_and_blind(salt, key, d), chunked(ids, chunk),
-                           pool.depth):
+        for _ in pipelined(
+            lambda d: pool.hash_and_blind(salt, key, d), chunked(ids, chunk), pool.depth
+        ):
             pass
         return len(ids) / (time.perf_counter() - t)
     finally:
@@ -58,8 +63,10 @@ def main() -> None:
     print(f"{'raw cryptography X25519, 1 core':44} {raw:>10,.0f} {'1.00':>8}")
     print(f"{'hash-to-curve + blind, 1 process':44} {one:>10,.0f} {one / raw:>8.2f}")
     print(f"{f'hash-to-curve + blind, {cores} processes':44} {full:>10,.0f} {full / raw:>8.2f}")
-    print(f"scaling {cores} processes / 1 process: {full / one:.2f}x "
-          f"(ideal {cores}x); per-core efficiency vs raw: {full / cores / raw:.0%}")
+    print(
+        f"scaling {cores} processes / 1 process: {full / one:.2f}x "
+        f"(ideal {cores}x); per-core efficiency vs raw: {full / cores / raw:.0%}"
+    )
 
 
 if __name__ == "__main__":
