@@ -7,10 +7,13 @@
     ispf reconcile --peer sindh | --all  [--count-only] [--out reports/]
     ispf sessions list
     ispf results export [--session ID] --out reports/
+    ispf results receipt --session ID --record RID --out receipt.json
+    ispf audit verify | pair | prove --node N --session ID | verify-proof FILE
     ispf demo [--provinces ...] [--data DIR] [--out DIR]
 
-The client profile comes from --profile, else $ISPF_PROFILE (a path; keys are
-always read from the files it names, never from the command line).
+The client profile comes from --profile, else $ISPF_PROFILE; the auditor's from
+--profile, else $ISPF_AUDIT_PROFILE (paths; keys are always read from the files
+they name, never from the command line).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from rich.console import Console
 from ispf.errors import ConfigError, IspfError
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
+from ispf_client.auditor import AuditFailure, AuditProfile
 from ispf_client.csvio import write_problems
 from ispf_client.sdk import ClientProfile, NodeClient
 
@@ -192,6 +196,122 @@ def cmd_export(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    with NodeClient(_profile(args)) as client:
+        receipt = client.receipt(args.session, args.record)
+    bundle = MessageToDict(
+        receipt, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    # Integers as numbers, bytes as base64: the same shape `audit prove` writes.
+    for k in ("tag_index", "match_count", "entry_index"):
+        bundle[k] = int(bundle.get(k, 0))
+    out = Path(args.out)
+    out.write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
+    con.print(
+        f"Receipt for record {args.record} in session {args.session} written to {out}; "
+        "check it with: ispf audit verify-proof " + str(out),
+        markup=False,
+    )
+    return 0
+
+
+def _audit_profile(args: argparse.Namespace) -> AuditProfile:
+    path = args.profile or os.environ.get("ISPF_AUDIT_PROFILE")
+    if not path:
+        raise ConfigError(
+            "no audit profile: pass --profile PATH or set ISPF_AUDIT_PROFILE "
+            "(ispf forum init writes forum/auditors/auditor/audit.toml)"
+        )
+    return AuditProfile.load(Path(path))
+
+
+def cmd_audit_verify(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.auditor import verify
+
+    try:
+        reports = verify(_audit_profile(args), args.node or None)
+    except AuditFailure as exc:
+        Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
+        if exc.evidence:
+            Console(stderr=True).print(f"Evidence kept in {exc.evidence}", markup=False)
+        return EXIT_FAILED
+    for r in reports:
+        since = (
+            f", consistent with the {r.previous_size} trusted before"
+            if (r.previous_size is not None)
+            else " (first check: now trusted)"
+        )
+        cos = ", cosigned by " + ", ".join(r.cosigners) if r.cosigners else ", no cosignature"
+        con.print(
+            f"{r.node}: log of {r.size} entries verified ({r.sessions} sessions){since}{cos}",
+            markup=False,
+        )
+    return 0
+
+
+def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.auditor import pair
+
+    try:
+        rep = pair(_audit_profile(args))
+    except AuditFailure as exc:
+        Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
+        return EXIT_FAILED
+    con.print(f"{rep.paired} sessions logged identically by both provinces", markup=False)
+    for line in rep.failed:
+        con.print(f"  failed session, logged as failed: {line}", markup=False)
+    for line in rep.one_sided:
+        con.print(f"  ONE-SIDED {line}", markup=False)
+    for line in rep.mismatched:
+        con.print(f"  MISMATCH {line}", markup=False)
+    return 0 if rep.ok else EXIT_FAILED
+
+
+def cmd_audit_prove(args: argparse.Namespace, con: Console) -> int:
+    import json
+
+    from ispf_client.auditor import prove
+
+    bundle = prove(_audit_profile(args), args.node, args.session)
+    text = json.dumps(bundle, indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        con.print(f"Verified; proof bundle written to {args.out}", markup=False)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_audit_verify_proof(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.auditor import load_keys, verify_proof_file
+
+    if args.keys:
+        keys = load_keys(Path(k) for k in args.keys)
+    else:
+        keys = [n.key for n in _audit_profile(args).nodes.values()]
+    try:
+        fields = verify_proof_file(Path(args.file), keys)
+    except AuditFailure as exc:
+        Console(stderr=True).print(f"PROOF INVALID {exc.message}", markup=False)
+        return EXIT_FAILED
+    what = (
+        "receipt: the record's match tag is in the session's result, and "
+        if ("tag" in Path(args.file).read_text(encoding="utf-8"))
+        else ""
+    )
+    con.print(
+        f"Valid {what}session {fields['session_id']} ({fields['initiator']} ⇄ "
+        f"{fields['responder']}, {fields['outcome']}, {fields.get('match_count')} matches) "
+        f"is in the signed log of {fields['recorder']}",
+        markup=False,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.demo import run_demo
 
@@ -204,6 +324,8 @@ def cmd_demo(args: argparse.Namespace, con: Console) -> int:
         seed=args.seed,
         workers=args.workers,
         console=con,
+        workdir=Path(args.workdir) if args.workdir else None,
+        serve=args.serve,
     )
     return 0 if result.ok else EXIT_FAILED
 
@@ -294,6 +416,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", help="one session id (default: latest with each peer)")
     p.add_argument("--out", default="reports")
     p.set_defaults(func=cmd_export)
+    p = with_profile(res.add_parser("receipt", help="match receipt of one record, for a grievance"))
+    p.add_argument("--session", required=True)
+    p.add_argument("--record", required=True, help="the record id")
+    p.add_argument("--out", required=True, help="receipt file (JSON)")
+    p.set_defaults(func=cmd_receipt)
+
+    aud = sub.add_parser("audit", help="verify nodes' match logs (audit profile)")
+    asub = aud.add_subparsers(dest="audit_command", required=True)
+    p = with_profile(asub.add_parser("verify", help="verify each node's log and its history"))
+    p.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    p.set_defaults(func=cmd_audit_verify)
+    p = with_profile(asub.add_parser("pair", help="check both sides logged every session alike"))
+    p.set_defaults(func=cmd_audit_pair)
+    p = with_profile(asub.add_parser("prove", help="offline proof that a session is logged"))
+    p.add_argument("--node", required=True)
+    p.add_argument("--session", required=True)
+    p.add_argument("--out", help="write the bundle here (default: print it)")
+    p.set_defaults(func=cmd_audit_prove)
+    p = with_profile(asub.add_parser("verify-proof", help="check a proof bundle or receipt"))
+    p.add_argument("file")
+    p.add_argument(
+        "--keys",
+        action="append",
+        default=[],
+        help="a .vkey file or a folder of them (default: the audit profile's)",
+    )
+    p.set_defaults(func=cmd_audit_verify_proof)
 
     p = sub.add_parser("demo", help="run a local federation and reconcile every pair")
     p.add_argument("--provinces", default="punjab,sindh,kp,balochistan")
@@ -302,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", type=int, default=10000, help="records per generated registry")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="blinding processes (0: all cores)")
+    p.add_argument("--workdir", help="keep the forum, keys and node stores here (default: temp)")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the nodes running afterwards, for trying the CLI against them",
+    )
     p.set_defaults(func=cmd_demo)
     return ap
 

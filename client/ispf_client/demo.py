@@ -13,11 +13,13 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 from rich.table import Table
 
@@ -26,13 +28,19 @@ from ispf.identity import KNOWN_PROVINCES
 from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import internal_pb2
+from ispf_client.auditor import AuditFailure, AuditProfile, pair, verify
 from ispf_client.csvio import RowProblem, read_registry_csv, write_problems
-from ispf_client.forum import init_forum
+from ispf_client.forum import (
+    ForumLayout,
+    init_forum,
+    write_audit_profile,
+    write_client_profile,
+)
 from ispf_client.loader import LoadReport, load_csv
 from ispf_client.progress import watch_with_progress
-from ispf_client.report import write_report
+from ispf_client.report import WrittenReport, write_report
 from ispf_client.sdk import ClientProfile, NodeClient
-from ispf_client.synth import generate
+from ispf_client.synth import SyntheticFederation, generate
 
 DEFAULT_PROVINCES = ("punjab", "sindh", "kp", "balochistan")
 
@@ -90,119 +98,199 @@ def run_demo(
     workers: int = 0,
     console: Console | None = None,
     workdir: Path | None = None,
+    serve: bool = False,
 ) -> DemoResult:
-    from ispf_server.config import load_config
-    from ispf_server.node import Node, create_server
-    from ispf_server.pool import BlindingPool
-
     con = console or Console()
     result = DemoResult(ok=True)
     digits = frozenset(DEFAULT_PROVINCE_DIGITS | {KNOWN_PROVINCES.get(p, "3") for p in provinces})
     with tempfile.TemporaryDirectory(prefix="ispf-demo-") as tmp:
         work = workdir or Path(tmp)
         layout = init_forum(work / "forum", provinces, base_port=0)
-        # Registries: given, or generated with a planted truth.
         fed = None
         if data is not None:
             paths = {p: data / f"{p}.csv" for p in provinces}
             missing = [str(x) for x in paths.values() if not x.is_file()]
             if missing:
                 raise FileNotFoundError(f"no registry file: {', '.join(missing)}")
-        else:
+        else:  # generated, with a planted truth
             fed = generate(provinces, records, seed=seed)
             (work / "data").mkdir(parents=True, exist_ok=True)
-            paths = {}
+            paths = {p: work / "data" / f"{p}.csv" for p in provinces}
             for p in provinces:
-                paths[p] = work / "data" / f"{p}.csv"
                 paths[p].write_text(fed.csv_text(p), encoding="utf-8")
-        pool = BlindingPool(workers or (os.cpu_count() or 1))
-        nodes, servers, ports = {}, {}, {}
-        try:
-            for p in provinces:
-                cfg = load_config(layout.node_dir(p) / "node.toml")
-                node = Node(replace(cfg, province_digits=digits), pool=pool)
-                server, port = create_server(node, "127.0.0.1:0")
-                server.start()
-                nodes[p], servers[p], ports[p] = node, server, port
-            for p, node in nodes.items():
-                node.peer_addresses = {q: f"127.0.0.1:{ports[q]}" for q in provinces if q != p}
+        out.mkdir(parents=True, exist_ok=True)
+        with LocalFederation(layout, provinces, digits, workers) as fedn:
             con.print(
                 "[bold]Federation up:[/] "
-                + ", ".join(f"{p} (127.0.0.1:{ports[p]})" for p in provinces)
+                + ", ".join(f"{p} ({fedn.address(p)})" for p in provinces)
             )
-            clients = {
-                p: NodeClient(_profile(layout.client_dir(p) / "profile.toml", ports[p]))
-                for p in provinces
-            }
-            out.mkdir(parents=True, exist_ok=True)
-            for p in provinces:
-                rep = load_csv(clients[p], paths[p])
-                result.loads[p] = rep
-                con.print(
-                    f"  {p}: {rep.rows} rows, {rep.accepted} loaded, "
-                    f"{rep.rejected} rejected"
-                    + (f" (see {out / f'{p}-load-errors.csv'})" if rep.rejected else "")
-                )
-                if rep.rejected:
-                    write_problems(out / f"{p}-load-errors.csv", rep.problems)
-            for p, q in combinations(provinces, 2):
-                status = clients[p].start_reconciliation(q)
-                final = watch_with_progress(clients[p], status.session_id, f"{p} ⇄ {q}", con)
-                if final.state != internal_pb2.SESSION_STATE_COMPLETED:
-                    result.ok = False
-                    result.failures.append(f"{p} ⇄ {q}: {final.error}")
-                    continue
-                result.matrix[(p, q)] = final.match_count
-                # The responder must have logged the same result.
-                mirror = clients[q].session(final.session_id)
-                if (mirror.match_count, mirror.result_digest) != (
-                    final.match_count,
-                    final.result_digest,
-                ):
-                    result.ok = False
-                    result.failures.append(f"{p} ⇄ {q}: the two sides disagree")
-            reports = {p: write_report(clients[p], out) for p in provinces}
-            for c in clients.values():
-                c.close()
-        finally:
-            for s in servers.values():
-                s.stop(grace=1).wait()
-            for n in nodes.values():
-                n.close()
-            pool.close()
+            _load_all(fedn, paths, out, result, con)
+            _reconcile_all(fedn, provinces, result, con)
+            reports = {p: write_report(fedn.clients[p], out) for p in provinces}
+            _audit_all(fedn, result)
+            if serve:
+                _serve(fedn, layout, con)
         _print_matrix(con, provinces, result.matrix)
-        counts, rows = reference_matches(paths, digits)
-        _check(
-            result,
-            "match counts equal the plaintext reference",
-            all(result.matrix.get(k) == v for k, v in counts.items()),
-        )
-        got_rows = {
-            p: {(r[1], r[2], r[3], r[4]) for r in _csv_rows(reports[p].matches_csv)}
-            for p in provinces
-        }
-        _check(
-            result,
-            "report rows equal the plaintext reference",
-            all(got_rows[p] == rows.get(p, set()) for p in provinces),
-        )
-        if fed is not None:
-            _check(
-                result,
-                "match counts equal the planted truth",
-                all(result.matrix.get(k) == len(v) for k, v in fed.planted.items()),
-            )
-            _check(
-                result,
-                "every planted invalid row was reported",
-                all(len(result.loads[p].problems) == fed.invalid_rows[p] for p in provinces),
-            )
+        _check_against_truth(result, paths, digits, reports, fed, provinces)
         for line in result.checks:
             con.print(line)
         for f in result.failures:
             con.print(f"[red]FAILED[/] {f}")
         con.print(f"Reports written to {out}/")
     return result
+
+
+class LocalFederation:
+    """Province nodes in this process, each on its own 127.0.0.1 port, one blinding pool."""
+
+    def __init__(
+        self, layout: ForumLayout, provinces: list[str], digits: frozenset[str], workers: int
+    ) -> None:
+        from ispf_server.config import load_config
+        from ispf_server.node import Node, create_server
+        from ispf_server.pool import BlindingPool
+
+        self.layout = layout
+        self.pool = BlindingPool(workers or (os.cpu_count() or 1))
+        self.nodes: dict[str, Node] = {}
+        self.servers: dict[str, grpc.Server] = {}
+        self.ports: dict[str, int] = {}
+        self.clients: dict[str, NodeClient] = {}
+        try:
+            for p in provinces:
+                cfg = load_config(layout.node_dir(p) / "node.toml")
+                node = Node(replace(cfg, province_digits=digits), pool=self.pool)
+                self.nodes[p] = node
+                self.servers[p], self.ports[p] = create_server(node, "127.0.0.1:0")
+                self.servers[p].start()
+            addresses = {p: self.address(p) for p in provinces}
+            for p, node in self.nodes.items():
+                node.peer_addresses = {q: a for q, a in addresses.items() if q != p}
+                # Profiles on disk name the real ports, for CLI use while serving.
+                write_client_profile(layout, p, addresses[p])
+                self.clients[p] = NodeClient(
+                    ClientProfile.load(layout.client_dir(p) / "profile.toml")
+                )
+            write_audit_profile(layout, "auditor", addresses)
+        except BaseException:
+            self.close()
+            raise
+
+    def address(self, province: str) -> str:
+        return f"127.0.0.1:{self.ports[province]}"
+
+    def audit_profile(self) -> AuditProfile:
+        return AuditProfile.load(self.layout.auditor_dir("auditor") / "audit.toml")
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        for s in self.servers.values():
+            s.stop(grace=1).wait()
+        for n in self.nodes.values():
+            n.close()
+        self.pool.close()
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_all(
+    fedn: LocalFederation, paths: dict[str, Path], out: Path, result: DemoResult, con: Console
+) -> None:
+    for p, path in paths.items():
+        rep = load_csv(fedn.clients[p], path)
+        result.loads[p] = rep
+        where = f" (see {out / f'{p}-load-errors.csv'})" if rep.rejected else ""
+        con.print(f"  {p}: {rep.rows} rows, {rep.accepted} loaded, {rep.rejected} rejected{where}")
+        if rep.rejected:
+            write_problems(out / f"{p}-load-errors.csv", rep.problems)
+
+
+def _reconcile_all(
+    fedn: LocalFederation, provinces: list[str], result: DemoResult, con: Console
+) -> None:
+    for p, q in combinations(provinces, 2):
+        status = fedn.clients[p].start_reconciliation(q)
+        final = watch_with_progress(fedn.clients[p], status.session_id, f"{p} ⇄ {q}", con)
+        if final.state != internal_pb2.SESSION_STATE_COMPLETED:
+            result.ok = False
+            result.failures.append(f"{p} ⇄ {q}: {final.error}")
+            continue
+        result.matrix[(p, q)] = final.match_count
+        mirror = fedn.clients[q].session(final.session_id)  # the responder's own record
+        if (mirror.match_count, mirror.result_digest) != (final.match_count, final.result_digest):
+            result.ok = False
+            result.failures.append(f"{p} ⇄ {q}: the two sides disagree")
+
+
+def _audit_all(fedn: LocalFederation, result: DemoResult) -> None:
+    """What an auditor would run: verify every log, then pair every session."""
+    profile = fedn.audit_profile()
+    try:
+        reports = verify(profile)
+        ok = all(r.cosigners for r in reports if r.sessions)
+        _check(result, "every node's log verifies, cosigned by its peers", ok)
+    except AuditFailure as exc:
+        _check(result, f"every node's log verifies ({exc.message})", False)
+    paired = pair(profile)
+    _check(
+        result,
+        f"audit pair: all {paired.paired} sessions logged identically by both sides",
+        paired.ok and paired.paired == len(result.matrix),
+    )
+
+
+def _serve(fedn: LocalFederation, layout: ForumLayout, con: Console) -> None:
+    con.print(
+        "\n[bold]Nodes keep running; Ctrl-C to stop.[/] Try, in another terminal:\n"
+        f"  ispf registry stats --profile {layout.client_dir(next(iter(fedn.nodes)))}"
+        "/profile.toml\n"
+        f"  ispf audit verify --profile {layout.auditor_dir('auditor')}/audit.toml\n"
+        f"  ispf audit pair --profile {layout.auditor_dir('auditor')}/audit.toml"
+    )
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        con.print("stopping")
+
+
+def _check_against_truth(
+    result: DemoResult,
+    paths: dict[str, Path],
+    digits: frozenset[str],
+    reports: dict[str, WrittenReport],
+    fed: SyntheticFederation | None,
+    provinces: list[str],
+) -> None:
+    counts, rows = reference_matches(paths, digits)
+    _check(
+        result,
+        "match counts equal the plaintext reference",
+        all(result.matrix.get(k) == v for k, v in counts.items()),
+    )
+    got_rows = {
+        p: {(r[1], r[2], r[3], r[4]) for r in _csv_rows(reports[p].matches_csv)} for p in provinces
+    }
+    _check(
+        result,
+        "report rows equal the plaintext reference",
+        all(got_rows[p] == rows.get(p, set()) for p in provinces),
+    )
+    if fed is not None:
+        _check(
+            result,
+            "match counts equal the planted truth",
+            all(result.matrix.get(k) == len(v) for k, v in fed.planted.items()),
+        )
+        _check(
+            result,
+            "every planted invalid row was reported",
+            all(len(result.loads[p].problems) == fed.invalid_rows[p] for p in provinces),
+        )
 
 
 def _check(result: DemoResult, what: str, ok: bool) -> None:
@@ -229,11 +317,6 @@ def _print_matrix(con: Console, provinces: list[str], matrix: dict[tuple[str, st
             cells.append("—" if p == q else ("failed" if v is None else str(v)))
         t.add_row(p, *cells)
     con.print(t)
-
-
-def _profile(path: Path, port: int) -> ClientProfile:
-    prof = ClientProfile.load(path)
-    return ClientProfile(prof.province, f"127.0.0.1:{port}", prof.ca, prof.cert, prof.key)
 
 
 __all__ = ["DEFAULT_PROVINCES", "DemoResult", "run_demo"]

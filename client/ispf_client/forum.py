@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ispf import note
+from ispf.auditlog import origin_of
 from ispf.errors import ConfigError
 from ispf.identity import PROVINCE_RE, ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, node_hostname
 from ispf.keys import ForumSalt, write_private_file
@@ -53,6 +55,11 @@ class ForumLayout:
 
     def auditor_dir(self, name: str) -> Path:
         return self.root / "auditors" / name
+
+    @property
+    def log_keys_dir(self) -> Path:
+        """Public verifier keys of every node's log (distributed to nodes and auditors)."""
+        return self.root / "logkeys"
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -205,6 +212,10 @@ def write_node_config(
         f'dir = "{_rel(layout.salt_dir, d)}"',
         f"current_epoch = {epoch}",
         "",
+        "[log]",
+        'key = "log.key"',
+        f'keys = "{_rel(layout.log_keys_dir, d)}"',
+        "",
         "[blinding]",
         f"workers = {workers}",
         "chunk_values = 4096",
@@ -241,6 +252,39 @@ def write_client_profile(layout: ForumLayout, province: str, address: str) -> Pa
     return path
 
 
+def new_log_key(layout: ForumLayout, province: str) -> Path:
+    """Create a node's log signing key (node folder, 0600) and publish its verifier key."""
+    signer = note.Signer.generate(origin_of(province))
+    key = layout.node_dir(province) / "log.key"
+    if key.exists():
+        raise ConfigError(f"{key} already exists: a log key is never replaced silently")
+    write_private_file(key, (signer.encode() + "\n").encode("ascii"))
+    layout.log_keys_dir.mkdir(parents=True, exist_ok=True)
+    vkey = layout.log_keys_dir / f"{province}.vkey"
+    vkey.write_text(signer.verifier().encode() + "\n", encoding="ascii")
+    return vkey
+
+
+def write_audit_profile(layout: ForumLayout, name: str, addresses: dict[str, str]) -> Path:
+    d = layout.auditor_dir(name)
+    lines = [
+        f'name = "{name}"',
+        'state = "audit-state.json"     # the last checkpoint trusted of each node',
+        'evidence = "evidence"          # where proof of a fork or rollback is written',
+        "",
+        "[tls]",
+        f'ca = "{_rel(layout.ca_cert, d)}"',
+        'cert = "auditor.pem"',
+        'key = "auditor.key"',
+    ]
+    for p, addr in sorted(addresses.items()):
+        vkey = _rel(layout.log_keys_dir / f"{p}.vkey", d)
+        lines += ["", f"[nodes.{p}]", f'address = "{addr}"', f'key = "{vkey}"']
+    path = d / "audit.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def init_forum(
     root: Path,
     provinces: list[str],
@@ -250,7 +294,8 @@ def init_forum(
     base_port: int = 50051,
     extra_hosts: tuple[str, ...] = (),
 ) -> ForumLayout:
-    """Create a demo forum: CA, a node and an internal client per province, one salt."""
+    """Create a demo forum: CA, salt, and per province a node (TLS and log keys) and an
+    internal client; plus one auditor certificate and profile."""
     if len(set(provinces)) != len(provinces) or len(provinces) < 1:
         raise ConfigError("provinces must be distinct and at least one")
     layout = ForumLayout(root)
@@ -274,4 +319,13 @@ def init_forum(
             peers={q: a for q, a in addresses.items() if q != p},
         )
         write_client_profile(layout, p, addresses[p])
+        new_log_key(layout, p)
+    issue_certificate(
+        layout,
+        name="auditor",
+        role=ROLE_AUDIT,
+        out_dir=layout.auditor_dir("auditor"),
+        stem="auditor",
+    )
+    write_audit_profile(layout, "auditor", addresses)
     return layout

@@ -194,6 +194,13 @@ class NodeClient:
             ).sessions
         )
 
+    @translated
+    def receipt(self, session_id: str, record_id: str) -> internal_pb2.Receipt:
+        return self._recon.GetReceipt(
+            internal_pb2.GetReceiptRequest(session_id=session_id, record_id=record_id),
+            timeout=self.timeout,
+        )
+
     def matches(self, session_id: str = "") -> Iterator[internal_pb2.Match]:
         """Matches of one session, or of the latest completed session with each peer."""
         for batch in _translated_stream(

@@ -4,21 +4,21 @@
 * `blind(key, salt, nid)`: layer 2, a node's secret X25519 scalar applied to it.
 * `reblind(key, value)`: the peer's value blinded once more: a match tag.
 * `tag_of(value)`: tags are compared on their first 16 bytes.
-* `result_digest(tags)`: what both sides of a session log, identically.
+* `result_digest(tags)`: what both sides of a session log, identically: a Merkle
+  root over the sorted matched tags.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
+from ispf import merkle
 from ispf.hazmat import curve
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.nid import NationalId
 
 TAG_BYTES = 16
 POINT_BYTES = curve.POINT_BYTES
-_DIGEST_DOMAIN = b"ispf/result/v1"
 
 
 def hash_to_curve(salt: ForumSalt, nid: NationalId) -> bytes:
@@ -38,10 +38,9 @@ def tag_of(value: bytes) -> bytes:
 
 
 def result_digest(tags: Iterable[bytes]) -> bytes:
-    """SHA-256("ispf/result/v1" || uint64-BE(n) || sorted 16-byte tags)."""
-    ordered = sorted(set(tags))
-    h = hashlib.sha256(_DIGEST_DOMAIN)
-    h.update(len(ordered).to_bytes(8, "big"))
-    for t in ordered:
-        h.update(t)
-    return h.digest()
+    """RFC 6962 Merkle root over the sorted distinct matched tags (each tag a leaf).
+
+    A tree rather than a flat hash, so that a receipt can prove one tag is in
+    a session's result without revealing the others.
+    """
+    return merkle.root([merkle.leaf_hash(t) for t in sorted(set(tags))])

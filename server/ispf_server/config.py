@@ -17,6 +17,10 @@ environment. Example (``ispf forum init`` writes one per node)::
     dir = "../../salts"          # holds epoch-<N>.salt
     current_epoch = 1
 
+    [log]
+    key = "log.key"              # this node's checkpoint signing key (0600)
+    keys = "../../logkeys"       # <province>.vkey of every node, to witness peers
+
     [blinding]
     workers = 0                  # 0: one process per core
     chunk_values = 4096
@@ -76,6 +80,8 @@ class NodeConfig:
     tls: TlsConfig
     salt_dir: Path
     current_epoch: int
+    log_key: Path
+    log_keys_dir: Path
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     workers: int = 0
@@ -116,6 +122,7 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{where}: province '{province}' must be a lowercase slug")
     tls = _req(data, "tls", where)
     salts = _req(data, "salts", where)
+    logcfg = _req(data, "log", where)
     blinding = data.get("blinding", {})
     pol = data.get("policy", {})
     peers = {
@@ -133,6 +140,8 @@ def load_config(path: Path) -> NodeConfig:
         ),
         salt_dir=p(str(_req(salts, "dir", f"{where} [salts]"))),
         current_epoch=int(_req(salts, "current_epoch", f"{where} [salts]")),
+        log_key=p(str(_req(logcfg, "key", f"{where} [log]"))),
+        log_keys_dir=p(str(_req(logcfg, "keys", f"{where} [log]"))),
         peers=peers,
         policy=PolicyConfig(
             purposes=frozenset(pol.get("purposes", DEFAULT_PURPOSES)),

@@ -20,16 +20,16 @@ from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identi
 log = logging.getLogger(__name__)
 
 ANY_ROLE = frozenset({ROLE_NODE, ROLE_INTERNAL, ROLE_AUDIT})
-# Service -> roles allowed. Internal services also require the node's own province.
+# Service -> roles allowed. An internal certificate is accepted only by its own province's node.
 ACCESS: dict[str, frozenset[str]] = {
     "ispf.v1.PeerService": frozenset({ROLE_NODE}),
     "ispf.v1.RegistryService": frozenset({ROLE_INTERNAL}),
     "ispf.v1.ReconciliationService": frozenset({ROLE_INTERNAL}),
+    "ispf.v1.AuditService": frozenset({ROLE_AUDIT, ROLE_INTERNAL}),
     "grpc.health.v1.Health": ANY_ROLE,
     "grpc.reflection.v1alpha.ServerReflection": ANY_ROLE,
     "grpc.reflection.v1.ServerReflection": ANY_ROLE,
 }
-OWN_PROVINCE_ONLY = frozenset({"ispf.v1.RegistryService", "ispf.v1.ReconciliationService"})
 
 
 def caller_identity(context: grpc.ServicerContext) -> Identity:
@@ -70,7 +70,7 @@ class Guard(_Interceptor):
         ident = caller_identity(context)
         if allowed is None or ident.role not in allowed:
             raise PermissionDenied(f"a certificate with role '{ident.role}' may not call {service}")
-        if service in OWN_PROVINCE_ONLY and ident.province != self.province:
+        if ident.role == ROLE_INTERNAL and ident.province != self.province:
             raise PermissionDenied(
                 f"internal API of node {self.province} refused to {ident.role} certificate "
                 f"of {ident.province}"

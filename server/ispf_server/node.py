@@ -17,10 +17,19 @@ from grpc_reflection.v1alpha import reflection
 
 from ispf.errors import ConfigError, PolicyRefused, UnknownEpoch, UnknownPeer
 from ispf.keys import ForumSalt
-from ispf.v1 import internal_pb2, internal_pb2_grpc, peer_pb2, peer_pb2_grpc
+from ispf.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    internal_pb2,
+    internal_pb2_grpc,
+    peer_pb2,
+    peer_pb2_grpc,
+)
+from ispf_server.audit import AuditLog, load_log_keys, load_log_signer
 from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
 from ispf_server.pool import BlindingPool
+from ispf_server.services.audit import AuditServicer
 from ispf_server.services.internal import ReconciliationServicer, RegistryServicer
 from ispf_server.services.peer import PeerServicer
 from ispf_server.session.initiator import Deadlines, Initiator, SessionRequest
@@ -58,6 +67,12 @@ class Node:
                 f"(expected file epoch-{config.current_epoch}.salt)"
             )
         self.store = Store(config.store)
+        self.audit = AuditLog(
+            self.store,
+            load_log_signer(config.log_key),
+            config.province,
+            load_log_keys(config.log_keys_dir),
+        )
         self._own_pool = pool is None
         self.pool = pool or BlindingPool(config.blinding_workers())
         self.board = ProgressBoard()
@@ -76,7 +91,9 @@ class Node:
             max_set_size=config.policy.max_set_size,
             chunk_values=config.chunk_values,
             idle_timeout=config.session_idle_timeout,
+            audit=self.audit,
         )
+        self._fail_interrupted()
         log.info(
             "node %s ready: epoch %d (salt %s), %d peers, %s blinding",
             self.province,
@@ -85,6 +102,26 @@ class Node:
             len(self.peer_addresses),
             f"{self.pool.workers} worker processes" if self.pool.workers else "inline",
         )
+
+    def _fail_interrupted(self) -> None:
+        """Sessions left running by a crash are not results: fail them, with their entries."""
+        for row in self.store.running_sessions():
+            reason = "node restarted during session"
+            me, peer = self.province, row.peer
+            initiator, responder = (me, peer) if row.role == "initiator" else (peer, me)
+            entry = self.audit.session_entry(
+                session_id=row.session_id,
+                initiator=initiator,
+                responder=responder,
+                purpose=row.purpose,
+                epoch=row.epoch,
+                mode=row.mode,
+                outcome="failed",
+                reason=reason,
+            )
+            self.store.fail_session(row.session_id, reason, entry)
+            log.warning("session %s with %s: %s", row.session_id, peer, reason)
+        self.audit.sign_checkpoint()
 
     @property
     def current_salt(self) -> ForumSalt:
@@ -144,6 +181,7 @@ class Node:
             chunk_values=self.config.chunk_values,
             max_set_size=self.config.policy.max_set_size,
             deadlines=Deadlines(self.config.call_deadline, self.config.session_deadline),
+            audit=self.audit,
         )
         t = threading.Thread(target=initiator.run, name=f"session-{sid[:8]}", daemon=True)
         with self._lock:
@@ -187,12 +225,14 @@ def create_server(
     internal_pb2_grpc.add_ReconciliationServiceServicer_to_server(
         ReconciliationServicer(node), server
     )
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(node.audit), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
         peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
+        audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     ]
     for name in [*names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

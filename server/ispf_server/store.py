@@ -50,9 +50,35 @@ CREATE TABLE IF NOT EXISTS matches (
     programme      TEXT NOT NULL,
     status         TEXT NOT NULL,
     peer_programme TEXT NOT NULL,
-    peer_status    TEXT NOT NULL
+    peer_status    TEXT NOT NULL,
+    tag            BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id);
+CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id, record_id);
+-- The audit log: entries exactly as hashed, and signed checkpoints over them.
+CREATE TABLE IF NOT EXISTS log_entries (
+    idx        INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    entry      BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_entries_session ON log_entries(session_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size       INTEGER PRIMARY KEY,
+    note       TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cosignatures (
+    size    INTEGER NOT NULL,
+    witness TEXT NOT NULL,
+    line    TEXT NOT NULL,
+    PRIMARY KEY (size, witness)
+);
+-- The latest checkpoint this node verified from each peer.
+CREATE TABLE IF NOT EXISTS witnessed (
+    peer       TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    note       TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 """
 
 
@@ -79,6 +105,7 @@ class MatchRow:
     record_id: str
     label: Label
     peer_label: Label
+    tag: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +138,6 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
-            # Sessions left RUNNING by a crash are not results: mark them failed.
-            self._db.execute(
-                "UPDATE sessions SET state='FAILED', error='node restarted during session', "
-                "finished_at=? WHERE state='RUNNING'",
-                (utcnow(),),
-            )
 
     def close(self) -> None:
         with self._lock:
@@ -219,15 +240,17 @@ class Store:
         match_count: int,
         result_digest: bytes,
         matches: list[MatchRow],
-    ) -> None:
-        """Store the results and mark the session COMPLETED, in one transaction."""
+        entry: bytes,
+    ) -> int:
+        """Store the results, mark the session COMPLETED and append its audit entry,
+        all in one transaction; returns the entry's index in the log."""
         matched_records = len({m.record_id for m in matches})
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 cur.executemany(
-                    "INSERT INTO matches VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO matches VALUES (?,?,?,?,?,?,?)",
                     (
                         (
                             session_id,
@@ -236,6 +259,7 @@ class Store:
                             m.label.status,
                             m.peer_label.programme,
                             m.peer_label.status,
+                            m.tag,
                         )
                         for m in matches
                     ),
@@ -255,18 +279,122 @@ class Store:
                         session_id,
                     ),
                 )
+                idx = self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+        return idx
 
-    def fail_session(self, session_id: str, error: str) -> None:
+    def fail_session(self, session_id: str, error: str, entry: bytes | None) -> bool:
+        """Mark a running session FAILED and append its entry, in one transaction.
+
+        Does nothing (returns False) if the session is not running, so a
+        session never gets two entries.
+        """
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                changed = cur.execute(
+                    "UPDATE sessions SET state='FAILED', error=?, finished_at=? "
+                    "WHERE session_id=? AND state='RUNNING'",
+                    (error, utcnow(), session_id),
+                ).rowcount
+                if changed and entry is not None:
+                    self._append(cur, session_id, entry)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return bool(changed)
+
+    # -- audit log ----------------------------------------------------------
+
+    @staticmethod
+    def _append(cur: sqlite3.Cursor, session_id: str, entry: bytes) -> int:
+        row = cur.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_entries").fetchone()
+        idx = int(row[0])
+        cur.execute("INSERT INTO log_entries VALUES (?,?,?)", (idx, session_id, entry))
+        return idx
+
+    def append_entry(self, session_id: str, entry: bytes) -> int:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                idx = self._append(cur, session_id, entry)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return idx
+
+    def log_entries(self, start: int = 0, end: int | None = None) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry FROM log_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                (start, end if end is not None else 2**62),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def log_index(self, session_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT idx FROM log_entries WHERE session_id=? ORDER BY idx LIMIT 1",
+                (session_id,),
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def add_checkpoint(self, size: int, note: str) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE sessions SET state='FAILED', error=?, finished_at=? "
-                "WHERE session_id=? AND state='RUNNING'",
-                (error, utcnow(), session_id),
+                "INSERT OR IGNORE INTO checkpoints VALUES (?,?,?)", (size, note, utcnow())
             )
+
+    def checkpoint(self, size: int | None = None) -> tuple[int, str] | None:
+        """The checkpoint of a size, or the latest one."""
+        with self._lock:
+            if size is None:
+                row = self._db.execute(
+                    "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+                ).fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT size, note FROM checkpoints WHERE size=?", (size,)
+                ).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def recent_checkpoints(self, limit: int) -> list[tuple[int, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(int(a), str(b)) for a, b in rows]
+
+    def add_cosignature(self, size: int, witness: str, line: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO cosignatures VALUES (?,?,?)", (size, witness, line)
+            )
+
+    def cosignatures(self, size: int) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT line FROM cosignatures WHERE size=? ORDER BY witness", (size,)
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def set_witnessed(self, peer: str, size: int, note: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO witnessed VALUES (?,?,?,?)", (peer, size, note, utcnow())
+            )
+
+    def witnessed(self) -> dict[str, tuple[int, str]]:
+        with self._lock:
+            rows = self._db.execute("SELECT peer, size, note FROM witnessed").fetchall()
+        return {str(p): (int(s), str(n)) for p, s, n in rows}
 
     def session(self, session_id: str) -> SessionRow | None:
         with self._lock:
@@ -274,6 +402,11 @@ class Store:
                 "SELECT * FROM sessions WHERE session_id=?", (session_id,)
             ).fetchone()
         return SessionRow(*row) if row else None
+
+    def running_sessions(self) -> list[SessionRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM sessions WHERE state='RUNNING'").fetchall()
+        return [SessionRow(*r) for r in rows]
 
     def sessions(self) -> list[SessionRow]:
         with self._lock:
@@ -288,12 +421,20 @@ class Store:
                 latest[s.peer] = s
         return list(latest.values())
 
-    def matches(self, session_id: str) -> Iterator[MatchRow]:
+    def matches(self, session_id: str, record_id: str | None = None) -> Iterator[MatchRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT record_id, programme, status, peer_programme, peer_status FROM matches "
-                "WHERE session_id=? ORDER BY record_id, peer_programme, peer_status",
-                (session_id,),
+                "SELECT record_id, programme, status, peer_programme, peer_status, tag "
+                "FROM matches WHERE session_id=? AND (? IS NULL OR record_id=?) "
+                "ORDER BY record_id, peer_programme, peer_status",
+                (session_id, record_id, record_id),
             ).fetchall()
-        for rid, p, s, pp, ps in rows:
-            yield MatchRow(rid, Label(p, s), Label(pp, ps))
+        for rid, p, s, pp, ps, tag in rows:
+            yield MatchRow(rid, Label(p, s), Label(pp, ps), bytes(tag))
+
+    def matched_tags(self, session_id: str) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT tag FROM matches WHERE session_id=?", (session_id,)
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]

@@ -552,3 +552,80 @@ class ListPeersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015
+
+@_typing.final
+class GetReceiptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    record_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_id", b"record_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReceiptRequest: _TypeAlias = GetReceiptRequest  # noqa: Y015
+
+@_typing.final
+class Receipt(_message.Message):
+    """Proves that one record's match tag is in a session's result digest, and
+    that the session is in this node's signed log. Reveals no other record.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVINCE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    TAG_INDEX_FIELD_NUMBER: _builtins.int
+    MATCH_COUNT_FIELD_NUMBER: _builtins.int
+    TAG_PROOF_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    ENTRY_INDEX_FIELD_NUMBER: _builtins.int
+    ENTRY_PROOF_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    province: _builtins.str
+    session_id: _builtins.str
+    record_id: _builtins.str
+    tag: _builtins.bytes
+    tag_index: _builtins.int
+    match_count: _builtins.int
+    entry: _builtins.bytes
+    entry_index: _builtins.int
+    checkpoint: _builtins.str
+    @_builtins.property
+    def tag_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def entry_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        province: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        tag: _builtins.bytes = ...,
+        tag_index: _builtins.int = ...,
+        match_count: _builtins.int = ...,
+        tag_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        entry: _builtins.bytes = ...,
+        entry_index: _builtins.int = ...,
+        entry_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        checkpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "entry", b"entry", "entry_index", b"entry_index", "entry_proof", b"entry_proof", "match_count", b"match_count", "province", b"province", "record_id", b"record_id", "session_id", b"session_id", "tag", b"tag", "tag_index", b"tag_index", "tag_proof", b"tag_proof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Receipt: _TypeAlias = Receipt  # noqa: Y015

@@ -224,6 +224,11 @@ class ReconciliationServiceStub:
                 request_serializer=ispf_dot_v1_dot_internal__pb2.ListPeersRequest.SerializeToString,
                 response_deserializer=ispf_dot_v1_dot_internal__pb2.ListPeersResponse.FromString,
                 _registered_method=True)
+        self.GetReceipt = channel.unary_unary(
+                '/ispf.v1.ReconciliationService/GetReceipt',
+                request_serializer=ispf_dot_v1_dot_internal__pb2.GetReceiptRequest.SerializeToString,
+                response_deserializer=ispf_dot_v1_dot_internal__pb2.Receipt.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
@@ -266,6 +271,13 @@ class ReconciliationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReceipt(self, request, context):
+        """A match receipt for one record of one session, for a grievance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReconciliationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +310,11 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     servicer.ListPeers,
                     request_deserializer=ispf_dot_v1_dot_internal__pb2.ListPeersRequest.FromString,
                     response_serializer=ispf_dot_v1_dot_internal__pb2.ListPeersResponse.SerializeToString,
+            ),
+            'GetReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReceipt,
+                    request_deserializer=ispf_dot_v1_dot_internal__pb2.GetReceiptRequest.FromString,
+                    response_serializer=ispf_dot_v1_dot_internal__pb2.Receipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -462,6 +479,33 @@ class ReconciliationService:
             '/ispf.v1.ReconciliationService/ListPeers',
             ispf_dot_v1_dot_internal__pb2.ListPeersRequest.SerializeToString,
             ispf_dot_v1_dot_internal__pb2.ListPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ispf.v1.ReconciliationService/GetReceipt',
+            ispf_dot_v1_dot_internal__pb2.GetReceiptRequest.SerializeToString,
+            ispf_dot_v1_dot_internal__pb2.Receipt.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,8 @@ class ReconciliationServiceStub:
     GetMatches: _grpc.UnaryStreamMultiCallable[_internal_pb2.GetMatchesRequest, _internal_pb2.MatchBatch]
     ListPeers: _grpc.UnaryUnaryMultiCallable[_internal_pb2.ListPeersRequest, _internal_pb2.ListPeersResponse]
     """Peers this node is configured to reconcile with."""
+    GetReceipt: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetReceiptRequest, _internal_pb2.Receipt]
+    """A match receipt for one record of one session, for a grievance."""
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
@@ -101,6 +103,8 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     GetMatches: _aio.UnaryStreamMultiCallable[_internal_pb2.GetMatchesRequest, _internal_pb2.MatchBatch]  # type: ignore[assignment]
     ListPeers: _aio.UnaryUnaryMultiCallable[_internal_pb2.ListPeersRequest, _internal_pb2.ListPeersResponse]  # type: ignore[assignment]
     """Peers this node is configured to reconcile with."""
+    GetReceipt: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetReceiptRequest, _internal_pb2.Receipt]  # type: ignore[assignment]
+    """A match receipt for one record of one session, for a grievance."""
 
 class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -145,5 +149,13 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_internal_pb2.ListPeersResponse, _abc.Awaitable[_internal_pb2.ListPeersResponse]]:
         """Peers this node is configured to reconcile with."""
+
+    @_abc_1.abstractmethod
+    def GetReceipt(
+        self,
+        request: _internal_pb2.GetReceiptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.Receipt, _abc.Awaitable[_internal_pb2.Receipt]]:
+        """A match receipt for one record of one session, for a grievance."""
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

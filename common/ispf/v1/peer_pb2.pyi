@@ -13,7 +13,10 @@ A mutual session, initiator A and responder B:
   4. ReturnTags: A streams back B_a(B_b(h)) tags of B's values in the order
      received (mutual only).
   5. Conclude: both sides state match count and result digest; B commits
-     its result only if they agree, and answers with its own figures.
+     its result (and its audit entry) only if they agree, and answers with
+     its own figures and its new signed checkpoint.
+  6. Witness: A sends its own new checkpoint and its cosignature on B's;
+     B verifies A's checkpoint against the last one it saw and cosigns it.
 """
 
 from collections import abc as _abc
@@ -186,20 +189,26 @@ class ConcludeRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MATCH_COUNT_FIELD_NUMBER: _builtins.int
     RESULT_DIGEST_FIELD_NUMBER: _builtins.int
+    WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     match_count: _builtins.int
     result_digest: _builtins.bytes
-    """SHA-256 over the sorted matched tags (empty in count-only mode)."""
+    """RFC 6962 Merkle root over the sorted matched tags (empty in count-only mode)."""
+    witnessed_size: _builtins.int
+    """Size of the responder's log in the last checkpoint the initiator verified
+    (0 if none): the responder proves its new checkpoint consistent with it.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         match_count: _builtins.int = ...,
         result_digest: _builtins.bytes = ...,
+        witnessed_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["match_count", b"match_count", "result_digest", b"result_digest", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["match_count", b"match_count", "result_digest", b"result_digest", "session_id", b"session_id", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,23 +221,90 @@ class ConcludeResponse(_message.Message):
     MATCH_COUNT_FIELD_NUMBER: _builtins.int
     RESULT_DIGEST_FIELD_NUMBER: _builtins.int
     AGREED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
     match_count: _builtins.int
     result_digest: _builtins.bytes
     agreed: _builtins.bool
+    checkpoint: _builtins.str
+    """The responder's signed checkpoint covering its entry for this session."""
+    witnessed_size: _builtins.int
+    """Size of the initiator's log in the last checkpoint the responder verified."""
+    @_builtins.property
+    def consistency(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Consistency proof from witnessed_size to the checkpoint's size."""
+
     def __init__(
         self,
         *,
         match_count: _builtins.int = ...,
         result_digest: _builtins.bytes = ...,
         agreed: _builtins.bool = ...,
+        checkpoint: _builtins.str = ...,
+        consistency: _abc.Iterable[_builtins.bytes] | None = ...,
+        witnessed_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "match_count", b"match_count", "result_digest", b"result_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "checkpoint", b"checkpoint", "consistency", b"consistency", "match_count", b"match_count", "result_digest", b"result_digest", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConcludeResponse: _TypeAlias = ConcludeResponse  # noqa: Y015
+
+@_typing.final
+class WitnessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    COSIGNATURE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    checkpoint: _builtins.str
+    """The initiator's signed checkpoint covering its entry for this session."""
+    cosignature: _builtins.str
+    """The initiator's cosignature line (cosignature/v1) on the responder's checkpoint."""
+    @_builtins.property
+    def consistency(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Consistency proof from the responder's witnessed_size to that checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        checkpoint: _builtins.str = ...,
+        consistency: _abc.Iterable[_builtins.bytes] | None = ...,
+        cosignature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency", b"consistency", "cosignature", b"cosignature", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessRequest: _TypeAlias = WitnessRequest  # noqa: Y015
+
+@_typing.final
+class WitnessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COSIGNATURE_FIELD_NUMBER: _builtins.int
+    cosignature: _builtins.str
+    """The responder's cosignature line on the initiator's checkpoint."""
+    def __init__(
+        self,
+        *,
+        cosignature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosignature", b"cosignature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessResponse: _TypeAlias = WitnessResponse  # noqa: Y015
 
 @_typing.final
 class AbortRequest(_message.Message):

@@ -64,6 +64,11 @@ class PeerServiceStub:
                 request_serializer=ispf_dot_v1_dot_peer__pb2.AbortRequest.SerializeToString,
                 response_deserializer=ispf_dot_v1_dot_peer__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Witness = channel.unary_unary(
+                '/ispf.v1.PeerService/Witness',
+                request_serializer=ispf_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
+                response_deserializer=ispf_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -105,6 +110,12 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Witness(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=ispf_dot_v1_dot_peer__pb2.AbortRequest.FromString,
                     response_serializer=ispf_dot_v1_dot_peer__pb2.AbortResponse.SerializeToString,
+            ),
+            'Witness': grpc.unary_unary_rpc_method_handler(
+                    servicer.Witness,
+                    request_deserializer=ispf_dot_v1_dot_peer__pb2.WitnessRequest.FromString,
+                    response_serializer=ispf_dot_v1_dot_peer__pb2.WitnessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class PeerService:
             '/ispf.v1.PeerService/Abort',
             ispf_dot_v1_dot_peer__pb2.AbortRequest.SerializeToString,
             ispf_dot_v1_dot_peer__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Witness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ispf.v1.PeerService/Witness',
+            ispf_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
+            ispf_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
             options,
             channel_credentials,
             insecure,

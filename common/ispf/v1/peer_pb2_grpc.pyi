@@ -13,7 +13,10 @@ A mutual session, initiator A and responder B:
   4. ReturnTags: A streams back B_a(B_b(h)) tags of B's values in the order
      received (mutual only).
   5. Conclude: both sides state match count and result digest; B commits
-     its result only if they agree, and answers with its own figures.
+     its result (and its audit entry) only if they agree, and answers with
+     its own figures and its new signed checkpoint.
+  6. Witness: A sends its own new checkpoint and its cosignature on B's;
+     B verifies A's checkpoint against the last one it saw and cosigns it.
 """
 
 from collections import abc as _abc
@@ -50,6 +53,7 @@ class PeerServiceStub:
     ReturnTags: _grpc.StreamUnaryMultiCallable[_peer_pb2.BlindedChunk, _peer_pb2.ReturnTagsResponse]
     Conclude: _grpc.UnaryUnaryMultiCallable[_peer_pb2.ConcludeRequest, _peer_pb2.ConcludeResponse]
     Abort: _grpc.UnaryUnaryMultiCallable[_peer_pb2.AbortRequest, _peer_pb2.AbortResponse]
+    Witness: _grpc.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]
 
 @_typing.type_check_only
 class PeerServiceAsyncStub(PeerServiceStub):
@@ -60,6 +64,7 @@ class PeerServiceAsyncStub(PeerServiceStub):
     ReturnTags: _aio.StreamUnaryMultiCallable[_peer_pb2.BlindedChunk, _peer_pb2.ReturnTagsResponse]  # type: ignore[assignment]
     Conclude: _aio.UnaryUnaryMultiCallable[_peer_pb2.ConcludeRequest, _peer_pb2.ConcludeResponse]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_peer_pb2.AbortRequest, _peer_pb2.AbortResponse]  # type: ignore[assignment]
+    Witness: _aio.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]  # type: ignore[assignment]
 
 class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -103,5 +108,12 @@ class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.AbortRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.AbortResponse, _abc.Awaitable[_peer_pb2.AbortResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Witness(
+        self,
+        request: _peer_pb2.WitnessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.WitnessResponse, _abc.Awaitable[_peer_pb2.WitnessResponse]]: ...
 
 def add_PeerServiceServicer_to_server(servicer: PeerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from ispf import merkle
+from ispf.auditlog import tag_leaves
 from ispf.errors import InvalidNationalId, InvalidRecord, UnknownSession
 from ispf.nid import canonicalise
 from ispf.records import check_label, check_record_id
@@ -140,6 +142,34 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         self, request: internal_pb2.ListPeersRequest, context: grpc.ServicerContext
     ) -> internal_pb2.ListPeersResponse:
         return internal_pb2.ListPeersResponse(peers=sorted(self.node.peer_addresses))
+
+    def GetReceipt(
+        self, request: internal_pb2.GetReceiptRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.Receipt:
+        store, audit = self.node.store, self.node.audit
+        rows = list(store.matches(request.session_id, request.record_id))
+        if not rows:
+            raise UnknownSession("no match of that record in that session on this node")
+        tags = sorted(set(store.matched_tags(request.session_id)))
+        tag = rows[0].tag
+        index = tags.index(tag)
+        entry_index = store.log_index(request.session_id)
+        if entry_index is None:
+            raise UnknownSession("the session has no entry in this node's log")
+        size = audit.size()
+        return internal_pb2.Receipt(
+            province=self.node.province,
+            session_id=request.session_id,
+            record_id=request.record_id,
+            tag=tag,
+            tag_index=index,
+            match_count=len(tags),
+            tag_proof=merkle.inclusion_proof(index, tag_leaves(tags)),
+            entry=store.log_entries(entry_index, entry_index + 1)[0],
+            entry_index=entry_index,
+            entry_proof=audit.inclusion(entry_index, size),
+            checkpoint=audit.latest(),
+        )
 
     def GetMatches(
         self, request: internal_pb2.GetMatchesRequest, context: grpc.ServicerContext

@@ -53,6 +53,11 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     ) -> peer_pb2.ConcludeResponse:
         return self.r.conclude(request, caller_identity(context).province)
 
+    def Witness(
+        self, request: peer_pb2.WitnessRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.WitnessResponse:
+        return self.r.witness(request, caller_identity(context).province)
+
     def Abort(
         self, request: peer_pb2.AbortRequest, context: grpc.ServicerContext
     ) -> peer_pb2.AbortResponse:

@@ -84,7 +84,7 @@ def intersect(
                 continue
             matched.append(t)
             for rec in plan.owners[plan.order[i]]:
-                rows.extend(MatchRow(rec.record_id, rec.label, pl) for pl in labels)
+                rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
         pos += size
     return Outcome(len(matched), result_digest(matched), rows)
 

@@ -19,10 +19,12 @@ from typing import TypeVar
 
 import grpc
 
+from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
+from ispf_server.audit import AuditLog
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
     PROTOCOL_VERSION,
@@ -88,6 +90,7 @@ class Initiator:
         chunk_values: int,
         max_set_size: int,
         deadlines: Deadlines,
+        audit: AuditLog,
     ) -> None:
         self.province = province
         self.req = request
@@ -99,8 +102,11 @@ class Initiator:
         self.chunk_values = chunk_values
         self.max_set_size = max_set_size
         self.deadlines = deadlines
+        self.audit = audit
         self.key = BlindingKey.generate()
         self.md = ((SESSION_KEY, request.session_id),)
+        # What is known so far, for the audit entry (also of a failed session).
+        self.sizes = {"own": 0, "peer": 0, "own_groups": 0, "peer_groups": 0}
 
     @property
     def labelled(self) -> bool:
@@ -122,7 +128,8 @@ class Initiator:
     def _fail(self, reason: str) -> None:
         sid = self.req.session_id
         log.warning("session %s with %s failed: %s", sid, self.req.peer, reason)
-        self.store.fail_session(sid, reason)
+        if self.store.fail_session(sid, reason, self._entry("failed", reason=reason)):
+            self.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason)
         # The peer may be gone or already know; its own idle timeout cleans up then.
         with contextlib.suppress(grpc.RpcError):
@@ -130,6 +137,26 @@ class Initiator:
                 peer_pb2.AbortRequest(session_id=sid, reason=reason[:200]),
                 timeout=self.deadlines.call,
             )
+
+    def _entry(
+        self, outcome: str, *, result: Outcome | None = None, reason: str | None = None
+    ) -> bytes:
+        return self.audit.session_entry(
+            session_id=self.req.session_id,
+            initiator=self.province,
+            responder=self.req.peer,
+            purpose=self.req.purpose,
+            epoch=self.salt.epoch,
+            mode=self.req.mode,
+            outcome=outcome,
+            initiator_values=self.sizes["own"],
+            responder_values=self.sizes["peer"],
+            initiator_groups=self.sizes["own_groups"],
+            responder_groups=self.sizes["peer_groups"],
+            match_count=result.match_count if result else None,
+            result_digest=result.digest if result else b"",
+            reason=reason,
+        )
 
     def _run(self) -> None:
         sid, cfg = self.req.session_id, self.deadlines
@@ -156,6 +183,12 @@ class Initiator:
             list(hs.groups), labelled=self.labelled, max_total=self.max_set_size
         )
         peer_total = sum(peer_sizes)
+        self.sizes = {
+            "own": plan.total,
+            "peer": peer_total,
+            "own_groups": len(groups),
+            "peer_groups": len(peer_groups),
+        }
         self.progress.update(
             phase="exchange",
             own_records=plan.own_records,
@@ -201,6 +234,7 @@ class Initiator:
                 session_id=sid,
                 match_count=outcome.match_count if self.labelled else 0,
                 result_digest=outcome.digest,
+                witnessed_size=self.audit.witnessed_size(self.req.peer),
             ),
             timeout=cfg.call,
         )
@@ -213,6 +247,10 @@ class Initiator:
                 f"result differs: node {self.province} found {outcome.match_count} matches, "
                 f"peer {self.req.peer} found {answer.match_count}"
             )
+        # The peer's checkpoint must extend the last one we saw from it; it goes in our entry.
+        peer_checkpoint = self.audit.accept_peer_checkpoint(
+            self.req.peer, answer.checkpoint, list(answer.consistency)
+        )
         self.store.complete_session(
             sid,
             own_records=plan.own_records,
@@ -221,7 +259,9 @@ class Initiator:
             match_count=outcome.match_count,
             result_digest=outcome.digest,
             matches=outcome.matches,
+            entry=self._entry("completed", result=outcome),
         )
+        self._witness(answer, peer_checkpoint)
         self.progress.finish(
             COMPLETED,
             match_count=outcome.match_count,
@@ -231,6 +271,40 @@ class Initiator:
         log.info(
             "session %s with %s completed: %d matches", sid, self.req.peer, outcome.match_count
         )
+
+    def _witness(
+        self, answer: peer_pb2.ConcludeResponse, peer_checkpoint: SignedCheckpoint
+    ) -> None:
+        """Send our new checkpoint and our cosignature on the peer's; store its cosignature."""
+        signed = self.audit.sign_checkpoint()
+        size = self.audit.size()
+        first = answer.witnessed_size
+        try:
+            resp = self.stub.Witness(
+                peer_pb2.WitnessRequest(
+                    session_id=self.req.session_id,
+                    checkpoint=signed,
+                    consistency=self.audit.consistency(first, size) if 0 < first <= size else [],
+                    cosignature=self.audit.cosign(peer_checkpoint),
+                ),
+                timeout=self.deadlines.call,
+            )
+            self.audit.add_cosignature(self.req.peer, resp.cosignature)
+        except grpc.RpcError as exc:
+            # The session stands; only the cross-signature is missing (auditors will see).
+            log.warning(
+                "session %s: %s did not cosign our checkpoint: %s",
+                self.req.session_id,
+                self.req.peer,
+                from_rpc_error(exc).message,
+            )
+        except IspfError as exc:
+            log.warning(
+                "session %s: cosignature from %s rejected: %s",
+                self.req.session_id,
+                self.req.peer,
+                exc.message,
+            )
 
     def _stream_call(
         self,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import (
+    IspfError,
     PolicyRefused,
     ProtocolViolation,
     ResultMismatch,
@@ -22,6 +23,7 @@ from ispf.errors import (
 )
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.v1 import common_pb2, peer_pb2
+from ispf_server.audit import AuditLog
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
     MAX_CHUNK_VALUES,
@@ -84,8 +86,10 @@ class Responder:
         max_set_size: int,
         chunk_values: int,
         idle_timeout: float,
+        audit: AuditLog,
     ) -> None:
         self.province = province
+        self.audit = audit
         self.store = store
         self.pool = pool
         self.salts = salts
@@ -124,16 +128,57 @@ class Responder:
     def _fail(self, s: ResponderSession, reason: str) -> None:
         with self._lock:
             self._sessions.pop(s.session_id, None)
-        self.store.fail_session(s.session_id, reason)
+        entry = self._entry(s, "failed", reason=reason)
+        if self.store.fail_session(s.session_id, reason, entry):
+            self.audit.sign_checkpoint()
         s.progress.finish(FAILED, error=reason)
         log.warning("session %s with %s failed: %s", s.session_id, s.peer, reason)
 
     def _guard(self, s: ResponderSession, step: str) -> _Step:
         return _Step(self, s, step)
 
+    def _entry(
+        self,
+        s: ResponderSession,
+        outcome: str,
+        *,
+        result: Outcome | None = None,
+        reason: str | None = None,
+    ) -> bytes:
+        return self.audit.session_entry(
+            session_id=s.session_id,
+            initiator=s.peer,
+            responder=self.province,
+            purpose=s.purpose,
+            epoch=s.salt.epoch,
+            mode=s.mode,
+            outcome=outcome,
+            initiator_values=s.peer_total,
+            responder_values=s.plan.total,
+            initiator_groups=len(s.peer_groups),
+            responder_groups=len(s.plan.groups),
+            match_count=result.match_count if result and s.labelled else None,
+            result_digest=result.digest if result else b"",
+            reason=reason,
+        )
+
     # -- the protocol -------------------------------------------------------
 
     def handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
+        try:
+            return self._handshake(req, caller)
+        except IspfError as exc:
+            self.audit.record_refusal(
+                session_id=req.session_id,
+                peer=caller,
+                purpose=req.purpose,
+                epoch=req.epoch,
+                reason_code=type(exc).__name__,
+            )
+            log.warning("refused a session from %s: %s", caller, exc.message)
+            raise
+
+    def _handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
         self._expire()
         if req.protocol_version != PROTOCOL_VERSION:
             raise VersionMismatch(
@@ -336,6 +381,14 @@ class Responder:
                 match_count=outcome.match_count,
                 result_digest=outcome.digest,
                 matches=outcome.matches,
+                entry=self._entry(s, "completed", result=outcome),
+            )
+            checkpoint = self.audit.sign_checkpoint()
+            size = self.audit.size()
+            proof = (
+                self.audit.consistency(req.witnessed_size, size)
+                if 0 < req.witnessed_size <= size
+                else []
             )
             with self._lock:
                 self._sessions.pop(s.session_id, None)
@@ -352,8 +405,23 @@ class Responder:
                 outcome.match_count,
             )
             return peer_pb2.ConcludeResponse(
-                match_count=outcome.match_count, result_digest=outcome.digest, agreed=True
+                match_count=outcome.match_count,
+                result_digest=outcome.digest,
+                agreed=True,
+                checkpoint=checkpoint,
+                consistency=proof,
+                witnessed_size=self.audit.witnessed_size(caller),
             )
+
+    def witness(self, req: peer_pb2.WitnessRequest, caller: str) -> peer_pb2.WitnessResponse:
+        """Verify and record the initiator's checkpoint; store its cosignature on ours."""
+        row = self.store.session(req.session_id)
+        if row is None or row.peer != caller or row.role != "responder":
+            raise UnknownSession("unknown session id")
+        seen = self.audit.accept_peer_checkpoint(caller, req.checkpoint, list(req.consistency))
+        if req.cosignature:
+            self.audit.add_cosignature(caller, req.cosignature)
+        return peer_pb2.WitnessResponse(cosignature=self.audit.cosign(seen))
 
     def abort(self, req: peer_pb2.AbortRequest, caller: str) -> peer_pb2.AbortResponse:
         s = self._get(req.session_id, caller)

@@ -1,0 +1,268 @@
+"""The node's tamper-evident match log: entries, signed checkpoints, witnessing.
+
+Entries are appended by the store in the same transaction as the session
+result they describe, so a crash never leaves a result without its entry or
+an entry without its result; a checkpoint is signed only after the entries it
+covers are committed (and at start-up, if a crash came between the two).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ispf import merkle, note
+from ispf.auditlog import (
+    ENTRY_VERSION,
+    Checkpoint,
+    SignedCheckpoint,
+    b64,
+    encode_entry,
+    open_checkpoint,
+    origin_of,
+)
+from ispf.errors import ConfigError, PreconditionFailed, ProtocolViolation
+from ispf.keys import check_private_file
+from ispf.v1 import common_pb2
+from ispf_server.session.core import PROTOCOL_VERSION
+from ispf_server.store import Store, utcnow
+
+log = logging.getLogger(__name__)
+COSIGN_LOOKBACK = 64
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Free text for an entry: printable, short, and with digit runs cut (no ID can slip in)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return re.sub(r"\d{6,}", "#", clean)
+
+
+class ForkDetected(PreconditionFailed):
+    """A peer's new checkpoint is not consistent with the one seen before."""
+
+
+def load_log_signer(path: Path) -> note.Signer:
+    check_private_file(path)
+    try:
+        return note.Signer.parse(path.read_text(encoding="ascii"))
+    except (note.NoteError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"log key {path} is not a signed-note private key") from exc
+
+
+def load_log_keys(folder: Path) -> dict[str, note.Verifier]:
+    """Every `<province>.vkey` in the folder: the forum's node log keys."""
+    if not folder.is_dir():
+        raise ConfigError(f"log key folder {folder} does not exist")
+    keys: dict[str, note.Verifier] = {}
+    for f in sorted(folder.glob("*.vkey")):
+        try:
+            v = note.Verifier.parse(f.read_text(encoding="ascii"))
+        except (note.NoteError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{f} is not a signed-note verifier key") from exc
+        if v.name != origin_of(f.stem):
+            raise ConfigError(f"{f} holds the key of {v.name}, not {origin_of(f.stem)}")
+        keys[f.stem] = v
+    return keys
+
+
+class AuditLog:
+    def __init__(
+        self,
+        store: Store,
+        signer: note.Signer,
+        province: str,
+        log_keys: Mapping[str, note.Verifier],
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.province = province
+        self.origin = origin_of(province)
+        if signer.name != self.origin:
+            raise ConfigError(f"log key is for {signer.name}, this node is {self.origin}")
+        self.log_keys = dict(log_keys)
+        self._lock = threading.Lock()
+        self.sign_checkpoint()  # covers entries committed before a crash
+
+    # -- entries ------------------------------------------------------------
+
+    def session_entry(
+        self,
+        *,
+        session_id: str,
+        initiator: str,
+        responder: str,
+        purpose: str,
+        epoch: int,
+        mode: int,
+        outcome: str,
+        initiator_values: int = 0,
+        responder_values: int = 0,
+        initiator_groups: int = 0,
+        responder_groups: int = 0,
+        match_count: int | None = None,
+        result_digest: bytes = b"",
+        reason: str | None = None,
+    ) -> bytes:
+        peer = responder if initiator == self.province else initiator
+        fields: dict[str, Any] = {
+            "v": ENTRY_VERSION,
+            "type": "session",
+            "recorder": self.province,
+            "session_id": session_id,
+            "initiator": initiator,
+            "responder": responder,
+            "purpose": purpose,
+            "epoch": epoch,
+            "protocol": PROTOCOL_VERSION,
+            "mode": "count-only" if mode == common_pb2.MODE_COUNT_ONLY else "mutual",
+            "outcome": outcome,
+            "initiator_values": initiator_values,
+            "responder_values": responder_values,
+            "initiator_groups": initiator_groups,
+            "responder_groups": responder_groups,
+            "match_count": match_count,
+            "result_digest": b64(result_digest),
+            "time": utcnow(),
+            "peer_checkpoint": self.peer_checkpoint(peer),
+        }
+        if reason is not None:
+            fields["reason"] = _printable(reason)
+        return encode_entry(fields)
+
+    def record_refusal(
+        self, *, session_id: str, peer: str, purpose: str, epoch: int, reason_code: str
+    ) -> None:
+        """Log a refused handshake (policy, salt, protocol) and sign a checkpoint."""
+        entry = encode_entry(
+            {
+                "v": ENTRY_VERSION,
+                "type": "refusal",
+                "recorder": self.province,
+                "session_id": _printable(session_id),
+                "peer": peer,
+                "purpose": _printable(purpose),
+                "epoch": epoch,
+                "reason_code": reason_code,
+                "time": utcnow(),
+            }
+        )
+        self.store.append_entry(session_id[:64], entry)
+        self.sign_checkpoint()
+
+    def peer_checkpoint(self, peer: str) -> dict[str, Any] | None:
+        seen = self.store.witnessed().get(peer)
+        if seen is None:
+            return None
+        cp = Checkpoint.parse(note.split(seen[1])[0])
+        return {"size": cp.size, "root": b64(cp.root)}
+
+    # -- tree and checkpoints -------------------------------------------------
+
+    def leaves(self, size: int | None = None) -> list[bytes]:
+        return [merkle.leaf_hash(e) for e in self.store.log_entries(0, size)]
+
+    def sign_checkpoint(self) -> str:
+        """Sign a checkpoint over every committed entry (unless one exists); return it."""
+        with self._lock:
+            leaves = self.leaves()
+            latest = self.store.checkpoint()
+            if latest is not None and latest[0] == len(leaves):
+                return latest[1]
+            text = Checkpoint(self.origin, len(leaves), merkle.root(leaves)).text()
+            signed = note.sign(text, self.signer)
+            self.store.add_checkpoint(len(leaves), signed)
+            return signed
+
+    def latest(self) -> str:
+        """The latest checkpoint with its cosignatures appended."""
+        latest = self.store.checkpoint()
+        signed = latest[1] if latest else self.sign_checkpoint()
+        size = latest[0] if latest else 0
+        return signed + "".join(self.store.cosignatures(size))
+
+    def size(self) -> int:
+        latest = self.store.checkpoint()
+        return latest[0] if latest else 0
+
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        leaves = self.leaves(size)
+        if size > len(leaves):
+            raise ProtocolViolation(f"tree size {size} is larger than the log ({len(leaves)})")
+        return merkle.inclusion_proof(index, leaves)
+
+    def consistency(self, first: int, second: int) -> list[bytes]:
+        leaves = self.leaves(second)
+        if second > len(leaves) or first > second:
+            raise ProtocolViolation(f"no consistency proof from {first} to {second}")
+        if first == 0 or first == second:
+            return []
+        return merkle.consistency_proof(first, leaves)
+
+    # -- witnessing -------------------------------------------------------------
+
+    def witnessed_size(self, peer: str) -> int:
+        seen = self.store.witnessed().get(peer)
+        return seen[0] if seen else 0
+
+    def accept_peer_checkpoint(
+        self, peer: str, signed_note: str, proof: list[bytes]
+    ) -> SignedCheckpoint:
+        """Verify a peer's checkpoint against the last one seen from it, and record it."""
+        key = self.log_keys.get(peer)
+        if key is None:
+            raise ConfigError(f"no log key for peer {peer}: add {peer}.vkey to the log key folder")
+        try:
+            new = open_checkpoint(signed_note, key)
+        except note.NoteError as exc:
+            raise ProtocolViolation(f"peer {peer} sent a bad checkpoint: {exc.message}") from exc
+        seen = self.store.witnessed().get(peer)
+        if seen is not None:
+            old = Checkpoint.parse(note.split(seen[1])[0])
+            try:
+                if new.checkpoint.size < old.size:
+                    raise merkle.ProofError(
+                        f"log shrank from {old.size} to {new.checkpoint.size} entries"
+                    )
+                merkle.verify_consistency(
+                    old.size, new.checkpoint.size, old.root, new.checkpoint.root, proof
+                )
+            except merkle.ProofError as exc:
+                log.error(
+                    "peer %s log fork: checkpoint of size %d is not consistent with the one "
+                    "of size %d seen before (%s)",
+                    peer,
+                    new.checkpoint.size,
+                    old.size,
+                    exc.message,
+                )
+                raise ForkDetected(
+                    f"checkpoint of {peer} is not consistent with the one it signed before: "
+                    f"{exc.message}"
+                ) from exc
+            if new.checkpoint.size == old.size:
+                return new
+        self.store.set_witnessed(peer, new.checkpoint.size, signed_note)
+        return new
+
+    def cosign(self, signed: SignedCheckpoint) -> str:
+        return self.signer.cosign_line(signed.checkpoint.text(), int(time.time()))
+
+    def add_cosignature(self, peer: str, line: str) -> None:
+        """Store a peer's cosignature on one of our recent checkpoints (after checking it)."""
+        key = self.log_keys.get(peer)
+        if key is None:
+            raise ConfigError(f"no log key for peer {peer}")
+        cosigner = note.Verifier(key.name, key.public, note.ALG_COSIGNATURE_V1)
+        for size, signed in self.store.recent_checkpoints(COSIGN_LOOKBACK):
+            try:
+                note.verify(signed + line, cosigner)
+            except note.NoteError:
+                continue
+            self.store.add_cosignature(size, peer, line)
+            return
+        raise ProtocolViolation(f"cosignature from {peer} matches none of our checkpoints")

@@ -1,0 +1,59 @@
+"""The audit API (audit role, or the province's own internal role): read-only."""
+
+from __future__ import annotations
+
+import grpc
+
+from ispf.errors import InvalidInput, UnknownSession
+from ispf.v1 import audit_pb2, audit_pb2_grpc
+from ispf_server.audit import AuditLog
+
+MAX_ENTRIES = 1000
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.Checkpoint:
+        return audit_pb2.Checkpoint(note=self.audit.latest())
+
+    def GetEntries(
+        self, request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetEntriesResponse:
+        if request.end < request.start:
+            raise InvalidInput("end must not be before start")
+        end = min(request.end, request.start + MAX_ENTRIES)
+        return audit_pb2.GetEntriesResponse(
+            entries=self.audit.store.log_entries(request.start, end)
+        )
+
+    def GetInclusionProof(
+        self, request: audit_pb2.GetInclusionProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.Proof:
+        return audit_pb2.Proof(hashes=self.audit.inclusion(request.index, request.tree_size))
+
+    def GetConsistencyProof(
+        self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.Proof:
+        return audit_pb2.Proof(hashes=self.audit.consistency(request.first, request.second))
+
+    def FindSession(
+        self, request: audit_pb2.FindSessionRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.FindSessionResponse:
+        idx = self.audit.store.log_index(request.session_id)
+        if idx is None:
+            raise UnknownSession("no entry for that session id in this log")
+        return audit_pb2.FindSessionResponse(index=idx)
+
+    def GetWitnessed(
+        self, request: audit_pb2.GetWitnessedRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetWitnessedResponse:
+        return audit_pb2.GetWitnessedResponse(
+            checkpoints=[
+                audit_pb2.WitnessedCheckpoint(peer=peer, note=signed)
+                for peer, (_, signed) in sorted(self.audit.store.witnessed().items())
+            ]
+        )
