@@ -224,9 +224,12 @@ def diagnose(served: list[bytes], mirror: list[bytes]) -> tuple[str, str]:
     for i in range(min(len(served), len(mirror))):
         if served[i] == mirror[i]:
             continue
-        if served[i] not in known and served[i + 1 : i + 4] == mirror[i : i + 3]:
+        # Does the rest line up once one entry is taken out of (or put back into) served?
+        k = min(3, len(served) - i - 1, len(mirror) - i)
+        if served[i] not in known and k > 0 and served[i + 1 : i + 1 + k] == mirror[i : i + k]:
             return "inserted", f"an entry was inserted at index {i}"
-        if served[i : i + 3] == mirror[i + 1 : i + 4]:
+        k = min(3, len(served) - i, len(mirror) - i - 1)
+        if k > 0 and served[i : i + k] == mirror[i + 1 : i + 1 + k]:
             return "deleted", f"entry {i} was deleted"
         if served[i] in known:
             return "reordered", f"entry {i} was moved (entries reordered)"
