@@ -165,13 +165,28 @@ def test_reordered_entries_are_named(tamper: tuple[sqlite3.Connection, AuditProf
 
 
 def test_truncate_and_resign_is_a_rollback_with_evidence(
-    audited: Federation, tamper: tuple[sqlite3.Connection, AuditProfile]
+    audited: Federation,
+    tamper: tuple[sqlite3.Connection, AuditProfile],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
     rewrite(db, rows[:-1])
     db.execute("DELETE FROM checkpoints")
     resign(audited, db)
+    # As an auditor runs it: non-zero exit, the kind named, the evidence kept.
+    cli_profile = tmp_path / "audit.toml"
+    text = (audited.layout.auditor_dir("auditor") / "audit.toml").read_text()
+    base = audited.layout.auditor_dir("auditor")
+    text = text.replace('state = "audit-state.json"', f'state = "{prof.state}"')
+    text = text.replace('evidence = "evidence"', f'evidence = "{tmp_path / "cli-evidence"}"')
+    text = text.replace('"../../', f'"{base}/../../')
+    text = text.replace('"auditor.', f'"{base}/auditor.')
+    cli_profile.write_text(text)
+    assert main(["audit", "verify", "--profile", str(cli_profile), "--node", "punjab"]) == 1
+    err = capsys.readouterr().err
+    assert "AUDIT FAILED punjab: rollback" in err and "Evidence kept in" in err
     failure = expect(prof, "rollback")
     assert failure.evidence is not None
     ev = json.loads(failure.evidence.read_text())

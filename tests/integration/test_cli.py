@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -122,16 +124,33 @@ def test_missing_profile_is_a_clear_usage_error(
     assert "--profile" in capsys.readouterr().err
 
 
-def test_demo_with_generated_data_checks_the_planted_truth(tmp_path: Path) -> None:
+def test_demo_with_generated_data_checks_the_planted_truth_and_audits(tmp_path: Path) -> None:
+    provinces = ["punjab", "sindh", "kp", "balochistan"]
     res = run_demo(
-        provinces=["punjab", "sindh", "kp", "balochistan"],
-        out=tmp_path / "out",
-        records=400,
-        workers=1,
+        provinces=provinces, out=tmp_path / "out", records=400, workers=1, workdir=tmp_path / "work"
     )
     assert res.ok, res.failures
     assert len(res.matrix) == 6
     assert any("planted truth" in c for c in res.checks)
+    assert any("audit pair: all 6 sessions" in c for c in res.checks)
+    assert any("log verifies, cosigned" in c for c in res.checks)
+    # Every byte of every node's log: no ID number of any registry.
+    ids = set()
+    for p in provinces:
+        for line in (tmp_path / "work" / "data" / f"{p}.csv").read_text().splitlines()[1:]:
+            digits = line.split(",")[1].replace("-", "")
+            if len(digits) == 13 and digits.isdigit():
+                ids.add(digits)
+    assert len(ids) > 1000
+    for p in provinces:
+        db = sqlite3.connect(tmp_path / "work" / "forum" / "nodes" / p / "node.sqlite")
+        blob = b"".join(bytes(r[0]) for r in db.execute("SELECT entry FROM log_entries"))
+        blob += "".join(r[0] for r in db.execute("SELECT note FROM checkpoints")).encode()
+        blob += "".join(r[0] for r in db.execute("SELECT note FROM witnessed")).encode()
+        db.close()
+        assert len(blob) > 1000
+        assert not re.search(rb"\d{13}", blob)
+        assert not any(i.encode() in blob or i[5:12].encode() in blob for i in ids)
     for p in ("punjab", "sindh", "kp", "balochistan"):
         assert (tmp_path / "out" / f"{p}-matches.csv").exists()
         assert (tmp_path / "out" / f"{p}-load-errors.csv").exists()
