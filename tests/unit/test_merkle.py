@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 
 from ispf import merkle
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "merkle"
-if not SHARED.is_dir():  # a checkout with shared/ inside it
-    SHARED = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "merkle"
+# Copied from the forum's shared/vectors (transparency-dev/merkle, Apache-2.0: see LICENSE).
+SHARED = Path(__file__).resolve().parents[1] / "vectors" / "merkle"
 
 
 def cases(kind: str) -> list[Any]:
