@@ -57,6 +57,11 @@ class ForumLayout:
         return self.root / "auditors" / name
 
     @property
+    def revoked(self) -> Path:
+        """The forum's deny list: serial numbers of revoked certificates."""
+        return self.root / "revoked.txt"
+
+    @property
     def log_keys_dir(self) -> Path:
         """Public verifier keys of every node's log (distributed to nodes and auditors)."""
         return self.root / "logkeys"
@@ -166,11 +171,37 @@ def issue_certificate(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
-    if key_path.exists():
-        key_path.unlink()
-    write_private_file(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # Replace both files atomically (a running node may be reading them: rotation).
+    tmp_key, tmp_cert = key_path.with_suffix(".key.new"), cert_path.with_suffix(".pem.new")
+    tmp_key.unlink(missing_ok=True)
+    write_private_file(tmp_key, _key_pem(key))
+    tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tmp_key.replace(key_path)
+    tmp_cert.replace(cert_path)
     return cert_path, key_path
+
+
+REVOKED_HEADER = (
+    "# Revoked forum certificates: one serial number (hex) per line; '#' starts a comment.\n"
+    "# Every node re-reads this file when it changes and refuses these certificates.\n"
+)
+
+
+def revoke(
+    layout: ForumLayout, *, serial: int | None = None, cert: Path | None = None, reason: str = ""
+) -> int:
+    """Add a certificate to the forum's deny list; returns its serial."""
+    if cert is not None:
+        serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+    if serial is None:
+        raise ConfigError("give a certificate file or a serial number to revoke")
+    if not layout.revoked.exists():
+        layout.revoked.write_text(REVOKED_HEADER, encoding="utf-8")
+    note_text = "".join(c for c in reason if c.isprintable())[:100]
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    with layout.revoked.open("a", encoding="utf-8") as fh:
+        fh.write(f"{serial:x}  # {stamp} {note_text}\n")
+    return serial
 
 
 def new_salt(layout: ForumLayout, epoch: int) -> Path:
@@ -202,11 +233,13 @@ def write_node_config(
         f'province = "{province}"',
         f'listen = "{listen}"',
         'store = "node.sqlite"',
+        'policy = "policy.toml"',
         "",
         "[tls]",
         f'ca = "{_rel(layout.ca_cert, d)}"',
         'cert = "node.pem"',
         'key = "node.key"',
+        f'revoked = "{_rel(layout.revoked, d)}"',
         "",
         "[salts]",
         f'dir = "{_rel(layout.salt_dir, d)}"',
@@ -219,16 +252,36 @@ def write_node_config(
         "[blinding]",
         f"workers = {workers}",
         "chunk_values = 4096",
-        "",
-        "[policy]",
-        'purposes = ["reconciliation", "statistics"]',
-        "max_set_size = 50000000",
     ]
     for peer, addr in sorted(peers.items()):
         lines += ["", f"[peers.{peer}]", f'address = "{addr}"']
     path = d / "node.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if not (d / "policy.toml").exists():
+        write_policy(d / "policy.toml", sorted(peers))
     return path
+
+
+def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
+    """A starting policy: every forum peer, both purposes, every label; to be reviewed."""
+    lines = [
+        "# Data-sharing policy of this node: reviewed, versioned, reloaded on change.",
+        "# Bump `version` with every change; each change is recorded in the audit log.",
+        f"version = {version}",
+    ]
+    for peer in peers:
+        lines += [
+            "",
+            f"[peers.{peer}]",
+            'purposes = ["reconciliation", "statistics"]',
+            "collections = []            # own programmes it may match against; [] = all",
+            'disclose = ["*"]            # labels it may learn: "PROGRAMME/status", * wildcards',
+            "count_only = false",
+            "max_set_size = 50000000",
+            "probes_per_minute = 60",
+            "probes_per_day = 10000",
+        ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def write_client_profile(layout: ForumLayout, province: str, address: str) -> Path:
@@ -300,6 +353,7 @@ def init_forum(
         raise ConfigError("provinces must be distinct and at least one")
     layout = ForumLayout(root)
     create_ca(layout)
+    layout.revoked.write_text(REVOKED_HEADER, encoding="utf-8")
     new_salt(layout, epoch)
     hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", host, *extra_hosts)))
     # Port 0 (tests, demo): every node binds a free port, peers are set at run time.

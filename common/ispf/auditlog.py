@@ -16,7 +16,9 @@ Entry types (``"v": 1``):
   result_digest (base64 Merkle root over the sorted matched tags; empty in
   count-only mode), time (UTC, ISO 8601), peer_checkpoint (``{"size", "root"}``
   of the latest checkpoint this node had verified from the peer, or null);
-* ``refusal``: session_id, recorder, peer, purpose, epoch, reason_code, time.
+* ``refusal``: session_id, recorder, peer, purpose, epoch, reason_code, time;
+* ``policy``: recorder, version, sha256 (of the policy file that took effect), time;
+* ``epoch``: recorder, epoch, event (``retired``), time.
 
 A checkpoint is a C2SP signed note whose text is
 ``<origin>\\n<size>\\n<base64 root>\\n`` with origin ``ispf-match/<province>``.
@@ -37,6 +39,7 @@ from ispf.errors import IspfError
 
 ORIGIN_PREFIX = "ispf-match/"
 ENTRY_VERSION = 1
+ENTRY_TYPES = frozenset({"session", "refusal", "policy", "epoch"})
 _DIGIT_RUN = re.compile(r"\d{13,}")
 # Fields both sides of a session must log identically (match_count: mutual only).
 PAIRED_FIELDS = (
@@ -102,7 +105,7 @@ def decode_entry(data: bytes) -> dict[str, Any]:
         raise EntryError("entry is not a JSON object")
     if encode_entry(fields) != data:
         raise EntryError("entry is not in canonical form")
-    if fields.get("v") != ENTRY_VERSION or fields.get("type") not in ("session", "refusal"):
+    if fields.get("v") != ENTRY_VERSION or fields.get("type") not in ENTRY_TYPES:
         raise EntryError("entry has an unknown version or type")
     return fields
 

@@ -47,6 +47,7 @@ def node_hostname(province: str) -> str:
 class Identity:
     name: str
     role: str
+    serial: int = 0
 
     @property
     def province(self) -> str:
@@ -67,4 +68,4 @@ def identity_from_pem(pem: bytes) -> Identity | None:
     name, role = str(cns[0].value), str(ous[0].value)
     if role not in ROLES:
         return None
-    return Identity(name=name, role=role)
+    return Identity(name=name, role=role, serial=cert.serial_number)

@@ -154,6 +154,26 @@ class AuditLog:
         self.store.append_entry(session_id[:64], entry)
         self.sign_checkpoint()
 
+    def record_policy(self, *, version: int, sha256: str) -> None:
+        """Log that a policy file (by its hash) took effect."""
+        self._record("policy", f"policy-{version}", version=version, sha256=sha256)
+
+    def record_epoch_retired(self, epoch: int) -> None:
+        self._record("epoch", f"epoch-{epoch}", epoch=epoch, event="retired")
+
+    def _record(self, kind: str, key: str, **fields: Any) -> None:
+        entry = encode_entry(
+            {
+                "v": ENTRY_VERSION,
+                "type": kind,
+                "recorder": self.province,
+                "time": utcnow(),
+                **fields,
+            }
+        )
+        self.store.append_entry(key, entry)
+        self.sign_checkpoint()
+
     def peer_checkpoint(self, peer: str) -> dict[str, Any] | None:
         seen = self.store.witnessed().get(peer)
         if seen is None:

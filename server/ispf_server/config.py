@@ -7,11 +7,13 @@ environment. Example (``ispf forum init`` writes one per node)::
     province = "punjab"
     listen = "127.0.0.1:50051"
     store = "punjab.sqlite"
+    policy = "policy.toml"        # who may match what (ispf_server.policy), hot-reloaded
 
     [tls]
     ca = "../../ca.pem"
     cert = "node.pem"
     key = "node.key"
+    revoked = "../../revoked.txt"  # the forum's deny list of certificate serials
 
     [salts]
     dir = "../../salts"          # holds epoch-<N>.salt
@@ -25,9 +27,6 @@ environment. Example (``ispf forum init`` writes one per node)::
     workers = 0                  # 0: one process per core
     chunk_values = 4096
 
-    [policy]
-    purposes = ["reconciliation", "statistics"]
-    max_set_size = 50000000
 
     [peers.sindh]
     address = "127.0.0.1:50052"
@@ -45,8 +44,6 @@ from ispf.errors import ConfigError
 from ispf.identity import PROVINCE_RE
 from ispf.nid import DEFAULT_PROVINCE_DIGITS
 
-DEFAULT_PURPOSES = ("reconciliation", "statistics")
-
 
 @dataclass(frozen=True)
 class PeerConfig:
@@ -59,17 +56,8 @@ class TlsConfig:
     ca: Path
     cert: Path
     key: Path
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """What this node, as responder, allows peers to do (same for every peer for now)."""
-
-    purposes: frozenset[str] = frozenset(DEFAULT_PURPOSES)
-    # Largest set a peer may submit in one session; bounds what a peer can learn.
-    max_set_size: int = 50_000_000
-    # Own collections peers may match against; empty means all.
-    collections: frozenset[str] = frozenset()
+    # The forum's deny list of certificate serials (optional), re-read when it changes.
+    revoked: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +71,7 @@ class NodeConfig:
     log_key: Path
     log_keys_dir: Path
     peers: dict[str, PeerConfig] = field(default_factory=dict)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy_file: Path = Path("policy.toml")
     workers: int = 0
     chunk_values: int = 4096
     province_digits: frozenset[str] = DEFAULT_PROVINCE_DIGITS
@@ -124,7 +112,6 @@ def load_config(path: Path) -> NodeConfig:
     salts = _req(data, "salts", where)
     logcfg = _req(data, "log", where)
     blinding = data.get("blinding", {})
-    pol = data.get("policy", {})
     peers = {
         name: PeerConfig(name=name, address=str(_req(v, "address", f"{where} [peers.{name}]")))
         for name, v in data.get("peers", {}).items()
@@ -137,17 +124,14 @@ def load_config(path: Path) -> NodeConfig:
             ca=p(_req(tls, "ca", f"{where} [tls]")),
             cert=p(_req(tls, "cert", f"{where} [tls]")),
             key=p(_req(tls, "key", f"{where} [tls]")),
+            revoked=p(tls["revoked"]) if "revoked" in tls else None,
         ),
         salt_dir=p(str(_req(salts, "dir", f"{where} [salts]"))),
         current_epoch=int(_req(salts, "current_epoch", f"{where} [salts]")),
         log_key=p(str(_req(logcfg, "key", f"{where} [log]"))),
         log_keys_dir=p(str(_req(logcfg, "keys", f"{where} [log]"))),
         peers=peers,
-        policy=PolicyConfig(
-            purposes=frozenset(pol.get("purposes", DEFAULT_PURPOSES)),
-            max_set_size=int(pol.get("max_set_size", PolicyConfig.max_set_size)),
-            collections=frozenset(pol.get("collections", ())),
-        ),
+        policy_file=p(str(_req(data, "policy", where))),
         workers=int(blinding.get("workers", 0)),
         chunk_values=int(blinding.get("chunk_values", 4096)),
         province_digits=frozenset(str(d) for d in data.get("province_digits", "1234567")),

@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 
-from ispf.errors import ERROR_TYPE_KEY, IspfError, PermissionDenied, Unauthenticated
+from ispf.errors import (
+    ERROR_TYPE_KEY,
+    InvalidInput,
+    IspfError,
+    PermissionDenied,
+    Unauthenticated,
+)
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
+from ispf_server.revocation import RevocationList
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +68,34 @@ else:
     _Interceptor = grpc.ServerInterceptor
 
 
+def _decoder(deserialize: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    """Parse request bytes here, so a malformed message is INVALID_ARGUMENT, not INTERNAL."""
+
+    def decode(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or worse from hostile bytes
+            raise InvalidInput(f"malformed request message for {method}") from exc
+
+    return decode
+
+
 class Guard(_Interceptor):
-    def __init__(self, province: str) -> None:
+    """Authorises every call by certificate role and revocation, and maps errors to status."""
+
+    def __init__(self, province: str, revoked: RevocationList) -> None:
         self.province = province
+        self.revoked = revoked
 
     def _authorize(self, service: str, context: grpc.ServicerContext) -> None:
         allowed = ACCESS.get(service)
         ident = caller_identity(context)
+        if self.revoked.is_revoked(ident.serial):
+            raise Unauthenticated(
+                f"certificate {ident.serial:x} of {ident.name} ({ident.role}) is revoked"
+            )
         if allowed is None or ident.role not in allowed:
             raise PermissionDenied(f"a certificate with role '{ident.role}' may not call {service}")
         if ident.role == ROLE_INTERNAL and ident.province != self.province:
@@ -87,12 +115,17 @@ class Guard(_Interceptor):
         method: str = details.method
         service = method.split("/")[1] if method.count("/") == 2 else method
         authorize = self._authorize
+        h = handler
+        decode = _decoder(h.request_deserializer, method)
 
-        def unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+        def parsed(request: Any, stream_in: bool) -> Any:
+            return (decode(r) for r in request) if stream_in else decode(request)
+
+        def unary(behaviour: Callable[[Any, grpc.ServicerContext], Any], stream_in: bool) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     authorize(service, context)
-                    return behaviour(request, context)
+                    return behaviour(parsed(request, stream_in), context)
                 except IspfError as err:
                     abort_with(context, err)
                 except Exception:
@@ -100,11 +133,13 @@ class Guard(_Interceptor):
 
             return run
 
-        def streaming(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
+        def streaming(
+            behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], stream_in: bool
+        ) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     authorize(service, context)
-                    yield from behaviour(request, context)
+                    yield from behaviour(parsed(request, stream_in), context)
                 except IspfError as err:
                     abort_with(context, err)
                 except Exception:
@@ -112,16 +147,15 @@ class Guard(_Interceptor):
 
             return run
 
-        h = handler
-        kw = {
-            "request_deserializer": h.request_deserializer,
+        kw: dict[str, Any] = {
+            "request_deserializer": None,
             "response_serializer": h.response_serializer,
         }
         if h.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(h.unary_unary), **kw)
+            return grpc.unary_unary_rpc_method_handler(unary(h.unary_unary, False), **kw)
         if h.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(h.stream_unary), **kw)
+            return grpc.stream_unary_rpc_method_handler(unary(h.stream_unary, True), **kw)
         if h.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(h.unary_stream), **kw)
+            return grpc.unary_stream_rpc_method_handler(streaming(h.unary_stream, False), **kw)
         assert h.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(streaming(h.stream_stream), **kw)
+        return grpc.stream_stream_rpc_method_handler(streaming(h.stream_stream, True), **kw)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import uuid
 from collections.abc import Sequence
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +18,7 @@ from ispf.keys import ForumSalt
 from ispf.v1 import (
     audit_pb2,
     audit_pb2_grpc,
+    common_pb2,
     internal_pb2,
     internal_pb2_grpc,
     peer_pb2,
@@ -28,40 +27,31 @@ from ispf.v1 import (
 from ispf_server.audit import AuditLog, load_log_keys, load_log_signer
 from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
+from ispf_server.policy import Policy, PolicyFile
 from ispf_server.pool import BlindingPool
+from ispf_server.revocation import RevocationList
+from ispf_server.salts import SaltRing
 from ispf_server.services.audit import AuditServicer
 from ispf_server.services.internal import ReconciliationServicer, RegistryServicer
 from ispf_server.services.peer import PeerServicer
 from ispf_server.session.initiator import Deadlines, Initiator, SessionRequest
+from ispf_server.session.plan import eligible_records
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.store import Store
-from ispf_server.tls import TlsMaterial, channel_options
+from ispf_server.tls import TlsFiles, channel_options
 
 log = logging.getLogger(__name__)
-_SALT_FILE = re.compile(r"^epoch-(\d+)\.salt$")
-
-
-def load_salts(salt_dir: Path) -> dict[int, ForumSalt]:
-    """Every epoch-<N>.salt file in the folder (each must be owner-only)."""
-    if not salt_dir.is_dir():
-        raise ConfigError(f"salt folder {salt_dir} does not exist")
-    salts: dict[int, ForumSalt] = {}
-    for f in sorted(salt_dir.iterdir()):
-        m = _SALT_FILE.match(f.name)
-        if m:
-            epoch = int(m.group(1))
-            salts[epoch] = ForumSalt.from_file(f, epoch)
-    return salts
 
 
 class Node:
     def __init__(self, config: NodeConfig, pool: BlindingPool | None = None) -> None:
         self.config = config
         self.province = config.province
-        self.tls = TlsMaterial.load(config.tls)
-        self.salts = load_salts(config.salt_dir)
-        if config.current_epoch not in self.salts:
+        self.tls = TlsFiles(config.tls)
+        self.revoked = RevocationList(config.tls.revoked)
+        self.salts = SaltRing(config.salt_dir)
+        if self.salts.get(config.current_epoch) is None:
             raise UnknownEpoch(
                 f"no salt for current epoch {config.current_epoch} in {config.salt_dir} "
                 f"(expected file epoch-{config.current_epoch}.salt)"
@@ -73,11 +63,13 @@ class Node:
             config.province,
             load_log_keys(config.log_keys_dir),
         )
+        self.policy = PolicyFile(config.policy_file, self._record_policy)
         self._own_pool = pool is None
         self.pool = pool or BlindingPool(config.blinding_workers())
         self.board = ProgressBoard()
         self.peer_addresses = {name: p.address for name, p in config.peers.items()}
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[str, tuple[int, grpc.Channel]] = {}
+        self._retired_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.responder = Responder(
@@ -86,22 +78,28 @@ class Node:
             pool=self.pool,
             salts=self.salts,
             board=self.board,
-            purposes=config.policy.purposes,
-            collections=config.policy.collections,
-            max_set_size=config.policy.max_set_size,
+            policy=self.policy.current,
             chunk_values=config.chunk_values,
             idle_timeout=config.session_idle_timeout,
             audit=self.audit,
         )
         self._fail_interrupted()
         log.info(
-            "node %s ready: epoch %d (salt %s), %d peers, %s blinding",
+            "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding",
             self.province,
             config.current_epoch,
-            self.salts[config.current_epoch].fingerprint(),
+            self.current_salt.fingerprint(),
             len(self.peer_addresses),
+            self.policy.current().version,
             f"{self.pool.workers} worker processes" if self.pool.workers else "inline",
         )
+
+    def _record_policy(self, policy: Policy) -> None:
+        """Log each policy that takes effect (once per distinct file), with its hash."""
+        if self.store.meta("policy_sha256") == policy.digest:
+            return
+        self.audit.record_policy(version=policy.version, sha256=policy.digest)
+        self.store.set_meta("policy_sha256", policy.digest)
 
     def _fail_interrupted(self) -> None:
         """Sessions left running by a crash are not results: fail them, with their entries."""
@@ -125,9 +123,14 @@ class Node:
 
     @property
     def current_salt(self) -> ForumSalt:
-        return self.salts[self.config.current_epoch]
+        salt = self.salts.get(self.config.current_epoch)
+        if salt is None:
+            raise UnknownEpoch(f"the salt of current epoch {self.config.current_epoch} is gone")
+        return salt
 
     def peer_stub(self, peer: str) -> peer_pb2_grpc.PeerServiceStub:
+        """A stub on a channel to the peer, made with the node's current certificate."""
+        material = self.tls.current()
         with self._lock:
             address = self.peer_addresses.get(peer)
             if address is None:
@@ -135,14 +138,16 @@ class Node:
                     f"peer '{peer}' is not configured on node {self.province} "
                     f"(known: {', '.join(sorted(self.peer_addresses)) or 'none'})"
                 )
-            ch = self._channels.get(peer)
-            if ch is None:
+            serial, ch = self._channels.get(peer, (None, None))
+            if ch is None or serial != material.serial:
+                if ch is not None:  # rotated: calls in flight finish on the old channel
+                    self._retired_channels.append(ch)
                 ch = grpc.secure_channel(
                     address,
-                    self.tls.channel_credentials(),
+                    material.channel_credentials(),
                     options=channel_options(peer, self.config.max_message_bytes),
                 )
-                self._channels[peer] = ch
+                self._channels[peer] = (material.serial, ch)
         return peer_pb2_grpc.PeerServiceStub(ch)
 
     def start_session(
@@ -157,6 +162,10 @@ class Node:
         if peer == self.province:
             raise PolicyRefused("a node cannot reconcile with itself")
         stub = self.peer_stub(peer)
+        count_only = mode == common_pb2.MODE_COUNT_ONLY
+        # The node's own policy binds it as initiator too: what the peer may learn.
+        pp = self.policy.current().check_session(peer, purpose, count_only)
+        records = eligible_records(self.store, pp, collections, labelled=not count_only)
         sid = str(uuid.uuid4())
         salt = self.current_salt
         self.store.begin_session(sid, peer, "initiator", mode, purpose, salt.epoch)
@@ -172,14 +181,15 @@ class Node:
         )
         initiator = Initiator(
             province=self.province,
-            request=SessionRequest(sid, peer, purpose, mode, collections, peer_collections),
+            request=SessionRequest(sid, peer, purpose, mode, peer_collections),
+            records=records,
             stub=stub,
             store=self.store,
             pool=self.pool,
             salt=salt,
             progress=progress,
             chunk_values=self.config.chunk_values,
-            max_set_size=self.config.policy.max_set_size,
+            max_set_size=pp.max_set_size,
             deadlines=Deadlines(self.config.call_deadline, self.config.session_deadline),
             audit=self.audit,
         )
@@ -194,7 +204,9 @@ class Node:
             threads = list(self._threads)
         for t in threads:
             t.join(timeout=5)
-        for ch in self._channels.values():
+        for _, ch in self._channels.values():
+            ch.close()
+        for ch in self._retired_channels:
             ch.close()
         if self._own_pool:
             self.pool.close()
@@ -214,7 +226,7 @@ def create_server(
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[*interceptors, Guard(node.province)],
+        interceptors=[*interceptors, Guard(node.province, node.revoked)],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS cosignatures (
     line    TEXT NOT NULL,
     PRIMARY KEY (size, witness)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 -- The latest checkpoint this node verified from each peer.
 CREATE TABLE IF NOT EXISTS witnessed (
     peer       TEXT PRIMARY KEY,
@@ -402,6 +406,15 @@ class Store:
                 "SELECT * FROM sessions WHERE session_id=?", (session_id,)
             ).fetchone()
         return SessionRow(*row) if row else None
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
 
     def running_sessions(self) -> list[SessionRow]:
         with self._lock:

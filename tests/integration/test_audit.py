@@ -125,6 +125,10 @@ def resign(audited: Federation, db: sqlite3.Connection) -> None:
     )
 
 
+def first_session(rows: list[tuple[str, bytes]]) -> int:
+    return next(i for i, (_, e) in enumerate(rows) if decode_entry(e)["type"] == "session")
+
+
 def expect(prof: AuditProfile, kind: str) -> AuditFailure:
     with pytest.raises(AuditFailure) as info:
         verify(prof, ["punjab"])
@@ -203,14 +207,16 @@ def test_fork_with_the_same_key_is_detected_with_evidence(
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
-    forged = decode_entry(rows[0][1])
+    k = first_session(rows)
+    forged = decode_entry(rows[k][1])
     forged["match_count"] = (forged["match_count"] or 0) + 1
-    rewrite(db, [(rows[0][0], encode_entry(forged)), *rows[1:]])
+    rows[k] = (rows[k][0], encode_entry(forged))
+    rewrite(db, rows)
     resign(audited, db)  # same size, other root
     failure = expect(prof, "fork")
     assert failure.evidence is not None and "same key" in failure.message
     # Growing the forked branch does not help: no consistency proof can link them.
-    rewrite(db, [(rows[0][0], encode_entry(forged)), *rows[1:], rows[1]])
+    rewrite(db, [*rows, rows[-1]])
     resign(audited, db)
     expect(prof, "fork")
 
@@ -220,9 +226,11 @@ def test_fork_is_caught_by_a_fresh_auditor_through_the_peers_view(
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
-    forged = decode_entry(rows[0][1])
+    k = first_session(rows)
+    forged = decode_entry(rows[k][1])
     forged["purpose"] = "rewritten"
-    rewrite(db, [(rows[0][0], encode_entry(forged)), *rows[1:]])
+    rows[k] = (rows[k][0], encode_entry(forged))
+    rewrite(db, rows)
     resign(audited, db)
     from dataclasses import replace
 
@@ -351,12 +359,33 @@ def test_checkpoint_verifies_with_an_independent_implementation(audited: Federat
     assert bad.returncode != 0
 
 
-def test_refused_handshake_is_logged(audited: Federation) -> None:
-    before = len(audited.nodes["sindh"].store.log_entries())
-    st = audited.client("punjab").start_reconciliation("sindh", purpose="marketing")
-    assert audited.client("punjab").wait(st.session_id).state != COMPLETED
-    logged = [decode_entry(e) for e in audited.nodes["sindh"].store.log_entries()[before:]]
-    assert [e["type"] for e in logged] == ["refusal"]
-    assert logged[0]["reason_code"] == "PolicyRefused" and logged[0]["peer"] == "punjab"
-    mine = [decode_entry(e) for e in audited.nodes["punjab"].store.log_entries()]
-    assert mine[-1]["outcome"] == "failed" and mine[-1]["session_id"] == st.session_id
+def test_policy_change_takes_effect_is_logged_and_refusals_are_logged(
+    audited: Federation,
+) -> None:
+    sindh = audited.nodes["sindh"]
+    path = sindh.config.policy_file
+    original = path.read_text()
+    try:
+        # Sindh stops answering punjab's statistics requests: no restart needed.
+        head, punjab = original.split("[peers.punjab]")
+        punjab = punjab.replace('["reconciliation", "statistics"]', '["reconciliation"]', 1)
+        path.write_text(head.replace("version = 1", "version = 2") + "[peers.punjab]" + punjab)
+        before = len(sindh.store.log_entries())
+        st = audited.client("punjab").start_reconciliation("sindh", purpose="statistics")
+        final = audited.client("punjab").wait(st.session_id)
+        assert final.state != COMPLETED
+        assert "purpose 'statistics' is not allowed for peer punjab by policy version 2" in (
+            final.error
+        )
+        logged = [decode_entry(e) for e in sindh.store.log_entries()[before:]]
+        assert [e["type"] for e in logged] == ["policy", "refusal"]
+        assert logged[0]["version"] == 2 and len(logged[0]["sha256"]) == 64
+        assert logged[1]["reason_code"] == "PolicyRefused" and logged[1]["peer"] == "punjab"
+        mine = [decode_entry(e) for e in audited.nodes["punjab"].store.log_entries()]
+        assert mine[-1]["outcome"] == "failed" and mine[-1]["session_id"] == st.session_id
+        # A broken policy file is refused; the one in force stays.
+        path.write_text("version = 3\n[peers.punjab]\npurposes = 7\n")
+        st = audited.client("punjab").start_reconciliation("sindh")
+        assert audited.client("punjab").wait(st.session_id).state == COMPLETED
+    finally:
+        path.write_text(original)

@@ -36,7 +36,7 @@ from ispf_server.session.core import (
 )
 from ispf_server.session.plan import build_plan, parse_groups
 from ispf_server.session.progress import COMPLETED, FAILED, Progress
-from ispf_server.store import Store
+from ispf_server.store import Store, StoredRecord
 
 log = logging.getLogger(__name__)
 SESSION_KEY = "ispf-session-id"
@@ -49,7 +49,6 @@ class SessionRequest:
     peer: str
     purpose: str
     mode: int
-    collections: frozenset[str]
     peer_collections: frozenset[str]
 
 
@@ -82,6 +81,7 @@ class Initiator:
         *,
         province: str,
         request: SessionRequest,
+        records: list[StoredRecord],
         stub: peer_pb2_grpc.PeerServiceStub,
         store: Store,
         pool: BlindingPool,
@@ -94,6 +94,7 @@ class Initiator:
     ) -> None:
         self.province = province
         self.req = request
+        self.records = records
         self.stub = stub
         self.store = store
         self.pool = pool
@@ -161,7 +162,7 @@ class Initiator:
     def _run(self) -> None:
         sid, cfg = self.req.session_id, self.deadlines
         plan = build_plan(
-            self.store.records(self.req.collections),
+            self.records,
             secrets.SystemRandom(),
             labelled=self.labelled,
         )

@@ -11,10 +11,11 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ispf.errors import InvalidRecord, ProtocolViolation
+from ispf.errors import InvalidRecord, PolicyRefused, ProtocolViolation
 from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
-from ispf_server.store import StoredRecord
+from ispf_server.policy import PeerPolicy
+from ispf_server.store import Store, StoredRecord
 
 LabelSet = tuple[Label, ...]
 MAX_GROUPS = 10_000
@@ -60,6 +61,23 @@ def build_plan(records: list[StoredRecord], rng: random.Random, *, labelled: boo
         order.extend(members)
         sizes.append(len(members))
     return Plan(groups, sizes, order, dict(owners), len(records))
+
+
+def eligible_records(
+    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
+) -> list[StoredRecord]:
+    """Own records that may take part in a session with a peer, under its policy.
+
+    Collections asked for must be open to the peer; records whose label the peer
+    may not learn stay out of labelled sessions altogether.
+    """
+    if collections and pp.collections and not collections <= pp.collections:
+        refused = ", ".join(sorted(collections - pp.collections))
+        raise PolicyRefused(f"collections not open to {pp.peer} by policy: {refused}")
+    records = store.records(collections or pp.collections)
+    if labelled:
+        records = [r for r in records if pp.may_disclose(r.label)]
+    return records
 
 
 def parse_groups(

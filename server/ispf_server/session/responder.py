@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES
@@ -24,7 +24,9 @@ from ispf.errors import (
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
+from ispf_server.policy import Policy
 from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.salts import SaltRing
 from ispf_server.session.core import (
     MAX_CHUNK_VALUES,
     PROTOCOL_VERSION,
@@ -34,7 +36,13 @@ from ispf_server.session.core import (
     intersect,
     split,
 )
-from ispf_server.session.plan import LabelSet, Plan, build_plan, parse_groups
+from ispf_server.session.plan import (
+    LabelSet,
+    Plan,
+    build_plan,
+    eligible_records,
+    parse_groups,
+)
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
 from ispf_server.store import Store
 
@@ -79,11 +87,9 @@ class Responder:
         province: str,
         store: Store,
         pool: BlindingPool,
-        salts: dict[int, ForumSalt],
+        salts: SaltRing,
         board: ProgressBoard,
-        purposes: frozenset[str],
-        collections: frozenset[str],
-        max_set_size: int,
+        policy: Callable[[], Policy],
         chunk_values: int,
         idle_timeout: float,
         audit: AuditLog,
@@ -94,9 +100,7 @@ class Responder:
         self.pool = pool
         self.salts = salts
         self.board = board
-        self.purposes = purposes
-        self.collections = collections
-        self.max_set_size = max_set_size
+        self.policy = policy
         self.chunk_values = chunk_values
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
@@ -197,37 +201,28 @@ class Responder:
         if salt is None:
             raise SaltMismatch(
                 f"epoch {req.epoch} is not held by node {self.province} "
-                f"(it holds {', '.join(map(str, sorted(self.salts))) or 'none'})"
+                f"(it holds {', '.join(map(str, self.salts.epochs())) or 'none'})"
             )
         if not hmac.compare_digest(req.key_check, salt.key_check()):
             raise SaltMismatch(
                 f"key check value for epoch {req.epoch} does not match node {self.province}'s: "
                 "the two nodes hold different salts for this epoch"
             )
-        if req.purpose not in self.purposes:
-            raise PolicyRefused(
-                f"purpose '{req.purpose}' is not allowed by node {self.province}'s policy "
-                f"(allowed: {', '.join(sorted(self.purposes))})"
-            )
         if req.mode not in (common_pb2.MODE_MUTUAL, common_pb2.MODE_COUNT_ONLY):
             raise ProtocolViolation("mode must be MODE_MUTUAL or MODE_COUNT_ONLY")
         labelled = req.mode == common_pb2.MODE_MUTUAL
-        wanted = frozenset(req.responder_collections)
-        if self.collections and not wanted <= self.collections:
-            refused = ", ".join(sorted(wanted - self.collections))
-            raise PolicyRefused(f"collections not open to peers by policy: {refused}")
-        try:
-            groups, sizes = parse_groups(
-                list(req.groups), labelled=labelled, max_total=self.max_set_size
+        pp = self.policy().check_session(caller, req.purpose, count_only=not labelled)
+        announced = sum(g.size for g in req.groups)
+        if announced > pp.max_set_size:
+            raise PolicyRefused(
+                f"set of {announced} values exceeds the policy limit of {pp.max_set_size} "
+                f"for {caller}"
             )
-        except ProtocolViolation as exc:
-            if sum(g.size for g in req.groups) > self.max_set_size:
-                raise PolicyRefused(
-                    f"set of {sum(g.size for g in req.groups)} values exceeds the "
-                    f"policy limit of {self.max_set_size}"
-                ) from exc
-            raise
-        plan = build_plan(self.store.records(wanted or self.collections), _rng, labelled=labelled)
+        groups, sizes = parse_groups(list(req.groups), labelled=labelled, max_total=announced)
+        records = eligible_records(
+            self.store, pp, frozenset(req.responder_collections), labelled=labelled
+        )
+        plan = build_plan(records, _rng, labelled=labelled)
         self.store.begin_session(
             req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
         )
