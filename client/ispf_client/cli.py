@@ -86,6 +86,24 @@ def cmd_forum_issue(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def cmd_forum_revoke(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import ForumLayout, revoke
+
+    layout = ForumLayout(Path(args.dir))
+    serial = revoke(
+        layout,
+        serial=int(args.serial, 16) if args.serial else None,
+        cert=Path(args.cert) if args.cert else None,
+        reason=args.reason,
+    )
+    con.print(
+        f"Certificate {serial:x} added to {layout.revoked}. Copy the file to every node: "
+        "nodes re-read it when it changes.",
+        markup=False,
+    )
+    return 0
+
+
 def cmd_salt_new(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.forum import ForumLayout, new_salt
 
@@ -359,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", default=[], help="extra host/IP for a node")
     p.add_argument("--out", help="output folder")
     p.set_defaults(func=cmd_forum_issue)
+    p = fsub.add_parser("revoke", help="add a certificate to the forum's deny list")
+    p.add_argument("--dir", default="forum")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cert", help="the certificate file (PEM)")
+    g.add_argument("--serial", help="the certificate's serial number, hex")
+    p.add_argument("--reason", default="", help="a short note kept beside the serial")
+    p.set_defaults(func=cmd_forum_revoke)
     salt = fsub.add_parser("salt", help="salt epochs")
     ssub = salt.add_subparsers(dest="salt_command", required=True)
     p = ssub.add_parser("new", help="create the salt of a new epoch")

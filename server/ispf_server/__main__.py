@@ -1,4 +1,9 @@
-"""`ispf-node --config node.toml`: run a province node until SIGTERM/SIGINT."""
+"""`ispf-node --config node.toml`: run a province node until SIGTERM/SIGINT.
+
+`ispf-node --config node.toml --retire-epoch N` destroys epoch N's salt on this
+node (and records it in the node's audit log), then exits; a running node
+stops accepting that epoch at once.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pathlib import Path
 
 from ispf.errors import IspfError
 from ispf_server.config import load_config
-from ispf_server.node import Node, create_server
+from ispf_server.node import Node, create_server, retire_epoch
 
 log = logging.getLogger("ispf_server")
 
@@ -20,11 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ispf-node", description="Run an ISPF Match province node.")
     ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument(
+        "--retire-epoch", type=int, metavar="N", help="destroy epoch N's salt on this node and exit"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.retire_epoch is not None:
+            retire_epoch(load_config(args.config), args.retire_epoch)
+            print(f"ispf-node: epoch {args.retire_epoch} retired: its salt is destroyed")
+            return 0
         node = Node(load_config(args.config))
         server, port = create_server(node)
     except IspfError as exc:

@@ -213,6 +213,18 @@ class Node:
         self.store.close()
 
 
+def retire_epoch(config: NodeConfig, epoch: int) -> None:
+    """Destroy an epoch's salt on this node and log it (the node may be running)."""
+    SaltRing(config.salt_dir).retire(epoch, current=config.current_epoch)
+    store = Store(config.store)
+    try:
+        audit = AuditLog(store, load_log_signer(config.log_key), config.province, {})
+        audit.record_epoch_retired(epoch)
+    finally:
+        store.close()
+    log.info("epoch %d retired on node %s", epoch, config.province)
+
+
 def create_server(
     node: Node,
     listen: str | None = None,
