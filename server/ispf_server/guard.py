@@ -57,7 +57,10 @@ def abort_with(context: grpc.ServicerContext, err: IspfError) -> NoReturn:
 
 def _internal(context: grpc.ServicerContext, method: str) -> None:
     if cast(Any, context).code() not in (None, grpc.StatusCode.OK):
-        raise
+        raise  # the handler aborted on purpose: keep its status
+    if not context.is_active():
+        log.info("%s: the caller went away (cancelled, deadline or connection lost)", method)
+        return
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, "internal error (see the node log)")
 

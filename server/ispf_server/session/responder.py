@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import grpc
+
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import (
     IspfError,
@@ -440,8 +442,9 @@ class _Step:
         self.s.busy.discard(self.step)
         self.s.last_used = time.monotonic()
         if ev is not None:
-            if isinstance(ev, GeneratorExit):
-                msg = "the peer cancelled the stream"
+            if isinstance(ev, (GeneratorExit, grpc.RpcError)):
+                # The stream was closed under us: cancelled, deadline, or connection lost.
+                msg = "the peer cancelled the stream or the connection broke"
             else:
                 msg = getattr(ev, "message", None) or "internal error (see the node log)"
             self.owner._fail(self.s, f"{self.step}: {msg}")
