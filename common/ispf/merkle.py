@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import grpc
+
 from ispf.errors import IspfError
 
 HASH_BYTES = 32
@@ -19,7 +21,9 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
 class ProofError(IspfError):
-    """A Merkle proof does not verify."""
+    """A Merkle proof does not verify, or cannot be made for the sizes asked."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def leaf_hash(entry: bytes) -> bytes:

@@ -20,12 +20,18 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.Checkpoint:
         return audit_pb2.Checkpoint(note=self.audit.latest())
 
+    def _size(self) -> int:
+        return self.audit.size()
+
     def GetEntries(
         self, request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
     ) -> audit_pb2.GetEntriesResponse:
         if request.end < request.start:
             raise InvalidInput("end must not be before start")
-        end = min(request.end, request.start + MAX_ENTRIES)
+        size = len(self.audit.store.log_entries())  # entries may run ahead of a checkpoint
+        if request.start > size:
+            raise InvalidInput(f"start {request.start} is beyond the log's {size} entries")
+        end = min(request.end, request.start + MAX_ENTRIES, size)
         return audit_pb2.GetEntriesResponse(
             entries=self.audit.store.log_entries(request.start, end)
         )
@@ -33,11 +39,23 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def GetInclusionProof(
         self, request: audit_pb2.GetInclusionProofRequest, context: grpc.ServicerContext
     ) -> audit_pb2.Proof:
+        size = self._size()
+        if not request.index < request.tree_size <= size:
+            raise InvalidInput(
+                f"need index < tree_size <= {size} (the latest checkpoint's size); got "
+                f"index {request.index}, tree_size {request.tree_size}"
+            )
         return audit_pb2.Proof(hashes=self.audit.inclusion(request.index, request.tree_size))
 
     def GetConsistencyProof(
         self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.ServicerContext
     ) -> audit_pb2.Proof:
+        size = self._size()
+        if not request.first <= request.second <= size:
+            raise InvalidInput(
+                f"need first <= second <= {size} (the latest checkpoint's size); got "
+                f"{request.first} and {request.second}"
+            )
         return audit_pb2.Proof(hashes=self.audit.consistency(request.first, request.second))
 
     def FindSession(
