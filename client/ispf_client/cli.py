@@ -37,6 +37,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
 def _profile(args: argparse.Namespace) -> ClientProfile:
     path = args.profile or os.environ.get("ISPF_PROFILE")
     if not path:
@@ -279,7 +283,7 @@ def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
     except AuditFailure as exc:
         Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
         return EXIT_FAILED
-    con.print(f"{rep.paired} sessions logged identically by both provinces", markup=False)
+    con.print(f"{_n(rep.paired, 'session')} logged identically by both provinces", markup=False)
     for line in rep.failed:
         con.print(f"  failed session, logged as failed: {line}", markup=False)
     for line in rep.one_sided:
