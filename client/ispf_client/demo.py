@@ -15,9 +15,11 @@ import os
 import tempfile
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
@@ -99,7 +101,9 @@ def run_demo(
     console: Console | None = None,
     workdir: Path | None = None,
     serve: bool = False,
+    interceptors: Sequence[Any] = (),
 ) -> DemoResult:
+    """Run the demo; `interceptors` are added to every node's server (tests record traffic)."""
     con = console or Console()
     result = DemoResult(ok=True)
     digits = frozenset(DEFAULT_PROVINCE_DIGITS | {KNOWN_PROVINCES.get(p, "3") for p in provinces})
@@ -119,7 +123,7 @@ def run_demo(
             for p in provinces:
                 paths[p].write_text(fed.csv_text(p), encoding="utf-8")
         out.mkdir(parents=True, exist_ok=True)
-        with LocalFederation(layout, provinces, digits, workers) as fedn:
+        with LocalFederation(layout, provinces, digits, workers, interceptors) as fedn:
             con.print(
                 "[bold]Federation up:[/] "
                 + ", ".join(f"{p} ({fedn.address(p)})" for p in provinces)
@@ -144,7 +148,12 @@ class LocalFederation:
     """Province nodes in this process, each on its own 127.0.0.1 port, one blinding pool."""
 
     def __init__(
-        self, layout: ForumLayout, provinces: list[str], digits: frozenset[str], workers: int
+        self,
+        layout: ForumLayout,
+        provinces: list[str],
+        digits: frozenset[str],
+        workers: int,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         from ispf_server.config import load_config
         from ispf_server.node import Node, create_server
@@ -161,7 +170,9 @@ class LocalFederation:
                 cfg = load_config(layout.node_dir(p) / "node.toml")
                 node = Node(replace(cfg, province_digits=digits), pool=self.pool)
                 self.nodes[p] = node
-                self.servers[p], self.ports[p] = create_server(node, "127.0.0.1:0")
+                self.servers[p], self.ports[p] = create_server(
+                    node, "127.0.0.1:0", interceptors=interceptors
+                )
                 self.servers[p].start()
             addresses = {p: self.address(p) for p in provinces}
             for p, node in self.nodes.items():

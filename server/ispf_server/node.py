@@ -218,6 +218,8 @@ def retire_epoch(config: NodeConfig, epoch: int) -> None:
     SaltRing(config.salt_dir).retire(epoch, current=config.current_epoch)
     store = Store(config.store)
     try:
+        erased = store.destroy_epoch_tags(epoch)
+        log.info("epoch %d: %d stored match tags erased", epoch, erased)
         audit = AuditLog(store, load_log_signer(config.log_key), config.province, {})
         audit.record_epoch_retired(epoch)
     finally:

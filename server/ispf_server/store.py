@@ -407,6 +407,18 @@ class Store:
             ).fetchone()
         return SessionRow(*row) if row else None
 
+    def destroy_epoch_tags(self, epoch: int) -> int:
+        """Erase the match tags of every session of an epoch (at its retirement)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE matches SET tag=x'' WHERE length(tag) > 0 AND session_id IN "
+                "(SELECT session_id FROM sessions WHERE epoch=?)",
+                (epoch,),
+            )
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            return cur.rowcount
+
     def meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

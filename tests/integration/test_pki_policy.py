@@ -14,7 +14,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ispf.auditlog import decode_entry
-from ispf.errors import KeyFileError, PolicyRefused
+from ispf.errors import KeyFileError, PolicyRefused, UnknownSession
 from ispf.identity import node_hostname
 from ispf.v1 import (
     audit_pb2,
@@ -220,6 +220,13 @@ def test_epoch_roll_over_and_retirement(federation: Federation) -> None:
         cfg = lay.node_dir(p) / "node.toml"
         cfg.write_text(cfg.read_text().replace("current_epoch = 1", "current_epoch = 2"))
     salt1 = (lay.salt_dir / "epoch-1.salt").read_text().strip()
+    tags_before = [
+        m.tag
+        for s in federation.nodes["sindh"].store.sessions()
+        if s.epoch == 1
+        for m in federation.nodes["sindh"].store.matches(s.session_id)
+    ]
+    assert tags_before
     from ispf_server.__main__ import main as node_main
 
     assert (
@@ -258,6 +265,15 @@ def test_epoch_roll_over_and_retirement(federation: Federation) -> None:
     # The salt is gone from the node: not in its store, not in its folder.
     store_bytes = b"".join(f.read_bytes() for f in lay.node_dir("sindh").glob("node.sqlite*"))
     assert bytes.fromhex(salt1) not in store_bytes and salt1.encode() not in store_bytes
+    # ... and so are its sessions' match tags (the scalars were never stored).
+    sindh = federation.nodes["sindh"].store
+    epoch1 = [s.session_id for s in sindh.sessions() if s.epoch == 1 and s.match_count]
+    assert epoch1 and all(m.tag == b"" for sid in epoch1 for m in sindh.matches(sid))
+    assert all(t not in store_bytes for t in tags_before)
+    with pytest.raises(UnknownSession, match="destroyed when its epoch was retired"):
+        federation.client("sindh").receipt(
+            epoch1[0], next(iter(sindh.matches(epoch1[0]))).record_id
+        )
     logged = [decode_entry(e) for e in federation.nodes["sindh"].store.log_entries()]
     assert [e["type"] for e in logged[-2:]] == ["epoch", "refusal"]
     assert {"type": "epoch", "epoch": 1, "event": "retired"}.items() <= logged[-2].items()

@@ -152,6 +152,11 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
             raise UnknownSession("no match of that record in that session on this node")
         tags = sorted(set(store.matched_tags(request.session_id)))
         tag = rows[0].tag
+        if not tag:
+            raise UnknownSession(
+                "this session's match tags were destroyed when its epoch was retired: "
+                "no receipt can be made"
+            )
         index = tags.index(tag)
         entry_index = store.log_index(request.session_id)
         if entry_index is None:
