@@ -273,7 +273,7 @@ def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
         lines += [
             "",
             f"[peers.{peer}]",
-            'purposes = ["reconciliation", "statistics"]',
+            'purposes = ["reconciliation", "statistics", "online-check"]',
             "collections = []            # own programmes it may match against; [] = all",
             'disclose = ["*"]            # labels it may learn: "PROGRAMME/status", * wildcards',
             "count_only = false",

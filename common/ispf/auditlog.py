@@ -15,10 +15,14 @@ Entry types (``"v": 1``):
   responder_values, initiator_groups, responder_groups, match_count,
   result_digest (base64 Merkle root over the sorted matched tags; empty in
   count-only mode), time (UTC, ISO 8601), peer_checkpoint (``{"size", "root"}``
-  of the latest checkpoint this node had verified from the peer, or null);
+  of the latest checkpoint this node had verified from the peer, or null), sync
+  (``none`` for a one-off session, ``full`` or ``incremental``), initiator_removed
+  and responder_removed (values taken out of the pair state; incremental runs);
 * ``refusal``: session_id, recorder, peer, purpose, epoch, reason_code, time;
 * ``policy``: recorder, version, sha256 (of the policy file that took effect), time;
-* ``epoch``: recorder, epoch, event (``retired``), time.
+* ``epoch``: recorder, epoch, event (``retired``), time;
+* ``probes`` / ``checks``: recorder, peer, values (IDs probed), matched, refused,
+  since, until: online-check probes answered for a peer, or sent to it, in a batch.
 
 A checkpoint is a C2SP signed note whose text is
 ``<origin>\\n<size>\\n<base64 root>\\n`` with origin ``ispf-match/<province>``.
@@ -39,7 +43,7 @@ from ispf.errors import IspfError
 
 ORIGIN_PREFIX = "ispf-match/"
 ENTRY_VERSION = 1
-ENTRY_TYPES = frozenset({"session", "refusal", "policy", "epoch"})
+ENTRY_TYPES = frozenset({"session", "refusal", "policy", "epoch", "probes", "checks"})
 _DIGIT_RUN = re.compile(r"\d{13,}")
 # Fields both sides of a session must log identically (match_count: mutual only).
 PAIRED_FIELDS = (
@@ -56,6 +60,9 @@ PAIRED_FIELDS = (
     "initiator_groups",
     "responder_groups",
     "result_digest",
+    "sync",
+    "initiator_removed",
+    "responder_removed",
 )
 
 

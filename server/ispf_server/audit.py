@@ -107,6 +107,9 @@ class AuditLog:
         match_count: int | None = None,
         result_digest: bytes = b"",
         reason: str | None = None,
+        sync: str = "none",
+        initiator_removed: int = 0,
+        responder_removed: int = 0,
     ) -> bytes:
         peer = responder if initiator == self.province else initiator
         fields: dict[str, Any] = {
@@ -129,6 +132,9 @@ class AuditLog:
             "result_digest": b64(result_digest),
             "time": utcnow(),
             "peer_checkpoint": self.peer_checkpoint(peer),
+            "sync": sync,
+            "initiator_removed": initiator_removed,
+            "responder_removed": responder_removed,
         }
         if reason is not None:
             fields["reason"] = _printable(reason)
@@ -156,7 +162,33 @@ class AuditLog:
 
     def record_policy(self, *, version: int, sha256: str) -> None:
         """Log that a policy file (by its hash) took effect."""
-        self._record("policy", f"policy-{version}", version=version, sha256=sha256)
+        # Binary values go in entries as base64 (hex could read as a run of digits).
+        self._record(
+            "policy", f"policy-{version}", version=version, sha256=b64(bytes.fromhex(sha256))
+        )
+
+    def record_probes(
+        self,
+        *,
+        kind: str,
+        peer: str,
+        values: int,
+        matched: int,
+        refused: int,
+        since: str,
+        until: str,
+    ) -> None:
+        """A batch of online-check probes answered (kind "probes") or sent ("checks")."""
+        self._record(
+            kind,
+            f"{kind}-{peer}",
+            peer=peer,
+            values=values,
+            matched=matched,
+            refused=refused,
+            since=since,
+            until=until,
+        )
 
     def record_epoch_retired(self, epoch: int) -> None:
         self._record("epoch", f"epoch-{epoch}", epoch=epoch, event="retired")

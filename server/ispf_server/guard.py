@@ -32,6 +32,7 @@ ACCESS: dict[str, frozenset[str]] = {
     "ispf.v1.PeerService": frozenset({ROLE_NODE}),
     "ispf.v1.RegistryService": frozenset({ROLE_INTERNAL}),
     "ispf.v1.ReconciliationService": frozenset({ROLE_INTERNAL}),
+    "ispf.v1.CheckService": frozenset({ROLE_INTERNAL}),
     "ispf.v1.AuditService": frozenset({ROLE_AUDIT, ROLE_INTERNAL}),
     "grpc.health.v1.Health": ANY_ROLE,
     "grpc.reflection.v1alpha.ServerReflection": ANY_ROLE,

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ispf.errors import ConfigError, PolicyRefused, UnknownEpoch, UnknownPeer
+from ispf.errors import ConfigError, PolicyRefused, PreconditionFailed, UnknownEpoch, UnknownPeer
 from ispf.keys import ForumSalt
 from ispf.v1 import (
     audit_pb2,
@@ -29,10 +29,15 @@ from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
 from ispf_server.policy import Policy, PolicyFile
 from ispf_server.pool import BlindingPool
+from ispf_server.probes import Checker, ProbeAnswerer
 from ispf_server.revocation import RevocationList
 from ispf_server.salts import SaltRing
 from ispf_server.services.audit import AuditServicer
-from ispf_server.services.internal import ReconciliationServicer, RegistryServicer
+from ispf_server.services.internal import (
+    CheckServicer,
+    ReconciliationServicer,
+    RegistryServicer,
+)
 from ispf_server.services.peer import PeerServicer
 from ispf_server.session.initiator import Deadlines, Initiator, SessionRequest
 from ispf_server.session.plan import eligible_records
@@ -69,6 +74,7 @@ class Node:
         self.board = ProgressBoard()
         self.peer_addresses = {name: p.address for name, p in config.peers.items()}
         self._channels: dict[str, tuple[int, grpc.Channel]] = {}
+        self._pair_locks: dict[str, threading.Lock] = {}
         self._retired_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -82,6 +88,23 @@ class Node:
             chunk_values=config.chunk_values,
             idle_timeout=config.session_idle_timeout,
             audit=self.audit,
+            pair_lock=self.pair_lock,
+        )
+        self.probes = ProbeAnswerer(
+            store=self.store,
+            policy=self.policy.current,
+            audit=self.audit,
+            sync_with=self.sync_with,
+        )
+        self.checker = Checker(
+            province=self.province,
+            store=self.store,
+            policy=self.policy.current,
+            audit=self.audit,
+            peers=lambda: sorted(self.peer_addresses),
+            stub_for=self.peer_stub,
+            salt=lambda: self.current_salt,
+            province_digits=config.province_digits,
         )
         self._fail_interrupted()
         log.info(
@@ -150,6 +173,26 @@ class Node:
                 self._channels[peer] = (material.serial, ch)
         return peer_pb2_grpc.PeerServiceStub(ch)
 
+    def pair_lock(self, peer: str) -> threading.Lock:
+        """One session at a time per pair, whichever side started it (sync state)."""
+        with self._lock:
+            return self._pair_locks.setdefault(peer, threading.Lock())
+
+    def sync_with(self, peer: str) -> None:
+        """Run a sync session with the peer in this thread (to freshen the check index)."""
+        initiator = self._initiator(
+            peer=peer,
+            purpose="reconciliation",
+            mode=common_pb2.MODE_MUTUAL,
+            collections=frozenset(),
+            peer_collections=frozenset(),
+            full=False,
+        )
+        initiator.run()
+        snap = initiator.progress.snapshot()
+        if snap.state != "COMPLETED":
+            raise PreconditionFailed(f"sync with {peer} failed: {snap.error}")
+
     def start_session(
         self,
         *,
@@ -158,7 +201,33 @@ class Node:
         mode: int,
         collections: frozenset[str],
         peer_collections: frozenset[str],
+        full: bool = False,
     ) -> Snapshot:
+        initiator = self._initiator(
+            peer=peer,
+            purpose=purpose,
+            mode=mode,
+            collections=collections,
+            peer_collections=peer_collections,
+            full=full,
+        )
+        sid = initiator.req.session_id
+        t = threading.Thread(target=initiator.run, name=f"session-{sid[:8]}", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+        return initiator.progress.snapshot()
+
+    def _initiator(
+        self,
+        *,
+        peer: str,
+        purpose: str,
+        mode: int,
+        collections: frozenset[str],
+        peer_collections: frozenset[str],
+        full: bool,
+    ) -> Initiator:
         if peer == self.province:
             raise PolicyRefused("a node cannot reconcile with itself")
         stub = self.peer_stub(peer)
@@ -179,9 +248,12 @@ class Node:
                 epoch=salt.epoch,
             )
         )
-        initiator = Initiator(
+        # Mutual runs over everything the policy allows keep state, for incremental runs
+        # and online checks; filtered or count-only runs are one-offs with fresh keys.
+        sync = not count_only and not collections and not peer_collections
+        return Initiator(
             province=self.province,
-            request=SessionRequest(sid, peer, purpose, mode, peer_collections),
+            request=SessionRequest(sid, peer, purpose, mode, peer_collections, sync, full),
             records=records,
             stub=stub,
             store=self.store,
@@ -192,14 +264,12 @@ class Node:
             max_set_size=pp.max_set_size,
             deadlines=Deadlines(self.config.call_deadline, self.config.session_deadline),
             audit=self.audit,
+            pair_lock=self.pair_lock(peer) if sync else None,
         )
-        t = threading.Thread(target=initiator.run, name=f"session-{sid[:8]}", daemon=True)
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
-        return progress.snapshot()
 
     def close(self) -> None:
+        self.checker.close()
+        self.probes.log.flush()
         with self._lock:
             threads = list(self._threads)
         for t in threads:
@@ -218,8 +288,8 @@ def retire_epoch(config: NodeConfig, epoch: int) -> None:
     SaltRing(config.salt_dir).retire(epoch, current=config.current_epoch)
     store = Store(config.store)
     try:
-        erased = store.destroy_epoch_tags(epoch)
-        log.info("epoch %d: %d stored match tags erased", epoch, erased)
+        erased = store.destroy_epoch(epoch)
+        log.info("epoch %d: pair keys and tag state destroyed, %d match tags erased", epoch, erased)
         audit = AuditLog(store, load_log_signer(config.log_key), config.province, {})
         audit.record_epoch_retired(epoch)
     finally:
@@ -246,7 +316,10 @@ def create_server(
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ],
     )
-    peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(node.responder), server)
+    peer_pb2_grpc.add_PeerServiceServicer_to_server(
+        PeerServicer(node.responder, node.probes), server
+    )
+    internal_pb2_grpc.add_CheckServiceServicer_to_server(CheckServicer(node.checker), server)
     internal_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(node), server)
     internal_pb2_grpc.add_ReconciliationServiceServicer_to_server(
         ReconciliationServicer(node), server
@@ -258,6 +331,7 @@ def create_server(
         peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
+        internal_pb2.DESCRIPTOR.services_by_name["CheckService"].full_name,
         audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     ]
     for name in [*names, ""]:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ispf.keys import BlindingKey
 from ispf.records import Label
+from ispf_server import pairstate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -42,7 +44,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     result_digest   BLOB,
     error           TEXT NOT NULL DEFAULT '',
     started_at      TEXT NOT NULL,
-    finished_at     TEXT NOT NULL DEFAULT ''
+    finished_at     TEXT NOT NULL DEFAULT '',
+    sync            TEXT NOT NULL DEFAULT '',
+    own_removed     INTEGER NOT NULL DEFAULT 0,
+    peer_removed    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS matches (
     session_id     TEXT NOT NULL REFERENCES sessions(session_id),
@@ -130,6 +135,9 @@ class SessionRow:
     error: str
     started_at: str
     finished_at: str
+    sync: str = ""
+    own_removed: int = 0
+    peer_removed: int = 0
 
 
 class Store:
@@ -142,6 +150,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._db.executescript(pairstate.SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -177,6 +186,8 @@ class Store:
                         upd += 1
                     else:
                         same += 1
+                if ins or upd:
+                    self._bump_version(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -194,6 +205,8 @@ class Store:
                         deleted += 1
                     else:
                         missing.append(rid)
+                if deleted:
+                    self._bump_version(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -245,6 +258,10 @@ class Store:
         result_digest: bytes,
         matches: list[MatchRow],
         entry: bytes,
+        pair_delta: tuple[str, int, pairstate.PairDelta] | None = None,
+        sync: str = "",
+        own_removed: int = 0,
+        peer_removed: int = 0,
     ) -> int:
         """Store the results, mark the session COMPLETED and append its audit entry,
         all in one transaction; returns the entry's index in the log."""
@@ -271,7 +288,7 @@ class Store:
                 cur.execute(
                     "UPDATE sessions SET state='COMPLETED', own_records=?, own_values=?, "
                     "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
-                    "finished_at=? WHERE session_id=?",
+                    "finished_at=?, sync=?, own_removed=?, peer_removed=? WHERE session_id=?",
                     (
                         own_records,
                         own_values,
@@ -280,9 +297,14 @@ class Store:
                         matched_records,
                         result_digest,
                         utcnow(),
+                        sync,
+                        own_removed,
+                        peer_removed,
                         session_id,
                     ),
                 )
+                if pair_delta is not None:
+                    pairstate.apply_delta(cur, *pair_delta)
                 idx = self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
             except BaseException:
@@ -407,17 +429,81 @@ class Store:
             ).fetchone()
         return SessionRow(*row) if row else None
 
-    def destroy_epoch_tags(self, epoch: int) -> int:
-        """Erase the match tags of every session of an epoch (at its retirement)."""
+    def destroy_epoch(self, epoch: int) -> int:
+        """At an epoch's retirement: erase its pair keys, tag state and sessions' match tags.
+
+        Returns how many match tags were erased. The file is vacuumed so the
+        bytes do not linger in free pages.
+        """
         with self._lock:
-            cur = self._db.execute(
-                "UPDATE matches SET tag=x'' WHERE length(tag) > 0 AND session_id IN "
-                "(SELECT session_id FROM sessions WHERE epoch=?)",
-                (epoch,),
-            )
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                erased = cur.execute(
+                    "UPDATE matches SET tag=x'' WHERE length(tag) > 0 AND session_id IN "
+                    "(SELECT session_id FROM sessions WHERE epoch=?)",
+                    (epoch,),
+                ).rowcount
+                for table in ("pair_keys", "own_tags", "peer_tags", "pair_sync"):
+                    cur.execute(f"DELETE FROM {table} WHERE epoch=?", (epoch,))  # noqa: S608
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.execute("VACUUM")
-            return cur.rowcount
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return erased
+
+    # -- pair state (incremental reconciliation, online checks) --------------
+
+    def _bump_version(self, cur: sqlite3.Cursor) -> None:
+        cur.execute(
+            "INSERT INTO meta VALUES ('registry_version', '1') ON CONFLICT(key) DO UPDATE "
+            "SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    def registry_version(self) -> int:
+        return int(self.meta("registry_version") or 0)
+
+    def pair_key(self, peer: str, epoch: int) -> BlindingKey:
+        with self._lock:
+            return pairstate.pair_key(self._db, peer, epoch, utcnow())
+
+    def pair_version(self, peer: str, epoch: int) -> int | None:
+        """The registry version the own tags for this peer reflect; None: no state."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version FROM pair_sync WHERE peer=? AND epoch=?", (peer, epoch)
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def own_tags(self, peer: str, epoch: int) -> dict[str, pairstate.OwnTag]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT nid, labels, tag FROM own_tags WHERE peer=? AND epoch=?", (peer, epoch)
+            ).fetchall()
+        return {n: pairstate.OwnTag(lb, bytes(t)) for n, lb, t in rows}
+
+    def peer_tags(self, peer: str, epoch: int) -> dict[bytes, str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tag, labels FROM peer_tags WHERE peer=? AND epoch=?", (peer, epoch)
+            ).fetchall()
+        return {bytes(t): lb for t, lb in rows}
+
+    def lookup_own_tags(self, peer: str, epoch: int, tags: list[bytes]) -> dict[bytes, str]:
+        """Labels of this node's IDs whose tag for `peer` is among `tags` (online checks)."""
+        found: dict[bytes, str] = {}
+        with self._lock:
+            for t in tags:
+                row = self._db.execute(
+                    "SELECT labels FROM own_tags WHERE peer=? AND epoch=? AND tag=?",
+                    (peer, epoch, t),
+                ).fetchone()
+                if row:
+                    found[t] = str(row[0])
+        return found
 
     def meta(self, key: str) -> str | None:
         with self._lock:

@@ -84,10 +84,17 @@ def test_reverse_direction_gives_the_same_result(federation: Federation) -> None
     two = federation.reconcile("sindh", "punjab")
     assert one.state == two.state == COMPLETED
     assert one.match_count == two.match_count
-    assert one.result_digest != two.result_digest  # fresh scalars: tags differ per session
+    # The pair's keys are fixed per epoch: same tags both ways, nothing left to send.
+    assert (one.sync, two.sync) == ("full", "incremental")
+    assert two.own_values == two.peer_values == 0
+    assert one.result_digest == two.result_digest
     assert matches(federation, "punjab", one.session_id) == matches(
         federation, "punjab", two.session_id
     )
+    # A one-off session (filtered) uses fresh keys: other tags, same matches.
+    three = federation.reconcile("punjab", "sindh", collections=["BISP-KAFAALAT", "PSER", "SEHAT"])
+    assert three.sync == "" and three.match_count == one.match_count
+    assert three.result_digest != one.result_digest
 
 
 def test_count_only_gives_the_count_to_the_initiator_and_nothing_to_the_responder(

@@ -23,6 +23,35 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ProvinceStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProvinceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProvinceStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROVINCE_STATUS_UNSPECIFIED: _ProvinceStatus.ValueType  # 0
+    PROVINCE_STATUS_MATCH: _ProvinceStatus.ValueType  # 1
+    PROVINCE_STATUS_NO_MATCH: _ProvinceStatus.ValueType  # 2
+    PROVINCE_STATUS_UNAVAILABLE: _ProvinceStatus.ValueType  # 3
+    PROVINCE_STATUS_NOT_AUTHORISED: _ProvinceStatus.ValueType  # 4
+    PROVINCE_STATUS_RATE_LIMITED: _ProvinceStatus.ValueType  # 5
+    PROVINCE_STATUS_NOT_SYNCED: _ProvinceStatus.ValueType  # 6
+    """No reconciliation with that province in the current epoch yet: run one first."""
+    PROVINCE_STATUS_ERROR: _ProvinceStatus.ValueType  # 7
+
+class ProvinceStatus(_ProvinceStatus, metaclass=_ProvinceStatusEnumTypeWrapper): ...
+
+PROVINCE_STATUS_UNSPECIFIED: ProvinceStatus.ValueType  # 0
+PROVINCE_STATUS_MATCH: ProvinceStatus.ValueType  # 1
+PROVINCE_STATUS_NO_MATCH: ProvinceStatus.ValueType  # 2
+PROVINCE_STATUS_UNAVAILABLE: ProvinceStatus.ValueType  # 3
+PROVINCE_STATUS_NOT_AUTHORISED: ProvinceStatus.ValueType  # 4
+PROVINCE_STATUS_RATE_LIMITED: ProvinceStatus.ValueType  # 5
+PROVINCE_STATUS_NOT_SYNCED: ProvinceStatus.ValueType  # 6
+"""No reconciliation with that province in the current epoch yet: run one first."""
+PROVINCE_STATUS_ERROR: ProvinceStatus.ValueType  # 7
+Global___ProvinceStatus: _TypeAlias = ProvinceStatus  # noqa: Y015
+
 class _SessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -41,6 +70,120 @@ SESSION_STATE_RUNNING: SessionState.ValueType  # 1
 SESSION_STATE_COMPLETED: SessionState.ValueType  # 2
 SESSION_STATE_FAILED: SessionState.ValueType  # 3
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
+@_typing.final
+class CheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NIDS_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    PROVINCES_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    purpose: _builtins.str
+    deadline_ms: _builtins.int
+    """How long to wait for the slowest province, in milliseconds (default 2000)."""
+    @_builtins.property
+    def nids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One ID or a small batch (at most 1000)."""
+
+    @_builtins.property
+    def provinces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Provinces to ask; empty means every authorised peer."""
+
+    def __init__(
+        self,
+        *,
+        nids: _abc.Iterable[_builtins.str] | None = ...,
+        purpose: _builtins.str = ...,
+        provinces: _abc.Iterable[_builtins.str] | None = ...,
+        deadline_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "nids", b"nids", "provinces", b"provinces", "purpose", b"purpose"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckRequest: _TypeAlias = CheckRequest  # noqa: Y015
+
+@_typing.final
+class ProvinceAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVINCE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    province: _builtins.str
+    status: Global___ProvinceStatus.ValueType
+    detail: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]:
+        """Matched programmes and statuses (MATCH only)."""
+
+    def __init__(
+        self,
+        *,
+        province: _builtins.str = ...,
+        status: Global___ProvinceStatus.ValueType = ...,
+        labels: _abc.Iterable[_common_pb2.Label] | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "labels", b"labels", "province", b"province", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProvinceAnswer: _TypeAlias = ProvinceAnswer  # noqa: Y015
+
+@_typing.final
+class CheckResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    PROVINCES_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """1-based position of the ID in the request."""
+    error: _builtins.str
+    """Set if the ID is not a valid identity number (then no province was asked)."""
+    @_builtins.property
+    def provinces(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProvinceAnswer]: ...
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        error: _builtins.str = ...,
+        provinces: _abc.Iterable[Global___ProvinceAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "position", b"position", "provinces", b"provinces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckResult: _TypeAlias = CheckResult  # noqa: Y015
+
+@_typing.final
+class CheckResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CheckResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckResponse: _TypeAlias = CheckResponse  # noqa: Y015
 
 @_typing.final
 class Record(_message.Message):
@@ -275,9 +418,12 @@ class StartReconciliationRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     COLLECTIONS_FIELD_NUMBER: _builtins.int
     PEER_COLLECTIONS_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     purpose: _builtins.str
     mode: _common_pb2.Mode.ValueType
+    full: _builtins.bool
+    """Force a full run even if an incremental one is possible."""
     @_builtins.property
     def collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Own collections (programmes) taking part; empty means all."""
@@ -294,10 +440,11 @@ class StartReconciliationRequest(_message.Message):
         mode: _common_pb2.Mode.ValueType = ...,
         collections: _abc.Iterable[_builtins.str] | None = ...,
         peer_collections: _abc.Iterable[_builtins.str] | None = ...,
+        full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collections", b"collections", "mode", b"mode", "peer", b"peer", "peer_collections", b"peer_collections", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collections", b"collections", "full", b"full", "mode", b"mode", "peer", b"peer", "peer_collections", b"peer_collections", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,6 +476,9 @@ class SessionStatus(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     OWN_RECORDS_FIELD_NUMBER: _builtins.int
+    SYNC_FIELD_NUMBER: _builtins.int
+    OWN_REMOVED_FIELD_NUMBER: _builtins.int
+    PEER_REMOVED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     peer: _builtins.str
     role: _builtins.str
@@ -353,6 +503,11 @@ class SessionStatus(_message.Message):
     finished_at: _builtins.str
     epoch: _builtins.int
     own_records: _builtins.int
+    sync: _builtins.str
+    """"full", "incremental", or "" (a one-off session with fresh keys)."""
+    own_removed: _builtins.int
+    """Values removed from the pair state in this session (incremental runs)."""
+    peer_removed: _builtins.int
     def __init__(
         self,
         *,
@@ -378,10 +533,13 @@ class SessionStatus(_message.Message):
         finished_at: _builtins.str = ...,
         epoch: _builtins.int = ...,
         own_records: _builtins.int = ...,
+        sync: _builtins.str = ...,
+        own_removed: _builtins.int = ...,
+        peer_removed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blinded", b"blinded", "epoch", b"epoch", "error", b"error", "finished_at", b"finished_at", "match_count", b"match_count", "matched_records", b"matched_records", "mode", b"mode", "own_records", b"own_records", "own_values", b"own_values", "peer", b"peer", "peer_values", b"peer_values", "phase", b"phase", "purpose", b"purpose", "received", b"received", "result_digest", b"result_digest", "role", b"role", "sent", b"sent", "session_id", b"session_id", "started_at", b"started_at", "state", b"state", "work_done", b"work_done", "work_total", b"work_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blinded", b"blinded", "epoch", b"epoch", "error", b"error", "finished_at", b"finished_at", "match_count", b"match_count", "matched_records", b"matched_records", "mode", b"mode", "own_records", b"own_records", "own_removed", b"own_removed", "own_values", b"own_values", "peer", b"peer", "peer_removed", b"peer_removed", "peer_values", b"peer_values", "phase", b"phase", "purpose", b"purpose", "received", b"received", "result_digest", b"result_digest", "role", b"role", "sent", b"sent", "session_id", b"session_id", "started_at", b"started_at", "state", b"state", "sync", b"sync", "work_done", b"work_done", "work_total", b"work_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

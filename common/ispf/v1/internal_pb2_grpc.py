@@ -515,3 +515,78 @@ class ReconciliationService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CheckServiceStub:
+    """Online checks: is this applicant enrolled or eligible in another province?
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Check = channel.unary_unary(
+                '/ispf.v1.CheckService/Check',
+                request_serializer=ispf_dot_v1_dot_internal__pb2.CheckRequest.SerializeToString,
+                response_deserializer=ispf_dot_v1_dot_internal__pb2.CheckResponse.FromString,
+                _registered_method=True)
+
+
+class CheckServiceServicer:
+    """Online checks: is this applicant enrolled or eligible in another province?
+    """
+
+    def Check(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CheckServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=ispf_dot_v1_dot_internal__pb2.CheckRequest.FromString,
+                    response_serializer=ispf_dot_v1_dot_internal__pb2.CheckResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ispf.v1.CheckService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ispf.v1.CheckService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CheckService:
+    """Online checks: is this applicant enrolled or eligible in another province?
+    """
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ispf.v1.CheckService/Check',
+            ispf_dot_v1_dot_internal__pb2.CheckRequest.SerializeToString,
+            ispf_dot_v1_dot_internal__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

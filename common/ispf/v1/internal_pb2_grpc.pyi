@@ -159,3 +159,31 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         """A match receipt for one record of one session, for a grievance."""
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CheckServiceStub:
+    """Online checks: is this applicant enrolled or eligible in another province?"""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CheckServiceAsyncStub: ...
+    Check: _grpc.UnaryUnaryMultiCallable[_internal_pb2.CheckRequest, _internal_pb2.CheckResponse]
+
+@_typing.type_check_only
+class CheckServiceAsyncStub(CheckServiceStub):
+    """Online checks: is this applicant enrolled or eligible in another province?"""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Check: _aio.UnaryUnaryMultiCallable[_internal_pb2.CheckRequest, _internal_pb2.CheckResponse]  # type: ignore[assignment]
+
+class CheckServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Online checks: is this applicant enrolled or eligible in another province?"""
+
+    @_abc_1.abstractmethod
+    def Check(
+        self,
+        request: _internal_pb2.CheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.CheckResponse, _abc.Awaitable[_internal_pb2.CheckResponse]]: ...
+
+def add_CheckServiceServicer_to_server(servicer: CheckServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

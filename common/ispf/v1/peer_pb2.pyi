@@ -47,6 +47,10 @@ class HandshakeRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     RESPONDER_COLLECTIONS_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
+    SYNC_FIELD_NUMBER: _builtins.int
+    INCREMENTAL_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
@@ -56,6 +60,16 @@ class HandshakeRequest(_message.Message):
     """
     purpose: _builtins.str
     mode: _common_pb2.Mode.ValueType
+    sync: _builtins.bool
+    """Sync sessions use the pair's fixed keys and keep tag state for incremental runs."""
+    incremental: _builtins.bool
+    """Incremental: only what changed is sent (groups hold added IDs). Else full."""
+    removed: _builtins.bytes
+    """Incremental: 16-byte tags of the initiator's IDs removed (or relabelled) since."""
+    state: _builtins.bytes
+    """Incremental: the state the initiator builds on: fingerprint of its own tag set
+    and of the responder's tag set as it holds it (32 bytes each).
+    """
     @_builtins.property
     def responder_collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Responder collections (programmes) the initiator asks to match against;
@@ -77,10 +91,14 @@ class HandshakeRequest(_message.Message):
         mode: _common_pb2.Mode.ValueType = ...,
         responder_collections: _abc.Iterable[_builtins.str] | None = ...,
         groups: _abc.Iterable[_common_pb2.LabelGroup] | None = ...,
+        sync: _builtins.bool = ...,
+        incremental: _builtins.bool = ...,
+        removed: _builtins.bytes = ...,
+        state: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "responder_collections", b"responder_collections", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,9 +111,12 @@ class HandshakeResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_VALUES_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_chunk_values: _builtins.int
     """Largest number of values the responder accepts in one chunk."""
+    removed: _builtins.bytes
+    """Incremental: 16-byte tags of the responder's IDs removed (or relabelled) since."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelGroup]:
         """The responder's groups. In count-only mode, one group without labels."""
@@ -106,10 +127,11 @@ class HandshakeResponse(_message.Message):
         session_id: _builtins.str = ...,
         groups: _abc.Iterable[_common_pb2.LabelGroup] | None = ...,
         max_chunk_values: _builtins.int = ...,
+        removed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "max_chunk_values", b"max_chunk_values", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "max_chunk_values", b"max_chunk_values", "removed", b"removed", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,6 +212,7 @@ class ConcludeRequest(_message.Message):
     MATCH_COUNT_FIELD_NUMBER: _builtins.int
     RESULT_DIGEST_FIELD_NUMBER: _builtins.int
     WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     match_count: _builtins.int
     result_digest: _builtins.bytes
@@ -198,6 +221,10 @@ class ConcludeRequest(_message.Message):
     """Size of the responder's log in the last checkpoint the initiator verified
     (0 if none): the responder proves its new checkpoint consistent with it.
     """
+    state: _builtins.bytes
+    """Sync sessions: fingerprints of the initiator's and the responder's tag sets
+    after this session (32 bytes each); both sides must hold the same state.
+    """
     def __init__(
         self,
         *,
@@ -205,10 +232,11 @@ class ConcludeRequest(_message.Message):
         match_count: _builtins.int = ...,
         result_digest: _builtins.bytes = ...,
         witnessed_size: _builtins.int = ...,
+        state: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["match_count", b"match_count", "result_digest", b"result_digest", "session_id", b"session_id", "witnessed_size", b"witnessed_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["match_count", b"match_count", "result_digest", b"result_digest", "session_id", b"session_id", "state", b"state", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,3 +370,120 @@ class AbortResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortResponse: _TypeAlias = AbortResponse  # noqa: Y015
+
+@_typing.final
+class SyncStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncStateRequest: _TypeAlias = SyncStateRequest  # noqa: Y015
+
+@_typing.final
+class SyncState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    INITIATOR_SET_FIELD_NUMBER: _builtins.int
+    RESPONDER_SET_FIELD_NUMBER: _builtins.int
+    held: _builtins.bool
+    """False if this node holds no state for the caller in that epoch."""
+    initiator_set: _builtins.bytes
+    """Fingerprint of the caller's tag set as held here, and of this node's own."""
+    responder_set: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        held: _builtins.bool = ...,
+        initiator_set: _builtins.bytes = ...,
+        responder_set: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "initiator_set", b"initiator_set", "responder_set", b"responder_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncState: _TypeAlias = SyncState  # noqa: Y015
+
+@_typing.final
+class ProbeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    purpose: _builtins.str
+    values: _builtins.bytes
+    """n x 32 bytes: IDs hashed to the curve and blinded with the caller's key for
+    this node (the pair key of the epoch).
+    """
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        purpose: _builtins.str = ...,
+        values: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "purpose", b"purpose", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeRequest: _TypeAlias = ProbeRequest  # noqa: Y015
+
+@_typing.final
+class ProbeHit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]: ...
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        labels: _abc.Iterable[_common_pb2.Label] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeHit: _TypeAlias = ProbeHit  # noqa: Y015
+
+@_typing.final
+class ProbeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeHit]: ...
+    def __init__(
+        self,
+        *,
+        hits: _abc.Iterable[Global___ProbeHit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeResponse: _TypeAlias = ProbeResponse  # noqa: Y015

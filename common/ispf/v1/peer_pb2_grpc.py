@@ -69,6 +69,16 @@ class PeerServiceStub:
                 request_serializer=ispf_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
                 response_deserializer=ispf_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
                 _registered_method=True)
+        self.GetSyncState = channel.unary_unary(
+                '/ispf.v1.PeerService/GetSyncState',
+                request_serializer=ispf_dot_v1_dot_peer__pb2.SyncStateRequest.SerializeToString,
+                response_deserializer=ispf_dot_v1_dot_peer__pb2.SyncState.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/ispf.v1.PeerService/Probe',
+                request_serializer=ispf_dot_v1_dot_peer__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=ispf_dot_v1_dot_peer__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -116,6 +126,22 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSyncState(self, request, context):
+        """The responder's view of the pair's incremental state (fingerprints), so the
+        initiator can choose an incremental or a full run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """Online check: values blinded with the caller's key for this node; answered
+        with the labels of this node's IDs whose tag for the caller matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +179,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Witness,
                     request_deserializer=ispf_dot_v1_dot_peer__pb2.WitnessRequest.FromString,
                     response_serializer=ispf_dot_v1_dot_peer__pb2.WitnessResponse.SerializeToString,
+            ),
+            'GetSyncState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSyncState,
+                    request_deserializer=ispf_dot_v1_dot_peer__pb2.SyncStateRequest.FromString,
+                    response_serializer=ispf_dot_v1_dot_peer__pb2.SyncState.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=ispf_dot_v1_dot_peer__pb2.ProbeRequest.FromString,
+                    response_serializer=ispf_dot_v1_dot_peer__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +380,60 @@ class PeerService:
             '/ispf.v1.PeerService/Witness',
             ispf_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
             ispf_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSyncState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ispf.v1.PeerService/GetSyncState',
+            ispf_dot_v1_dot_peer__pb2.SyncStateRequest.SerializeToString,
+            ispf_dot_v1_dot_peer__pb2.SyncState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ispf.v1.PeerService/Probe',
+            ispf_dot_v1_dot_peer__pb2.ProbeRequest.SerializeToString,
+            ispf_dot_v1_dot_peer__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

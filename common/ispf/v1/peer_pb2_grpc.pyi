@@ -54,6 +54,14 @@ class PeerServiceStub:
     Conclude: _grpc.UnaryUnaryMultiCallable[_peer_pb2.ConcludeRequest, _peer_pb2.ConcludeResponse]
     Abort: _grpc.UnaryUnaryMultiCallable[_peer_pb2.AbortRequest, _peer_pb2.AbortResponse]
     Witness: _grpc.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]
+    GetSyncState: _grpc.UnaryUnaryMultiCallable[_peer_pb2.SyncStateRequest, _peer_pb2.SyncState]
+    """The responder's view of the pair's incremental state (fingerprints), so the
+    initiator can choose an incremental or a full run.
+    """
+    Probe: _grpc.UnaryUnaryMultiCallable[_peer_pb2.ProbeRequest, _peer_pb2.ProbeResponse]
+    """Online check: values blinded with the caller's key for this node; answered
+    with the labels of this node's IDs whose tag for the caller matches.
+    """
 
 @_typing.type_check_only
 class PeerServiceAsyncStub(PeerServiceStub):
@@ -65,6 +73,14 @@ class PeerServiceAsyncStub(PeerServiceStub):
     Conclude: _aio.UnaryUnaryMultiCallable[_peer_pb2.ConcludeRequest, _peer_pb2.ConcludeResponse]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_peer_pb2.AbortRequest, _peer_pb2.AbortResponse]  # type: ignore[assignment]
     Witness: _aio.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]  # type: ignore[assignment]
+    GetSyncState: _aio.UnaryUnaryMultiCallable[_peer_pb2.SyncStateRequest, _peer_pb2.SyncState]  # type: ignore[assignment]
+    """The responder's view of the pair's incremental state (fingerprints), so the
+    initiator can choose an incremental or a full run.
+    """
+    Probe: _aio.UnaryUnaryMultiCallable[_peer_pb2.ProbeRequest, _peer_pb2.ProbeResponse]  # type: ignore[assignment]
+    """Online check: values blinded with the caller's key for this node; answered
+    with the labels of this node's IDs whose tag for the caller matches.
+    """
 
 class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -115,5 +131,25 @@ class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.WitnessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.WitnessResponse, _abc.Awaitable[_peer_pb2.WitnessResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetSyncState(
+        self,
+        request: _peer_pb2.SyncStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.SyncState, _abc.Awaitable[_peer_pb2.SyncState]]:
+        """The responder's view of the pair's incremental state (fingerprints), so the
+        initiator can choose an incremental or a full run.
+        """
+
+    @_abc_1.abstractmethod
+    def Probe(
+        self,
+        request: _peer_pb2.ProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.ProbeResponse, _abc.Awaitable[_peer_pb2.ProbeResponse]]:
+        """Online check: values blinded with the caller's key for this node; answered
+        with the labels of this node's IDs whose tag for the caller matches.
+        """
 
 def add_PeerServiceServicer_to_server(servicer: PeerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,6 +18,7 @@ from ispf_server.store import StoredRecord
 
 if TYPE_CHECKING:
     from ispf_server.node import Node
+    from ispf_server.probes import Checker
 
 MAX_BATCH = 50_000
 MATCH_BATCH = 2_000
@@ -88,6 +89,16 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
         )
 
 
+class CheckServicer(internal_pb2_grpc.CheckServiceServicer):
+    def __init__(self, checker: Checker) -> None:
+        self.checker = checker
+
+    def Check(
+        self, request: internal_pb2.CheckRequest, context: grpc.ServicerContext
+    ) -> internal_pb2.CheckResponse:
+        return self.checker.check(request)
+
+
 class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -102,6 +113,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
             mode=mode,
             collections=frozenset(request.collections),
             peer_collections=frozenset(request.peer_collections),
+            full=request.full,
         )
         return snap.to_proto()
 

@@ -9,6 +9,7 @@ import grpc
 from ispf.errors import ProtocolViolation
 from ispf.v1 import peer_pb2, peer_pb2_grpc
 from ispf_server.guard import caller_identity
+from ispf_server.probes import ProbeAnswerer
 from ispf_server.session.initiator import SESSION_KEY
 from ispf_server.session.responder import Responder
 
@@ -21,8 +22,9 @@ def _session_id(context: grpc.ServicerContext) -> str:
 
 
 class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
-    def __init__(self, responder: Responder) -> None:
+    def __init__(self, responder: Responder, probes: ProbeAnswerer) -> None:
         self.r = responder
+        self.probes = probes
 
     def Handshake(
         self, request: peer_pb2.HandshakeRequest, context: grpc.ServicerContext
@@ -57,6 +59,16 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
         self, request: peer_pb2.WitnessRequest, context: grpc.ServicerContext
     ) -> peer_pb2.WitnessResponse:
         return self.r.witness(request, caller_identity(context).province)
+
+    def GetSyncState(
+        self, request: peer_pb2.SyncStateRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.SyncState:
+        return self.r.sync_state(request, caller_identity(context).province)
+
+    def Probe(
+        self, request: peer_pb2.ProbeRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.ProbeResponse:
+        return self.probes.probe(request, caller_identity(context).province)
 
     def Abort(
         self, request: peer_pb2.AbortRequest, context: grpc.ServicerContext

@@ -36,6 +36,13 @@ from ispf_server.session.core import (
 )
 from ispf_server.session.plan import build_plan, parse_groups
 from ispf_server.session.progress import COMPLETED, FAILED, Progress
+from ispf_server.session.sync import (
+    SyncSide,
+    finish,
+    parse_removed,
+    prepare,
+    state_fingerprints,
+)
 from ispf_server.store import Store, StoredRecord
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,9 @@ class SessionRequest:
     purpose: str
     mode: int
     peer_collections: frozenset[str]
+    # Sync: use the pair's fixed keys and kept state (incremental when possible).
+    sync: bool = False
+    force_full: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Initiator:
         max_set_size: int,
         deadlines: Deadlines,
         audit: AuditLog,
+        pair_lock: threading.Lock | None = None,
     ) -> None:
         self.province = province
         self.req = request
@@ -104,6 +115,8 @@ class Initiator:
         self.max_set_size = max_set_size
         self.deadlines = deadlines
         self.audit = audit
+        self.pair_lock = pair_lock
+        self.side: SyncSide | None = None
         self.key = BlindingKey.generate()
         self.md = ((SESSION_KEY, request.session_id),)
         # What is known so far, for the audit entry (also of a failed session).
@@ -116,6 +129,10 @@ class Initiator:
     def run(self) -> None:
         """Run the session to the end; failures are recorded, never raised."""
         sid = self.req.session_id
+        lock = self.pair_lock
+        if lock is not None and not lock.acquire(timeout=self.deadlines.session):
+            self._fail(f"another session with {self.req.peer} did not finish in time")
+            return
         try:
             self._run()
         except IspfError as exc:
@@ -125,6 +142,9 @@ class Initiator:
         except Exception:
             log.exception("session %s: unexpected failure", sid)
             self._fail("internal error (see the node log)")
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _fail(self, reason: str) -> None:
         sid = self.req.session_id
@@ -157,15 +177,38 @@ class Initiator:
             match_count=result.match_count if result else None,
             result_digest=result.digest if result else b"",
             reason=reason,
+            sync=self._sync_kind(),
+            initiator_removed=len(self.side.removed_tags) if self.side else 0,
+            responder_removed=self.sizes.get("peer_removed", 0),
         )
+
+    def _sync_kind(self) -> str:
+        if self.side is None:
+            return "none"
+        return "incremental" if self.side.incremental else "full"
+
+    def _prepare_sync(self) -> SyncSide:
+        """Incremental if both sides hold the same state for the pair; else a full run."""
+        epoch = self.salt.epoch
+        remote = self.stub.GetSyncState(
+            peer_pb2.SyncStateRequest(epoch=epoch), timeout=self.deadlines.call
+        )
+        local = state_fingerprints(self.store, self.req.peer, epoch)
+        incremental = (
+            not self.req.force_full
+            and local is not None
+            and remote.held
+            and local == (remote.initiator_set, remote.responder_set)
+        )
+        return prepare(self.store, self.req.peer, epoch, self.records, incremental=incremental)
 
     def _run(self) -> None:
         sid, cfg = self.req.session_id, self.deadlines
-        plan = build_plan(
-            self.records,
-            secrets.SystemRandom(),
-            labelled=self.labelled,
-        )
+        side = self.side = self._prepare_sync() if self.req.sync else None
+        if side is not None:
+            plan, self.key = side.plan, side.key
+        else:
+            plan = build_plan(self.records, secrets.SystemRandom(), labelled=self.labelled)
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
@@ -177,9 +220,14 @@ class Initiator:
                 mode=self.req.mode,  # type: ignore[arg-type]
                 responder_collections=sorted(self.req.peer_collections),
                 groups=groups,
+                sync=side is not None,
+                incremental=side is not None and side.incremental,
+                removed=b"".join(side.removed_tags) if side else b"",
+                state=side.own_fp + side.peer_fp if side and side.incremental else b"",
             ),
             timeout=cfg.call,
         )
+        peer_removed = parse_removed(hs.removed, side.peer_current, self.req.peer) if side else []
         peer_groups, peer_sizes = parse_groups(
             list(hs.groups), labelled=self.labelled, max_total=self.max_set_size
         )
@@ -189,10 +237,15 @@ class Initiator:
             "peer": peer_total,
             "own_groups": len(groups),
             "peer_groups": len(peer_groups),
+            "peer_removed": len(peer_removed),
         }
+        own_records = len(side.records) if side else plan.own_records
         self.progress.update(
+            sync=self._sync_kind() if side else "",
+            own_removed=len(side.removed_tags) if side else 0,
+            peer_removed=len(peer_removed),
             phase="exchange",
-            own_records=plan.own_records,
+            own_records=own_records,
             own_values=plan.total,
             peer_values=peer_total,
             work_total=plan.total + peer_total,
@@ -226,7 +279,11 @@ class Initiator:
                 f"peer returned {len(own_tags) // TAG_BYTES} tags for {plan.total} values"
             )
         self.progress.update(phase="intersect")
-        if self.labelled:
+        synced = None
+        if side is not None:
+            synced = finish(side, bytes(own_tags), peer_groups, peer_sizes, peer_tags, peer_removed)
+            outcome = synced.outcome
+        elif self.labelled:
             outcome = intersect(plan, bytes(own_tags), peer_groups, peer_sizes, peer_tags)
         else:
             outcome = Outcome(count_common(bytes(own_tags), peer_tags), b"", [])
@@ -236,6 +293,7 @@ class Initiator:
                 match_count=outcome.match_count if self.labelled else 0,
                 result_digest=outcome.digest,
                 witnessed_size=self.audit.witnessed_size(self.req.peer),
+                state=synced.state_after if synced else b"",
             ),
             timeout=cfg.call,
         )
@@ -254,13 +312,17 @@ class Initiator:
         )
         self.store.complete_session(
             sid,
-            own_records=plan.own_records,
+            own_records=own_records,
+            sync=self._sync_kind() if side else "",
+            own_removed=len(side.removed_tags) if side else 0,
+            peer_removed=len(peer_removed),
             own_values=plan.total,
             peer_values=peer_total,
             match_count=outcome.match_count,
             result_digest=outcome.digest,
             matches=outcome.matches,
             entry=self._entry("completed", result=outcome),
+            pair_delta=(self.req.peer, self.salt.epoch, synced.delta) if synced else None,
         )
         self._witness(answer, peer_checkpoint)
         self.progress.finish(

@@ -43,6 +43,9 @@ class Snapshot:
     error: str = ""
     started_at: str = field(default_factory=utcnow)
     finished_at: str = ""
+    sync: str = ""
+    own_removed: int = 0
+    peer_removed: int = 0
     version: int = 0
 
     def to_proto(self) -> internal_pb2.SessionStatus:
@@ -69,6 +72,9 @@ class Snapshot:
             started_at=self.started_at,
             finished_at=self.finished_at,
             epoch=self.epoch,
+            sync=self.sync,
+            own_removed=self.own_removed,
+            peer_removed=self.peer_removed,
         )
 
     @classmethod
@@ -91,6 +97,9 @@ class Snapshot:
             error=row.error,
             started_at=row.started_at,
             finished_at=row.finished_at,
+            sync=row.sync,
+            own_removed=row.own_removed,
+            peer_removed=row.peer_removed,
         )
 
 

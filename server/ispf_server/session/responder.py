@@ -17,6 +17,7 @@ from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import (
     IspfError,
     PolicyRefused,
+    PreconditionFailed,
     ProtocolViolation,
     ResultMismatch,
     SaltMismatch,
@@ -26,7 +27,7 @@ from ispf.errors import (
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
-from ispf_server.policy import Policy
+from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.salts import SaltRing
 from ispf_server.session.core import (
@@ -46,6 +47,13 @@ from ispf_server.session.plan import (
     parse_groups,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
+from ispf_server.session.sync import (
+    SyncSide,
+    finish,
+    parse_removed,
+    prepare,
+    state_fingerprints,
+)
 from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,15 @@ class ResponderSession:
     reblind_done: bool = False
     return_done: bool = False
     busy: set[str] = field(default_factory=set)
+    # Sync sessions: this side's delta, the initiator's removed tags, the pair lock held.
+    side: SyncSide | None = None
+    peer_removed: list[bytes] = field(default_factory=list)
+    pair_lock: threading.Lock | None = None
+
+    def release(self) -> None:
+        lock, self.pair_lock = self.pair_lock, None
+        if lock is not None:
+            lock.release()
 
     @property
     def labelled(self) -> bool:
@@ -95,6 +112,7 @@ class Responder:
         chunk_values: int,
         idle_timeout: float,
         audit: AuditLog,
+        pair_lock: Callable[[str], threading.Lock],
     ) -> None:
         self.province = province
         self.audit = audit
@@ -103,6 +121,7 @@ class Responder:
         self.salts = salts
         self.board = board
         self.policy = policy
+        self.pair_lock = pair_lock
         self.chunk_values = chunk_values
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
@@ -134,6 +153,7 @@ class Responder:
     def _fail(self, s: ResponderSession, reason: str) -> None:
         with self._lock:
             self._sessions.pop(s.session_id, None)
+        s.release()
         entry = self._entry(s, "failed", reason=reason)
         if self.store.fail_session(s.session_id, reason, entry):
             self.audit.sign_checkpoint()
@@ -166,7 +186,48 @@ class Responder:
             match_count=result.match_count if result and s.labelled else None,
             result_digest=result.digest if result else b"",
             reason=reason,
+            sync="none" if s.side is None else ("incremental" if s.side.incremental else "full"),
+            initiator_removed=len(s.peer_removed),
+            responder_removed=len(s.side.removed_tags) if s.side else 0,
         )
+
+    def sync_state(self, req: peer_pb2.SyncStateRequest, caller: str) -> peer_pb2.SyncState:
+        """The caller's set and this node's set, as held here for the caller."""
+        fps = state_fingerprints(self.store, caller, req.epoch)
+        if fps is None:
+            return peer_pb2.SyncState(held=False)
+        own, peer = fps
+        return peer_pb2.SyncState(held=True, initiator_set=peer, responder_set=own)
+
+    def _prepare_sync(
+        self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy
+    ) -> tuple[SyncSide, list[bytes], threading.Lock]:
+        if req.mode != common_pb2.MODE_MUTUAL or req.responder_collections:
+            raise ProtocolViolation("a sync session is mutual and covers every collection")
+        lock = self.pair_lock(caller)
+        if not lock.acquire(blocking=False):
+            raise PreconditionFailed(
+                f"a session between {caller} and {self.province} is already running; "
+                "try again when it ends"
+            )
+        try:
+            if req.incremental:
+                fps = state_fingerprints(self.store, caller, req.epoch)
+                theirs = (req.state[32:], req.state[:32])  # (our set, their set) as they hold
+                if fps is None or fps != theirs:
+                    raise PreconditionFailed(
+                        f"{self.province} holds another state for the pair than {caller} "
+                        "assumes: run again (it will be a full run)"
+                    )
+            elif req.removed:
+                raise ProtocolViolation("a full run removes nothing")
+            records = eligible_records(self.store, pp, frozenset(), labelled=True)
+            side = prepare(self.store, caller, req.epoch, records, incremental=req.incremental)
+            removed = parse_removed(req.removed, side.peer_current, caller)
+        except BaseException:
+            lock.release()
+            raise
+        return side, removed, lock
 
     # -- the protocol -------------------------------------------------------
 
@@ -221,10 +282,17 @@ class Responder:
                 f"for {caller}"
             )
         groups, sizes = parse_groups(list(req.groups), labelled=labelled, max_total=announced)
-        records = eligible_records(
-            self.store, pp, frozenset(req.responder_collections), labelled=labelled
-        )
-        plan = build_plan(records, _rng, labelled=labelled)
+        side: SyncSide | None = None
+        peer_removed: list[bytes] = []
+        lock: threading.Lock | None = None
+        if req.sync:
+            side, peer_removed, lock = self._prepare_sync(req, caller, pp)
+            plan = side.plan
+        else:
+            records = eligible_records(
+                self.store, pp, frozenset(req.responder_collections), labelled=labelled
+            )
+            plan = build_plan(records, _rng, labelled=labelled)
         self.store.begin_session(
             req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
         )
@@ -237,10 +305,13 @@ class Responder:
                 purpose=req.purpose,
                 epoch=req.epoch,
                 phase="exchange",
-                own_records=plan.own_records,
+                own_records=len(side.records) if side else plan.own_records,
                 own_values=plan.total,
                 peer_values=sum(sizes),
                 work_total=plan.total + sum(sizes),
+                sync="" if side is None else ("incremental" if side.incremental else "full"),
+                own_removed=len(side.removed_tags) if side else 0,
+                peer_removed=len(peer_removed),
             )
         )
         s = ResponderSession(
@@ -249,11 +320,14 @@ class Responder:
             mode=req.mode,
             purpose=req.purpose,
             salt=salt,
-            key=BlindingKey.generate(),
+            key=side.key if side else BlindingKey.generate(),
             plan=plan,
             peer_groups=groups,
             peer_sizes=sizes,
             progress=progress,
+            side=side,
+            peer_removed=peer_removed,
+            pair_lock=lock,
         )
         with self._lock:
             self._sessions[s.session_id] = s
@@ -269,7 +343,10 @@ class Responder:
         )
         answer_groups = plan.to_proto() if labelled else [common_pb2.LabelGroup(size=plan.total)]
         return peer_pb2.HandshakeResponse(
-            session_id=s.session_id, groups=answer_groups, max_chunk_values=MAX_CHUNK_VALUES
+            session_id=s.session_id,
+            groups=answer_groups,
+            max_chunk_values=MAX_CHUNK_VALUES,
+            removed=b"".join(side.removed_tags) if side else b"",
         )
 
     def reblind(
@@ -351,7 +428,25 @@ class Responder:
         with self._guard(s, "conclude"):
             if not s.reblind_done or (s.labelled and not s.return_done):
                 raise ProtocolViolation("Conclude before all values were exchanged")
-            if s.labelled:
+            synced = None
+            if s.side is not None:
+                synced = finish(
+                    s.side,
+                    bytes(s.own_tags),
+                    s.peer_groups,
+                    s.peer_sizes,
+                    bytes(s.initiator_tags),
+                    s.peer_removed,
+                )
+                outcome = synced.outcome
+                # Both must now hold the same two sets: theirs (ours, theirs) is our (theirs, ours).
+                mirrored = synced.state_after[32:] + synced.state_after[:32]
+                agreed = (
+                    req.match_count == outcome.match_count
+                    and hmac.compare_digest(req.result_digest, outcome.digest)
+                    and hmac.compare_digest(req.state, mirrored)
+                )
+            elif s.labelled:
                 outcome = intersect(
                     s.plan,
                     bytes(s.own_tags),
@@ -372,13 +467,17 @@ class Responder:
                 )
             self.store.complete_session(
                 s.session_id,
-                own_records=s.plan.own_records,
+                own_records=len(s.side.records) if s.side else s.plan.own_records,
                 own_values=s.plan.total,
                 peer_values=s.peer_total,
                 match_count=outcome.match_count,
                 result_digest=outcome.digest,
                 matches=outcome.matches,
                 entry=self._entry(s, "completed", result=outcome),
+                pair_delta=(caller, s.salt.epoch, synced.delta) if synced else None,
+                sync=s.progress.snapshot().sync,
+                own_removed=len(s.side.removed_tags) if s.side else 0,
+                peer_removed=len(s.peer_removed),
             )
             checkpoint = self.audit.sign_checkpoint()
             size = self.audit.size()
@@ -389,6 +488,7 @@ class Responder:
             )
             with self._lock:
                 self._sessions.pop(s.session_id, None)
+            s.release()
             s.progress.finish(
                 COMPLETED,
                 match_count=outcome.match_count,

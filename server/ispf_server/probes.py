@@ -1,0 +1,344 @@
+"""Online checks: one applicant (or a small batch) against every authorised province.
+
+The asking node blinds each ID with its fixed key for each peer and sends one
+`Probe` per peer, in parallel, under one deadline. The peer re-blinds (one
+X25519 per value) and looks the tags up among its own IDs' tags for the asker,
+answering with the labels that matched. Before answering, a peer whose registry
+changed since it last synced with the asker syncs first, so a record loaded a
+moment ago is found. Peers rate-limit probes (per minute and per day, from the
+policy) and count every probe, answered or refused, in their audit log; the
+asker counts its checks too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from ispf.blinding import POINT_BYTES, TAG_BYTES
+from ispf.errors import (
+    InvalidInput,
+    InvalidNationalId,
+    IspfError,
+    PolicyRefused,
+    PreconditionFailed,
+    ResourceExhausted,
+    from_rpc_error,
+)
+from ispf.hazmat import curve
+from ispf.nid import canonicalise
+from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
+from ispf_server.audit import AuditLog
+from ispf_server.pairstate import labels_of
+from ispf_server.policy import PeerPolicy, Policy
+from ispf_server.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_CHECK_IDS = 1000
+DEFAULT_DEADLINE_MS = 2000
+FLUSH_SECONDS = 60.0
+SYNC_RETRY_SECONDS = 5.0
+S = internal_pb2
+
+
+class RateLimiter:
+    """Per-peer token bucket (per minute) and daily quota (UTC day), from the policy."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens: dict[str, float] = {}
+        self._stamp: dict[str, float] = {}
+        self._day: dict[str, tuple[str, int]] = {}
+
+    def take(self, peer: str, n: int, pp: PeerPolicy) -> None:
+        now = self._clock()
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        with self._lock:
+            rate = pp.probes_per_minute / 60.0
+            tokens = min(
+                float(pp.probes_per_minute),
+                self._tokens.get(peer, float(pp.probes_per_minute))
+                + (now - self._stamp.get(peer, now)) * rate,
+            )
+            self._stamp[peer] = now
+            day, used = self._day.get(peer, (today, 0))
+            if day != today:
+                used = 0
+            if used + n > pp.probes_per_day:
+                self._tokens[peer] = tokens
+                raise ResourceExhausted(
+                    f"daily probe quota of {pp.probes_per_day} for {peer} is used up "
+                    f"({used} today); it resets at 00:00 UTC"
+                )
+            if n > tokens:
+                self._tokens[peer] = tokens
+                raise ResourceExhausted(
+                    f"probe rate limit for {peer}: {pp.probes_per_minute} per minute; "
+                    f"retry in {(n - tokens) / rate if rate else 60:.1f} s"
+                )
+            self._tokens[peer] = tokens - n
+            self._day[peer] = (today, used + n)
+
+
+@dataclass
+class _Tally:
+    values: int = 0
+    matched: int = 0
+    refused: int = 0
+    since: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+class ProbeLog:
+    """Counts probes (or checks) per peer and writes them to the audit log in batches."""
+
+    def __init__(self, audit: AuditLog, kind: str, flush_seconds: float = FLUSH_SECONDS) -> None:
+        self.audit = audit
+        self.kind = kind
+        self.flush_seconds = flush_seconds
+        self._lock = threading.Lock()
+        self._tally: dict[str, _Tally] = {}
+        self._last = time.monotonic()
+
+    def count(self, peer: str, values: int, matched: int = 0, refused: int = 0) -> None:
+        with self._lock:
+            t = self._tally.setdefault(peer, _Tally())
+            t.values += values
+            t.matched += matched
+            t.refused += refused
+            due = time.monotonic() - self._last >= self.flush_seconds
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            tally, self._tally = self._tally, {}
+            self._last = time.monotonic()
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        for peer, t in sorted(tally.items()):
+            self.audit.record_probes(
+                kind=self.kind,
+                peer=peer,
+                values=t.values,
+                matched=t.matched,
+                refused=t.refused,
+                since=t.since,
+                until=now,
+            )
+
+
+class ProbeAnswerer:
+    """The peer side: answers `Probe` calls."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        policy: Callable[[], Policy],
+        audit: AuditLog,
+        sync_with: Callable[[str], None],
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.sync_with = sync_with
+        self.limiter = limiter or RateLimiter()
+        self.log = ProbeLog(audit, "probes")
+        self._sync_tried: dict[str, float] = {}
+        self._sync_lock = threading.Lock()
+
+    def probe(self, req: peer_pb2.ProbeRequest, caller: str) -> peer_pb2.ProbeResponse:
+        n, rem = divmod(len(req.values), POINT_BYTES)
+        if rem or n == 0 or n > MAX_CHECK_IDS:
+            raise InvalidInput(
+                f"a probe holds 1 to {MAX_CHECK_IDS} values of {POINT_BYTES} bytes; got "
+                f"{len(req.values)} bytes"
+            )
+        try:
+            pp = self.policy().check_session(caller, req.purpose, count_only=False)
+            self.limiter.take(caller, n, pp)
+        except (PolicyRefused, ResourceExhausted):
+            self.log.count(caller, n, refused=n)
+            raise
+        if self.store.pair_version(caller, req.epoch) is None:
+            self.log.count(caller, n, refused=n)
+            raise PreconditionFailed(
+                f"no reconciliation between {caller} and this node in epoch {req.epoch} yet: "
+                "run one first"
+            )
+        self._freshen(caller, req.epoch)
+        key = self.store.pair_key(caller, req.epoch)
+        tags = curve.x25519_many(key.unsafe_raw(), req.values, TAG_BYTES)
+        split = [tags[i : i + TAG_BYTES] for i in range(0, len(tags), TAG_BYTES)]
+        found = self.store.lookup_own_tags(caller, req.epoch, split)
+        hits = [
+            peer_pb2.ProbeHit(
+                index=i,
+                labels=[
+                    common_pb2.Label(programme=lb.programme, status=lb.status)
+                    for lb in labels_of(found[t])
+                ],
+            )
+            for i, t in enumerate(split)
+            if t in found
+        ]
+        self.log.count(caller, n, matched=len(hits))
+        return peer_pb2.ProbeResponse(hits=hits)
+
+    def _freshen(self, caller: str, epoch: int) -> None:
+        """Sync with the caller first if this registry changed since the last sync."""
+        version = self.store.pair_version(caller, epoch)
+        if version is not None and version >= self.store.registry_version():
+            return
+        with self._sync_lock:
+            now = time.monotonic()
+            if (
+                now - self._sync_tried.get(caller, -1e9) < SYNC_RETRY_SECONDS
+                and (self.store.pair_version(caller, epoch) or 0) < self.store.registry_version()
+            ):
+                return  # tried a moment ago: answer from the index as it is
+            self._sync_tried[caller] = now
+        try:
+            self.sync_with(caller)
+        except IspfError as exc:
+            log.warning(
+                "could not sync with %s before answering its probe: %s", caller, exc.message
+            )
+
+
+StubFor = Callable[[str], peer_pb2_grpc.PeerServiceStub]
+
+
+class Checker:
+    """The asking side: fans a check out to the peers."""
+
+    def __init__(
+        self,
+        *,
+        province: str,
+        store: Store,
+        policy: Callable[[], Policy],
+        audit: AuditLog,
+        peers: Callable[[], list[str]],
+        stub_for: StubFor,
+        salt: Callable[[], Any],
+        province_digits: frozenset[str],
+        workers: int = 32,
+    ) -> None:
+        self.province = province
+        self.store = store
+        self.policy = policy
+        self.peers = peers
+        self.stub_for = stub_for
+        self.salt = salt
+        self.province_digits = province_digits
+        self.log = ProbeLog(audit, "checks")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.log.flush()
+
+    def check(self, req: internal_pb2.CheckRequest) -> internal_pb2.CheckResponse:
+        if not 0 < len(req.nids) <= MAX_CHECK_IDS:
+            raise InvalidInput(f"a check holds 1 to {MAX_CHECK_IDS} identity numbers")
+        deadline = (req.deadline_ms or DEFAULT_DEADLINE_MS) / 1000.0
+        purpose = req.purpose or "online-check"
+        results = [internal_pb2.CheckResult(position=i + 1) for i in range(len(req.nids))]
+        digits: list[bytes] = []
+        valid: list[int] = []
+        for i, raw in enumerate(req.nids):
+            try:
+                digits.append(canonicalise(raw, province_digits=self.province_digits).encode())
+                valid.append(i)
+            except InvalidNationalId as exc:
+                results[i].error = f"{exc.reason_code}: {exc.message}"
+        known = self.peers()
+        targets = list(req.provinces) or known
+        answers: dict[str, tuple[int, list[peer_pb2.ProbeHit] | None, str]] = {}
+        futures = {}
+        salt = self.salt()
+        policy = self.policy()
+        for peer in targets:
+            if peer not in known:
+                answers[peer] = (S.PROVINCE_STATUS_ERROR, None, "not a configured peer")
+                continue
+            pp = policy.peers.get(peer)
+            if pp is None or purpose not in pp.purposes:
+                answers[peer] = (
+                    S.PROVINCE_STATUS_NOT_AUTHORISED,
+                    None,
+                    f"purpose '{purpose}' not allowed with {peer} by policy",
+                )
+                continue
+            if self.store.pair_version(peer, salt.epoch) is None:
+                answers[peer] = (
+                    S.PROVINCE_STATUS_NOT_SYNCED,
+                    None,
+                    f"no reconciliation with {peer} in epoch {salt.epoch} yet",
+                )
+                continue
+            if not valid:
+                continue
+            futures[peer] = self._pool.submit(self._probe, peer, purpose, salt, digits, deadline)
+        done, _ = wait(futures.values(), timeout=deadline + 0.5)
+        for peer, fut in futures.items():
+            if fut in done:
+                answers[peer] = fut.result()
+            else:
+                fut.cancel()
+                answers[peer] = (S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+        for peer in targets:
+            status, hits, detail = answers[peer]
+            by_index = {h.index: h for h in hits or []}
+            matched = 0
+            for k, i in enumerate(valid):
+                ans = internal_pb2.ProvinceAnswer(province=peer, detail=detail)
+                if hits is None:
+                    ans.status = status  # type: ignore[assignment]
+                elif k in by_index:
+                    ans.status = S.PROVINCE_STATUS_MATCH
+                    ans.labels.extend(by_index[k].labels)
+                    matched += 1
+                else:
+                    ans.status = S.PROVINCE_STATUS_NO_MATCH
+                results[i].provinces.append(ans)
+            self.log.count(
+                peer, len(valid), matched=matched, refused=0 if hits is not None else len(valid)
+            )
+        return internal_pb2.CheckResponse(results=results)
+
+    def _probe(
+        self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
+    ) -> tuple[int, list[peer_pb2.ProbeHit] | None, str]:
+        key = self.store.pair_key(peer, salt.epoch)
+        values = curve.hash_and_blind_many(salt.unsafe_raw(), key.unsafe_raw(), digits)
+        try:
+            resp = self.stub_for(peer).Probe(
+                peer_pb2.ProbeRequest(epoch=salt.epoch, purpose=purpose, values=values),
+                timeout=deadline,
+            )
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            status = {
+                grpc.StatusCode.RESOURCE_EXHAUSTED: S.PROVINCE_STATUS_RATE_LIMITED,
+                grpc.StatusCode.PERMISSION_DENIED: S.PROVINCE_STATUS_NOT_AUTHORISED,
+                grpc.StatusCode.FAILED_PRECONDITION: S.PROVINCE_STATUS_NOT_SYNCED,
+                grpc.StatusCode.UNAVAILABLE: S.PROVINCE_STATUS_UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED: S.PROVINCE_STATUS_UNAVAILABLE,
+                grpc.StatusCode.UNAUTHENTICATED: S.PROVINCE_STATUS_NOT_AUTHORISED,
+            }.get(code, S.PROVINCE_STATUS_ERROR)
+            return status, None, err.message
+        except IspfError as exc:
+            return S.PROVINCE_STATUS_ERROR, None, exc.message
+        return S.PROVINCE_STATUS_UNSPECIFIED, list(resp.hits), ""
