@@ -180,6 +180,7 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
                     count_only=args.count_only,
                     collections=args.collection,
                     peer_collections=args.peer_collection,
+                    full=args.full,
                 )
                 final = watch_with_progress(client, st.session_id, f"{me} ⇄ {peer}", con)
             except IspfError as exc:
@@ -195,6 +196,41 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
     for f in failed:
         con.print(f"[red]FAILED[/] {f}")
     return EXIT_FAILED if failed else 0
+
+
+def cmd_check(args: argparse.Namespace, con: Console) -> int:
+    """Identity numbers come from a file or stdin, never the command line (shell history)."""
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    nids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not nids:
+        raise ConfigError("no identity numbers given: one per line, in --file or on stdin")
+    with NodeClient(_profile(args)) as client:
+        resp = client.check(
+            nids, purpose=args.purpose, provinces=args.province, deadline_ms=args.deadline_ms
+        )
+    found = False
+    for r in resp.results:
+        if r.error:
+            con.print(f"#{r.position}: not checked: {r.error}", markup=False)
+            continue
+        parts = []
+        for a in r.provinces:
+            status = internal_pb2.ProvinceStatus.Name(a.status).removeprefix("PROVINCE_STATUS_")
+            if a.status == internal_pb2.PROVINCE_STATUS_MATCH:
+                found = True
+                labels = ", ".join(f"{lb.programme}/{lb.status}" for lb in a.labels)
+                parts.append(f"{a.province}: MATCH ({labels})")
+            else:
+                parts.append(
+                    f"{a.province}: {status.lower().replace('_', ' ')}"
+                    + (
+                        f" ({a.detail})"
+                        if a.detail and a.status != internal_pb2.PROVINCE_STATUS_NO_MATCH
+                        else ""
+                    )
+                )
+        con.print(f"#{r.position}: " + "; ".join(parts), markup=False)
+    return 3 if found else 0
 
 
 def cmd_sessions(args: argparse.Namespace, con: Console) -> int:
@@ -431,8 +467,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="peer programme to match against (repeatable; default all allowed)",
     )
+    p.add_argument(
+        "--full", action="store_true", help="a full run even where an incremental one is possible"
+    )
     p.add_argument("--out", default="reports", help="report folder")
     p.set_defaults(func=cmd_reconcile)
+
+    p = with_profile(
+        sub.add_parser(
+            "check",
+            help="online check: is an applicant enrolled or eligible elsewhere?",
+            description="Reads identity numbers (one per line) from --file or stdin; prints, "
+            "per ID and province, MATCH with programmes and statuses, or why not. Exit 3 if "
+            "any ID matched somewhere, 0 if none did.",
+        )
+    )
+    p.add_argument("--file", default="-", help="file of identity numbers (default: stdin)")
+    p.add_argument("--purpose", default="online-check")
+    p.add_argument(
+        "--province",
+        action="append",
+        default=[],
+        help="ask only this province (repeatable; default every peer)",
+    )
+    p.add_argument("--deadline-ms", type=int, default=2000)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sessions", help="sessions of this node")
     ssub2 = p.add_subparsers(dest="sessions_command", required=True)

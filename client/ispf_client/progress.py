@@ -47,11 +47,21 @@ def watch_with_progress(
                 received=last.received,
             )
     assert last is not None
-    if not console.is_terminal:
-        state = internal_pb2.SessionState.Name(last.state).removeprefix("SESSION_STATE_")
-        console.print(
-            f"  {title}: {state.lower()}, {last.match_count} matched IDs "
-            f"({last.own_values} own, {last.peer_values} peer), session {last.session_id}"
-            + (f": {last.error}" if last.error else "")
-        )
+    console.print(f"  {title}: {summary(last)}", markup=False)
     return last
+
+
+def summary(st: internal_pb2.SessionStatus) -> str:
+    """One line: outcome, full or incremental and what it touched, matches, session."""
+    state = internal_pb2.SessionState.Name(st.state).removeprefix("SESSION_STATE_").lower()
+    if st.sync == "incremental":
+        how = (
+            f"incremental: {st.own_values} own and {st.peer_values} peer values sent, "
+            f"{st.own_removed} and {st.peer_removed} removed"
+        )
+    elif st.sync == "full":
+        how = f"full: {st.own_values} own, {st.peer_values} peer values"
+    else:
+        how = f"{st.own_values} own, {st.peer_values} peer values"
+    text = f"{state} ({how}), {st.match_count} matched IDs, session {st.session_id}"
+    return text + (f": {st.error}" if st.error else "")

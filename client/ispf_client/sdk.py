@@ -103,6 +103,7 @@ class NodeClient:
         self._channel = secure_channel(profile)
         self._registry = internal_pb2_grpc.RegistryServiceStub(self._channel)
         self._recon = internal_pb2_grpc.ReconciliationServiceStub(self._channel)
+        self._check = internal_pb2_grpc.CheckServiceStub(self._channel)
 
     def __enter__(self) -> NodeClient:
         return self
@@ -150,6 +151,7 @@ class NodeClient:
         count_only: bool = False,
         collections: Iterable[str] = (),
         peer_collections: Iterable[str] = (),
+        full: bool = False,
     ) -> internal_pb2.SessionStatus:
         return self._recon.StartReconciliation(
             internal_pb2.StartReconciliationRequest(
@@ -158,8 +160,30 @@ class NodeClient:
                 mode=common_pb2.MODE_COUNT_ONLY if count_only else common_pb2.MODE_MUTUAL,
                 collections=list(collections),
                 peer_collections=list(peer_collections),
+                full=full,
             ),
             timeout=self.timeout,
+        )
+
+    @translated
+    def check(
+        self,
+        nids: Iterable[str],
+        *,
+        purpose: str = "online-check",
+        provinces: Iterable[str] = (),
+        deadline_ms: int = 2000,
+    ) -> internal_pb2.CheckResponse:
+        """Is each applicant enrolled or eligible in another province? One answer per
+        province per ID: MATCH (with programmes and statuses), NO_MATCH, or why not."""
+        return self._check.Check(
+            internal_pb2.CheckRequest(
+                nids=list(nids),
+                purpose=purpose,
+                provinces=list(provinces),
+                deadline_ms=deadline_ms,
+            ),
+            timeout=deadline_ms / 1000.0 + self.timeout,
         )
 
     def watch(
