@@ -59,14 +59,18 @@ class Federation:
 
 
 def start_federation(
-    root: Path, provinces: list[str], pool: BlindingPool, **overrides: object
+    root: Path,
+    provinces: list[str],
+    pool: BlindingPool,
+    interceptors: tuple[object, ...] = (),
+    **overrides: object,
 ) -> Federation:
     fed = Federation(init_forum(root / "forum", provinces, base_port=0))
     for p in provinces:
         cfg = load_config(fed.layout.node_dir(p) / "node.toml")
         cfg = replace(cfg, chunk_values=64, **overrides)  # type: ignore[arg-type]
         node = Node(cfg, pool=pool)
-        server, port = create_server(node, "127.0.0.1:0")
+        server, port = create_server(node, "127.0.0.1:0", interceptors=interceptors)  # type: ignore[arg-type]
         server.start()
         fed.nodes[p], fed.servers[p], fed.ports[p] = node, server, port
     for p, node in fed.nodes.items():

@@ -153,7 +153,7 @@ class ProbeAnswerer:
         self.sync_with = sync_with
         self.limiter = limiter or RateLimiter()
         self.log = ProbeLog(audit, "probes")
-        self._sync_tried: dict[str, float] = {}
+        self._sync_failed: dict[str, float] = {}
         self._sync_lock = threading.Lock()
 
     def probe(self, req: peer_pb2.ProbeRequest, caller: str) -> peer_pb2.ProbeResponse:
@@ -195,21 +195,22 @@ class ProbeAnswerer:
         return peer_pb2.ProbeResponse(hits=hits)
 
     def _freshen(self, caller: str, epoch: int) -> None:
-        """Sync with the caller first if this registry changed since the last sync."""
+        """Sync with the caller first if this registry changed since the last sync.
+
+        After a failed attempt, probes are answered from the index as it is for a
+        few seconds rather than each trying (and waiting) again.
+        """
         version = self.store.pair_version(caller, epoch)
         if version is not None and version >= self.store.registry_version():
             return
         with self._sync_lock:
-            now = time.monotonic()
-            if (
-                now - self._sync_tried.get(caller, -1e9) < SYNC_RETRY_SECONDS
-                and (self.store.pair_version(caller, epoch) or 0) < self.store.registry_version()
-            ):
-                return  # tried a moment ago: answer from the index as it is
-            self._sync_tried[caller] = now
+            if time.monotonic() - self._sync_failed.get(caller, -1e9) < SYNC_RETRY_SECONDS:
+                return
         try:
             self.sync_with(caller)
         except IspfError as exc:
+            with self._sync_lock:
+                self._sync_failed[caller] = time.monotonic()
             log.warning(
                 "could not sync with %s before answering its probe: %s", caller, exc.message
             )

@@ -1,0 +1,35 @@
+"""The per-peer probe limits: a per-minute bucket that refills, and a daily quota."""
+
+from __future__ import annotations
+
+import pytest
+
+from ispf.errors import ResourceExhausted
+from ispf_server.policy import PeerPolicy
+from ispf_server.probes import RateLimiter
+
+
+def test_bucket_allows_a_burst_then_refills_with_time() -> None:
+    now = [0.0]
+    lim = RateLimiter(clock=lambda: now[0])
+    pp = PeerPolicy(
+        "sindh", frozenset({"online-check"}), probes_per_minute=60, probes_per_day=10_000
+    )
+    lim.take("sindh", 60, pp)
+    with pytest.raises(ResourceExhausted, match=r"60 per minute; retry in 1\.0 s"):
+        lim.take("sindh", 1, pp)
+    now[0] += 2.0  # two seconds refill two probes
+    lim.take("sindh", 2, pp)
+    with pytest.raises(ResourceExhausted):
+        lim.take("sindh", 1, pp)
+    lim.take("kp", 60, pp)  # each peer has its own bucket
+
+
+def test_daily_quota_is_enforced_regardless_of_the_bucket() -> None:
+    now = [0.0]
+    lim = RateLimiter(clock=lambda: now[0])
+    pp = PeerPolicy("sindh", frozenset(), probes_per_minute=1000, probes_per_day=5)
+    lim.take("sindh", 5, pp)
+    now[0] += 3600
+    with pytest.raises(ResourceExhausted, match="daily probe quota of 5"):
+        lim.take("sindh", 1, pp)
