@@ -234,7 +234,12 @@ class Node:
         count_only = mode == common_pb2.MODE_COUNT_ONLY
         # The node's own policy binds it as initiator too: what the peer may learn.
         pp = self.policy.current().check_session(peer, purpose, count_only)
-        records = eligible_records(self.store, pp, collections, labelled=not count_only)
+        # Mutual runs over everything the policy allows keep state, for incremental runs
+        # and online checks; filtered or count-only runs are one-offs with fresh keys.
+        sync = not count_only and not collections and not peer_collections
+        records = (
+            [] if sync else eligible_records(self.store, pp, collections, labelled=not count_only)
+        )
         sid = str(uuid.uuid4())
         salt = self.current_salt
         self.store.begin_session(sid, peer, "initiator", mode, purpose, salt.epoch)
@@ -248,9 +253,6 @@ class Node:
                 epoch=salt.epoch,
             )
         )
-        # Mutual runs over everything the policy allows keep state, for incremental runs
-        # and online checks; filtered or count-only runs are one-offs with fresh keys.
-        sync = not count_only and not collections and not peer_collections
         return Initiator(
             province=self.province,
             request=SessionRequest(sid, peer, purpose, mode, peer_collections, sync, full),
@@ -265,6 +267,7 @@ class Node:
             deadlines=Deadlines(self.config.call_deadline, self.config.session_deadline),
             audit=self.audit,
             pair_lock=self.pair_lock(peer) if sync else None,
+            peer_policy=pp,
         )
 
     def close(self) -> None:

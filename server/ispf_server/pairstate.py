@@ -58,8 +58,19 @@ CREATE TABLE IF NOT EXISTS pair_sync (
     epoch    INTEGER NOT NULL,
     -- The registry version this node's own tags for the peer reflect.
     version  INTEGER NOT NULL,
+    -- Fingerprints of the own and peer tag sets, kept up to date with each delta.
+    own_fp   BLOB NOT NULL,
+    peer_fp  BLOB NOT NULL,
+    -- The policy (for this peer) the own tags were chosen under; a change forces a full run.
+    policy   TEXT NOT NULL,
     PRIMARY KEY (peer, epoch)
 );
+-- Which IDs changed at which registry version: an incremental run reads only these.
+CREATE TABLE IF NOT EXISTS registry_changes (
+    version INTEGER NOT NULL,
+    nid     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version);
 """
 
 
@@ -88,6 +99,14 @@ class OwnTag:
     tag: bytes
 
 
+@dataclass(frozen=True)
+class SyncRow:
+    version: int
+    own_fp: bytes
+    peer_fp: bytes
+    policy: str
+
+
 @dataclass
 class PairDelta:
     """Changes to one pair's state, applied in one transaction when a session commits."""
@@ -98,6 +117,16 @@ class PairDelta:
     peer_added: dict[bytes, str]  # tag -> labels
     peer_removed: list[bytes]  # tags
     version: int
+    own_fp: bytes
+    peer_fp: bytes
+    policy: str
+
+
+def toggle(fp: bytes, tags: Iterable[bytes]) -> bytes:
+    """Add or remove tags from a set fingerprint (XOR is its own inverse)."""
+    return (int.from_bytes(fp, "big") ^ int.from_bytes(fingerprint(tags), "big")).to_bytes(
+        FP_BYTES, "big"
+    )
 
 
 def pair_key(db: sqlite3.Connection, peer: str, epoch: int, now: str) -> BlindingKey:
@@ -138,4 +167,11 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         "INSERT OR REPLACE INTO peer_tags VALUES (?,?,?,?)",
         ((peer, epoch, t, lb) for t, lb in d.peer_added.items()),
     )
-    cur.execute("INSERT OR REPLACE INTO pair_sync VALUES (?,?,?)", (peer, epoch, d.version))
+    cur.execute(
+        "INSERT OR REPLACE INTO pair_sync VALUES (?,?,?,?,?,?)",
+        (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),
+    )
+    # Changes every pair has seen are no longer needed.
+    cur.execute(
+        "DELETE FROM registry_changes WHERE version <= (SELECT MIN(version) FROM pair_sync)"
+    )

@@ -162,6 +162,7 @@ class Store:
         """Insert or update records by record id, all in one transaction."""
         ins = upd = same = 0
         now = utcnow()
+        changed: set[str] = set()
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -177,6 +178,7 @@ class Store:
                             "INSERT INTO records VALUES (?,?,?,?,?)", (r.record_id, *new, now)
                         )
                         ins += 1
+                        changed.add(r.nid)
                     elif tuple(row) != new:
                         cur.execute(
                             "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
@@ -184,10 +186,10 @@ class Store:
                             (*new, now, r.record_id),
                         )
                         upd += 1
+                        changed.update((row[0], r.nid))
                     else:
                         same += 1
-                if ins or upd:
-                    self._bump_version(cur)
+                self._log_changes(cur, changed)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -196,17 +198,21 @@ class Store:
 
     def delete(self, record_ids: Iterable[str]) -> tuple[int, list[str]]:
         deleted, missing = 0, []
+        changed: set[str] = set()
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 for rid in record_ids:
-                    if cur.execute("DELETE FROM records WHERE record_id=?", (rid,)).rowcount:
+                    row = cur.execute(
+                        "DELETE FROM records WHERE record_id=? RETURNING nid", (rid,)
+                    ).fetchone()
+                    if row:
                         deleted += 1
+                        changed.add(row[0])
                     else:
                         missing.append(rid)
-                if deleted:
-                    self._bump_version(cur)
+                self._log_changes(cur, changed)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -457,10 +463,99 @@ class Store:
 
     # -- pair state (incremental reconciliation, online checks) --------------
 
-    def _bump_version(self, cur: sqlite3.Cursor) -> None:
+    def _log_changes(self, cur: sqlite3.Cursor, nids: set[str]) -> None:
+        """Bump the registry version and note which IDs changed (for incremental runs)."""
+        if not nids:
+            return
         cur.execute(
             "INSERT INTO meta VALUES ('registry_version', '1') ON CONFLICT(key) DO UPDATE "
             "SET value = CAST(value AS INTEGER) + 1"
+        )
+        version = int(
+            cur.execute("SELECT value FROM meta WHERE key='registry_version'").fetchone()[0]
+        )
+        cur.executemany("INSERT INTO registry_changes VALUES (?,?)", ((version, n) for n in nids))
+
+    def changed_since(self, version: int) -> set[str]:
+        """IDs whose records changed after a registry version."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT nid FROM registry_changes WHERE version > ?", (version,)
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def records_by_nids(self, nids: Iterable[str]) -> list[StoredRecord]:
+        out: list[StoredRecord] = []
+        with self._lock:
+            for nid in nids:
+                out.extend(
+                    StoredRecord(rid, n, Label(p, s))
+                    for rid, n, p, s in self._db.execute(
+                        "SELECT record_id, nid, programme, status FROM records WHERE nid=?",
+                        (nid,),
+                    )
+                )
+        return out
+
+    def own_tags_for(
+        self, peer: str, epoch: int, nids: Iterable[str]
+    ) -> dict[str, pairstate.OwnTag]:
+        out: dict[str, pairstate.OwnTag] = {}
+        with self._lock:
+            for nid in nids:
+                row = self._db.execute(
+                    "SELECT labels, tag FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
+                    (peer, epoch, nid),
+                ).fetchone()
+                if row:
+                    out[nid] = pairstate.OwnTag(str(row[0]), bytes(row[1]))
+        return out
+
+    def own_nids_by_tag(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
+        out: dict[bytes, str] = {}
+        with self._lock:
+            for t in tags:
+                row = self._db.execute(
+                    "SELECT nid FROM own_tags WHERE peer=? AND epoch=? AND tag=?",
+                    (peer, epoch, t),
+                ).fetchone()
+                if row:
+                    out[t] = str(row[0])
+        return out
+
+    def peer_labels_for(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
+        out: dict[bytes, str] = {}
+        with self._lock:
+            for t in tags:
+                row = self._db.execute(
+                    "SELECT labels FROM peer_tags WHERE peer=? AND epoch=? AND tag=?",
+                    (peer, epoch, t),
+                ).fetchone()
+                if row:
+                    out[t] = str(row[0])
+        return out
+
+    def matched_state(self, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
+        """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT o.nid, o.tag, p.labels FROM own_tags o JOIN peer_tags p "
+                "ON p.peer = o.peer AND p.epoch = o.epoch AND p.tag = o.tag "
+                "WHERE o.peer=? AND o.epoch=?",
+                (peer, epoch),
+            ).fetchall()
+        return [(str(n), bytes(t), str(lb)) for n, t, lb in rows]
+
+    def pair_sync(self, peer: str, epoch: int) -> pairstate.SyncRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, own_fp, peer_fp, policy FROM pair_sync WHERE peer=? AND epoch=?",
+                (peer, epoch),
+            ).fetchone()
+        return (
+            pairstate.SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3]))
+            if row
+            else None
         )
 
     def registry_version(self) -> int:

@@ -112,3 +112,29 @@ def test_lost_state_on_one_side_falls_back_to_a_full_run(federation: Federation)
     st = federation.reconcile("punjab", "sindh")
     assert st.state == COMPLETED and st.sync == "full" and st.match_count == 1
     assert federation.reconcile("punjab", "sindh").sync == "incremental"
+
+
+def test_a_policy_change_forces_a_full_run_with_the_new_disclosure(
+    federation: Federation,
+) -> None:
+    federation.load(
+        "punjab",
+        [("A1", "3520212345671", "BISP", "enrolled"), ("A2", "3520212345672", "PSER", "eligible")],
+    )
+    federation.load(
+        "sindh",
+        [("S1", "3520212345671", "SSPA", "eligible"), ("S2", "3520212345672", "SSPA", "enrolled")],
+    )
+    assert federation.reconcile("punjab", "sindh").match_count == 2
+    path = federation.nodes["punjab"].config.policy_file
+    text = path.read_text()
+    head, rest = text.split("[peers.sindh]")
+    path.write_text(
+        head.replace("version = 1", "version = 2")
+        + "[peers.sindh]"
+        + rest.replace('disclose = ["*"]', 'disclose = ["BISP/*"]', 1)
+    )
+    st = federation.reconcile("punjab", "sindh")
+    assert st.sync == "full" and st.match_count == 1
+    assert got(federation, "sindh", st.session_id) == {("S1", "BISP", "enrolled")}
+    assert federation.reconcile("sindh", "punjab").sync == "incremental"

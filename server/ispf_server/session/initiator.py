@@ -25,6 +25,7 @@ from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_e
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
+from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
     PROTOCOL_VERSION,
@@ -102,6 +103,7 @@ class Initiator:
         deadlines: Deadlines,
         audit: AuditLog,
         pair_lock: threading.Lock | None = None,
+        peer_policy: PeerPolicy | None = None,
     ) -> None:
         self.province = province
         self.req = request
@@ -116,6 +118,7 @@ class Initiator:
         self.deadlines = deadlines
         self.audit = audit
         self.pair_lock = pair_lock
+        self.peer_policy = peer_policy or PeerPolicy(request.peer, frozenset())
         self.side: SyncSide | None = None
         self.key = BlindingKey.generate()
         self.md = ((SESSION_KEY, request.session_id),)
@@ -193,14 +196,14 @@ class Initiator:
         remote = self.stub.GetSyncState(
             peer_pb2.SyncStateRequest(epoch=epoch), timeout=self.deadlines.call
         )
-        local = state_fingerprints(self.store, self.req.peer, epoch)
+        local = state_fingerprints(self.store, self.req.peer, epoch, self.peer_policy)
         incremental = (
             not self.req.force_full
             and local is not None
             and remote.held
             and local == (remote.initiator_set, remote.responder_set)
         )
-        return prepare(self.store, self.req.peer, epoch, self.records, incremental=incremental)
+        return prepare(self.store, self.peer_policy, self.req.peer, epoch, incremental=incremental)
 
     def _run(self) -> None:
         sid, cfg = self.req.session_id, self.deadlines
@@ -227,7 +230,15 @@ class Initiator:
             ),
             timeout=cfg.call,
         )
-        peer_removed = parse_removed(hs.removed, side.peer_current, self.req.peer) if side else []
+        peer_removed = (
+            parse_removed(
+                hs.removed,
+                lambda ts: self.store.peer_labels_for(self.req.peer, self.salt.epoch, ts),
+                self.req.peer,
+            )
+            if side
+            else []
+        )
         peer_groups, peer_sizes = parse_groups(
             list(hs.groups), labelled=self.labelled, max_total=self.max_set_size
         )

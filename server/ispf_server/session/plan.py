@@ -80,6 +80,11 @@ def eligible_records(
     return records
 
 
+def eligible(pp: PeerPolicy, record: StoredRecord) -> bool:
+    """May this record take part in a labelled session with the peer, under its policy?"""
+    return pp.in_collections(record.label.programme) and pp.may_disclose(record.label)
+
+
 def parse_groups(
     groups: list[common_pb2.LabelGroup], *, labelled: bool, max_total: int
 ) -> tuple[list[LabelSet], list[int]]:

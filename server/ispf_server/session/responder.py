@@ -193,7 +193,8 @@ class Responder:
 
     def sync_state(self, req: peer_pb2.SyncStateRequest, caller: str) -> peer_pb2.SyncState:
         """The caller's set and this node's set, as held here for the caller."""
-        fps = state_fingerprints(self.store, caller, req.epoch)
+        pp = self.policy().peers.get(caller)
+        fps = state_fingerprints(self.store, caller, req.epoch, pp) if pp else None
         if fps is None:
             return peer_pb2.SyncState(held=False)
         own, peer = fps
@@ -212,7 +213,7 @@ class Responder:
             )
         try:
             if req.incremental:
-                fps = state_fingerprints(self.store, caller, req.epoch)
+                fps = state_fingerprints(self.store, caller, req.epoch, pp)
                 theirs = (req.state[32:], req.state[:32])  # (our set, their set) as they hold
                 if fps is None or fps != theirs:
                     raise PreconditionFailed(
@@ -221,9 +222,10 @@ class Responder:
                     )
             elif req.removed:
                 raise ProtocolViolation("a full run removes nothing")
-            records = eligible_records(self.store, pp, frozenset(), labelled=True)
-            side = prepare(self.store, caller, req.epoch, records, incremental=req.incremental)
-            removed = parse_removed(req.removed, side.peer_current, caller)
+            side = prepare(self.store, pp, caller, req.epoch, incremental=req.incremental)
+            removed = parse_removed(
+                req.removed, lambda ts: self.store.peer_labels_for(caller, req.epoch, ts), caller
+            )
         except BaseException:
             lock.release()
             raise

@@ -1,108 +1,127 @@
 """Sync sessions: the mutual protocol over a pair's fixed keys and kept tag state.
 
 Each side sends only the IDs added (or relabelled) since the pair last synced
-and the tags of those it removed; matches are then computed over the whole
-state, so an incremental run gives exactly what a full run would. A full run
-is the same with empty state: everything is added, and the state replaced.
+and the tags of those it removed; matches are the kept matches adjusted by both
+deltas, so an incremental run gives exactly what a full run would, at a cost in
+proportion to the changes (and the matches), not to the registry. A full run
+is the same from empty state: everything is added, and the state replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.keys import BlindingKey
-from ispf_server.pairstate import (
-    OwnTag,
-    PairDelta,
-    fingerprint,
-    labels_of,
-    labels_text,
-)
+from ispf_server.pairstate import EMPTY_FP, OwnTag, PairDelta, labels_of, labels_text, toggle
+from ispf_server.policy import PeerPolicy
 from ispf_server.session.core import Outcome, split
-from ispf_server.session.plan import LabelSet, Plan, build_plan
+from ispf_server.session.plan import LabelSet, Plan, build_plan, eligible, eligible_records
 from ispf_server.store import MatchRow, Store, StoredRecord
 
 MAX_REMOVED = 1_000_000
 
 
+def policy_key(pp: PeerPolicy) -> str:
+    """What of a peer's policy decides which own IDs and labels it may hold."""
+    doc = {"collections": sorted(pp.collections), "disclose": list(pp.disclose)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def state_fingerprints(
+    store: Store, peer: str, epoch: int, pp: PeerPolicy
+) -> tuple[bytes, bytes] | None:
+    """(own set, peer set) fingerprints, or None if no usable state is held.
+
+    State kept under another policy is not usable: which IDs and labels the peer
+    may hold changed, so the next run must be full.
+    """
+    row = store.pair_sync(peer, epoch)
+    if row is None or row.policy != policy_key(pp):
+        return None
+    return row.own_fp, row.peer_fp
+
+
 @dataclass
 class SyncSide:
+    store: Store
+    pp: PeerPolicy
     peer: str
     epoch: int
     key: BlindingKey
     incremental: bool
-    current: dict[str, OwnTag]
-    peer_current: dict[bytes, str]
-    desired: dict[str, str]
-    records: list[StoredRecord]
+    own_fp: bytes
+    peer_fp: bytes
+    records: list[StoredRecord]  # the records that take part in this run's delta
+    desired: dict[str, str]  # nid -> label set, for the IDs of the delta
     plan: Plan
     removed_nids: list[str]
     removed_tags: list[bytes]
     version: int
 
-    @property
-    def own_fp(self) -> bytes:
-        return fingerprint(o.tag for o in self.current.values())
 
-    @property
-    def peer_fp(self) -> bytes:
-        return fingerprint(self.peer_current)
-
-
-def state_fingerprints(store: Store, peer: str, epoch: int) -> tuple[bytes, bytes] | None:
-    """(own set, peer set) fingerprints of the pair's state, or None if none is held."""
-    if store.pair_version(peer, epoch) is None:
-        return None
-    own = fingerprint(o.tag for o in store.own_tags(peer, epoch).values())
-    return own, fingerprint(store.peer_tags(peer, epoch))
-
-
-def prepare(
-    store: Store, peer: str, epoch: int, records: list[StoredRecord], *, incremental: bool
-) -> SyncSide:
-    """What this side sends: IDs whose label set is new or changed, and removed tags."""
-    version = store.registry_version()
+def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
     by_nid: dict[str, set[str]] = defaultdict(set)
     for r in records:
         by_nid[r.nid].add(f"{r.label.programme}/{r.label.status}")
-    desired = {nid: json.dumps(sorted(lbs)) for nid, lbs in by_nid.items()}
-    current = store.own_tags(peer, epoch) if incremental else {}
-    peer_current = store.peer_tags(peer, epoch) if incremental else {}
-    changed = {n for n, lb in desired.items() if n not in current or current[n].labels != lb}
-    removed_nids = [n for n, o in current.items() if n not in desired or n in changed]
-    removed_tags = [current[n].tag for n in removed_nids]
+    return {nid: json.dumps(sorted(lbs)) for nid, lbs in by_nid.items()}
+
+
+def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
+    """What this side sends: IDs whose label set is new or changed, and removed tags."""
+    version = store.registry_version()
+    row = store.pair_sync(peer, epoch) if incremental else None
+    if row is not None:
+        nids = store.changed_since(row.version)
+        records = [r for r in store.records_by_nids(sorted(nids)) if eligible(pp, r)]
+        current = store.own_tags_for(peer, epoch, nids)
+        own_fp, peer_fp = row.own_fp, row.peer_fp
+    else:
+        records = eligible_records(store, pp, frozenset(), labelled=True)
+        nids = {r.nid for r in records}
+        current, own_fp, peer_fp = {}, EMPTY_FP, EMPTY_FP
+    desired = _label_sets(records)
+    changed = {n for n in nids if desired.get(n) != (current[n].labels if n in current else None)}
+    removed_nids = sorted(n for n in changed if n in current)
     plan = build_plan(
         [r for r in records if r.nid in changed], secrets.SystemRandom(), labelled=True
     )
     return SyncSide(
+        store=store,
+        pp=pp,
         peer=peer,
         epoch=epoch,
         key=store.pair_key(peer, epoch),
-        incremental=incremental,
-        current=current,
-        peer_current=peer_current,
-        desired=desired,
+        incremental=row is not None,
+        own_fp=own_fp,
+        peer_fp=peer_fp,
         records=records,
+        desired=desired,
         plan=plan,
         removed_nids=removed_nids,
-        removed_tags=removed_tags,
+        removed_tags=[current[n].tag for n in removed_nids],
         version=version,
     )
 
 
-def parse_removed(packed: bytes, known: dict[bytes, str], who: str) -> list[bytes]:
+def parse_removed(
+    packed: bytes, held: Callable[[list[bytes]], dict[bytes, str]], who: str
+) -> list[bytes]:
     """The peer's removed tags: each must be one we hold for it."""
     if len(packed) % TAG_BYTES:
         raise ProtocolViolation(f"removed tags of {who} are not whole 16-byte tags")
     tags = split(packed, TAG_BYTES)
     if len(tags) > MAX_REMOVED:
         raise ProtocolViolation(f"{len(tags)} removed tags, at most {MAX_REMOVED}")
-    unknown = sum(1 for t in tags if t not in known)
+    if len(set(tags)) != len(tags):
+        raise ProtocolViolation(f"{who} removed the same tag twice")
+    unknown = len(tags) - len(held(tags)) if tags else 0
     if unknown:
         raise ProtocolViolation(f"{who} removed {unknown} tags this node never held")
     return tags
@@ -123,38 +142,52 @@ def finish(
     peer_added_tags: bytes,
     peer_removed: list[bytes],
 ) -> SyncResult:
-    """Apply both deltas (in memory) and intersect the whole state."""
+    """Apply both deltas (in memory) to the kept matches; the state itself changes on commit."""
+    store, peer, epoch = side.store, side.peer, side.epoch
     own_added = {
         nid.decode("ascii"): OwnTag(side.desired[nid.decode("ascii")], tag)
         for nid, tag in zip(side.plan.order, split(own_added_tags, TAG_BYTES), strict=True)
     }
-    own_after = {n: o for n, o in side.current.items() if n not in set(side.removed_nids)}
-    own_after.update(own_added)
     peer_added: dict[bytes, str] = {}
     tags = split(peer_added_tags, TAG_BYTES)
     pos = 0
-    for labels, size in zip(peer_groups, peer_sizes, strict=True):
-        text = labels_text(labels)
+    for group, size in zip(peer_groups, peer_sizes, strict=True):
+        text = labels_text(group)
         for t in tags[pos : pos + size]:
             peer_added[t] = text
         pos += size
-    gone = set(peer_removed)
-    peer_after = {t: lb for t, lb in side.peer_current.items() if t not in gone}
-    peer_after.update(peer_added)
-    by_nid: dict[str, list[StoredRecord]] = defaultdict(list)
-    for r in side.records:
-        by_nid[r.nid].append(r)
-    matched: list[bytes] = []
+    gone_own, gone_peer = set(side.removed_nids), set(peer_removed)
+    matches: dict[str, tuple[bytes, str]] = {}
+    if side.incremental:
+        for nid, tag, labels in store.matched_state(peer, epoch):
+            if nid not in gone_own and tag not in gone_peer:
+                matches[nid] = (tag, labels)
+        for tag, nid in store.own_nids_by_tag(peer, epoch, peer_added).items():
+            if nid not in gone_own:  # new peer tags meeting kept own ones
+                matches[nid] = (tag, peer_added[tag])
+        kept_peer = store.peer_labels_for(
+            peer, epoch, [o.tag for o in own_added.values() if o.tag not in peer_added]
+        )
+    else:
+        kept_peer = {}
+    for nid, own in own_added.items():
+        found = peer_added.get(own.tag)
+        if found is None and own.tag not in gone_peer:
+            found = kept_peer.get(own.tag)
+        if found is not None:
+            matches[nid] = (own.tag, found)
+    matched_records = (
+        side.records
+        if not side.incremental
+        else [r for r in store.records_by_nids(sorted(matches)) if eligible(side.pp, r)]
+    )
     rows: list[MatchRow] = []
-    for nid, own in own_after.items():
-        peer_labels = peer_after.get(own.tag)
-        if peer_labels is None:
-            continue
-        matched.append(own.tag)
-        for rec in by_nid[nid]:
-            rows.extend(
-                MatchRow(rec.record_id, rec.label, pl, own.tag) for pl in labels_of(peer_labels)
-            )
+    for rec in matched_records:
+        if rec.nid in matches:
+            tag, labels = matches[rec.nid]
+            rows.extend(MatchRow(rec.record_id, rec.label, pl, tag) for pl in labels_of(labels))
+    own_fp = toggle(toggle(side.own_fp, side.removed_tags), (o.tag for o in own_added.values()))
+    peer_fp = toggle(toggle(side.peer_fp, peer_removed), peer_added)
     delta = PairDelta(
         reset=not side.incremental,
         own_added=own_added,
@@ -162,6 +195,9 @@ def finish(
         peer_added=peer_added,
         peer_removed=peer_removed,
         version=side.version,
+        own_fp=own_fp,
+        peer_fp=peer_fp,
+        policy=policy_key(side.pp),
     )
-    state = fingerprint(o.tag for o in own_after.values()) + fingerprint(peer_after)
-    return SyncResult(Outcome(len(matched), result_digest(matched), rows), delta, state)
+    matched = [t for t, _ in matches.values()]
+    return SyncResult(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)
