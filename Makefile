@@ -48,8 +48,9 @@ proto-check: dev ## fail if the committed stubs differ from what proto/ generate
 pytest: dev ## the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: dev ## benchmarks: blinding throughput vs the raw primitive (figures, not pass/fail)
+bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full vs incremental; checks
 	$(BIN)/python bench/blinding.py
+	$(BIN)/python bench/online_incremental.py $(BENCH_ARGS)
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out
