@@ -173,16 +173,26 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
             raise ConfigError("the node has no peers configured")
         me = client.profile.province
         for peer in peers:
+            title = f"{me} ⇄ {peer}"
+
+            def follow(sid: str, t: str = title) -> internal_pb2.SessionStatus:
+                return watch_with_progress(client, sid, t, con)
+
+            def retry(st: internal_pb2.SessionStatus, delay: float, p: str = peer) -> None:
+                con.print(f"  {p}: {st.error}; retrying in {delay:.0f} s", markup=False)
+
             try:
-                st = client.start_reconciliation(
+                final = client.reconcile(
                     peer,
+                    attempts=args.attempts,
+                    watch=follow,
+                    on_retry=retry,
                     purpose=args.purpose,
                     count_only=args.count_only,
                     collections=args.collection,
                     peer_collections=args.peer_collection,
                     full=args.full,
                 )
-                final = watch_with_progress(client, st.session_id, f"{me} ⇄ {peer}", con)
             except IspfError as exc:
                 failed.append(f"{peer}: {exc.message}")
                 continue
@@ -469,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--full", action="store_true", help="a full run even where an incremental one is possible"
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=4,
+        help="sessions to try per peer when the failure may pass (peer down, restart, busy)",
     )
     p.add_argument("--out", default="reports", help="report folder")
     p.set_defaults(func=cmd_reconcile)

@@ -6,23 +6,27 @@ the node raised (translated here, in one place).
 
 from __future__ import annotations
 
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from ispf.errors import ConfigError, from_rpc_error
+from ispf.errors import ConfigError, DeadlineExceeded, PeerUnavailable, from_rpc_error
 from ispf.identity import node_hostname
 from ispf.keys import check_private_file
+from ispf.retry import Backoff
 from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_TIMEOUT = 60.0
+SESSION_BACKOFF = Backoff(attempts=4, base=1.0, cap=30.0)
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -185,6 +189,56 @@ class NodeClient:
             ),
             timeout=deadline_ms / 1000.0 + self.timeout,
         )
+
+    def reconcile(
+        self,
+        peer: str,
+        *,
+        attempts: int = 4,
+        backoff: Backoff = SESSION_BACKOFF,
+        node_wait: float = 120.0,
+        watch: Callable[[str], internal_pb2.SessionStatus] | None = None,
+        on_retry: Callable[[internal_pb2.SessionStatus, float], None] | None = None,
+        **options: Any,
+    ) -> internal_pb2.SessionStatus:
+        """Reconcile with a peer and see it through; returns the final status.
+
+        A failure that a new session may get past (the peer down or restarted, the
+        connection dropped, this node restarted, the pair busy) is retried with a
+        new session after an exponential, jittered wait, up to `attempts` sessions.
+        Any other failure (policy, salt, a result the two sides disagree on) is
+        returned at once. If this node goes away while the session runs, we wait
+        up to `node_wait` seconds for it to come back and read what became of it.
+        """
+        delays = [*backoff.delays(), 0.0]
+        last: internal_pb2.SessionStatus | None = None
+        for attempt in range(max(1, attempts)):
+            sid = self._when_up(
+                lambda: self.start_reconciliation(peer, **options).session_id, node_wait
+            )
+            follow = watch or self.wait
+            last = self._when_up(partial(follow, sid), node_wait)
+            if last.state == internal_pb2.SESSION_STATE_COMPLETED or not last.retriable:
+                return last
+            if attempt < attempts - 1:
+                if on_retry:
+                    on_retry(last, delays[attempt])
+                time.sleep(delays[attempt])
+        assert last is not None
+        return last
+
+    def _when_up(self, call: Callable[[], R], wait: float) -> R:
+        """Run `call`, waiting (with backoff) while this node is unreachable."""
+        deadline = time.monotonic() + wait
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except (PeerUnavailable, DeadlineExceeded):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def watch(
         self, session_id: str, *, timeout: float = 24 * 3600.0

@@ -24,6 +24,7 @@
     ├── SessionAborted             ABORTED
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
+    │   └── RetryLater             (busy, or state to rebuild: try again shortly)
     └── DeadlineExceeded           DEADLINE_EXCEEDED
 
 The server translates these to gRPC status in one interceptor
@@ -140,6 +141,10 @@ class ResultMismatch(SessionAborted):
 
 class PeerUnavailable(IspfError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class RetryLater(PeerUnavailable):
+    """Not now: the pair is busy with another session, or its state must be rebuilt."""
 
 
 class DeadlineExceeded(IspfError):

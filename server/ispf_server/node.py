@@ -140,7 +140,7 @@ class Node:
                 outcome="failed",
                 reason=reason,
             )
-            self.store.fail_session(row.session_id, reason, entry)
+            self.store.fail_session(row.session_id, reason, entry, retriable=True)
             log.warning("session %s with %s: %s", row.session_id, peer, reason)
         self.audit.sign_checkpoint()
 

@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     finished_at     TEXT NOT NULL DEFAULT '',
     sync            TEXT NOT NULL DEFAULT '',
     own_removed     INTEGER NOT NULL DEFAULT 0,
-    peer_removed    INTEGER NOT NULL DEFAULT 0
+    peer_removed    INTEGER NOT NULL DEFAULT 0,
+    -- A failure a new session may get past (peer down, restart, busy).
+    retriable       INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS matches (
     session_id     TEXT NOT NULL REFERENCES sessions(session_id),
@@ -138,6 +140,7 @@ class SessionRow:
     sync: str = ""
     own_removed: int = 0
     peer_removed: int = 0
+    retriable: int = 0
 
 
 class Store:
@@ -318,7 +321,9 @@ class Store:
                 raise
         return idx
 
-    def fail_session(self, session_id: str, error: str, entry: bytes | None) -> bool:
+    def fail_session(
+        self, session_id: str, error: str, entry: bytes | None, *, retriable: bool = False
+    ) -> bool:
         """Mark a running session FAILED and append its entry, in one transaction.
 
         Does nothing (returns False) if the session is not running, so a
@@ -329,9 +334,9 @@ class Store:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 changed = cur.execute(
-                    "UPDATE sessions SET state='FAILED', error=?, finished_at=? "
+                    "UPDATE sessions SET state='FAILED', error=?, finished_at=?, retriable=? "
                     "WHERE session_id=? AND state='RUNNING'",
-                    (error, utcnow(), session_id),
+                    (error, utcnow(), int(retriable), session_id),
                 ).rowcount
                 if changed and entry is not None:
                     self._append(cur, session_id, entry)

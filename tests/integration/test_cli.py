@@ -110,7 +110,21 @@ def test_reconcile_all_reports_a_failed_peer_and_exits_non_zero(
     federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
     federation.stop("kp")
     prof = str(write_profile(federation, "punjab", tmp_path))
-    assert main(["reconcile", "--all", "--profile", prof, "--out", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "reconcile",
+                "--all",
+                "--attempts",
+                "2",
+                "--profile",
+                prof,
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "punjab ⇄ sindh: completed" in out
     assert "FAILED kp:" in out

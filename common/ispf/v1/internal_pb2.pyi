@@ -479,6 +479,7 @@ class SessionStatus(_message.Message):
     SYNC_FIELD_NUMBER: _builtins.int
     OWN_REMOVED_FIELD_NUMBER: _builtins.int
     PEER_REMOVED_FIELD_NUMBER: _builtins.int
+    RETRIABLE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     peer: _builtins.str
     role: _builtins.str
@@ -508,6 +509,10 @@ class SessionStatus(_message.Message):
     own_removed: _builtins.int
     """Values removed from the pair state in this session (incremental runs)."""
     peer_removed: _builtins.int
+    retriable: _builtins.bool
+    """A failed session whose cause may pass (peer down, node restarted, busy):
+    a new session may succeed. Other failures need a person.
+    """
     def __init__(
         self,
         *,
@@ -536,10 +541,11 @@ class SessionStatus(_message.Message):
         sync: _builtins.str = ...,
         own_removed: _builtins.int = ...,
         peer_removed: _builtins.int = ...,
+        retriable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blinded", b"blinded", "epoch", b"epoch", "error", b"error", "finished_at", b"finished_at", "match_count", b"match_count", "matched_records", b"matched_records", "mode", b"mode", "own_records", b"own_records", "own_removed", b"own_removed", "own_values", b"own_values", "peer", b"peer", "peer_removed", b"peer_removed", "peer_values", b"peer_values", "phase", b"phase", "purpose", b"purpose", "received", b"received", "result_digest", b"result_digest", "role", b"role", "sent", b"sent", "session_id", b"session_id", "started_at", b"started_at", "state", b"state", "sync", b"sync", "work_done", b"work_done", "work_total", b"work_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blinded", b"blinded", "epoch", b"epoch", "error", b"error", "finished_at", b"finished_at", "match_count", b"match_count", "matched_records", b"matched_records", "mode", b"mode", "own_records", b"own_records", "own_removed", b"own_removed", "own_values", b"own_values", "peer", b"peer", "peer_removed", b"peer_removed", "peer_values", b"peer_values", "phase", b"phase", "purpose", b"purpose", "received", b"received", "result_digest", b"result_digest", "retriable", b"retriable", "role", b"role", "sent", b"sent", "session_id", b"session_id", "started_at", b"started_at", "state", b"state", "sync", b"sync", "work_done", b"work_done", "work_total", b"work_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,7 @@ from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.policy import PeerPolicy
@@ -47,6 +48,16 @@ from ispf_server.session.sync import (
 from ispf_server.store import Store, StoredRecord
 
 log = logging.getLogger(__name__)
+# Causes a new session may get past: the peer down or restarted (its session lost),
+# the connection dropped, a deadline, the pair busy.
+RETRIABLE_SESSION = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
 SESSION_KEY = "ispf-session-id"
 T = TypeVar("T")
 
@@ -134,27 +145,29 @@ class Initiator:
         sid = self.req.session_id
         lock = self.pair_lock
         if lock is not None and not lock.acquire(timeout=self.deadlines.session):
-            self._fail(f"another session with {self.req.peer} did not finish in time")
+            self._fail(f"another session with {self.req.peer} did not finish in time", True)
             return
         try:
             self._run()
         except IspfError as exc:
-            self._fail(exc.message)
+            self._fail(exc.message, exc.code in RETRIABLE_SESSION)
         except grpc.RpcError as exc:
-            self._fail(f"peer {self.req.peer}: {from_rpc_error(exc).message}")
+            err = from_rpc_error(exc)
+            self._fail(f"peer {self.req.peer}: {err.message}", err.code in RETRIABLE_SESSION)
         except Exception:
             log.exception("session %s: unexpected failure", sid)
-            self._fail("internal error (see the node log)")
+            self._fail("internal error (see the node log)", False)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, retriable: bool) -> None:
         sid = self.req.session_id
         log.warning("session %s with %s failed: %s", sid, self.req.peer, reason)
-        if self.store.fail_session(sid, reason, self._entry("failed", reason=reason)):
+        entry = self._entry("failed", reason=reason)
+        if self.store.fail_session(sid, reason, entry, retriable=retriable):
             self.audit.sign_checkpoint()
-        self.progress.finish(FAILED, error=reason)
+        self.progress.finish(FAILED, error=reason, retriable=retriable)
         # The peer may be gone or already know; its own idle timeout cleans up then.
         with contextlib.suppress(grpc.RpcError):
             self.stub.Abort(
@@ -193,8 +206,11 @@ class Initiator:
     def _prepare_sync(self) -> SyncSide:
         """Incremental if both sides hold the same state for the pair; else a full run."""
         epoch = self.salt.epoch
-        remote = self.stub.GetSyncState(
-            peer_pb2.SyncStateRequest(epoch=epoch), timeout=self.deadlines.call
+        remote = retrying(
+            lambda: self.stub.GetSyncState(
+                peer_pb2.SyncStateRequest(epoch=epoch), timeout=self.deadlines.call
+            ),
+            f"session {self.req.session_id} GetSyncState",
         )
         local = state_fingerprints(self.store, self.req.peer, epoch, self.peer_policy)
         incremental = (
@@ -298,15 +314,16 @@ class Initiator:
             outcome = intersect(plan, bytes(own_tags), peer_groups, peer_sizes, peer_tags)
         else:
             outcome = Outcome(count_common(bytes(own_tags), peer_tags), b"", [])
-        answer = self.stub.Conclude(
-            peer_pb2.ConcludeRequest(
-                session_id=sid,
-                match_count=outcome.match_count if self.labelled else 0,
-                result_digest=outcome.digest,
-                witnessed_size=self.audit.witnessed_size(self.req.peer),
-                state=synced.state_after if synced else b"",
-            ),
-            timeout=cfg.call,
+        conclude = peer_pb2.ConcludeRequest(
+            session_id=sid,
+            match_count=outcome.match_count if self.labelled else 0,
+            result_digest=outcome.digest,
+            witnessed_size=self.audit.witnessed_size(self.req.peer),
+            state=synced.state_after if synced else b"",
+        )
+        # Safe to repeat: the peer answers a repeated Conclude with its first answer.
+        answer = retrying(
+            lambda: self.stub.Conclude(conclude, timeout=cfg.call), f"session {sid} Conclude"
         )
         if self.labelled and not (
             answer.agreed

@@ -46,6 +46,7 @@ class Snapshot:
     sync: str = ""
     own_removed: int = 0
     peer_removed: int = 0
+    retriable: bool = False
     version: int = 0
 
     def to_proto(self) -> internal_pb2.SessionStatus:
@@ -75,6 +76,7 @@ class Snapshot:
             sync=self.sync,
             own_removed=self.own_removed,
             peer_removed=self.peer_removed,
+            retriable=self.retriable,
         )
 
     @classmethod
@@ -100,6 +102,7 @@ class Snapshot:
             sync=row.sync,
             own_removed=row.own_removed,
             peer_removed=row.peer_removed,
+            retriable=bool(row.retriable),
         )
 
 

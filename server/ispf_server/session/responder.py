@@ -17,9 +17,9 @@ from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import (
     IspfError,
     PolicyRefused,
-    PreconditionFailed,
     ProtocolViolation,
     ResultMismatch,
+    RetryLater,
     SaltMismatch,
     UnknownSession,
     VersionMismatch,
@@ -126,6 +126,9 @@ class Responder:
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._sessions: dict[str, ResponderSession] = {}
+        # Answers to Conclude, kept a while so a retried Conclude (answer lost on the
+        # way) gets the same answer rather than "unknown session".
+        self._concluded: dict[str, tuple[str, float, peer_pb2.ConcludeResponse]] = {}
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -207,7 +210,7 @@ class Responder:
             raise ProtocolViolation("a sync session is mutual and covers every collection")
         lock = self.pair_lock(caller)
         if not lock.acquire(blocking=False):
-            raise PreconditionFailed(
+            raise RetryLater(
                 f"a session between {caller} and {self.province} is already running; "
                 "try again when it ends"
             )
@@ -216,7 +219,7 @@ class Responder:
                 fps = state_fingerprints(self.store, caller, req.epoch, pp)
                 theirs = (req.state[32:], req.state[:32])  # (our set, their set) as they hold
                 if fps is None or fps != theirs:
-                    raise PreconditionFailed(
+                    raise RetryLater(
                         f"{self.province} holds another state for the pair than {caller} "
                         "assumes: run again (it will be a full run)"
                     )
@@ -426,6 +429,19 @@ class Responder:
             return peer_pb2.ReturnTagsResponse(received=len(own) // TAG_BYTES)
 
     def conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
+        with self._lock:
+            now = time.monotonic()
+            for sid in [k for k, (_, t, _) in self._concluded.items() if now - t > 3600]:
+                del self._concluded[sid]
+            done = self._concluded.get(req.session_id)
+        if done is not None and done[0] == caller:
+            return done[2]
+        answer = self._conclude(req, caller)
+        with self._lock:
+            self._concluded[req.session_id] = (caller, time.monotonic(), answer)
+        return answer
+
+    def _conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
         s = self._get(req.session_id, caller)
         with self._guard(s, "conclude"):
             if not s.reblind_done or (s.labelled and not s.return_done):
