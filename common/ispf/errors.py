@@ -21,6 +21,7 @@
     │   └── PolicyRefused
     ├── Unauthenticated            UNAUTHENTICATED
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
+    │   └── StorageFull            (the node's disk is full: nothing was stored)
     ├── SessionAborted             ABORTED
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
@@ -129,6 +130,10 @@ class Unauthenticated(IspfError):
 
 class ResourceExhausted(IspfError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class StorageFull(ResourceExhausted):
+    pass
 
 
 class SessionAborted(IspfError):

@@ -8,13 +8,17 @@ results are never shown as final.
 
 from __future__ import annotations
 
+import functools
+import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
+from ispf.errors import RetryLater, StorageFull
 from ispf.keys import BlindingKey
 from ispf.records import Label
 from ispf_server import pairstate
@@ -92,6 +96,8 @@ CREATE TABLE IF NOT EXISTS witnessed (
 );
 """
 
+log = logging.getLogger(__name__)
+
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -143,6 +149,41 @@ class SessionRow:
     retriable: int = 0
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def storage_errors(fn: F) -> F:
+    """Report a full disk (or a database that cannot be written) as such, not as a crash.
+
+    Every write is one transaction that SQLite rolls back on such an error, so
+    nothing half-written is left behind.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "full" in text:
+                log.error("store: %s", text)
+                raise StorageFull(
+                    "the node's disk is full: nothing of this request was stored; free "
+                    "space on the node and try again"
+                ) from exc
+            if "locked" in text or "busy" in text:
+                raise RetryLater("the node's store is busy; try again") from exc
+            raise
+
+    return cast(F, run)
+
+
+def _rollback(cur: sqlite3.Cursor) -> None:
+    # SQLite may already have rolled back (a full disk does): keep the original error.
+    if cur.connection.in_transaction:
+        cur.execute("ROLLBACK")
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +202,7 @@ class Store:
 
     # -- registry -----------------------------------------------------------
 
+    @storage_errors
     def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
         """Insert or update records by record id, all in one transaction."""
         ins = upd = same = 0
@@ -195,10 +237,11 @@ class Store:
                 self._log_changes(cur, changed)
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                _rollback(cur)
                 raise
         return UpsertCounts(ins, upd, same)
 
+    @storage_errors
     def delete(self, record_ids: Iterable[str]) -> tuple[int, list[str]]:
         deleted, missing = 0, []
         changed: set[str] = set()
@@ -218,7 +261,7 @@ class Store:
                 self._log_changes(cur, changed)
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                _rollback(cur)
                 raise
         return deleted, missing
 
@@ -246,6 +289,7 @@ class Store:
 
     # -- sessions -----------------------------------------------------------
 
+    @storage_errors
     def begin_session(
         self, session_id: str, peer: str, role: str, mode: int, purpose: str, epoch: int
     ) -> None:
@@ -256,6 +300,7 @@ class Store:
                 (session_id, peer, role, mode, purpose, epoch, utcnow()),
             )
 
+    @storage_errors
     def complete_session(
         self,
         session_id: str,
@@ -317,10 +362,11 @@ class Store:
                 idx = self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                _rollback(cur)
                 raise
         return idx
 
+    @storage_errors
     def fail_session(
         self, session_id: str, error: str, entry: bytes | None, *, retriable: bool = False
     ) -> bool:
@@ -342,7 +388,7 @@ class Store:
                     self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                _rollback(cur)
                 raise
         return bool(changed)
 
@@ -355,6 +401,7 @@ class Store:
         cur.execute("INSERT INTO log_entries VALUES (?,?,?)", (idx, session_id, entry))
         return idx
 
+    @storage_errors
     def append_entry(self, session_id: str, entry: bytes) -> int:
         with self._lock:
             cur = self._db.cursor()
@@ -363,7 +410,7 @@ class Store:
                 idx = self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                _rollback(cur)
                 raise
         return idx
 
@@ -383,6 +430,7 @@ class Store:
             ).fetchone()
         return int(row[0]) if row else None
 
+    @storage_errors
     def add_checkpoint(self, size: int, note: str) -> None:
         with self._lock:
             self._db.execute(
@@ -409,6 +457,7 @@ class Store:
             ).fetchall()
         return [(int(a), str(b)) for a, b in rows]
 
+    @storage_errors
     def add_cosignature(self, size: int, witness: str, line: str) -> None:
         with self._lock:
             self._db.execute(
@@ -422,6 +471,7 @@ class Store:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    @storage_errors
     def set_witnessed(self, peer: str, size: int, note: str) -> None:
         with self._lock:
             self._db.execute(
@@ -440,6 +490,7 @@ class Store:
             ).fetchone()
         return SessionRow(*row) if row else None
 
+    @storage_errors
     def destroy_epoch(self, epoch: int) -> int:
         """At an epoch's retirement: erase its pair keys, tag state and sessions' match tags.
 
@@ -459,7 +510,7 @@ class Store:
                     cur.execute(f"DELETE FROM {table} WHERE epoch=?", (epoch,))  # noqa: S608
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                _rollback(cur)
                 raise
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.execute("VACUUM")
@@ -610,6 +661,7 @@ class Store:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return str(row[0]) if row else None
 
+    @storage_errors
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))

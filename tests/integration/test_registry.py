@@ -83,3 +83,30 @@ def test_repeated_record_id_in_one_batch_keeps_the_last_row(federation: Federati
     stats = federation.client("kp").stats()
     assert stats.records == 1
     assert stats.labels[0].label.status == "exited"
+
+
+def test_a_full_disk_is_reported_and_nothing_is_half_written(federation: Federation) -> None:
+    from ispf.errors import StorageFull
+
+    client = federation.client("sindh")
+    federation.load("sindh", [(f"S{i}", f"42101{i:08d}", "BISP", "enrolled") for i in range(50)])
+    db = federation.nodes["sindh"].store._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
+    try:
+        big = [
+            internal_pb2.Record(
+                record_id=f"N{i}",
+                nid=f"42101{i:08d}",
+                programme="BISP",
+                status="eligible",
+                position=i + 1,
+            )
+            for i in range(3000)
+        ]
+        with pytest.raises(StorageFull, match="disk is full: nothing of this request"):
+            client.upsert(big)
+        assert client.stats().records == 50  # the batch left no trace
+    finally:
+        db.execute("PRAGMA max_page_count = 1073741823")
+    assert client.upsert(big).inserted == 3000  # and works once there is room
