@@ -19,13 +19,13 @@ they name, never from the command line).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
+from ispf import logs
 from ispf.errors import ConfigError, IspfError
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
@@ -567,10 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("INFO" if args.verbose else "WARNING")
     con = Console()
     try:
         rc: int = args.func(args, con)

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ispf import logs
 from ispf.errors import IspfError
 from ispf_server.config import load_config
 from ispf_server.node import Node, create_server, retire_epoch
@@ -26,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line, for log collectors",
+    )
+    ap.add_argument(
         "--retire-epoch", type=int, metavar="N", help="destroy epoch N's salt on this node and exit"
     )
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         if args.retire_epoch is not None:
             retire_epoch(load_config(args.config), args.retire_epoch)
@@ -44,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server.start()
     log.info("node %s serving on port %d", node.province, port)
+    if node.config.metrics_listen:
+        node.metrics.serve(node.config.metrics_listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -28,6 +28,9 @@ environment. Example (``ispf forum init`` writes one per node)::
     chunk_values = 4096
 
 
+    [metrics]
+    listen = "127.0.0.1:9464"    # Prometheus /metrics; omit to serve none
+
     [peers.sindh]
     address = "127.0.0.1:50052"
 """
@@ -81,6 +84,10 @@ class NodeConfig:
     session_deadline: float = 3600.0
     call_deadline: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # host:port for the Prometheus /metrics endpoint; empty: not served.
+    metrics_listen: str = ""
+    # Seconds between readiness checks behind gRPC health.
+    health_interval: float = 5.0
 
     def blinding_workers(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
@@ -138,4 +145,5 @@ def load_config(path: Path) -> NodeConfig:
         session_idle_timeout=float(data.get("session_idle_timeout", 600.0)),
         session_deadline=float(data.get("session_deadline", 3600.0)),
         call_deadline=float(data.get("call_deadline", 30.0)),
+        metrics_listen=str(data.get("metrics", {}).get("listen", "")),
     )

@@ -9,11 +9,13 @@ other exception becomes INTERNAL with no detail (it is logged here instead).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 
+from ispf import logs
 from ispf.errors import (
     ERROR_TYPE_KEY,
     InvalidInput,
@@ -22,6 +24,7 @@ from ispf.errors import (
     Unauthenticated,
 )
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
+from ispf_server.metrics import NodeMetrics
 from ispf_server.revocation import RevocationList
 
 log = logging.getLogger(__name__)
@@ -86,12 +89,28 @@ def _decoder(deserialize: Callable[[bytes], Any] | None, method: str) -> Callabl
     return decode
 
 
+def _request_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == logs.REQUEST_ID_KEY:
+            text = value if isinstance(value, str) else value.decode("ascii", "replace")
+            if 0 < len(text) <= 64 and text.isprintable():
+                return text
+    return logs.new_request_id()
+
+
 class Guard(_Interceptor):
     """Authorises every call by certificate role and revocation, and maps errors to status."""
 
-    def __init__(self, province: str, revoked: RevocationList) -> None:
+    def __init__(
+        self, province: str, revoked: RevocationList, metrics: NodeMetrics | None = None
+    ) -> None:
         self.province = province
         self.revoked = revoked
+        self.metrics = metrics
+
+    def _observe(self, method: str, code: str, start: float) -> None:
+        if self.metrics is not None:
+            self.metrics.rpc.labels(method, code).observe(time.perf_counter() - start)
 
     def _authorize(self, service: str, context: grpc.ServicerContext) -> None:
         allowed = ACCESS.get(service)
@@ -125,15 +144,23 @@ class Guard(_Interceptor):
         def parsed(request: Any, stream_in: bool) -> Any:
             return (decode(r) for r in request) if stream_in else decode(request)
 
+        observe = self._observe
+
         def unary(behaviour: Callable[[Any, grpc.ServicerContext], Any], stream_in: bool) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    authorize(service, context)
-                    return behaviour(parsed(request, stream_in), context)
-                except IspfError as err:
-                    abort_with(context, err)
-                except Exception:
-                    _internal(context, method)
+                start, code = time.perf_counter(), "OK"
+                with logs.bound(request_id=_request_id(context)):
+                    try:
+                        authorize(service, context)
+                        return behaviour(parsed(request, stream_in), context)
+                    except IspfError as err:
+                        code = err.code.name
+                        abort_with(context, err)
+                    except Exception:
+                        code = "INTERNAL"
+                        _internal(context, method)
+                    finally:
+                        observe(method, code, start)
 
             return run
 
@@ -141,13 +168,19 @@ class Guard(_Interceptor):
             behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], stream_in: bool
         ) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                try:
-                    authorize(service, context)
-                    yield from behaviour(parsed(request, stream_in), context)
-                except IspfError as err:
-                    abort_with(context, err)
-                except Exception:
-                    _internal(context, method)
+                start, code = time.perf_counter(), "OK"
+                with logs.bound(request_id=_request_id(context)):
+                    try:
+                        authorize(service, context)
+                        yield from behaviour(parsed(request, stream_in), context)
+                    except IspfError as err:
+                        code = err.code.name
+                        abort_with(context, err)
+                    except Exception:
+                        code = "INTERNAL"
+                        _internal(context, method)
+                    finally:
+                        observe(method, code, start)
 
             return run
 

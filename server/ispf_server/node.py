@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -13,8 +13,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ispf.errors import ConfigError, PolicyRefused, PreconditionFailed, UnknownEpoch, UnknownPeer
-from ispf.keys import ForumSalt
+from ispf.errors import (
+    ConfigError,
+    IspfError,
+    PolicyRefused,
+    PreconditionFailed,
+    UnknownEpoch,
+    UnknownPeer,
+)
+from ispf.keys import ForumSalt, check_private_file
 from ispf.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -27,6 +34,7 @@ from ispf.v1 import (
 from ispf_server.audit import AuditLog, load_log_keys, load_log_signer
 from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
+from ispf_server.metrics import NodeMetrics
 from ispf_server.policy import Policy, PolicyFile
 from ispf_server.pool import BlindingPool
 from ispf_server.probes import Checker, ProbeAnswerer
@@ -71,7 +79,8 @@ class Node:
         self.policy = PolicyFile(config.policy_file, self._record_policy)
         self._own_pool = pool is None
         self.pool = pool or BlindingPool(config.blinding_workers())
-        self.board = ProgressBoard()
+        self.metrics = NodeMetrics()
+        self.board = ProgressBoard(on_finish=self._session_finished)
         self.peer_addresses = {name: p.address for name, p in config.peers.items()}
         self._channels: dict[str, tuple[int, grpc.Channel]] = {}
         self._pair_locks: dict[str, threading.Lock] = {}
@@ -95,6 +104,7 @@ class Node:
             policy=self.policy.current,
             audit=self.audit,
             sync_with=self.sync_with,
+            on_probe=lambda peer, result, n: self.metrics.probes.labels(peer, result).inc(n),
         )
         self.checker = Checker(
             province=self.province,
@@ -106,6 +116,15 @@ class Node:
             salt=lambda: self.current_salt,
             province_digits=config.province_digits,
         )
+        self.metrics.gauge(
+            "ispf_registry_records", "Records in the registry", lambda: float(self.store.stats()[0])
+        )
+        self.metrics.gauge(
+            "ispf_audit_log_entries",
+            "Entries in the signed audit log",
+            lambda: float(self.audit.size()),
+        )
+        self._health_stop = threading.Event()
         self._fail_interrupted()
         log.info(
             "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding",
@@ -116,6 +135,45 @@ class Node:
             self.policy.current().version,
             f"{self.pool.workers} worker processes" if self.pool.workers else "inline",
         )
+
+    def _session_finished(self, snap: Snapshot) -> None:
+        self.metrics.sessions.labels(snap.role, snap.state.lower(), snap.sync or "none").inc()
+        self.metrics.values.inc(snap.own_values + snap.peer_values)
+
+    def readiness(self) -> list[str]:
+        """What keeps the node from serving: store, salt, TLS and log keys, policy."""
+        problems = []
+        try:
+            self.store.ping()
+        except Exception as exc:  # any failure of the store means not ready
+            problems.append(f"store: {type(exc).__name__}")
+        if self.salts.get(self.config.current_epoch) is None:
+            problems.append(f"salt of current epoch {self.config.current_epoch} missing")
+        for path in (self.config.tls.key, self.config.log_key):
+            try:
+                check_private_file(path)
+            except IspfError as exc:
+                problems.append(exc.message)
+        if not self.config.policy_file.exists():
+            problems.append(f"policy file {self.config.policy_file} missing")
+        return problems
+
+    def watch_health(self, set_status: Callable[[bool], None], every: float = 5.0) -> None:
+        """Report readiness to the health service now and every `every` seconds."""
+
+        def once() -> None:
+            problems = self.readiness()
+            self.metrics.ready.set(0 if problems else 1)
+            if problems:
+                log.error("node %s not ready: %s", self.province, "; ".join(problems))
+            set_status(not problems)
+
+        def loop() -> None:
+            while not self._health_stop.wait(every):
+                once()
+
+        once()
+        threading.Thread(target=loop, name=f"health-{self.province}", daemon=True).start()
 
     def _record_policy(self, policy: Policy) -> None:
         """Log each policy that takes effect (once per distinct file), with its hash."""
@@ -271,6 +329,8 @@ class Node:
         )
 
     def close(self) -> None:
+        self._health_stop.set()
+        self.metrics.close()
         self.checker.close()
         self.probes.log.flush()
         with self._lock:
@@ -313,7 +373,7 @@ def create_server(
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[*interceptors, Guard(node.province, node.revoked)],
+        interceptors=[*interceptors, Guard(node.province, node.revoked, node.metrics)],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -337,8 +397,17 @@ def create_server(
         internal_pb2.DESCRIPTOR.services_by_name["CheckService"].full_name,
         audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     ]
-    for name in [*names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def set_health(ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in [*names, ""]:
+            health_servicer.set(name, status)
+
+    node.watch_health(set_health, every=cfg.health_interval)
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )

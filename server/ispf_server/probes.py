@@ -147,11 +147,13 @@ class ProbeAnswerer:
         audit: AuditLog,
         sync_with: Callable[[str], None],
         limiter: RateLimiter | None = None,
+        on_probe: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.sync_with = sync_with
         self.limiter = limiter or RateLimiter()
+        self.on_probe = on_probe or (lambda peer, result, n: None)
         self.log = ProbeLog(audit, "probes")
         self._sync_failed: dict[str, float] = {}
         self._sync_lock = threading.Lock()
@@ -168,6 +170,7 @@ class ProbeAnswerer:
             self.limiter.take(caller, n, pp)
         except (PolicyRefused, ResourceExhausted):
             self.log.count(caller, n, refused=n)
+            self.on_probe(caller, "refused", n)
             raise
         if self.store.pair_version(caller, req.epoch) is None:
             self.log.count(caller, n, refused=n)
@@ -192,6 +195,7 @@ class ProbeAnswerer:
             if t in found
         ]
         self.log.count(caller, n, matched=len(hits))
+        self.on_probe(caller, "answered", n)
         return peer_pb2.ProbeResponse(hits=hits)
 
     def _freshen(self, caller: str, epoch: int) -> None:

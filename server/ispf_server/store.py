@@ -656,6 +656,12 @@ class Store:
                     found[t] = str(row[0])
         return found
 
+    def ping(self) -> None:
+        """Raise if the store cannot be read and written (for the health check)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+
     def meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from ispf import logs
 from ispf.errors import ProtocolViolation
 from ispf.v1 import peer_pb2, peer_pb2_grpc
 from ispf_server.guard import caller_identity
@@ -29,7 +30,8 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def Handshake(
         self, request: peer_pb2.HandshakeRequest, context: grpc.ServicerContext
     ) -> peer_pb2.HandshakeResponse:
-        return self.r.handshake(request, caller_identity(context).province)
+        with logs.bound(session_id=request.session_id[:64]):
+            return self.r.handshake(request, caller_identity(context).province)
 
     def Reblind(
         self, request_iterator: Iterator[peer_pb2.BlindedChunk], context: grpc.ServicerContext
@@ -53,7 +55,8 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def Conclude(
         self, request: peer_pb2.ConcludeRequest, context: grpc.ServicerContext
     ) -> peer_pb2.ConcludeResponse:
-        return self.r.conclude(request, caller_identity(context).province)
+        with logs.bound(session_id=request.session_id[:64]):
+            return self.r.conclude(request, caller_identity(context).province)
 
     def Witness(
         self, request: peer_pb2.WitnessRequest, context: grpc.ServicerContext

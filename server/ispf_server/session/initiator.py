@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import grpc
 
+from ispf import logs
 from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
@@ -129,6 +130,8 @@ class Initiator:
         self.deadlines = deadlines
         self.audit = audit
         self.pair_lock = pair_lock
+        # The request that started the session, for its log lines (set in this thread).
+        self.request_id = logs.REQUEST_ID.get()
         self.peer_policy = peer_policy or PeerPolicy(request.peer, frozenset())
         self.side: SyncSide | None = None
         self.key = BlindingKey.generate()
@@ -142,6 +145,10 @@ class Initiator:
 
     def run(self) -> None:
         """Run the session to the end; failures are recorded, never raised."""
+        with logs.bound(request_id=self.request_id, session_id=self.req.session_id):
+            self._run_guarded()
+
+    def _run_guarded(self) -> None:
         sid = self.req.session_id
         lock = self.pair_lock
         if lock is not None and not lock.acquire(timeout=self.deadlines.session):

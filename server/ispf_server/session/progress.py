@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ispf.v1 import internal_pb2
@@ -109,9 +110,15 @@ class Snapshot:
 class Progress:
     """One session's counters; updates wake up watchers."""
 
-    def __init__(self, snap: Snapshot, cond: threading.Condition) -> None:
+    def __init__(
+        self,
+        snap: Snapshot,
+        cond: threading.Condition,
+        on_finish: Callable[[Snapshot], None] | None = None,
+    ) -> None:
         self._snap = snap
         self._cond = cond
+        self._on_finish = on_finish
 
     @property
     def session_id(self) -> str:
@@ -135,17 +142,20 @@ class Progress:
 
     def finish(self, state: str, **changes: object) -> None:
         self.update(state=state, phase="done", finished_at=utcnow(), **changes)
+        if self._on_finish is not None:
+            self._on_finish(self.snapshot())
 
 
 class ProgressBoard:
     """All sessions this node runs or answers, in memory (the store has the history)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finish: Callable[[Snapshot], None] | None = None) -> None:
         self._cond = threading.Condition()
         self._items: dict[str, Progress] = {}
+        self._on_finish = on_finish
 
     def open(self, snap: Snapshot) -> Progress:
-        p = Progress(snap, self._cond)
+        p = Progress(snap, self._cond, self._on_finish)
         with self._cond:
             self._items[snap.session_id] = p
         return p
