@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev demo test lint typecheck proto proto-check pytest bench clean
+.PHONY: help install dev browser demo test lint typecheck proto proto-check pytest bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,10 +25,17 @@ install: $(VENV)/.installed ## create .venv and install the node, CLI and SDK
 
 dev: $(VENV)/.dev ## install with the development tools
 
+# The HTML report test renders in headless Chromium (Debian's package, as root).
+browser: ## install Chromium for the report test if it is missing
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) \
+	    >/dev/null 2>&1 && echo "browser: chromium installed" || \
+	    echo "browser: could not install chromium; the HTML report test will be skipped"; }
+
 demo: install ## run four provinces on loopback and reconcile every pair (reports in demo-out/)
 	$(BIN)/ispf demo $(DEMO_ARGS)
 
-test: dev lint typecheck proto-check pytest ## every check CI runs
+test: dev browser lint typecheck proto-check pytest ## every check CI runs
 
 lint: dev ## ruff lint and format check
 	$(BIN)/ruff check .

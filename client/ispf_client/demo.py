@@ -30,6 +30,7 @@ from ispf.identity import KNOWN_PROVINCES
 from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import internal_pb2
+from ispf_client import htmlreport
 from ispf_client.auditor import AuditFailure, AuditProfile, pair, verify
 from ispf_client.csvio import RowProblem, read_registry_csv, write_problems
 from ispf_client.forum import (
@@ -40,7 +41,7 @@ from ispf_client.forum import (
 )
 from ispf_client.loader import LoadReport, load_csv
 from ispf_client.progress import watch_with_progress
-from ispf_client.report import WrittenReport, write_report
+from ispf_client.report import DEDUP_NOTE, WrittenReport, session_line, write_report
 from ispf_client.sdk import ClientProfile, NodeClient
 from ispf_client.synth import SyntheticFederation, generate
 
@@ -51,6 +52,8 @@ DEFAULT_PROVINCES = ("punjab", "sindh", "kp", "balochistan")
 class DemoResult:
     ok: bool
     matrix: dict[tuple[str, str], int] = field(default_factory=dict)
+    sessions: list[tuple[str, internal_pb2.SessionStatus]] = field(default_factory=list)
+    html: Path | None = None
     loads: dict[str, LoadReport] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
@@ -132,6 +135,11 @@ def run_demo(
             _reconcile_all(fedn, provinces, result, con)
             reports = {p: write_report(fedn.clients[p], out) for p in provinces}
             _audit_all(fedn, result)
+            result.html = out / "report.html"
+            result.html.write_text(
+                htmlreport.render(federation_report(provinces, result, reports, fedn)),
+                encoding="utf-8",
+            )
             if serve:
                 _serve(fedn, layout, con)
         _print_matrix(con, provinces, result.matrix)
@@ -209,6 +217,33 @@ class LocalFederation:
         self.close()
 
 
+def federation_report(
+    provinces: list[str],
+    result: DemoResult,
+    reports: dict[str, WrittenReport],
+    fedn: LocalFederation,
+) -> htmlreport.ReportData:
+    """The whole federation on one page (only the demo, holding every node, can draw it)."""
+    breakdown: dict[str, dict[tuple[str, str], int]] = {}
+    for p, rep in reports.items():
+        breakdown[p] = {
+            (peer, label): n
+            for peer, info in rep.summary["by_peer"].items()
+            for label, n in info["rows_by_peer_label"].items()
+        }
+    matrix: dict[tuple[str, str], int | None] = {pair: None for pair in combinations(provinces, 2)}
+    matrix.update(result.matrix)
+    return htmlreport.ReportData(
+        title="ISPF Match: demo federation reconciliation",
+        provinces=provinces,
+        matrix=matrix,
+        sessions=[session_line(st, p) for p, st in result.sessions],
+        breakdown=breakdown,
+        checkpoints={p: fedn.clients[p].checkpoint() for p in provinces},
+        notes=[DEDUP_NOTE],
+    )
+
+
 def _load_all(
     fedn: LocalFederation, paths: dict[str, Path], out: Path, result: DemoResult, con: Console
 ) -> None:
@@ -232,6 +267,7 @@ def _reconcile_all(
             result.failures.append(f"{p} ⇄ {q}: {final.error}")
             continue
         result.matrix[(p, q)] = final.match_count
+        result.sessions.append((p, final))
         mirror = fedn.clients[q].session(final.session_id)  # the responder's own record
         if (mirror.match_count, mirror.result_digest) != (final.match_count, final.result_digest):
             result.ok = False

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ispf.v1 import common_pb2, internal_pb2
+from ispf_client import htmlreport
 from ispf_client.csvio import matches_csv_text
 from ispf_client.sdk import NodeClient
 
@@ -26,6 +27,7 @@ class WrittenReport:
     summary_json: Path
     rows: int
     summary: dict[str, Any]
+    html: Path | None = None
 
 
 def session_summary(s: internal_pb2.SessionStatus) -> dict[str, Any]:
@@ -78,7 +80,43 @@ def write_report(client: NodeClient, out_dir: Path, session_id: str = "") -> Wri
     }
     summary_path = out_dir / f"{province}-summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return WrittenReport(csv_path, summary_path, len(matches), summary)
+    html_path = out_dir / f"{province}-report.html"
+    html_path.write_text(
+        htmlreport.render(province_report(province, sessions, label_counts, client.checkpoint())),
+        encoding="utf-8",
+    )
+    return WrittenReport(csv_path, summary_path, len(matches), summary, html_path)
+
+
+def session_line(s: internal_pb2.SessionStatus, me: str) -> htmlreport.SessionLine:
+    mine_first = s.role == "initiator"
+    a, b = (me, s.peer) if mine_first else (s.peer, me)
+    a_ids, b_ids = (s.own_values, s.peer_values) if mine_first else (s.peer_values, s.own_values)
+    return htmlreport.SessionLine(
+        s.session_id, a, b, s.sync, a_ids, b_ids, s.match_count, s.finished_at
+    )
+
+
+def province_report(
+    province: str,
+    sessions: list[internal_pb2.SessionStatus],
+    label_counts: dict[str, Counter[str]],
+    checkpoint: str,
+) -> htmlreport.ReportData:
+    peers = sorted({s.peer for s in sessions})
+    return htmlreport.ReportData(
+        title=f"ISPF Match: reconciliation report of {province}",
+        provinces=[province, *peers],
+        matrix={(province, s.peer): s.match_count for s in sessions},
+        sessions=[session_line(s, province) for s in sessions],
+        breakdown={
+            province: {
+                (peer, label): n for peer, c in label_counts.items() for label, n in c.items()
+            }
+        },
+        checkpoints={province: checkpoint},
+        notes=[DEDUP_NOTE],
+    )
 
 
 def _chosen_sessions(

@@ -20,7 +20,7 @@ from ispf.errors import ConfigError, DeadlineExceeded, PeerUnavailable, from_rpc
 from ispf.identity import node_hostname
 from ispf.keys import check_private_file
 from ispf.retry import Backoff
-from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
+from ispf.v1 import audit_pb2, audit_pb2_grpc, common_pb2, internal_pb2, internal_pb2_grpc
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -108,6 +108,7 @@ class NodeClient:
         self._registry = internal_pb2_grpc.RegistryServiceStub(self._channel)
         self._recon = internal_pb2_grpc.ReconciliationServiceStub(self._channel)
         self._check = internal_pb2_grpc.CheckServiceStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
 
     def __enter__(self) -> NodeClient:
         return self
@@ -138,6 +139,13 @@ class NodeClient:
     def stats(self) -> internal_pb2.RegistryStats:
         return self._registry.GetRegistryStats(
             internal_pb2.GetRegistryStatsRequest(), timeout=self.timeout
+        )
+
+    @translated
+    def checkpoint(self) -> str:
+        """The node's latest signed audit checkpoint, with its cosignatures."""
+        return str(
+            self._audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=self.timeout).note
         )
 
     @translated
