@@ -384,6 +384,9 @@ class PairReport:
     mismatched: list[str] = field(default_factory=list)
     one_sided: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    # Completed on one side, failed on the other: a crash or a lost answer at the very
+    # end, not tampering; the next session between them was a full run.
+    interrupted: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -418,6 +421,14 @@ def pair(profile: AuditProfile) -> PairReport:
             )
             continue
         a, b = (sides[p] for p in sorted(parties))
+        if a["outcome"] != b["outcome"]:
+            done = next(p for p in sorted(parties) if sides[p]["outcome"] == "completed")
+            other = next(p for p in sorted(parties) if p != done)
+            report.interrupted.append(
+                f"{sid}: completed on {done}, failed on {other} "
+                f"({sides[other].get('reason', 'no reason')})"
+            )
+            continue
         fields = list(PAIRED_FIELDS)
         if a["mode"] == "mutual":
             fields.append("match_count")

@@ -332,6 +332,8 @@ def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
     con.print(f"{_n(rep.paired, 'session')} logged identically by both provinces", markup=False)
     for line in rep.failed:
         con.print(f"  failed session, logged as failed: {line}", markup=False)
+    for line in rep.interrupted:
+        con.print(f"  interrupted: {line}", markup=False)
     for line in rep.one_sided:
         con.print(f"  ONE-SIDED {line}", markup=False)
     for line in rep.mismatched:

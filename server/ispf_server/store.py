@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     own_removed     INTEGER NOT NULL DEFAULT 0,
     peer_removed    INTEGER NOT NULL DEFAULT 0,
     -- A failure a new session may get past (peer down, restart, busy).
-    retriable       INTEGER NOT NULL DEFAULT 0
+    retriable       INTEGER NOT NULL DEFAULT 0,
+    -- Responder: its answer to Conclude, for a Conclude repeated after a restart.
+    answer          BLOB
 );
 CREATE TABLE IF NOT EXISTS matches (
     session_id     TEXT NOT NULL REFERENCES sessions(session_id),
@@ -147,6 +149,7 @@ class SessionRow:
     own_removed: int = 0
     peer_removed: int = 0
     retriable: int = 0
+    answer: bytes | None = None
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -365,6 +368,14 @@ class Store:
                 _rollback(cur)
                 raise
         return idx
+
+    @storage_errors
+    def set_answer(self, session_id: str, answer: bytes) -> None:
+        """Keep the responder's answer to Conclude, for a repeat after a restart."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE sessions SET answer=? WHERE session_id=?", (answer, session_id)
+            )
 
     @storage_errors
     def fail_session(

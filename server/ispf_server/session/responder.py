@@ -436,6 +436,10 @@ class Responder:
             done = self._concluded.get(req.session_id)
         if done is not None and done[0] == caller:
             return done[2]
+        row = self.store.session(req.session_id)
+        if row is not None and row.peer == caller and row.role == "responder" and row.answer:
+            # Concluded before this node restarted: the same answer again.
+            return peer_pb2.ConcludeResponse.FromString(row.answer)
         answer = self._conclude(req, caller)
         with self._lock:
             self._concluded[req.session_id] = (caller, time.monotonic(), answer)
@@ -519,7 +523,7 @@ class Responder:
                 caller,
                 outcome.match_count,
             )
-            return peer_pb2.ConcludeResponse(
+            answer = peer_pb2.ConcludeResponse(
                 match_count=outcome.match_count,
                 result_digest=outcome.digest,
                 agreed=True,
@@ -527,6 +531,8 @@ class Responder:
                 consistency=proof,
                 witnessed_size=self.audit.witnessed_size(caller),
             )
+            self.store.set_answer(s.session_id, answer.SerializeToString())
+            return answer
 
     def witness(self, req: peer_pb2.WitnessRequest, caller: str) -> peer_pb2.WitnessResponse:
         """Verify and record the initiator's checkpoint; store its cosignature on ours."""
