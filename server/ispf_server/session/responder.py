@@ -203,13 +203,28 @@ class Responder:
         own, peer = fps
         return peer_pb2.SyncState(held=True, initiator_set=peer, responder_set=own)
 
+    def _supersede(self, caller: str, lock: threading.Lock) -> bool:
+        """A new sync from a peer ends its previous one still open here.
+
+        An initiator never runs two sessions with the same peer at once, so an open
+        one means the peer restarted (or lost the connection) and gave up on it.
+        The lock is then held by that stale session, not by one of our own.
+        """
+        with self._lock:
+            stale = [s for s in self._sessions.values() if s.peer == caller and s.side]
+        if not stale:
+            return False  # held by our own session towards the caller: really busy
+        for s in stale:
+            self._fail(s, "superseded: the peer started a new session")
+        return lock.acquire(timeout=5)
+
     def _prepare_sync(
         self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy
     ) -> tuple[SyncSide, list[bytes], threading.Lock]:
         if req.mode != common_pb2.MODE_MUTUAL or req.responder_collections:
             raise ProtocolViolation("a sync session is mutual and covers every collection")
         lock = self.pair_lock(caller)
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(blocking=False) and not self._supersede(caller, lock):
             raise RetryLater(
                 f"a session between {caller} and {self.province} is already running; "
                 "try again when it ends"

@@ -1,0 +1,248 @@
+"""Nodes killed mid-session, connections dropped and delayed, nodes restarted between runs:
+each run ends with exactly the true matches on both sides and logs that verify."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from ispf.auditlog import decode_entry
+from ispf.retry import Backoff
+from ispf.v1 import internal_pb2
+from ispf_client.auditor import AuditProfile, pair, verify
+from ispf_client.forum import init_forum, write_audit_profile, write_client_profile
+from ispf_client.loader import load_csv
+from ispf_client.sdk import ClientProfile, NodeClient
+from tests.faults.harness import NodeProcess, TcpProxy
+
+PROVINCES = ["punjab", "sindh", "kp"]
+N = 6000
+COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
+FAST_RETRY = Backoff(attempts=8, base=0.3, cap=3.0)
+
+
+@dataclass
+class Cluster:
+    root: Path
+    nodes: dict[str, NodeProcess]
+    proxies: dict[str, TcpProxy]
+    data: dict[str, list[tuple[str, str, str, str]]]
+
+    def client(self, p: str) -> NodeClient:
+        return NodeClient(ClientProfile.load(self.root / "forum" / "clients" / p / "profile.toml"))
+
+    def expected(self, own: str, peer: str) -> set[tuple[str, str, str]]:
+        labels: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        for _, nid, prog, st in self.data[peer]:
+            labels[nid].add((prog, st))
+        return {(rid, p, s) for rid, nid, _, _ in self.data[own] for p, s in labels.get(nid, ())}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("faults")
+    layout = init_forum(root / "forum", PROVINCES, base_port=0)
+    proxies = {p: TcpProxy() for p in PROVINCES}
+    for p in PROVINCES:
+        cfg = layout.node_dir(p) / "node.toml"
+        text = cfg.read_text().replace("workers = 0", "workers = 1")
+        for q in PROVINCES:
+            text = text.replace(
+                f'[peers.{q}]\naddress = "127.0.0.1:0"',
+                f'[peers.{q}]\naddress = "{proxies[q].address}"',
+            )
+        cfg.write_text(text + "\nsession_idle_timeout = 20\n")
+        write_client_profile(layout, p, proxies[p].address)
+    write_audit_profile(layout, "auditor", {p: proxies[p].address for p in PROVINCES})
+    nodes = {
+        p: NodeProcess(layout.node_dir(p) / "node.toml", proxies[p], root / f"{p}.log")
+        for p in PROVINCES
+    }
+    rng = random.Random(5)
+    shared = [f"35202{rng.randrange(10**8):08d}" for _ in range(N // 4)]
+    data: dict[str, list[tuple[str, str, str, str]]] = {}
+    for i, p in enumerate(PROVINCES):
+        own = [f"{i + 1}{rng.randrange(10**12):012d}" for _ in range(N - len(shared))]
+        data[p] = [
+            (f"{p}-{k}", nid, rng.choice(["BISP", "PSER"]), rng.choice(["enrolled", "eligible"]))
+            for k, nid in enumerate(own + shared)
+        ]
+    c = Cluster(root, nodes, proxies, data)
+    try:
+        for p in PROVINCES:
+            nodes[p].start()
+            csv = root / f"{p}.csv"
+            csv.write_text(
+                "record_id,cnic,programme,status\n" + "".join(",".join(r) + "\n" for r in data[p])
+            )
+            with c.client(p) as client:
+                assert load_csv(client, csv).rejected == 0
+        yield c
+    finally:
+        for n in nodes.values():
+            n.stop()
+        for pr in proxies.values():
+            pr.close()
+
+
+def reconcile_through(
+    c: Cluster, a: str, b: str, fault: object, **kw: object
+) -> internal_pb2.SessionStatus:
+    """Run a (full) reconciliation while `fault()` strikes; return its final status."""
+    out: dict[str, internal_pb2.SessionStatus | BaseException] = {}
+
+    def run() -> None:
+        try:
+            with c.client(a) as client:
+                out["st"] = client.reconcile(
+                    b, full=True, attempts=8, backoff=FAST_RETRY, node_wait=60, **kw
+                )  # type: ignore[arg-type]
+        except BaseException as exc:
+            out["st"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    fault()  # type: ignore[operator]
+    t.join(timeout=240)
+    assert not t.is_alive(), "the reconciliation never finished"
+    st = out["st"]
+    assert isinstance(st, internal_pb2.SessionStatus), st
+    return st
+
+
+def check_outcome(
+    c: Cluster, a: str, b: str, st: internal_pb2.SessionStatus, tmp_path: Path
+) -> None:
+    assert st.state == COMPLETED, st.error
+    for side, other in ((a, b), (b, a)):
+        with c.client(side) as client:
+            got = {
+                (m.record_id, m.peer_programme, m.peer_status)
+                for m in client.matches(st.session_id)
+            }
+        assert got == c.expected(side, other), f"{side}'s matches differ from the truth"
+    prof = AuditProfile.load(c.root / "forum" / "auditors" / "auditor" / "audit.toml")
+    prof = replace(prof, state=tmp_path / "audit-state.json", evidence=tmp_path / "evidence")
+    assert {r.node for r in verify(prof)} == set(PROVINCES)
+    report = pair(prof)
+    assert not report.mismatched and not report.one_sided, report
+    for p in (a, b):  # exactly one entry per session in each log
+        db = sqlite3.connect(c.root / "forum" / "nodes" / p / "node.sqlite")
+        ids = [
+            decode_entry(bytes(r[0]))["session_id"]
+            for r in db.execute("SELECT entry FROM log_entries")
+            if decode_entry(bytes(r[0]))["type"] == "session"
+        ]
+        db.close()
+        assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("victim", ["initiator", "responder"])
+def test_a_node_killed_mid_session_restarts_and_the_run_completes(
+    cluster: Cluster, victim: str, seed: int, tmp_path: Path
+) -> None:
+    a, b = "punjab", "sindh"
+    node = cluster.nodes[a if victim == "initiator" else b]
+    delay = random.Random(seed).uniform(0.05, 1.2)
+
+    def fault() -> None:
+        time.sleep(delay)
+        node.kill()
+        node.start()
+
+    st = reconcile_through(cluster, a, b, fault)
+    check_outcome(cluster, a, b, st, tmp_path)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_connections_dropped_mid_session(cluster: Cluster, seed: int, tmp_path: Path) -> None:
+    proxy = cluster.proxies["kp"]
+    rng = random.Random(seed)
+
+    def fault() -> None:
+        for _ in range(3):  # the WAN link drops a few times
+            time.sleep(rng.uniform(0.1, 0.6))
+            proxy.cut_all()
+
+    st = reconcile_through(cluster, "sindh", "kp", fault)
+    check_outcome(cluster, "sindh", "kp", st, tmp_path)
+
+
+def test_a_slow_link_only_slows_the_run(cluster: Cluster, tmp_path: Path) -> None:
+    proxy = cluster.proxies["punjab"]
+    proxy.delay = 0.01
+    try:
+        st = reconcile_through(cluster, "kp", "punjab", lambda: None)
+    finally:
+        proxy.delay = 0.0
+    check_outcome(cluster, "kp", "punjab", st, tmp_path)
+
+
+def test_a_node_restarted_between_runs_keeps_its_state(cluster: Cluster, tmp_path: Path) -> None:
+    with cluster.client("punjab") as client:
+        first = client.reconcile("sindh")
+    cluster.nodes["sindh"].kill()
+    cluster.nodes["sindh"].start()
+    with cluster.client("punjab") as client:
+        again = client.reconcile("sindh", attempts=4, backoff=FAST_RETRY)
+    assert again.sync == "incremental" and again.own_values == again.peer_values == 0
+    assert again.match_count == first.match_count
+    check_outcome(cluster, "punjab", "sindh", again, tmp_path)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_killing_a_node_during_a_load_never_leaves_a_mixed_batch(
+    cluster: Cluster, seed: int
+) -> None:
+    node = cluster.nodes["kp"]
+    rows = cluster.data["kp"][:4000] + [
+        (f"kp-extra-{i}", f"17301{i:08d}", "BISP", "enrolled") for i in range(16000)
+    ]
+    marker = f"v{seed}"
+    csv = cluster.root / f"kp-{marker}.csv"
+    csv.write_text(
+        "record_id,cnic,programme,status\n"
+        + "".join(f"{r},{n},{p},{marker}\n" for r, n, p, _ in rows)
+    )
+    done = threading.Event()
+
+    def load() -> None:
+        try:
+            with cluster.client("kp") as client:
+                load_csv(client, csv)
+        except Exception:  # the node dies under it: expected
+            pass
+        done.set()
+
+    threading.Thread(target=load, daemon=True).start()
+    time.sleep(random.Random(seed).uniform(0.3, 1.0))
+    node.kill()
+    done.wait(30)
+    node.start()
+    db = sqlite3.connect(cluster.root / "forum" / "nodes" / "kp" / "node.sqlite")
+    status = dict(db.execute("SELECT record_id, status FROM records").fetchall())
+    db.close()
+    # Batches of 5,000 rows: each is wholly the new version or wholly the old one.
+    for k in range(0, len(rows), 5000):
+        got = {status.get(r[0]) == marker for r in rows[k : k + 5000]}
+        assert len(got) == 1, f"batch starting at row {k} is half-applied"
+    # Restore kp's registry for the other tests.
+    fixed = cluster.root / "kp-restore.csv"
+    fixed.write_text(
+        "record_id,cnic,programme,status\n"
+        + "".join(",".join(r) + "\n" for r in cluster.data["kp"])
+    )
+    with cluster.client("kp") as client:
+        load_csv(client, fixed)
+        extra = [f"kp-extra-{i}" for i in range(16000)]
+        client.delete(extra[:8000])
+        client.delete(extra[8000:])
