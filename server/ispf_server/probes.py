@@ -292,7 +292,8 @@ class Checker:
                     f"no reconciliation with {peer} in epoch {salt.epoch} yet",
                 )
                 continue
-            if not valid:
+            if not valid:  # nothing to ask: every ID was invalid
+                answers[peer] = (S.PROVINCE_STATUS_UNSPECIFIED, [], "")
                 continue
             futures[peer] = self._pool.submit(self._probe, peer, purpose, salt, digits, deadline)
         done, _ = wait(futures.values(), timeout=deadline + 0.5)

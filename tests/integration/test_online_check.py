@@ -67,6 +67,12 @@ def test_an_unknown_applicant_matches_nowhere_and_bad_ids_are_named(fed: Federat
     assert "12345" not in resp.results[1].error
 
 
+def test_a_check_of_only_invalid_ids_names_each_and_asks_nobody(fed: Federation) -> None:
+    resp = fed.client("punjab").check(["3520212345", "35202-1234567-12"])
+    assert [r.error.split(":")[0] for r in resp.results] == ["nid.length", "nid.dash_position"]
+    assert all(not r.provinces for r in resp.results)
+
+
 def test_a_record_loaded_a_moment_ago_is_found_and_a_deleted_one_is_not(fed: Federation) -> None:
     fresh = "1730187654321"
     assert answers(fed.client("punjab").check([fresh], provinces=["kp"]))["kp"].status == (
