@@ -19,9 +19,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[dev]'
+	@# The tests compare the fast X25519 backend with the portable one where it installs.
+	@$(PIP) install -e '.[fast]' || echo "dev: the fast extra is unavailable here; its tests will be skipped"
 	@touch $@ $(VENV)/.installed
 
-install: $(VENV)/.installed ## create .venv and install the node, CLI and SDK
+install: $(VENV)/.installed ## create .venv and install the node, CLI and SDK (open source only)
+
+install-fast: install ## add Intel's multi-buffer X25519 (see README: licence)
+	$(PIP) install -e '.[fast]'
 
 dev: $(VENV)/.dev ## install with the development tools
 

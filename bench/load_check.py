@@ -66,9 +66,18 @@ def main() -> None:
             for peer in PROVINCES[1:]:
                 st = fed.clients["punjab"].reconcile(peer)
                 assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
-            ids = [r[1] for p in PROVINCES[1:] for r in syn.rows[p][:3000]]
+            ids = [
+                r[1]
+                for p in PROVINCES[1:]
+                for r in syn.rows[p][:3000]
+                if r[2]
+                and r[1].replace("-", "").isdigit()
+                and len(r[1].replace("-", "")) == 13
+                and r[1][0] != "9"
+            ]
             latencies: list[float] = []
             errors = [0]
+            kinds: dict[str, int] = {}
             lock = threading.Lock()
             stop = time.monotonic() + args.seconds
             profile = fed.clients["punjab"].profile
@@ -78,16 +87,23 @@ def main() -> None:
                 with NodeClient(profile) as client:
                     while time.monotonic() < stop:
                         t = time.perf_counter()
+                        found: list[str] = []
                         try:
                             resp = client.check([rng.choice(ids)], deadline_ms=5000)
-                            bad = sum(1 for a in resp.results[0].provinces if a.status not in OK)
-                            bad += 1 if resp.results[0].error else 0
-                        except Exception:
-                            bad = 1
+                            found = [
+                                internal_pb2.ProvinceStatus.Name(a.status) + ": " + a.detail[:60]
+                                for a in resp.results[0].provinces
+                                if a.status not in OK
+                            ]
+                        except Exception as exc:
+                            found = [type(exc).__name__]
+                        bad = len(found)
                         dt = time.perf_counter() - t
                         with lock:
                             latencies.append(dt)
                             errors[0] += bad
+                            for k in found:
+                                kinds[k] = kinds.get(k, 0) + 1
 
             threads = [threading.Thread(target=caller, args=(i,)) for i in range(args.callers)]
             samples = [(0.0, rss_mib())]

@@ -26,6 +26,7 @@ environment. Example (``ispf forum init`` writes one per node)::
     [blinding]
     workers = 0                  # 0: one process per core
     chunk_values = 4096
+    backend = "auto"             # auto | multibuffer | cryptography
 
 
     [metrics]
@@ -77,6 +78,9 @@ class NodeConfig:
     policy_file: Path = Path("policy.toml")
     workers: int = 0
     chunk_values: int = 4096
+    # X25519 implementation: "auto" (multi-buffer if it loads, else cryptography),
+    # "multibuffer" (required) or "cryptography".
+    backend: str = "auto"
     province_digits: frozenset[str] = DEFAULT_PROVINCE_DIGITS
     # Seconds a peer session may stay idle before the responder forgets it.
     session_idle_timeout: float = 600.0
@@ -141,6 +145,7 @@ def load_config(path: Path) -> NodeConfig:
         policy_file=p(str(_req(data, "policy", where))),
         workers=int(blinding.get("workers", 0)),
         chunk_values=int(blinding.get("chunk_values", 4096)),
+        backend=str(blinding.get("backend", "auto")),
         province_digits=frozenset(str(d) for d in data.get("province_digits", "1234567")),
         session_idle_timeout=float(data.get("session_idle_timeout", 600.0)),
         session_deadline=float(data.get("session_deadline", 3600.0)),

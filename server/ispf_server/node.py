@@ -21,6 +21,7 @@ from ispf.errors import (
     UnknownEpoch,
     UnknownPeer,
 )
+from ispf.hazmat.backends import select as select_backend
 from ispf.keys import ForumSalt, check_private_file
 from ispf.v1 import (
     audit_pb2,
@@ -78,7 +79,8 @@ class Node:
         )
         self.policy = PolicyFile(config.policy_file, self._record_policy)
         self._own_pool = pool is None
-        self.pool = pool or BlindingPool(config.blinding_workers())
+        self.backend = select_backend(config.backend)  # fails early if "multibuffer" can't load
+        self.pool = pool or BlindingPool(config.blinding_workers(), self.backend.name)
         self.metrics = NodeMetrics()
         self.board = ProgressBoard(on_finish=self._session_finished)
         self.peer_addresses = {name: p.address for name, p in config.peers.items()}
@@ -105,6 +107,7 @@ class Node:
             audit=self.audit,
             sync_with=self.sync_with,
             on_probe=lambda peer, result, n: self.metrics.probes.labels(peer, result).inc(n),
+            backend=self.backend.name,
         )
         self.checker = Checker(
             province=self.province,
@@ -115,6 +118,7 @@ class Node:
             stub_for=self.peer_stub,
             salt=lambda: self.current_salt,
             province_digits=config.province_digits,
+            backend=self.backend.name,
         )
         self.metrics.gauge(
             "ispf_registry_records", "Records in the registry", lambda: float(self.store.stats()[0])
@@ -127,13 +131,15 @@ class Node:
         self._health_stop = threading.Event()
         self._fail_interrupted()
         log.info(
-            "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding",
+            "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
+            "X25519 backend %s",
             self.province,
             config.current_epoch,
             self.current_salt.fingerprint(),
             len(self.peer_addresses),
             self.policy.current().version,
             f"{self.pool.workers} worker processes" if self.pool.workers else "inline",
+            self.backend.name,
         )
 
     def _session_finished(self, snap: Snapshot) -> None:

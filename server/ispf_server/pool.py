@@ -35,8 +35,9 @@ class _InlineExecutor(Executor):
 class BlindingPool:
     """Hashes and blinds packed chunks of values, `workers` processes wide (0: inline)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, backend: str = "auto") -> None:
         self.workers = workers
+        self.backend = backend
         self._executor: Executor
         if workers > 0:
             self._executor = ProcessPoolExecutor(
@@ -54,11 +55,13 @@ class BlindingPool:
         self, salt: ForumSalt, key: BlindingKey, digits: list[bytes]
     ) -> Future[bytes]:
         return self._executor.submit(
-            curve.hash_and_blind_many, salt.unsafe_raw(), key.unsafe_raw(), digits
+            curve.hash_and_blind_many, salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend
         )
 
     def reblind(self, key: BlindingKey, packed: bytes, out_bytes: int) -> Future[bytes]:
-        return self._executor.submit(curve.x25519_many, key.unsafe_raw(), packed, out_bytes)
+        return self._executor.submit(
+            curve.x25519_many, key.unsafe_raw(), packed, out_bytes, self.backend
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -148,7 +148,9 @@ class ProbeAnswerer:
         sync_with: Callable[[str], None],
         limiter: RateLimiter | None = None,
         on_probe: Callable[[str, str, int], None] | None = None,
+        backend: str = "auto",
     ) -> None:
+        self.backend = backend
         self.store = store
         self.policy = policy
         self.sync_with = sync_with
@@ -180,7 +182,7 @@ class ProbeAnswerer:
             )
         self._freshen(caller, req.epoch)
         key = self.store.pair_key(caller, req.epoch)
-        tags = curve.x25519_many(key.unsafe_raw(), req.values, TAG_BYTES)
+        tags = curve.x25519_many(key.unsafe_raw(), req.values, TAG_BYTES, self.backend)
         split = [tags[i : i + TAG_BYTES] for i in range(0, len(tags), TAG_BYTES)]
         found = self.store.lookup_own_tags(caller, req.epoch, split)
         hits = [
@@ -238,7 +240,9 @@ class Checker:
         salt: Callable[[], Any],
         province_digits: frozenset[str],
         workers: int = 32,
+        backend: str = "auto",
     ) -> None:
+        self.backend = backend
         self.province = province
         self.store = store
         self.policy = policy
@@ -327,7 +331,9 @@ class Checker:
         self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
     ) -> tuple[int, list[peer_pb2.ProbeHit] | None, str]:
         key = self.store.pair_key(peer, salt.epoch)
-        values = curve.hash_and_blind_many(salt.unsafe_raw(), key.unsafe_raw(), digits)
+        values = curve.hash_and_blind_many(
+            salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend
+        )
         try:
             resp = self.stub_for(peer).Probe(
                 peer_pb2.ProbeRequest(epoch=salt.epoch, purpose=purpose, values=values),

@@ -120,3 +120,15 @@ def test_result_digest_ignores_order_and_duplicates() -> None:
     assert result_digest(tags) == result_digest(list(reversed(tags)) + tags[:3])
     assert result_digest(tags) != result_digest(tags[1:])
     assert result_digest([]) != result_digest([bytes(16)])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.binary(min_size=32, max_size=32),
+    st.lists(st.text("0123456789", min_size=12, max_size=12), max_size=20),
+)
+def test_batch_hashing_equals_one_at_a_time(salt: bytes, rests: list[str]) -> None:
+    digits = [("3" + r).encode() for r in rests]
+    assert curve.hash_to_curve_many(salt, digits) == b"".join(
+        curve.hash_to_curve(salt, d)[0] for d in digits
+    )

@@ -20,9 +20,6 @@ from collections.abc import Sequence
 
 import blake3
 import gmpy2
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-
-from ispf.errors import InvalidBlindedValue
 
 P = 2**255 - 19
 A = 486662
@@ -67,33 +64,44 @@ def hash_to_curve(salt: bytes, digits: bytes) -> tuple[bytes, int]:
     raise ArithmeticError("hash-to-curve found no point")  # pragma: no cover
 
 
+_MASK = (1 << 255) - 1
+_COUNTERS = [c.to_bytes(4, "little") for c in range(8)]
+
+
 def hash_to_curve_many(salt: bytes, digits: Sequence[bytes]) -> bytes:
-    return b"".join(hash_to_curve(salt, d)[0] for d in digits)
+    """`hash_to_curve` for many IDs (the hot loop of a session: kept lean, same result)."""
+    out = []
+    new, legendre, mpz, from_bytes = blake3.blake3, gmpy2.legendre, gmpy2.mpz, int.from_bytes
+    for d in digits:
+        prefix = DOMAIN + d
+        for counter in range(MAX_COUNTER):
+            suffix = _COUNTERS[counter] if counter < 8 else counter.to_bytes(4, "little")
+            u = from_bytes(new(prefix + suffix, key=salt).digest(), "little") & _MASK
+            if u < P and u not in LOW_ORDER_U:
+                x = mpz(u)
+                if legendre(x * (x * (x + _A) + 1) % _P, _P) >= 0:
+                    out.append(u.to_bytes(32, "little"))
+                    break
+        else:  # pragma: no cover - each try succeeds with probability ~1/2
+            raise ArithmeticError("hash-to-curve found no point")
+    return b"".join(out)
 
 
-def x25519_many(scalar: bytes, packed: bytes, out_bytes: int = POINT_BYTES) -> bytes:
+def x25519_many(
+    scalar: bytes, packed: bytes, out_bytes: int = POINT_BYTES, backend: str = "auto"
+) -> bytes:
     """X25519(scalar, u) for every 32-byte u in `packed`, each output cut to `out_bytes`.
 
     A low-order input (whose result would be all zeros) raises
-    `InvalidBlindedValue` naming its position in `packed`.
+    `InvalidBlindedValue` naming its position in `packed`. `backend` picks the
+    implementation (see `ispf.hazmat.backends`); all give the same bytes.
     """
-    if len(packed) % POINT_BYTES:
-        raise InvalidBlindedValue(
-            f"packed values are {len(packed)} bytes, not a multiple of {POINT_BYTES}"
-        )
-    key = X25519PrivateKey.from_private_bytes(scalar)
-    exchange = key.exchange
-    from_bytes = X25519PublicKey.from_public_bytes
-    out = bytearray()
-    for pos in range(0, len(packed), POINT_BYTES):
-        try:
-            out += exchange(from_bytes(packed[pos : pos + POINT_BYTES]))[:out_bytes]
-        except ValueError as exc:
-            raise InvalidBlindedValue(
-                f"value {pos // POINT_BYTES} is a low-order point and cannot be blinded"
-            ) from exc
-    return bytes(out)
+    from ispf.hazmat.backends import select
+
+    return select(backend).many(scalar, packed, out_bytes)
 
 
-def hash_and_blind_many(salt: bytes, scalar: bytes, digits: Sequence[bytes]) -> bytes:
-    return x25519_many(scalar, hash_to_curve_many(salt, digits))
+def hash_and_blind_many(
+    salt: bytes, scalar: bytes, digits: Sequence[bytes], backend: str = "auto"
+) -> bytes:
+    return x25519_many(scalar, hash_to_curve_many(salt, digits), backend=backend)
