@@ -61,8 +61,13 @@ class PeerPolicy:
     probes_per_day: int = 10_000
 
     def may_disclose(self, label: Label) -> bool:
-        text = f"{label.programme}/{label.status}"
-        return any(fnmatch.fnmatchcase(text, pat) for pat in self.disclose)
+        # Registries have few distinct labels and many records: decide each label once.
+        cache: dict[Label, bool] = self.__dict__.setdefault("_disclose_cache", {})
+        found = cache.get(label)
+        if found is None:
+            text = f"{label.programme}/{label.status}"
+            found = cache[label] = any(fnmatch.fnmatchcase(text, p) for p in self.disclose)
+        return found
 
     def in_collections(self, programme: str) -> bool:
         return not self.collections or programme in self.collections

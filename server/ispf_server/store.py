@@ -274,11 +274,16 @@ class Store:
             rows = self._db.execute(
                 "SELECT record_id, nid, programme, status FROM records ORDER BY nid, record_id"
             ).fetchall()
-        return [
-            StoredRecord(rid, nid, Label(prog, st))
-            for rid, nid, prog, st in rows
-            if not programmes or prog in programmes
-        ]
+        labels: dict[tuple[str, str], Label] = {}  # one object per distinct label
+        out = []
+        for rid, nid, prog, st in rows:
+            if programmes and prog not in programmes:
+                continue
+            label = labels.get((prog, st))
+            if label is None:
+                label = labels[(prog, st)] = Label(prog, st)
+            out.append(StoredRecord(rid, nid, label))
+        return out
 
     def stats(self) -> tuple[int, int, list[tuple[Label, int]]]:
         with self._lock:

@@ -50,7 +50,12 @@ def build_plan(records: list[StoredRecord], rng: random.Random, *, labelled: boo
         owners[r.nid.encode("ascii")].append(r)
     by_group: dict[LabelSet, list[bytes]] = defaultdict(list)
     for nid, recs in owners.items():
-        key: LabelSet = tuple(sorted({r.label for r in recs})) if labelled else ()
+        if not labelled:
+            key: LabelSet = ()
+        elif len(recs) == 1:  # the common case: one record per ID
+            key = (recs[0].label,)
+        else:
+            key = tuple(sorted({r.label for r in recs}))
         by_group[key].append(nid)
     groups = sorted(by_group)
     order: list[bytes] = []

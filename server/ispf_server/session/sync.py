@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.keys import BlindingKey
+from ispf.records import Label
 from ispf_server.pairstate import EMPTY_FP, OwnTag, PairDelta, labels_of, labels_text, toggle
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.core import Outcome, split
@@ -67,10 +68,19 @@ class SyncSide:
 
 
 def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
-    by_nid: dict[str, set[str]] = defaultdict(set)
+    """nid -> its label set as stored (JSON), each distinct set encoded once."""
+    by_nid: dict[str, set[Label]] = defaultdict(set)
     for r in records:
-        by_nid[r.nid].add(f"{r.label.programme}/{r.label.status}")
-    return {nid: json.dumps(sorted(lbs)) for nid, lbs in by_nid.items()}
+        by_nid[r.nid].add(r.label)
+    texts: dict[frozenset[Label], str] = {}
+    out: dict[str, str] = {}
+    for nid, lbs in by_nid.items():
+        key = frozenset(lbs)
+        text = texts.get(key)
+        if text is None:
+            text = texts[key] = labels_text(lbs)
+        out[nid] = text
+    return out
 
 
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
