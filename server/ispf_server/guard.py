@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
@@ -108,9 +109,23 @@ class Guard(_Interceptor):
         self.revoked = revoked
         self.metrics = metrics
 
-    def _observe(self, method: str, code: str, start: float) -> None:
-        if self.metrics is not None:
-            self.metrics.rpc.labels(method, code).observe(time.perf_counter() - start)
+    @contextmanager
+    def _served(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Around every handler: request id, authorisation, error to status, latency."""
+        start, code = time.perf_counter(), "OK"
+        with logs.bound(request_id=_request_id(context)):
+            try:
+                self._authorize(service, context)
+                yield
+            except IspfError as err:
+                code = err.code.name
+                abort_with(context, err)
+            except Exception:
+                code = "INTERNAL"
+                _internal(context, method)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.rpc.labels(method, code).observe(time.perf_counter() - start)
 
     def _authorize(self, service: str, context: grpc.ServicerContext) -> None:
         allowed = ACCESS.get(service)
@@ -137,30 +152,18 @@ class Guard(_Interceptor):
             return None
         method: str = details.method
         service = method.split("/")[1] if method.count("/") == 2 else method
-        authorize = self._authorize
         h = handler
         decode = _decoder(h.request_deserializer, method)
 
         def parsed(request: Any, stream_in: bool) -> Any:
             return (decode(r) for r in request) if stream_in else decode(request)
 
-        observe = self._observe
+        served = self._served
 
         def unary(behaviour: Callable[[Any, grpc.ServicerContext], Any], stream_in: bool) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                start, code = time.perf_counter(), "OK"
-                with logs.bound(request_id=_request_id(context)):
-                    try:
-                        authorize(service, context)
-                        return behaviour(parsed(request, stream_in), context)
-                    except IspfError as err:
-                        code = err.code.name
-                        abort_with(context, err)
-                    except Exception:
-                        code = "INTERNAL"
-                        _internal(context, method)
-                    finally:
-                        observe(method, code, start)
+                with served(service, method, context):
+                    return behaviour(parsed(request, stream_in), context)
 
             return run
 
@@ -168,19 +171,8 @@ class Guard(_Interceptor):
             behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], stream_in: bool
         ) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start, code = time.perf_counter(), "OK"
-                with logs.bound(request_id=_request_id(context)):
-                    try:
-                        authorize(service, context)
-                        yield from behaviour(parsed(request, stream_in), context)
-                    except IspfError as err:
-                        code = err.code.name
-                        abort_with(context, err)
-                    except Exception:
-                        code = "INTERNAL"
-                        _internal(context, method)
-                    finally:
-                        observe(method, code, start)
+                with served(service, method, context):
+                    yield from behaviour(parsed(request, stream_in), context)
 
             return run
 

@@ -153,6 +153,7 @@ class SessionRow:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+K = TypeVar("K", str, bytes)
 
 
 def storage_errors(fn: F) -> F:
@@ -569,43 +570,40 @@ class Store:
                 )
         return out
 
+    def _pair_lookup(
+        self, sql: str, peer: str, epoch: int, keys: Iterable[K]
+    ) -> dict[K, tuple[Any, ...]]:
+        """One indexed query per key (`sql` takes peer, epoch, key); the rows found."""
+        out: dict[K, tuple[Any, ...]] = {}
+        with self._lock:
+            for key in keys:
+                row = self._db.execute(sql, (peer, epoch, key)).fetchone()
+                if row:
+                    out[key] = tuple(row)
+        return out
+
     def own_tags_for(
         self, peer: str, epoch: int, nids: Iterable[str]
     ) -> dict[str, pairstate.OwnTag]:
-        out: dict[str, pairstate.OwnTag] = {}
-        with self._lock:
-            for nid in nids:
-                row = self._db.execute(
-                    "SELECT labels, tag FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
-                    (peer, epoch, nid),
-                ).fetchone()
-                if row:
-                    out[nid] = pairstate.OwnTag(str(row[0]), bytes(row[1]))
-        return out
+        rows = self._pair_lookup(
+            "SELECT labels, tag FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
+            peer,
+            epoch,
+            nids,
+        )
+        return {n: pairstate.OwnTag(str(r[0]), bytes(r[1])) for n, r in rows.items()}
 
     def own_nids_by_tag(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
-        out: dict[bytes, str] = {}
-        with self._lock:
-            for t in tags:
-                row = self._db.execute(
-                    "SELECT nid FROM own_tags WHERE peer=? AND epoch=? AND tag=?",
-                    (peer, epoch, t),
-                ).fetchone()
-                if row:
-                    out[t] = str(row[0])
-        return out
+        rows = self._pair_lookup(
+            "SELECT nid FROM own_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, tags
+        )
+        return {t: str(r[0]) for t, r in rows.items()}
 
     def peer_labels_for(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
-        out: dict[bytes, str] = {}
-        with self._lock:
-            for t in tags:
-                row = self._db.execute(
-                    "SELECT labels FROM peer_tags WHERE peer=? AND epoch=? AND tag=?",
-                    (peer, epoch, t),
-                ).fetchone()
-                if row:
-                    out[t] = str(row[0])
-        return out
+        rows = self._pair_lookup(
+            "SELECT labels FROM peer_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, tags
+        )
+        return {t: str(r[0]) for t, r in rows.items()}
 
     def matched_state(self, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
         """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
@@ -661,16 +659,10 @@ class Store:
 
     def lookup_own_tags(self, peer: str, epoch: int, tags: list[bytes]) -> dict[bytes, str]:
         """Labels of this node's IDs whose tag for `peer` is among `tags` (online checks)."""
-        found: dict[bytes, str] = {}
-        with self._lock:
-            for t in tags:
-                row = self._db.execute(
-                    "SELECT labels FROM own_tags WHERE peer=? AND epoch=? AND tag=?",
-                    (peer, epoch, t),
-                ).fetchone()
-                if row:
-                    found[t] = str(row[0])
-        return found
+        rows = self._pair_lookup(
+            "SELECT labels FROM own_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, tags
+        )
+        return {t: str(r[0]) for t, r in rows.items()}
 
     def ping(self) -> None:
         """Raise if the store cannot be read and written (for the health check)."""

@@ -81,7 +81,9 @@ def eligible_records(
         raise PolicyRefused(f"collections not open to {pp.peer} by policy: {refused}")
     records = store.records(collections or pp.collections)
     if labelled:
-        records = [r for r in records if pp.may_disclose(r.label)]
+        # Decide each distinct label once (registries: millions of records, few labels).
+        allowed = {lb for lb in {r.label for r in records} if pp.may_disclose(lb)}
+        records = [r for r in records if r.label in allowed]
     return records
 
 
