@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev browser demo test lint typecheck proto proto-check pytest bench clean
+.PHONY: help install install-fast dev browser demo test lint typecheck proto proto-check pytest bench bench-compare bench-load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,5 +64,11 @@ bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full 
 	$(BIN)/python bench/blinding.py
 	$(BIN)/python bench/online_incremental.py $(BENCH_ARGS)
 
+bench-compare: dev ## 1M x 1M against SecretFlow and OpenMined (own venvs; writes docs/benchmarks.md)
+	$(BIN)/python bench/psi_compare.py --write $(COMPARE_ARGS)
+
+bench-load: dev ## load test: 32 concurrent online checks for 60 s
+	$(BIN)/python bench/load_check.py $(LOAD_ARGS)
+
 clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out .bench-venvs
