@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ispf.errors import IspfError
+from ispf.hazmat.backends import select as select_backend
 from ispf.identity import KNOWN_PROVINCES
 from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
 from ispf.records import check_label, check_record_id
@@ -127,6 +128,7 @@ def run_demo(
                 paths[p].write_text(fed.csv_text(p), encoding="utf-8")
         out.mkdir(parents=True, exist_ok=True)
         with LocalFederation(layout, provinces, digits, workers, interceptors) as fedn:
+            con.print(f"X25519 backend: {select_backend('auto').name}")
             con.print(
                 "[bold]Federation up:[/] "
                 + ", ".join(f"{p} ({fedn.address(p)})" for p in provinces)
