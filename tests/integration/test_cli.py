@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ispf.v1 import internal_pb2
 from ispf_client.cli import main
 from ispf_client.demo import run_demo
 from ispf_client.sdk import secure_channel
@@ -252,3 +253,28 @@ def test_node_process_starts_serves_health_and_refuses_open_keys(tmp_path: Path)
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def test_check_command_reads_ids_from_a_file_or_stdin_never_argv(
+    federation: Federation,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    federation.load("punjab", [("P1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    assert federation.reconcile("punjab", "sindh").state == internal_pb2.SESSION_STATE_COMPLETED
+    prof = str(write_profile(federation, "punjab", tmp_path))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("35202-1234567-1\n3520299999999\n12345\n")
+    assert main(["check", "--profile", prof, "--file", str(ids), "--province", "sindh"]) == 3
+    out = capsys.readouterr().out
+    assert "#1: sindh: MATCH (SSPA/eligible)" in out
+    assert "#2: sindh: no match" in out
+    assert "#3: not checked: nid.length" in out
+    assert "3520212345671" not in out and "12345" not in out.replace("#3", "")
+    monkeypatch.setattr("sys.stdin", io.StringIO("3520299999999\n"))
+    assert main(["check", "--profile", prof, "--province", "sindh"]) == 0
+    assert "#1: sindh: no match" in capsys.readouterr().out
