@@ -116,7 +116,9 @@ def data(n: int, seed: int = 1) -> tuple[list[str], list[str]]:
     return a, b
 
 
-def run_ours(work: Path, a: list[str], b: list[str], backend: str) -> dict[str, float]:
+def run_ours(
+    work: Path, a: list[str], b: list[str], backend: str, chunk: int = 4096
+) -> dict[str, float]:
     layout = init_forum(work / "forum", ["punjab", "sindh"], base_port=0)
     ports = {"punjab": free_port(), "sindh": free_port()}
     proxy = CountingProxy(ports["sindh"])  # punjab reaches sindh through it
@@ -127,11 +129,7 @@ def run_ours(work: Path, a: list[str], b: list[str], backend: str) -> dict[str, 
         text = text.replace(
             f'[peers.{q}]\naddress = "127.0.0.1:0"', f'[peers.{q}]\naddress = "{addr}"'
         )
-        text = (
-            text.replace('backend = "auto"', f'backend = "{backend}"')
-            if "backend" in text
-            else text.replace("chunk_values = 4096", f'chunk_values = 4096\nbackend = "{backend}"')
-        )
+        text = text.replace("chunk_values = 4096", f'chunk_values = {chunk}\nbackend = "{backend}"')
         cfg.write_text(text.replace("max_set_size = 50000000", "max_set_size = 500000000"))
         write_client_profile(layout, p, f"127.0.0.1:{ports[p]}")
     procs = {
@@ -240,6 +238,7 @@ def main() -> None:
     ap.add_argument("--peers", default="secretflow,openmined")
     ap.add_argument("--venvs", type=Path, default=Path(".bench-venvs"))
     ap.add_argument("--write", action="store_true", help="also write docs/benchmarks.md")
+    ap.add_argument("--chunk", type=int, default=4096, help="values per streamed chunk")
     args = ap.parse_args()
     peers = [p for p in args.peers.split(",") if p]
     a, b = data(args.n)
@@ -258,7 +257,7 @@ def main() -> None:
         a_csv.write_text("id\n" + "\n".join(a) + "\n")
         b_csv.write_text("id\n" + "\n".join(b) + "\n")
         backend = select(args.backend).name
-        ours = run_ours(work / "ours", a, b, args.backend)
+        ours = run_ours(work / "ours", a, b, args.backend, args.chunk)
         rows.append(
             (
                 f"ISPF Match ({backend}), labelled mutual",
