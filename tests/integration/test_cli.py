@@ -278,3 +278,30 @@ def test_check_command_reads_ids_from_a_file_or_stdin_never_argv(
     monkeypatch.setattr("sys.stdin", io.StringIO("3520299999999\n"))
     assert main(["check", "--profile", prof, "--province", "sindh"]) == 0
     assert "#1: sindh: no match" in capsys.readouterr().out
+
+
+def test_forum_commands_issue_certificates_and_salts_owner_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography import x509
+
+    forum = tmp_path / "forum"
+    assert main(["forum", "init", "--dir", str(forum), "--provinces", "punjab,sindh"]) == 0
+    assert (
+        main(
+            ["forum", "issue", "--dir", str(forum), "--role", "audit", "--name", "auditor-general"]
+        )
+        == 0
+    )
+    cert = forum / "auditors" / "auditor-general" / "auditor.pem"
+    key = forum / "auditors" / "auditor-general" / "auditor.key"
+    subject = x509.load_pem_x509_certificate(cert.read_bytes()).subject.rfc4514_string()
+    assert "OU=audit" in subject and "CN=auditor-general" in subject
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert main(["forum", "salt", "new", "--dir", str(forum), "--epoch", "2"]) == 0
+    assert (forum / "salts" / "epoch-2.salt").stat().st_mode & 0o777 == 0o600
+    assert main(["forum", "salt", "new", "--dir", str(forum), "--epoch", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        main(["forum", "issue", "--dir", str(forum), "--role", "node", "--name", "Not A Slug"]) == 2
+    )
