@@ -121,3 +121,8 @@ def test_health_follows_key_and_salt_readiness(fed: Federation) -> None:
     finally:
         key.chmod(0o600)
     wait_for(lambda: health(fed, "punjab"), serving)
+
+
+def test_request_ids_never_look_like_an_id_number() -> None:
+    for _ in range(2000):
+        assert not re.search(r"\d{13}", logs.new_request_id())
