@@ -35,9 +35,8 @@ from ispf.auditlog import (
     verify_bundle,
 )
 from ispf.errors import ConfigError, IspfError, from_rpc_error
-from ispf.identity import node_hostname
-from ispf.keys import check_private_file
 from ispf.v1 import audit_pb2, audit_pb2_grpc
+from ispf_client.sdk import ClientProfile, secure_channel
 
 PAGE = 1000
 
@@ -109,21 +108,11 @@ class NodeLog:
     """Read-only client of one node's audit API."""
 
     def __init__(self, profile: AuditProfile, ref: NodeRef, timeout: float = 30.0) -> None:
-        check_private_file(profile.key)
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=profile.ca.read_bytes(),
-            private_key=profile.key.read_bytes(),
-            certificate_chain=profile.cert.read_bytes(),
-        )
         self.ref = ref
         self.timeout = timeout
-        self._channel = grpc.secure_channel(
-            ref.address,
-            creds,
-            options=[
-                ("grpc.ssl_target_name_override", node_hostname(ref.name)),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ],
+        # The same mTLS channel as the SDK's, with the auditor's certificate.
+        self._channel = secure_channel(
+            ClientProfile(ref.name, ref.address, profile.ca, profile.cert, profile.key)
         )
         self._stub = audit_pb2_grpc.AuditServiceStub(self._channel)
 

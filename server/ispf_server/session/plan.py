@@ -57,6 +57,15 @@ def build_plan(records: list[StoredRecord], rng: random.Random, *, labelled: boo
         else:
             key = tuple(sorted({r.label for r in recs}))
         by_group[key].append(nid)
+    return shuffled_plan(owners, by_group, rng)
+
+
+def shuffled_plan(
+    owners: dict[bytes, list[StoredRecord]],
+    by_group: dict[LabelSet, list[bytes]],
+    rng: random.Random,
+) -> Plan:
+    """Groups in label-set order, each shuffled, so positions say nothing of records."""
     groups = sorted(by_group)
     order: list[bytes] = []
     sizes: list[int] = []
@@ -65,7 +74,7 @@ def build_plan(records: list[StoredRecord], rng: random.Random, *, labelled: boo
         rng.shuffle(members)
         order.extend(members)
         sizes.append(len(members))
-    return Plan(groups, sizes, order, dict(owners), len(records))
+    return Plan(groups, sizes, order, dict(owners), sum(len(v) for v in owners.values()))
 
 
 def eligible_records(

@@ -23,7 +23,13 @@ from ispf.records import Label
 from ispf_server.pairstate import EMPTY_FP, OwnTag, PairDelta, labels_of, labels_text, toggle
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.core import Outcome, split
-from ispf_server.session.plan import LabelSet, Plan, eligible, eligible_records
+from ispf_server.session.plan import (
+    LabelSet,
+    Plan,
+    eligible,
+    eligible_records,
+    shuffled_plan,
+)
 from ispf_server.store import MatchRow, Store, StoredRecord
 
 MAX_REMOVED = 1_000_000
@@ -121,7 +127,6 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
 def _plan(records: list[StoredRecord], desired: dict[str, str], changed: set[str]) -> Plan:
     """The IDs to send, grouped by label set (from `desired`, already computed) and
     shuffled within each group: `build_plan` without grouping the records again."""
-    rng = secrets.SystemRandom()
     owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
     for r in records:
         if r.nid in changed:
@@ -129,18 +134,8 @@ def _plan(records: list[StoredRecord], desired: dict[str, str], changed: set[str
     by_text: dict[str, list[bytes]] = defaultdict(list)
     for nid in owners:
         by_text[desired[nid.decode("ascii")]].append(nid)
-    groups = sorted((labels_of(text), members) for text, members in by_text.items())
-    order: list[bytes] = []
-    for _, members in groups:
-        rng.shuffle(members)
-        order.extend(members)
-    return Plan(
-        [g for g, _ in groups],
-        [len(m) for _, m in groups],
-        order,
-        dict(owners),
-        sum(len(v) for v in owners.values()),
-    )
+    by_group = {labels_of(text): members for text, members in by_text.items()}
+    return shuffled_plan(owners, by_group, secrets.SystemRandom())
 
 
 def parse_removed(
