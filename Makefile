@@ -13,11 +13,13 @@ help: ## list the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# setup.py builds the optional C module (ispf.hazmat._native) in place; without a
+# C compiler the install still succeeds and the pure-Python code is used.
+$(VENV)/.installed: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN)/python
 	$(PIP) install -e .
 	@touch $@
 
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
+$(VENV)/.dev: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN)/python
 	$(PIP) install -e '.[dev]'
 	@# The tests compare the fast X25519 backend with the portable one where it installs.
 	@$(PIP) install -e '.[fast]' || echo "dev: the fast extra is unavailable here; its tests will be skipped"
@@ -71,4 +73,5 @@ bench-load: dev ## load test: 32 concurrent online checks for 60 s
 	$(BIN)/python bench/load_check.py $(LOAD_ARGS)
 
 clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out .bench-venvs
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out .bench-venvs build
+	rm -f common/ispf/hazmat/_native.*.so

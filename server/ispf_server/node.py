@@ -21,6 +21,7 @@ from ispf.errors import (
     UnknownEpoch,
     UnknownPeer,
 )
+from ispf.hazmat import curve
 from ispf.hazmat.backends import select as select_backend
 from ispf.keys import ForumSalt, check_private_file
 from ispf.v1 import (
@@ -132,7 +133,7 @@ class Node:
         self._fail_interrupted()
         log.info(
             "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
-            "X25519 backend %s",
+            "X25519 backend %s, hash-to-curve in %s",
             self.province,
             config.current_epoch,
             self.current_salt.fingerprint(),
@@ -140,6 +141,7 @@ class Node:
             self.policy.current().version,
             f"{self.pool.workers} worker processes" if self.pool.workers else "inline",
             self.backend.name,
+            "C" if curve.native is not None else "Python (native module not built)",
         )
 
     def _session_finished(self, snap: Snapshot) -> None:

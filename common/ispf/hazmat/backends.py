@@ -109,6 +109,7 @@ class MultiBufferBackend:
         self._fn = lib.mbx_x25519_mb8
         self._fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._fn.restype = ctypes.c_uint64
+        self._address = ctypes.cast(self._fn, ctypes.c_void_p).value
         self.where = where
 
     @classmethod
@@ -132,6 +133,18 @@ class MultiBufferBackend:
 
     def many(self, scalar: bytes, packed: bytes, out_bytes: int) -> bytes:
         _check_packed(packed)
+        from ispf.hazmat.curve import native
+
+        if native is not None:  # the same loop in C, without the GIL
+            out, bad_at = native.mb8_many(self._address, scalar, packed, out_bytes)
+            if bad_at >= 0:
+                raise InvalidBlindedValue(
+                    f"value {bad_at} is a low-order point and cannot be blinded"
+                )
+            return out  # type: ignore[no-any-return]
+        return self._many_py(scalar, packed, out_bytes)
+
+    def _many_py(self, scalar: bytes, packed: bytes, out_bytes: int) -> bytes:
         n = len(packed) // POINT
         if n == 0:
             return b""

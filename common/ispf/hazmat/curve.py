@@ -16,10 +16,26 @@ bit about the identity number to a peer that holds the salt.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import blake3
 import gmpy2
+
+
+def _load_native() -> ModuleType | None:
+    """The C module built from _native.c, unless absent or ISPF_NATIVE=0."""
+    if os.environ.get("ISPF_NATIVE", "1") == "0":
+        return None
+    try:
+        from ispf.hazmat import _native  # type: ignore[attr-defined]
+    except ImportError:  # built without a C compiler: the Python code below is used
+        return None
+    return _native  # type: ignore[no-any-return]
+
+
+native = _load_native()
 
 P = 2**255 - 19
 A = 486662
@@ -69,7 +85,14 @@ _COUNTERS = [c.to_bytes(4, "little") for c in range(8)]
 
 
 def hash_to_curve_many(salt: bytes, digits: Sequence[bytes]) -> bytes:
-    """`hash_to_curve` for many IDs (the hot loop of a session: kept lean, same result)."""
+    """`hash_to_curve` for many IDs, packed: in C when the native module is built."""
+    if native is not None:
+        return native.hash_to_curve_many(salt, digits)  # type: ignore[no-any-return]
+    return hash_to_curve_many_py(salt, digits)
+
+
+def hash_to_curve_many_py(salt: bytes, digits: Sequence[bytes]) -> bytes:
+    """The pure-Python `hash_to_curve_many` (kept lean; the reference for the C code)."""
     out = []
     new, legendre, mpz, from_bytes = blake3.blake3, gmpy2.legendre, gmpy2.mpz, int.from_bytes
     for d in digits:

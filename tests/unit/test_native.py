@@ -1,0 +1,80 @@
+"""The optional C module gives the same bytes as the Python reference code."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ispf.hazmat import backends, curve
+
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "hash_to_curve.json").read_text())
+
+
+def native():  # type: ignore[no-untyped-def]
+    if curve.native is None:
+        if shutil.which("cc") and os.environ.get("ISPF_NATIVE", "1") != "0":
+            pytest.fail("a C compiler is here but ispf.hazmat._native was not built")
+        pytest.skip("the native module is not built here")
+    return curve.native
+
+
+def test_reproduces_the_published_vectors() -> None:
+    mod = native()
+    for v in VECTORS["vectors"]:
+        got = mod.hash_to_curve_many(bytes.fromhex(v["salt"]), [v["nid"].encode()])
+        assert got.hex() == v["u"], v["nid"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_python_on_random_ids(seed: int) -> None:
+    # 3000 IDs per seed: counters past 7 (probability 1/256 each) are exercised too.
+    mod = native()
+    rng = random.Random(seed)
+    salt = rng.randbytes(32)
+    ids = [f"{rng.randrange(10**13):013d}".encode() for _ in range(3000)]
+    ids += [b"", b"1", b"x" * 49]  # any length that fits one BLAKE3 block
+    assert mod.hash_to_curve_many(salt, ids) == curve.hash_to_curve_many_py(salt, ids)
+
+
+def test_counters_beyond_seven_match() -> None:
+    mod = native()
+    salt = b"\x07" * 32
+    deep = [d for i in range(4000) if curve.hash_to_curve(salt, d := str(i).encode())[1] >= 8]
+    assert deep, "no ID needed more than eight tries"
+    assert mod.hash_to_curve_many(salt, deep) == curve.hash_to_curve_many_py(salt, deep)
+
+
+def test_bad_arguments_are_errors_not_crashes() -> None:
+    mod = native()
+    with pytest.raises(ValueError, match="32 bytes"):
+        mod.hash_to_curve_many(b"short", [b"1"])
+    with pytest.raises(ValueError, match="ID 1 is 50 bytes"):
+        mod.hash_to_curve_many(b"k" * 32, [b"1", b"x" * 50])
+    with pytest.raises(TypeError):
+        mod.hash_to_curve_many(b"k" * 32, ["not bytes"])
+    with pytest.raises(TypeError):
+        mod.hash_to_curve_many(b"k" * 32, 5)
+    assert mod.hash_to_curve_many(b"k" * 32, []) == b""
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mod.mb8_many(1, b"s" * 32, b"x" * 33, 32)
+    with pytest.raises(ValueError, match="null function"):
+        mod.mb8_many(0, b"s" * 32, b"x" * 32, 32)
+
+
+def test_multibuffer_loop_in_c_matches_the_python_loop() -> None:
+    native()
+    try:
+        mb = backends.MultiBufferBackend.load()
+    except backends.BackendUnavailable as exc:
+        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
+    rng = random.Random(9)
+    scalar = rng.randbytes(32)
+    for n in (0, 1, 7, 8, 9, 100):
+        raw = rng.randbytes(32 * n)
+        for width in (32, 16, 1):
+            assert mb.many(scalar, raw, width) == mb._many_py(scalar, raw, width)
