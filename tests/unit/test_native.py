@@ -38,7 +38,23 @@ def test_matches_python_on_random_ids(seed: int) -> None:
     salt = rng.randbytes(32)
     ids = [f"{rng.randrange(10**13):013d}".encode() for _ in range(3000)]
     ids += [b"", b"1", b"x" * 49]  # any length that fits one BLAKE3 block
-    assert mod.hash_to_curve_many(salt, ids) == curve.hash_to_curve_many_py(salt, ids)
+    want = curve.hash_to_curve_many_py(salt, ids)
+    assert mod.hash_to_curve_many(salt, ids, 0) == want  # scalar Jacobi symbol
+    assert mod.hash_to_curve_many(salt, ids, 1) == want  # eight-lane (where the CPU has it)
+    assert mod.hash_to_curve_many(salt, ids) == want
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 31, 32, 33, 100])
+def test_batches_that_do_not_fill_the_lanes(count: int) -> None:
+    mod = native()
+    ids = [f"4210{i:09d}".encode() for i in range(count)]
+    want = curve.hash_to_curve_many_py(b"s" * 32, ids)
+    assert mod.hash_to_curve_many(b"s" * 32, ids, 1) == want
+
+
+def test_reports_whether_the_vector_path_runs() -> None:
+    mod = native()
+    assert mod.vector_available() == backends.cpu_has_ifma()
 
 
 def test_counters_beyond_seven_match() -> None:
@@ -46,7 +62,9 @@ def test_counters_beyond_seven_match() -> None:
     salt = b"\x07" * 32
     deep = [d for i in range(4000) if curve.hash_to_curve(salt, d := str(i).encode())[1] >= 8]
     assert deep, "no ID needed more than eight tries"
-    assert mod.hash_to_curve_many(salt, deep) == curve.hash_to_curve_many_py(salt, deep)
+    want = curve.hash_to_curve_many_py(salt, deep)
+    assert mod.hash_to_curve_many(salt, deep, 0) == want
+    assert mod.hash_to_curve_many(salt, deep, 1) == want
 
 
 def test_bad_arguments_are_errors_not_crashes() -> None:

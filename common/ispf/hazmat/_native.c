@@ -243,6 +243,179 @@ static int jacobi256(fe a, fe n) {
     return one ? (t ? -1 : 1) : 0;
 }
 
+/* ------------------------------------- Legendre symbol, 8 lanes with IFMA */
+/*
+ * On CPUs with AVX-512 IFMA the Legendre symbol is computed as f^((p-1)/2) for
+ * eight values at once, in radix 2^51 (five limbs per value, one lane each).
+ * vpmadd52{l,h}uq multiply the low 52 bits of their inputs, so every limb that
+ * enters a multiplication is kept below 2^52. This path is constant time.
+ */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ISPF_IFMA 1
+#include <immintrin.h>
+
+#define IFMA_TARGET __attribute__((target("avx512f,avx512ifma")))
+#define IFMA_INLINE IFMA_TARGET __attribute__((always_inline)) static inline
+#define NB 4 /* independent 8-lane groups in flight: hides the multiply latency */
+#define M51 ((1ull << 51) - 1)
+
+typedef struct { __m512i l[5]; } fe8;
+
+IFMA_TARGET static inline __m512i times19(__m512i x) {
+    return _mm512_add_epi64(_mm512_add_epi64(_mm512_slli_epi64(x, 4), _mm512_slli_epi64(x, 1)), x);
+}
+
+/* Fold and carry ten positions (each below 2^56) into five limbs. */
+IFMA_INLINE void fe8_reduce(fe8 *r, const __m512i c[10]) {
+    /* 2^255 = 19 (mod p): fold the upper five positions (< 2^61 after this). */
+    __m512i d[5];
+    for (int k = 0; k < 5; k++) d[k] = _mm512_add_epi64(c[k], times19(c[k + 5]));
+    const __m512i mask = _mm512_set1_epi64((long long)M51);
+    for (int k = 0; k < 4; k++) {
+        d[k + 1] = _mm512_add_epi64(d[k + 1], _mm512_srli_epi64(d[k], 51));
+        d[k] = _mm512_and_si512(d[k], mask);
+    }
+    __m512i top = _mm512_srli_epi64(d[4], 51);
+    d[4] = _mm512_and_si512(d[4], mask);
+    d[0] = _mm512_add_epi64(d[0], times19(top));
+    d[1] = _mm512_add_epi64(d[1], _mm512_srli_epi64(d[0], 51));
+    d[0] = _mm512_and_si512(d[0], mask);
+    for (int k = 0; k < 5; k++) r->l[k] = d[k];
+}
+
+/* r = a * b (mod p); inputs' limbs below 2^52, outputs' below 2^51 + 2^15. */
+IFMA_INLINE void fe8_mul(fe8 *r, const fe8 *a, const fe8 *b) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i lo[10], hi[10];
+    for (int k = 0; k < 10; k++) { lo[k] = zero; hi[k] = zero; }
+    for (int i = 0; i < 5; i++) {
+        for (int j = 0; j < 5; j++) {
+            lo[i + j] = _mm512_madd52lo_epu64(lo[i + j], a->l[i], b->l[j]);
+            hi[i + j + 1] = _mm512_madd52hi_epu64(hi[i + j + 1], a->l[i], b->l[j]);
+        }
+    }
+    /* hi parts sit at 2^52 = 2 * 2^51 above their position: c_k = lo_k + 2 hi_k (< 2^56). */
+    __m512i c[10];
+    for (int k = 0; k < 10; k++) c[k] = _mm512_add_epi64(lo[k], _mm512_add_epi64(hi[k], hi[k]));
+    fe8_reduce(r, c);
+}
+
+/* r = a^2 (mod p): the mixed products once each, then doubled (30 multiplies, not 50). */
+IFMA_INLINE void fe8_sq(fe8 *r, const fe8 *a) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i lo[10], hi[10], lo2[10], hi2[10];
+    for (int k = 0; k < 10; k++) { lo[k] = hi[k] = lo2[k] = hi2[k] = zero; }
+    for (int i = 0; i < 5; i++) {
+        lo[2 * i] = _mm512_madd52lo_epu64(lo[2 * i], a->l[i], a->l[i]);
+        hi[2 * i + 1] = _mm512_madd52hi_epu64(hi[2 * i + 1], a->l[i], a->l[i]);
+        for (int j = i + 1; j < 5; j++) {
+            lo2[i + j] = _mm512_madd52lo_epu64(lo2[i + j], a->l[i], a->l[j]);
+            hi2[i + j + 1] = _mm512_madd52hi_epu64(hi2[i + j + 1], a->l[i], a->l[j]);
+        }
+    }
+    /* c_k = lo_k + 2 lo2_k + 2 hi_k + 4 hi2_k: at most 15 terms below 2^52 (< 2^56). */
+    __m512i c[10];
+    for (int k = 0; k < 10; k++) {
+        __m512i x = _mm512_add_epi64(lo2[k], hi[k]);
+        x = _mm512_add_epi64(x, _mm512_slli_epi64(hi2[k], 1));
+        c[k] = _mm512_add_epi64(lo[k], _mm512_slli_epi64(x, 1));
+    }
+    fe8_reduce(r, c);
+}
+
+/* The same step on NB independent groups, so their multiplies overlap. */
+IFMA_INLINE void sqn(fe8 r[NB], const fe8 a[NB], int n) {
+    for (int b = 0; b < NB; b++) fe8_sq(&r[b], &a[b]);
+    for (int i = 1; i < n; i++) {
+        for (int b = 0; b < NB; b++) fe8_sq(&r[b], &r[b]);
+    }
+}
+
+IFMA_INLINE void mul(fe8 r[NB], const fe8 a[NB], const fe8 c[NB]) {
+    for (int b = 0; b < NB; b++) fe8_mul(&r[b], &a[b], &c[b]);
+}
+
+/* r = z^((p-1)/2) = z^(2^254 - 10), by the addition chain of the usual inversion. */
+IFMA_TARGET static void pow_legendre(fe8 r[NB], const fe8 z[NB]) {
+    fe8 z2[NB], z3[NB], z9[NB], z11[NB], t[NB], a5[NB], a10[NB], a20[NB], a50[NB], a100[NB];
+    sqn(z2, z, 1);              /* 2 */
+    mul(z3, z2, z);             /* 3 */
+    sqn(t, z2, 2);              /* 8 */
+    mul(z9, t, z);              /* 9 */
+    mul(z11, z9, z2);           /* 11 */
+    sqn(t, z11, 1);             /* 22 */
+    mul(a5, t, z9);             /* 2^5 - 1 */
+    sqn(t, a5, 5);
+    mul(a10, t, a5);            /* 2^10 - 1 */
+    sqn(t, a10, 10);
+    mul(a20, t, a10);           /* 2^20 - 1 */
+    sqn(t, a20, 20);
+    mul(t, t, a20);             /* 2^40 - 1 */
+    sqn(t, t, 10);
+    mul(a50, t, a10);           /* 2^50 - 1 */
+    sqn(t, a50, 50);
+    mul(a100, t, a50);          /* 2^100 - 1 */
+    sqn(t, a100, 100);
+    mul(t, t, a100);            /* 2^200 - 1 */
+    sqn(t, t, 50);
+    mul(t, t, a50);             /* 2^250 - 1 */
+    sqn(t, t, 3);               /* 2^253 - 8 */
+    mul(t, t, z3);              /* 2^253 - 5 */
+    sqn(r, t, 1);               /* 2^254 - 10 */
+}
+
+#define LANES (8 * NB)
+
+/* Legendre symbols of LANES canonical values (0 for zero, 1, or -1). */
+IFMA_TARGET static void legendre_lanes(const fe in[LANES], int out[LANES]) {
+    uint64_t limbs[NB][5][8] __attribute__((aligned(64)));
+    for (int j = 0; j < LANES; j++) {
+        const uint64_t *v = in[j].v;
+        uint64_t (*l)[8] = limbs[j / 8];
+        l[0][j % 8] = v[0] & M51;
+        l[1][j % 8] = ((v[0] >> 51) | (v[1] << 13)) & M51;
+        l[2][j % 8] = ((v[1] >> 38) | (v[2] << 26)) & M51;
+        l[3][j % 8] = ((v[2] >> 25) | (v[3] << 39)) & M51;
+        l[4][j % 8] = v[3] >> 12;
+    }
+    fe8 z[NB], r[NB];
+    for (int b = 0; b < NB; b++) {
+        for (int k = 0; k < 5; k++) z[b].l[k] = _mm512_load_si512((const void *)limbs[b][k]);
+    }
+    pow_legendre(r, z);
+    for (int b = 0; b < NB; b++) {
+        for (int k = 0; k < 5; k++) _mm512_store_si512((void *)limbs[b][k], r[b].l[k]);
+    }
+    for (int j = 0; j < LANES; j++) {
+        /* back to 4x64 limbs (the value is below 2^256), then canonical */
+        uint64_t (*l)[8] = limbs[j / 8];
+        u128 acc = 0;
+        fe x;
+        int shift = 0, limb = 0;
+        for (int k = 0; k < 5; k++) {
+            acc += (u128)l[k][j % 8] << shift;
+            shift += 51;
+            while (shift >= 64 && limb < 4) {
+                x.v[limb++] = (uint64_t)acc;
+                acc >>= 64;
+                shift -= 64;
+            }
+        }
+        while (limb < 4) { x.v[limb++] = (uint64_t)acc; acc >>= 64; }
+        fe_canon(&x);
+        if (fe_is_zero(&x)) out[j] = 0;
+        else out[j] = (x.v[0] == 1 && (x.v[1] | x.v[2] | x.v[3]) == 0) ? 1 : -1;
+    }
+}
+
+static int have_ifma(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512ifma");
+}
+#else
+static int have_ifma(void) { return 0; }
+#endif
+
 /* -------------------------------------------------------- hash to curve */
 
 /* u-coordinates of the low-order points of Curve25519 and its twist (canonical). */
@@ -258,19 +431,26 @@ static int fe_eq(const fe *a, const fe *b) {
     return ((a->v[0] ^ b->v[0]) | (a->v[1] ^ b->v[1]) | (a->v[2] ^ b->v[2]) | (a->v[3] ^ b->v[3])) == 0;
 }
 
-/* 1 if the 32-byte value (top bit already clear) is an acceptable point. */
-static int acceptable(const uint8_t h[32]) {
-    fe u, f;
+/* The checks before the Legendre symbol: u < p and not low-order. On success,
+ * f = u^3 + A u^2 + u, whose symbol decides. */
+static int screen(const uint8_t h[32], fe *f) {
+    fe u;
     fe_load(&u, h);
     if (fe_geq(&u, &FE_P)) return 0;
     for (int i = 0; i < 5; i++) {
         if (fe_eq(&u, &low_order[i])) return 0;
     }
-    fe_add_small(&f, &u, CURVE_A); /* f = u + A */
-    fe_mul(&f, &f, &u);            /* u^2 + A u */
-    fe_add_small(&f, &f, 1);       /* u^2 + A u + 1 */
-    fe_mul(&f, &f, &u);            /* u^3 + A u^2 + u */
-    return jacobi256(f, FE_P) >= 0;
+    fe_add_small(f, &u, CURVE_A); /* u + A */
+    fe_mul(f, f, &u);             /* u^2 + A u */
+    fe_add_small(f, f, 1);        /* u^2 + A u + 1 */
+    fe_mul(f, f, &u);             /* u^3 + A u^2 + u */
+    return 1;
+}
+
+/* 1 if the 32-byte value (top bit already clear) is an acceptable point. */
+static int acceptable(const uint8_t h[32]) {
+    fe f;
+    return screen(h, &f) && jacobi256(f, FE_P) >= 0;
 }
 
 #define DOMAIN "ispf/nid/v1"
@@ -293,10 +473,77 @@ static int h2c_one(const uint32_t key[8], const uint8_t *digits, size_t n, uint8
     return -1;
 }
 
+
+#ifdef ISPF_IFMA
+/* Hash-to-curve for count IDs, eight Legendre symbols at a time. Candidates that
+ * fail go back with the next counter; each ID ends with its first acceptable
+ * counter, exactly as one at a time. Returns -1, or the first ID that ran out. */
+IFMA_TARGET static Py_ssize_t h2c_batch_ifma(const uint32_t key[8], const uint8_t *ids,
+                                              const size_t *lens, Py_ssize_t count, uint8_t *out) {
+    Py_ssize_t next = 0;        /* next ID not yet started */
+    Py_ssize_t retry_id[LANES];     /* IDs whose last candidate was a non-square */
+    uint32_t retry_ctr[LANES];
+    int nretry = 0;
+    Py_ssize_t lane_id[LANES];
+    uint32_t lane_ctr[LANES];
+    uint8_t lane_u[LANES][32];
+    fe lane_f[LANES];
+    uint8_t msg[64];
+    memcpy(msg, DOMAIN, DOMAIN_LEN);
+    for (;;) {
+        int lanes = 0;
+        while (lanes < LANES) {
+            Py_ssize_t id;
+            uint32_t ctr;
+            if (nretry) {
+                nretry--;
+                id = retry_id[nretry];
+                ctr = retry_ctr[nretry];
+            } else if (next < count) {
+                id = next++;
+                ctr = 0;
+            } else {
+                break;
+            }
+            size_t n = lens[id];
+            memcpy(msg + DOMAIN_LEN, ids + (size_t)id * MAX_DIGITS, n);
+            for (;; ctr++) { /* the cheap checks, one candidate at a time */
+                if (ctr >= MAX_COUNTER) return id;
+                store32(msg + DOMAIN_LEN + n, ctr);
+                blake3_keyed_block(key, msg, DOMAIN_LEN + n + 4, lane_u[lanes]);
+                lane_u[lanes][31] &= 0x7F;
+                if (screen(lane_u[lanes], &lane_f[lanes])) break;
+            }
+            lane_id[lanes] = id;
+            lane_ctr[lanes] = ctr;
+            lanes++;
+        }
+        if (lanes == 0) return -1;
+        for (int l = lanes; l < LANES; l++) lane_f[l] = lane_f[0]; /* padding, ignored */
+        int sym[LANES];
+        legendre_lanes(lane_f, sym);
+        for (int l = 0; l < lanes; l++) {
+            if (sym[l] >= 0) {
+                memcpy(out + 32 * lane_id[l], lane_u[l], 32);
+            } else {
+                retry_id[nretry] = lane_id[l];
+                retry_ctr[nretry] = lane_ctr[l] + 1;
+                nretry++;
+            }
+        }
+    }
+}
+#endif
+
+static int use_vector = -1; /* -1: not decided yet */
+
 static PyObject *py_hash_to_curve_many(PyObject *self, PyObject *args) {
     Py_buffer key;
     PyObject *seq;
-    if (!PyArg_ParseTuple(args, "y*O", &key, &seq)) return NULL;
+    int vector = -1;
+    if (!PyArg_ParseTuple(args, "y*O|i", &key, &seq, &vector)) return NULL;
+    if (use_vector < 0) use_vector = have_ifma();
+    vector = vector < 0 ? use_vector : (vector && use_vector);
     PyObject *result = NULL, *fast = NULL;
     Py_ssize_t count = 0;
     uint8_t *ids = NULL;
@@ -330,6 +577,10 @@ static PyObject *py_hash_to_curve_many(PyObject *self, PyObject *args) {
     for (int i = 0; i < 8; i++) kw[i] = load32((const uint8_t *)key.buf + 4 * i);
     Py_ssize_t failed = -1;
     Py_BEGIN_ALLOW_THREADS
+#ifdef ISPF_IFMA
+    if (vector) failed = h2c_batch_ifma(kw, ids, lens, count, out);
+    else
+#endif
     for (Py_ssize_t i = 0; i < count; i++) {
         if (h2c_one(kw, ids + (size_t)i * MAX_DIGITS, lens[i], out + 32 * i) < 0) {
             failed = i;
@@ -441,9 +692,17 @@ done:
     return ret;
 }
 
+static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
+    if (use_vector < 0) use_vector = have_ifma();
+    return PyBool_FromLong(use_vector);
+}
+
 static PyMethodDef methods[] = {
     {"hash_to_curve_many", py_hash_to_curve_many, METH_VARARGS,
-     "hash_to_curve_many(key, digits) -> packed 32-byte points (recipe ispf/nid/v1)"},
+     "hash_to_curve_many(key, digits, vector=-1) -> packed 32-byte points (recipe ispf/nid/v1);\n"
+     "vector: 1 uses AVX-512 IFMA where the CPU has it, 0 never, -1 decides."},
+    {"vector_available", py_vector_available, METH_NOARGS,
+     "True if the CPU runs the eight-lane (AVX-512 IFMA) Legendre symbol."},
     {"mb8_many", py_mb8_many, METH_VARARGS,
      "mb8_many(fn_address, scalar, packed, out_bytes) -> (bytes, first low-order position or -1)"},
     {NULL, NULL, 0, NULL},
