@@ -108,14 +108,34 @@ class SyncRow:
     policy: str
 
 
+@dataclass(frozen=True)
+class OwnGroup:
+    """Own IDs added under one label set, and their tags (aligned)."""
+
+    labels: str
+    nids: list[str]
+    tags: list[bytes]
+
+
+@dataclass(frozen=True)
+class PeerGroup:
+    """Peer tags added under one label set."""
+
+    labels: str
+    tags: list[bytes]
+
+
 @dataclass
 class PairDelta:
-    """Changes to one pair's state, applied in one transaction when a session commits."""
+    """Changes to one pair's state, applied in one transaction when a session commits.
+
+    Additions come grouped by label set, as the session exchanged them, so that a
+    full run of millions is written as a few bulk inserts."""
 
     reset: bool
-    own_added: dict[str, OwnTag]  # nid -> (labels, tag)
+    own_added: list[OwnGroup]
     own_removed: list[str]  # nids
-    peer_added: dict[bytes, str]  # tag -> labels
+    peer_added: list[PeerGroup]
     peer_removed: list[bytes]  # tags
     version: int
     own_fp: bytes
@@ -148,6 +168,74 @@ def pair_key(db: sqlite3.Connection, peer: str, epoch: int, now: str) -> Blindin
     return BlindingKey(bytes(row[0]))
 
 
+# Bulk inserts run inside SQLite: the tags (and 13-digit IDs) of one label set go in
+# as packed blobs and a recursive CTE cuts them into rows, sorted by the key, so
+# Python does not bind a million parameter tuples (about twice as fast).
+_OWN_BULK = (
+    "WITH RECURSIVE i(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM i WHERE k + 1 < :n) "
+    "INSERT OR REPLACE INTO own_tags "
+    "SELECT :peer, :epoch, CAST(substr(:nids, k * 13 + 1, 13) AS TEXT), :labels, "
+    "substr(:tags, k * 16 + 1, 16) FROM i ORDER BY 3"
+)
+_PEER_BULK = (
+    "WITH RECURSIVE i(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM i WHERE k + 1 < :n) "
+    "INSERT OR REPLACE INTO peer_tags "
+    "SELECT :peer, :epoch, substr(:tags, k * 16 + 1, 16), :labels FROM i ORDER BY 3"
+)
+NID_BYTES = 13
+TAG_LEN = 16
+
+
+def _insert_own(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[OwnGroup]) -> None:
+    for g in added:
+        if not g.tags:  # the CTE always yields its first row: never run it for none
+            continue
+        packed_nids = "".join(g.nids)
+        if (
+            packed_nids.isascii()
+            and all(len(n) == NID_BYTES for n in g.nids)
+            and all(len(t) == TAG_LEN for t in g.tags)
+        ):
+            cur.execute(
+                _OWN_BULK,
+                {
+                    "n": len(g.nids),
+                    "peer": peer,
+                    "epoch": epoch,
+                    "nids": packed_nids.encode("ascii"),
+                    "labels": g.labels,
+                    "tags": b"".join(g.tags),
+                },
+            )
+        else:  # IDs not in canonical form (older stores, tests): row by row
+            cur.executemany(
+                "INSERT OR REPLACE INTO own_tags VALUES (?,?,?,?,?)",
+                ((peer, epoch, n, g.labels, t) for n, t in zip(g.nids, g.tags, strict=True)),
+            )
+
+
+def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGroup]) -> None:
+    for g in added:
+        if not g.tags:
+            continue
+        if all(len(t) == TAG_LEN for t in g.tags):
+            cur.execute(
+                _PEER_BULK,
+                {
+                    "n": len(g.tags),
+                    "peer": peer,
+                    "epoch": epoch,
+                    "tags": b"".join(g.tags),
+                    "labels": g.labels,
+                },
+            )
+        else:
+            cur.executemany(
+                "INSERT OR REPLACE INTO peer_tags VALUES (?,?,?,?)",
+                ((peer, epoch, t, g.labels) for t in g.tags),
+            )
+
+
 def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
     if d.reset:
         cur.execute("DELETE FROM own_tags WHERE peer=? AND epoch=?", (peer, epoch))
@@ -156,18 +244,12 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         "DELETE FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
         ((peer, epoch, n) for n in d.own_removed),
     )
-    cur.executemany(
-        "INSERT OR REPLACE INTO own_tags VALUES (?,?,?,?,?)",
-        ((peer, epoch, n, o.labels, o.tag) for n, o in d.own_added.items()),
-    )
+    _insert_own(cur, peer, epoch, d.own_added)
     cur.executemany(
         "DELETE FROM peer_tags WHERE peer=? AND epoch=? AND tag=?",
         ((peer, epoch, t) for t in d.peer_removed),
     )
-    cur.executemany(
-        "INSERT OR REPLACE INTO peer_tags VALUES (?,?,?,?)",
-        ((peer, epoch, t, lb) for t, lb in d.peer_added.items()),
-    )
+    _insert_peer(cur, peer, epoch, d.peer_added)
     cur.execute(
         "INSERT OR REPLACE INTO pair_sync VALUES (?,?,?,?,?,?)",
         (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),

@@ -105,6 +105,9 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+_IN_BATCH = 500  # keys per `IN (...)` query: well under SQLite's parameter limit
+
+
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
     record_id: str
@@ -558,17 +561,32 @@ class Store:
         return {str(r[0]) for r in rows}
 
     def records_by_nids(self, nids: Iterable[str]) -> list[StoredRecord]:
-        out: list[StoredRecord] = []
+        """The records of these IDs, in the order given, each ID's by record ID."""
+        wanted = list(nids)
+        found: dict[str, list[StoredRecord]] = {}
+        labels: dict[tuple[str, str], Label] = {}
         with self._lock:
-            for nid in nids:
-                out.extend(
-                    StoredRecord(rid, n, Label(p, s))
-                    for rid, n, p, s in self._db.execute(
-                        "SELECT record_id, nid, programme, status FROM records WHERE nid=?",
-                        (nid,),
-                    )
-                )
-        return out
+            for at in range(0, len(wanted), _IN_BATCH):
+                part = wanted[at : at + _IN_BATCH]
+                marks = ",".join("?" * len(part))
+                for rid, n, p, s in self._db.execute(
+                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
+                    f"WHERE nid IN ({marks}) ORDER BY nid, record_id",
+                    part,
+                ):
+                    label = labels.get((p, s))
+                    if label is None:
+                        label = labels[(p, s)] = Label(p, s)
+                    found.setdefault(n, []).append(StoredRecord(rid, n, label))
+        return [r for n in dict.fromkeys(wanted) for r in found.get(n, ())]
+
+    def nid_labels(self) -> list[tuple[str, str, str]]:
+        """(nid, programme, status) of every record, in ID order: a full run's input,
+        without a Python object per record."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT nid, programme, status FROM records ORDER BY nid"
+            ).fetchall()
 
     def _pair_lookup(
         self, sql: str, peer: str, epoch: int, keys: Iterable[K]

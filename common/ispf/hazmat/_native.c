@@ -6,6 +6,7 @@
  *   hash_to_curve_many(key, digits)     recipe ispf/nid/v1 (see curve.py)
  *   mb8_many(fn, scalar, packed, out)   X25519 through a multi-buffer function
  *                                       (mbx_x25519_mb8), eight per call
+ *   shuffle(list, seed)                 Fisher-Yates from a keyed-BLAKE3 stream
  *
  * Both release the GIL while they compute, so threads scale across cores.
  *
@@ -692,6 +693,68 @@ done:
     return ret;
 }
 
+
+/* --------------------------------------------------------------- shuffle */
+
+/* Random words from keyed BLAKE3 in counter mode (a PRF under a fresh 32-byte seed). */
+typedef struct { uint32_t key[8]; uint64_t counter; uint64_t buf[4]; int left; } prf_stream;
+
+static uint64_t prf_next(prf_stream *st) {
+    if (st->left == 0) {
+        uint8_t msg[8], out[32];
+        for (int i = 0; i < 8; i++) msg[i] = (uint8_t)(st->counter >> (8 * i));
+        st->counter++;
+        blake3_keyed_block(st->key, msg, 8, out);
+        for (int w = 0; w < 4; w++) {
+            uint64_t x = 0;
+            for (int j = 7; j >= 0; j--) x = (x << 8) | out[8 * w + j];
+            st->buf[w] = x;
+        }
+        st->left = 4;
+    }
+    return st->buf[--st->left];
+}
+
+/* Uniform in [0, n), n > 0 (Lemire's multiply-and-reject: no modulo bias). */
+static uint64_t prf_below(prf_stream *st, uint64_t n) {
+    u128 m = (u128)prf_next(st) * n;
+    uint64_t low = (uint64_t)m;
+    if (low < n) {
+        uint64_t floor = (0 - n) % n;
+        while (low < floor) {
+            m = (u128)prf_next(st) * n;
+            low = (uint64_t)m;
+        }
+    }
+    return (uint64_t)(m >> 64);
+}
+
+/* shuffle(list, seed): Fisher-Yates in place, the randomness from the 32-byte seed. */
+static PyObject *py_shuffle(PyObject *self, PyObject *args) {
+    PyObject *list;
+    Py_buffer seed;
+    if (!PyArg_ParseTuple(args, "O!y*", &PyList_Type, &list, &seed)) return NULL;
+    if (seed.len != 32) {
+        PyBuffer_Release(&seed);
+        PyErr_SetString(PyExc_ValueError, "the seed must be 32 bytes");
+        return NULL;
+    }
+    prf_stream st;
+    for (int i = 0; i < 8; i++) st.key[i] = load32((const uint8_t *)seed.buf + 4 * i);
+    st.counter = 0;
+    st.left = 0;
+    PyBuffer_Release(&seed);
+    PyObject **items = ((PyListObject *)list)->ob_item;
+    for (Py_ssize_t i = PyList_GET_SIZE(list) - 1; i > 0; i--) {
+        Py_ssize_t j = (Py_ssize_t)prf_below(&st, (uint64_t)i + 1);
+        PyObject *tmp = items[i];
+        items[i] = items[j];
+        items[j] = tmp;
+    }
+    memset(&st, 0, sizeof st);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
     if (use_vector < 0) use_vector = have_ifma();
     return PyBool_FromLong(use_vector);
@@ -701,6 +764,8 @@ static PyMethodDef methods[] = {
     {"hash_to_curve_many", py_hash_to_curve_many, METH_VARARGS,
      "hash_to_curve_many(key, digits, vector=-1) -> packed 32-byte points (recipe ispf/nid/v1);\n"
      "vector: 1 uses AVX-512 IFMA where the CPU has it, 0 never, -1 decides."},
+    {"shuffle", py_shuffle, METH_VARARGS,
+     "shuffle(list, seed) -> None: Fisher-Yates in place, driven by keyed BLAKE3 under seed."},
     {"vector_available", py_vector_available, METH_NOARGS,
      "True if the CPU runs the eight-lane (AVX-512 IFMA) Legendre symbol."},
     {"mb8_many", py_mb8_many, METH_VARARGS,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -234,7 +233,7 @@ class Initiator:
         if side is not None:
             plan, self.key = side.plan, side.key
         else:
-            plan = build_plan(self.records, secrets.SystemRandom(), labelled=self.labelled)
+            plan = build_plan(self.records, labelled=self.labelled)
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
@@ -273,7 +272,7 @@ class Initiator:
             "peer_groups": len(peer_groups),
             "peer_removed": len(peer_removed),
         }
-        own_records = len(side.records) if side else plan.own_records
+        own_records = side.own_records if side else plan.own_records
         self.progress.update(
             sync=self._sync_kind() if side else "",
             own_removed=len(side.removed_tags) if side else 0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -45,6 +44,7 @@ from ispf_server.session.plan import (
     build_plan,
     eligible_records,
     parse_groups,
+    secure_shuffle,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
 from ispf_server.session.sync import (
@@ -57,7 +57,6 @@ from ispf_server.session.sync import (
 from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
-_rng = secrets.SystemRandom()
 
 
 @dataclass
@@ -312,7 +311,7 @@ class Responder:
             records = eligible_records(
                 self.store, pp, frozenset(req.responder_collections), labelled=labelled
             )
-            plan = build_plan(records, _rng, labelled=labelled)
+            plan = build_plan(records, labelled=labelled)
         self.store.begin_session(
             req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
         )
@@ -325,7 +324,7 @@ class Responder:
                 purpose=req.purpose,
                 epoch=req.epoch,
                 phase="exchange",
-                own_records=len(side.records) if side else plan.own_records,
+                own_records=side.own_records if side else plan.own_records,
                 own_values=plan.total,
                 peer_values=sum(sizes),
                 work_total=plan.total + sum(sizes),
@@ -400,7 +399,7 @@ class Responder:
                     n = len(tags) // TAG_BYTES
                     s.progress.add(received=n, work_done=n)
                 shuffled = split(bytes(s.initiator_tags), TAG_BYTES)
-                _rng.shuffle(shuffled)
+                secure_shuffle(shuffled)
                 for seq, part in enumerate(chunked(shuffled, self.chunk_values)):
                     s.progress.add(sent=len(part))
                     yield peer_pb2.BlindedChunk(
@@ -504,7 +503,7 @@ class Responder:
                 )
             self.store.complete_session(
                 s.session_id,
-                own_records=len(s.side.records) if s.side else s.plan.own_records,
+                own_records=s.side.own_records if s.side else s.plan.own_records,
                 own_values=s.plan.total,
                 peer_values=s.peer_total,
                 match_count=outcome.match_count,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,14 +19,21 @@ from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.keys import BlindingKey
 from ispf.records import Label
-from ispf_server.pairstate import EMPTY_FP, OwnTag, PairDelta, labels_of, labels_text, toggle
+from ispf_server.pairstate import (
+    EMPTY_FP,
+    OwnGroup,
+    PairDelta,
+    PeerGroup,
+    labels_of,
+    labels_text,
+    toggle,
+)
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.core import Outcome, split
 from ispf_server.session.plan import (
     LabelSet,
     Plan,
     eligible,
-    eligible_records,
     shuffled_plan,
 )
 from ispf_server.store import MatchRow, Store, StoredRecord
@@ -65,9 +71,8 @@ class SyncSide:
     incremental: bool
     own_fp: bytes
     peer_fp: bytes
-    records: list[StoredRecord]  # the records that take part in this run's delta
-    desired: dict[str, str]  # nid -> label set, for the IDs of the delta
-    plan: Plan
+    own_records: int  # records that take part in this run's delta
+    plan: Plan  # the IDs sent, by label set (plan.owners is not kept: see finish)
     removed_nids: list[str]
     removed_tags: list[bytes]
     version: int
@@ -89,6 +94,49 @@ def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
     return out
 
 
+def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, list[bytes]], int]:
+    """Every ID the peer may hold, by label set (as stored); and how many records.
+
+    One pass over (nid, programme, status) in ID order, without a Python object
+    per record: the full run of a registry of millions starts here."""
+    allowed: dict[tuple[str, str], Label | None] = {}
+    texts: dict[Label | frozenset[Label], str] = {}
+    by_text: dict[str, list[bytes]] = defaultdict(list)
+    count = 0
+    prev: str | None = None
+    held: Label | frozenset[Label] | None = None
+
+    def flush(nid: str, key: Label | frozenset[Label]) -> None:
+        text = texts.get(key)
+        if text is None:
+            text = texts[key] = labels_text(key if isinstance(key, frozenset) else (key,))
+        by_text[text].append(nid.encode("ascii"))
+
+    for nid, prog, status in store.nid_labels():
+        pair = (prog, status)
+        if pair in allowed:
+            label = allowed[pair]
+        else:
+            candidate = Label(prog, status)
+            label = allowed[pair] = (
+                candidate if pp.in_collections(prog) and pp.may_disclose(candidate) else None
+            )
+        if label is None:
+            continue
+        count += 1
+        if nid != prev:
+            if prev is not None and held is not None:
+                flush(prev, held)
+            prev, held = nid, label
+        elif isinstance(held, frozenset):
+            held = held | {label}
+        elif held != label:
+            held = frozenset((held, label))  # type: ignore[arg-type]
+    if prev is not None and held is not None:
+        flush(prev, held)
+    return by_text, count
+
+
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
     """What this side sends: IDs whose label set is new or changed, and removed tags."""
     version = store.registry_version()
@@ -97,15 +145,22 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         nids = store.changed_since(row.version)
         records = [r for r in store.records_by_nids(sorted(nids)) if eligible(pp, r)]
         current = store.own_tags_for(peer, epoch, nids)
-        own_fp, peer_fp = row.own_fp, row.peer_fp
+        desired = _label_sets(records)
+        changed = {
+            n for n in nids if desired.get(n) != (current[n].labels if n in current else None)
+        }
+        removed_nids = sorted(n for n in changed if n in current)
+        removed_tags = [current[n].tag for n in removed_nids]
+        by_text: dict[str, list[bytes]] = defaultdict(list)
+        for n in sorted(changed):
+            if n in desired:
+                by_text[desired[n]].append(n.encode("ascii"))
+        own_fp, peer_fp, own_records = row.own_fp, row.peer_fp, len(records)
     else:
-        records = eligible_records(store, pp, frozenset(), labelled=True)
-        nids = {r.nid for r in records}
-        current, own_fp, peer_fp = {}, EMPTY_FP, EMPTY_FP
-    desired = _label_sets(records)
-    changed = {n for n in nids if desired.get(n) != (current[n].labels if n in current else None)}
-    removed_nids = sorted(n for n in changed if n in current)
-    plan = _plan(records, desired, changed)
+        by_text, own_records = _all_label_sets(store, pp)
+        removed_nids, removed_tags = [], []
+        own_fp, peer_fp = EMPTY_FP, EMPTY_FP
+    by_group = {labels_of(text): members for text, members in by_text.items()}
     return SyncSide(
         store=store,
         pp=pp,
@@ -115,27 +170,12 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         incremental=row is not None,
         own_fp=own_fp,
         peer_fp=peer_fp,
-        records=records,
-        desired=desired,
-        plan=plan,
+        own_records=own_records,
+        plan=shuffled_plan({}, by_group, own_records=own_records),
         removed_nids=removed_nids,
-        removed_tags=[current[n].tag for n in removed_nids],
+        removed_tags=removed_tags,
         version=version,
     )
-
-
-def _plan(records: list[StoredRecord], desired: dict[str, str], changed: set[str]) -> Plan:
-    """The IDs to send, grouped by label set (from `desired`, already computed) and
-    shuffled within each group: `build_plan` without grouping the records again."""
-    owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
-    for r in records:
-        if r.nid in changed:
-            owners[r.nid.encode("ascii")].append(r)
-    by_text: dict[str, list[bytes]] = defaultdict(list)
-    for nid in owners:
-        by_text[desired[nid.decode("ascii")]].append(nid)
-    by_group = {labels_of(text): members for text, members in by_text.items()}
-    return shuffled_plan(owners, by_group, secrets.SystemRandom())
 
 
 def parse_removed(
@@ -171,18 +211,25 @@ def finish(
     peer_removed: list[bytes],
 ) -> SyncResult:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit."""
-    store, peer, epoch = side.store, side.peer, side.epoch
-    own_added = {
-        nid.decode("ascii"): OwnTag(side.desired[nid.decode("ascii")], tag)
-        for nid, tag in zip(side.plan.order, split(own_added_tags, TAG_BYTES), strict=True)
-    }
-    peer_added: dict[bytes, str] = {}
+    store, peer, epoch, plan = side.store, side.peer, side.epoch, side.plan
+    own_tags = split(own_added_tags, TAG_BYTES)
+    if len(own_tags) != plan.total:
+        raise ProtocolViolation(f"{len(own_tags)} tags for {plan.total} values sent")
+    own_added: list[OwnGroup] = []
+    pos = 0
+    for group, size in zip(plan.groups, plan.sizes, strict=True):
+        nids = [n.decode("ascii") for n in plan.order[pos : pos + size]]
+        own_added.append(OwnGroup(labels_text(group), nids, own_tags[pos : pos + size]))
+        pos += size
+    peer_added: list[PeerGroup] = []
+    peer_index: dict[bytes, str] = {}  # tag -> labels, of the peer's additions
     tags = split(peer_added_tags, TAG_BYTES)
     pos = 0
     for group, size in zip(peer_groups, peer_sizes, strict=True):
         text = labels_text(group)
-        for t in tags[pos : pos + size]:
-            peer_added[t] = text
+        part = tags[pos : pos + size]
+        peer_added.append(PeerGroup(text, part))
+        peer_index.update(dict.fromkeys(part, text))
         pos += size
     gone_own, gone_peer = set(side.removed_nids), set(peer_removed)
     matches: dict[str, tuple[bytes, str]] = {}
@@ -190,32 +237,29 @@ def finish(
         for nid, tag, labels in store.matched_state(peer, epoch):
             if nid not in gone_own and tag not in gone_peer:
                 matches[nid] = (tag, labels)
-        for tag, nid in store.own_nids_by_tag(peer, epoch, peer_added).items():
+        for tag, nid in store.own_nids_by_tag(peer, epoch, peer_index).items():
             if nid not in gone_own:  # new peer tags meeting kept own ones
-                matches[nid] = (tag, peer_added[tag])
+                matches[nid] = (tag, peer_index[tag])
         kept_peer = store.peer_labels_for(
-            peer, epoch, [o.tag for o in own_added.values() if o.tag not in peer_added]
+            peer, epoch, [t for t in own_tags if t not in peer_index and t not in gone_peer]
         )
     else:
         kept_peer = {}
-    for nid, own in own_added.items():
-        found = peer_added.get(own.tag)
-        if found is None and own.tag not in gone_peer:
-            found = kept_peer.get(own.tag)
-        if found is not None:
-            matches[nid] = (own.tag, found)
-    matched_records = (
-        side.records
-        if not side.incremental
-        else [r for r in store.records_by_nids(sorted(matches)) if eligible(side.pp, r)]
-    )
+    for g in own_added:
+        for nid, tag in zip(g.nids, g.tags, strict=True):
+            found = peer_index.get(tag)
+            if found is None:
+                found = kept_peer.get(tag)
+            if found is not None:
+                matches[nid] = (tag, found)
+    # Only matched IDs' records are read back (a tenth of a registry, typically).
     rows: list[MatchRow] = []
-    for rec in matched_records:
-        if rec.nid in matches:
+    for rec in store.records_by_nids(sorted(matches)):
+        if eligible(side.pp, rec):
             tag, labels = matches[rec.nid]
             rows.extend(MatchRow(rec.record_id, rec.label, pl, tag) for pl in labels_of(labels))
-    own_fp = toggle(toggle(side.own_fp, side.removed_tags), (o.tag for o in own_added.values()))
-    peer_fp = toggle(toggle(side.peer_fp, peer_removed), peer_added)
+    own_fp = toggle(toggle(side.own_fp, side.removed_tags), own_tags)
+    peer_fp = toggle(toggle(side.peer_fp, peer_removed), peer_index)
     delta = PairDelta(
         reset=not side.incremental,
         own_added=own_added,
