@@ -9,6 +9,9 @@ pipe, inside the node; key objects themselves refuse pickling.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -18,6 +21,22 @@ from ispf.hazmat import curve
 from ispf.keys import BlindingKey, ForumSalt
 
 T = TypeVar("T")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: leave when the node is gone.
+
+    Every worker holds the write end of the pool's task pipe, so a node killed
+    outright (SIGKILL, OOM) would leave them waiting forever; a daemon thread
+    notices the re-parenting and exits the worker.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _InlineExecutor(Executor):
@@ -41,7 +60,10 @@ class BlindingPool:
         self._executor: Executor
         if workers > 0:
             self._executor = ProcessPoolExecutor(
-                max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
             )
         else:
             self._executor = _InlineExecutor()

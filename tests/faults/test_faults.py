@@ -246,3 +246,18 @@ def test_killing_a_node_during_a_load_never_leaves_a_mixed_batch(
         extra = [f"kp-extra-{i}" for i in range(16000)]
         client.delete(extra[:8000])
         client.delete(extra[8000:])
+
+
+def test_blinding_workers_leave_with_a_killed_node(cluster: Cluster) -> None:
+    import psutil
+
+    node = cluster.nodes["punjab"]
+    assert node.proc is not None
+    # Workers start with the first blinding; a reconciliation makes sure there are some.
+    reconcile_through(cluster, "punjab", "sindh", lambda: None)
+    workers = psutil.Process(node.proc.pid).children()
+    assert workers, "the node has no worker processes to check"
+    node.kill()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"{len(alive)} worker(s) outlived their node"
+    node.start()
