@@ -1,7 +1,14 @@
-"""Blinding throughput: the node's pipeline (hash-to-curve + blind, chunked, through
-the process pool) for each X25519 backend at 1 process and at all cores, next to
-each raw primitive measured in the same run. Prints figures and ratios; asserts
-nothing (timings on shared machines are noise, ratios less so).
+"""Blinding throughput: the node's pipeline (chunked, through the node's pool: threads
+for the multi-buffer backend, processes for `cryptography`) for each X25519
+backend at 1 worker and at all cores, next to each raw primitive measured in the
+same run. Two workloads:
+
+* hash + blind: own IDs only (hash-to-curve, then X25519): the worst case;
+* session mix: what a mutual session does per pair of records, one own ID hashed
+  and blinded and one peer value re-blinded; counted in X25519 operations.
+
+Prints figures and ratios; asserts nothing (timings on shared machines are noise,
+ratios less so).
 
     python bench/blinding.py [--n 200000] [--chunk 4096]
 """
@@ -11,11 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from concurrent.futures import Future
 
 from ispf.hazmat.backends import BackendUnavailable, MultiBufferBackend, select
 from ispf.hazmat.curve import hash_to_curve_many
 from ispf.keys import BlindingKey, ForumSalt
-from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.pool import BlindingPool, pipelined, releases_gil
 from ispf_server.session.core import chunked
 
 
@@ -31,21 +39,29 @@ def raw_rate(backend: str, n: int) -> float:
     return rounds * 4096 / (time.perf_counter() - t)
 
 
-def pipeline(workers: int, backend: str, ids: list[bytes], chunk: int) -> float:
+def pipeline(workers: int, backend: str, ids: list[bytes], chunk: int, mix: bool) -> float:
+    """X25519 operations per second through the pool (each hashed ID is one)."""
     pool = BlindingPool(workers, backend)
     salt, key = ForumSalt.generate(1), BlindingKey.generate()
+    peer = hash_to_curve_many(b"p" * 32, ids[:chunk])  # stands in for a peer's chunk
+
+    def task(d: list[bytes]) -> Future[bytes]:
+        return pool.hash_and_blind(salt, key, d)
+
+    def mixed(item: tuple[int, list[bytes]]) -> Future[bytes]:
+        seq, d = item
+        return pool.reblind(key, peer[: 32 * len(d)], 16) if seq % 2 else task(d)
+
     try:
         # Warm the workers up (spawn, import, library load) outside the timing.
-        list(
-            pipelined(
-                lambda d: pool.hash_and_blind(salt, key, d), [ids[:8]] * max(workers, 1), pool.depth
-            )
-        )
+        list(pipelined(task, [ids[:8]] * max(workers, 1), pool.depth))
         t = time.perf_counter()
-        for _ in pipelined(
-            lambda d: pool.hash_and_blind(salt, key, d), chunked(ids, chunk), pool.depth
-        ):
-            pass
+        if mix:  # chunks alternate: own IDs hashed and blinded, peer values re-blinded
+            for _ in pipelined(mixed, enumerate(chunked(ids, chunk)), pool.depth):
+                pass
+        else:
+            for _ in pipelined(task, chunked(ids, chunk), pool.depth):
+                pass
         return len(ids) / (time.perf_counter() - t)
     finally:
         pool.close()
@@ -66,16 +82,17 @@ def main() -> None:
         backends.append("multibuffer")
     except BackendUnavailable as exc:
         print(f"(multi-buffer backend unavailable: {exc.message})")
-    print(f"{'measure':52} {'ops/s':>10} {'per core':>10} {'vs raw':>7}")
+    print(f"{'measure (X25519 operations)':58} {'ops/s':>10} {'per core':>10} {'vs raw':>7}")
     for b in backends:
         raw = raw_rate(b, min(args.n, 100_000))
-        print(f"{f'raw {b} X25519, 1 core':52} {raw:>10,.0f} {raw:>10,.0f} {'1.00':>7}")
-        for w in sorted({1, cores}):
-            rate = pipeline(w, b, ids, args.chunk)
-            print(
-                f"{f'{b}: hash-to-curve + blind, {w} process(es)':52} {rate:>10,.0f} "
-                f"{rate / w:>10,.0f} {rate / w / raw:>7.2f}"
-            )
+        print(f"{f'raw {b} X25519, 1 core':58} {raw:>10,.0f} {raw:>10,.0f} {'1.00':>7}")
+        for mix in (False, True):
+            for w in sorted({1, cores}):
+                rate = pipeline(w, b, ids, args.chunk, mix)
+                what = "session mix" if mix else "hash + blind"
+                kind = "threads" if releases_gil(b) else "processes"
+                name = f"{b}: {what}, {w} {kind}"
+                print(f"{name:58} {rate:>10,.0f} {rate / w:>10,.0f} {rate / w / raw:>7.2f}")
 
 
 if __name__ == "__main__":

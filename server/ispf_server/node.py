@@ -139,7 +139,7 @@ class Node:
             self.current_salt.fingerprint(),
             len(self.peer_addresses),
             self.policy.current().version,
-            f"{self.pool.workers} worker processes" if self.pool.workers else "inline",
+            self.pool.describe(),
             self.backend.name,
             "C" if curve.native is not None else "Python (native module not built)",
         )

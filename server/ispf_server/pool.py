@@ -1,9 +1,11 @@
 """Blinding across all cores.
 
-X25519 in `cryptography` holds the GIL, so the node blinds in a pool of worker
-processes (spawned, not forked: forking a process that runs gRPC is unsafe).
-Salt and scalar bytes travel to the workers with each task over the pool's
-pipe, inside the node; key objects themselves refuse pickling.
+With the multi-buffer backend and the native module, hashing and blinding run
+in C without the GIL, so the pool is threads in the node process: no pickling,
+no second copy of each chunk. X25519 in `cryptography` holds the GIL, so with
+it the node blinds in worker processes (spawned, not forked: forking a process
+that runs gRPC is unsafe). Salt and scalar bytes travel to the workers with
+each task over the pool's pipe, inside the node; key objects refuse pickling.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ispf.hazmat import curve
@@ -51,14 +53,30 @@ class _InlineExecutor(Executor):
         return fut
 
 
-class BlindingPool:
-    """Hashes and blinds packed chunks of values, `workers` processes wide (0: inline)."""
+def releases_gil(backend: str) -> bool:
+    """Do hashing and blinding with this backend run without the GIL (threads scale)?"""
+    from ispf.hazmat.backends import BackendUnavailable, select
 
-    def __init__(self, workers: int, backend: str = "auto") -> None:
+    try:
+        return curve.native is not None and select(backend).name == "multibuffer"
+    except BackendUnavailable:
+        return False
+
+
+class BlindingPool:
+    """Hashes and blinds packed chunks of values, `workers` wide (0: inline).
+
+    `threads` (default: where the backend releases the GIL) picks threads over
+    worker processes."""
+
+    def __init__(self, workers: int, backend: str = "auto", threads: bool | None = None) -> None:
         self.workers = workers
         self.backend = backend
+        self.threads = releases_gil(backend) if threads is None else threads
         self._executor: Executor
-        if workers > 0:
+        if workers > 0 and self.threads:
+            self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blind")
+        elif workers > 0:
             self._executor = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("spawn"),
@@ -67,6 +85,11 @@ class BlindingPool:
             )
         else:
             self._executor = _InlineExecutor()
+
+    def describe(self) -> str:
+        if self.workers == 0:
+            return "inline"
+        return f"{self.workers} {'threads' if self.threads else 'worker processes'}"
 
     @property
     def depth(self) -> int:

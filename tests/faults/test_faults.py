@@ -253,11 +253,22 @@ def test_blinding_workers_leave_with_a_killed_node(cluster: Cluster) -> None:
 
     node = cluster.nodes["punjab"]
     assert node.proc is not None
-    # Workers start with the first blinding; a reconciliation makes sure there are some.
-    reconcile_through(cluster, "punjab", "sindh", lambda: None)
-    workers = psutil.Process(node.proc.pid).children()
-    assert workers, "the node has no worker processes to check"
-    node.kill()
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive, f"{len(alive)} worker(s) outlived their node"
-    node.start()
+    # The portable backend blinds in worker processes (the fast one in threads).
+    original = node.config.read_text()
+    node.config.write_text(
+        original.replace("chunk_values = 4096", 'chunk_values = 4096\nbackend = "cryptography"')
+    )
+    try:
+        node.stop()
+        node.start()
+        # Workers start with the first blinding; a reconciliation makes sure there are some.
+        reconcile_through(cluster, "punjab", "sindh", lambda: None)
+        workers = psutil.Process(node.proc.pid).children()
+        assert workers, "the node has no worker processes to check"
+        node.kill()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"{len(alive)} worker(s) outlived their node"
+    finally:
+        node.config.write_text(original)
+        node.stop()
+        node.start()

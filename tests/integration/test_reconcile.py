@@ -160,12 +160,15 @@ def test_multi_label_ids_are_sent_once_and_reported_under_every_label(
     }
 
 
-def test_process_pool_gives_the_same_results_as_inline(tmp_path: Path) -> None:
+def test_process_and_thread_pools_give_the_same_results_as_inline(tmp_path: Path) -> None:
     a, b = random_registries(9, 200)
     results = []
-    for workers in (0, 2):
-        pool = BlindingPool(workers)
-        fed = start_federation(tmp_path / f"w{workers}", ["punjab", "sindh"], pool)
+    for workers, threads in ((0, False), (2, False), (2, True)):
+        pool = BlindingPool(workers, threads=threads)
+        assert pool.describe() == (
+            "inline" if not workers else f"2 {'threads' if threads else 'worker processes'}"
+        )
+        fed = start_federation(tmp_path / f"w{workers}{threads}", ["punjab", "sindh"], pool)
         try:
             fed.load("punjab", a)
             fed.load("sindh", b)
@@ -175,7 +178,7 @@ def test_process_pool_gives_the_same_results_as_inline(tmp_path: Path) -> None:
         finally:
             fed.close()
             pool.close()
-    assert results[0] == results[1] == reference(a, b)
+    assert results[0] == results[1] == results[2] == reference(a, b)
 
 
 def test_stopped_peer_fails_the_session_with_a_reason(federation: Federation) -> None:
