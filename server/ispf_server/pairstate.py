@@ -20,12 +20,16 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ispf.keys import BlindingKey
 from ispf.records import Label
+from ispf_server import pairruns
+from ispf_server.pairruns import MATCHED, OWN_NID, OWN_TAG, PEER_TAG
 
 FP_BYTES = 32
 EMPTY_FP = bytes(FP_BYTES)
+K = TypeVar("K")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pair_keys (
@@ -69,7 +73,31 @@ CREATE TABLE IF NOT EXISTS registry_changes (
     nid     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version);
+-- Base entries (in pair_runs) that later changes replaced or removed.
+CREATE TABLE IF NOT EXISTS own_gone (
+    peer  TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    nid   TEXT NOT NULL,
+    PRIMARY KEY (peer, epoch, nid)
+);
+CREATE TABLE IF NOT EXISTS peer_gone (
+    peer  TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    tag   BLOB NOT NULL,
+    PRIMARY KEY (peer, epoch, tag)
+);
 """
+SCHEMA += pairruns.SCHEMA
+STATE_TABLES = (
+    "pair_keys",
+    "own_tags",
+    "peer_tags",
+    "pair_sync",
+    "own_gone",
+    "peer_gone",
+    "pair_runs",
+    "pair_labelsets",
+)
 
 
 def labels_text(labels: Iterable[Label]) -> str:
@@ -141,6 +169,9 @@ class PairDelta:
     own_fp: bytes
     peer_fp: bytes
     policy: str
+    # All matches after this delta: nid -> (tag, peer labels). A full run keeps them
+    # as a sorted run, so later runs need not join the whole state.
+    matched: dict[str, tuple[bytes, str]] | None = None
 
 
 def toggle(fp: bytes, tags: Iterable[bytes]) -> bytes:
@@ -236,20 +267,82 @@ def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGro
             )
 
 
+def _canonical(d: PairDelta) -> bool:
+    """Can this delta be written as sorted runs (13-digit IDs, 16-byte tags)?"""
+    return (
+        d.matched is not None
+        and all(
+            len(n) == NID_BYTES and n.isascii() and n.isdigit() for g in d.own_added for n in g.nids
+        )
+        and all(len(t) == TAG_LEN for g in d.own_added for t in g.tags)
+        and all(len(t) == TAG_LEN for g in d.peer_added for t in g.tags)
+    )
+
+
+def _write_runs(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
+    texts: dict[str, int] = {}
+
+    def ls(text: str) -> bytes:
+        return pairruns.lsid(texts.setdefault(text, len(texts)))
+
+    by_nid, by_tag, theirs = bytearray(), bytearray(), bytearray()
+    for g in d.own_added:
+        b = ls(g.labels)
+        nids = [n.encode("ascii") for n in g.nids]
+        by_nid += b"".join(n + t + b for n, t in zip(nids, g.tags, strict=True))
+        by_tag += b"".join(t + n + b for n, t in zip(nids, g.tags, strict=True))
+    for pg in d.peer_added:
+        b = ls(pg.labels)
+        theirs += b"".join(t + b for t in pg.tags)
+    matched = b"".join(n.encode("ascii") + t + ls(lbl) for n, (t, lbl) in (d.matched or {}).items())
+    for kind, packed in ((OWN_NID, by_nid), (OWN_TAG, by_tag), (PEER_TAG, theirs)):
+        pairruns.write(cur, peer, epoch, kind, bytes(packed))
+    pairruns.write(cur, peer, epoch, MATCHED, matched)
+    pairruns.write_labelsets(cur, peer, epoch, texts)
+
+
 def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
+    """Write a session's changes to the pair state (inside the session's transaction).
+
+    A full run replaces the state: as sorted runs where the IDs are canonical,
+    else as rows. An incremental run writes rows on top, and tombstones the
+    run entries it replaces or removes."""
     if d.reset:
-        cur.execute("DELETE FROM own_tags WHERE peer=? AND epoch=?", (peer, epoch))
-        cur.execute("DELETE FROM peer_tags WHERE peer=? AND epoch=?", (peer, epoch))
-    cur.executemany(
-        "DELETE FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
-        ((peer, epoch, n) for n in d.own_removed),
-    )
-    _insert_own(cur, peer, epoch, d.own_added)
-    cur.executemany(
-        "DELETE FROM peer_tags WHERE peer=? AND epoch=? AND tag=?",
-        ((peer, epoch, t) for t in d.peer_removed),
-    )
-    _insert_peer(cur, peer, epoch, d.peer_added)
+        for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
+            cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
+        pairruns.clear(cur, peer, epoch)
+        if _canonical(d):
+            _write_runs(cur, peer, epoch, d)
+        else:
+            _insert_own(cur, peer, epoch, d.own_added)
+            _insert_peer(cur, peer, epoch, d.peer_added)
+    else:
+        if pairruns.held(cur.connection, peer, epoch):
+            # Harmless where the run holds no such entry: lookups only consult it there.
+            cur.executemany(
+                "INSERT OR IGNORE INTO own_gone VALUES (?,?,?)",
+                (
+                    (peer, epoch, n)
+                    for n in [*d.own_removed, *(n for g in d.own_added for n in g.nids)]
+                ),
+            )
+            cur.executemany(
+                "INSERT OR IGNORE INTO peer_gone VALUES (?,?,?)",
+                (
+                    (peer, epoch, t)
+                    for t in [*d.peer_removed, *(t for g in d.peer_added for t in g.tags)]
+                ),
+            )
+        cur.executemany(
+            "DELETE FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
+            ((peer, epoch, n) for n in d.own_removed),
+        )
+        _insert_own(cur, peer, epoch, d.own_added)
+        cur.executemany(
+            "DELETE FROM peer_tags WHERE peer=? AND epoch=? AND tag=?",
+            ((peer, epoch, t) for t in d.peer_removed),
+        )
+        _insert_peer(cur, peer, epoch, d.peer_added)
     cur.execute(
         "INSERT OR REPLACE INTO pair_sync VALUES (?,?,?,?,?,?)",
         (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),
@@ -258,3 +351,141 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
     cur.execute(
         "DELETE FROM registry_changes WHERE version <= (SELECT MIN(version) FROM pair_sync)"
     )
+
+
+# -- reading the state: rows first, then the runs' entries not tombstoned ----------
+
+_IN = 500
+
+
+def _gone(
+    db: sqlite3.Connection, table: str, column: str, peer: str, epoch: int, keys: list[Any]
+) -> set[Any]:
+    found: set[Any] = set()
+    for at in range(0, len(keys), _IN):
+        part = keys[at : at + _IN]
+        found.update(
+            r[0]
+            for r in db.execute(
+                f"SELECT {column} FROM {table} WHERE peer=? AND epoch=? "  # noqa: S608
+                f"AND {column} IN ({','.join('?' * len(part))})",
+                (peer, epoch, *part),
+            )
+        )
+    return found
+
+
+def _rows(
+    db: sqlite3.Connection, sql: str, peer: str, epoch: int, keys: Iterable[K]
+) -> dict[K, tuple[Any, ...]]:
+    out: dict[K, tuple[Any, ...]] = {}
+    for key in keys:
+        row = db.execute(sql, (peer, epoch, key)).fetchone()
+        if row:
+            out[key] = tuple(row)
+    return out
+
+
+def own_by_nids(
+    db: sqlite3.Connection, peer: str, epoch: int, nids: Iterable[str]
+) -> dict[str, OwnTag]:
+    wanted = list(nids)
+    rows = _rows(
+        db,
+        "SELECT labels, tag FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
+        peer,
+        epoch,
+        wanted,
+    )
+    out = {n: OwnTag(str(r[0]), bytes(r[1])) for n, r in rows.items()}
+    rest = [n for n in wanted if n not in out and len(n) == NID_BYTES and n.isascii()]
+    if rest and pairruns.held(db, peer, epoch):
+        gone = _gone(db, "own_gone", "nid", peer, epoch, rest)
+        ls = pairruns.labelsets(db, peer, epoch)
+        keys = [n.encode("ascii") for n in rest if n not in gone]
+        for key, rec in pairruns.lookup(db, peer, epoch, OWN_NID, keys).items():
+            out[key.decode("ascii")] = OwnTag(ls[rec[29:33]], rec[13:29])
+    return out
+
+
+def own_by_tags(
+    db: sqlite3.Connection, peer: str, epoch: int, tags: Iterable[bytes]
+) -> dict[bytes, tuple[str, str]]:
+    """tag -> (nid, labels) of this node's IDs holding these tags for the peer."""
+    wanted = list(tags)
+    rows = _rows(
+        db,
+        "SELECT nid, labels FROM own_tags WHERE peer=? AND epoch=? AND tag=?",
+        peer,
+        epoch,
+        wanted,
+    )
+    out = {t: (str(r[0]), str(r[1])) for t, r in rows.items()}
+    rest = [t for t in wanted if t not in out]
+    if rest and pairruns.held(db, peer, epoch):
+        found = pairruns.lookup(db, peer, epoch, OWN_TAG, rest)
+        nids = {t: rec[16:29].decode("ascii") for t, rec in found.items()}
+        gone = _gone(db, "own_gone", "nid", peer, epoch, sorted(set(nids.values())))
+        ls = pairruns.labelsets(db, peer, epoch)
+        for t, rec in found.items():
+            if nids[t] not in gone:
+                out[t] = (nids[t], ls[rec[29:33]])
+    return out
+
+
+def peer_by_tags(
+    db: sqlite3.Connection, peer: str, epoch: int, tags: Iterable[bytes]
+) -> dict[bytes, str]:
+    """tag -> the peer's labels, for the peer tags held among these."""
+    wanted = list(tags)
+    rows = _rows(
+        db, "SELECT labels FROM peer_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, wanted
+    )
+    out = {t: str(r[0]) for t, r in rows.items()}
+    rest = [t for t in wanted if t not in out]
+    if rest and pairruns.held(db, peer, epoch):
+        gone = _gone(db, "peer_gone", "tag", peer, epoch, rest)
+        ls = pairruns.labelsets(db, peer, epoch)
+        keys = [t for t in rest if t not in gone]
+        for t, rec in pairruns.lookup(db, peer, epoch, PEER_TAG, keys).items():
+            out[t] = ls[rec[16:20]]
+    return out
+
+
+def matched_state(db: sqlite3.Connection, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
+    """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
+    out: list[tuple[str, bytes, str]] = []
+    pair = (peer, epoch)
+    if pairruns.held(db, peer, epoch):
+        own_gone = {
+            str(r[0]) for r in db.execute("SELECT nid FROM own_gone WHERE peer=? AND epoch=?", pair)
+        }
+        peer_gone = {
+            bytes(r[0])
+            for r in db.execute("SELECT tag FROM peer_gone WHERE peer=? AND epoch=?", pair)
+        }
+        ls = pairruns.labelsets(db, peer, epoch)
+        for rec in pairruns.scan(db, peer, epoch, MATCHED):
+            nid, tag = rec[:13].decode("ascii"), rec[13:29]
+            if nid not in own_gone and tag not in peer_gone:
+                out.append((nid, tag, ls[rec[29:33]]))
+    # Own rows (changed since the run) against the peer's current tags.
+    own_rows = [
+        (str(n), bytes(t))
+        for n, t in db.execute("SELECT nid, tag FROM own_tags WHERE peer=? AND epoch=?", pair)
+    ]
+    theirs = peer_by_tags(db, peer, epoch, [t for _, t in own_rows])
+    out.extend((n, t, theirs[t]) for n, t in own_rows if t in theirs)
+    # The peer's rows against own IDs still as the run holds them.
+    if pairruns.held(db, peer, epoch):
+        peer_rows = {
+            bytes(t): str(lb)
+            for t, lb in db.execute(
+                "SELECT tag, labels FROM peer_tags WHERE peer=? AND epoch=?", pair
+            )
+        }
+        found = pairruns.lookup(db, peer, epoch, OWN_TAG, peer_rows)
+        nids = {t: rec[16:29].decode("ascii") for t, rec in found.items()}
+        gone = _gone(db, "own_gone", "nid", peer, epoch, sorted(set(nids.values())))
+        out.extend((n, t, peer_rows[t]) for t, n in nids.items() if n not in gone)
+    return out

@@ -526,7 +526,7 @@ class Store:
                     "(SELECT session_id FROM sessions WHERE epoch=?)",
                     (epoch,),
                 ).rowcount
-                for table in ("pair_keys", "own_tags", "peer_tags", "pair_sync"):
+                for table in pairstate.STATE_TABLES:
                     cur.execute(f"DELETE FROM {table} WHERE epoch=?", (epoch,))  # noqa: S608
                 cur.execute("COMMIT")
             except BaseException:
@@ -588,51 +588,25 @@ class Store:
                 "SELECT nid, programme, status FROM records ORDER BY nid"
             ).fetchall()
 
-    def _pair_lookup(
-        self, sql: str, peer: str, epoch: int, keys: Iterable[K]
-    ) -> dict[K, tuple[Any, ...]]:
-        """One indexed query per key (`sql` takes peer, epoch, key); the rows found."""
-        out: dict[K, tuple[Any, ...]] = {}
-        with self._lock:
-            for key in keys:
-                row = self._db.execute(sql, (peer, epoch, key)).fetchone()
-                if row:
-                    out[key] = tuple(row)
-        return out
-
     def own_tags_for(
         self, peer: str, epoch: int, nids: Iterable[str]
     ) -> dict[str, pairstate.OwnTag]:
-        rows = self._pair_lookup(
-            "SELECT labels, tag FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
-            peer,
-            epoch,
-            nids,
-        )
-        return {n: pairstate.OwnTag(str(r[0]), bytes(r[1])) for n, r in rows.items()}
+        with self._lock:
+            return pairstate.own_by_nids(self._db, peer, epoch, nids)
 
     def own_nids_by_tag(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
-        rows = self._pair_lookup(
-            "SELECT nid FROM own_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, tags
-        )
-        return {t: str(r[0]) for t, r in rows.items()}
+        with self._lock:
+            found = pairstate.own_by_tags(self._db, peer, epoch, tags)
+        return {t: nid for t, (nid, _) in found.items()}
 
     def peer_labels_for(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
-        rows = self._pair_lookup(
-            "SELECT labels FROM peer_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, tags
-        )
-        return {t: str(r[0]) for t, r in rows.items()}
+        with self._lock:
+            return pairstate.peer_by_tags(self._db, peer, epoch, tags)
 
     def matched_state(self, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
         """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT o.nid, o.tag, p.labels FROM own_tags o JOIN peer_tags p "
-                "ON p.peer = o.peer AND p.epoch = o.epoch AND p.tag = o.tag "
-                "WHERE o.peer=? AND o.epoch=?",
-                (peer, epoch),
-            ).fetchall()
-        return [(str(n), bytes(t), str(lb)) for n, t, lb in rows]
+            return pairstate.matched_state(self._db, peer, epoch)
 
     def pair_sync(self, peer: str, epoch: int) -> pairstate.SyncRow | None:
         with self._lock:
@@ -661,26 +635,11 @@ class Store:
             ).fetchone()
         return int(row[0]) if row else None
 
-    def own_tags(self, peer: str, epoch: int) -> dict[str, pairstate.OwnTag]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT nid, labels, tag FROM own_tags WHERE peer=? AND epoch=?", (peer, epoch)
-            ).fetchall()
-        return {n: pairstate.OwnTag(lb, bytes(t)) for n, lb, t in rows}
-
-    def peer_tags(self, peer: str, epoch: int) -> dict[bytes, str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT tag, labels FROM peer_tags WHERE peer=? AND epoch=?", (peer, epoch)
-            ).fetchall()
-        return {bytes(t): lb for t, lb in rows}
-
     def lookup_own_tags(self, peer: str, epoch: int, tags: list[bytes]) -> dict[bytes, str]:
         """Labels of this node's IDs whose tag for `peer` is among `tags` (online checks)."""
-        rows = self._pair_lookup(
-            "SELECT labels FROM own_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, tags
-        )
-        return {t: str(r[0]) for t, r in rows.items()}
+        with self._lock:
+            found = pairstate.own_by_tags(self._db, peer, epoch, tags)
+        return {t: labels for t, (_, labels) in found.items()}
 
     def ping(self) -> None:
         """Raise if the store cannot be read and written (for the health check)."""

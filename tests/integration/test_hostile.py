@@ -209,6 +209,13 @@ def test_count_only_handshake_with_labels(
     )
 
 
+@pytest.mark.parametrize("epoch", [0, 7, 2**63, 2**64 - 1])
+def test_sync_state_for_an_epoch_not_held(stub: peer_pb2_grpc.PeerServiceStub, epoch: int) -> None:
+    # Found by the RPC fuzzer: an epoch past SQLite's integer range crashed the lookup.
+    state = stub.GetSyncState(peer_pb2.SyncStateRequest(epoch=epoch), timeout=5)
+    assert not state.held
+
+
 def test_replayed_session_id(fed: Federation, stub: peer_pb2_grpc.PeerServiceStub) -> None:
     req = hello(fed)
     stub.Handshake(req, timeout=5)

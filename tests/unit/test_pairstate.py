@@ -4,7 +4,10 @@ row-by-row path give the same table contents, replacing and deleting as asked.""
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
+
+import pytest
 
 from ispf_server import pairstate
 from ispf_server.pairstate import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
@@ -100,3 +103,98 @@ def test_reset_clears_only_this_pair() -> None:
     pairstate.apply_delta(conn.cursor(), "sindh", 1, delta(reset=True))
     own, _ = rows(conn)
     assert [r[0] for r in own] == ["punjab"]
+
+
+class Model:
+    """The pair state as plain dicts: what the store must answer after any deltas."""
+
+    def __init__(self) -> None:
+        self.own: dict[str, OwnTag] = {}
+        self.peer: dict[bytes, str] = {}
+
+    def matches(self) -> dict[str, tuple[bytes, str]]:
+        return {n: (o.tag, self.peer[o.tag]) for n, o in self.own.items() if o.tag in self.peer}
+
+
+def check_against(conn: sqlite3.Connection, model: Model, probe_nids: list[str]) -> None:
+    own = pairstate.own_by_nids(conn, "sindh", 1, probe_nids)
+    assert own == {n: model.own[n] for n in probe_nids if n in model.own}
+    all_own_tags = [o.tag for o in model.own.values()] + [os.urandom(16)]
+    by_tag = pairstate.own_by_tags(conn, "sindh", 1, all_own_tags)
+    assert by_tag == {o.tag: (n, o.labels) for n, o in model.own.items()}
+    peer_tags = [*model.peer, os.urandom(16)]
+    assert pairstate.peer_by_tags(conn, "sindh", 1, peer_tags) == model.peer
+    got = {n: (t, lb) for n, t, lb in pairstate.matched_state(conn, "sindh", 1)}
+    assert len(got) == len(pairstate.matched_state(conn, "sindh", 1))  # no ID twice
+    assert got == model.matches()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> None:
+    """A full run writes sorted runs; incremental deltas go on top as rows and
+    tombstones. Every lookup must equal a plain model of the state, throughout."""
+    rng = random.Random(seed)
+    labels = ['["P/a"]', '["P/b"]', '["P/a","Q/c"]']
+    nids = [f"35202{i:08d}" for i in range(3000)]
+    tag_of = {n: rng.randbytes(16) for n in nids}  # fixed keys: an ID's tag never changes
+    conn = db()
+    model = Model()
+    # The full run: a random half of the IDs, a peer holding some of the same tags.
+    for n in rng.sample(nids, 1500):
+        model.own[n] = OwnTag(rng.choice(labels), tag_of[n])
+    for n in rng.sample(nids, 1200):
+        model.peer[tag_of[n]] = rng.choice(labels)
+    model.peer.update({rng.randbytes(16): labels[0] for _ in range(300)})
+    full = delta(
+        reset=True,
+        own_added=own_groups(model.own),
+        peer_added=peer_groups(model.peer),
+        matched=model.matches(),
+    )
+    pairstate.apply_delta(conn.cursor(), "sindh", 1, full)
+    assert conn.execute("SELECT count(*) FROM own_tags").fetchone() == (0,)  # all in runs
+    check_against(conn, model, rng.sample(nids, 400))
+    for _ in range(5):  # incremental runs: add, relabel, remove on both sides
+        own_added: dict[str, OwnTag] = {}
+        own_removed: list[str] = []
+        for n in rng.sample(nids, 200):
+            if n in model.own and rng.random() < 0.4:
+                own_removed.append(n)
+                del model.own[n]
+            else:
+                if n in model.own:
+                    own_removed.append(n)  # a relabel removes and adds
+                model.own[n] = own_added[n] = OwnTag(rng.choice(labels), tag_of[n])
+        peer_added: dict[bytes, str] = {}
+        peer_removed: list[bytes] = []
+        for n in rng.sample(nids, 150):
+            t = tag_of[n]
+            if t in model.peer and rng.random() < 0.5:
+                peer_removed.append(t)
+                del model.peer[t]
+            else:
+                if t in model.peer:
+                    peer_removed.append(t)
+                model.peer[t] = peer_added[t] = rng.choice(labels)
+        step = delta(
+            own_added=own_groups(own_added),
+            own_removed=own_removed,
+            peer_added=peer_groups(peer_added),
+            peer_removed=peer_removed,
+        )
+        pairstate.apply_delta(conn.cursor(), "sindh", 1, step)
+        check_against(conn, model, rng.sample(nids, 400))
+    # A later full run replaces everything, runs and rows and tombstones alike.
+    model = Model()
+    model.own = {nids[0]: OwnTag(labels[1], tag_of[nids[0]])}
+    model.peer = {tag_of[nids[0]]: labels[2]}
+    again = delta(
+        reset=True,
+        own_added=own_groups(model.own),
+        peer_added=peer_groups(model.peer),
+        matched=model.matches(),
+    )
+    pairstate.apply_delta(conn.cursor(), "sindh", 1, again)
+    check_against(conn, model, nids[:50])
+    for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)

@@ -196,7 +196,9 @@ class Responder:
     def sync_state(self, req: peer_pb2.SyncStateRequest, caller: str) -> peer_pb2.SyncState:
         """The caller's set and this node's set, as held here for the caller."""
         pp = self.policy().peers.get(caller)
-        fps = state_fingerprints(self.store, caller, req.epoch, pp) if pp else None
+        if pp is None or self.salts.get(req.epoch) is None:  # no state for an epoch not held
+            return peer_pb2.SyncState(held=False)
+        fps = state_fingerprints(self.store, caller, req.epoch, pp)
         if fps is None:
             return peer_pb2.SyncState(held=False)
         own, peer = fps

@@ -270,6 +270,7 @@ def finish(
         own_fp=own_fp,
         peer_fp=peer_fp,
         policy=policy_key(side.pp),
+        matched=matches,
     )
     matched = [t for t, _ in matches.values()]
     return SyncResult(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)

@@ -1,0 +1,162 @@
+"""Sorted runs: a full run's pair state as packed, sorted, fixed-width records.
+
+A full reconciliation of a registry of millions replaces a pair's state at once.
+Writing it as one SQLite row per ID and per tag (with an index each) costs
+seconds per hundred thousand; writing sorted runs costs a sort and a few
+hundred blob inserts. Lookups find the part whose last key is at or after the
+key (an index on `last`) and binary-search inside it.
+
+Record layouts (lsid: the label set's number in `pair_labelsets`, 4 bytes big-endian):
+
+* ``own_nid``:  nid (13 ASCII digits) | tag (16) | lsid   — own state by ID
+* ``own_tag``:  tag (16) | nid (13) | lsid                — own state by tag
+* ``peer_tag``: tag (16) | lsid                           — the peer's tags
+* ``matched``:  nid (13) | tag (16) | lsid of the peer's labels — own ⋈ peer
+
+Runs are the base of the state; later incremental changes go to row tables on
+top (see `pairstate`), with tombstones for base entries they replace or remove.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ispf.hazmat.curve import native
+
+NID = 13
+TAG = 16
+LSID = 4
+PART_RECORDS = 1024  # records per blob: small enough for a probe to read one quickly
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    width: int
+    key: int  # leading bytes that are the key
+
+
+OWN_NID = Kind("own_nid", NID + TAG + LSID, NID)
+OWN_TAG = Kind("own_tag", TAG + NID + LSID, TAG)
+PEER_TAG = Kind("peer_tag", TAG + LSID, TAG)
+MATCHED = Kind("matched", NID + TAG + LSID, NID)
+KINDS = (OWN_NID, OWN_TAG, PEER_TAG, MATCHED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pair_runs (
+    peer  TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    kind  TEXT NOT NULL,
+    part  INTEGER NOT NULL,
+    last  BLOB NOT NULL,   -- the last key in this part
+    data  BLOB NOT NULL,   -- sorted fixed-width records
+    PRIMARY KEY (peer, epoch, kind, part)
+);
+CREATE INDEX IF NOT EXISTS pair_runs_last ON pair_runs(peer, epoch, kind, last);
+CREATE TABLE IF NOT EXISTS pair_labelsets (
+    peer   TEXT NOT NULL,
+    epoch  INTEGER NOT NULL,
+    id     INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    PRIMARY KEY (peer, epoch, id)
+);
+"""
+
+
+def lsid(n: int) -> bytes:
+    return n.to_bytes(LSID, "big")
+
+
+def sort_records(data: bytes, width: int) -> bytes:
+    if native is not None:
+        return native.sort_records(data, width)  # type: ignore[no-any-return]
+    return b"".join(sorted(data[i : i + width] for i in range(0, len(data), width)))
+
+
+def write(cur: sqlite3.Cursor, peer: str, epoch: int, kind: Kind, packed: bytes) -> None:
+    """Sort `packed` (records of `kind`) and store it in parts; replaces nothing."""
+    data = sort_records(packed, kind.width)
+    step = PART_RECORDS * kind.width
+    cur.executemany(
+        "INSERT INTO pair_runs VALUES (?,?,?,?,?,?)",
+        (
+            (
+                peer,
+                epoch,
+                kind.name,
+                at // step,
+                data[min(at + step, len(data)) - kind.width :][: kind.key],
+                data[at : at + step],
+            )
+            for at in range(0, len(data), step)
+        ),
+    )
+
+
+def clear(cur: sqlite3.Cursor, peer: str, epoch: int) -> None:
+    cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=?", (peer, epoch))
+    cur.execute("DELETE FROM pair_labelsets WHERE peer=? AND epoch=?", (peer, epoch))
+
+
+def write_labelsets(cur: sqlite3.Cursor, peer: str, epoch: int, texts: dict[str, int]) -> None:
+    cur.executemany(
+        "INSERT INTO pair_labelsets VALUES (?,?,?,?)",
+        ((peer, epoch, n, text) for text, n in texts.items()),
+    )
+
+
+def labelsets(db: sqlite3.Connection, peer: str, epoch: int) -> dict[bytes, str]:
+    """lsid bytes -> label set text, for this pair's runs."""
+    return {
+        lsid(int(n)): str(text)
+        for n, text in db.execute(
+            "SELECT id, labels FROM pair_labelsets WHERE peer=? AND epoch=?", (peer, epoch)
+        )
+    }
+
+
+def lookup(
+    db: sqlite3.Connection, peer: str, epoch: int, kind: Kind, keys: Iterable[bytes]
+) -> dict[bytes, bytes]:
+    """key -> its record, for the keys present in the run."""
+    out: dict[bytes, bytes] = {}
+    data, last = b"", b""
+    w, k = kind.width, kind.key
+    for key in sorted(set(keys)):
+        if not data or key > last:
+            row = db.execute(
+                "SELECT last, data FROM pair_runs WHERE peer=? AND epoch=? AND kind=? "
+                "AND last >= ? ORDER BY last LIMIT 1",
+                (peer, epoch, kind.name, key),
+            ).fetchone()
+            if row is None:
+                break  # past the end of the run: no later key is in it either
+            last, data = bytes(row[0]), bytes(row[1])
+        n = len(data) // w
+        i = bisect_left(range(n), key, key=lambda j: data[j * w : j * w + k])
+        if i < n and data[i * w : i * w + k] == key:
+            out[key] = data[i * w : (i + 1) * w]
+    return out
+
+
+def scan(db: sqlite3.Connection, peer: str, epoch: int, kind: Kind) -> Iterator[bytes]:
+    """Every record of the run, in key order."""
+    rows = db.execute(
+        "SELECT data FROM pair_runs WHERE peer=? AND epoch=? AND kind=? ORDER BY part",
+        (peer, epoch, kind.name),
+    ).fetchall()
+    w = kind.width
+    for (data,) in rows:
+        blob = bytes(data)
+        for at in range(0, len(blob), w):
+            yield blob[at : at + w]
+
+
+def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM pair_runs WHERE peer=? AND epoch=? LIMIT 1", (peer, epoch)
+    ).fetchone()
+    return row is not None
