@@ -117,7 +117,12 @@ def data(n: int, seed: int = 1) -> tuple[list[str], list[str]]:
 
 
 def run_ours(
-    work: Path, a: list[str], b: list[str], backend: str, chunk: int = 4096
+    work: Path,
+    a: list[str],
+    b: list[str],
+    backend: str,
+    chunk: int = 4096,
+    log_level: str = "WARNING",
 ) -> dict[str, float]:
     layout = init_forum(work / "forum", ["punjab", "sindh"], base_port=0)
     ports = {"punjab": free_port(), "sindh": free_port()}
@@ -141,7 +146,7 @@ def run_ours(
                 "--config",
                 str(layout.node_dir(p) / "node.toml"),
                 "--log-level",
-                "WARNING",
+                log_level,
             ]
         )
         for p in ports
@@ -242,6 +247,9 @@ def main() -> None:
     ap.add_argument("--venvs", type=Path, default=Path(".bench-venvs"))
     ap.add_argument("--write", action="store_true", help="also write docs/benchmarks.md")
     ap.add_argument("--chunk", type=int, default=4096, help="values per streamed chunk")
+    ap.add_argument(
+        "--node-log-level", default="WARNING", help="INFO shows each session's phase timings"
+    )
     args = ap.parse_args()
     peers = [p for p in args.peers.split(",") if p]
     a, b = data(args.n)
@@ -260,7 +268,7 @@ def main() -> None:
         a_csv.write_text("id\n" + "\n".join(a) + "\n")
         b_csv.write_text("id\n" + "\n".join(b) + "\n")
         backend = select(args.backend).name
-        ours = run_ours(work / "ours", a, b, args.backend, args.chunk)
+        ours = run_ours(work / "ours", a, b, args.backend, args.chunk, args.node_log_level)
         rows.append(
             (
                 f"ISPF Match ({backend}), labelled mutual",

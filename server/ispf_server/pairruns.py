@@ -76,21 +76,21 @@ def sort_records(data: bytes, width: int) -> bytes:
     return b"".join(sorted(data[i : i + width] for i in range(0, len(data), width)))
 
 
-def write(cur: sqlite3.Cursor, peer: str, epoch: int, kind: Kind, packed: bytes) -> None:
-    """Sort `packed` (records of `kind`) and store it in parts; replaces nothing."""
-    data = sort_records(packed, kind.width)
+def write(
+    cur: sqlite3.Cursor, peer: str, epoch: int, kind: Kind, packed: bytes, presorted: bool = False
+) -> None:
+    """Store `packed` (records of `kind`, sorted here unless `presorted`) in parts."""
+    data = packed if presorted else sort_records(packed, kind.width)
     step = PART_RECORDS * kind.width
+
+    def last_key(at: int) -> bytes:
+        start = min(at + step, len(data)) - kind.width
+        return data[start : start + kind.key]
+
     cur.executemany(
         "INSERT INTO pair_runs VALUES (?,?,?,?,?,?)",
         (
-            (
-                peer,
-                epoch,
-                kind.name,
-                at // step,
-                data[min(at + step, len(data)) - kind.width :][: kind.key],
-                data[at : at + step],
-            )
+            (peer, epoch, kind.name, at // step, last_key(at), data[at : at + step])
             for at in range(0, len(data), step)
         ),
     )

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
 from ispf_server import pairruns
@@ -122,6 +123,14 @@ def fingerprint(tags: Iterable[bytes]) -> bytes:
     return acc.to_bytes(FP_BYTES, "big")
 
 
+def fingerprint_packed(packed: bytes) -> bytes:
+    """`fingerprint` of 16-byte tags packed end to end (in C where built)."""
+    if native is not None and len(packed) % TAG_LEN == 0:
+        folded: bytes = native.xor_fold(packed, TAG_LEN)
+        return bytes(FP_BYTES - TAG_LEN) + folded
+    return fingerprint(packed[i : i + TAG_LEN] for i in range(0, len(packed), TAG_LEN))
+
+
 @dataclass(frozen=True)
 class OwnTag:
     labels: str
@@ -169,9 +178,19 @@ class PairDelta:
     own_fp: bytes
     peer_fp: bytes
     policy: str
-    # All matches after this delta: nid -> (tag, peer labels). A full run keeps them
-    # as a sorted run, so later runs need not join the whole state.
-    matched: dict[str, tuple[bytes, str]] | None = None
+    # A full run's state as sorted runs, built by `pack_runs` before the commit (the
+    # CPU-heavy part, done while the peer does the same), so the commit only writes.
+    runs: PackedRuns | None = None
+
+
+@dataclass(frozen=True)
+class PackedRuns:
+    labelsets: dict[str, int]  # label set text -> lsid
+    runs: dict[str, bytes]  # run kind -> sorted records
+
+
+def xor_fp(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(FP_BYTES, "big")
 
 
 def toggle(fp: bytes, tags: Iterable[bytes]) -> bytes:
@@ -267,38 +286,56 @@ def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGro
             )
 
 
-def _canonical(d: PairDelta) -> bool:
-    """Can this delta be written as sorted runs (13-digit IDs, 16-byte tags)?"""
-    return (
-        d.matched is not None
-        and all(
-            len(n) == NID_BYTES and n.isascii() and n.isdigit() for g in d.own_added for n in g.nids
-        )
-        and all(len(t) == TAG_LEN for g in d.own_added for t in g.tags)
-        and all(len(t) == TAG_LEN for g in d.peer_added for t in g.tags)
-    )
+def _zip(n: int, *parts: tuple[bytes, int]) -> bytes:
+    """n fixed-width records from columns (a column of one width is a constant)."""
+    if native is not None:
+        return native.zip_records(n, *parts)  # type: ignore[no-any-return]
+    cols = [
+        [buf] * n if len(buf) == w else [buf[i * w : (i + 1) * w] for i in range(n)]
+        for buf, w in parts
+    ]
+    return b"".join(b"".join(rec) for rec in zip(*cols, strict=True))
 
 
-def _write_runs(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
+def _canonical_nids(nids: list[str]) -> bool:
+    joined = "".join(nids)
+    return joined.isascii() and joined.isdigit() and all(map(NID_BYTES.__eq__, map(len, nids)))
+
+
+def pack_runs(
+    own_added: list[OwnGroup],
+    peer_added: list[PeerGroup],
+    matched: dict[str, tuple[bytes, str]],
+) -> PackedRuns | None:
+    """A full run's state as sorted runs; None where IDs or tags are not canonical
+    (then the state is written as rows)."""
     texts: dict[str, int] = {}
 
     def ls(text: str) -> bytes:
         return pairruns.lsid(texts.setdefault(text, len(texts)))
 
-    by_nid, by_tag, theirs = bytearray(), bytearray(), bytearray()
-    for g in d.own_added:
-        b = ls(g.labels)
-        nids = [n.encode("ascii") for n in g.nids]
-        by_nid += b"".join(n + t + b for n, t in zip(nids, g.tags, strict=True))
-        by_tag += b"".join(t + n + b for n, t in zip(nids, g.tags, strict=True))
-    for pg in d.peer_added:
-        b = ls(pg.labels)
-        theirs += b"".join(t + b for t in pg.tags)
-    matched = b"".join(n.encode("ascii") + t + ls(lbl) for n, (t, lbl) in (d.matched or {}).items())
-    for kind, packed in ((OWN_NID, by_nid), (OWN_TAG, by_tag), (PEER_TAG, theirs)):
-        pairruns.write(cur, peer, epoch, kind, bytes(packed))
-    pairruns.write(cur, peer, epoch, MATCHED, matched)
-    pairruns.write_labelsets(cur, peer, epoch, texts)
+    by_nid, by_tag, theirs = [], [], []
+    for g in own_added:
+        if not _canonical_nids(g.nids) or not all(map(TAG_LEN.__eq__, map(len, g.tags))):
+            return None
+        nids, tags, b = "".join(g.nids).encode("ascii"), b"".join(g.tags), ls(g.labels)
+        by_nid.append(_zip(len(g.tags), (nids, NID_BYTES), (tags, TAG_LEN), (b, pairruns.LSID)))
+        by_tag.append(_zip(len(g.tags), (tags, TAG_LEN), (nids, NID_BYTES), (b, pairruns.LSID)))
+    for pg in peer_added:
+        if not all(map(TAG_LEN.__eq__, map(len, pg.tags))):
+            return None
+        theirs.append(_zip(len(pg.tags), (b"".join(pg.tags), TAG_LEN), (ls(pg.labels), 4)))
+    matched_recs = b"".join(n.encode("ascii") + t + ls(lbl) for n, (t, lbl) in matched.items())
+    packed = {
+        OWN_NID.name: b"".join(by_nid),
+        OWN_TAG.name: b"".join(by_tag),
+        PEER_TAG.name: b"".join(theirs),
+        MATCHED.name: matched_recs,
+    }
+    width = {k.name: k.width for k in (OWN_NID, OWN_TAG, PEER_TAG, MATCHED)}
+    return PackedRuns(
+        texts, {name: pairruns.sort_records(data, width[name]) for name, data in packed.items()}
+    )
 
 
 def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
@@ -311,8 +348,10 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
             cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
         pairruns.clear(cur, peer, epoch)
-        if _canonical(d):
-            _write_runs(cur, peer, epoch, d)
+        if d.runs is not None:
+            for kind in (OWN_NID, OWN_TAG, PEER_TAG, MATCHED):
+                pairruns.write(cur, peer, epoch, kind, d.runs.runs[kind.name], presorted=True)
+            pairruns.write_labelsets(cur, peer, epoch, d.runs.labelsets)
         else:
             _insert_own(cur, peer, epoch, d.own_added)
             _insert_peer(cur, peer, epoch, d.peer_added)

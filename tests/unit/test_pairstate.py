@@ -95,6 +95,21 @@ def test_incremental_delta_replaces_and_removes() -> None:
     assert conn.execute("SELECT version FROM pair_sync").fetchone() == (2,)
 
 
+def test_fingerprints_packed_and_not_agree() -> None:
+    tags = [os.urandom(16) for _ in range(100)]
+    assert pairstate.fingerprint_packed(b"".join(tags)) == pairstate.fingerprint(tags)
+    assert pairstate.fingerprint_packed(b"") == pairstate.EMPTY_FP
+
+
+def test_packing_refuses_ids_that_are_not_13_digits() -> None:
+    tag = os.urandom(16)
+    assert pairstate.pack_runs([OwnGroup("[]", ["12345"], [tag])], [], {}) is None
+    assert pairstate.pack_runs([OwnGroup("[]", ["35202123456x1"], [tag])], [], {}) is None
+    assert pairstate.pack_runs([], [PeerGroup("[]", [b"short"])], {}) is None
+    runs = pairstate.pack_runs([OwnGroup("[]", ["3520212345671"], [tag])], [], {})
+    assert runs is not None and runs.runs["own_nid"] == b"3520212345671" + tag + bytes(4)
+
+
 def test_reset_clears_only_this_pair() -> None:
     conn = db()
     other = delta(own_added=[OwnGroup('["P/a"]', ["3520200000009"], [os.urandom(16)])])
@@ -145,11 +160,12 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
     for n in rng.sample(nids, 1200):
         model.peer[tag_of[n]] = rng.choice(labels)
     model.peer.update({rng.randbytes(16): labels[0] for _ in range(300)})
+    own, peer = own_groups(model.own), peer_groups(model.peer)
     full = delta(
         reset=True,
-        own_added=own_groups(model.own),
-        peer_added=peer_groups(model.peer),
-        matched=model.matches(),
+        own_added=own,
+        peer_added=peer,
+        runs=pairstate.pack_runs(own, peer, model.matches()),
     )
     pairstate.apply_delta(conn.cursor(), "sindh", 1, full)
     assert conn.execute("SELECT count(*) FROM own_tags").fetchone() == (0,)  # all in runs
@@ -188,11 +204,12 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
     model = Model()
     model.own = {nids[0]: OwnTag(labels[1], tag_of[nids[0]])}
     model.peer = {tag_of[nids[0]]: labels[2]}
+    own, peer = own_groups(model.own), peer_groups(model.peer)
     again = delta(
         reset=True,
-        own_added=own_groups(model.own),
-        peer_added=peer_groups(model.peer),
-        matched=model.matches(),
+        own_added=own,
+        peer_added=peer,
+        runs=pairstate.pack_runs(own, peer, model.matches()),
     )
     pairstate.apply_delta(conn.cursor(), "sindh", 1, again)
     check_against(conn, model, nids[:50])

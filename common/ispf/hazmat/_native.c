@@ -8,6 +8,8 @@
  *                                       (mbx_x25519_mb8), eight per call
  *   shuffle(list, seed)                 Fisher-Yates from a keyed-BLAKE3 stream
  *   sort_records(data, width)           fixed-width records sorted bytewise
+ *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
+ *   xor_fold(data, width)               the XOR of fixed-width records
  *
  * Both release the GIL while they compute, so threads scale across cores.
  *
@@ -786,6 +788,80 @@ done:
     return out;
 }
 
+/* zip_records(n, (buf, width), ...) -> bytes: record i is the i-th width-byte slice
+ * of each buf in turn; a buf of exactly width bytes is the same in every record. */
+static PyObject *py_zip_records(PyObject *self, PyObject *args) {
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "zip_records(n, (buf, width), ...)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 0));
+    if (n < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "n must not be negative");
+        return NULL;
+    }
+    Py_ssize_t parts = nargs - 1, total = 0;
+    Py_buffer *bufs = PyMem_Calloc((size_t)parts, sizeof(Py_buffer));
+    Py_ssize_t *widths = PyMem_Calloc((size_t)parts, sizeof(Py_ssize_t));
+    Py_ssize_t got = 0;
+    PyObject *out = NULL;
+    if (!bufs || !widths) { PyErr_NoMemory(); goto done; }
+    for (; got < parts; got++) {
+        PyObject *item = PyTuple_GET_ITEM(args, got + 1);
+        if (!PyArg_ParseTuple(item, "y*n", &bufs[got], &widths[got])) goto done;
+        Py_ssize_t w = widths[got];
+        if (w < 1 || (bufs[got].len != w * n && bufs[got].len != w)) {
+            PyErr_Format(PyExc_ValueError, "part %zd: %zd bytes is neither %zd records of %zd "
+                         "nor one", got, bufs[got].len, n, w);
+            got++;
+            goto done;
+        }
+        total += w;
+    }
+    out = PyBytes_FromStringAndSize(NULL, n * total);
+    if (!out) goto done;
+    char *dst = PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (Py_ssize_t j = 0; j < parts; j++) {
+            Py_ssize_t w = widths[j];
+            const char *src = (const char *)bufs[j].buf + (bufs[j].len == w ? 0 : i * w);
+            memcpy(dst, src, (size_t)w);
+            dst += w;
+        }
+    }
+    Py_END_ALLOW_THREADS
+done:
+    for (Py_ssize_t j = 0; j < got; j++) PyBuffer_Release(&bufs[j]);
+    PyMem_Free(bufs);
+    PyMem_Free(widths);
+    return out;
+}
+
+/* xor_fold(data, width) -> bytes: the XOR of all width-byte records. */
+static PyObject *py_xor_fold(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "y*n", &data, &width)) return NULL;
+    PyObject *out = NULL;
+    if (width < 1 || data.len % width) {
+        PyErr_SetString(PyExc_ValueError, "data must be whole records of a positive width");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, width);
+    if (!out) goto done;
+    unsigned char *acc = (unsigned char *)PyBytes_AS_STRING(out);
+    memset(acc, 0, (size_t)width);
+    const unsigned char *src = data.buf;
+    for (Py_ssize_t at = 0; at < data.len; at += width) {
+        for (Py_ssize_t k = 0; k < width; k++) acc[k] ^= src[at + k];
+    }
+done:
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
     if (use_vector < 0) use_vector = have_ifma();
     return PyBool_FromLong(use_vector);
@@ -799,6 +875,10 @@ static PyMethodDef methods[] = {
      "shuffle(list, seed) -> None: Fisher-Yates in place, driven by keyed BLAKE3 under seed."},
     {"sort_records", py_sort_records, METH_VARARGS,
      "sort_records(data, width) -> bytes: fixed-width records sorted bytewise."},
+    {"zip_records", py_zip_records, METH_VARARGS,
+     "zip_records(n, (buf, width), ...) -> bytes: n records, each the next slice of every buf."},
+    {"xor_fold", py_xor_fold, METH_VARARGS,
+     "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},
     {"vector_available", py_vector_available, METH_NOARGS,
      "True if the CPU runs the eight-lane (AVX-512 IFMA) Legendre symbol."},
     {"mb8_many", py_mb8_many, METH_VARARGS,

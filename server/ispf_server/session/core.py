@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,22 @@ from ispf_server.store import MatchRow
 
 PROTOCOL_VERSION = 1
 MAX_CHUNK_VALUES = 65_536
+
+
+class Stopwatch:
+    """Seconds spent in each phase of a session, for its completion log line."""
+
+    def __init__(self) -> None:
+        self._at = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self._at))
+        self._at = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {secs:.2f} s" for name, secs in self.phases)
 
 
 def chunked(items: list[bytes], size: int) -> Iterator[list[bytes]]:

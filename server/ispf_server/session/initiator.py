@@ -31,6 +31,7 @@ from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
     PROTOCOL_VERSION,
     Outcome,
+    Stopwatch,
     checked_chunks,
     chunked,
     count_common,
@@ -229,11 +230,13 @@ class Initiator:
 
     def _run(self) -> None:
         sid, cfg = self.req.session_id, self.deadlines
+        clock = Stopwatch()
         side = self.side = self._prepare_sync() if self.req.sync else None
         if side is not None:
             plan, self.key = side.plan, side.key
         else:
             plan = build_plan(self.records, labelled=self.labelled)
+        clock.lap("prepare")
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
@@ -252,6 +255,7 @@ class Initiator:
             ),
             timeout=cfg.call,
         )
+        clock.lap("handshake")
         peer_removed = (
             parse_removed(
                 hs.removed,
@@ -311,6 +315,7 @@ class Initiator:
             raise ProtocolViolation(
                 f"peer returned {len(own_tags) // TAG_BYTES} tags for {plan.total} values"
             )
+        clock.lap("exchange")
         self.progress.update(phase="intersect")
         synced = None
         if side is not None:
@@ -320,6 +325,7 @@ class Initiator:
             outcome = intersect(plan, bytes(own_tags), peer_groups, peer_sizes, peer_tags)
         else:
             outcome = Outcome(count_common(bytes(own_tags), peer_tags), b"", [])
+        clock.lap("match")
         conclude = peer_pb2.ConcludeRequest(
             session_id=sid,
             match_count=outcome.match_count if self.labelled else 0,
@@ -331,6 +337,7 @@ class Initiator:
         answer = retrying(
             lambda: self.stub.Conclude(conclude, timeout=cfg.call), f"session {sid} Conclude"
         )
+        clock.lap("conclude")
         if self.labelled and not (
             answer.agreed
             and answer.match_count == outcome.match_count
@@ -358,7 +365,9 @@ class Initiator:
             entry=self._entry("completed", result=outcome),
             pair_delta=(self.req.peer, self.salt.epoch, synced.delta) if synced else None,
         )
+        clock.lap("commit")
         self._witness(answer, peer_checkpoint)
+        clock.lap("witness")
         self.progress.finish(
             COMPLETED,
             match_count=outcome.match_count,
@@ -366,7 +375,11 @@ class Initiator:
             matched_records=len({m.record_id for m in outcome.matches}),
         )
         log.info(
-            "session %s with %s completed: %d matches", sid, self.req.peer, outcome.match_count
+            "session %s with %s completed: %d matches (%s)",
+            sid,
+            self.req.peer,
+            outcome.match_count,
+            clock,
         )
 
     def _witness(

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,6 +34,7 @@ from ispf_server.session.core import (
     MAX_CHUNK_VALUES,
     PROTOCOL_VERSION,
     Outcome,
+    Stopwatch,
     checked_chunks,
     chunked,
     intersect,
@@ -48,6 +50,7 @@ from ispf_server.session.plan import (
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
 from ispf_server.session.sync import (
+    SyncResult,
     SyncSide,
     finish,
     parse_removed,
@@ -81,6 +84,10 @@ class ResponderSession:
     side: SyncSide | None = None
     peer_removed: list[bytes] = field(default_factory=list)
     pair_lock: threading.Lock | None = None
+    clock: Stopwatch = field(default_factory=Stopwatch)
+    # Sync sessions: the result, computed as soon as both streams are in (while the
+    # initiator computes its own), so that Conclude only compares and commits.
+    matching: Future[SyncResult] | None = None
 
     def release(self) -> None:
         lock, self.pair_lock = self.pair_lock, None
@@ -267,6 +274,7 @@ class Responder:
             raise
 
     def _handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
+        clock = Stopwatch()
         self._expire()
         if req.protocol_version != PROTOCOL_VERSION:
             raise VersionMismatch(
@@ -349,7 +357,9 @@ class Responder:
             side=side,
             peer_removed=peer_removed,
             pair_lock=lock,
+            clock=clock,
         )
+        clock.lap("prepare")
         with self._lock:
             self._sessions[s.session_id] = s
         log.info(
@@ -408,6 +418,34 @@ class Responder:
                         session_id=s.session_id, seq=seq, values=b"".join(part)
                     )
             s.reblind_done = True
+            self._start_matching(s)
+
+    def _start_matching(self, s: ResponderSession) -> None:
+        side = s.side
+        if side is None or not (s.reblind_done and s.return_done):
+            return
+        with self._lock:
+            if s.matching is not None:
+                return
+            fut: Future[SyncResult] = Future()
+            s.matching = fut
+
+        def run() -> None:
+            try:
+                fut.set_result(
+                    finish(
+                        side,
+                        bytes(s.own_tags),
+                        s.peer_groups,
+                        s.peer_sizes,
+                        bytes(s.initiator_tags),
+                        s.peer_removed,
+                    )
+                )
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name=f"match-{s.session_id[:8]}", daemon=True).start()
 
     def fetch(self, req: peer_pb2.FetchRequest, caller: str) -> Iterator[peer_pb2.BlindedChunk]:
         s = self._get(req.session_id, caller)
@@ -442,6 +480,7 @@ class Responder:
                 s.progress.add(received=len(payload) // TAG_BYTES)
             s.own_tags = own
             s.return_done = True
+            self._start_matching(s)
             return peer_pb2.ReturnTagsResponse(received=len(own) // TAG_BYTES)
 
     def conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
@@ -466,16 +505,12 @@ class Responder:
         with self._guard(s, "conclude"):
             if not s.reblind_done or (s.labelled and not s.return_done):
                 raise ProtocolViolation("Conclude before all values were exchanged")
+            s.clock.lap("exchange")
             synced = None
             if s.side is not None:
-                synced = finish(
-                    s.side,
-                    bytes(s.own_tags),
-                    s.peer_groups,
-                    s.peer_sizes,
-                    bytes(s.initiator_tags),
-                    s.peer_removed,
-                )
+                self._start_matching(s)  # (started already, unless a stream failed)
+                assert s.matching is not None
+                synced = s.matching.result()
                 outcome = synced.outcome
                 # Both must now hold the same two sets: theirs (ours, theirs) is our (theirs, ours).
                 mirrored = synced.state_after[32:] + synced.state_after[:32]
@@ -498,6 +533,7 @@ class Responder:
             else:
                 outcome = Outcome(0, b"", [])
                 agreed = True
+            s.clock.lap("match")
             if not agreed:
                 raise ResultMismatch(
                     f"result differs: peer {caller} found {req.match_count} matches, node "
@@ -517,6 +553,7 @@ class Responder:
                 own_removed=len(s.side.removed_tags) if s.side else 0,
                 peer_removed=len(s.peer_removed),
             )
+            s.clock.lap("commit")
             checkpoint = self.audit.sign_checkpoint()
             size = self.audit.size()
             proof = (
@@ -534,10 +571,11 @@ class Responder:
                 matched_records=len({m.record_id for m in outcome.matches}),
             )
             log.info(
-                "session %s with %s completed: %d matches",
+                "session %s with %s completed: %d matches (%s)",
                 s.session_id,
                 caller,
                 outcome.match_count,
+                s.clock,
             )
             answer = peer_pb2.ConcludeResponse(
                 match_count=outcome.match_count,

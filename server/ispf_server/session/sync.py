@@ -24,9 +24,13 @@ from ispf_server.pairstate import (
     OwnGroup,
     PairDelta,
     PeerGroup,
+    fingerprint,
+    fingerprint_packed,
     labels_of,
     labels_text,
+    pack_runs,
     toggle,
+    xor_fp,
 )
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.core import Outcome, split
@@ -258,8 +262,14 @@ def finish(
         if eligible(side.pp, rec):
             tag, labels = matches[rec.nid]
             rows.extend(MatchRow(rec.record_id, rec.label, pl, tag) for pl in labels_of(labels))
-    own_fp = toggle(toggle(side.own_fp, side.removed_tags), own_tags)
-    peer_fp = toggle(toggle(side.peer_fp, peer_removed), peer_index)
+    own_fp = xor_fp(toggle(side.own_fp, side.removed_tags), fingerprint_packed(own_added_tags))
+    # (A tag the peer sent twice counts once, as it is stored once.)
+    added_fp = (
+        fingerprint_packed(peer_added_tags)
+        if len(peer_index) == len(tags)
+        else fingerprint(peer_index)
+    )
+    peer_fp = xor_fp(toggle(side.peer_fp, peer_removed), added_fp)
     delta = PairDelta(
         reset=not side.incremental,
         own_added=own_added,
@@ -270,7 +280,7 @@ def finish(
         own_fp=own_fp,
         peer_fp=peer_fp,
         policy=policy_key(side.pp),
-        matched=matches,
+        runs=None if side.incremental else pack_runs(own_added, peer_added, matches),
     )
     matched = [t for t, _ in matches.values()]
     return SyncResult(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)
