@@ -16,6 +16,7 @@ both sides replace their state for the pair.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -105,6 +106,7 @@ def labels_text(labels: Iterable[Label]) -> str:
     return json.dumps(sorted(f"{lb.programme}/{lb.status}" for lb in set(labels)))
 
 
+@functools.lru_cache(maxsize=4096)  # registries have few distinct label sets
 def labels_of(text: str) -> tuple[Label, ...]:
     out = []
     for item in json.loads(text):
