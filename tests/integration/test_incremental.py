@@ -138,3 +138,34 @@ def test_a_policy_change_forces_a_full_run_with_the_new_disclosure(
     assert st.sync == "full" and st.match_count == 1
     assert got(federation, "sindh", st.session_id) == {("S1", "BISP", "enrolled")}
     assert federation.reconcile("sindh", "punjab").sync == "incremental"
+
+
+def test_a_plan_started_early_is_used_only_while_still_valid(federation: Federation) -> None:
+    """A responder plans its side when the peer asks for the sync state; the
+    Handshake takes that plan only if the registry, policy and pair state are as
+    they were, and plans afresh otherwise."""
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    responder = federation.nodes["sindh"].responder
+    pp = federation.nodes["sindh"].policy.current().for_peer("punjab")
+
+    def speculate(incremental: bool) -> None:
+        responder._speculate("punjab", 1, pp, incremental=incremental)
+        responder._speculative[("punjab", 1)].future.result(timeout=10)
+
+    speculate(False)
+    side = responder._speculated("punjab", 1, pp, incremental=False)
+    assert side is not None and side.plan.order == [b"3520212345671"]
+    assert responder._speculated("punjab", 1, pp, incremental=False) is None  # used once
+    speculate(True)  # planned for an incremental run, asked for a full one
+    assert responder._speculated("punjab", 1, pp, incremental=False) is None
+    speculate(False)
+    federation.load("sindh", [("S2", "3520212345672", "SSPA", "eligible")])  # registry moved
+    assert responder._speculated("punjab", 1, pp, incremental=False) is None
+    # End to end, the run sees the record added after the state was asked for.
+    federation.load("punjab", [("A2", "3520212345672", "BISP", "enrolled")])
+    st = federation.reconcile("punjab", "sindh")
+    assert st.state == COMPLETED and st.match_count == 2
+    speculate(True)
+    federation.reconcile("kp", "sindh")  # another pair's session leaves this one's plan valid
+    assert responder._speculated("punjab", 1, pp, incremental=True) is not None

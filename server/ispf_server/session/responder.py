@@ -103,6 +103,15 @@ class ResponderSession:
         return sum(self.peer_sizes)
 
 
+@dataclass
+class _Speculation:
+    """A plan started when a peer asked for the sync state (its Handshake follows)."""
+
+    incremental: bool
+    started: float
+    future: Future[SyncSide]
+
+
 class Responder:
     """Answers peers' sessions for one node."""
 
@@ -135,11 +144,19 @@ class Responder:
         # Answers to Conclude, kept a while so a retried Conclude (answer lost on the
         # way) gets the same answer rather than "unknown session".
         self._concluded: dict[str, tuple[str, float, peer_pb2.ConcludeResponse]] = {}
+        self._speculative: dict[tuple[str, int], _Speculation] = {}
 
     # -- bookkeeping --------------------------------------------------------
 
     def _expire(self) -> None:
         now = time.monotonic()
+        with self._lock:
+            for key in [
+                k
+                for k, sp in self._speculative.items()
+                if sp.future.done() and now - sp.started > self.idle_timeout
+            ]:
+                del self._speculative[key]
         with self._lock:
             stale = [
                 s
@@ -206,6 +223,8 @@ class Responder:
         if pp is None or self.salts.get(req.epoch) is None:  # no state for an epoch not held
             return peer_pb2.SyncState(held=False)
         fps = state_fingerprints(self.store, caller, req.epoch, pp)
+        # The caller now plans its side; plan ours meanwhile (its Handshake uses it).
+        self._speculate(caller, req.epoch, pp, incremental=fps is not None)
         if fps is None:
             return peer_pb2.SyncState(held=False)
         own, peer = fps
@@ -225,6 +244,48 @@ class Responder:
         for s in stale:
             self._fail(s, "superseded: the peer started a new session")
         return lock.acquire(timeout=5)
+
+    def _speculate(self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool) -> None:
+        """Plan this side of the sync `caller` is about to start, in a thread (one at a
+        time per peer); the Handshake takes it if still valid, else plans afresh."""
+        key = (caller, epoch)
+        with self._lock:
+            old = self._speculative.get(key)
+            if old is not None and not old.future.done():
+                return
+            fut: Future[SyncSide] = Future()
+            self._speculative[key] = _Speculation(incremental, time.monotonic(), fut)
+
+        def run() -> None:
+            try:
+                fut.set_result(prepare(self.store, pp, caller, epoch, incremental=incremental))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name=f"plan-{caller}", daemon=True).start()
+
+    def _speculated(
+        self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool
+    ) -> SyncSide | None:
+        """The plan started early, if it is for this run and nothing changed since."""
+        with self._lock:
+            spec = self._speculative.pop((caller, epoch), None)
+        if spec is None or spec.incremental != incremental:
+            return None
+        try:
+            side = spec.future.result(timeout=self.idle_timeout)
+        except Exception:  # planned afresh below, where an error is reported properly
+            return None
+        row = self.store.pair_sync(caller, epoch)
+        current = row.version if row is not None else -1
+        if (
+            side.pp != pp
+            or side.version != self.store.registry_version()
+            or side.state_version != current
+            or (row is not None and (row.own_fp, row.peer_fp) != (side.own_fp, side.peer_fp))
+        ):
+            return None
+        return side
 
     def _prepare_sync(
         self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy
@@ -248,7 +309,9 @@ class Responder:
                     )
             elif req.removed:
                 raise ProtocolViolation("a full run removes nothing")
-            side = prepare(self.store, pp, caller, req.epoch, incremental=req.incremental)
+            side = self._speculated(caller, req.epoch, pp, incremental=req.incremental) or prepare(
+                self.store, pp, caller, req.epoch, incremental=req.incremental
+            )
             removed = parse_removed(
                 req.removed, lambda ts: self.store.peer_labels_for(caller, req.epoch, ts), caller
             )

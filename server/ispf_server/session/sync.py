@@ -80,6 +80,7 @@ class SyncSide:
     removed_nids: list[str]
     removed_tags: list[bytes]
     version: int
+    state_version: int  # the pair's state this was planned against (-1: none)
 
 
 def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
@@ -179,6 +180,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         removed_nids=removed_nids,
         removed_tags=removed_tags,
         version=version,
+        state_version=row.version if row is not None else -1,
     )
 
 
