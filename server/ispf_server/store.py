@@ -31,9 +31,10 @@ CREATE TABLE IF NOT EXISTS records (
     status     TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
--- By ID, covering the labels: a full run reads (nid, programme, status) in ID order
--- from the index alone (3x faster at a million records than via the table).
-CREATE INDEX IF NOT EXISTS records_nid_labels ON records(nid, programme, status);
+-- By ID, covering labels and record IDs: a full run reads (nid, programme, status)
+-- in ID order, and its matched records, from the index alone (3x faster at a
+-- million records than through the table).
+CREATE INDEX IF NOT EXISTS records_by_nid ON records(nid, programme, status, record_id);
 DROP INDEX IF EXISTS records_nid;
 CREATE TABLE IF NOT EXISTS sessions (
     session_id      TEXT PRIMARY KEY,
@@ -564,7 +565,7 @@ class Store:
         return {str(r[0]) for r in rows}
 
     def records_by_nids(self, nids: Iterable[str]) -> list[StoredRecord]:
-        """The records of these IDs, in the order given, each ID's by record ID."""
+        """The records of these IDs, in the order given (each ID's in index order)."""
         wanted = list(nids)
         found: dict[str, list[StoredRecord]] = {}
         labels: dict[tuple[str, str], Label] = {}
@@ -574,7 +575,7 @@ class Store:
                 marks = ",".join("?" * len(part))
                 for rid, n, p, s in self._db.execute(
                     "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
-                    f"WHERE nid IN ({marks}) ORDER BY nid, record_id",
+                    f"WHERE nid IN ({marks}) ORDER BY nid, programme, status, record_id",
                     part,
                 ):
                     label = labels.get((p, s))

@@ -10,6 +10,7 @@
  *   sort_records(data, width)           fixed-width records sorted bytewise
  *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
  *   xor_fold(data, width)               the XOR of fixed-width records
+ *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys
  *
  * Both release the GIL while they compute, so threads scale across cores.
  *
@@ -766,50 +767,49 @@ static int cmp_records(const void *a, const void *b, void *width) {
     return memcmp(a, b, *(const size_t *)width);
 }
 
-/* sort_records(data, width) -> bytes: fixed-width records in byte order.
- * A counting pass on the first two bytes (uniform for tags) spreads the records
- * into 65536 buckets, each then sorted on its own. */
+/* MSD radix sort of n records of width w on byte d onwards (tmp: scratch of the
+ * same size); small buckets are finished with qsort. Uniform tags split at the
+ * first byte, digit IDs (few values per byte) over a few more levels. */
+static void msd_sort(unsigned char *a, unsigned char *tmp, size_t n, size_t w, size_t d) {
+    if (n < 48 || d >= w) {
+        qsort_r(a, n, w, cmp_records, &w);
+        return;
+    }
+    size_t count[257] = {0};
+    for (size_t i = 0; i < n; i++) count[(size_t)a[i * w + d] + 1]++;
+    for (size_t b = 1; b <= 256; b++) count[b] += count[b - 1];
+    size_t next[256];
+    memcpy(next, count, sizeof next);
+    for (size_t i = 0; i < n; i++) memcpy(tmp + w * next[a[i * w + d]]++, a + i * w, w);
+    memcpy(a, tmp, n * w);
+    for (size_t b = 0; b < 256; b++) {
+        size_t from = count[b], size = count[b + 1] - from;
+        if (size > 1) msd_sort(a + from * w, tmp + from * w, size, w, d + 1);
+    }
+}
+
+/* sort_records(data, width) -> bytes: fixed-width records in byte order. */
 static PyObject *py_sort_records(PyObject *self, PyObject *args) {
     Py_buffer data;
     Py_ssize_t width;
     if (!PyArg_ParseTuple(args, "y*n", &data, &width)) return NULL;
     PyObject *out = NULL;
-    size_t *start = NULL;
+    unsigned char *tmp = NULL;
     if (width < 1 || data.len % width) {
         PyErr_SetString(PyExc_ValueError, "data must be whole records of a positive width");
         goto done;
     }
-    out = PyBytes_FromStringAndSize(NULL, data.len);
+    out = PyBytes_FromStringAndSize(data.buf, data.len);
     if (!out) goto done;
-    size_t w = (size_t)width, n = (size_t)(data.len / width);
-    const unsigned char *src = data.buf;
+    tmp = PyMem_Malloc((size_t)data.len + 1);
+    if (!tmp) { Py_CLEAR(out); PyErr_NoMemory(); goto done; }
     unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
-    if (w < 2 || n < 4096) {
-        memcpy(dst, src, (size_t)data.len);
-        Py_BEGIN_ALLOW_THREADS
-        qsort_r(dst, n, w, cmp_records, &w);
-        Py_END_ALLOW_THREADS
-        goto done;
-    }
-    start = PyMem_Calloc(65537, sizeof(size_t));
-    if (!start) { Py_CLEAR(out); PyErr_NoMemory(); goto done; }
+    size_t w = (size_t)width, n = (size_t)(data.len / width);
     Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 0; i < n; i++) start[((size_t)src[i * w] << 8 | src[i * w + 1]) + 1]++;
-    for (size_t b = 1; b <= 65536; b++) start[b] += start[b - 1];
-    for (size_t i = 0; i < n; i++) {
-        size_t b = (size_t)src[i * w] << 8 | src[i * w + 1];
-        memcpy(dst + w * start[b]++, src + i * w, w);
-    }
-    /* start[b] now ends bucket b (= the start of bucket b + 1) */
-    size_t from = 0;
-    for (size_t b = 0; b < 65536; b++) {
-        size_t to = start[b];
-        if (to - from > 1) qsort_r(dst + w * from, to - from, w, cmp_records, &w);
-        from = to;
-    }
+    msd_sort(dst, tmp, n, w, 0);
     Py_END_ALLOW_THREADS
 done:
-    PyMem_Free(start);
+    PyMem_Free(tmp);
     PyBuffer_Release(&data);
     return out;
 }
@@ -888,6 +888,49 @@ done:
     return out;
 }
 
+/* merge_join(a, wa, b, wb, key) -> bytes or None: both runs sorted by their first
+ * `key` bytes; for each key in both, the record a_i + b_j[key:]. None if either
+ * run holds a key twice (the caller then takes its general path). */
+static PyObject *py_merge_join(PyObject *self, PyObject *args) {
+    Py_buffer a, b;
+    Py_ssize_t wa, wb, key;
+    if (!PyArg_ParseTuple(args, "y*ny*nn", &a, &wa, &b, &wb, &key)) return NULL;
+    PyObject *out = NULL;
+    unsigned char *buf = NULL;
+    if (wa < 1 || wb < 1 || key < 1 || key > wa || key > wb || a.len % wa || b.len % wb) {
+        PyErr_SetString(PyExc_ValueError, "runs must be whole records; key within both widths");
+        goto done;
+    }
+    size_t na = (size_t)(a.len / wa), nb = (size_t)(b.len / wb), k = (size_t)key;
+    size_t wo = (size_t)(wa + wb - key), cap = na < nb ? na : nb, got = 0;
+    buf = PyMem_Malloc(cap * wo + 1);
+    if (!buf) { PyErr_NoMemory(); goto done; }
+    const unsigned char *pa = a.buf, *pb = b.buf;
+    int dup = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 1; i < na && !dup; i++) dup = memcmp(pa + (i - 1) * wa, pa + i * wa, k) == 0;
+    for (size_t j = 1; j < nb && !dup; j++) dup = memcmp(pb + (j - 1) * wb, pb + j * wb, k) == 0;
+    size_t i = 0, j = 0;
+    while (!dup && i < na && j < nb) {
+        int c = memcmp(pa + i * wa, pb + j * wb, k);
+        if (c < 0) i++;
+        else if (c > 0) j++;
+        else {
+            memcpy(buf + got * wo, pa + i * wa, (size_t)wa);
+            memcpy(buf + got * wo + wa, pb + j * wb + k, (size_t)wb - k);
+            got++; i++; j++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (dup) { out = Py_None; Py_INCREF(out); }
+    else out = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)(got * wo));
+done:
+    PyMem_Free(buf);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return out;
+}
+
 static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
     if (use_vector < 0) use_vector = have_ifma();
     return PyBool_FromLong(use_vector);
@@ -905,6 +948,8 @@ static PyMethodDef methods[] = {
      "zip_records(n, (buf, width), ...) -> bytes: n records, each the next slice of every buf."},
     {"xor_fold", py_xor_fold, METH_VARARGS,
      "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},
+    {"merge_join", py_merge_join, METH_VARARGS,
+     "merge_join(a, wa, b, wb, key) -> bytes | None: records of a joined to b on their keys."},
     {"vector_available", py_vector_available, METH_NOARGS,
      "True if the CPU runs the eight-lane (AVX-512 IFMA) Legendre symbol."},
     {"mb8_many", py_mb8_many, METH_VARARGS,

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
+from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
+from ispf_server import pairruns
+from ispf_server.pairruns import MATCHED, NID, OWN_NID, OWN_TAG, PEER_TAG
 from ispf_server.pairstate import (
     EMPTY_FP,
     OwnGroup,
+    PackedRuns,
     PairDelta,
     PeerGroup,
     fingerprint,
@@ -208,6 +212,99 @@ class SyncResult:
     state_after: bytes  # own fingerprint || peer fingerprint, from this side's view
 
 
+def _matched_rows(side: SyncSide, matches: dict[str, tuple[bytes, str]]) -> list[MatchRow]:
+    """The result rows: only matched IDs' records are read back (a tenth, typically)."""
+    rows: list[MatchRow] = []
+    for rec in side.store.records_by_nids(sorted(matches)):
+        if eligible(side.pp, rec):
+            tag, labels = matches[rec.nid]
+            rows.extend(MatchRow(rec.record_id, rec.label, pl, tag) for pl in labels_of(labels))
+    return rows
+
+
+def _finish_full(
+    side: SyncSide,
+    own_added_tags: bytes,
+    peer_groups: list[LabelSet],
+    peer_sizes: list[int],
+    peer_added_tags: bytes,
+) -> SyncResult | None:
+    """A full run on packed data: the state's sorted runs are built in C, and the
+    matches come from joining the own and peer runs on the tag, so no Python object
+    is made per record, only per match. None where the data does not allow it (IDs
+    not 13 digits, a tag twice, no native module): the general path then runs."""
+    plan = side.plan
+    order = plan.order
+    joined_nids = b"".join(order)
+    if (
+        native is None
+        or len(joined_nids) != NID * len(order)
+        or not all(map(NID.__eq__, map(len, order)))
+        or not joined_nids.isdigit()
+    ):
+        return None
+    texts: dict[str, int] = {}
+
+    def ls(labels: LabelSet) -> bytes:
+        return pairruns.lsid(texts.setdefault(labels_text(labels), len(texts)))
+
+    by_nid, by_tag, theirs = [], [], []
+    pos = 0
+    for group, size in zip(plan.groups, plan.sizes, strict=True):
+        nids = joined_nids[NID * pos : NID * (pos + size)]
+        tags = own_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
+        b = ls(group)
+        by_nid.append(native.zip_records(size, (nids, NID), (tags, TAG_BYTES), (b, 4)))
+        by_tag.append(native.zip_records(size, (tags, TAG_BYTES), (nids, NID), (b, 4)))
+        pos += size
+    pos = 0
+    for group, size in zip(peer_groups, peer_sizes, strict=True):
+        tags = peer_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
+        theirs.append(native.zip_records(size, (tags, TAG_BYTES), (ls(group), 4)))
+        pos += size
+    own_by_tag = pairruns.sort_records(b"".join(by_tag), OWN_TAG.width)
+    peer_by_tag = pairruns.sort_records(b"".join(theirs), PEER_TAG.width)
+    # tag | nid | own lsid | peer lsid, for every tag on both sides
+    joined = native.merge_join(own_by_tag, OWN_TAG.width, peer_by_tag, PEER_TAG.width, TAG_BYTES)
+    if joined is None:
+        return None
+    names = {pairruns.lsid(n): text for text, n in texts.items()}
+    width = OWN_TAG.width + PEER_TAG.width - TAG_BYTES
+    matches: dict[str, tuple[bytes, str]] = {}
+    matched_recs = []
+    for at in range(0, len(joined), width):
+        rec = joined[at : at + width]
+        tag, nid, theirs_ls = rec[:16], rec[16:29], rec[33:37]
+        matches[nid.decode("ascii")] = (tag, names[theirs_ls])
+        matched_recs.append(nid + tag + theirs_ls)
+    runs = PackedRuns(
+        texts,
+        {
+            OWN_NID.name: pairruns.sort_records(b"".join(by_nid), OWN_NID.width),
+            OWN_TAG.name: own_by_tag,
+            PEER_TAG.name: peer_by_tag,
+            MATCHED.name: pairruns.sort_records(b"".join(matched_recs), MATCHED.width),
+        },
+    )
+    own_fp = fingerprint_packed(own_added_tags)
+    peer_fp = fingerprint_packed(peer_added_tags)
+    delta = PairDelta(
+        reset=True,
+        own_added=[],  # (the runs hold them)
+        own_removed=[],
+        peer_added=[],
+        peer_removed=[],
+        version=side.version,
+        own_fp=own_fp,
+        peer_fp=peer_fp,
+        policy=policy_key(side.pp),
+        runs=runs,
+    )
+    matched = [t for t, _ in matches.values()]
+    outcome = Outcome(len(matched), result_digest(matched), _matched_rows(side, matches))
+    return SyncResult(outcome, delta, own_fp + peer_fp)
+
+
 def finish(
     side: SyncSide,
     own_added_tags: bytes,
@@ -215,12 +312,22 @@ def finish(
     peer_sizes: list[int],
     peer_added_tags: bytes,
     peer_removed: list[bytes],
+    *,
+    packed: bool = True,
 ) -> SyncResult:
-    """Apply both deltas (in memory) to the kept matches; the state itself changes on commit."""
+    """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
+
+    `packed=False` forces the general path for a full run (tests compare the two)."""
     store, peer, epoch, plan = side.store, side.peer, side.epoch, side.plan
+    if len(own_added_tags) != plan.total * TAG_BYTES:
+        raise ProtocolViolation(
+            f"{len(own_added_tags) // TAG_BYTES} tags for {plan.total} values sent"
+        )
+    if packed and not side.incremental and not peer_removed:
+        fast = _finish_full(side, own_added_tags, peer_groups, peer_sizes, peer_added_tags)
+        if fast is not None:
+            return fast
     own_tags = split(own_added_tags, TAG_BYTES)
-    if len(own_tags) != plan.total:
-        raise ProtocolViolation(f"{len(own_tags)} tags for {plan.total} values sent")
     own_added: list[OwnGroup] = []
     pos = 0
     for group, size in zip(plan.groups, plan.sizes, strict=True):
@@ -258,12 +365,7 @@ def finish(
                 found = kept_peer.get(tag)
             if found is not None:
                 matches[nid] = (tag, found)
-    # Only matched IDs' records are read back (a tenth of a registry, typically).
-    rows: list[MatchRow] = []
-    for rec in store.records_by_nids(sorted(matches)):
-        if eligible(side.pp, rec):
-            tag, labels = matches[rec.nid]
-            rows.extend(MatchRow(rec.record_id, rec.label, pl, tag) for pl in labels_of(labels))
+    rows = _matched_rows(side, matches)
     own_fp = xor_fp(toggle(side.own_fp, side.removed_tags), fingerprint_packed(own_added_tags))
     # (A tag the peer sent twice counts once, as it is stored once.)
     added_fp = (
