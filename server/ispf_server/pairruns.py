@@ -15,6 +15,12 @@ Record layouts (lsid: the label set's number in `pair_labelsets`, 4 bytes big-en
 
 Runs are the base of the state; later incremental changes go to row tables on
 top (see `pairstate`), with tombstones for base entries they replace or remove.
+
+Runs are written under a generation number and become the pair's state when
+`pair_gen` points at it. A session stages its runs before the peer has agreed
+(while the peer works too), and its commit only flips the pointer; a staged
+generation that never became current (a failed session) is dropped by the
+next staging for the pair, or with the epoch.
 """
 
 from __future__ import annotations
@@ -49,19 +55,28 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS pair_runs (
     peer  TEXT NOT NULL,
     epoch INTEGER NOT NULL,
+    gen   INTEGER NOT NULL,
     kind  TEXT NOT NULL,
     part  INTEGER NOT NULL,
     last  BLOB NOT NULL,   -- the last key in this part
     data  BLOB NOT NULL,   -- sorted fixed-width records
-    PRIMARY KEY (peer, epoch, kind, part)
+    PRIMARY KEY (peer, epoch, gen, kind, part)
 );
-CREATE INDEX IF NOT EXISTS pair_runs_last ON pair_runs(peer, epoch, kind, last);
+CREATE INDEX IF NOT EXISTS pair_runs_last ON pair_runs(peer, epoch, gen, kind, last);
 CREATE TABLE IF NOT EXISTS pair_labelsets (
     peer   TEXT NOT NULL,
     epoch  INTEGER NOT NULL,
+    gen    INTEGER NOT NULL,
     id     INTEGER NOT NULL,
     labels TEXT NOT NULL,
-    PRIMARY KEY (peer, epoch, id)
+    PRIMARY KEY (peer, epoch, gen, id)
+);
+-- The generation of runs that is the pair's state.
+CREATE TABLE IF NOT EXISTS pair_gen (
+    peer  TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    gen   INTEGER NOT NULL,
+    PRIMARY KEY (peer, epoch)
 );
 """
 
@@ -76,11 +91,18 @@ def sort_records(data: bytes, width: int) -> bytes:
     return b"".join(sorted(data[i : i + width] for i in range(0, len(data), width)))
 
 
-def write(
-    cur: sqlite3.Cursor, peer: str, epoch: int, kind: Kind, packed: bytes, presorted: bool = False
-) -> None:
-    """Store `packed` (records of `kind`, sorted here unless `presorted`) in parts."""
-    data = packed if presorted else sort_records(packed, kind.width)
+def current(db: sqlite3.Connection, peer: str, epoch: int) -> int | None:
+    """The generation that is the pair's state; None: the pair has no runs."""
+    row = db.execute("SELECT gen FROM pair_gen WHERE peer=? AND epoch=?", (peer, epoch)).fetchone()
+    return int(row[0]) if row else None
+
+
+def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
+    return current(db, peer, epoch) is not None
+
+
+def _write(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: bytes) -> None:
+    """Store sorted records of `kind` in parts."""
     step = PART_RECORDS * kind.width
 
     def last_key(at: int) -> bytes:
@@ -88,32 +110,63 @@ def write(
         return data[start : start + kind.key]
 
     cur.executemany(
-        "INSERT INTO pair_runs VALUES (?,?,?,?,?,?)",
+        "INSERT INTO pair_runs VALUES (?,?,?,?,?,?,?)",
         (
-            (peer, epoch, kind.name, at // step, last_key(at), data[at : at + step])
+            (peer, epoch, gen, kind.name, at // step, last_key(at), data[at : at + step])
             for at in range(0, len(data), step)
         ),
     )
 
 
-def clear(cur: sqlite3.Cursor, peer: str, epoch: int) -> None:
-    cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=?", (peer, epoch))
-    cur.execute("DELETE FROM pair_labelsets WHERE peer=? AND epoch=?", (peer, epoch))
-
-
-def write_labelsets(cur: sqlite3.Cursor, peer: str, epoch: int, texts: dict[str, int]) -> None:
-    cur.executemany(
-        "INSERT INTO pair_labelsets VALUES (?,?,?,?)",
-        ((peer, epoch, n, text) for text, n in texts.items()),
+def stage(
+    cur: sqlite3.Cursor,
+    peer: str,
+    epoch: int,
+    labelsets: dict[str, int],
+    runs: dict[str, bytes],
+) -> int:
+    """Write sorted runs (by kind name) as a new generation, not yet current; returns
+    it. Generations other than the current one (stale stagings) are dropped first."""
+    now = current(cur.connection, peer, epoch)
+    cur.execute(
+        "DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
     )
+    cur.execute(
+        "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
+    )
+    gen = (now or 0) + 1
+    for kind in KINDS:
+        _write(cur, peer, epoch, gen, kind, runs[kind.name])
+    cur.executemany(
+        "INSERT INTO pair_labelsets VALUES (?,?,?,?,?)",
+        ((peer, epoch, gen, n, text) for text, n in labelsets.items()),
+    )
+    return gen
+
+
+def activate(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int) -> None:
+    """Make a staged generation the pair's state and drop every other one."""
+    cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen))
+    cur.execute(
+        "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen)
+    )
+    cur.execute("INSERT OR REPLACE INTO pair_gen VALUES (?,?,?)", (peer, epoch, gen))
+
+
+def clear(cur: sqlite3.Cursor, peer: str, epoch: int) -> None:
+    for table in ("pair_runs", "pair_labelsets", "pair_gen"):
+        cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
 
 
 def labelsets(db: sqlite3.Connection, peer: str, epoch: int) -> dict[bytes, str]:
-    """lsid bytes -> label set text, for this pair's runs."""
+    """lsid bytes -> label set text, for this pair's current runs."""
     return {
         lsid(int(n)): str(text)
         for n, text in db.execute(
-            "SELECT id, labels FROM pair_labelsets WHERE peer=? AND epoch=?", (peer, epoch)
+            "SELECT l.id, l.labels FROM pair_labelsets l JOIN pair_gen g "
+            "ON g.peer = l.peer AND g.epoch = l.epoch AND g.gen = l.gen "
+            "WHERE l.peer=? AND l.epoch=?",
+            (peer, epoch),
         )
     }
 
@@ -121,16 +174,19 @@ def labelsets(db: sqlite3.Connection, peer: str, epoch: int) -> dict[bytes, str]
 def lookup(
     db: sqlite3.Connection, peer: str, epoch: int, kind: Kind, keys: Iterable[bytes]
 ) -> dict[bytes, bytes]:
-    """key -> its record, for the keys present in the run."""
+    """key -> its record, for the keys present in the pair's current run of `kind`."""
+    gen = current(db, peer, epoch)
     out: dict[bytes, bytes] = {}
+    if gen is None:
+        return out
     data, last = b"", b""
     w, k = kind.width, kind.key
     for key in sorted(set(keys)):
         if not data or key > last:
             row = db.execute(
-                "SELECT last, data FROM pair_runs WHERE peer=? AND epoch=? AND kind=? "
+                "SELECT last, data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? AND kind=? "
                 "AND last >= ? ORDER BY last LIMIT 1",
-                (peer, epoch, kind.name, key),
+                (peer, epoch, gen, kind.name, key),
             ).fetchone()
             if row is None:
                 break  # past the end of the run: no later key is in it either
@@ -143,20 +199,14 @@ def lookup(
 
 
 def scan(db: sqlite3.Connection, peer: str, epoch: int, kind: Kind) -> Iterator[bytes]:
-    """Every record of the run, in key order."""
+    """Every record of the pair's current run of `kind`, in key order."""
+    gen = current(db, peer, epoch)
     rows = db.execute(
-        "SELECT data FROM pair_runs WHERE peer=? AND epoch=? AND kind=? ORDER BY part",
-        (peer, epoch, kind.name),
+        "SELECT data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? AND kind=? ORDER BY part",
+        (peer, epoch, gen, kind.name),
     ).fetchall()
     w = kind.width
     for (data,) in rows:
         blob = bytes(data)
         for at in range(0, len(blob), w):
             yield blob[at : at + w]
-
-
-def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
-    row = db.execute(
-        "SELECT 1 FROM pair_runs WHERE peer=? AND epoch=? LIMIT 1", (peer, epoch)
-    ).fetchone()
-    return row is not None

@@ -99,6 +99,7 @@ STATE_TABLES = (
     "peer_gone",
     "pair_runs",
     "pair_labelsets",
+    "pair_gen",
 )
 
 
@@ -180,9 +181,11 @@ class PairDelta:
     own_fp: bytes
     peer_fp: bytes
     policy: str
-    # A full run's state as sorted runs, built by `pack_runs` before the commit (the
-    # CPU-heavy part, done while the peer does the same), so the commit only writes.
+    # A full run's state as sorted runs, built before the commit (the CPU-heavy part,
+    # done while the peer does the same); once written ahead as a generation
+    # (`Store.stage_runs`), `staged` names it and the commit only makes it current.
     runs: PackedRuns | None = None
+    staged: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,12 +352,13 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
     if d.reset:
         for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
             cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
-        pairruns.clear(cur, peer, epoch)
-        if d.runs is not None:
-            for kind in (OWN_NID, OWN_TAG, PEER_TAG, MATCHED):
-                pairruns.write(cur, peer, epoch, kind, d.runs.runs[kind.name], presorted=True)
-            pairruns.write_labelsets(cur, peer, epoch, d.runs.labelsets)
+        if d.staged is not None:
+            pairruns.activate(cur, peer, epoch, d.staged)
+        elif d.runs is not None:
+            gen = pairruns.stage(cur, peer, epoch, d.runs.labelsets, d.runs.runs)
+            pairruns.activate(cur, peer, epoch, gen)
         else:
+            pairruns.clear(cur, peer, epoch)
             _insert_own(cur, peer, epoch, d.own_added)
             _insert_peer(cur, peer, epoch, d.peer_added)
     else:

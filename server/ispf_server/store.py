@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 from ispf.errors import RetryLater, StorageFull
 from ispf.keys import BlindingKey
 from ispf.records import Label
-from ispf_server import pairstate
+from ispf_server import pairruns, pairstate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -381,6 +381,23 @@ class Store:
                 _rollback(cur)
                 raise
         return idx
+
+    @storage_errors
+    def stage_runs(self, peer: str, epoch: int, delta: pairstate.PairDelta) -> None:
+        """Write a full run's sorted runs ahead of its commit, as a generation that is
+        not yet the pair's state (`complete_session` makes it so); frees the bytes."""
+        if not delta.reset or delta.runs is None:
+            return
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                gen = pairruns.stage(cur, peer, epoch, delta.runs.labelsets, delta.runs.runs)
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        delta.staged, delta.runs = gen, None
 
     @storage_errors
     def set_answer(self, session_id: str, answer: bytes) -> None:

@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from ispf_server import pairstate
+from ispf_server import pairruns, pairstate
 from ispf_server.pairstate import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
 
 
@@ -215,3 +215,29 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
     check_against(conn, model, nids[:50])
     for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
+def test_a_staged_generation_is_invisible_until_its_commit() -> None:
+    conn = db()
+    t_old, t_new = os.urandom(16), os.urandom(16)
+
+    def full(tag: bytes) -> PairDelta:
+        own = [OwnGroup('["P/a"]', ["3520200000001"], [tag])]
+        return delta(reset=True, own_added=own, runs=pairstate.pack_runs(own, [], {}))
+
+    pairstate.apply_delta(conn.cursor(), "sindh", 1, full(t_old))
+    staged = full(t_new)
+    cur = conn.cursor()
+    staged.staged = pairruns.stage(cur, "sindh", 1, staged.runs.labelsets, staged.runs.runs)
+    staged.runs = None
+    # Written, not current: lookups still see the old state.
+    assert pairstate.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_old
+    # A session that failed left it behind: the next staging drops it.
+    again = full(t_new)
+    gen = pairruns.stage(cur, "sindh", 1, again.runs.labelsets, again.runs.runs)
+    gens = {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")}
+    assert gens == {pairruns.current(conn, "sindh", 1), gen}
+    again.staged, again.runs = gen, None
+    pairstate.apply_delta(cur, "sindh", 1, again)  # the commit flips to it
+    assert pairstate.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_new
+    assert {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")} == {gen}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
@@ -14,6 +18,22 @@ from ispf_server.store import MatchRow
 
 PROTOCOL_VERSION = 1
 MAX_CHUNK_VALUES = 65_536
+T = TypeVar("T")
+
+
+def in_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """Run `fn` in a new thread (with this thread's log context); its result or error."""
+    fut: Future[T] = Future()
+    ctx = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            fut.set_result(ctx.run(fn))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 class Stopwatch:

@@ -35,6 +35,7 @@ from ispf_server.session.core import (
     checked_chunks,
     chunked,
     count_common,
+    in_thread,
     intersect,
 )
 from ispf_server.session.plan import build_plan, parse_groups
@@ -334,9 +335,15 @@ class Initiator:
             state=synced.state_after if synced else b"",
         )
         # Safe to repeat: the peer answers a repeated Conclude with its first answer.
-        answer = retrying(
-            lambda: self.stub.Conclude(conclude, timeout=cfg.call), f"session {sid} Conclude"
+        asking = in_thread(
+            lambda: retrying(
+                lambda: self.stub.Conclude(conclude, timeout=cfg.call), f"session {sid} Conclude"
+            ),
+            f"conclude-{sid[:8]}",
         )
+        if synced is not None:  # our new state, written ahead while the peer concludes
+            self.store.stage_runs(self.req.peer, self.salt.epoch, synced.delta)
+        answer = asking.result()
         clock.lap("conclude")
         if self.labelled and not (
             answer.agreed

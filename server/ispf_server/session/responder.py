@@ -37,6 +37,7 @@ from ispf_server.session.core import (
     Stopwatch,
     checked_chunks,
     chunked,
+    in_thread,
     intersect,
     split,
 )
@@ -484,31 +485,28 @@ class Responder:
             self._start_matching(s)
 
     def _start_matching(self, s: ResponderSession) -> None:
+        """Once both streams are in: the result and the new state (written ahead, not
+        yet current), in a thread, while the initiator does the same on its side."""
         side = s.side
         if side is None or not (s.reblind_done and s.return_done):
             return
         with self._lock:
             if s.matching is not None:
                 return
-            fut: Future[SyncResult] = Future()
-            s.matching = fut
 
-        def run() -> None:
-            try:
-                fut.set_result(
-                    finish(
-                        side,
-                        bytes(s.own_tags),
-                        s.peer_groups,
-                        s.peer_sizes,
-                        bytes(s.initiator_tags),
-                        s.peer_removed,
-                    )
+            def run() -> SyncResult:
+                result = finish(
+                    side,
+                    bytes(s.own_tags),
+                    s.peer_groups,
+                    s.peer_sizes,
+                    bytes(s.initiator_tags),
+                    s.peer_removed,
                 )
-            except BaseException as exc:
-                fut.set_exception(exc)
+                self.store.stage_runs(s.peer, s.salt.epoch, result.delta)
+                return result
 
-        threading.Thread(target=run, name=f"match-{s.session_id[:8]}", daemon=True).start()
+            s.matching = in_thread(run, f"match-{s.session_id[:8]}")
 
     def fetch(self, req: peer_pb2.FetchRequest, caller: str) -> Iterator[peer_pb2.BlindedChunk]:
         s = self._get(req.session_id, caller)
