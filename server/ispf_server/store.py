@@ -601,13 +601,32 @@ class Store:
                     found.setdefault(n, []).append(StoredRecord(rid, n, label))
         return [r for n in dict.fromkeys(wanted) for r in found.get(n, ())]
 
-    def nid_labels(self) -> list[tuple[str, str, str]]:
+    def nid_labels(self, batch: int = 100_000) -> Iterator[tuple[str, str, str]]:
         """(nid, programme, status) of every record, in ID order: a full run's input,
-        without a Python object per record."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT nid, programme, status FROM records ORDER BY nid"
-            ).fetchall()
+        without a Python object per record. Read in batches along the covering
+        index (keyset pagination), the store lock held per batch only, so memory
+        stays flat and online checks are answered in between."""
+        after: tuple[str, str, str, str] | None = None
+        while True:
+            with self._lock:
+                if after is None:
+                    rows = self._db.execute(
+                        "SELECT nid, programme, status, record_id FROM records "
+                        "ORDER BY nid, programme, status, record_id LIMIT ?",
+                        (batch,),
+                    ).fetchall()
+                else:
+                    rows = self._db.execute(
+                        "SELECT nid, programme, status, record_id FROM records "
+                        "WHERE (nid, programme, status, record_id) > (?, ?, ?, ?) "
+                        "ORDER BY nid, programme, status, record_id LIMIT ?",
+                        (*after, batch),
+                    ).fetchall()
+            for nid, prog, status, _ in rows:
+                yield nid, prog, status
+            if len(rows) < batch:
+                return
+            after = tuple(rows[-1])
 
     def own_tags_for(
         self, peer: str, epoch: int, nids: Iterable[str]

@@ -102,3 +102,17 @@ def test_packed_full_run_equals_the_general_path(tmp_path: Path, seed: int) -> N
         results.append((o.match_count, o.digest, rows, res.state_after, state))
     assert results[0][0] > 0
     assert results[0] == results[1]
+
+
+def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    rng = random.Random(3)
+    records = [
+        StoredRecord(f"r{i}", f"35202{rng.randrange(40):08d}", rng.choice(LABELS))
+        for i in range(500)
+    ]
+    store.upsert(records)
+    want = sorted((r.nid, r.label.programme, r.label.status, r.record_id) for r in records)
+    for batch in (1, 7, 64, 499, 500, 501):
+        got = list(store.nid_labels(batch=batch))
+        assert got == [w[:3] for w in want], batch
