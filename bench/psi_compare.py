@@ -321,10 +321,13 @@ def main() -> None:
                 )
             )
     raw = select(args.backend).many
-    pts = b"".join(bytes.fromhex("09" + "00" * 31) for _ in range(4096))
-    t = time.perf_counter()
-    raw(os.urandom(32), pts, 32)
-    raw_rate = 4096 / (time.perf_counter() - t)
+    pts = b"".join(bytes.fromhex("09" + "00" * 31) for _ in range(16384))
+    best = float("inf")
+    for _ in range(5):  # the best of five: the machine is shared, noise only slows
+        t = time.perf_counter()
+        raw(os.urandom(32), pts, 32)
+        best = min(best, time.perf_counter() - t)
+    raw_rate = 16384 / best
     lines = [
         f"Machine: {cpu_model}, {os.cpu_count()} cores. {args.n:,} x {args.n:,} records, "
         f"10% in common, both parties on this machine.",
@@ -345,11 +348,17 @@ def main() -> None:
         f"exchanges per record pair alone take {ideal:.1f} s on all cores "
         f"(ISPF at {ideal / results['ours']:.0%} of that limit)."
     )
-    lines.append(
-        f"ISPF CPU: {results['ours_cpu_workers']:.1f} s in the blinding workers (hash-to-curve "
-        f"and X25519), {results['ours_cpu'] - results['ours_cpu_workers']:.1f} s in the two "
-        "node processes (gRPC, planning, matching, storage)."
-    )
+    if results["ours_cpu_workers"] > 0.05:
+        lines.append(
+            f"ISPF CPU: {results['ours_cpu_workers']:.1f} s in the blinding worker processes, "
+            f"{results['ours_cpu'] - results['ours_cpu_workers']:.1f} s in the two node "
+            "processes (gRPC, planning, matching, storage)."
+        )
+    else:
+        lines.append(
+            f"ISPF CPU: {results['ours_cpu']:.1f} s, all in the two node processes "
+            "(blinding runs in threads there: hash-to-curve and X25519 in C)."
+        )
     for key, label in (("sf-ECDH", "SecretFlow ECDH"), ("sf-RR22", "SecretFlow RR22")):
         if key in results:
             lines.append(f"ISPF / {label}: {results['ours'] / results[key]:.2f}x the time.")

@@ -24,7 +24,7 @@ environment. Example (``ispf forum init`` writes one per node)::
     keys = "../../logkeys"       # <province>.vkey of every node, to witness peers
 
     [blinding]
-    workers = 0                  # 0: one process per core
+    workers = 0                  # 0: one per core (threads or processes, see pool.py)
     chunk_values = 4096
     backend = "auto"             # auto | multibuffer | cryptography
 
