@@ -183,7 +183,7 @@ class PairDelta:
     policy: str
     # A full run's state as sorted runs, built before the commit (the CPU-heavy part,
     # done while the peer does the same); once written ahead as a generation
-    # (`Store.stage_runs`), `staged` names it and the commit only makes it current.
+    # (`Store.stage_result`), `staged` names it and the commit only makes it current.
     runs: PackedRuns | None = None
     staged: int | None = None
 

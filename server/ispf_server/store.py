@@ -332,29 +332,18 @@ class Store:
         sync: str = "",
         own_removed: int = 0,
         peer_removed: int = 0,
+        matches_staged: bool = False,
     ) -> int:
         """Store the results, mark the session COMPLETED and append its audit entry,
-        all in one transaction; returns the entry's index in the log."""
+        all in one transaction; returns the entry's index in the log. With
+        `matches_staged`, `stage_result` wrote the match rows already."""
         matched_records = len({m.record_id for m in matches})
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.executemany(
-                    "INSERT INTO matches VALUES (?,?,?,?,?,?,?)",
-                    (
-                        (
-                            session_id,
-                            m.record_id,
-                            m.label.programme,
-                            m.label.status,
-                            m.peer_label.programme,
-                            m.peer_label.status,
-                            m.tag,
-                        )
-                        for m in matches
-                    ),
-                )
+                if not matches_staged:
+                    self._insert_matches(cur, session_id, matches)
                 cur.execute(
                     "UPDATE sessions SET state='COMPLETED', own_records=?, own_values=?, "
                     "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
@@ -383,21 +372,56 @@ class Store:
         return idx
 
     @storage_errors
-    def stage_runs(self, peer: str, epoch: int, delta: pairstate.PairDelta) -> None:
-        """Write a full run's sorted runs ahead of its commit, as a generation that is
-        not yet the pair's state (`complete_session` makes it so); frees the bytes."""
-        if not delta.reset or delta.runs is None:
-            return
+    def stage_result(
+        self,
+        session_id: str,
+        peer: str,
+        epoch: int,
+        delta: pairstate.PairDelta,
+        matches: list[MatchRow],
+    ) -> None:
+        """Write a sync session's result ahead of its commit, before the peer agrees:
+        the match rows (read only once the session is COMPLETED; `fail_session`
+        deletes them) and a full run's sorted runs, as a generation that is not yet
+        the pair's state (`complete_session` makes it so). The commit then writes
+        almost nothing while the peer waits."""
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                gen = pairruns.stage(cur, peer, epoch, delta.runs.labelsets, delta.runs.runs)
+                running = cur.execute(
+                    "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
+                ).fetchone()
+                gen = None
+                if running:  # (a session failed meanwhile keeps nothing)
+                    self._insert_matches(cur, session_id, matches)
+                if running and delta.reset and delta.runs is not None:
+                    runs = delta.runs
+                    gen = pairruns.stage(cur, peer, epoch, runs.labelsets, runs.runs)
                 cur.execute("COMMIT")
             except BaseException:
                 _rollback(cur)
                 raise
-        delta.staged, delta.runs = gen, None
+        if gen is not None:
+            delta.staged, delta.runs = gen, None
+
+    @staticmethod
+    def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> None:
+        cur.executemany(
+            "INSERT INTO matches VALUES (?,?,?,?,?,?,?)",
+            (
+                (
+                    session_id,
+                    m.record_id,
+                    m.label.programme,
+                    m.label.status,
+                    m.peer_label.programme,
+                    m.peer_label.status,
+                    m.tag,
+                )
+                for m in matches
+            ),
+        )
 
     @storage_errors
     def set_answer(self, session_id: str, answer: bytes) -> None:
@@ -425,6 +449,8 @@ class Store:
                     "WHERE session_id=? AND state='RUNNING'",
                     (error, utcnow(), int(retriable), session_id),
                 ).rowcount
+                if changed:  # rows staged ahead of a commit that never came
+                    cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
                 if changed and entry is not None:
                     self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
@@ -720,8 +746,9 @@ class Store:
             rows = self._db.execute(
                 "SELECT record_id, programme, status, peer_programme, peer_status, tag "
                 "FROM matches WHERE session_id=? AND (? IS NULL OR record_id=?) "
+                "AND ? IN (SELECT session_id FROM sessions WHERE state='COMPLETED') "
                 "ORDER BY record_id, peer_programme, peer_status",
-                (session_id, record_id, record_id),
+                (session_id, record_id, record_id, session_id),
             ).fetchall()
         for rid, p, s, pp, ps, tag in rows:
             yield MatchRow(rid, Label(p, s), Label(pp, ps), bytes(tag))
@@ -729,6 +756,8 @@ class Store:
     def matched_tags(self, session_id: str) -> list[bytes]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT DISTINCT tag FROM matches WHERE session_id=?", (session_id,)
+                "SELECT DISTINCT tag FROM matches WHERE session_id=? AND ? IN "
+                "(SELECT session_id FROM sessions WHERE state='COMPLETED')",
+                (session_id, session_id),
             ).fetchall()
         return [bytes(r[0]) for r in rows]

@@ -116,3 +116,38 @@ def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
     for batch in (1, 7, 64, 499, 500, 501):
         got = list(store.nid_labels(batch=batch))
         assert got == [w[:3] for w in want], batch
+
+
+def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) -> None:
+    from ispf_server.pairstate import EMPTY_FP, PairDelta
+    from ispf_server.store import MatchRow
+
+    store = Store(tmp_path / "s.sqlite")
+    rows = [MatchRow("r1", LABELS[0], LABELS[1], b"t" * 16)]
+    empty = PairDelta(False, [], [], [], [], 0, EMPTY_FP, EMPTY_FP, "p")
+    for sid, completes in (("s-ok", True), ("s-failed", False)):
+        store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
+        store.stage_result(sid, "sindh", 1, empty, rows)
+        assert list(store.matches(sid)) == [] and store.matched_tags(sid) == []
+        if completes:
+            store.complete_session(
+                sid,
+                own_records=1,
+                own_values=1,
+                peer_values=1,
+                match_count=1,
+                result_digest=b"d",
+                matches=rows,
+                entry=b'{"type":"session"}',
+                matches_staged=True,
+            )
+            assert list(store.matches(sid)) == rows  # once, not twice
+        else:
+            assert store.fail_session(sid, "peer gone", None)
+            count = store._db.execute(
+                "SELECT count(*) FROM matches WHERE session_id=?", (sid,)
+            ).fetchone()
+            assert count == (0,)  # the staged rows are gone with the session
+    # A session already failed stages nothing.
+    store.stage_result("s-failed", "sindh", 1, empty, rows)
+    assert store._db.execute("SELECT count(*) FROM matches").fetchone() == (1,)

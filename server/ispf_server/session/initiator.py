@@ -341,8 +341,10 @@ class Initiator:
             ),
             f"conclude-{sid[:8]}",
         )
-        if synced is not None:  # our new state, written ahead while the peer concludes
-            self.store.stage_runs(self.req.peer, self.salt.epoch, synced.delta)
+        if synced is not None:  # our result and state, written ahead while the peer concludes
+            self.store.stage_result(
+                sid, self.req.peer, self.salt.epoch, synced.delta, outcome.matches
+            )
         answer = asking.result()
         clock.lap("conclude")
         if self.labelled and not (
@@ -371,6 +373,7 @@ class Initiator:
             matches=outcome.matches,
             entry=self._entry("completed", result=outcome),
             pair_delta=(self.req.peer, self.salt.epoch, synced.delta) if synced else None,
+            matches_staged=synced is not None,
         )
         clock.lap("commit")
         self._witness(answer, peer_checkpoint)

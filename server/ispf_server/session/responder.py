@@ -503,7 +503,9 @@ class Responder:
                     bytes(s.initiator_tags),
                     s.peer_removed,
                 )
-                self.store.stage_runs(s.peer, s.salt.epoch, result.delta)
+                self.store.stage_result(
+                    s.session_id, s.peer, s.salt.epoch, result.delta, result.outcome.matches
+                )
                 return result
 
             s.matching = in_thread(run, f"match-{s.session_id[:8]}")
@@ -610,6 +612,7 @@ class Responder:
                 matches=outcome.matches,
                 entry=self._entry(s, "completed", result=outcome),
                 pair_delta=(caller, s.salt.epoch, synced.delta) if synced else None,
+                matches_staged=synced is not None,
                 sync=s.progress.snapshot().sync,
                 own_removed=len(s.side.removed_tags) if s.side else 0,
                 peer_removed=len(s.peer_removed),
