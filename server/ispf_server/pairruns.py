@@ -45,6 +45,14 @@ class Kind:
     key: int  # leading bytes that are the key
 
 
+# Fields of the records, by layout: ID-led (own_nid, matched) and tag-led (own_tag).
+NID_LED_NID = slice(0, NID)
+NID_LED_TAG = slice(NID, NID + TAG)
+NID_LED_LSID = slice(NID + TAG, NID + TAG + LSID)
+TAG_LED_NID = slice(TAG, TAG + NID)
+TAG_LED_LSID = slice(TAG + NID, TAG + NID + LSID)
+PEER_LSID = slice(TAG, TAG + LSID)
+
 OWN_NID = Kind("own_nid", NID + TAG + LSID, NID)
 OWN_TAG = Kind("own_tag", TAG + NID + LSID, TAG)
 PEER_TAG = Kind("peer_tag", TAG + LSID, TAG)

@@ -27,7 +27,18 @@ from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
 from ispf_server import pairruns
-from ispf_server.pairruns import MATCHED, OWN_NID, OWN_TAG, PEER_TAG
+from ispf_server.pairruns import (
+    MATCHED,
+    NID_LED_LSID,
+    NID_LED_NID,
+    NID_LED_TAG,
+    OWN_NID,
+    OWN_TAG,
+    PEER_LSID,
+    PEER_TAG,
+    TAG_LED_LSID,
+    TAG_LED_NID,
+)
 
 FP_BYTES = 32
 EMPTY_FP = bytes(FP_BYTES)
@@ -449,7 +460,7 @@ def own_by_nids(
         ls = pairruns.labelsets(db, peer, epoch)
         keys = [n.encode("ascii") for n in rest if n not in gone]
         for key, rec in pairruns.lookup(db, peer, epoch, OWN_NID, keys).items():
-            out[key.decode("ascii")] = OwnTag(ls[rec[29:33]], rec[13:29])
+            out[key.decode("ascii")] = OwnTag(ls[rec[NID_LED_LSID]], rec[NID_LED_TAG])
     return out
 
 
@@ -469,12 +480,12 @@ def own_by_tags(
     rest = [t for t in wanted if t not in out]
     if rest and pairruns.held(db, peer, epoch):
         found = pairruns.lookup(db, peer, epoch, OWN_TAG, rest)
-        nids = {t: rec[16:29].decode("ascii") for t, rec in found.items()}
+        nids = {t: rec[TAG_LED_NID].decode("ascii") for t, rec in found.items()}
         gone = _gone(db, "own_gone", "nid", peer, epoch, sorted(set(nids.values())))
         ls = pairruns.labelsets(db, peer, epoch)
         for t, rec in found.items():
             if nids[t] not in gone:
-                out[t] = (nids[t], ls[rec[29:33]])
+                out[t] = (nids[t], ls[rec[TAG_LED_LSID]])
     return out
 
 
@@ -493,7 +504,7 @@ def peer_by_tags(
         ls = pairruns.labelsets(db, peer, epoch)
         keys = [t for t in rest if t not in gone]
         for t, rec in pairruns.lookup(db, peer, epoch, PEER_TAG, keys).items():
-            out[t] = ls[rec[16:20]]
+            out[t] = ls[rec[PEER_LSID]]
     return out
 
 
@@ -511,9 +522,9 @@ def matched_state(db: sqlite3.Connection, peer: str, epoch: int) -> list[tuple[s
         }
         ls = pairruns.labelsets(db, peer, epoch)
         for rec in pairruns.scan(db, peer, epoch, MATCHED):
-            nid, tag = rec[:13].decode("ascii"), rec[13:29]
+            nid, tag = rec[NID_LED_NID].decode("ascii"), rec[NID_LED_TAG]
             if nid not in own_gone and tag not in peer_gone:
-                out.append((nid, tag, ls[rec[29:33]]))
+                out.append((nid, tag, ls[rec[NID_LED_LSID]]))
     # Own rows (changed since the run) against the peer's current tags.
     own_rows = [
         (str(n), bytes(t))
@@ -530,7 +541,7 @@ def matched_state(db: sqlite3.Connection, peer: str, epoch: int) -> list[tuple[s
             )
         }
         found = pairruns.lookup(db, peer, epoch, OWN_TAG, peer_rows)
-        nids = {t: rec[16:29].decode("ascii") for t, rec in found.items()}
+        nids = {t: rec[TAG_LED_NID].decode("ascii") for t, rec in found.items()}
         gone = _gone(db, "own_gone", "nid", peer, epoch, sorted(set(nids.values())))
         out.extend((n, t, peer_rows[t]) for t, n in nids.items() if n not in gone)
     return out

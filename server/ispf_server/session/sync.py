@@ -21,7 +21,7 @@ from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
 from ispf_server import pairruns
-from ispf_server.pairruns import MATCHED, NID, OWN_NID, OWN_TAG, PEER_TAG
+from ispf_server.pairruns import MATCHED, NID, OWN_NID, OWN_TAG, PEER_TAG, TAG_LED_NID
 from ispf_server.pairstate import (
     EMPTY_FP,
     OwnGroup,
@@ -274,7 +274,8 @@ def _finish_full(
     matched_recs = []
     for at in range(0, len(joined), width):
         rec = joined[at : at + width]
-        tag, nid, theirs_ls = rec[:16], rec[16:29], rec[33:37]
+        # the own_tag record, then the peer record's lsid
+        tag, nid, theirs_ls = rec[:TAG_BYTES], rec[TAG_LED_NID], rec[OWN_TAG.width :]
         matches[nid.decode("ascii")] = (tag, names[theirs_ls])
         matched_recs.append(nid + tag + theirs_ls)
     runs = PackedRuns(
