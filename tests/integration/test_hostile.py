@@ -351,9 +351,9 @@ def test_peer_that_goes_silent_is_expired(
 
 def test_peer_that_stops_mid_stream(fed: Federation, stub: peer_pb2_grpc.PeerServiceStub) -> None:
     req = hello(fed, n=5)
-    stub.Handshake(req, timeout=5)
+    some = points(fed, 3)  # before the Handshake: the federation expires idle sessions in 1 s
     release = threading.Event()
-    some = points(fed, 3)
+    stub.Handshake(req, timeout=5)
 
     def some_then_hang() -> Iterator[peer_pb2.BlindedChunk]:
         for i in range(3):  # the node reads a little ahead before it answers
