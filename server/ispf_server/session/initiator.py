@@ -320,7 +320,10 @@ class Initiator:
         self.progress.update(phase="intersect")
         synced = None
         if side is not None:
-            synced = finish(side, bytes(own_tags), peer_groups, peer_sizes, peer_tags, peer_removed)
+            own = bytes(own_tags)
+            own_tags.clear()  # (one copy of each direction's tags at a time: 160 MB at 10M)
+            synced = finish(side, own, peer_groups, peer_sizes, peer_tags, peer_removed)
+            del own, peer_tags
             outcome = synced.outcome
         elif self.labelled:
             outcome = intersect(plan, bytes(own_tags), peer_groups, peer_sizes, peer_tags)

@@ -495,14 +495,10 @@ class Responder:
                 return
 
             def run() -> SyncResult:
-                result = finish(
-                    side,
-                    bytes(s.own_tags),
-                    s.peer_groups,
-                    s.peer_sizes,
-                    bytes(s.initiator_tags),
-                    s.peer_removed,
-                )
+                own, theirs = bytes(s.own_tags), bytes(s.initiator_tags)
+                s.own_tags, s.initiator_tags = bytearray(), bytearray()  # (one copy each)
+                result = finish(side, own, s.peer_groups, s.peer_sizes, theirs, s.peer_removed)
+                del own, theirs
                 self.store.stage_result(
                     s.session_id, s.peer, s.salt.epoch, result.delta, result.outcome.matches
                 )

@@ -248,22 +248,32 @@ def _finish_full(
     def ls(labels: LabelSet) -> bytes:
         return pairruns.lsid(texts.setdefault(labels_text(labels), len(texts)))
 
-    by_nid, by_tag, theirs = [], [], []
-    pos = 0
-    for group, size in zip(plan.groups, plan.sizes, strict=True):
-        nids = joined_nids[NID * pos : NID * (pos + size)]
-        tags = own_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
-        b = ls(group)
-        by_nid.append(native.zip_records(size, (nids, NID), (tags, TAG_BYTES), (b, 4)))
-        by_tag.append(native.zip_records(size, (tags, TAG_BYTES), (nids, NID), (b, 4)))
-        pos += size
-    pos = 0
-    for group, size in zip(peer_groups, peer_sizes, strict=True):
-        tags = peer_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
-        theirs.append(native.zip_records(size, (tags, TAG_BYTES), (ls(group), 4)))
-        pos += size
-    own_by_tag = pairruns.sort_records(b"".join(by_tag), OWN_TAG.width)
-    peer_by_tag = pairruns.sort_records(b"".join(theirs), PEER_TAG.width)
+    # One run at a time, each part list freed once joined: a run of ten million is
+    # hundreds of megabytes, and three of them need not be alive twice over.
+    def own_run(tag_first: bool) -> bytes:
+        parts, pos = [], 0
+        for group, size in zip(plan.groups, plan.sizes, strict=True):
+            nids = (joined_nids[NID * pos : NID * (pos + size)], NID)
+            tags = (own_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)], TAG_BYTES)
+            cols = (tags, nids) if tag_first else (nids, tags)
+            parts.append(native.zip_records(size, *cols, (ls(group), 4)))
+            pos += size
+        packed = b"".join(parts)
+        del parts
+        return pairruns.sort_records(packed, (OWN_TAG if tag_first else OWN_NID).width)
+
+    def peer_run() -> bytes:
+        parts, pos = [], 0
+        for group, size in zip(peer_groups, peer_sizes, strict=True):
+            tags = peer_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
+            parts.append(native.zip_records(size, (tags, TAG_BYTES), (ls(group), 4)))
+            pos += size
+        packed = b"".join(parts)
+        del parts
+        return pairruns.sort_records(packed, PEER_TAG.width)
+
+    own_by_tag = own_run(tag_first=True)
+    peer_by_tag = peer_run()
     # tag | nid | own lsid | peer lsid, for every tag on both sides
     joined = native.merge_join(own_by_tag, OWN_TAG.width, peer_by_tag, PEER_TAG.width, TAG_BYTES)
     if joined is None:
@@ -278,13 +288,16 @@ def _finish_full(
         tag, nid, theirs_ls = rec[:TAG_BYTES], rec[TAG_LED_NID], rec[OWN_TAG.width :]
         matches[nid.decode("ascii")] = (tag, names[theirs_ls])
         matched_recs.append(nid + tag + theirs_ls)
+    del joined
+    matched_run = pairruns.sort_records(b"".join(matched_recs), MATCHED.width)
+    del matched_recs
     runs = PackedRuns(
         texts,
         {
-            OWN_NID.name: pairruns.sort_records(b"".join(by_nid), OWN_NID.width),
+            OWN_NID.name: own_run(tag_first=False),
             OWN_TAG.name: own_by_tag,
             PEER_TAG.name: peer_by_tag,
-            MATCHED.name: pairruns.sort_records(b"".join(matched_recs), MATCHED.width),
+            MATCHED.name: matched_run,
         },
     )
     own_fp = fingerprint_packed(own_added_tags)
