@@ -76,4 +76,8 @@ def test_a_demo_run_leaks_no_id_and_no_salt(
             i for i in ids if i.encode() in blob or f"{i[:5]}-{i[5:12]}-{i[12]}".encode() in blob
         ]
         assert not leaked, f"{len(leaked)} ID numbers in {where}"
-        assert not re.search(rb"(?<![0-9A-Za-z+/])\d{13}(?![0-9])", blob), f"13 digits in {where}"
+        # A run of 13 digits standing alone. Inside a hex digest or base64 (letters on
+        # either side) it is chance: a digest starts with 13 decimal digits once in
+        # about 450 (CI met one), and the check above has ruled out every real ID.
+        lone = rb"(?<![0-9A-Za-z+/])\d{13}(?![0-9A-Za-z+/])"
+        assert not re.search(lone, blob), f"13 digits in {where}"
