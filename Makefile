@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-fast dev browser demo test lint typecheck proto proto-check pytest bench bench-compare bench-load clean
+.PHONY: help install install-fast dev browser demo test lint typecheck proto proto-check pytest pytest-portable bench bench-compare bench-load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,7 +42,7 @@ browser: ## install Chromium for the report test if it is missing
 demo: install ## run four provinces on loopback and reconcile every pair (reports in demo-out/)
 	$(BIN)/ispf demo $(DEMO_ARGS)
 
-test: dev browser lint typecheck proto-check pytest ## every check CI runs
+test: dev browser lint typecheck proto-check pytest pytest-portable ## every check CI runs
 
 lint: dev ## ruff lint and format check
 	$(BIN)/ruff check .
@@ -61,6 +61,11 @@ proto-check: dev ## fail if the committed stubs differ from what proto/ generate
 
 pytest: dev ## the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Machines without a C compiler run the Python code in place of the native module.
+pytest-portable: dev ## the core tests again, with the native module switched off
+	ISPF_NATIVE=0 $(BIN)/python -m pytest -q tests/unit tests/integration/test_reconcile.py \
+	  tests/integration/test_incremental.py tests/integration/test_online_check.py
 
 bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full vs incremental; checks
 	$(BIN)/python bench/blinding.py
