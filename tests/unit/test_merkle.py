@@ -111,3 +111,21 @@ def test_changed_history_fails_consistency(entries: list[bytes], data: st.DataOb
         merkle.verify_inclusion(
             wrong, n, leaves[j], merkle.inclusion_proof(j, leaves), merkle.root(leaves)
         )
+
+
+def _mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962's definition, word for word: split at the largest power of two below n."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k << 1 < len(leaves):
+        k <<= 1
+    return merkle.node_hash(_mth(leaves[:k]), _mth(leaves[k:]))
+
+
+def test_level_by_level_root_equals_the_rfc_definition() -> None:
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(300)]
+    for n in range(301):
+        assert merkle.root(leaves[:n]) == _mth(leaves[:n]), n
