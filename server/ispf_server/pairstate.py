@@ -302,15 +302,72 @@ def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGro
             )
 
 
-def _zip(n: int, *parts: tuple[bytes, int]) -> bytes:
+Buffer = bytes | memoryview
+
+
+def _zip(n: int, *parts: tuple[Buffer, int]) -> bytes:
     """n fixed-width records from columns (a column of one width is a constant)."""
     if native is not None:
         return native.zip_records(n, *parts)  # type: ignore[no-any-return]
     cols = [
-        [buf] * n if len(buf) == w else [buf[i * w : (i + 1) * w] for i in range(n)]
+        [bytes(buf)] * n if len(buf) == w else [bytes(buf[i * w : (i + 1) * w]) for i in range(n)]
         for buf, w in parts
     ]
     return b"".join(b"".join(rec) for rec in zip(*cols, strict=True))
+
+
+class RunBuilder:
+    """A full run's state as sorted runs, from packed columns, one run at a time (a
+    run of ten million is hundreds of megabytes: parts are freed as joined). Label
+    sets are numbered as they are met. Both the general path (`pack_runs`) and the
+    packed one (`session.sync`) build their runs here."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, int] = {}
+
+    def lsid(self, text: str) -> bytes:
+        return pairruns.lsid(self.texts.setdefault(text, len(self.texts)))
+
+    def own(self, groups: Iterable[tuple[str, Buffer, Buffer]], *, by_tag: bool) -> bytes:
+        """From (label set, 13-byte IDs, 16-byte tags) per group: own_tag or own_nid."""
+        parts = []
+        for labels, nids, tags in groups:
+            n = len(tags) // TAG_LEN
+            cols = (
+                ((tags, TAG_LEN), (nids, NID_BYTES))
+                if by_tag
+                else ((nids, NID_BYTES), (tags, TAG_LEN))
+            )
+            parts.append(_zip(n, *cols, (self.lsid(labels), pairruns.LSID)))
+        packed = b"".join(parts)
+        del parts
+        return pairruns.sort_records(packed, (OWN_TAG if by_tag else OWN_NID).width)
+
+    def peer(self, groups: Iterable[tuple[str, Buffer]]) -> bytes:
+        """From (label set, 16-byte tags) per group: peer_tag."""
+        parts = [
+            _zip(len(tags) // TAG_LEN, (tags, TAG_LEN), (self.lsid(labels), pairruns.LSID))
+            for labels, tags in groups
+        ]
+        packed = b"".join(parts)
+        del parts
+        return pairruns.sort_records(packed, PEER_TAG.width)
+
+    def matched(self, matches: dict[str, tuple[bytes, str]]) -> bytes:
+        """From nid -> (tag, peer labels): matched."""
+        packed = b"".join(n.encode("ascii") + t + self.lsid(lbl) for n, (t, lbl) in matches.items())
+        return pairruns.sort_records(packed, MATCHED.width)
+
+    def done(self, own_nid: bytes, own_tag: bytes, peer_tag: bytes, matched: bytes) -> PackedRuns:
+        return PackedRuns(
+            self.texts,
+            {
+                OWN_NID.name: own_nid,
+                OWN_TAG.name: own_tag,
+                PEER_TAG.name: peer_tag,
+                MATCHED.name: matched,
+            },
+        )
 
 
 def _canonical_nids(nids: list[str]) -> bool:
@@ -325,33 +382,16 @@ def pack_runs(
 ) -> PackedRuns | None:
     """A full run's state as sorted runs; None where IDs or tags are not canonical
     (then the state is written as rows)."""
-    texts: dict[str, int] = {}
-
-    def ls(text: str) -> bytes:
-        return pairruns.lsid(texts.setdefault(text, len(texts)))
-
-    by_nid, by_tag, theirs = [], [], []
-    for g in own_added:
-        if not _canonical_nids(g.nids) or not all(map(TAG_LEN.__eq__, map(len, g.tags))):
-            return None
-        nids, tags, b = "".join(g.nids).encode("ascii"), b"".join(g.tags), ls(g.labels)
-        by_nid.append(_zip(len(g.tags), (nids, NID_BYTES), (tags, TAG_LEN), (b, pairruns.LSID)))
-        by_tag.append(_zip(len(g.tags), (tags, TAG_LEN), (nids, NID_BYTES), (b, pairruns.LSID)))
-    for pg in peer_added:
-        if not all(map(TAG_LEN.__eq__, map(len, pg.tags))):
-            return None
-        theirs.append(_zip(len(pg.tags), (b"".join(pg.tags), TAG_LEN), (ls(pg.labels), 4)))
-    matched_recs = b"".join(n.encode("ascii") + t + ls(lbl) for n, (t, lbl) in matched.items())
-    packed = {
-        OWN_NID.name: b"".join(by_nid),
-        OWN_TAG.name: b"".join(by_tag),
-        PEER_TAG.name: b"".join(theirs),
-        MATCHED.name: matched_recs,
-    }
-    width = {k.name: k.width for k in (OWN_NID, OWN_TAG, PEER_TAG, MATCHED)}
-    return PackedRuns(
-        texts, {name: pairruns.sort_records(data, width[name]) for name, data in packed.items()}
-    )
+    tag_lists = [g.tags for g in own_added] + [g.tags for g in peer_added]
+    if not all(_canonical_nids(g.nids) for g in own_added) or not all(
+        all(map(TAG_LEN.__eq__, map(len, tags))) for tags in tag_lists
+    ):
+        return None
+    own = [(g.labels, "".join(g.nids).encode("ascii"), b"".join(g.tags)) for g in own_added]
+    b = RunBuilder()
+    own_tag = b.own(own, by_tag=True)
+    peer_tag = b.peer((g.labels, b"".join(g.tags)) for g in peer_added)
+    return b.done(b.own(own, by_tag=False), own_tag, peer_tag, b.matched(matched))
 
 
 def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:

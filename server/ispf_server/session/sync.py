@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ispf.blinding import TAG_BYTES, result_digest
@@ -21,13 +21,13 @@ from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
 from ispf_server import pairruns
-from ispf_server.pairruns import MATCHED, NID, OWN_NID, OWN_TAG, PEER_TAG, TAG_LED_NID
+from ispf_server.pairruns import NID, OWN_TAG, PEER_TAG, TAG_LED_NID
 from ispf_server.pairstate import (
     EMPTY_FP,
     OwnGroup,
-    PackedRuns,
     PairDelta,
     PeerGroup,
+    RunBuilder,
     fingerprint,
     fingerprint_packed,
     labels_of,
@@ -243,62 +243,45 @@ def _finish_full(
         or not joined_nids.isdigit()
     ):
         return None
-    texts: dict[str, int] = {}
+    nids_view, own_view, peer_view = (
+        memoryview(joined_nids),
+        memoryview(own_added_tags),
+        memoryview(peer_added_tags),
+    )
 
-    def ls(labels: LabelSet) -> bytes:
-        return pairruns.lsid(texts.setdefault(labels_text(labels), len(texts)))
-
-    # One run at a time, each part list freed once joined: a run of ten million is
-    # hundreds of megabytes, and three of them need not be alive twice over.
-    def own_run(tag_first: bool) -> bytes:
-        parts, pos = [], 0
+    def own_groups() -> Iterator[tuple[str, memoryview, memoryview]]:
+        pos = 0
         for group, size in zip(plan.groups, plan.sizes, strict=True):
-            nids = (joined_nids[NID * pos : NID * (pos + size)], NID)
-            tags = (own_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)], TAG_BYTES)
-            cols = (tags, nids) if tag_first else (nids, tags)
-            parts.append(native.zip_records(size, *cols, (ls(group), 4)))
+            yield (
+                labels_text(group),
+                nids_view[NID * pos : NID * (pos + size)],
+                own_view[TAG_BYTES * pos : TAG_BYTES * (pos + size)],
+            )
             pos += size
-        packed = b"".join(parts)
-        del parts
-        return pairruns.sort_records(packed, (OWN_TAG if tag_first else OWN_NID).width)
 
-    def peer_run() -> bytes:
-        parts, pos = [], 0
+    def peer_groups_packed() -> Iterator[tuple[str, memoryview]]:
+        pos = 0
         for group, size in zip(peer_groups, peer_sizes, strict=True):
-            tags = peer_added_tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
-            parts.append(native.zip_records(size, (tags, TAG_BYTES), (ls(group), 4)))
+            yield labels_text(group), peer_view[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
             pos += size
-        packed = b"".join(parts)
-        del parts
-        return pairruns.sort_records(packed, PEER_TAG.width)
 
-    own_by_tag = own_run(tag_first=True)
-    peer_by_tag = peer_run()
+    runs = RunBuilder()
+    own_by_tag = runs.own(own_groups(), by_tag=True)
+    peer_by_tag = runs.peer(peer_groups_packed())
     # tag | nid | own lsid | peer lsid, for every tag on both sides
     joined = native.merge_join(own_by_tag, OWN_TAG.width, peer_by_tag, PEER_TAG.width, TAG_BYTES)
     if joined is None:
         return None
-    names = {pairruns.lsid(n): text for text, n in texts.items()}
+    names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
     width = OWN_TAG.width + PEER_TAG.width - TAG_BYTES
     matches: dict[str, tuple[bytes, str]] = {}
-    matched_recs = []
     for at in range(0, len(joined), width):
         rec = joined[at : at + width]
         # the own_tag record, then the peer record's lsid
-        tag, nid, theirs_ls = rec[:TAG_BYTES], rec[TAG_LED_NID], rec[OWN_TAG.width :]
-        matches[nid.decode("ascii")] = (tag, names[theirs_ls])
-        matched_recs.append(nid + tag + theirs_ls)
+        matches[rec[TAG_LED_NID].decode("ascii")] = (rec[:TAG_BYTES], names[rec[OWN_TAG.width :]])
     del joined
-    matched_run = pairruns.sort_records(b"".join(matched_recs), MATCHED.width)
-    del matched_recs
-    runs = PackedRuns(
-        texts,
-        {
-            OWN_NID.name: own_run(tag_first=False),
-            OWN_TAG.name: own_by_tag,
-            PEER_TAG.name: peer_by_tag,
-            MATCHED.name: matched_run,
-        },
+    packed_runs = runs.done(
+        runs.own(own_groups(), by_tag=False), own_by_tag, peer_by_tag, runs.matched(matches)
     )
     own_fp = fingerprint_packed(own_added_tags)
     peer_fp = fingerprint_packed(peer_added_tags)
@@ -312,7 +295,7 @@ def _finish_full(
         own_fp=own_fp,
         peer_fp=peer_fp,
         policy=policy_key(side.pp),
-        runs=runs,
+        runs=packed_runs,
     )
     matched = [t for t, _ in matches.values()]
     outcome = Outcome(len(matched), result_digest(matched), _matched_rows(side, matches))
