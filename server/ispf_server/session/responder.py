@@ -254,16 +254,11 @@ class Responder:
             old = self._speculative.get(key)
             if old is not None and not old.future.done():
                 return
-            fut: Future[SyncSide] = Future()
+            fut = in_thread(
+                lambda: prepare(self.store, pp, caller, epoch, incremental=incremental),
+                f"plan-{caller}",
+            )
             self._speculative[key] = _Speculation(incremental, time.monotonic(), fut)
-
-        def run() -> None:
-            try:
-                fut.set_result(prepare(self.store, pp, caller, epoch, incremental=incremental))
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-        threading.Thread(target=run, name=f"plan-{caller}", daemon=True).start()
 
     def _speculated(
         self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool
