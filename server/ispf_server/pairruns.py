@@ -35,7 +35,7 @@ from ispf.hazmat.curve import native
 NID = 13
 TAG = 16
 LSID = 4
-PART_RECORDS = 1024  # records per blob: small enough for a probe to read one quickly
+PART_RECORDS = 256  # records per blob (8 KB): a probe reads one part, a few pages
 
 
 @dataclass(frozen=True)
@@ -183,13 +183,16 @@ def lookup(
     db: sqlite3.Connection, peer: str, epoch: int, kind: Kind, keys: Iterable[bytes]
 ) -> dict[bytes, bytes]:
     """key -> its record, for the keys present in the pair's current run of `kind`."""
-    gen = current(db, peer, epoch)
     out: dict[bytes, bytes] = {}
+    keys = sorted(set(keys))
+    if not keys:
+        return out
+    gen = current(db, peer, epoch)
     if gen is None:
         return out
     data, last = b"", b""
     w, k = kind.width, kind.key
-    for key in sorted(set(keys)):
+    for key in keys:
         if not data or key > last:
             row = db.execute(
                 "SELECT last, data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? AND kind=? "

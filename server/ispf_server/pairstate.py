@@ -495,12 +495,15 @@ def own_by_nids(
     )
     out = {n: OwnTag(str(r[0]), bytes(r[1])) for n, r in rows.items()}
     rest = [n for n in wanted if n not in out and len(n) == NID_BYTES and n.isascii()]
-    if rest and pairruns.held(db, peer, epoch):
-        gone = _gone(db, "own_gone", "nid", peer, epoch, rest)
+    # The runs, then (only for what they hold) tombstones and label sets: a lookup
+    # that finds nothing, like most online checks, costs two indexed reads.
+    found = pairruns.lookup(db, peer, epoch, OWN_NID, [n.encode("ascii") for n in rest])
+    if found:
+        gone = _gone(db, "own_gone", "nid", peer, epoch, [k.decode("ascii") for k in found])
         ls = pairruns.labelsets(db, peer, epoch)
-        keys = [n.encode("ascii") for n in rest if n not in gone]
-        for key, rec in pairruns.lookup(db, peer, epoch, OWN_NID, keys).items():
-            out[key.decode("ascii")] = OwnTag(ls[rec[NID_LED_LSID]], rec[NID_LED_TAG])
+        for key, rec in found.items():
+            if key.decode("ascii") not in gone:
+                out[key.decode("ascii")] = OwnTag(ls[rec[NID_LED_LSID]], rec[NID_LED_TAG])
     return out
 
 
@@ -518,8 +521,8 @@ def own_by_tags(
     )
     out = {t: (str(r[0]), str(r[1])) for t, r in rows.items()}
     rest = [t for t in wanted if t not in out]
-    if rest and pairruns.held(db, peer, epoch):
-        found = pairruns.lookup(db, peer, epoch, OWN_TAG, rest)
+    found = pairruns.lookup(db, peer, epoch, OWN_TAG, rest)
+    if found:
         nids = {t: rec[TAG_LED_NID].decode("ascii") for t, rec in found.items()}
         gone = _gone(db, "own_gone", "nid", peer, epoch, sorted(set(nids.values())))
         ls = pairruns.labelsets(db, peer, epoch)
@@ -539,12 +542,13 @@ def peer_by_tags(
     )
     out = {t: str(r[0]) for t, r in rows.items()}
     rest = [t for t in wanted if t not in out]
-    if rest and pairruns.held(db, peer, epoch):
-        gone = _gone(db, "peer_gone", "tag", peer, epoch, rest)
+    found = pairruns.lookup(db, peer, epoch, PEER_TAG, rest)
+    if found:
+        gone = _gone(db, "peer_gone", "tag", peer, epoch, list(found))
         ls = pairruns.labelsets(db, peer, epoch)
-        keys = [t for t in rest if t not in gone]
-        for t, rec in pairruns.lookup(db, peer, epoch, PEER_TAG, keys).items():
-            out[t] = ls[rec[PEER_LSID]]
+        for t, rec in found.items():
+            if t not in gone:
+                out[t] = ls[rec[PEER_LSID]]
     return out
 
 
