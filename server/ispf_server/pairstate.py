@@ -556,7 +556,8 @@ def matched_state(db: sqlite3.Connection, peer: str, epoch: int) -> list[tuple[s
     """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
     out: list[tuple[str, bytes, str]] = []
     pair = (peer, epoch)
-    if pairruns.held(db, peer, epoch):
+    held = pairruns.held(db, peer, epoch)
+    if held:
         own_gone = {
             str(r[0]) for r in db.execute("SELECT nid FROM own_gone WHERE peer=? AND epoch=?", pair)
         }
@@ -577,7 +578,7 @@ def matched_state(db: sqlite3.Connection, peer: str, epoch: int) -> list[tuple[s
     theirs = peer_by_tags(db, peer, epoch, [t for _, t in own_rows])
     out.extend((n, t, theirs[t]) for n, t in own_rows if t in theirs)
     # The peer's rows against own IDs still as the run holds them.
-    if pairruns.held(db, peer, epoch):
+    if held:
         peer_rows = {
             bytes(t): str(lb)
             for t, lb in db.execute(

@@ -158,7 +158,6 @@ class Responder:
                 if sp.future.done() and now - sp.started > self.idle_timeout
             ]:
                 del self._speculative[key]
-        with self._lock:
             stale = [
                 s
                 for s in self._sessions.values()
