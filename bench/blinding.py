@@ -1,5 +1,5 @@
 """Blinding throughput: the node's pipeline (chunked, through the node's pool: threads
-for the multi-buffer backend, processes for `cryptography`) for each X25519
+for the multi-buffer and IFMA backends, processes for `cryptography`) for each X25519
 backend at 1 worker and at all cores, next to each raw primitive measured in the
 same run. Two workloads:
 
@@ -20,7 +20,7 @@ import os
 import time
 from concurrent.futures import Future
 
-from ispf.hazmat.backends import BackendUnavailable, MultiBufferBackend, select
+from ispf.hazmat.backends import BackendUnavailable, IfmaBackend, MultiBufferBackend, select
 from ispf.hazmat.curve import hash_to_curve_many
 from ispf.keys import BlindingKey, ForumSalt
 from ispf_server.pool import BlindingPool, pipelined, releases_gil
@@ -77,11 +77,12 @@ def main() -> None:
     cores = os.cpu_count() or 1
     ids = [f"35202{i:08d}".encode() for i in range(args.n)]
     backends = ["cryptography"]
-    try:
-        MultiBufferBackend.load()
-        backends.append("multibuffer")
-    except BackendUnavailable as exc:
-        print(f"(multi-buffer backend unavailable: {exc.message})")
+    for loader in (IfmaBackend, MultiBufferBackend):
+        try:
+            loader.load()
+            backends.append(loader.name)
+        except BackendUnavailable as exc:
+            print(f"({loader.name} backend unavailable: {exc.message})")
     print(f"{'measure (X25519 operations)':58} {'ops/s':>10} {'per core':>10} {'vs raw':>7}")
     for b in backends:
         raw = raw_rate(b, min(args.n, 100_000))

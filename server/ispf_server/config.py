@@ -26,7 +26,7 @@ environment. Example (``ispf forum init`` writes one per node)::
     [blinding]
     workers = 0                  # 0: one per core (threads or processes, see pool.py)
     chunk_values = 4096
-    backend = "auto"             # auto | multibuffer | cryptography
+    backend = "auto"             # auto | multibuffer | ifma | cryptography
 
 
     [metrics]
@@ -78,8 +78,8 @@ class NodeConfig:
     policy_file: Path = Path("policy.toml")
     workers: int = 0
     chunk_values: int = 4096
-    # X25519 implementation: "auto" (multi-buffer if it loads, else cryptography),
-    # "multibuffer" (required) or "cryptography".
+    # X25519 implementation: "auto" (multi-buffer if it loads, else the native
+    # module's IFMA ladder, else cryptography), or one of those by name (required).
     backend: str = "auto"
     province_digits: frozenset[str] = DEFAULT_PROVINCE_DIGITS
     # Seconds a peer session may stay idle before the responder forgets it.

@@ -58,7 +58,7 @@ def releases_gil(backend: str) -> bool:
     from ispf.hazmat.backends import BackendUnavailable, select
 
     try:
-        return curve.native is not None and select(backend).name == "multibuffer"
+        return curve.native is not None and select(backend).name in ("multibuffer", "ifma")
     except BackendUnavailable:
         return False
 

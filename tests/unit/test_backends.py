@@ -14,22 +14,28 @@ from ispf.hazmat import backends, curve
 from ispf.hazmat.backends import (
     BackendUnavailable,
     CryptographyBackend,
+    IfmaBackend,
     MultiBufferBackend,
+    X25519Backend,
     cpu_has_ifma,
 )
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "hash_to_curve.json").read_text())
 
 
-def fast() -> MultiBufferBackend:
+FAST = {"multibuffer": MultiBufferBackend.load, "ifma": IfmaBackend.load}
+
+
+@pytest.fixture(params=sorted(FAST))
+def mb(request: pytest.FixtureRequest) -> X25519Backend:
+    """Each fast backend in turn, checked against cryptography's."""
     try:
-        return MultiBufferBackend.load()
+        return FAST[request.param]()
     except BackendUnavailable as exc:
-        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
+        pytest.skip(f"{request.param} backend unavailable here: {exc.message}")
 
 
-def test_both_backends_reproduce_the_published_vectors() -> None:
-    mb = fast()
+def test_both_backends_reproduce_the_published_vectors(mb: X25519Backend) -> None:
     a, b = bytes.fromhex(VECTORS["scalar_a"]), bytes.fromhex(VECTORS["scalar_b"])
     us = b"".join(bytes.fromhex(v["u"]) for v in VECTORS["vectors"])
     for impl in (CryptographyBackend(), mb):
@@ -40,8 +46,7 @@ def test_both_backends_reproduce_the_published_vectors() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
-def test_identical_bytes_on_random_inputs(n: int) -> None:
-    mb = fast()
+def test_identical_bytes_on_random_inputs(n: int, mb: X25519Backend) -> None:
     rng = random.Random(n)
     scalar = rng.randbytes(32)
     salt = rng.randbytes(32)
@@ -56,8 +61,9 @@ def test_identical_bytes_on_random_inputs(n: int) -> None:
 
 
 @pytest.mark.parametrize("position", [0, 5, 8, 13])
-def test_low_order_points_are_refused_at_the_same_position(position: int) -> None:
-    mb = fast()
+def test_low_order_points_are_refused_at_the_same_position(
+    position: int, mb: X25519Backend
+) -> None:
     good = curve.hash_to_curve_many(b"k" * 32, [f"352021234567{i}".encode() for i in range(16)])
     for u in sorted(curve.LOW_ORDER_U):
         bad = good[: 32 * position] + u.to_bytes(32, "little") + good[32 * position + 32 :]
@@ -85,9 +91,28 @@ def test_fallback_when_the_library_is_missing(
         MultiBufferBackend.load([broken], check_cpu=False)
     monkeypatch.setattr(backends, "_loaded", {})
     monkeypatch.setattr(backends, "library_dirs", lambda: [tmp_path])
-    assert backends.select("auto").name == "cryptography"
     with pytest.raises(BackendUnavailable):
         backends.select("multibuffer")
+    # Without the multi-buffer library, auto takes the native ladder where it runs...
+    try:
+        IfmaBackend.load()
+        assert backends.select("auto").name == "ifma"
+    except BackendUnavailable:
+        assert backends.select("auto").name == "cryptography"
+    # ... and cryptography where the native module is not built either.
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(curve, "native", None)
+    assert backends.select("auto").name == "cryptography"
+    with pytest.raises(BackendUnavailable, match="native module is not built"):
+        backends.select("ifma")
+
+
+def test_ifma_is_not_used_on_a_cpu_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    if curve.native is None:
+        pytest.skip("native module not built")
+    monkeypatch.setattr(backends, "cpu_has_ifma", lambda: False)
+    with pytest.raises(BackendUnavailable, match="lacks AVX-512 IFMA"):
+        IfmaBackend.load()
 
 
 def test_cpu_without_ifma_is_never_asked(tmp_path: Path) -> None:
@@ -105,9 +130,42 @@ def test_unknown_backend_name_is_a_clear_error() -> None:
         backends.select("gpu")
 
 
-def test_every_encoding_of_a_low_order_point_is_refused_by_both() -> None:
-    mb = fast()
+def test_every_encoding_of_a_low_order_point_is_refused_by_both(mb: X25519Backend) -> None:
     for enc in sorted(backends.LOW_ORDER_ENCODINGS):
         for impl in (CryptographyBackend(), mb):
             with pytest.raises(InvalidBlindedValue):
                 impl.many(b"s" * 32, enc, 32)
+
+
+RFC7748_PAIRS = [  # RFC 7748, section 5.2: scalar, u, X25519(scalar, u)
+    (
+        "a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4",
+        "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c",
+        "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552",
+    ),
+    (
+        "4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d",
+        "e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493",
+        "95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957",
+    ),
+]
+
+
+def test_rfc7748_vectors(mb: X25519Backend) -> None:
+    for scalar, u, out in RFC7748_PAIRS:
+        assert mb.many(bytes.fromhex(scalar), bytes.fromhex(u), 32).hex() == out
+    # The iterated test, 1,000 rounds: k, u <- X25519(k, u), k.
+    k = u = (9).to_bytes(32, "little")
+    for _ in range(1000):
+        k, u = mb.many(k, u, 32), k
+    assert k.hex() == "684cf59ba83309552800ef566f2f4d3c1c3887c49360e3875f2eb94d99532c51"
+
+
+def test_non_canonical_and_high_bit_encodings_match(mb: X25519Backend) -> None:
+    """RFC 7748 decoding: the top bit is ignored and values from p up are reduced."""
+    p = 2**255 - 19
+    rng = random.Random(7)
+    values = [p + d for d in range(2, 19)] + [rng.randrange(2**255) | 2**255 for _ in range(40)]
+    packed = b"".join(v.to_bytes(32, "little") for v in values)
+    for scalar in (rng.randbytes(32), bytes(32), b"\xff" * 32):
+        assert mb.many(scalar, packed, 32) == CryptographyBackend().many(scalar, packed, 32)

@@ -4,6 +4,8 @@
  * Python code; the tests compare them on the vectors and random inputs.
  *
  *   hash_to_curve_many(key, digits)     recipe ispf/nid/v1 (see curve.py)
+ *   x25519_many(scalar, packed, out)    X25519 (RFC 7748), eight lanes with AVX-512
+ *                                       IFMA, four groups of eight in flight
  *   mb8_many(fn, scalar, packed, out)   X25519 through a multi-buffer function
  *                                       (mbx_x25519_mb8), eight per call
  *   shuffle(list, seed)                 Fisher-Yates from a keyed-BLAKE3 stream
@@ -12,7 +14,8 @@
  *   xor_fold(data, width)               the XOR of fixed-width records
  *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys
  *
- * Both release the GIL while they compute, so threads scale across cores.
+ * The hashing and X25519 calls release the GIL while they compute, so threads
+ * scale across cores.
  *
  * BLAKE3: the recipe's input (domain, digits, counter) fits one 64-byte block,
  * so a keyed hash is one compression with CHUNK_START|CHUNK_END|ROOT|KEYED_HASH.
@@ -342,9 +345,10 @@ IFMA_INLINE void mul(fe8 r[NB], const fe8 a[NB], const fe8 c[NB]) {
     for (int b = 0; b < NB; b++) fe8_mul(&r[b], &a[b], &c[b]);
 }
 
-/* r = z^((p-1)/2) = z^(2^254 - 10), by the addition chain of the usual inversion. */
-IFMA_TARGET static void pow_legendre(fe8 r[NB], const fe8 z[NB]) {
-    fe8 z2[NB], z3[NB], z9[NB], z11[NB], t[NB], a5[NB], a10[NB], a20[NB], a50[NB], a100[NB];
+/* t = z^(2^250 - 1), the common start of both exponentiations below; also
+ * z3 = z^3 and z11 = z^11, which they finish with. */
+IFMA_TARGET static void pow_2_250_1(fe8 t[NB], fe8 z3[NB], fe8 z11[NB], const fe8 z[NB]) {
+    fe8 z2[NB], z9[NB], a5[NB], a10[NB], a20[NB], a50[NB], a100[NB];
     sqn(z2, z, 1);              /* 2 */
     mul(z3, z2, z);             /* 3 */
     sqn(t, z2, 2);              /* 8 */
@@ -366,54 +370,213 @@ IFMA_TARGET static void pow_legendre(fe8 r[NB], const fe8 z[NB]) {
     mul(t, t, a100);            /* 2^200 - 1 */
     sqn(t, t, 50);
     mul(t, t, a50);             /* 2^250 - 1 */
+}
+
+/* r = z^((p-1)/2) = z^(2^254 - 10): the Legendre symbol. */
+IFMA_TARGET static void pow_legendre(fe8 r[NB], const fe8 z[NB]) {
+    fe8 t[NB], z3[NB], z11[NB];
+    pow_2_250_1(t, z3, z11, z);
     sqn(t, t, 3);               /* 2^253 - 8 */
     mul(t, t, z3);              /* 2^253 - 5 */
     sqn(r, t, 1);               /* 2^254 - 10 */
 }
 
+/* r = z^(p-2) = z^(2^255 - 21): the inverse (0 for 0). */
+IFMA_TARGET static void pow_inverse(fe8 r[NB], const fe8 z[NB]) {
+    fe8 t[NB], z3[NB], z11[NB];
+    pow_2_250_1(t, z3, z11, z);
+    sqn(t, t, 5);               /* 2^255 - 32 */
+    mul(r, t, z11);             /* 2^255 - 21 */
+}
+
 #define LANES (8 * NB)
+
+/* Lane j of a group's limbs from a value below 2^256 whose top bit is clear. */
+static inline void limbs_put(uint64_t l[5][8], int j, const fe *x) {
+    const uint64_t *v = x->v;
+    l[0][j] = v[0] & M51;
+    l[1][j] = ((v[0] >> 51) | (v[1] << 13)) & M51;
+    l[2][j] = ((v[1] >> 38) | (v[2] << 26)) & M51;
+    l[3][j] = ((v[2] >> 25) | (v[3] << 39)) & M51;
+    l[4][j] = v[3] >> 12;
+}
+
+/* The canonical value of lane j (limbs below 2^52, so the value is below 2^256). */
+static inline void limbs_get(fe *x, uint64_t l[5][8], int j) {
+    u128 acc = 0;
+    int shift = 0, limb = 0;
+    for (int k = 0; k < 5; k++) {
+        acc += (u128)l[k][j] << shift;
+        shift += 51;
+        while (shift >= 64 && limb < 4) {
+            x->v[limb++] = (uint64_t)acc;
+            acc >>= 64;
+            shift -= 64;
+        }
+    }
+    while (limb < 4) { x->v[limb++] = (uint64_t)acc; acc >>= 64; }
+    fe_canon(x);
+}
+
+IFMA_TARGET static inline void groups_load(fe8 z[NB], uint64_t limbs[NB][5][8]) {
+    for (int b = 0; b < NB; b++) {
+        for (int k = 0; k < 5; k++) z[b].l[k] = _mm512_load_si512((const void *)limbs[b][k]);
+    }
+}
+
+IFMA_TARGET static inline void groups_store(uint64_t limbs[NB][5][8], const fe8 r[NB]) {
+    for (int b = 0; b < NB; b++) {
+        for (int k = 0; k < 5; k++) _mm512_store_si512((void *)limbs[b][k], r[b].l[k]);
+    }
+}
 
 /* Legendre symbols of LANES canonical values (0 for zero, 1, or -1). */
 IFMA_TARGET static void legendre_lanes(const fe in[LANES], int out[LANES]) {
     uint64_t limbs[NB][5][8] __attribute__((aligned(64)));
-    for (int j = 0; j < LANES; j++) {
-        const uint64_t *v = in[j].v;
-        uint64_t (*l)[8] = limbs[j / 8];
-        l[0][j % 8] = v[0] & M51;
-        l[1][j % 8] = ((v[0] >> 51) | (v[1] << 13)) & M51;
-        l[2][j % 8] = ((v[1] >> 38) | (v[2] << 26)) & M51;
-        l[3][j % 8] = ((v[2] >> 25) | (v[3] << 39)) & M51;
-        l[4][j % 8] = v[3] >> 12;
-    }
+    for (int j = 0; j < LANES; j++) limbs_put(limbs[j / 8], j % 8, &in[j]);
     fe8 z[NB], r[NB];
-    for (int b = 0; b < NB; b++) {
-        for (int k = 0; k < 5; k++) z[b].l[k] = _mm512_load_si512((const void *)limbs[b][k]);
-    }
+    groups_load(z, limbs);
     pow_legendre(r, z);
-    for (int b = 0; b < NB; b++) {
-        for (int k = 0; k < 5; k++) _mm512_store_si512((void *)limbs[b][k], r[b].l[k]);
-    }
+    groups_store(limbs, r);
     for (int j = 0; j < LANES; j++) {
-        /* back to 4x64 limbs (the value is below 2^256), then canonical */
-        uint64_t (*l)[8] = limbs[j / 8];
-        u128 acc = 0;
         fe x;
-        int shift = 0, limb = 0;
-        for (int k = 0; k < 5; k++) {
-            acc += (u128)l[k][j % 8] << shift;
-            shift += 51;
-            while (shift >= 64 && limb < 4) {
-                x.v[limb++] = (uint64_t)acc;
-                acc >>= 64;
-                shift -= 64;
-            }
-        }
-        while (limb < 4) { x.v[limb++] = (uint64_t)acc; acc >>= 64; }
-        fe_canon(&x);
+        limbs_get(&x, limbs[j / 8], j % 8);
         if (fe_is_zero(&x)) out[j] = 0;
         else out[j] = (x.v[0] == 1 && (x.v[1] | x.v[2] | x.v[3]) == 0) ? 1 : -1;
     }
 }
+
+/* ------------------------------------------------- X25519, 8 lanes with IFMA */
+/*
+ * RFC 7748's Montgomery ladder on LANES u-coordinates at once, all under the same
+ * scalar (a node blinds a whole batch with one key). The conditional swaps are
+ * masks, not branches, and every lane runs the same 255 steps: constant time in
+ * the scalar. Sums and differences are carried back below 2^52 before they are
+ * multiplied, since vpmadd52 reads only the low 52 bits of a limb.
+ */
+
+/* Carry limbs below 2^62 back to 51 bits (limb 1 may keep a carry below 2^12). */
+IFMA_INLINE void fe8_carry(fe8 *r) {
+    const __m512i mask = _mm512_set1_epi64((long long)M51);
+    __m512i *d = r->l;
+    for (int k = 0; k < 4; k++) {
+        d[k + 1] = _mm512_add_epi64(d[k + 1], _mm512_srli_epi64(d[k], 51));
+        d[k] = _mm512_and_si512(d[k], mask);
+    }
+    __m512i top = _mm512_srli_epi64(d[4], 51);
+    d[4] = _mm512_and_si512(d[4], mask);
+    d[0] = _mm512_add_epi64(d[0], times19(top));
+    d[1] = _mm512_add_epi64(d[1], _mm512_srli_epi64(d[0], 51));
+    d[0] = _mm512_and_si512(d[0], mask);
+}
+
+IFMA_INLINE void fe8_add(fe8 *r, const fe8 *a, const fe8 *b) {
+    for (int k = 0; k < 5; k++) r->l[k] = _mm512_add_epi64(a->l[k], b->l[k]);
+    fe8_carry(r);
+}
+
+/* r = a - b + 2p, so no limb goes negative (b's limbs are below 2^52 - 38). */
+IFMA_INLINE void fe8_sub(fe8 *r, const fe8 *a, const fe8 *b) {
+    const __m512i p0 = _mm512_set1_epi64((long long)((1ull << 52) - 38));
+    const __m512i pk = _mm512_set1_epi64((long long)((1ull << 52) - 2));
+    for (int k = 0; k < 5; k++) {
+        r->l[k] = _mm512_sub_epi64(_mm512_add_epi64(a->l[k], k ? pk : p0), b->l[k]);
+    }
+    fe8_carry(r);
+}
+
+/* r = 121665 * a, the curve's (A - 2) / 4. */
+IFMA_INLINE void fe8_mul_a24(fe8 *r, const fe8 *a) {
+    const __m512i k = _mm512_set1_epi64(121665), zero = _mm512_setzero_si512();
+    __m512i hi[5];
+    for (int i = 0; i < 5; i++) {
+        hi[i] = _mm512_madd52hi_epu64(zero, a->l[i], k);
+        r->l[i] = _mm512_madd52lo_epu64(zero, a->l[i], k);
+    }
+    /* hi_i sits at 2^52 = 2 * 2^51 above limb i; limb 5 folds into limb 0 times 19 */
+    for (int i = 1; i < 5; i++) r->l[i] = _mm512_add_epi64(r->l[i], _mm512_add_epi64(hi[i - 1], hi[i - 1]));
+    r->l[0] = _mm512_add_epi64(r->l[0], times19(_mm512_add_epi64(hi[4], hi[4])));
+    fe8_carry(r);
+}
+
+/* Swap a and b where mask is all ones (the same in every lane). */
+IFMA_INLINE void fe8_cswap(fe8 *a, fe8 *b, __m512i mask) {
+    for (int k = 0; k < 5; k++) {
+        __m512i t = _mm512_and_si512(mask, _mm512_xor_si512(a->l[k], b->l[k]));
+        a->l[k] = _mm512_xor_si512(a->l[k], t);
+        b->l[k] = _mm512_xor_si512(b->l[k], t);
+    }
+}
+
+#define EACH for (int b = 0; b < NB; b++)
+
+/* X25519(scalar, u) for LANES u-coordinates (32 bytes each, RFC 7748 decoding:
+ * top bit ignored, values >= p accepted); outputs 32 bytes each, all zero for a
+ * low-order input. */
+IFMA_TARGET static void x25519_lanes(const uint8_t scalar[32], const uint8_t *in, uint8_t *out) {
+    uint8_t e[32];
+    memcpy(e, scalar, 32);
+    e[0] &= 248;
+    e[31] &= 127;
+    e[31] |= 64;
+    uint64_t limbs[NB][5][8] __attribute__((aligned(64)));
+    for (int j = 0; j < LANES; j++) {
+        uint8_t u[32];
+        fe x;
+        memcpy(u, in + 32 * j, 32);
+        u[31] &= 0x7F;
+        fe_load(&x, u);
+        limbs_put(limbs[j / 8], j % 8, &x);
+    }
+    fe8 x1[NB], x2[NB], z2[NB], x3[NB], z3[NB];
+    const __m512i one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512();
+    groups_load(x1, limbs);
+    EACH {
+        x3[b] = x1[b];
+        for (int k = 0; k < 5; k++) x2[b].l[k] = z3[b].l[k] = z2[b].l[k] = zero;
+        x2[b].l[0] = z3[b].l[0] = one;
+    }
+    uint64_t swap = 0;
+    for (int t = 254; t >= 0; t--) {
+        uint64_t bit = (e[t >> 3] >> (t & 7)) & 1;
+        swap ^= bit;
+        const __m512i mask = _mm512_set1_epi64((long long)(0 - swap));
+        EACH { fe8_cswap(&x2[b], &x3[b], mask); fe8_cswap(&z2[b], &z3[b], mask); }
+        swap = bit;
+        fe8 A[NB], B[NB], C[NB], D[NB], AA[NB], BB[NB], E[NB];
+        EACH { fe8_add(&A[b], &x2[b], &z2[b]); fe8_sub(&B[b], &x2[b], &z2[b]); }
+        EACH { fe8_add(&C[b], &x3[b], &z3[b]); fe8_sub(&D[b], &x3[b], &z3[b]); }
+        EACH fe8_sq(&AA[b], &A[b]);
+        EACH fe8_sq(&BB[b], &B[b]);
+        EACH fe8_mul(&D[b], &D[b], &A[b]);            /* DA */
+        EACH fe8_mul(&C[b], &C[b], &B[b]);            /* CB */
+        EACH { fe8_add(&A[b], &D[b], &C[b]); fe8_sub(&B[b], &D[b], &C[b]); }
+        EACH fe8_sq(&x3[b], &A[b]);                   /* (DA + CB)^2 */
+        EACH fe8_sq(&B[b], &B[b]);
+        EACH fe8_mul(&z3[b], &x1[b], &B[b]);          /* x1 (DA - CB)^2 */
+        EACH fe8_mul(&x2[b], &AA[b], &BB[b]);
+        EACH fe8_sub(&E[b], &AA[b], &BB[b]);
+        EACH { fe8_mul_a24(&A[b], &E[b]); fe8_add(&A[b], &A[b], &AA[b]); }
+        EACH fe8_mul(&z2[b], &E[b], &A[b]);
+    }
+    const __m512i mask = _mm512_set1_epi64((long long)(0 - swap));
+    EACH { fe8_cswap(&x2[b], &x3[b], mask); fe8_cswap(&z2[b], &z3[b], mask); }
+    fe8 inv[NB];
+    pow_inverse(inv, z2);
+    EACH fe8_mul(&x2[b], &x2[b], &inv[b]);
+    groups_store(limbs, x2);
+    for (int j = 0; j < LANES; j++) {
+        fe x;
+        limbs_get(&x, limbs[j / 8], j % 8);
+        for (int i = 0; i < 4; i++) {
+            for (int k = 0; k < 8; k++) out[32 * j + 8 * i + k] = (uint8_t)(x.v[i] >> (8 * k));
+        }
+    }
+    memset(e, 0, sizeof e);
+    memset(limbs, 0, sizeof limbs);
+}
+
+#undef EACH
 
 static int have_ifma(void) {
     __builtin_cpu_init();
@@ -659,6 +822,65 @@ static Py_ssize_t mb8_run(mb8_fn fn, const uint8_t scalar[32], const uint8_t *pu
     }
     memset(res, 0, sizeof res);
     return -1;
+}
+
+#ifdef ISPF_IFMA
+/* The same contract as mb8_run, on the eight-lane ladder above (LANES values a call). */
+static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub, Py_ssize_t n,
+                           uint8_t *out, Py_ssize_t out_bytes) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (low_order_encoding(pub + 32 * i)) return i;
+    }
+    uint8_t src[LANES][32], res[LANES][32];
+    for (Py_ssize_t base = 0; base < n; base += LANES) {
+        int lanes = (n - base) < LANES ? (int)(n - base) : LANES;
+        const uint8_t *batch = pub + 32 * base;
+        if (lanes < LANES) { /* pad the last call with the base point */
+            for (int l = 0; l < LANES; l++) memcpy(src[l], l < lanes ? pub + 32 * (base + l) : BASEPOINT, 32);
+            batch = (const uint8_t *)src;
+        }
+        x25519_lanes(scalar, batch, (uint8_t *)res);
+        for (int l = 0; l < lanes; l++) {
+            if (all_zero(res[l])) return base + l;
+            memcpy(out + out_bytes * (base + l), res[l], (size_t)out_bytes);
+        }
+    }
+    memset(res, 0, sizeof res);
+    return -1;
+}
+#endif
+
+/* x25519_many(scalar, packed, out_bytes) -> (bytes, bad position or -1): the
+ * eight-lane ladder; ValueError where the CPU lacks AVX-512 IFMA. */
+static PyObject *py_x25519_many(PyObject *self, PyObject *args) {
+    Py_buffer scalar, packed;
+    Py_ssize_t out_bytes;
+    if (!PyArg_ParseTuple(args, "y*y*n", &scalar, &packed, &out_bytes)) return NULL;
+    PyObject *result = NULL, *ret = NULL;
+    if (use_vector < 0) use_vector = have_ifma();
+    if (!use_vector) {
+        PyErr_SetString(PyExc_ValueError, "the CPU lacks AVX-512 IFMA");
+        goto done;
+    }
+    if (scalar.len != 32 || packed.len % 32 || out_bytes < 1 || out_bytes > 32) {
+        PyErr_SetString(PyExc_ValueError, "scalar must be 32 bytes, values a multiple of 32, out_bytes 1..32");
+        goto done;
+    }
+#ifdef ISPF_IFMA
+    Py_ssize_t n = packed.len / 32;
+    result = PyBytes_FromStringAndSize(NULL, n * out_bytes);
+    if (!result) goto done;
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = ifma_run(scalar.buf, packed.buf, n, (uint8_t *)PyBytes_AS_STRING(result), out_bytes);
+    Py_END_ALLOW_THREADS
+    ret = Py_BuildValue("(On)", result, bad);
+#endif
+done:
+    Py_XDECREF(result);
+    PyBuffer_Release(&scalar);
+    PyBuffer_Release(&packed);
+    return ret;
 }
 
 static int parse_fn(PyObject *addr, mb8_fn *fn) {
@@ -952,6 +1174,9 @@ static PyMethodDef methods[] = {
      "merge_join(a, wa, b, wb, key) -> bytes | None: records of a joined to b on their keys."},
     {"vector_available", py_vector_available, METH_NOARGS,
      "True if the CPU runs the eight-lane (AVX-512 IFMA) Legendre symbol."},
+    {"x25519_many", py_x25519_many, METH_VARARGS,
+     "x25519_many(scalar, packed, out_bytes) -> (bytes, first low-order position or -1):\n"
+     "RFC 7748 X25519 on eight lanes with AVX-512 IFMA (ValueError without it)."},
     {"mb8_many", py_mb8_many, METH_VARARGS,
      "mb8_many(fn_address, scalar, packed, out_bytes) -> (bytes, first low-order position or -1)"},
     {NULL, NULL, 0, NULL},

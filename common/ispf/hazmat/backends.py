@@ -1,6 +1,10 @@
-"""X25519 backends: Intel's multi-buffer code when it loads, `cryptography` otherwise.
+"""X25519 backends: the fastest that works here, chosen at start-up.
 
-* ``cryptography``: the portable default, one exchange per call (OpenSSL).
+* ``cryptography``: the portable fallback, one exchange per call (OpenSSL).
+* ``ifma``: this project's own eight-lane Montgomery ladder in the optional C
+  module (``ispf.hazmat._native``, built at install where a C compiler is
+  present), for CPUs with AVX-512 IFMA. Open source like the rest of the
+  default install; no third-party library.
 * ``multibuffer``: ``mbx_x25519_mb8`` from ``libcrypto_mb.so`` (the ``ipp-crypto``
   wheel, installed with ``pip install .[fast]``), eight exchanges per call with
   AVX-512 IFMA. Its runtime libraries (``intel-cmplr-lib-rt``: libintlc, libsvml,
@@ -8,8 +12,10 @@
   ``LD_LIBRARY_PATH``. Used only if the CPU has AVX-512 IFMA (checked before any
   call: the code would fault without it).
 
-Both give byte-identical results (the tests check them on the published vectors
-and random inputs), and both refuse a low-order input by its position.
+All give byte-identical results (the tests check them on the published vectors
+and random inputs), and all refuse a low-order input by its position.
+``auto`` takes ``multibuffer`` if the fast extra is installed, else ``ifma``,
+else ``cryptography``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -193,6 +200,35 @@ class MultiBufferBackend:
         return b"".join(raw[i : i + out_bytes] for i in range(0, n * POINT, POINT))
 
 
+class IfmaBackend:
+    """X25519 on eight lanes in the project's own C module (AVX-512 IFMA)."""
+
+    name = "ifma"
+
+    def __init__(self, module: ModuleType) -> None:
+        self._native = module
+
+    @classmethod
+    def load(cls, *, check_cpu: bool = True) -> IfmaBackend:
+        from ispf.hazmat.curve import native
+
+        if native is None:
+            raise BackendUnavailable(
+                "the native module is not built (no C compiler at install, or ISPF_NATIVE=0)"
+            )
+        if check_cpu and not (cpu_has_ifma() and native.vector_available()):
+            raise BackendUnavailable("the CPU lacks AVX-512 IFMA")
+        return cls(native)
+
+    def many(self, scalar: bytes, packed: bytes, out_bytes: int) -> bytes:
+        _check_packed(packed)
+        out, bad_at = self._native.x25519_many(scalar, packed, out_bytes)
+        if bad_at >= 0:
+            raise InvalidBlindedValue(f"value {bad_at} is a low-order point and cannot be blinded")
+        return out  # type: ignore[no-any-return]
+
+
+CHOICES = ("auto", "multibuffer", "ifma", "cryptography")
 _loaded: dict[str, X25519Backend] = {}
 
 
@@ -205,13 +241,22 @@ def select(choice: str = "auto") -> X25519Backend:
         backend = CryptographyBackend()
     elif choice == "multibuffer":
         backend = MultiBufferBackend.load()
+    elif choice == "ifma":
+        backend = IfmaBackend.load()
     elif choice == "auto":
-        try:
-            backend = MultiBufferBackend.load()
-        except BackendUnavailable as exc:
-            log.info("multi-buffer X25519 unavailable (%s): using cryptography", exc.message)
-            backend = CryptographyBackend()
+        backend = _first_available()
     else:
-        raise ConfigError(f"unknown blinding backend '{choice}' (auto, multibuffer, cryptography)")
+        raise ConfigError(f"unknown blinding backend '{choice}' (one of: {', '.join(CHOICES)})")
     _loaded[choice] = backend
     return backend
+
+
+def _first_available() -> X25519Backend:
+    reasons = []
+    for kind in (MultiBufferBackend, IfmaBackend):
+        try:
+            return kind.load()
+        except BackendUnavailable as exc:
+            reasons.append(f"{kind.name}: {exc.message}")
+    log.info("fast X25519 unavailable (%s): using cryptography", "; ".join(reasons))
+    return CryptographyBackend()
