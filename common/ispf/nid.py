@@ -12,8 +12,9 @@ checksum, so none is checked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import overload
 
 from ispf.errors import InvalidNationalId
 
@@ -91,3 +92,68 @@ def canonicalise(
             f"{', '.join(sorted(allowed))})",
         )
     return NationalId(digits)
+
+
+NID_BYTES = 13
+
+
+class PackedNids:
+    """Canonical IDs (13 ASCII digits each) packed back to back in one buffer.
+
+    A registry of millions is one buffer here, not millions of `bytes` objects:
+    the native module hashes and shuffles it in place. Indexing gives one ID's
+    bytes; slicing gives a view of a range (no copy of the IDs); iterating
+    gives each ID's bytes. Like the IDs themselves, never log it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | memoryview = b"") -> None:
+        if len(data) % NID_BYTES:
+            raise ValueError(f"packed IDs must be a whole number of {NID_BYTES}-byte records")
+        self.data = data
+
+    @classmethod
+    def join(cls, nids: Iterable[bytes]) -> PackedNids:
+        out = bytearray()
+        for n in nids:
+            if len(n) != NID_BYTES:
+                raise ValueError(f"an ID of {len(n)} bytes among {NID_BYTES}-byte IDs")
+            out += n
+        return cls(out)
+
+    def __len__(self) -> int:
+        return len(self.data) // NID_BYTES
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> PackedNids: ...
+    def __getitem__(self, i: int | slice) -> bytes | PackedNids:
+        n = len(self)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if step != 1:
+                raise ValueError("packed IDs slice with step 1 only")
+            view = memoryview(self.data)[NID_BYTES * start : NID_BYTES * max(start, stop)]
+            return PackedNids(view)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("packed ID index out of range")
+        return bytes(self.data[NID_BYTES * i : NID_BYTES * (i + 1)])
+
+    def __iter__(self) -> Iterator[bytes]:
+        data = bytes(self.data) if isinstance(self.data, memoryview) else self.data
+        for at in range(0, len(data), NID_BYTES):
+            yield bytes(data[at : at + NID_BYTES])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PackedNids) and bytes(self.data) == bytes(other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PackedNids({len(self)} IDs)"
+
+    def __reduce__(self) -> tuple[type[PackedNids], tuple[bytes]]:
+        return (PackedNids, (bytes(self.data),))  # worker processes get a plain copy

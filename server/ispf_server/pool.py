@@ -15,12 +15,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ispf.hazmat import curve
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.nid import PackedNids
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ class BlindingPool:
         return max(2, 2 * self.workers + 1)
 
     def hash_and_blind(
-        self, salt: ForumSalt, key: BlindingKey, digits: list[bytes]
+        self, salt: ForumSalt, key: BlindingKey, digits: Sequence[bytes] | PackedNids
     ) -> Future[bytes]:
         return self._executor.submit(
             curve.hash_and_blind_many, salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend

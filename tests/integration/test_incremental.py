@@ -155,7 +155,7 @@ def test_a_plan_started_early_is_used_only_while_still_valid(federation: Federat
 
     speculate(False)
     side = responder._speculated("punjab", 1, pp, incremental=False)
-    assert side is not None and side.plan.order == [b"3520212345671"]
+    assert side is not None and list(side.plan.order) == [b"3520212345671"]
     assert responder._speculated("punjab", 1, pp, incremental=False) is None  # used once
     speculate(True)  # planned for an incremental run, asked for a full one
     assert responder._speculated("punjab", 1, pp, incremental=False) is None

@@ -152,3 +152,34 @@ def test_shuffle_is_uniform_over_small_lists() -> None:
         counts[tuple(items)] = counts.get(tuple(items), 0) + 1
     # Six orders, 1000 expected each; a biased draw (say, modulo bias) falls far outside.
     assert len(counts) == 6 and all(850 < c < 1150 for c in counts.values()), counts
+
+
+def test_shuffle_records_is_the_same_permutation_on_packed_records() -> None:
+    mod = native()
+    width = 13
+    items = [f"35202{i:08d}".encode() for i in range(500)]
+    buf = bytearray(b"".join(items))
+    listed = items[:]
+    mod.shuffle(listed, b"\x05" * 32)
+    mod.shuffle_records(buf, width, b"\x05" * 32)
+    # Same seed, same Fisher-Yates draws: the same order as the list shuffle.
+    assert bytes(buf) == b"".join(listed) and listed != items
+    for bad in ((bytearray(b"x" * 14), 13, b"\x00" * 32), (bytearray(26), 13, b"short")):
+        with pytest.raises(ValueError, match="seed must be 32 bytes"):
+            mod.shuffle_records(*bad)
+    with pytest.raises(TypeError):
+        mod.shuffle_records(b"immutable bytes", 1, b"\x00" * 32)
+
+
+def test_packed_ids_hash_like_a_list() -> None:
+    mod = native()
+    rng = random.Random(11)
+    ids = [f"{rng.randrange(10**13):013d}".encode() for _ in range(333)]
+    salt = rng.randbytes(32)
+    want = mod.hash_to_curve_many(salt, ids)
+    assert mod.hash_to_curve_many(salt, b"".join(ids), -1, 13) == want
+    assert mod.hash_to_curve_many(salt, bytearray(b"".join(ids)), 0, 13) == want
+    with pytest.raises(ValueError, match="whole number"):
+        mod.hash_to_curve_many(salt, b"1" * 14, -1, 13)
+    with pytest.raises(ValueError, match="at most"):
+        mod.hash_to_curve_many(salt, b"1" * 100, -1, 100)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ispf.nid import PackedNids
 from ispf.records import Label
 from ispf_server.policy import PeerPolicy
 from ispf_server.session import sync
@@ -35,11 +36,11 @@ def test_one_pass_equals_the_record_path(tmp_path: Path, pp: PeerPolicy) -> None
     store = Store(tmp_path / "s.sqlite")
     store.upsert(records)
     by_text, count = sync._all_label_sets(store, pp)
-    got = {n.decode(): text for text, members in by_text.items() for n in members}
+    got = {n.decode(): text for text, members in by_text.items() for n in PackedNids(members)}
     eligible = eligible_records(store, pp, frozenset(), labelled=True)
     assert got == sync._label_sets(eligible)
     assert count == len(eligible)
-    assert sum(len(m) for m in by_text.values()) == len(got)  # each ID once
+    assert sum(len(PackedNids(m)) for m in by_text.values()) == len(got)  # each ID once
 
 
 def test_full_prepare_plans_every_id_once_in_label_set_groups(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
  * Python when this module is not built). Results are bit-identical to the
  * Python code; the tests compare them on the vectors and random inputs.
  *
- *   hash_to_curve_many(key, digits)     recipe ispf/nid/v1 (see curve.py)
+ *   hash_to_curve_many(key, digits)     recipe ispf/nid/v1 (see curve.py); digits a
+ *                                       list, or one buffer of fixed-width IDs
  *   x25519_many(scalar, packed, out)    X25519 (RFC 7748), eight lanes with AVX-512
  *                                       IFMA, four groups of eight in flight
  *   mb8_many(fn, scalar, packed, out)   X25519 through a multi-buffer function
  *                                       (mbx_x25519_mb8), eight per call
  *   shuffle(list, seed)                 Fisher-Yates from a keyed-BLAKE3 stream
+ *   shuffle_records(buf, width, seed)   the same on fixed-width records in place
  *   sort_records(data, width)           fixed-width records sorted bytewise
  *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
  *   xor_fold(data, width)               the XOR of fixed-width records
@@ -711,10 +713,12 @@ static PyObject *py_hash_to_curve_many(PyObject *self, PyObject *args) {
     Py_buffer key;
     PyObject *seq;
     int vector = -1;
-    if (!PyArg_ParseTuple(args, "y*O|i", &key, &seq, &vector)) return NULL;
+    Py_ssize_t width = 0;
+    if (!PyArg_ParseTuple(args, "y*O|in", &key, &seq, &vector, &width)) return NULL;
     if (use_vector < 0) use_vector = have_ifma();
     vector = vector < 0 ? use_vector : (vector && use_vector);
     PyObject *result = NULL, *fast = NULL;
+    Py_buffer packed = {0};
     Py_ssize_t count = 0;
     uint8_t *ids = NULL;
     size_t *lens = NULL;
@@ -722,20 +726,37 @@ static PyObject *py_hash_to_curve_many(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the hashing key must be 32 bytes");
         goto done;
     }
-    fast = PySequence_Fast(seq, "digits must be a sequence of bytes");
-    if (!fast) goto done;
-    count = PySequence_Fast_GET_SIZE(fast);
+    if (width > 0) { /* digits packed back to back, width bytes each */
+        if (width > MAX_DIGITS) {
+            PyErr_Format(PyExc_ValueError, "IDs of %zd bytes (at most %d)", width, MAX_DIGITS);
+            goto done;
+        }
+        if (PyObject_GetBuffer(seq, &packed, PyBUF_SIMPLE) < 0) goto done;
+        if (packed.len % width) {
+            PyErr_SetString(PyExc_ValueError, "packed IDs are not a whole number of records");
+            goto done;
+        }
+        count = packed.len / width;
+    } else {
+        fast = PySequence_Fast(seq, "digits must be a sequence of bytes");
+        if (!fast) goto done;
+        count = PySequence_Fast_GET_SIZE(fast);
+    }
     ids = PyMem_Malloc(count ? (size_t)count * MAX_DIGITS : 1);
     lens = PyMem_Malloc(count ? (size_t)count * sizeof(size_t) : 1);
     if (!ids || !lens) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
         char *buf;
         Py_ssize_t n;
-        if (PyBytes_AsStringAndSize(item, &buf, &n) < 0) goto done;
-        if (n > MAX_DIGITS) {
-            PyErr_Format(PyExc_ValueError, "ID %zd is %zd bytes (at most %d)", i, n, MAX_DIGITS);
-            goto done;
+        if (fast) {
+            if (PyBytes_AsStringAndSize(PySequence_Fast_GET_ITEM(fast, i), &buf, &n) < 0) goto done;
+            if (n > MAX_DIGITS) {
+                PyErr_Format(PyExc_ValueError, "ID %zd is %zd bytes (at most %d)", i, n, MAX_DIGITS);
+                goto done;
+            }
+        } else {
+            buf = (char *)packed.buf + i * width;
+            n = width;
         }
         memcpy(ids + (size_t)i * MAX_DIGITS, buf, (size_t)n);
         lens[i] = (size_t)n;
@@ -770,6 +791,7 @@ done:
     }
     PyMem_Free(lens);
     Py_XDECREF(fast);
+    if (packed.obj) PyBuffer_Release(&packed);
     PyBuffer_Release(&key);
     return result;
 }
@@ -983,6 +1005,41 @@ static PyObject *py_shuffle(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* shuffle_records(buf, width, seed): the same shuffle on fixed-width records of a
+ * writable buffer (packed IDs: no Python object per record). */
+static PyObject *py_shuffle_records(PyObject *self, PyObject *args) {
+    Py_buffer buf, seed;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "w*ny*", &buf, &width, &seed)) return NULL;
+    PyObject *ret = NULL;
+    if (seed.len != 32 || width < 1 || width > 64 || buf.len % width) {
+        PyErr_SetString(PyExc_ValueError, "seed must be 32 bytes, width 1..64 dividing the buffer");
+        goto done;
+    }
+    prf_stream st;
+    for (int i = 0; i < 8; i++) st.key[i] = load32((const uint8_t *)seed.buf + 4 * i);
+    st.counter = 0;
+    st.left = 0;
+    uint8_t *a = buf.buf, tmp[64];
+    size_t w = (size_t)width;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = buf.len / width - 1; i > 0; i--) {
+        Py_ssize_t j = (Py_ssize_t)prf_below(&st, (uint64_t)i + 1);
+        memcpy(tmp, a + w * (size_t)i, w);
+        memcpy(a + w * (size_t)i, a + w * (size_t)j, w);
+        memcpy(a + w * (size_t)j, tmp, w);
+    }
+    Py_END_ALLOW_THREADS
+    memset(&st, 0, sizeof st);
+    memset(tmp, 0, sizeof tmp);
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&seed);
+    return ret;
+}
+
 /* ---------------------------------------------------------- sorted runs */
 
 static int cmp_records(const void *a, const void *b, void *width) {
@@ -1160,10 +1217,13 @@ static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"hash_to_curve_many", py_hash_to_curve_many, METH_VARARGS,
-     "hash_to_curve_many(key, digits, vector=-1) -> packed 32-byte points (recipe ispf/nid/v1);\n"
-     "vector: 1 uses AVX-512 IFMA where the CPU has it, 0 never, -1 decides."},
+     "hash_to_curve_many(key, digits, vector=-1, width=0) -> packed 32-byte points (recipe\n"
+     "ispf/nid/v1); vector: 1 uses AVX-512 IFMA where the CPU has it, 0 never, -1 decides;\n"
+     "width > 0: digits is one buffer of IDs packed back to back, width bytes each."},
     {"shuffle", py_shuffle, METH_VARARGS,
      "shuffle(list, seed) -> None: Fisher-Yates in place, driven by keyed BLAKE3 under seed."},
+    {"shuffle_records", py_shuffle_records, METH_VARARGS,
+     "shuffle_records(buf, width, seed) -> None: the same on the fixed-width records of buf."},
     {"sort_records", py_sort_records, METH_VARARGS,
      "sort_records(data, width) -> bytes: fixed-width records sorted bytewise."},
     {"zip_records", py_zip_records, METH_VARARGS,

@@ -17,11 +17,13 @@ bit about the identity number to a peer that holds the salt.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 import blake3
 import gmpy2
+
+from ispf.nid import NID_BYTES, PackedNids
 
 
 def _load_native() -> ModuleType | None:
@@ -84,14 +86,16 @@ _MASK = (1 << 255) - 1
 _COUNTERS = [c.to_bytes(4, "little") for c in range(8)]
 
 
-def hash_to_curve_many(salt: bytes, digits: Sequence[bytes]) -> bytes:
+def hash_to_curve_many(salt: bytes, digits: Sequence[bytes] | PackedNids) -> bytes:
     """`hash_to_curve` for many IDs, packed: in C when the native module is built."""
     if native is not None:
+        if isinstance(digits, PackedNids):
+            return native.hash_to_curve_many(salt, digits.data, -1, NID_BYTES)  # type: ignore[no-any-return]
         return native.hash_to_curve_many(salt, digits)  # type: ignore[no-any-return]
     return hash_to_curve_many_py(salt, digits)
 
 
-def hash_to_curve_many_py(salt: bytes, digits: Sequence[bytes]) -> bytes:
+def hash_to_curve_many_py(salt: bytes, digits: Iterable[bytes]) -> bytes:
     """The pure-Python `hash_to_curve_many` (kept lean; the reference for the C code)."""
     out = []
     new, legendre, mpz, from_bytes = blake3.blake3, gmpy2.legendre, gmpy2.mpz, int.from_bytes
@@ -125,6 +129,6 @@ def x25519_many(
 
 
 def hash_and_blind_many(
-    salt: bytes, scalar: bytes, digits: Sequence[bytes], backend: str = "auto"
+    salt: bytes, scalar: bytes, digits: Sequence[bytes] | PackedNids, backend: str = "auto"
 ) -> bytes:
     return x25519_many(scalar, hash_to_curve_many(salt, digits), backend=backend)

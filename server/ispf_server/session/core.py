@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
+from ispf.nid import PackedNids
 from ispf.v1 import peer_pb2
 from ispf_server.session.plan import LabelSet, Plan
 from ispf_server.store import MatchRow
@@ -19,6 +20,7 @@ from ispf_server.store import MatchRow
 PROTOCOL_VERSION = 1
 MAX_CHUNK_VALUES = 65_536
 T = TypeVar("T")
+S = TypeVar("S", list[bytes], PackedNids)
 
 
 def in_thread(fn: Callable[[], T], name: str) -> Future[T]:
@@ -52,7 +54,8 @@ class Stopwatch:
         return ", ".join(f"{name} {secs:.2f} s" for name, secs in self.phases)
 
 
-def chunked(items: list[bytes], size: int) -> Iterator[list[bytes]]:
+def chunked(items: S, size: int) -> Iterator[S]:
+    """Consecutive slices of at most `size` (a list's, or packed IDs' without a copy)."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 

@@ -23,6 +23,7 @@ from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.nid import PackedNids
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
@@ -443,7 +444,7 @@ class Initiator:
         captured.reraise()
         return result
 
-    def _send_own(self, order: list[bytes]) -> bytes:
+    def _send_own(self, order: PackedNids) -> bytes:
         """Stream own blinded values; collect the peer's tags for them, in order."""
         sid = self.req.session_id
         sizes: deque[int] = deque()

@@ -103,14 +103,14 @@ def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
     return out
 
 
-def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, list[bytes]], int]:
-    """Every ID the peer may hold, by label set (as stored); and how many records.
+def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
+    """Every ID the peer may hold, packed, by label set (as stored); and how many records.
 
     One pass over (nid, programme, status) in ID order, without a Python object
-    per record: the full run of a registry of millions starts here."""
+    kept per record: the full run of a registry of millions starts here."""
     allowed: dict[tuple[str, str], Label | None] = {}
     texts: dict[Label | frozenset[Label], str] = {}
-    by_text: dict[str, list[bytes]] = defaultdict(list)
+    by_text: dict[str, bytearray] = defaultdict(bytearray)
     count = 0
     prev: str | None = None
     held: Label | frozenset[Label] | None = None
@@ -119,7 +119,7 @@ def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, list[bytes]
         text = texts.get(key)
         if text is None:
             text = texts[key] = labels_text(key if isinstance(key, frozenset) else (key,))
-        by_text[text].append(nid.encode("ascii"))
+        by_text[text] += nid.encode("ascii")
 
     for nid, prog, status in store.nid_labels():
         pair = (prog, status)
@@ -160,10 +160,10 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         }
         removed_nids = sorted(n for n in changed if n in current)
         removed_tags = [current[n].tag for n in removed_nids]
-        by_text: dict[str, list[bytes]] = defaultdict(list)
+        by_text: dict[str, bytearray] = defaultdict(bytearray)
         for n in sorted(changed):
             if n in desired:
-                by_text[desired[n]].append(n.encode("ascii"))
+                by_text[desired[n]] += n.encode("ascii")
         own_fp, peer_fp, own_records = row.own_fp, row.peer_fp, len(records)
     else:
         by_text, own_records = _all_label_sets(store, pp)
@@ -234,14 +234,10 @@ def _finish_full(
     is made per record, only per match. None where the data does not allow it (IDs
     not 13 digits, a tag twice, no native module): the general path then runs."""
     plan = side.plan
-    order = plan.order
-    joined_nids = b"".join(order)
-    if (
-        native is None
-        or len(joined_nids) != NID * len(order)
-        or not all(map(NID.__eq__, map(len, order)))
-        or not joined_nids.isdigit()
-    ):
+    joined_nids = plan.order.data
+    if isinstance(joined_nids, memoryview):
+        joined_nids = joined_nids.tobytes()
+    if native is None or not joined_nids.isdigit():
         return None
     nids_view, own_view, peer_view = (
         memoryview(joined_nids),
