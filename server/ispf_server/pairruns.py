@@ -93,10 +93,21 @@ def lsid(n: int) -> bytes:
     return n.to_bytes(LSID, "big")
 
 
+Run = bytes | bytearray | memoryview  # a run's sorted records, packed
+
+
 def sort_records(data: bytes, width: int) -> bytes:
     if native is not None:
         return native.sort_records(data, width)  # type: ignore[no-any-return]
     return b"".join(sorted(data[i : i + width] for i in range(0, len(data), width)))
+
+
+def sort_inplace(buf: bytearray, width: int) -> None:
+    """`sort_records` in place: a run of millions needs no second copy to sort."""
+    if native is not None:
+        native.sort_inplace(buf, width)
+    else:
+        buf[:] = sort_records(bytes(buf), width)
 
 
 def current(db: sqlite3.Connection, peer: str, epoch: int) -> int | None:
@@ -109,13 +120,13 @@ def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
     return current(db, peer, epoch) is not None
 
 
-def _write(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: bytes) -> None:
+def _write(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
     """Store sorted records of `kind` in parts."""
     step = PART_RECORDS * kind.width
 
     def last_key(at: int) -> bytes:
         start = min(at + step, len(data)) - kind.width
-        return data[start : start + kind.key]
+        return bytes(data[start : start + kind.key])
 
     cur.executemany(
         "INSERT INTO pair_runs VALUES (?,?,?,?,?,?,?)",
@@ -131,7 +142,7 @@ def stage(
     peer: str,
     epoch: int,
     labelsets: dict[str, int],
-    runs: dict[str, bytes],
+    runs: dict[str, Run],
 ) -> int:
     """Write sorted runs (by kind name) as a new generation, not yet current; returns
     it. Generations other than the current one (stale stagings) are dropped first."""

@@ -202,7 +202,7 @@ class PairDelta:
 @dataclass(frozen=True)
 class PackedRuns:
     labelsets: dict[str, int]  # label set text -> lsid
-    runs: dict[str, bytes]  # run kind -> sorted records
+    runs: dict[str, Buffer]  # run kind -> sorted records
 
 
 def xor_fp(a: bytes, b: bytes) -> bytes:
@@ -302,7 +302,7 @@ def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGro
             )
 
 
-Buffer = bytes | memoryview
+Buffer = bytes | bytearray | memoryview
 
 
 def _zip(n: int, *parts: tuple[Buffer, int]) -> bytes:
@@ -328,37 +328,55 @@ class RunBuilder:
     def lsid(self, text: str) -> bytes:
         return pairruns.lsid(self.texts.setdefault(text, len(self.texts)))
 
-    def own(self, groups: Iterable[tuple[str, Buffer, Buffer]], *, by_tag: bool) -> bytes:
+    def own(self, groups: Iterable[tuple[str, Buffer, Buffer]], *, by_tag: bool) -> bytearray:
         """From (label set, 13-byte IDs, 16-byte tags) per group: own_tag or own_nid."""
-        parts = []
-        for labels, nids, tags in groups:
-            n = len(tags) // TAG_LEN
-            cols = (
+        return self._run(
+            (
+                len(tags) // TAG_LEN,
                 ((tags, TAG_LEN), (nids, NID_BYTES))
                 if by_tag
-                else ((nids, NID_BYTES), (tags, TAG_LEN))
+                else ((nids, NID_BYTES), (tags, TAG_LEN)),
+                labels,
             )
-            parts.append(_zip(n, *cols, (self.lsid(labels), pairruns.LSID)))
-        packed = b"".join(parts)
-        del parts
-        return pairruns.sort_records(packed, (OWN_TAG if by_tag else OWN_NID).width)
+            for labels, nids, tags in groups
+        )
 
-    def peer(self, groups: Iterable[tuple[str, Buffer]]) -> bytes:
+    def peer(self, groups: Iterable[tuple[str, Buffer]]) -> bytearray:
         """From (label set, 16-byte tags) per group: peer_tag."""
-        parts = [
-            _zip(len(tags) // TAG_LEN, (tags, TAG_LEN), (self.lsid(labels), pairruns.LSID))
-            for labels, tags in groups
-        ]
-        packed = b"".join(parts)
-        del parts
-        return pairruns.sort_records(packed, PEER_TAG.width)
+        return self._run(
+            (len(tags) // TAG_LEN, ((tags, TAG_LEN),), labels) for labels, tags in groups
+        )
 
-    def matched(self, matches: dict[str, tuple[bytes, str]]) -> bytes:
+    def _run(self, groups: Iterable[tuple[int, tuple[tuple[Buffer, int], ...], str]]) -> bytearray:
+        """Each group's columns zipped with its label set's id, one group at a time into
+        one buffer, then sorted in place: the run itself is the only full-size copy."""
+        todo = list(groups)  # (views: nothing copied yet)
+        if not todo:
+            return bytearray()
+        width = sum(w for _, w in todo[0][1]) + pairruns.LSID
+        out = bytearray(width * sum(n for n, _, _ in todo))
+        at = 0
+        for n, cols, labels in todo:
+            part = _zip(n, *cols, (self.lsid(labels), pairruns.LSID))
+            out[at : at + len(part)] = part
+            at += len(part)
+            del part
+        pairruns.sort_inplace(out, width)
+        return out
+
+    def matched(self, matches: dict[str, tuple[bytes, str]]) -> bytearray:
         """From nid -> (tag, peer labels): matched."""
-        packed = b"".join(n.encode("ascii") + t + self.lsid(lbl) for n, (t, lbl) in matches.items())
-        return pairruns.sort_records(packed, MATCHED.width)
+        out = bytearray()
+        for n, (t, lbl) in matches.items():
+            out += n.encode("ascii")
+            out += t
+            out += self.lsid(lbl)
+        pairruns.sort_inplace(out, MATCHED.width)
+        return out
 
-    def done(self, own_nid: bytes, own_tag: bytes, peer_tag: bytes, matched: bytes) -> PackedRuns:
+    def done(
+        self, own_nid: Buffer, own_tag: Buffer, peer_tag: Buffer, matched: Buffer
+    ) -> PackedRuns:
         return PackedRuns(
             self.texts,
             {

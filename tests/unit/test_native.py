@@ -113,6 +113,13 @@ def test_sort_records_equals_sorted(n: int, width: int) -> None:
     assert mod.sort_records(data, width) == want
     with pytest.raises(ValueError, match="whole records"):
         mod.sort_records(b"abc", 2)
+    buf = bytearray(data)
+    mod.sort_inplace(buf, width)  # the in-place sort gives the same order
+    assert buf == want
+    with pytest.raises(ValueError, match="whole records"):
+        mod.sort_inplace(bytearray(b"abc"), 2)
+    with pytest.raises(TypeError):
+        mod.sort_inplace(b"immutable", 1)
 
 
 def test_zip_records_and_xor_fold_match_python() -> None:

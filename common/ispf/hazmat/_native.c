@@ -12,6 +12,7 @@
  *   shuffle(list, seed)                 Fisher-Yates from a keyed-BLAKE3 stream
  *   shuffle_records(buf, width, seed)   the same on fixed-width records in place
  *   sort_records(data, width)           fixed-width records sorted bytewise
+ *   sort_inplace(buf, width)            the same in place, without scratch memory
  *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
  *   xor_fold(data, width)               the XOR of fixed-width records
  *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys
@@ -1067,6 +1068,58 @@ static void msd_sort(unsigned char *a, unsigned char *tmp, size_t n, size_t w, s
     }
 }
 
+/* The same order in place, without scratch (American flag sort): each pass counts
+ * the byte at depth d, then moves every record straight into its bucket by swaps.
+ * The memory a sort needs is the records' own. */
+static void flag_sort(unsigned char *a, size_t n, size_t w, size_t d) {
+    if (n < 48 || d >= w) {
+        qsort_r(a, n, w, cmp_records, &w);
+        return;
+    }
+    size_t count[257] = {0};
+    for (size_t i = 0; i < n; i++) count[(size_t)a[i * w + d] + 1]++;
+    for (size_t b = 1; b <= 256; b++) count[b] += count[b - 1];
+    size_t next[256];
+    memcpy(next, count, sizeof next);
+    unsigned char tmp[256];
+    for (size_t b = 0; b < 256; b++) {
+        while (next[b] < count[b + 1]) {
+            unsigned char *rec = a + next[b] * w;
+            size_t c = rec[d];
+            if (c == b) {
+                next[b]++;
+            } else { /* send it to its bucket, take that bucket's next record back */
+                unsigned char *dst = a + next[c]++ * w;
+                memcpy(tmp, dst, w);
+                memcpy(dst, rec, w);
+                memcpy(rec, tmp, w);
+            }
+        }
+    }
+    for (size_t b = 0; b < 256; b++) {
+        size_t from = count[b], size = count[b + 1] - from;
+        if (size > 1) flag_sort(a + from * w, size, w, d + 1);
+    }
+}
+
+/* sort_inplace(buf, width) -> None: the records of a writable buffer sorted in place. */
+static PyObject *py_sort_inplace(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "w*n", &data, &width)) return NULL;
+    if (width < 1 || width > 256 || data.len % width) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "data must be whole records of a width from 1 to 256");
+        return NULL;
+    }
+    size_t w = (size_t)width, n = (size_t)(data.len / width);
+    Py_BEGIN_ALLOW_THREADS
+    flag_sort(data.buf, n, w, 0);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    Py_RETURN_NONE;
+}
+
 /* sort_records(data, width) -> bytes: fixed-width records in byte order. */
 static PyObject *py_sort_records(PyObject *self, PyObject *args) {
     Py_buffer data;
@@ -1226,6 +1279,8 @@ static PyMethodDef methods[] = {
      "shuffle_records(buf, width, seed) -> None: the same on the fixed-width records of buf."},
     {"sort_records", py_sort_records, METH_VARARGS,
      "sort_records(data, width) -> bytes: fixed-width records sorted bytewise."},
+    {"sort_inplace", py_sort_inplace, METH_VARARGS,
+     "sort_inplace(buf, width) -> None: the fixed-width records of buf sorted bytewise, in place."},
     {"zip_records", py_zip_records, METH_VARARGS,
      "zip_records(n, (buf, width), ...) -> bytes: n records, each the next slice of every buf."},
     {"xor_fold", py_xor_fold, METH_VARARGS,
