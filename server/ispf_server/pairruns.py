@@ -146,6 +146,21 @@ def stage(
 ) -> int:
     """Write sorted runs (by kind name) as a new generation, not yet current; returns
     it. Generations other than the current one (stale stagings) are dropped first."""
+    gen = new_generation(cur, peer, epoch)
+    for kind in KINDS:
+        write_run(cur, peer, epoch, gen, kind, runs[kind.name])
+    write_labelsets(cur, peer, epoch, gen, labelsets)
+    return gen
+
+
+def new_generation(cur: sqlite3.Cursor, peer: str, epoch: int) -> int:
+    """A generation to stage runs under, after the current one; stale stagings (any
+    generation but the current) are dropped first. Nothing reads it until `activate`."""
+    return (drop_staged(cur, peer, epoch) or 0) + 1
+
+
+def drop_staged(cur: sqlite3.Cursor, peer: str, epoch: int) -> int | None:
+    """Drop every generation of the pair but the current one; returns the current."""
     now = current(cur.connection, peer, epoch)
     cur.execute(
         "DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
@@ -153,14 +168,21 @@ def stage(
     cur.execute(
         "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
     )
-    gen = (now or 0) + 1
-    for kind in KINDS:
-        _write(cur, peer, epoch, gen, kind, runs[kind.name])
+    return now
+
+
+def write_run(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
+    """One sorted run of a staged generation (a run is written once per generation)."""
+    _write(cur, peer, epoch, gen, kind, data)
+
+
+def write_labelsets(
+    cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, labelsets: dict[str, int]
+) -> None:
     cur.executemany(
         "INSERT INTO pair_labelsets VALUES (?,?,?,?,?)",
         ((peer, epoch, gen, n, text) for text, n in labelsets.items()),
     )
-    return gen
 
 
 def activate(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int) -> None:

@@ -316,6 +316,16 @@ def _zip(n: int, *parts: tuple[Buffer, int]) -> bytes:
     return b"".join(b"".join(rec) for rec in zip(*cols, strict=True))
 
 
+def _zip_into(dst: bytearray, at: int, n: int, *parts: tuple[Buffer, int]) -> int:
+    """`_zip` written into dst from byte `at`; returns the byte after the last record."""
+    width = sum(w for _, w in parts)
+    if native is not None:
+        native.zip_into(dst, at, n, *parts)
+    else:
+        dst[at : at + n * width] = _zip(n, *parts)
+    return at + n * width
+
+
 class RunBuilder:
     """A full run's state as sorted runs, from packed columns, one run at a time (a
     run of ten million is hundreds of megabytes: parts are freed as joined). Label
@@ -357,10 +367,7 @@ class RunBuilder:
         out = bytearray(width * sum(n for n, _, _ in todo))
         at = 0
         for n, cols, labels in todo:
-            part = _zip(n, *cols, (self.lsid(labels), pairruns.LSID))
-            out[at : at + len(part)] = part
-            at += len(part)
-            del part
+            at = _zip_into(out, at, n, *cols, (self.lsid(labels), pairruns.LSID))
         pairruns.sort_inplace(out, width)
         return out
 

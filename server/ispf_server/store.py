@@ -161,6 +161,7 @@ class SessionRow:
 
 F = TypeVar("F", bound=Callable[..., Any])
 K = TypeVar("K", str, bytes)
+T = TypeVar("T")
 
 
 def storage_errors(fn: F) -> F:
@@ -371,6 +372,24 @@ class Store:
                 raise
         return idx
 
+    def run_stager(self, peer: str, epoch: int) -> RunStager:
+        """Writes a full run's sorted runs one at a time as they are built, so each
+        can be freed before the next is made (`RunStager`)."""
+        return RunStager(self, peer, epoch)
+
+    @storage_errors
+    def _stage_step(self, step: Callable[[sqlite3.Cursor], T]) -> T:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                out = step(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        return out
+
     @storage_errors
     def stage_result(
         self,
@@ -449,8 +468,12 @@ class Store:
                     "WHERE session_id=? AND state='RUNNING'",
                     (error, utcnow(), int(retriable), session_id),
                 ).rowcount
-                if changed:  # rows staged ahead of a commit that never came
+                if changed:  # rows and runs staged ahead of a commit that never came
                     cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
+                    peer, epoch = cur.execute(
+                        "SELECT peer, epoch FROM sessions WHERE session_id=?", (session_id,)
+                    ).fetchone()
+                    pairruns.drop_staged(cur, peer, epoch)
                 if changed and entry is not None:
                     self._append(cur, session_id, entry)
                 cur.execute("COMMIT")
@@ -761,3 +784,27 @@ class Store:
                 (session_id, session_id),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
+
+
+class RunStager:
+    """A staged generation of one pair's sorted runs, written a run per transaction.
+
+    The generation is not the pair's state until the session commits
+    (`complete_session` activates `PairDelta.staged`); a session that fails leaves
+    it to be dropped by the pair's next staging. Sessions of a pair never overlap
+    (the node holds a lock per peer), so one pair has one staging at a time."""
+
+    def __init__(self, store: Store, peer: str, epoch: int) -> None:
+        self.store, self.peer, self.epoch = store, peer, epoch
+        self.gen = store._stage_step(lambda cur: pairruns.new_generation(cur, peer, epoch))
+
+    def write(self, kind: pairruns.Kind, data: pairruns.Run) -> None:
+        self.store._stage_step(
+            lambda cur: pairruns.write_run(cur, self.peer, self.epoch, self.gen, kind, data)
+        )
+
+    def done(self, labelsets: dict[str, int]) -> int:
+        self.store._stage_step(
+            lambda cur: pairruns.write_labelsets(cur, self.peer, self.epoch, self.gen, labelsets)
+        )
+        return self.gen

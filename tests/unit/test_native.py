@@ -132,6 +132,13 @@ def test_zip_records_and_xor_fold_match_python() -> None:
     )
     with pytest.raises(ValueError, match="part 1"):
         mod.zip_records(50, (tags, 16), (nids[:-1], 13))
+    dst = bytearray(b"\xee" * (10 + len(got)))
+    assert mod.zip_into(dst, 5, 50, (tags, 16), (nids, 13), (b"\x00\x00\x00\x07", 4)) is None
+    assert dst == b"\xee" * 5 + got + b"\xee" * 5
+    with pytest.raises(ValueError, match="do not fit"):
+        mod.zip_into(bytearray(len(got)), 1, 50, (tags, 16), (nids, 13), (b"\x00" * 4, 4))
+    with pytest.raises(BufferError):
+        mod.zip_into(bytes(len(got)), 0, 50, (tags, 16), (nids, 13), (b"\x00" * 4, 4))
     acc = 0
     for i in range(50):
         acc ^= int.from_bytes(tags[16 * i : 16 * i + 16], "big")

@@ -87,8 +87,14 @@ def test_packed_full_run_equals_the_general_path(tmp_path: Path, seed: int) -> N
         side = sync.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         res = sync.finish(side, own, groups, [120, 180], peer, [], packed=packed)
-        assert res.delta.runs is not None
-        assert (not res.delta.own_added) == packed  # the C path keeps no per-ID groups
+        # The C path stages its runs in the store as it builds them (a generation
+        # that is not current yet) and keeps no per-ID groups; the general path
+        # hands its runs to the commit.
+        assert (res.delta.staged is not None) == packed
+        assert (res.delta.runs is not None) == (not packed)
+        assert (not res.delta.own_added) == packed
+        if packed:
+            assert pairstate.own_by_nids(store._db, "sindh", 1, nids) == {}  # not yet current
         cur = store._db.cursor()
         cur.execute("BEGIN")
         pairstate.apply_delta(cur, "sindh", 1, res.delta)
@@ -152,3 +158,54 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
     # A session already failed stages nothing.
     store.stage_result("s-failed", "sindh", 1, empty, rows)
     assert store._db.execute("SELECT count(*) FROM matches").fetchone() == (1,)
+
+
+def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
+    tmp_path: Path,
+) -> None:
+    from ispf.hazmat import curve
+    from ispf_server import pairruns, pairstate
+
+    if curve.native is None:
+        pytest.skip("the native module is not built here")
+    rng = random.Random(9)
+    nids = [f"35202{i:08d}" for i in range(300)]
+    records = [StoredRecord(f"r{i}", n, LABELS[1]) for i, n in enumerate(nids)]
+    tag_of = {n: rng.randbytes(16) for n in nids}
+    peer = b"".join(tag_of[n] for n in nids[:100]) + rng.randbytes(16 * 20)
+    store = Store(tmp_path / "s.sqlite")
+    store.upsert(records)
+
+    def staged_run(sid: str) -> sync.SyncResult:
+        store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
+        side = sync.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
+        own = b"".join(tag_of[n.decode()] for n in side.plan.order)
+        return sync.finish(side, own, [(LABELS[0],)], [120], peer, [])
+
+    def generations() -> set[int]:
+        rows = store._db.execute("SELECT DISTINCT gen FROM pair_runs").fetchall()
+        return {g for (g,) in rows}
+
+    # A failed session leaves neither its rows nor its runs.
+    failed = staged_run("s-failed")
+    assert failed.delta.staged is not None and generations() == {failed.delta.staged}
+    assert store.fail_session("s-failed", "peer gone", None)
+    assert generations() == set() and pairruns.current(store._db, "sindh", 1) is None
+    # A completed one makes its staged runs the pair's state.
+    ok = staged_run("s-ok")
+    store.stage_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
+    store.complete_session(
+        "s-ok",
+        own_records=300,
+        own_values=300,
+        peer_values=120,
+        match_count=ok.outcome.match_count,
+        result_digest=ok.outcome.digest,
+        matches=ok.outcome.matches,
+        entry=b'{"type":"session"}',
+        matches_staged=True,
+        pair_delta=("sindh", 1, ok.delta),
+    )
+    assert ok.outcome.match_count == 100
+    assert pairruns.current(store._db, "sindh", 1) == ok.delta.staged
+    assert len(pairstate.own_by_nids(store._db, "sindh", 1, nids)) == 300

@@ -14,6 +14,7 @@
  *   sort_records(data, width)           fixed-width records sorted bytewise
  *   sort_inplace(buf, width)            the same in place, without scratch memory
  *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
+ *   zip_into(dst, at, n, (buf, w), ...) the same, written into a buffer in place
  *   xor_fold(data, width)               the XOR of fixed-width records
  *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys
  *
@@ -1146,41 +1147,29 @@ done:
     return out;
 }
 
-/* zip_records(n, (buf, width), ...) -> bytes: record i is the i-th width-byte slice
- * of each buf in turn; a buf of exactly width bytes is the same in every record. */
-static PyObject *py_zip_records(PyObject *self, PyObject *args) {
-    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
-    if (nargs < 2) {
-        PyErr_SetString(PyExc_TypeError, "zip_records(n, (buf, width), ...)");
-        return NULL;
-    }
-    Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 0));
-    if (n < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "n must not be negative");
-        return NULL;
-    }
-    Py_ssize_t parts = nargs - 1, total = 0;
-    Py_buffer *bufs = PyMem_Calloc((size_t)parts, sizeof(Py_buffer));
-    Py_ssize_t *widths = PyMem_Calloc((size_t)parts, sizeof(Py_ssize_t));
-    Py_ssize_t got = 0;
-    PyObject *out = NULL;
-    if (!bufs || !widths) { PyErr_NoMemory(); goto done; }
-    for (; got < parts; got++) {
-        PyObject *item = PyTuple_GET_ITEM(args, got + 1);
-        if (!PyArg_ParseTuple(item, "y*n", &bufs[got], &widths[got])) goto done;
-        Py_ssize_t w = widths[got];
-        if (w < 1 || (bufs[got].len != w * n && bufs[got].len != w)) {
+/* The columns (buf, width) of args[skip:], each n records of width bytes or one
+ * (the same in every record). Fills bufs/widths; returns the record width, or -1
+ * with an exception set (*got: how many buffers to release). */
+static Py_ssize_t zip_parse(PyObject *args, Py_ssize_t skip, Py_ssize_t n, Py_buffer *bufs,
+                            Py_ssize_t *widths, Py_ssize_t *got) {
+    Py_ssize_t parts = PyTuple_GET_SIZE(args) - skip, total = 0;
+    for (*got = 0; *got < parts; (*got)++) {
+        Py_ssize_t j = *got;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(args, j + skip), "y*n", &bufs[j], &widths[j])) return -1;
+        Py_ssize_t w = widths[j];
+        if (w < 1 || (bufs[j].len != w * n && bufs[j].len != w)) {
             PyErr_Format(PyExc_ValueError, "part %zd: %zd bytes is neither %zd records of %zd "
-                         "nor one", got, bufs[got].len, n, w);
-            got++;
-            goto done;
+                         "nor one", j, bufs[j].len, n, w);
+            (*got)++;
+            return -1;
         }
         total += w;
     }
-    out = PyBytes_FromStringAndSize(NULL, n * total);
-    if (!out) goto done;
-    char *dst = PyBytes_AS_STRING(out);
-    Py_BEGIN_ALLOW_THREADS
+    return total;
+}
+
+static void zip_fill(char *dst, Py_ssize_t n, Py_ssize_t parts, const Py_buffer *bufs,
+                     const Py_ssize_t *widths) {
     for (Py_ssize_t i = 0; i < n; i++) {
         for (Py_ssize_t j = 0; j < parts; j++) {
             Py_ssize_t w = widths[j];
@@ -1189,13 +1178,64 @@ static PyObject *py_zip_records(PyObject *self, PyObject *args) {
             dst += w;
         }
     }
+}
+
+/* zip_records(n, (buf, width), ...) -> bytes: record i is the i-th width-byte slice
+ * of each buf in turn; a buf of exactly width bytes is the same in every record.
+ * zip_into(dst, at, n, (buf, width), ...) -> None: the same records written into
+ * the writable buffer dst from byte at (no intermediate copy). */
+static PyObject *zip_impl(PyObject *args, int into) {
+    Py_ssize_t skip = into ? 3 : 1, nargs = PyTuple_GET_SIZE(args);
+    if (nargs < skip + 1) {
+        PyErr_SetString(PyExc_TypeError, into ? "zip_into(dst, at, n, (buf, width), ...)"
+                                              : "zip_records(n, (buf, width), ...)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, skip - 1));
+    if (n < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "n must not be negative");
+        return NULL;
+    }
+    Py_ssize_t parts = nargs - skip, got = 0;
+    Py_buffer *bufs = PyMem_Calloc((size_t)parts, sizeof(Py_buffer));
+    Py_ssize_t *widths = PyMem_Calloc((size_t)parts, sizeof(Py_ssize_t));
+    Py_buffer dst = {0};
+    PyObject *out = NULL;
+    if (!bufs || !widths) { PyErr_NoMemory(); goto done; }
+    Py_ssize_t total = zip_parse(args, skip, n, bufs, widths, &got);
+    if (total < 0) goto done;
+    char *at;
+    if (into) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args, 0), &dst, PyBUF_WRITABLE) < 0) goto done;
+        Py_ssize_t off = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 1));
+        if (off < 0 && PyErr_Occurred()) goto done;
+        if (off < 0 || off > dst.len || dst.len - off < n * total) {
+            PyErr_SetString(PyExc_ValueError, "the records do not fit in dst at that offset");
+            goto done;
+        }
+        at = (char *)dst.buf + off;
+    } else {
+        out = PyBytes_FromStringAndSize(NULL, n * total);
+        if (!out) goto done;
+        at = PyBytes_AS_STRING(out);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    zip_fill(at, n, parts, bufs, widths);
     Py_END_ALLOW_THREADS
+    if (into) {
+        out = Py_None;
+        Py_INCREF(out);
+    }
 done:
     for (Py_ssize_t j = 0; j < got; j++) PyBuffer_Release(&bufs[j]);
+    if (dst.obj) PyBuffer_Release(&dst);
     PyMem_Free(bufs);
     PyMem_Free(widths);
     return out;
 }
+
+static PyObject *py_zip_records(PyObject *self, PyObject *args) { return zip_impl(args, 0); }
+static PyObject *py_zip_into(PyObject *self, PyObject *args) { return zip_impl(args, 1); }
 
 /* xor_fold(data, width) -> bytes: the XOR of all width-byte records. */
 static PyObject *py_xor_fold(PyObject *self, PyObject *args) {
@@ -1283,6 +1323,8 @@ static PyMethodDef methods[] = {
      "sort_inplace(buf, width) -> None: the fixed-width records of buf sorted bytewise, in place."},
     {"zip_records", py_zip_records, METH_VARARGS,
      "zip_records(n, (buf, width), ...) -> bytes: n records, each the next slice of every buf."},
+    {"zip_into", py_zip_into, METH_VARARGS,
+     "zip_into(dst, at, n, (buf, width), ...) -> None: zip_records written into dst at byte at."},
     {"xor_fold", py_xor_fold, METH_VARARGS,
      "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},
     {"merge_join", py_merge_join, METH_VARARGS,

@@ -268,6 +268,12 @@ def _finish_full(
     joined = native.merge_join(own_by_tag, OWN_TAG.width, peer_by_tag, PEER_TAG.width, TAG_BYTES)
     if joined is None:
         return None
+    # Each run goes to the store (a staged generation) as soon as it is built, and is
+    # freed: at registry scale the runs are most of a session's memory.
+    stager = side.store.run_stager(side.peer, side.epoch)
+    stager.write(pairruns.OWN_TAG, own_by_tag)
+    stager.write(pairruns.PEER_TAG, peer_by_tag)
+    del own_by_tag, peer_by_tag
     names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
     width = OWN_TAG.width + PEER_TAG.width - TAG_BYTES
     matches: dict[str, tuple[bytes, str]] = {}
@@ -276,9 +282,9 @@ def _finish_full(
         # the own_tag record, then the peer record's lsid
         matches[rec[TAG_LED_NID].decode("ascii")] = (rec[:TAG_BYTES], names[rec[OWN_TAG.width :]])
     del joined
-    packed_runs = runs.done(
-        runs.own(own_groups(), by_tag=False), own_by_tag, peer_by_tag, runs.matched(matches)
-    )
+    stager.write(pairruns.OWN_NID, runs.own(own_groups(), by_tag=False))
+    stager.write(pairruns.MATCHED, runs.matched(matches))
+    staged = stager.done(runs.texts)
     own_fp = fingerprint_packed(own_added_tags)
     peer_fp = fingerprint_packed(peer_added_tags)
     delta = PairDelta(
@@ -291,7 +297,7 @@ def _finish_full(
         own_fp=own_fp,
         peer_fp=peer_fp,
         policy=policy_key(side.pp),
-        runs=packed_runs,
+        staged=staged,
     )
     matched = [t for t, _ in matches.values()]
     outcome = Outcome(len(matched), result_digest(matched), _matched_rows(side, matches))
