@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -156,14 +157,20 @@ def run_ours(
             p: NodeClient(ClientProfile.load(layout.client_dir(p) / "profile.toml"), timeout=600)
             for p in ports
         }
-        for p, ids in (("punjab", a), ("sindh", b)):
+
+        def load(p: str, ids: list[str]) -> None:
             csv = work / f"{p}.csv"
-            csv.write_text(
-                "record_id,cnic,programme,status\n"
-                + "".join(f"{p[0]}{i},{x},BISP,enrolled\n" for i, x in enumerate(ids))
-            )
+            with csv.open("w") as f:
+                f.write("record_id,cnic,programme,status\n")
+                f.writelines(f"{p[0]}{i},{x},BISP,enrolled\n" for i, x in enumerate(ids))
             clients[p]._when_up(lambda c=clients[p]: c.stats(), 60)
             load_csv(clients[p], csv)
+
+        # Both registries load at once (each node is its own process); a failed load
+        # raises here.
+        with ThreadPoolExecutor(2) as ex:
+            for done in [ex.submit(load, "punjab", a), ex.submit(load, "sindh", b)]:
+                done.result()
         samplers = {p: TreeSampler(procs[p].pid) for p in procs}
         cpu0 = {p: s.cpu() for p, s in samplers.items()}
         work0 = {p: s.cpu(workers_only=True) for p, s in samplers.items()}
