@@ -682,6 +682,45 @@ class Store:
             if not full:
                 return
 
+    def distinct_labels(self) -> list[Label]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT programme, status FROM records").fetchall()
+        return sorted(Label(p, s) for p, s in rows)
+
+    def nid_label_codes(self, labels: list[Label], batch: int = 500_000) -> Iterator[str]:
+        """Every record as its ID followed by one character: chr(i + 2) for labels[i]
+        (at most 254), chr(1) for any other label; concatenated by SQLite in batches
+        of about `batch` records that end on an ID boundary, so a full run's pass
+        over millions makes a few strings, not a Python object per record. Only
+        the store lock is held per batch, so online checks are answered in between."""
+        if len(labels) > 254:
+            raise ValueError("at most 254 labels have a one-character code")
+        case = " ".join("WHEN programme=? AND status=? THEN ?" for _ in labels)
+        codes = [x for i, lb in enumerate(labels) for x in (lb.programme, lb.status, chr(i + 2))]
+        query = (
+            f"SELECT group_concat(nid || CASE {case} ELSE ? END, '') FROM records "  # noqa: S608
+            "WHERE nid >= ? AND (? IS NULL OR nid < ?)"
+        )
+        low = ""
+        while True:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT nid FROM records WHERE nid >= ? ORDER BY nid LIMIT 1 OFFSET ?",
+                    (low, batch),
+                ).fetchone()
+                high = None if row is None else str(row[0])
+                if high == low:  # one ID with a batch of records or more: it alone
+                    row = self._db.execute(
+                        "SELECT nid FROM records WHERE nid > ? ORDER BY nid LIMIT 1", (low,)
+                    ).fetchone()
+                    high = None if row is None else str(row[0])
+                (text,) = self._db.execute(query, (*codes, chr(1), low, high, high)).fetchone()
+            if text:
+                yield str(text)
+            if high is None:
+                return
+            low = high
+
     def own_tags_for(
         self, peer: str, epoch: int, nids: Iterable[str]
     ) -> dict[str, pairstate.OwnTag]:

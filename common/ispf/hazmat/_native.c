@@ -15,6 +15,8 @@
  *   sort_inplace(buf, width)            the same in place, without scratch memory
  *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
  *   zip_into(dst, at, n, (buf, w), ...) the same, written into a buffer in place
+ *   split_unique(data, width)           sorted key+code records: unique keys by code,
+ *                                       and the records of repeated keys
  *   xor_fold(data, width)               the XOR of fixed-width records
  *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys
  *
@@ -1237,6 +1239,62 @@ done:
 static PyObject *py_zip_records(PyObject *self, PyObject *args) { return zip_impl(args, 0); }
 static PyObject *py_zip_into(PyObject *self, PyObject *args) { return zip_impl(args, 1); }
 
+/* split_unique(data, width) -> (dict code -> bytes, bytes): records sorted by
+ * their first width-1 bytes (the key), each ending in a one-byte code. Keys that
+ * occur once go to their code's bytes (the keys alone, back to back); records
+ * whose key occurs more than once come back whole, in order. */
+static PyObject *py_split_unique(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "y*n", &data, &width)) return NULL;
+    PyObject *ret = NULL, *groups = NULL, *multi = NULL, *parts[256] = {0};
+    if (width < 2 || data.len % width) {
+        PyErr_SetString(PyExc_ValueError, "data must be whole records of a width of 2 or more");
+        goto done;
+    }
+    const unsigned char *a = data.buf;
+    size_t w = (size_t)width, k = w - 1, n = (size_t)(data.len / width);
+    size_t count[256] = {0}, nmulti = 0;
+    #define SAME(i, j) (memcmp(a + (i) * w, a + (j) * w, k) == 0)
+    #define UNIQUE(i) (!((i) > 0 && SAME(i, (i) - 1)) && !((i) + 1 < n && SAME(i, (i) + 1)))
+    for (size_t i = 0; i < n; i++) {
+        if (UNIQUE(i)) count[a[i * w + k]]++;
+        else nmulti++;
+    }
+    char *at[256];
+    for (int c = 0; c < 256; c++) {
+        if (!count[c]) continue;
+        parts[c] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count[c] * k));
+        if (!parts[c]) goto done;
+        at[c] = PyBytes_AS_STRING(parts[c]);
+    }
+    multi = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nmulti * w));
+    if (!multi) goto done;
+    char *m = PyBytes_AS_STRING(multi);
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *r = a + i * w;
+        if (UNIQUE(i)) { memcpy(at[r[k]], r, k); at[r[k]] += k; }
+        else { memcpy(m, r, w); m += w; }
+    }
+    #undef UNIQUE
+    #undef SAME
+    groups = PyDict_New();
+    if (!groups) goto done;
+    for (int c = 0; c < 256; c++) {
+        if (!parts[c]) continue;
+        PyObject *key = PyLong_FromLong(c);
+        if (!key || PyDict_SetItem(groups, key, parts[c]) < 0) { Py_XDECREF(key); goto done; }
+        Py_DECREF(key);
+    }
+    ret = PyTuple_Pack(2, groups, multi);
+done:
+    for (int c = 0; c < 256; c++) Py_XDECREF(parts[c]);
+    Py_XDECREF(groups);
+    Py_XDECREF(multi);
+    PyBuffer_Release(&data);
+    return ret;
+}
+
 /* xor_fold(data, width) -> bytes: the XOR of all width-byte records. */
 static PyObject *py_xor_fold(PyObject *self, PyObject *args) {
     Py_buffer data;
@@ -1325,6 +1383,9 @@ static PyMethodDef methods[] = {
      "zip_records(n, (buf, width), ...) -> bytes: n records, each the next slice of every buf."},
     {"zip_into", py_zip_into, METH_VARARGS,
      "zip_into(dst, at, n, (buf, width), ...) -> None: zip_records written into dst at byte at."},
+    {"split_unique", py_split_unique, METH_VARARGS,
+     "split_unique(data, width) -> (dict code -> keys, bytes): sorted key+code records split\n"
+     "into keys that occur once (by code) and the records of keys that occur more than once."},
     {"xor_fold", py_xor_fold, METH_VARARGS,
      "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},
     {"merge_join", py_merge_join, METH_VARARGS,

@@ -103,11 +103,71 @@ def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
     return out
 
 
+CODED = NID + 1  # an ID and its label's one-byte code
+
+
 def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
     """Every ID the peer may hold, packed, by label set (as stored); and how many records.
 
-    One pass over (nid, programme, status) in ID order, without a Python object
-    kept per record: the full run of a registry of millions starts here."""
+    The full run of a registry of millions starts here. SQLite hands over every
+    record as its ID and a one-byte label code, a few strings in all; the module
+    sorts them and splits off the IDs held once, already grouped by label, and
+    only IDs with several records are looked at in Python. Without the module
+    (or with more labels than codes) the same comes from `_all_label_sets_rows`."""
+    if native is None:
+        return _all_label_sets_rows(store, pp)
+    allowed = [
+        lb
+        for lb in store.distinct_labels()
+        if pp.in_collections(lb.programme) and pp.may_disclose(lb)
+    ]
+    if not allowed:
+        return {}, 0
+    if len(allowed) > 254:
+        return _all_label_sets_rows(store, pp)
+    single = [labels_text((lb,)) for lb in allowed]
+    texts: dict[frozenset[Label], str] = {}
+    by_text: dict[str, bytearray] = defaultdict(bytearray)
+    count = 0
+    for text in store.nid_label_codes(allowed):
+        buf = bytearray(text.encode("latin-1"))
+        del text
+        if len(buf) % CODED:
+            return _all_label_sets_rows(store, pp)  # (IDs that are not 13 digits)
+        native.sort_inplace(buf, CODED)
+        once, repeated = native.split_unique(buf, CODED)
+        del buf
+        for code, nids in once.items():
+            if code >= 2:  # (1: a label the peer may not hold)
+                by_text[single[code - 2]] += nids
+                count += len(nids) // NID
+        held: set[Label] = set()
+        prev = b""
+        for at in range(0, len(repeated), CODED):
+            nid, code = repeated[at : at + NID], repeated[at + NID]
+            if nid != prev:
+                _add_set(by_text, texts, prev, held)
+                prev, held = nid, set()
+            if code >= 2:
+                held.add(allowed[code - 2])
+                count += 1
+        _add_set(by_text, texts, prev, held)
+    return by_text, count
+
+
+def _add_set(
+    by_text: dict[str, bytearray], texts: dict[frozenset[Label], str], nid: bytes, held: set[Label]
+) -> None:
+    if held:
+        key = frozenset(held)
+        text = texts.get(key)
+        if text is None:
+            text = texts[key] = labels_text(key)
+        by_text[text] += nid
+
+
+def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
+    """`_all_label_sets` in one pass over (nid, programme, status) rows in ID order."""
     allowed: dict[tuple[str, str], Label | None] = {}
     texts: dict[Label | frozenset[Label], str] = {}
     by_text: dict[str, bytearray] = defaultdict(bytearray)
