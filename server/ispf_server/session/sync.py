@@ -275,10 +275,15 @@ class SyncResult:
 def _matched_rows(side: SyncSide, matches: dict[str, tuple[bytes, str]]) -> list[MatchRow]:
     """The result rows: only matched IDs' records are read back (a tenth, typically)."""
     rows: list[MatchRow] = []
-    for rec in side.store.records_by_nids(sorted(matches)):
-        if eligible(side.pp, rec):
-            tag, labels = matches[rec.nid]
-            rows.extend(MatchRow(rec.record_id, rec.label, pl, tag) for pl in labels_of(labels))
+    allowed: dict[Label, bool] = {}
+    pp = side.pp
+    for rid, nid, label in side.store.labelled_records(sorted(matches)):
+        ok = allowed.get(label)
+        if ok is None:
+            ok = allowed[label] = pp.in_collections(label.programme) and pp.may_disclose(label)
+        if ok:
+            tag, labels = matches[nid]
+            rows.extend(MatchRow(rid, label, pl, tag) for pl in labels_of(labels))
     return rows
 
 
