@@ -470,10 +470,16 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         "INSERT OR REPLACE INTO pair_sync VALUES (?,?,?,?,?,?)",
         (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),
     )
-    # Changes every pair has seen are no longer needed.
-    cur.execute(
-        "DELETE FROM registry_changes WHERE version <= (SELECT MIN(version) FROM pair_sync)"
-    )
+    # (Changes every pair has seen are dropped after the commit: Store.prune_changes.)
+
+
+def prune_changes(cur: sqlite3.Cursor, batch: int) -> int:
+    """Drop up to `batch` registry changes every pair has seen; returns how many."""
+    return cur.execute(
+        "DELETE FROM registry_changes WHERE rowid IN (SELECT rowid FROM registry_changes "
+        "WHERE version <= (SELECT MIN(version) FROM pair_sync) LIMIT ?)",
+        (batch,),
+    ).rowcount
 
 
 # -- reading the state: rows first, then the runs' entries not tombstoned ----------

@@ -201,6 +201,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._pruning = threading.Lock()  # one pruning of registry changes at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -370,7 +371,38 @@ class Store:
             except BaseException:
                 _rollback(cur)
                 raise
+        if pair_delta is not None:  # housekeeping, off the session's path
+            threading.Thread(target=self.prune_changes, name="prune-changes", daemon=True).start()
         return idx
+
+    def prune_changes(self, batch: int = 100_000) -> int:
+        """Drop the registry changes every pair has synced past, a batch per
+        transaction (the first sync after loading millions has millions to drop;
+        online checks go on between batches). Returns how many were dropped."""
+        if not self._pruning.acquire(blocking=False):
+            return 0  # another sync's pruning is at it
+        dropped = 0
+        try:
+            while True:
+                with self._lock:
+                    cur = self._db.cursor()
+                    cur.execute("BEGIN IMMEDIATE")
+                    try:
+                        n = pairstate.prune_changes(cur, batch)
+                        cur.execute("COMMIT")
+                    except BaseException:
+                        _rollback(cur)
+                        raise
+                dropped += n
+                if n < batch:
+                    return dropped
+        except sqlite3.ProgrammingError:  # the store closed meanwhile (shutdown)
+            return dropped
+        except sqlite3.OperationalError as exc:  # (busy, disk full): the next sync retries
+            log.warning("pruning registry changes stopped: %s", exc)
+            return dropped
+        finally:
+            self._pruning.release()
 
     def run_stager(self, peer: str, epoch: int) -> RunStager:
         """Writes a full run's sorted runs one at a time as they are built, so each

@@ -230,3 +230,30 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     assert ok.outcome.match_count == 100
     assert pairruns.current(store._db, "sindh", 1) == ok.delta.staged
     assert len(pairstate.own_by_nids(store._db, "sindh", 1, nids)) == 300
+
+
+def test_registry_changes_every_pair_has_seen_are_pruned_in_batches(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    for v in range(3):  # three registry versions, 10 changed IDs each
+        store.upsert(
+            [StoredRecord(f"r{v}-{i}", f"35202{v:04d}{i:04d}", LABELS[0]) for i in range(10)]
+        )
+    version = store.registry_version()
+
+    def count() -> int:
+        return int(store._db.execute("SELECT count(*) FROM registry_changes").fetchone()[0])
+
+    assert count() == 30
+    with store._lock:
+        store._db.executemany(
+            "INSERT INTO pair_sync VALUES (?,?,?,?,?,?)",
+            [("sindh", 1, version, b"", b"", "p"), ("kp", 1, version - 1, b"", b"", "p")],
+        )
+    # kp has not seen the last version: its changes stay for kp's next incremental run.
+    assert store.prune_changes(batch=4) == 20 and count() == 10
+    assert store.changed_since(version - 1) == {f"35202{2:04d}{i:04d}" for i in range(10)}
+    with store._lock:
+        store._db.execute("UPDATE pair_sync SET version=? WHERE peer='kp'", (version,))
+    assert store.prune_changes(batch=4) == 10 and count() == 0
+    store.close()
+    assert store.prune_changes() == 0  # a closed store (shutdown): nothing, no error
