@@ -12,6 +12,7 @@ import functools
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -375,10 +376,11 @@ class Store:
             threading.Thread(target=self.prune_changes, name="prune-changes", daemon=True).start()
         return idx
 
-    def prune_changes(self, batch: int = 100_000) -> int:
-        """Drop the registry changes every pair has synced past, a batch per
-        transaction (the first sync after loading millions has millions to drop;
-        online checks go on between batches). Returns how many were dropped."""
+    def prune_changes(self, batch: int = 10_000, pause: float = 0.002) -> int:
+        """Drop the registry changes every pair has synced past, a small batch per
+        transaction with a pause between (the first sync after loading millions has
+        millions to drop, while the session's last calls, the witnessing, and online
+        checks go on). Returns how many were dropped."""
         if not self._pruning.acquire(blocking=False):
             return 0  # another sync's pruning is at it
         dropped = 0
@@ -396,6 +398,7 @@ class Store:
                 dropped += n
                 if n < batch:
                     return dropped
+                time.sleep(pause)  # (the store lock is not fair: let waiting writers in)
         except sqlite3.ProgrammingError:  # the store closed meanwhile (shutdown)
             return dropped
         except sqlite3.OperationalError as exc:  # (busy, disk full): the next sync retries
