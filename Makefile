@@ -67,11 +67,12 @@ pytest-portable: dev ## the core tests again, with the native module switched of
 	ISPF_NATIVE=0 $(BIN)/python -m pytest -q tests/unit tests/integration/test_reconcile.py \
 	  tests/integration/test_incremental.py tests/integration/test_online_check.py
 
-bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full vs incremental; checks
+bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full vs incremental; checks; 1M x 1M vs SecretFlow and OpenMined
 	$(BIN)/python bench/blinding.py
 	$(BIN)/python bench/online_incremental.py $(BENCH_ARGS)
+	$(BIN)/python bench/psi_compare.py --write $(COMPARE_ARGS)
 
-bench-compare: dev ## 1M x 1M against SecretFlow and OpenMined (own venvs; writes docs/benchmarks.md)
+bench-compare: dev ## only the 1M x 1M comparison (own venvs; writes docs/benchmarks.md); COMPARE_ARGS="--n 100000 --repeat 1" for a quick one
 	$(BIN)/python bench/psi_compare.py --write $(COMPARE_ARGS)
 
 bench-load: dev ## load test: 32 concurrent online checks for 60 s
