@@ -137,6 +137,8 @@ def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray],
         native.sort_inplace(buf, CODED)
         once, repeated = native.split_unique(buf, CODED)
         del buf
+        if not all(nids.isdigit() for nids in once.values()):
+            return _all_label_sets_rows(store, pp)  # (misaligned: IDs not all 13 digits)
         for code, nids in once.items():
             if code >= 2:  # (1: a label the peer may not hold)
                 by_text[single[code - 2]] += nids
