@@ -281,12 +281,10 @@ IFMA_TARGET static inline __m512i times19(__m512i x) {
     return _mm512_add_epi64(_mm512_add_epi64(_mm512_slli_epi64(x, 4), _mm512_slli_epi64(x, 1)), x);
 }
 
-/* Fold and carry ten positions (each below 2^56) into five limbs. */
-IFMA_INLINE void fe8_reduce(fe8 *r, const __m512i c[10]) {
-    /* 2^255 = 19 (mod p): fold the upper five positions (< 2^61 after this). */
-    __m512i d[5];
-    for (int k = 0; k < 5; k++) d[k] = _mm512_add_epi64(c[k], times19(c[k + 5]));
+/* Carry limbs below 2^62 back to 51 bits (limb 1 may keep a carry below 2^12). */
+IFMA_INLINE void fe8_carry(fe8 *r) {
     const __m512i mask = _mm512_set1_epi64((long long)M51);
+    __m512i *d = r->l;
     for (int k = 0; k < 4; k++) {
         d[k + 1] = _mm512_add_epi64(d[k + 1], _mm512_srli_epi64(d[k], 51));
         d[k] = _mm512_and_si512(d[k], mask);
@@ -296,7 +294,13 @@ IFMA_INLINE void fe8_reduce(fe8 *r, const __m512i c[10]) {
     d[0] = _mm512_add_epi64(d[0], times19(top));
     d[1] = _mm512_add_epi64(d[1], _mm512_srli_epi64(d[0], 51));
     d[0] = _mm512_and_si512(d[0], mask);
-    for (int k = 0; k < 5; k++) r->l[k] = d[k];
+}
+
+/* Fold and carry ten positions (each below 2^56) into five limbs. */
+IFMA_INLINE void fe8_reduce(fe8 *r, const __m512i c[10]) {
+    /* 2^255 = 19 (mod p): fold the upper five positions (< 2^61 after this). */
+    for (int k = 0; k < 5; k++) r->l[k] = _mm512_add_epi64(c[k], times19(c[k + 5]));
+    fe8_carry(r);
 }
 
 /* r = a * b (mod p); inputs' limbs below 2^52, outputs' below 2^51 + 2^15. */
@@ -460,21 +464,6 @@ IFMA_TARGET static void legendre_lanes(const fe in[LANES], int out[LANES]) {
  * the scalar. Sums and differences are carried back below 2^52 before they are
  * multiplied, since vpmadd52 reads only the low 52 bits of a limb.
  */
-
-/* Carry limbs below 2^62 back to 51 bits (limb 1 may keep a carry below 2^12). */
-IFMA_INLINE void fe8_carry(fe8 *r) {
-    const __m512i mask = _mm512_set1_epi64((long long)M51);
-    __m512i *d = r->l;
-    for (int k = 0; k < 4; k++) {
-        d[k + 1] = _mm512_add_epi64(d[k + 1], _mm512_srli_epi64(d[k], 51));
-        d[k] = _mm512_and_si512(d[k], mask);
-    }
-    __m512i top = _mm512_srli_epi64(d[4], 51);
-    d[4] = _mm512_and_si512(d[4], mask);
-    d[0] = _mm512_add_epi64(d[0], times19(top));
-    d[1] = _mm512_add_epi64(d[1], _mm512_srli_epi64(d[0], 51));
-    d[0] = _mm512_and_si512(d[0], mask);
-}
 
 IFMA_INLINE void fe8_add(fe8 *r, const fe8 *a, const fe8 *b) {
     for (int k = 0; k < 5; k++) r->l[k] = _mm512_add_epi64(a->l[k], b->l[k]);
