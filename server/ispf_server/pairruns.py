@@ -96,18 +96,13 @@ def lsid(n: int) -> bytes:
 Run = bytes | bytearray | memoryview  # a run's sorted records, packed
 
 
-def sort_records(data: bytes, width: int) -> bytes:
-    if native is not None:
-        return native.sort_records(data, width)  # type: ignore[no-any-return]
-    return b"".join(sorted(data[i : i + width] for i in range(0, len(data), width)))
-
-
 def sort_inplace(buf: bytearray, width: int) -> None:
-    """`sort_records` in place: a run of millions needs no second copy to sort."""
+    """Sort a run's fixed-width records in place: a run of millions needs no second
+    copy to sort (in C; Python's sort where the module is not built)."""
     if native is not None:
         native.sort_inplace(buf, width)
     else:
-        buf[:] = sort_records(bytes(buf), width)
+        buf[:] = b"".join(sorted(buf[i : i + width] for i in range(0, len(buf), width)))
 
 
 def current(db: sqlite3.Connection, peer: str, epoch: int) -> int | None:

@@ -1039,30 +1039,12 @@ static int cmp_records(const void *a, const void *b, void *width) {
     return memcmp(a, b, *(const size_t *)width);
 }
 
-/* MSD radix sort of n records of width w on byte d onwards (tmp: scratch of the
- * same size); small buckets are finished with qsort. Uniform tags split at the
- * first byte, digit IDs (few values per byte) over a few more levels. */
-static void msd_sort(unsigned char *a, unsigned char *tmp, size_t n, size_t w, size_t d) {
-    if (n < 48 || d >= w) {
-        qsort_r(a, n, w, cmp_records, &w);
-        return;
-    }
-    size_t count[257] = {0};
-    for (size_t i = 0; i < n; i++) count[(size_t)a[i * w + d] + 1]++;
-    for (size_t b = 1; b <= 256; b++) count[b] += count[b - 1];
-    size_t next[256];
-    memcpy(next, count, sizeof next);
-    for (size_t i = 0; i < n; i++) memcpy(tmp + w * next[a[i * w + d]]++, a + i * w, w);
-    memcpy(a, tmp, n * w);
-    for (size_t b = 0; b < 256; b++) {
-        size_t from = count[b], size = count[b + 1] - from;
-        if (size > 1) msd_sort(a + from * w, tmp + from * w, size, w, d + 1);
-    }
-}
-
-/* The same order in place, without scratch (American flag sort): each pass counts
- * the byte at depth d, then moves every record straight into its bucket by swaps.
- * The memory a sort needs is the records' own. */
+/* Records of width w sorted bytewise from byte d on, in place, without scratch
+ * (American flag sort, an MSD radix sort): each pass counts the byte at depth d,
+ * then moves every record straight into its bucket by swaps; small buckets are
+ * finished with qsort. Uniform tags split at the first byte, digit IDs (few
+ * values per byte) over a few more levels. The memory a sort needs is the
+ * records' own. */
 static void flag_sort(unsigned char *a, size_t n, size_t w, size_t d) {
     if (n < 48 || d >= w) {
         qsort_r(a, n, w, cmp_records, &w);
@@ -1112,28 +1094,25 @@ static PyObject *py_sort_inplace(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* sort_records(data, width) -> bytes: fixed-width records in byte order. */
+/* sort_records(data, width) -> bytes: fixed-width records in byte order (a sorted
+ * copy; sort_inplace sorts without one). */
 static PyObject *py_sort_records(PyObject *self, PyObject *args) {
     Py_buffer data;
     Py_ssize_t width;
     if (!PyArg_ParseTuple(args, "y*n", &data, &width)) return NULL;
     PyObject *out = NULL;
-    unsigned char *tmp = NULL;
-    if (width < 1 || data.len % width) {
-        PyErr_SetString(PyExc_ValueError, "data must be whole records of a positive width");
+    if (width < 1 || width > 256 || data.len % width) {
+        PyErr_SetString(PyExc_ValueError, "data must be whole records of a width from 1 to 256");
         goto done;
     }
     out = PyBytes_FromStringAndSize(data.buf, data.len);
     if (!out) goto done;
-    tmp = PyMem_Malloc((size_t)data.len + 1);
-    if (!tmp) { Py_CLEAR(out); PyErr_NoMemory(); goto done; }
     unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
     size_t w = (size_t)width, n = (size_t)(data.len / width);
     Py_BEGIN_ALLOW_THREADS
-    msd_sort(dst, tmp, n, w, 0);
+    flag_sort(dst, n, w, 0);
     Py_END_ALLOW_THREADS
 done:
-    PyMem_Free(tmp);
     PyBuffer_Release(&data);
     return out;
 }
