@@ -958,6 +958,12 @@ static uint64_t prf_next(prf_stream *st) {
     return st->buf[--st->left];
 }
 
+static void prf_init(prf_stream *st, const uint8_t seed[32]) {
+    for (int i = 0; i < 8; i++) st->key[i] = load32(seed + 4 * i);
+    st->counter = 0;
+    st->left = 0;
+}
+
 /* Uniform in [0, n), n > 0 (Lemire's multiply-and-reject: no modulo bias). */
 static uint64_t prf_below(prf_stream *st, uint64_t n) {
     u128 m = (u128)prf_next(st) * n;
@@ -983,9 +989,7 @@ static PyObject *py_shuffle(PyObject *self, PyObject *args) {
         return NULL;
     }
     prf_stream st;
-    for (int i = 0; i < 8; i++) st.key[i] = load32((const uint8_t *)seed.buf + 4 * i);
-    st.counter = 0;
-    st.left = 0;
+    prf_init(&st, seed.buf);
     PyBuffer_Release(&seed);
     PyObject **items = ((PyListObject *)list)->ob_item;
     for (Py_ssize_t i = PyList_GET_SIZE(list) - 1; i > 0; i--) {
@@ -1010,9 +1014,7 @@ static PyObject *py_shuffle_records(PyObject *self, PyObject *args) {
         goto done;
     }
     prf_stream st;
-    for (int i = 0; i < 8; i++) st.key[i] = load32((const uint8_t *)seed.buf + 4 * i);
-    st.counter = 0;
-    st.left = 0;
+    prf_init(&st, seed.buf);
     uint8_t *a = buf.buf, tmp[64];
     size_t w = (size_t)width;
     Py_BEGIN_ALLOW_THREADS
