@@ -115,8 +115,9 @@ def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
     return current(db, peer, epoch) is not None
 
 
-def _write(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
-    """Store sorted records of `kind` in parts."""
+def write_run(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
+    """Store the sorted records of `kind` in parts, under generation `gen` (written
+    once per generation)."""
     step = PART_RECORDS * kind.width
 
     def last_key(at: int) -> bytes:
@@ -164,11 +165,6 @@ def drop_staged(cur: sqlite3.Cursor, peer: str, epoch: int) -> int | None:
         "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
     )
     return now
-
-
-def write_run(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
-    """One sorted run of a staged generation (a run is written once per generation)."""
-    _write(cur, peer, epoch, gen, kind, data)
 
 
 def write_labelsets(

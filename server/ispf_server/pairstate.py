@@ -119,7 +119,6 @@ def labels_text(labels: Iterable[Label]) -> str:
 
 
 @functools.lru_cache(maxsize=4096)  # registries have few distinct label sets
-@functools.lru_cache(maxsize=4096)
 def labels_of(text: str) -> tuple[Label, ...]:
     """The labels of a stored label set (few distinct sets: each parsed once)."""
     out = []

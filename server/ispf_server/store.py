@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ispf.errors import RetryLater, StorageFull
+from ispf.errors import IspfError, RetryLater, StorageFull
 from ispf.keys import BlindingKey
 from ispf.records import Label
 from ispf_server import pairruns, pairstate
@@ -386,22 +386,14 @@ class Store:
         dropped = 0
         try:
             while True:
-                with self._lock:
-                    cur = self._db.cursor()
-                    cur.execute("BEGIN IMMEDIATE")
-                    try:
-                        n = pairstate.prune_changes(cur, batch)
-                        cur.execute("COMMIT")
-                    except BaseException:
-                        _rollback(cur)
-                        raise
+                n = self._write_tx(lambda cur: pairstate.prune_changes(cur, batch))
                 dropped += n
                 if n < batch:
                     return dropped
                 time.sleep(pause)  # (the store lock is not fair: let waiting writers in)
         except sqlite3.ProgrammingError:  # the store closed meanwhile (shutdown)
             return dropped
-        except sqlite3.OperationalError as exc:  # (busy, disk full): the next sync retries
+        except (sqlite3.OperationalError, IspfError) as exc:  # (busy, full): the next sync retries
             log.warning("pruning registry changes stopped: %s", exc)
             return dropped
         finally:
@@ -413,7 +405,8 @@ class Store:
         return RunStager(self, peer, epoch)
 
     @storage_errors
-    def _stage_step(self, step: Callable[[sqlite3.Cursor], T]) -> T:
+    def _write_tx(self, step: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run `step` in a transaction of its own, under the store lock."""
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -895,15 +888,15 @@ class RunStager:
 
     def __init__(self, store: Store, peer: str, epoch: int) -> None:
         self.store, self.peer, self.epoch = store, peer, epoch
-        self.gen = store._stage_step(lambda cur: pairruns.new_generation(cur, peer, epoch))
+        self.gen = store._write_tx(lambda cur: pairruns.new_generation(cur, peer, epoch))
 
     def write(self, kind: pairruns.Kind, data: pairruns.Run) -> None:
-        self.store._stage_step(
+        self.store._write_tx(
             lambda cur: pairruns.write_run(cur, self.peer, self.epoch, self.gen, kind, data)
         )
 
     def done(self, labelsets: dict[str, int]) -> int:
-        self.store._stage_step(
+        self.store._write_tx(
             lambda cur: pairruns.write_labelsets(cur, self.peer, self.epoch, self.gen, labelsets)
         )
         return self.gen
