@@ -320,26 +320,31 @@ IFMA_INLINE void fe8_mul(fe8 *r, const fe8 *a, const fe8 *b) {
     fe8_reduce(r, c);
 }
 
-/* r = a^2 (mod p): the mixed products once each, then doubled (30 multiplies, not 50). */
+/* r = a^2 (mod p): the mixed products once each (30 multiplies, not 50), doubled
+ * through one operand: a_i a_j twice is a_i times 2a_j, exactly, while 2a_j stays
+ * below 2^52. Limbs 0, 2, 3 and 4 of every input are below 2^51 (masked by the
+ * carry; only limb 1 may keep a small carry above), so the doubled operand is
+ * always one of those, never limb 1. Inputs: outputs of fe8_carry, fe8_reduce
+ * or limbs_put. */
 IFMA_INLINE void fe8_sq(fe8 *r, const fe8 *a) {
     const __m512i zero = _mm512_setzero_si512();
-    __m512i lo[10], hi[10], lo2[10], hi2[10];
-    for (int k = 0; k < 10; k++) { lo[k] = hi[k] = lo2[k] = hi2[k] = zero; }
+    __m512i lo[10], hi[10], two[5];
+    for (int k = 0; k < 10; k++) lo[k] = hi[k] = zero;
+    for (int i = 0; i < 5; i++) two[i] = _mm512_add_epi64(a->l[i], a->l[i]); /* (two[1]: unused) */
     for (int i = 0; i < 5; i++) {
         lo[2 * i] = _mm512_madd52lo_epu64(lo[2 * i], a->l[i], a->l[i]);
         hi[2 * i + 1] = _mm512_madd52hi_epu64(hi[2 * i + 1], a->l[i], a->l[i]);
         for (int j = i + 1; j < 5; j++) {
-            lo2[i + j] = _mm512_madd52lo_epu64(lo2[i + j], a->l[i], a->l[j]);
-            hi2[i + j + 1] = _mm512_madd52hi_epu64(hi2[i + j + 1], a->l[i], a->l[j]);
+            /* i < j: double a_i unless it is limb 1; then double a_j (j > 1) */
+            __m512i x = i == 1 ? a->l[i] : two[i], y = i == 1 ? two[j] : a->l[j];
+            lo[i + j] = _mm512_madd52lo_epu64(lo[i + j], x, y);
+            hi[i + j + 1] = _mm512_madd52hi_epu64(hi[i + j + 1], x, y);
         }
     }
-    /* c_k = lo_k + 2 lo2_k + 2 hi_k + 4 hi2_k: at most 15 terms below 2^52 (< 2^56). */
+    /* hi parts sit at 2^52 = 2 * 2^51 above their position: c_k = lo_k + 2 hi_k,
+     * at most 3 + 3 terms below 2^52 each (< 2^56). */
     __m512i c[10];
-    for (int k = 0; k < 10; k++) {
-        __m512i x = _mm512_add_epi64(lo2[k], hi[k]);
-        x = _mm512_add_epi64(x, _mm512_slli_epi64(hi2[k], 1));
-        c[k] = _mm512_add_epi64(lo[k], _mm512_slli_epi64(x, 1));
-    }
+    for (int k = 0; k < 10; k++) c[k] = _mm512_add_epi64(lo[k], _mm512_add_epi64(hi[k], hi[k]));
     fe8_reduce(r, c);
 }
 
