@@ -166,6 +166,9 @@ def test_non_canonical_and_high_bit_encodings_match(mb: X25519Backend) -> None:
     p = 2**255 - 19
     rng = random.Random(7)
     values = [p + d for d in range(2, 19)] + [rng.randrange(2**255) | 2**255 for _ in range(40)]
+    # Values whose 51-bit limbs sit at their bounds (the IFMA code's carries).
+    values += [sum(((1 << 51) - 1 - t) << (51 * k) for k in range(5)) % 2**255 for t in range(9)]
+    values += [(1 << 51) * j for j in range(1, 9)] + [2**255 - 1 - i for i in range(22, 30)]
     packed = b"".join(v.to_bytes(32, "little") for v in values)
     for scalar in (rng.randbytes(32), bytes(32), b"\xff" * 32):
         assert mb.many(scalar, packed, 32) == CryptographyBackend().many(scalar, packed, 32)
