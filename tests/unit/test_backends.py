@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -93,13 +94,15 @@ def test_fallback_when_the_library_is_missing(
     monkeypatch.setattr(backends, "library_dirs", lambda: [tmp_path])
     with pytest.raises(BackendUnavailable):
         backends.select("multibuffer")
-    # Without the multi-buffer library, auto takes the native ladder where it runs...
+    # auto takes the native ladder where it runs...
     try:
         IfmaBackend.load()
         assert backends.select("auto").name == "ifma"
     except BackendUnavailable:
         assert backends.select("auto").name == "cryptography"
-    # ... and cryptography where the native module is not built either.
+    # ... and cryptography where the native module is not built: never multibuffer,
+    # even where it loads (it deviates from RFC 7748 on some inputs, see below).
+    monkeypatch.undo()  # (the real library directories again: multibuffer may load)
     monkeypatch.setattr(backends, "_loaded", {})
     monkeypatch.setattr(curve, "native", None)
     assert backends.select("auto").name == "cryptography"
@@ -162,13 +165,59 @@ def test_rfc7748_vectors(mb: X25519Backend) -> None:
 
 
 def test_non_canonical_and_high_bit_encodings_match(mb: X25519Backend) -> None:
-    """RFC 7748 decoding: the top bit is ignored and values from p up are reduced."""
+    """RFC 7748 decoding: the top bit is ignored and values from p up are reduced.
+    Also values whose limbs sit at the carry bounds of the ifma code; multibuffer
+    gets some of those wrong (see the next test), so it is checked on the rest."""
     p = 2**255 - 19
     rng = random.Random(7)
     values = [p + d for d in range(2, 19)] + [rng.randrange(2**255) | 2**255 for _ in range(40)]
     # Values whose 51-bit limbs sit at their bounds (the IFMA code's carries).
     values += [sum(((1 << 51) - 1 - t) << (51 * k) for k in range(5)) % 2**255 for t in range(9)]
     values += [(1 << 51) * j for j in range(1, 9)] + [2**255 - 1 - i for i in range(22, 30)]
+    values += [2**m - 1 for m in range(80, 100)] + [p - 2**k - 1 for k in range(2, 120)]
+    if mb.name == "multibuffer":
+        values = values[:57]
     packed = b"".join(v.to_bytes(32, "little") for v in values)
     for scalar in (rng.randbytes(32), bytes(32), b"\xff" * 32):
         assert mb.many(scalar, packed, 32) == CryptographyBackend().many(scalar, packed, 32)
+
+
+def rfc7748_ladder(scalar: bytes, u: bytes) -> bytes:
+    """X25519 as RFC 7748 writes it, in Python integers: the reference."""
+    p = 2**255 - 19
+    k = bytearray(scalar)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    n = int.from_bytes(k, "little")
+    x1 = (int.from_bytes(u, "little") & (2**255 - 1)) % p
+    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
+    for t in reversed(range(255)):
+        bit = (n >> t) & 1
+        if swap ^ bit:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = bit
+        a, b, c, d = (x2 + z2) % p, (x2 - z2) % p, (x3 + z3) % p, (x3 - z3) % p
+        aa, bb, da, cb = a * a % p, b * b % p, d * a % p, c * b % p
+        e = (aa - bb) % p
+        x3, z3 = (da + cb) ** 2 % p, x1 * (da - cb) ** 2 % p
+        x2, z2 = aa * bb % p, e * (aa + 121665 * e) % p
+    if swap:
+        x2, z2 = x3, z3
+    return (x2 * pow(z2, p - 2, p) % p).to_bytes(32, "little")
+
+
+def test_multibuffer_deviates_from_rfc7748_so_auto_never_takes_it() -> None:
+    """A canary: Intel's mbx_x25519_mb8 (ipp-crypto 2026.2) gets X25519(0^32, p - 4)
+    wrong, where cryptography and ifma agree with the RFC's ladder. If this test
+    starts failing, the library was fixed: reconsider MULTIBUFFER_DEFECT."""
+    scalar, u = bytes(32), (2**255 - 19 - 4).to_bytes(32, "little")
+    want = rfc7748_ladder(scalar, u)
+    assert CryptographyBackend().many(scalar, u, 32) == want
+    with contextlib.suppress(BackendUnavailable):  # (where the CPU runs it)
+        assert IfmaBackend.load().many(scalar, u, 32) == want
+    try:
+        mb8 = MultiBufferBackend.load()
+    except BackendUnavailable as exc:
+        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
+    assert mb8.many(scalar, u, 32) != want
+    assert backends.select("auto").name != "multibuffer"

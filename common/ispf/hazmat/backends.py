@@ -12,10 +12,12 @@
   ``LD_LIBRARY_PATH``. Used only if the CPU has AVX-512 IFMA (checked before any
   call: the code would fault without it).
 
-All give byte-identical results (the tests check them on the published vectors
-and random inputs), and all refuse a low-order input by its position.
-``auto`` takes ``multibuffer`` if the fast extra is installed, else ``ifma``,
-else ``cryptography``.
+``cryptography`` and ``ifma`` give byte-identical results on every input the
+tests try (published vectors, random inputs, limb-boundary values); so does
+``multibuffer`` on random inputs, but not on some structured ones (below). All
+refuse a low-order input by its position.
+``auto`` takes ``ifma`` where it runs, else ``cryptography``; ``multibuffer`` only
+when named (it deviates from RFC 7748 on some inputs: see MULTIBUFFER_DEFECT).
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ def select(choice: str = "auto") -> X25519Backend:
         backend = CryptographyBackend()
     elif choice == "multibuffer":
         backend = MultiBufferBackend.load()
+        log.warning("X25519 backend multibuffer, as configured: %s", MULTIBUFFER_DEFECT)
     elif choice == "ifma":
         backend = IfmaBackend.load()
     elif choice == "auto":
@@ -252,11 +255,22 @@ def select(choice: str = "auto") -> X25519Backend:
 
 
 def _first_available() -> X25519Backend:
-    reasons = []
-    for kind in (MultiBufferBackend, IfmaBackend):
-        try:
-            return kind.load()
-        except BackendUnavailable as exc:
-            reasons.append(f"{kind.name}: {exc.message}")
-    log.info("fast X25519 unavailable (%s): using cryptography", "; ".join(reasons))
-    return CryptographyBackend()
+    """`ifma` where it runs, else `cryptography`. Never `multibuffer` (see below)."""
+    try:
+        return IfmaBackend.load()
+    except BackendUnavailable as exc:
+        log.info("ifma X25519 unavailable (%s): using cryptography", exc.message)
+        return CryptographyBackend()
+
+
+# Intel's mbx_x25519_mb8 (ipp-crypto 2026.2.0 here) returns values that differ from
+# RFC 7748 (and from OpenSSL, from this project's ladder and from a textbook one)
+# for some inputs: u-coordinates with long runs of one bits, such as p - 4 or
+# 2^88 - 1, under some scalars. Uniform inputs (hash-to-curve outputs) did not hit
+# it in millions of tries, but a peer chooses the values a node re-blinds, and a
+# wrong ladder result under the node's secret scalar is not a risk to take. So it
+# is used only where a node's configuration names it.
+MULTIBUFFER_DEFECT = (
+    "mbx_x25519_mb8 differs from RFC 7748 for some inputs (values a peer can choose); "
+    "'auto' does not use it"
+)
