@@ -27,7 +27,7 @@ $(VENV)/.dev: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN)/pyth
 
 install: $(VENV)/.installed ## create .venv and install the node, CLI and SDK (open source only)
 
-install-fast: install ## add Intel's multi-buffer X25519 (see README: licence)
+install-fast: install ## add Intel's multi-buffer X25519 (used only when named: see README)
 	$(PIP) install -e '.[fast]'
 
 dev: $(VENV)/.dev ## install with the development tools
