@@ -208,8 +208,9 @@ def rfc7748_ladder(scalar: bytes, u: bytes) -> bytes:
 
 def test_multibuffer_deviates_from_rfc7748_so_auto_never_takes_it() -> None:
     """A canary: Intel's mbx_x25519_mb8 (ipp-crypto 2026.2) gets X25519(0^32, p - 4)
-    wrong, where cryptography and ifma agree with the RFC's ladder. If this test
-    starts failing, the library was fixed: reconsider MULTIBUFFER_DEFECT."""
+    wrong, where cryptography and ifma agree with the RFC's ladder. Where the
+    installed library gets it right, this skips with a note to reconsider
+    MULTIBUFFER_DEFECT (a fixed upstream release must not turn CI red)."""
     scalar, u = bytes(32), (2**255 - 19 - 4).to_bytes(32, "little")
     want = rfc7748_ladder(scalar, u)
     assert CryptographyBackend().many(scalar, u, 32) == want
@@ -219,5 +220,6 @@ def test_multibuffer_deviates_from_rfc7748_so_auto_never_takes_it() -> None:
         mb8 = MultiBufferBackend.load()
     except BackendUnavailable as exc:
         pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
-    assert mb8.many(scalar, u, 32) != want
     assert backends.select("auto").name != "multibuffer"
+    if mb8.many(scalar, u, 32) == want:
+        pytest.skip("mbx_x25519_mb8 now agrees with RFC 7748 here: reconsider MULTIBUFFER_DEFECT")
