@@ -223,3 +223,15 @@ def test_multibuffer_deviates_from_rfc7748_so_auto_never_takes_it() -> None:
     assert backends.select("auto").name != "multibuffer"
     if mb8.many(scalar, u, 32) == want:
         pytest.skip("mbx_x25519_mb8 now agrees with RFC 7748 here: reconsider MULTIBUFFER_DEFECT")
+
+
+def test_naming_multibuffer_warns_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(backends, "_loaded", {})
+    try:
+        with caplog.at_level("WARNING", logger="ispf.hazmat.backends"):
+            backends.select("multibuffer")
+    except BackendUnavailable as exc:
+        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
+    assert any("differs from RFC 7748" in r.getMessage() for r in caplog.records)
