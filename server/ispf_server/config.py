@@ -78,8 +78,9 @@ class NodeConfig:
     policy_file: Path = Path("policy.toml")
     workers: int = 0
     chunk_values: int = 4096
-    # X25519 implementation: "auto" (multi-buffer if it loads, else the native
-    # module's IFMA ladder, else cryptography), or one of those by name (required).
+    # X25519 implementation: "auto" (the native module's IFMA ladder where it runs,
+    # else cryptography; never multibuffer), or "ifma", "cryptography" or
+    # "multibuffer" by name (required; multibuffer logs a warning, see backends.py).
     backend: str = "auto"
     province_digits: frozenset[str] = DEFAULT_PROVINCE_DIGITS
     # Seconds a peer session may stay idle before the responder forgets it.

@@ -80,7 +80,7 @@ class Node:
         )
         self.policy = PolicyFile(config.policy_file, self._record_policy)
         self._own_pool = pool is None
-        self.backend = select_backend(config.backend)  # fails early if "multibuffer" can't load
+        self.backend = select_backend(config.backend)  # fails early if a named backend can't load
         self.pool = pool or BlindingPool(config.blinding_workers(), self.backend.name)
         self.metrics = NodeMetrics()
         self.board = ProgressBoard(on_finish=self._session_finished)

@@ -1,4 +1,4 @@
-"""X25519 backends: the fastest that works here, chosen at start-up.
+"""X25519 backends, one chosen at start-up (`select`).
 
 * ``cryptography``: the portable fallback, one exchange per call (OpenSSL).
 * ``ifma``: this project's own eight-lane Montgomery ladder in the optional C
