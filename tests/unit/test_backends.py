@@ -171,9 +171,10 @@ def test_non_canonical_and_high_bit_encodings_match(mb: X25519Backend) -> None:
     p = 2**255 - 19
     rng = random.Random(7)
     values = [p + d for d in range(2, 19)] + [rng.randrange(2**255) | 2**255 for _ in range(40)]
-    # Values whose 51-bit limbs sit at their bounds (the IFMA code's carries).
-    values += [sum(((1 << 51) - 1 - t) << (51 * k) for k in range(5)) % 2**255 for t in range(9)]
-    values += [(1 << 51) * j for j in range(1, 9)] + [2**255 - 1 - i for i in range(22, 30)]
+    # Values whose 52-bit limbs sit at their bounds (the IFMA code's carries; the
+    # top limb holds 47 bits).
+    values += [sum(((1 << 52) - 1 - t) << (52 * k) for k in range(5)) % 2**255 for t in range(9)]
+    values += [(1 << 52) * j for j in range(1, 9)] + [2**255 - 1 - i for i in range(22, 30)]
     values += [2**m - 1 for m in range(80, 100)] + [p - 2**k - 1 for k in range(2, 120)]
     if mb.name == "multibuffer":
         values = values[:57]

@@ -262,9 +262,20 @@ static int jacobi256(fe a, fe n) {
 /* ------------------------------------- Legendre symbol, 8 lanes with IFMA */
 /*
  * On CPUs with AVX-512 IFMA the Legendre symbol is computed as f^((p-1)/2) for
- * eight values at once, in radix 2^51 (five limbs per value, one lane each).
- * vpmadd52{l,h}uq multiply the low 52 bits of their inputs, so every limb that
- * enters a multiplication is kept below 2^52. This path is constant time.
+ * eight values at once, in radix 2^52 (five limbs per value, one lane each; the
+ * top limb holds 47 bits). vpmadd52{l,h}uq multiply the low 52 bits of their
+ * inputs, so every limb that enters a multiplication is kept below 2^52. This
+ * path is constant time.
+ *
+ * Two forms of a value appear below, both below 2^256 (so one conditional
+ * subtraction of p makes either canonical):
+ *   normal: limbs 0-3 below 2^52, limb 4 below 2^47 + 2^16. What a multiply
+ *           takes; a multiply or square can end in this form.
+ *   loose:  limbs 0-3 below 2^57, limb 4 below 2^47 + 2^16. A multiply or square
+ *           without the final carry chain; only fe8_add and fe8_sub take it.
+ * The vector units issue a multiply-add as fast as an add here, so the cost of
+ * every routine is its instruction count, and the ladder skips each carry chain
+ * whose result is only ever added or subtracted.
  */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ISPF_IFMA 1
@@ -273,79 +284,89 @@ static int jacobi256(fe a, fe n) {
 #define IFMA_TARGET __attribute__((target("avx512f,avx512ifma")))
 #define IFMA_INLINE IFMA_TARGET __attribute__((always_inline)) static inline
 #define NB 4 /* independent 8-lane groups in flight: hides the multiply latency */
-#define M51 ((1ull << 51) - 1)
+#define M52 ((1ull << 52) - 1)
+#define M47 ((1ull << 47) - 1)
 
 typedef struct { __m512i l[5]; } fe8;
 
-IFMA_TARGET static inline __m512i times19(__m512i x) {
-    return _mm512_add_epi64(_mm512_add_epi64(_mm512_slli_epi64(x, 4), _mm512_slli_epi64(x, 1)), x);
-}
-
-/* Carry limbs below 2^62 back to 51 bits (limb 1 may keep a carry below 2^12). */
-IFMA_INLINE void fe8_carry(fe8 *r) {
-    const __m512i mask = _mm512_set1_epi64((long long)M51);
-    __m512i *d = r->l;
+/* Carry limbs 0-3 into the next (limb 4 keeps what reaches it). */
+IFMA_INLINE void fe8_chain(__m512i r[5]) {
+    const __m512i m52 = _mm512_set1_epi64((long long)M52);
     for (int k = 0; k < 4; k++) {
-        d[k + 1] = _mm512_add_epi64(d[k + 1], _mm512_srli_epi64(d[k], 51));
-        d[k] = _mm512_and_si512(d[k], mask);
+        r[k + 1] = _mm512_add_epi64(r[k + 1], _mm512_srli_epi64(r[k], 52));
+        r[k] = _mm512_and_si512(r[k], m52);
     }
-    __m512i top = _mm512_srli_epi64(d[4], 51);
-    d[4] = _mm512_and_si512(d[4], mask);
-    d[0] = _mm512_add_epi64(d[0], times19(top));
-    d[1] = _mm512_add_epi64(d[1], _mm512_srli_epi64(d[0], 51));
-    d[0] = _mm512_and_si512(d[0], mask);
 }
 
-/* Fold and carry ten positions (each below 2^56) into five limbs. */
-IFMA_INLINE void fe8_reduce(fe8 *r, const __m512i c[10]) {
-    /* 2^255 = 19 (mod p): fold the upper five positions (< 2^61 after this). */
-    for (int k = 0; k < 5; k++) r->l[k] = _mm512_add_epi64(c[k], times19(c[k + 5]));
-    fe8_carry(r);
+/* Limb 4's bits from 47 up are multiples of 2^255 = 19 (mod p): move them to limb 0
+ * (limb 4 below 2^64, so the count is below 2^17 and the multiply exact). */
+IFMA_INLINE void fe8_fold_top(__m512i r[5]) {
+    const __m512i m47 = _mm512_set1_epi64((long long)M47), k19 = _mm512_set1_epi64(19);
+    r[0] = _mm512_madd52lo_epu64(r[0], _mm512_srli_epi64(r[4], 47), k19);
+    r[4] = _mm512_and_si512(r[4], m47);
 }
 
-/* r = a * b (mod p); inputs' limbs below 2^52, outputs' below 2^51 + 2^15. */
-IFMA_INLINE void fe8_mul(fe8 *r, const fe8 *a, const fe8 *b) {
-    const __m512i zero = _mm512_setzero_si512();
-    __m512i lo[10], hi[10];
-    for (int k = 0; k < 10; k++) { lo[k] = zero; hi[k] = zero; }
+/* Fold the ten columns of a product (each below 2^57) into five limbs, loose:
+ * 2^260 = 608 (mod p). Column 9 is below 2^43 (limb 4 of each factor is below
+ * 2^47 + 2^16), so 608 times it fits the low half. Column k + 5 then splits into
+ * its low 52 bits times 608 (low half to limb k, high half, below 2^10, to limb
+ * k + 1) and its bits from 52 up (below 2^5) times 608, to limb k + 1. Limb 4 is
+ * folded before columns 8's share reaches it, so it ends below 2^47 + 2^15. */
+IFMA_INLINE void fe8_fold(fe8 *r, __m512i c[10]) {
+    const __m512i k608 = _mm512_set1_epi64(608);
+    c[4] = _mm512_madd52lo_epu64(c[4], c[9], k608);
+    fe8_fold_top(c);
+    for (int k = 0; k < 4; k++) {
+        c[k] = _mm512_madd52lo_epu64(c[k], c[k + 5], k608);
+        c[k + 1] = _mm512_madd52hi_epu64(c[k + 1], c[k + 5], k608);
+        c[k + 1] = _mm512_madd52lo_epu64(c[k + 1], _mm512_srli_epi64(c[k + 5], 52), k608);
+    }
+    for (int k = 0; k < 5; k++) r->l[k] = c[k];
+}
+
+/* r = a * b (mod p), loose; inputs normal. Each column collects at most nine
+ * halves below 2^52 (< 2^56). */
+IFMA_INLINE void fe8_mul_loose(fe8 *r, const fe8 *a, const fe8 *b) {
+    __m512i c[10];
+    for (int k = 0; k < 10; k++) c[k] = _mm512_setzero_si512();
     for (int i = 0; i < 5; i++) {
         for (int j = 0; j < 5; j++) {
-            lo[i + j] = _mm512_madd52lo_epu64(lo[i + j], a->l[i], b->l[j]);
-            hi[i + j + 1] = _mm512_madd52hi_epu64(hi[i + j + 1], a->l[i], b->l[j]);
+            c[i + j] = _mm512_madd52lo_epu64(c[i + j], a->l[i], b->l[j]);
+            c[i + j + 1] = _mm512_madd52hi_epu64(c[i + j + 1], a->l[i], b->l[j]);
         }
     }
-    /* hi parts sit at 2^52 = 2 * 2^51 above their position: c_k = lo_k + 2 hi_k (< 2^56). */
-    __m512i c[10];
-    for (int k = 0; k < 10; k++) c[k] = _mm512_add_epi64(lo[k], _mm512_add_epi64(hi[k], hi[k]));
-    fe8_reduce(r, c);
+    fe8_fold(r, c);
 }
 
-/* r = a^2 (mod p): the mixed products once each (30 multiplies, not 50), doubled
- * through one operand: a_i a_j twice is a_i times 2a_j, exactly, while 2a_j stays
- * below 2^52. Limbs 0, 2, 3 and 4 of every input are below 2^51 (masked by the
- * carry; only limb 1 may keep a small carry above), so the doubled operand is
- * always one of those, never limb 1. Inputs: outputs of fe8_carry, fe8_reduce
- * or limbs_put. */
-IFMA_INLINE void fe8_sq(fe8 *r, const fe8 *a) {
-    const __m512i zero = _mm512_setzero_si512();
-    __m512i lo[10], hi[10], two[5];
-    for (int k = 0; k < 10; k++) lo[k] = hi[k] = zero;
-    for (int i = 0; i < 5; i++) two[i] = _mm512_add_epi64(a->l[i], a->l[i]); /* (two[1]: unused) */
+/* r = a^2 (mod p), loose; input normal. The mixed products once each, the columns
+ * doubled, then the squares (each column again below 2^56). */
+IFMA_INLINE void fe8_sq_loose(fe8 *r, const fe8 *a) {
+    __m512i c[10];
+    for (int k = 0; k < 10; k++) c[k] = _mm512_setzero_si512();
     for (int i = 0; i < 5; i++) {
-        lo[2 * i] = _mm512_madd52lo_epu64(lo[2 * i], a->l[i], a->l[i]);
-        hi[2 * i + 1] = _mm512_madd52hi_epu64(hi[2 * i + 1], a->l[i], a->l[i]);
         for (int j = i + 1; j < 5; j++) {
-            /* i < j: double a_i unless it is limb 1; then double a_j (j > 1) */
-            __m512i x = i == 1 ? a->l[i] : two[i], y = i == 1 ? two[j] : a->l[j];
-            lo[i + j] = _mm512_madd52lo_epu64(lo[i + j], x, y);
-            hi[i + j + 1] = _mm512_madd52hi_epu64(hi[i + j + 1], x, y);
+            c[i + j] = _mm512_madd52lo_epu64(c[i + j], a->l[i], a->l[j]);
+            c[i + j + 1] = _mm512_madd52hi_epu64(c[i + j + 1], a->l[i], a->l[j]);
         }
     }
-    /* hi parts sit at 2^52 = 2 * 2^51 above their position: c_k = lo_k + 2 hi_k,
-     * at most 3 + 3 terms below 2^52 each (< 2^56). */
-    __m512i c[10];
-    for (int k = 0; k < 10; k++) c[k] = _mm512_add_epi64(lo[k], _mm512_add_epi64(hi[k], hi[k]));
-    fe8_reduce(r, c);
+    for (int k = 1; k < 9; k++) c[k] = _mm512_add_epi64(c[k], c[k]);
+    for (int i = 0; i < 5; i++) {
+        c[2 * i] = _mm512_madd52lo_epu64(c[2 * i], a->l[i], a->l[i]);
+        c[2 * i + 1] = _mm512_madd52hi_epu64(c[2 * i + 1], a->l[i], a->l[i]);
+    }
+    fe8_fold(r, c);
+}
+
+/* The same, normal: the carry chain leaves limbs 0-3 below 2^52 and adds below
+ * 2^6 to limb 4. */
+IFMA_INLINE void fe8_mul(fe8 *r, const fe8 *a, const fe8 *b) {
+    fe8_mul_loose(r, a, b);
+    fe8_chain(r->l);
+}
+
+IFMA_INLINE void fe8_sq(fe8 *r, const fe8 *a) {
+    fe8_sq_loose(r, a);
+    fe8_chain(r->l);
 }
 
 /* The same step on NB independent groups, so their multiplies overlap. */
@@ -406,23 +427,23 @@ IFMA_TARGET static void pow_inverse(fe8 r[NB], const fe8 z[NB]) {
 
 #define LANES (8 * NB)
 
-/* Lane j of a group's limbs from a value below 2^256 whose top bit is clear. */
+/* Lane j of a group's limbs from a value below 2^255 (normal form). */
 static inline void limbs_put(uint64_t l[5][8], int j, const fe *x) {
     const uint64_t *v = x->v;
-    l[0][j] = v[0] & M51;
-    l[1][j] = ((v[0] >> 51) | (v[1] << 13)) & M51;
-    l[2][j] = ((v[1] >> 38) | (v[2] << 26)) & M51;
-    l[3][j] = ((v[2] >> 25) | (v[3] << 39)) & M51;
-    l[4][j] = v[3] >> 12;
+    l[0][j] = v[0] & M52;
+    l[1][j] = ((v[0] >> 52) | (v[1] << 12)) & M52;
+    l[2][j] = ((v[1] >> 40) | (v[2] << 24)) & M52;
+    l[3][j] = ((v[2] >> 28) | (v[3] << 36)) & M52;
+    l[4][j] = v[3] >> 16;
 }
 
-/* The canonical value of lane j (limbs below 2^52, so the value is below 2^256). */
+/* The canonical value of lane j (normal form: below 2^256). */
 static inline void limbs_get(fe *x, uint64_t l[5][8], int j) {
     u128 acc = 0;
     int shift = 0, limb = 0;
     for (int k = 0; k < 5; k++) {
         acc += (u128)l[k][j] << shift;
-        shift += 51;
+        shift += 52;
         while (shift >= 64 && limb < 4) {
             x->v[limb++] = (uint64_t)acc;
             acc >>= 64;
@@ -465,46 +486,57 @@ IFMA_TARGET static void legendre_lanes(const fe in[LANES], int out[LANES]) {
 /*
  * RFC 7748's Montgomery ladder on LANES u-coordinates at once, all under the same
  * scalar (a node blinds a whole batch with one key). The conditional swaps are
- * masks, not branches, and every lane runs the same 255 steps: constant time in
+ * blends under a mask register, not branches, and every lane runs the same 255 steps: constant time in
  * the scalar. Sums and differences are carried back below 2^52 before they are
  * multiplied, since vpmadd52 reads only the low 52 bits of a limb.
  */
 
+/* r = a + b, normal. Inputs loose or normal, or one from fe8_mul_a24 (whose limb 4
+ * is larger): the sum's limbs 0-3 are below 2^58. Folding limb 4 first (any size
+ * below 2^64) and then one carry chain leaves limbs 0-3 below 2^52 and limb 4
+ * below 2^47 + 2^7. */
 IFMA_INLINE void fe8_add(fe8 *r, const fe8 *a, const fe8 *b) {
     for (int k = 0; k < 5; k++) r->l[k] = _mm512_add_epi64(a->l[k], b->l[k]);
-    fe8_carry(r);
+    fe8_fold_top(r->l);
+    fe8_chain(r->l);
 }
 
-/* r = a - b + 2p, so no limb goes negative (b's limbs are below 2^52 - 38). */
+/* r = a - b + 64p, normal; inputs loose or normal. 64p's limbs (2^58 - 1216,
+ * 2^58 - 64 three times, 2^53 - 64) exceed any loose limb, so none goes
+ * negative; the result's limbs are below 2^59 and limb 4 below 2^54. */
 IFMA_INLINE void fe8_sub(fe8 *r, const fe8 *a, const fe8 *b) {
-    const __m512i p0 = _mm512_set1_epi64((long long)((1ull << 52) - 38));
-    const __m512i pk = _mm512_set1_epi64((long long)((1ull << 52) - 2));
+    const __m512i p0 = _mm512_set1_epi64((long long)((1ull << 58) - 1216));
+    const __m512i pk = _mm512_set1_epi64((long long)((1ull << 58) - 64));
+    const __m512i p4 = _mm512_set1_epi64((long long)((1ull << 53) - 64));
     for (int k = 0; k < 5; k++) {
-        r->l[k] = _mm512_sub_epi64(_mm512_add_epi64(a->l[k], k ? pk : p0), b->l[k]);
+        r->l[k] = _mm512_sub_epi64(_mm512_add_epi64(a->l[k], k == 0 ? p0 : k == 4 ? p4 : pk), b->l[k]);
     }
-    fe8_carry(r);
+    fe8_fold_top(r->l);
+    fe8_chain(r->l);
 }
 
-/* r = 121665 * a, the curve's (A - 2) / 4. */
+/* r = 121665 * a, loose (only ever added to): the curve's (A - 2) / 4. Input
+ * normal: the products' high halves are below 2^17, and limb 5's (below 2^13)
+ * times 608 folds exactly into limb 0; limb 4 stays below 2^53. */
 IFMA_INLINE void fe8_mul_a24(fe8 *r, const fe8 *a) {
-    const __m512i k = _mm512_set1_epi64(121665), zero = _mm512_setzero_si512();
-    __m512i hi[5];
+    const __m512i k = _mm512_set1_epi64(121665), k608 = _mm512_set1_epi64(608);
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i c[6];
+    for (int i = 0; i < 6; i++) c[i] = zero;
     for (int i = 0; i < 5; i++) {
-        hi[i] = _mm512_madd52hi_epu64(zero, a->l[i], k);
-        r->l[i] = _mm512_madd52lo_epu64(zero, a->l[i], k);
+        c[i] = _mm512_madd52lo_epu64(c[i], a->l[i], k);
+        c[i + 1] = _mm512_madd52hi_epu64(c[i + 1], a->l[i], k);
     }
-    /* hi_i sits at 2^52 = 2 * 2^51 above limb i; limb 5 folds into limb 0 times 19 */
-    for (int i = 1; i < 5; i++) r->l[i] = _mm512_add_epi64(r->l[i], _mm512_add_epi64(hi[i - 1], hi[i - 1]));
-    r->l[0] = _mm512_add_epi64(r->l[0], times19(_mm512_add_epi64(hi[4], hi[4])));
-    fe8_carry(r);
+    c[0] = _mm512_madd52lo_epu64(c[0], c[5], k608);
+    for (int i = 0; i < 5; i++) r->l[i] = c[i];
 }
 
-/* Swap a and b where mask is all ones (the same in every lane). */
-IFMA_INLINE void fe8_cswap(fe8 *a, fe8 *b, __m512i mask) {
+/* Swap a and b in the lanes of mask (all or none: the same bit in every lane). */
+IFMA_INLINE void fe8_cswap(fe8 *a, fe8 *b, __mmask8 mask) {
     for (int k = 0; k < 5; k++) {
-        __m512i t = _mm512_and_si512(mask, _mm512_xor_si512(a->l[k], b->l[k]));
-        a->l[k] = _mm512_xor_si512(a->l[k], t);
-        b->l[k] = _mm512_xor_si512(b->l[k], t);
+        __m512i t = _mm512_mask_blend_epi64(mask, a->l[k], b->l[k]);
+        b->l[k] = _mm512_mask_blend_epi64(mask, b->l[k], a->l[k]);
+        a->l[k] = t;
     }
 }
 
@@ -540,27 +572,29 @@ IFMA_TARGET static void x25519_lanes(const uint8_t scalar[32], const uint8_t *in
     for (int t = 254; t >= 0; t--) {
         uint64_t bit = (e[t >> 3] >> (t & 7)) & 1;
         swap ^= bit;
-        const __m512i mask = _mm512_set1_epi64((long long)(0 - swap));
+        const __mmask8 mask = (__mmask8)(0 - swap);
         EACH { fe8_cswap(&x2[b], &x3[b], mask); fe8_cswap(&z2[b], &z3[b], mask); }
         swap = bit;
+        /* x2, z2, x3, z3 are loose here: every use is an addition or subtraction. */
         fe8 A[NB], B[NB], C[NB], D[NB], AA[NB], BB[NB], E[NB];
         EACH { fe8_add(&A[b], &x2[b], &z2[b]); fe8_sub(&B[b], &x2[b], &z2[b]); }
         EACH { fe8_add(&C[b], &x3[b], &z3[b]); fe8_sub(&D[b], &x3[b], &z3[b]); }
         EACH fe8_sq(&AA[b], &A[b]);
         EACH fe8_sq(&BB[b], &B[b]);
-        EACH fe8_mul(&D[b], &D[b], &A[b]);            /* DA */
-        EACH fe8_mul(&C[b], &C[b], &B[b]);            /* CB */
+        EACH fe8_mul_loose(&D[b], &D[b], &A[b]);      /* DA */
+        EACH fe8_mul_loose(&C[b], &C[b], &B[b]);      /* CB */
         EACH { fe8_add(&A[b], &D[b], &C[b]); fe8_sub(&B[b], &D[b], &C[b]); }
-        EACH fe8_sq(&x3[b], &A[b]);                   /* (DA + CB)^2 */
+        EACH fe8_sq_loose(&x3[b], &A[b]);             /* (DA + CB)^2 */
         EACH fe8_sq(&B[b], &B[b]);
-        EACH fe8_mul(&z3[b], &x1[b], &B[b]);          /* x1 (DA - CB)^2 */
-        EACH fe8_mul(&x2[b], &AA[b], &BB[b]);
+        EACH fe8_mul_loose(&z3[b], &x1[b], &B[b]);    /* x1 (DA - CB)^2 */
+        EACH fe8_mul_loose(&x2[b], &AA[b], &BB[b]);
         EACH fe8_sub(&E[b], &AA[b], &BB[b]);
         EACH { fe8_mul_a24(&A[b], &E[b]); fe8_add(&A[b], &A[b], &AA[b]); }
-        EACH fe8_mul(&z2[b], &E[b], &A[b]);
+        EACH fe8_mul_loose(&z2[b], &E[b], &A[b]);
     }
-    const __m512i mask = _mm512_set1_epi64((long long)(0 - swap));
+    const __mmask8 mask = (__mmask8)(0 - swap);
     EACH { fe8_cswap(&x2[b], &x3[b], mask); fe8_cswap(&z2[b], &z3[b], mask); }
+    EACH { fe8_chain(x2[b].l); fe8_chain(z2[b].l); } /* loose to normal */
     fe8 inv[NB];
     pow_inverse(inv, z2);
     EACH fe8_mul(&x2[b], &x2[b], &inv[b]);
