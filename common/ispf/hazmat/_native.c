@@ -542,23 +542,18 @@ IFMA_INLINE void fe8_cswap(fe8 *a, fe8 *b, __mmask8 mask) {
 
 #define EACH for (int b = 0; b < NB; b++)
 
-/* X25519(scalar, u) for LANES u-coordinates (32 bytes each, RFC 7748 decoding:
- * top bit ignored, values >= p accepted); outputs 32 bytes each, all zero for a
- * low-order input. */
-IFMA_TARGET static void x25519_lanes(const uint8_t scalar[32], const uint8_t *in, uint8_t *out) {
-    uint8_t e[32];
-    memcpy(e, scalar, 32);
-    e[0] &= 248;
-    e[31] &= 127;
-    e[31] |= 64;
+/* The ladder for LANES u-coordinates (32 bytes each, RFC 7748 decoding: top bit
+ * ignored, values >= p accepted) under the clamped scalar e: X25519 is x / z of
+ * the results (normal form), left to ladder_finish. */
+IFMA_TARGET static void ladder_lanes(const uint8_t e[32], const uint8_t *in, fe8 x[NB], fe8 z[NB]) {
     uint64_t limbs[NB][5][8] __attribute__((aligned(64)));
     for (int j = 0; j < LANES; j++) {
         uint8_t u[32];
-        fe x;
+        fe v;
         memcpy(u, in + 32 * j, 32);
         u[31] &= 0x7F;
-        fe_load(&x, u);
-        limbs_put(limbs[j / 8], j % 8, &x);
+        fe_load(&v, u);
+        limbs_put(limbs[j / 8], j % 8, &v);
     }
     fe8 x1[NB], x2[NB], z2[NB], x3[NB], z3[NB];
     const __m512i one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512();
@@ -594,19 +589,45 @@ IFMA_TARGET static void x25519_lanes(const uint8_t scalar[32], const uint8_t *in
     }
     const __mmask8 mask = (__mmask8)(0 - swap);
     EACH { fe8_cswap(&x2[b], &x3[b], mask); fe8_cswap(&z2[b], &z3[b], mask); }
-    EACH { fe8_chain(x2[b].l); fe8_chain(z2[b].l); } /* loose to normal */
-    fe8 inv[NB];
-    pow_inverse(inv, z2);
-    EACH fe8_mul(&x2[b], &x2[b], &inv[b]);
-    groups_store(limbs, x2);
-    for (int j = 0; j < LANES; j++) {
-        fe x;
-        limbs_get(&x, limbs[j / 8], j % 8);
-        for (int i = 0; i < 4; i++) {
-            for (int k = 0; k < 8; k++) out[32 * j + 8 * i + k] = (uint8_t)(x.v[i] >> (8 * k));
+    EACH { /* loose to normal */
+        fe8_chain(x2[b].l);
+        fe8_chain(z2[b].l);
+        x[b] = x2[b];
+        z[b] = z2[b];
+    }
+    memset(limbs, 0, sizeof limbs);
+}
+
+/* Affine results of count ladder calls with one inversion (Montgomery's trick,
+ * lane by lane): three multiplies a call instead of an exponentiation. No z is
+ * zero: ifma_run refuses low-order inputs first, and for any other u the clamped
+ * scalar (8 times a number below 2^252) is a multiple of neither the curve's
+ * prime order l nor the twist's l' (both above 2^252), so the ladder never ends
+ * at infinity. pre holds count groups of scratch; x is overwritten. */
+IFMA_TARGET static void ladder_finish(fe8 (*x)[NB], const fe8 (*z)[NB], fe8 (*pre)[NB], int count,
+                                      uint8_t *out) {
+    EACH pre[0][b] = z[0][b];
+    for (int c = 1; c < count; c++) mul(pre[c], pre[c - 1], z[c]);
+    fe8 inv[NB], zinv[NB];
+    pow_inverse(inv, pre[count - 1]); /* 1 / (z_0 ... z_last) */
+    for (int c = count - 1; c > 0; c--) {
+        mul(zinv, inv, pre[c - 1]);   /* 1 / z_c */
+        mul(inv, inv, z[c]);          /* 1 / (z_0 ... z_(c-1)) */
+        mul(x[c], x[c], zinv);
+    }
+    mul(x[0], x[0], inv);
+    uint64_t limbs[NB][5][8] __attribute__((aligned(64)));
+    for (int c = 0; c < count; c++) {
+        groups_store(limbs, x[c]);
+        for (int j = 0; j < LANES; j++) {
+            fe v;
+            limbs_get(&v, limbs[j / 8], j % 8);
+            uint8_t *o = out + (size_t)32 * (LANES * c + j);
+            for (int i = 0; i < 4; i++) {
+                for (int k = 0; k < 8; k++) o[8 * i + k] = (uint8_t)(v.v[i] >> (8 * k));
+            }
         }
     }
-    memset(e, 0, sizeof e);
     memset(limbs, 0, sizeof limbs);
 }
 
@@ -879,28 +900,49 @@ static Py_ssize_t mb8_run(mb8_fn fn, const uint8_t scalar[32], const uint8_t *pu
 }
 
 #ifdef ISPF_IFMA
-/* The same contract as mb8_run, on the eight-lane ladder above (LANES values a call). */
+#define CALLS 16 /* ladder calls (LANES values each) sharing one inversion */
+
+/* The same contract as mb8_run, on the eight-lane ladder above: up to CALLS * LANES
+ * values at a time, one inversion among them. */
 static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub, Py_ssize_t n,
                            uint8_t *out, Py_ssize_t out_bytes) {
     for (Py_ssize_t i = 0; i < n; i++) {
         if (low_order_encoding(pub + 32 * i)) return i;
     }
-    uint8_t src[LANES][32], res[LANES][32];
-    for (Py_ssize_t base = 0; base < n; base += LANES) {
-        int lanes = (n - base) < LANES ? (int)(n - base) : LANES;
-        const uint8_t *batch = pub + 32 * base;
-        if (lanes < LANES) { /* pad the last call with the base point */
-            for (int l = 0; l < LANES; l++) memcpy(src[l], l < lanes ? pub + 32 * (base + l) : BASEPOINT, 32);
-            batch = (const uint8_t *)src;
+    uint8_t e[32];
+    memcpy(e, scalar, 32);
+    e[0] &= 248;
+    e[31] &= 127;
+    e[31] |= 64;
+    /* x, z and the running products of CALLS calls, then the affine bytes. */
+    size_t state = 3 * (size_t)CALLS * sizeof(fe8[NB]), bytes = (size_t)CALLS * LANES * 32;
+    uint8_t *mem = aligned_alloc(64, state + bytes);
+    if (!mem) return -2;
+    fe8 (*x)[NB] = (fe8 (*)[NB])mem, (*z)[NB] = x + CALLS, (*pre)[NB] = z + CALLS;
+    uint8_t *res = mem + state, src[LANES][32];
+    Py_ssize_t bad = -1;
+    for (Py_ssize_t base = 0; base < n && bad < 0; base += (Py_ssize_t)CALLS * LANES) {
+        Py_ssize_t todo = n - base < (Py_ssize_t)CALLS * LANES ? n - base : (Py_ssize_t)CALLS * LANES;
+        int calls = (int)((todo + LANES - 1) / LANES);
+        for (int c = 0; c < calls; c++) {
+            Py_ssize_t first = base + (Py_ssize_t)LANES * c;
+            const uint8_t *batch = pub + 32 * first;
+            if (n - first < LANES) { /* pad the last call with the base point */
+                for (int l = 0; l < LANES; l++) memcpy(src[l], first + l < n ? batch + 32 * l : BASEPOINT, 32);
+                batch = (const uint8_t *)src;
+            }
+            ladder_lanes(e, batch, x[c], z[c]);
         }
-        x25519_lanes(scalar, batch, (uint8_t *)res);
-        for (int l = 0; l < lanes; l++) {
-            if (all_zero(res[l])) return base + l;
-            memcpy(out + out_bytes * (base + l), res[l], (size_t)out_bytes);
+        ladder_finish(x, (const fe8 (*)[NB])z, pre, calls, res);
+        for (Py_ssize_t i = 0; i < todo; i++) {
+            if (all_zero(res + 32 * i)) { bad = base + i; break; }
+            memcpy(out + out_bytes * (base + i), res + 32 * i, (size_t)out_bytes);
         }
     }
-    memset(res, 0, sizeof res);
-    return -1;
+    memset(e, 0, sizeof e);
+    memset(mem, 0, state + bytes);
+    free(mem);
+    return bad;
 }
 #endif
 
@@ -928,7 +970,8 @@ static PyObject *py_x25519_many(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     bad = ifma_run(scalar.buf, packed.buf, n, (uint8_t *)PyBytes_AS_STRING(result), out_bytes);
     Py_END_ALLOW_THREADS
-    ret = Py_BuildValue("(On)", result, bad);
+    if (bad == -2) PyErr_NoMemory();
+    else ret = Py_BuildValue("(On)", result, bad);
 #endif
 done:
     Py_XDECREF(result);
