@@ -46,7 +46,8 @@ def test_both_backends_reproduce_the_published_vectors(mb: X25519Backend) -> Non
         assert tags.hex() == "".join(v["tag_ab"] for v in VECTORS["vectors"])
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+# (ifma shares one inversion among 512 values: sizes around that, and past it)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 511, 512, 513, 1001])
 def test_identical_bytes_on_random_inputs(n: int, mb: X25519Backend) -> None:
     rng = random.Random(n)
     scalar = rng.randbytes(32)
@@ -78,6 +79,17 @@ def test_low_order_points_are_refused_at_the_same_position(
             == messages[1]
             == (f"value {position} is a low-order point and cannot be blinded")
         )
+
+
+@pytest.mark.parametrize("position", [511, 512, 700, 1099])
+def test_low_order_point_past_the_first_batch_is_refused_at_its_position(
+    position: int, mb: X25519Backend
+) -> None:
+    good = curve.hash_to_curve_many(b"k" * 32, [f"35202{i:08d}".encode() for i in range(1100)])
+    bad = good[: 32 * position] + bytes(32) + good[32 * position + 32 :]
+    with pytest.raises(InvalidBlindedValue) as info:
+        mb.many(b"s" * 32, bad, 16)
+    assert info.value.message == f"value {position} is a low-order point and cannot be blinded"
 
 
 def test_fallback_when_the_library_is_missing(
