@@ -486,9 +486,10 @@ IFMA_TARGET static void legendre_lanes(const fe in[LANES], int out[LANES]) {
 /*
  * RFC 7748's Montgomery ladder on LANES u-coordinates at once, all under the same
  * scalar (a node blinds a whole batch with one key). The conditional swaps are
- * blends under a mask register, not branches, and every lane runs the same 255 steps: constant time in
- * the scalar. Sums and differences are carried back below 2^52 before they are
- * multiplied, since vpmadd52 reads only the low 52 bits of a limb.
+ * blends under a mask register, not branches, and every lane runs the same 255
+ * steps: constant time in the scalar. Sums and differences are carried back below
+ * 2^52 before they are multiplied, since vpmadd52 reads only the low 52 bits of a
+ * limb.
  */
 
 /* r = a + b, normal. Inputs loose or normal, or one from fe8_mul_a24 (whose limb 4
@@ -509,7 +510,8 @@ IFMA_INLINE void fe8_sub(fe8 *r, const fe8 *a, const fe8 *b) {
     const __m512i pk = _mm512_set1_epi64((long long)((1ull << 58) - 64));
     const __m512i p4 = _mm512_set1_epi64((long long)((1ull << 53) - 64));
     for (int k = 0; k < 5; k++) {
-        r->l[k] = _mm512_sub_epi64(_mm512_add_epi64(a->l[k], k == 0 ? p0 : k == 4 ? p4 : pk), b->l[k]);
+        const __m512i bias = k == 0 ? p0 : k == 4 ? p4 : pk;
+        r->l[k] = _mm512_sub_epi64(_mm512_add_epi64(a->l[k], bias), b->l[k]);
     }
     fe8_fold_top(r->l);
     fe8_chain(r->l);
@@ -922,13 +924,16 @@ static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub, Py_ssiz
     uint8_t *res = mem + state, src[LANES][32];
     Py_ssize_t bad = -1;
     for (Py_ssize_t base = 0; base < n && bad < 0; base += (Py_ssize_t)CALLS * LANES) {
-        Py_ssize_t todo = n - base < (Py_ssize_t)CALLS * LANES ? n - base : (Py_ssize_t)CALLS * LANES;
+        const Py_ssize_t most = (Py_ssize_t)CALLS * LANES;
+        Py_ssize_t todo = n - base < most ? n - base : most;
         int calls = (int)((todo + LANES - 1) / LANES);
         for (int c = 0; c < calls; c++) {
             Py_ssize_t first = base + (Py_ssize_t)LANES * c;
             const uint8_t *batch = pub + 32 * first;
             if (n - first < LANES) { /* pad the last call with the base point */
-                for (int l = 0; l < LANES; l++) memcpy(src[l], first + l < n ? batch + 32 * l : BASEPOINT, 32);
+                for (int l = 0; l < LANES; l++) {
+                    memcpy(src[l], first + l < n ? batch + 32 * l : BASEPOINT, 32);
+                }
                 batch = (const uint8_t *)src;
             }
             ladder_lanes(e, batch, x[c], z[c]);
