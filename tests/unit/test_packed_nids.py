@@ -66,3 +66,16 @@ def test_shuffle_packed_is_a_permutation_with_or_without_the_native_module(
     again = bytearray(b"".join(IDS))
     shuffle_packed(again, random.Random(1))
     assert buf == again
+
+
+def test_shuffle_packed_takes_any_record_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count-only responder shuffles its 16-byte tags this way."""
+    from ispf_server.session import plan
+
+    tags = [bytes([i]) * 16 for i in range(40)]
+    for mod in (plan.native, None):
+        monkeypatch.setattr(plan, "native", mod)
+        buf = bytearray(b"".join(tags))
+        shuffle_packed(buf, width=16)
+        got = [bytes(buf[i : i + 16]) for i in range(0, len(buf), 16)]
+        assert sorted(got) == tags and got != tags

@@ -40,12 +40,15 @@ def secure_shuffle(items: list[T], rng: random.Random | None = None) -> None:
         secrets.SystemRandom().shuffle(items)
 
 
-def shuffle_packed(buf: bytearray, rng: random.Random | None = None) -> None:
-    """`secure_shuffle` on packed IDs, in place (in C without a Python object per ID)."""
+def shuffle_packed(
+    buf: bytearray, rng: random.Random | None = None, *, width: int = NID_BYTES
+) -> None:
+    """`secure_shuffle` on packed records of `width` bytes (IDs unless told), in place:
+    in C, without a Python object per record, where the native module is built."""
     if rng is None and native is not None:
-        native.shuffle_records(buf, NID_BYTES, os.urandom(32))
+        native.shuffle_records(buf, width, os.urandom(32))
         return
-    items = list(PackedNids(buf))
+    items = [bytes(buf[i : i + width]) for i in range(0, len(buf), width)]
     secure_shuffle(items, rng)
     buf[:] = b"".join(items)
 

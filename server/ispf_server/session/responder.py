@@ -39,7 +39,6 @@ from ispf_server.session.core import (
     chunked,
     in_thread,
     intersect,
-    split,
 )
 from ispf_server.session.plan import (
     LabelSet,
@@ -47,7 +46,7 @@ from ispf_server.session.plan import (
     build_plan,
     eligible_records,
     parse_groups,
-    secure_shuffle,
+    shuffle_packed,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
 from ispf_server.session.sync import (
@@ -468,13 +467,14 @@ class Responder:
                     s.initiator_tags += tags
                     n = len(tags) // TAG_BYTES
                     s.progress.add(received=n, work_done=n)
-                shuffled = split(bytes(s.initiator_tags), TAG_BYTES)
-                secure_shuffle(shuffled)
-                for seq, part in enumerate(chunked(shuffled, self.chunk_values)):
-                    s.progress.add(sent=len(part))
-                    yield peer_pb2.BlindedChunk(
-                        session_id=s.session_id, seq=seq, values=b"".join(part)
-                    )
+                # (packed and shuffled in place: no object per tag at registry scale)
+                shuffled = bytearray(s.initiator_tags)
+                shuffle_packed(shuffled, width=TAG_BYTES)
+                step = self.chunk_values * TAG_BYTES
+                for seq, at in enumerate(range(0, len(shuffled), step)):
+                    part = bytes(shuffled[at : at + step])
+                    s.progress.add(sent=len(part) // TAG_BYTES)
+                    yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=part)
             s.reblind_done = True
             self._start_matching(s)
 
