@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
+from ispf.hazmat.curve import native
 from ispf.nid import PackedNids
 from ispf.v1 import peer_pb2
 from ispf_server.session.plan import LabelSet, Plan
@@ -130,6 +131,16 @@ def intersect(
 
 
 def count_common(own_tags: bytes, peer_tags: bytes) -> int:
+    """How many distinct tags both sides hold (a count-only session's result): sorted
+    and merged packed, in C, without an object per tag where the module is built; a
+    set intersection otherwise, or where a side repeats a tag."""
+    if native is not None:
+        own, peer = bytearray(own_tags), bytearray(peer_tags)
+        native.sort_inplace(own, TAG_BYTES)
+        native.sort_inplace(peer, TAG_BYTES)
+        joined = native.merge_join(own, TAG_BYTES, peer, TAG_BYTES, TAG_BYTES)
+        if joined is not None:  # (None: a repeated tag)
+            return len(joined) // TAG_BYTES
     return len(set(split(own_tags, TAG_BYTES)) & set(split(peer_tags, TAG_BYTES)))
 
 
