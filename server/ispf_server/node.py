@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from functools import partial
 from typing import Any
 
 import grpc
@@ -50,7 +51,7 @@ from ispf_server.services.internal import (
 )
 from ispf_server.services.peer import PeerServicer
 from ispf_server.session.initiator import Deadlines, Initiator, SessionRequest
-from ispf_server.session.plan import eligible_records
+from ispf_server.session.plan import check_collections, one_off_plan
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.store import Store
@@ -303,9 +304,10 @@ class Node:
         # Mutual runs over everything the policy allows keep state, for incremental runs
         # and online checks; filtered or count-only runs are one-offs with fresh keys.
         sync = not count_only and not collections and not peer_collections
-        records = (
-            [] if sync else eligible_records(self.store, pp, collections, labelled=not count_only)
-        )
+        planner = None
+        if not sync:  # (collections not open to the peer are refused now, not in the session)
+            check_collections(pp, collections)
+            planner = partial(one_off_plan, self.store, pp, collections, labelled=not count_only)
         sid = str(uuid.uuid4())
         salt = self.current_salt
         self.store.begin_session(sid, peer, "initiator", mode, purpose, salt.epoch)
@@ -322,7 +324,7 @@ class Node:
         return Initiator(
             province=self.province,
             request=SessionRequest(sid, peer, purpose, mode, peer_collections, sync, full),
-            records=records,
+            planner=planner,
             stub=stub,
             store=self.store,
             pool=self.pool,

@@ -257,3 +257,42 @@ def test_registry_changes_every_pair_has_seen_are_pruned_in_batches(tmp_path: Pa
     assert store.prune_changes(batch=4) == 10 and count() == 0
     store.close()
     assert store.prune_changes() == 0  # a closed store (shutdown): nothing, no error
+
+
+@pytest.mark.parametrize("batch", [7, 500_000])
+@pytest.mark.parametrize("collections", [frozenset(), frozenset({"BISP"}), frozenset({"NONE"})])
+@pytest.mark.parametrize("pp", POLICIES[:2])
+def test_count_only_plan_packed_equals_the_record_path(
+    tmp_path: Path,
+    pp: PeerPolicy,
+    collections: frozenset[str],
+    batch: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A count-only session's plan from SQLite's coded strings (no record objects)
+    holds the same IDs, once each, and counts the same records as the record path."""
+    from ispf.hazmat import curve
+    from ispf_server.session import plan as plans
+
+    if curve.native is None:
+        pytest.skip("the native module is not built here")
+    if collections - {"NONE"} and pp.collections and not collections <= pp.collections:
+        pytest.skip("(refused by policy: another test)")
+    rng = random.Random(9)
+    nids = [f"35202{i:08d}" for i in range(300)]
+    records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(LABELS)) for i in range(900)]
+    records += [StoredRecord(f"m{i}", nids[i % 2], LABELS[i % 4]) for i in range(30)]
+    store = Store(tmp_path / "s.sqlite")
+    store.upsert(records)
+    monkeypatch.setattr(
+        store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
+    )
+    if collections == {"NONE"}:
+        pp = PeerPolicy("sindh", frozenset(), collections=frozenset({"NONE"}))
+    got = plans.one_off_plan(store, pp, collections, labelled=False)
+    monkeypatch.setattr(plans, "native", None)
+    want = plans.one_off_plan(store, pp, collections, labelled=False)
+    assert sorted(got.order) == sorted(want.order)
+    assert len(set(got.order)) == got.total
+    assert got.own_records == want.own_records
+    assert got.groups == want.groups and got.sizes == want.sizes

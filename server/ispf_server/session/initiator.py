@@ -39,7 +39,7 @@ from ispf_server.session.core import (
     in_thread,
     intersect,
 )
-from ispf_server.session.plan import build_plan, parse_groups
+from ispf_server.session.plan import Plan, parse_groups
 from ispf_server.session.progress import COMPLETED, FAILED, Progress
 from ispf_server.session.sync import (
     SyncSide,
@@ -48,7 +48,7 @@ from ispf_server.session.sync import (
     prepare,
     state_fingerprints,
 )
-from ispf_server.store import Store, StoredRecord
+from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
 # Causes a new session may get past: the peer down or restarted (its session lost),
@@ -106,7 +106,7 @@ class Initiator:
         *,
         province: str,
         request: SessionRequest,
-        records: list[StoredRecord],
+        planner: Callable[[], Plan] | None,
         stub: peer_pb2_grpc.PeerServiceStub,
         store: Store,
         pool: BlindingPool,
@@ -121,7 +121,8 @@ class Initiator:
     ) -> None:
         self.province = province
         self.req = request
-        self.records = records
+        # The plan of a session without pair state (None: a sync session's side plans).
+        self.planner = planner
         self.stub = stub
         self.store = store
         self.pool = pool
@@ -236,8 +237,10 @@ class Initiator:
         side = self.side = self._prepare_sync() if self.req.sync else None
         if side is not None:
             plan, self.key = side.plan, side.key
+        elif self.planner is not None:
+            plan = self.planner()
         else:
-            plan = build_plan(self.records, labelled=self.labelled)
+            raise ValueError("a session without pair state needs a planner")
         clock.lap("prepare")
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
         hs = self.stub.Handshake(

@@ -119,6 +119,71 @@ def shuffled_plan(
     return Plan(groups, sizes, PackedNids(order), dict(owners), own_records)
 
 
+def check_collections(pp: PeerPolicy, collections: frozenset[str]) -> None:
+    """Collections asked for must be open to the peer (PolicyRefused otherwise)."""
+    if collections and pp.collections and not collections <= pp.collections:
+        refused = ", ".join(sorted(collections - pp.collections))
+        raise PolicyRefused(f"collections not open to {pp.peer} by policy: {refused}")
+
+
+def one_off_plan(
+    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
+) -> Plan:
+    """The plan of a session that keeps no pair state (count-only, or limited to some
+    collections). A count-only session needs the IDs alone: where the native module
+    is built they come packed (`eligible_ids`), not as a record object each, so a
+    registry of millions plans in a few hundred megabytes less. A labelled one keeps
+    each ID's records, for the result rows."""
+    check_collections(pp, collections)
+    if not labelled:
+        packed = eligible_ids(store, collections or pp.collections)
+        if packed is not None:
+            ids, count = packed
+            return shuffled_plan({}, {(): ids} if ids else {}, own_records=count)
+    return build_plan(
+        eligible_records(store, pp, collections, labelled=labelled), labelled=labelled
+    )
+
+
+def eligible_ids(store: Store, programmes: frozenset[str]) -> tuple[bytearray, int] | None:
+    """The distinct IDs of the records in these programmes (every one: empty), packed
+    and sorted, and how many records hold them. SQLite hands the records over as a
+    few strings (each ID and a one-byte label code) and the module sorts and splits
+    them. None without the module, with more labels than codes, or with IDs that
+    are not 13 digits: `eligible_records` then does it."""
+    if native is None:
+        return None
+    labels = [lb for lb in store.distinct_labels() if not programmes or lb.programme in programmes]
+    if len(labels) > 254:
+        return None
+    ids, count, coded = bytearray(), 0, NID_BYTES + 1
+    if not labels:
+        return ids, count
+    for text in store.nid_label_codes(labels):
+        buf = bytearray(text.encode("latin-1"))
+        del text
+        if len(buf) % coded:
+            return None
+        native.sort_inplace(buf, coded)
+        once, repeated = native.split_unique(buf, coded)
+        del buf
+        if not all(nids.isdigit() for nids in once.values()):
+            return None
+        for code, nids in once.items():
+            if code >= 2:  # (1: a programme not asked for)
+                ids += nids
+                count += len(nids) // NID_BYTES
+        prev = b""
+        for at in range(0, len(repeated), coded):
+            nid, code = repeated[at : at + NID_BYTES], repeated[at + NID_BYTES]
+            if code >= 2:
+                count += 1
+                if nid != prev:
+                    ids += nid
+                    prev = nid
+    return ids, count
+
+
 def eligible_records(
     store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
 ) -> list[StoredRecord]:
@@ -127,9 +192,7 @@ def eligible_records(
     Collections asked for must be open to the peer; records whose label the peer
     may not learn stay out of labelled sessions altogether.
     """
-    if collections and pp.collections and not collections <= pp.collections:
-        refused = ", ".join(sorted(collections - pp.collections))
-        raise PolicyRefused(f"collections not open to {pp.peer} by policy: {refused}")
+    check_collections(pp, collections)
     records = store.records(collections or pp.collections)
     if labelled:
         # Decide each distinct label once (registries: millions of records, few labels).

@@ -43,8 +43,7 @@ from ispf_server.session.core import (
 from ispf_server.session.plan import (
     LabelSet,
     Plan,
-    build_plan,
-    eligible_records,
+    one_off_plan,
     parse_groups,
     shuffle_packed,
 )
@@ -375,10 +374,9 @@ class Responder:
             side, peer_removed, lock = self._prepare_sync(req, caller, pp)
             plan = side.plan
         else:
-            records = eligible_records(
+            plan = one_off_plan(
                 self.store, pp, frozenset(req.responder_collections), labelled=labelled
             )
-            plan = build_plan(records, labelled=labelled)
         self.store.begin_session(
             req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
         )
