@@ -9,7 +9,10 @@ with --write, also writes it to docs/benchmarks.md. Asserts nothing. ISPF and
 SecretFlow ECDH run --repeat times (default 3), taking turns; rows show medians.
 
     python bench/psi_compare.py [--n 1000000] [--backend auto] [--peers secretflow,openmined]
-                                [--repeat 3]
+                                [--repeat 3] [--count-only]
+
+--count-only runs ISPF's count-only sessions instead (the initiator learns how
+many IDs are shared, nothing else; no pair state is kept).
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ def run_ours(
     backend: str,
     chunk: int = 4096,
     log_level: str = "WARNING",
+    count_only: bool = False,
 ) -> dict[str, float]:
     layout = init_forum(work / "forum", ["punjab", "sindh"], base_port=0)
     ports = {"punjab": free_port(), "sindh": free_port()}
@@ -177,7 +181,10 @@ def run_ours(
         cpu0 = {p: s.cpu() for p, s in samplers.items()}
         work0 = {p: s.cpu(workers_only=True) for p, s in samplers.items()}
         t = time.perf_counter()
-        st = clients["punjab"].reconcile("sindh", full=True, attempts=1)
+        if count_only:  # (a one-off session: fresh keys, no pair state kept)
+            st = clients["punjab"].reconcile("sindh", count_only=True, attempts=1)
+        else:
+            st = clients["punjab"].reconcile("sindh", full=True, attempts=1)
         wall = time.perf_counter() - t
         assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
         cpu = sum(s.cpu() - cpu0[p] for p, s in samplers.items())
@@ -272,9 +279,16 @@ def main() -> None:
     )
     ap.add_argument("--chunk", type=int, default=4096, help="values per streamed chunk")
     ap.add_argument(
+        "--count-only",
+        action="store_true",
+        help="ISPF runs count-only sessions (the initiator learns a count; no pair state)",
+    )
+    ap.add_argument(
         "--node-log-level", default="WARNING", help="INFO shows each session's phase timings"
     )
     args = ap.parse_args()
+    if args.count_only and args.write:
+        ap.error("--write records the labelled mutual comparison; run --count-only without it")
     peers = [p for p in args.peers.split(",") if p]
     a, b = data(args.n)
     cpu_model = next(
@@ -299,14 +313,23 @@ def main() -> None:
         ecdh_runs: list[dict[str, float]] = []
         for i in range(args.repeat):
             ours_runs.append(
-                run_ours(work / f"ours{i}", a, b, args.backend, args.chunk, args.node_log_level)
+                run_ours(
+                    work / f"ours{i}",
+                    a,
+                    b,
+                    args.backend,
+                    args.chunk,
+                    args.node_log_level,
+                    count_only=args.count_only,
+                )
             )
             if sf_py is not None:
                 ecdh_runs.append(run_secretflow(sf_py, a_csv, b_csv, work, "ECDH"))
         ours = median_run(ours_runs)
         rows.append(
             (
-                f"ISPF Match ({backend}), labelled mutual",
+                f"ISPF Match ({backend}), "
+                + ("count-only" if args.count_only else "labelled mutual"),
                 ours["seconds"],
                 f"{ours['cpu']:.1f}",
                 f"{ours['rss_a']:.0f} / {ours['rss_b']:.0f}",
