@@ -51,9 +51,10 @@ from ispf_server.services.internal import (
 )
 from ispf_server.services.peer import PeerServicer
 from ispf_server.session.initiator import Deadlines, Initiator, SessionRequest
-from ispf_server.session.plan import check_collections, one_off_plan
+from ispf_server.session.plan import check_collections
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
+from ispf_server.session.sync import one_off_plan
 from ispf_server.store import Store
 from ispf_server.tls import TlsFiles, channel_options
 

@@ -95,6 +95,9 @@ def test_reverse_direction_gives_the_same_result(federation: Federation) -> None
     three = federation.reconcile("punjab", "sindh", collections=["BISP-KAFAALAT", "PSER", "SEHAT"])
     assert three.sync == "" and three.match_count == one.match_count
     assert three.result_digest != one.result_digest
+    assert matches(federation, "punjab", three.session_id) == matches(
+        federation, "punjab", one.session_id
+    )
 
 
 def test_count_only_gives_the_count_to_the_initiator_and_nothing_to_the_responder(

@@ -259,25 +259,23 @@ def test_registry_changes_every_pair_has_seen_are_pruned_in_batches(tmp_path: Pa
     assert store.prune_changes() == 0  # a closed store (shutdown): nothing, no error
 
 
+@pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("batch", [7, 500_000])
 @pytest.mark.parametrize("collections", [frozenset(), frozenset({"BISP"}), frozenset({"NONE"})])
-@pytest.mark.parametrize("pp", POLICIES[:2])
-def test_count_only_plan_packed_equals_the_record_path(
+@pytest.mark.parametrize("pp", [POLICIES[0], POLICIES[2]])
+def test_one_off_plan_packed_equals_the_record_path(
     tmp_path: Path,
     pp: PeerPolicy,
     collections: frozenset[str],
     batch: int,
+    labelled: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A count-only session's plan from SQLite's coded strings (no record objects)
-    holds the same IDs, once each, and counts the same records as the record path."""
-    from ispf.hazmat import curve
-    from ispf_server.session import plan as plans
-
-    if curve.native is None:
+    """A one-off session's plan from SQLite's coded strings (no record objects) holds
+    the same IDs in the same label-set groups, and counts the same records, as the
+    record path; its owners lookup gives the same records as the record path's."""
+    if sync.native is None:
         pytest.skip("the native module is not built here")
-    if collections - {"NONE"} and pp.collections and not collections <= pp.collections:
-        pytest.skip("(refused by policy: another test)")
     rng = random.Random(9)
     nids = [f"35202{i:08d}" for i in range(300)]
     records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(LABELS)) for i in range(900)]
@@ -287,12 +285,22 @@ def test_count_only_plan_packed_equals_the_record_path(
     monkeypatch.setattr(
         store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
     )
-    if collections == {"NONE"}:
-        pp = PeerPolicy("sindh", frozenset(), collections=frozenset({"NONE"}))
-    got = plans.one_off_plan(store, pp, collections, labelled=False)
-    monkeypatch.setattr(plans, "native", None)
-    want = plans.one_off_plan(store, pp, collections, labelled=False)
-    assert sorted(got.order) == sorted(want.order)
-    assert len(set(got.order)) == got.total
-    assert got.own_records == want.own_records
+    got = sync.one_off_plan(store, pp, collections, labelled=labelled)
+    monkeypatch.setattr(sync, "native", None)
+    want = sync.one_off_plan(store, pp, collections, labelled=labelled)
     assert got.groups == want.groups and got.sizes == want.sizes
+    assert got.own_records == want.own_records
+    pos = 0
+    for size in got.sizes:  # the same IDs in each group, each once
+        assert sorted(got.order[pos : pos + size]) == sorted(want.order[pos : pos + size])
+        pos += size
+    assert len(set(got.order)) == got.total
+    if labelled:
+        assert got.owners is not None and want.owners is not None
+        ids = list(got.order)
+        assert got.owners(ids) == want.owners(ids)
+        eligible = eligible_records(store, pp, collections, labelled=True)
+        named = [r.record_id for v in got.owners(ids).values() for r in v]
+        assert sorted(named) == sorted(r.record_id for r in eligible)
+    else:
+        assert got.owners is None

@@ -112,22 +112,28 @@ def intersect(
     peer_sizes: list[int],
     peer_tags: bytes,
 ) -> Outcome:
-    """Own records whose tag the peer also holds, with the peer's labels for each."""
+    """Own records whose tag the peer also holds, with the peer's labels for each: a
+    labelled session without pair state. The matched IDs' records are looked up
+    once matched (`plan.owners`), so the plan holds no record objects."""
+    if plan.owners is None:
+        raise ValueError("a labelled one-off plan needs its owners lookup")
     index = {t: i for i, t in enumerate(split(own_tags, TAG_BYTES))}
-    matched: list[bytes] = []
-    rows: list[MatchRow] = []
+    found: list[tuple[bytes, bytes, LabelSet]] = []  # (tag, ID, peer labels) per match
     tags = split(peer_tags, TAG_BYTES)
     pos = 0
     for labels, size in zip(peer_groups, peer_sizes, strict=True):
         for t in tags[pos : pos + size]:
             i = index.get(t)
-            if i is None:
-                continue
-            matched.append(t)
-            for rec in plan.owners[plan.order[i]]:
-                rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
+            if i is not None:
+                found.append((t, plan.order[i], labels))
         pos += size
-    return Outcome(len(matched), result_digest(matched), rows)
+    del index, tags
+    owners = plan.owners([nid for _, nid, _ in found])
+    rows: list[MatchRow] = []
+    for t, nid, labels in found:
+        for rec in owners.get(nid, ()):
+            rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
+    return Outcome(len(found), result_digest([t for t, _, _ in found]), rows)
 
 
 def count_common(own_tags: bytes, peer_tags: bytes) -> int:

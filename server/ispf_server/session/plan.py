@@ -11,7 +11,7 @@ import os
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,14 +53,20 @@ def shuffle_packed(
     buf[:] = b"".join(items)
 
 
+# The records a result row may name, for some IDs (13 bytes each): read when matched.
+OwnerLookup = Callable[[list[bytes]], Mapping[bytes, list[StoredRecord]]]
+
+
 @dataclass
 class Plan:
     groups: list[LabelSet]
     sizes: list[int]
     # Distinct canonical IDs in send order, group after group, packed.
     order: PackedNids
-    owners: dict[bytes, list[StoredRecord]]
     own_records: int
+    # A labelled one-off session's result rows name the matched IDs' records, looked
+    # up once matched (None: a sync session, whose rows come from its pair state).
+    owners: OwnerLookup | None = None
 
     @property
     def total(self) -> int:
@@ -77,8 +83,14 @@ class Plan:
 
 
 def build_plan(
-    records: list[StoredRecord], rng: random.Random | None = None, *, labelled: bool
+    records: list[StoredRecord],
+    rng: random.Random | None = None,
+    *,
+    labelled: bool,
+    owners_of: OwnerLookup | None = None,
 ) -> Plan:
+    """The plan from record objects: where the native module is not built (see
+    `sync.one_off_plan`), and in tests."""
     owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
     for r in records:
         owners[r.nid.encode("ascii")].append(r)
@@ -91,14 +103,15 @@ def build_plan(
         else:
             key = tuple(sorted({r.label for r in recs}))
         by_group[key] += nid
-    return shuffled_plan(owners, by_group, rng)
+    return shuffled_plan(by_group, rng, own_records=len(records), owners=owners_of)
 
 
 def shuffled_plan(
-    owners: dict[bytes, list[StoredRecord]],
     by_group: Mapping[LabelSet, bytearray],
     rng: random.Random | None = None,
-    own_records: int | None = None,
+    *,
+    own_records: int,
+    owners: OwnerLookup | None = None,
 ) -> Plan:
     """Groups in label-set order, each shuffled, so positions say nothing of records.
 
@@ -114,9 +127,7 @@ def shuffled_plan(
         shuffle_packed(members, rng)
         order += members
         sizes.append(len(members) // NID_BYTES)
-    if own_records is None:
-        own_records = sum(len(v) for v in owners.values())
-    return Plan(groups, sizes, PackedNids(order), dict(owners), own_records)
+    return Plan(groups, sizes, PackedNids(order), own_records, owners)
 
 
 def check_collections(pp: PeerPolicy, collections: frozenset[str]) -> None:
@@ -124,64 +135,6 @@ def check_collections(pp: PeerPolicy, collections: frozenset[str]) -> None:
     if collections and pp.collections and not collections <= pp.collections:
         refused = ", ".join(sorted(collections - pp.collections))
         raise PolicyRefused(f"collections not open to {pp.peer} by policy: {refused}")
-
-
-def one_off_plan(
-    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
-) -> Plan:
-    """The plan of a session that keeps no pair state (count-only, or limited to some
-    collections). A count-only session needs the IDs alone: where the native module
-    is built they come packed (`eligible_ids`), not as a record object each, so a
-    registry of millions plans in a few hundred megabytes less. A labelled one keeps
-    each ID's records, for the result rows."""
-    check_collections(pp, collections)
-    if not labelled:
-        packed = eligible_ids(store, collections or pp.collections)
-        if packed is not None:
-            ids, count = packed
-            return shuffled_plan({}, {(): ids} if ids else {}, own_records=count)
-    return build_plan(
-        eligible_records(store, pp, collections, labelled=labelled), labelled=labelled
-    )
-
-
-def eligible_ids(store: Store, programmes: frozenset[str]) -> tuple[bytearray, int] | None:
-    """The distinct IDs of the records in these programmes (every one: empty), packed
-    and sorted, and how many records hold them. SQLite hands the records over as a
-    few strings (each ID and a one-byte label code) and the module sorts and splits
-    them. None without the module, with more labels than codes, or with IDs that
-    are not 13 digits: `eligible_records` then does it."""
-    if native is None:
-        return None
-    labels = [lb for lb in store.distinct_labels() if not programmes or lb.programme in programmes]
-    if len(labels) > 254:
-        return None
-    ids, count, coded = bytearray(), 0, NID_BYTES + 1
-    if not labels:
-        return ids, count
-    for text in store.nid_label_codes(labels):
-        buf = bytearray(text.encode("latin-1"))
-        del text
-        if len(buf) % coded:
-            return None
-        native.sort_inplace(buf, coded)
-        once, repeated = native.split_unique(buf, coded)
-        del buf
-        if not all(nids.isdigit() for nids in once.values()):
-            return None
-        for code, nids in once.items():
-            if code >= 2:  # (1: a programme not asked for)
-                ids += nids
-                count += len(nids) // NID_BYTES
-        prev = b""
-        for at in range(0, len(repeated), coded):
-            nid, code = repeated[at : at + NID_BYTES], repeated[at + NID_BYTES]
-            if code >= 2:
-                count += 1
-                if nid != prev:
-                    ids += nid
-                    prev = nid
-    return ids, count
 
 
 def eligible_records(

@@ -43,7 +43,6 @@ from ispf_server.session.core import (
 from ispf_server.session.plan import (
     LabelSet,
     Plan,
-    one_off_plan,
     parse_groups,
     shuffle_packed,
 )
@@ -52,6 +51,7 @@ from ispf_server.session.sync import (
     SyncResult,
     SyncSide,
     finish,
+    one_off_plan,
     parse_removed,
     prepare,
     state_fingerprints,

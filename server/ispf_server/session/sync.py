@@ -13,7 +13,8 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
@@ -41,7 +42,10 @@ from ispf_server.session.core import Outcome, split
 from ispf_server.session.plan import (
     LabelSet,
     Plan,
+    build_plan,
+    check_collections,
     eligible,
+    eligible_records,
     shuffled_plan,
 )
 from ispf_server.store import MatchRow, Store, StoredRecord
@@ -242,7 +246,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         own_fp=own_fp,
         peer_fp=peer_fp,
         own_records=own_records,
-        plan=shuffled_plan({}, by_group, own_records=own_records),
+        plan=shuffled_plan(by_group, own_records=own_records),
         removed_nids=removed_nids,
         removed_tags=removed_tags,
         version=version,
@@ -454,3 +458,86 @@ def finish(
     )
     matched = [t for t, _ in matches.values()]
     return SyncResult(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)
+
+
+# ------------------------------------------------ sessions without pair state
+
+
+def one_off_plan(
+    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
+) -> Plan:
+    """The plan of a session that keeps no pair state: count-only, or limited to some
+    collections. The IDs come packed, as for a full run, not as a record object
+    each: a count-only session needs them alone (`eligible_ids`); a labelled one
+    groups them by label set (`_all_label_sets`, under the policy narrowed to the
+    collections asked for) and looks up the matched IDs' records when matched
+    (`Plan.owners`). Without the module, from record objects (`build_plan`)."""
+    check_collections(pp, collections)
+    narrowed = replace(pp, collections=collections) if collections else pp
+    owners = partial(eligible_owners, store, narrowed) if labelled else None
+    if native is not None:
+        if labelled:
+            by_text, count = _all_label_sets(store, narrowed)
+            by_group = {labels_of(text): members for text, members in by_text.items()}
+            return shuffled_plan(by_group, own_records=count, owners=owners)
+        packed = eligible_ids(store, narrowed.collections)
+        if packed is not None:
+            ids, count = packed
+            return shuffled_plan({(): ids} if ids else {}, own_records=count)
+    records = eligible_records(store, pp, collections, labelled=labelled)
+    return build_plan(records, labelled=labelled, owners_of=owners)
+
+
+def eligible_owners(
+    store: Store, pp: PeerPolicy, nids: list[bytes]
+) -> dict[bytes, list[StoredRecord]]:
+    """The records of these IDs that a labelled session with the peer may name (in its
+    collections, labels it may learn): a result row each, read when matched."""
+    out: dict[bytes, list[StoredRecord]] = defaultdict(list)
+    allowed: dict[Label, bool] = {}
+    for rid, nid, label in store.labelled_records(sorted({n.decode("ascii") for n in nids})):
+        ok = allowed.get(label)
+        if ok is None:
+            ok = allowed[label] = pp.in_collections(label.programme) and pp.may_disclose(label)
+        if ok:
+            out[nid.encode("ascii")].append(StoredRecord(rid, nid, label))
+    return out
+
+
+def eligible_ids(store: Store, programmes: frozenset[str]) -> tuple[bytearray, int] | None:
+    """The distinct IDs of the records in these programmes (every one: empty), packed
+    and sorted, and how many records hold them. SQLite hands the records over as a
+    few strings (each ID and a one-byte label code) and the module sorts and splits
+    them. None without the module, with more labels than codes, or with IDs that
+    are not 13 digits: the record path then does it."""
+    if native is None:
+        return None
+    labels = [lb for lb in store.distinct_labels() if not programmes or lb.programme in programmes]
+    if len(labels) > 254:
+        return None
+    ids, count = bytearray(), 0
+    if not labels:
+        return ids, count
+    for text in store.nid_label_codes(labels):
+        buf = bytearray(text.encode("latin-1"))
+        del text
+        if len(buf) % CODED:
+            return None
+        native.sort_inplace(buf, CODED)
+        once, repeated = native.split_unique(buf, CODED)
+        del buf
+        if not all(nids.isdigit() for nids in once.values()):
+            return None
+        for code, nids in once.items():
+            if code >= 2:  # (1: a programme not asked for)
+                ids += nids
+                count += len(nids) // NID
+        prev = b""
+        for at in range(0, len(repeated), CODED):
+            nid, code = repeated[at : at + NID], repeated[at + NID]
+            if code >= 2:
+                count += 1
+                if nid != prev:
+                    ids += nid
+                    prev = nid
+    return ids, count
