@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -117,8 +119,27 @@ def intersect(
     once matched (`plan.owners`), so the plan holds no record objects."""
     if plan.owners is None:
         raise ValueError("a labelled one-off plan needs its owners lookup")
+    found = _found_packed(plan, own_tags, peer_groups, peer_sizes, peer_tags)
+    if found is None:
+        found = _found(plan, own_tags, peer_groups, peer_sizes, peer_tags)
+    owners = plan.owners([nid for _, nid, _ in found])
+    rows: list[MatchRow] = []
+    for t, nid, labels in found:
+        for rec in owners.get(nid, ()):
+            rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
+    return Outcome(len(found), result_digest([t for t, _, _ in found]), rows)
+
+
+def _found(
+    plan: Plan,
+    own_tags: bytes,
+    peer_groups: list[LabelSet],
+    peer_sizes: list[int],
+    peer_tags: bytes,
+) -> list[tuple[bytes, bytes, LabelSet]]:
+    """(tag, ID, peer labels) for each peer tag that is also ours, in the peer's order."""
     index = {t: i for i, t in enumerate(split(own_tags, TAG_BYTES))}
-    found: list[tuple[bytes, bytes, LabelSet]] = []  # (tag, ID, peer labels) per match
+    found: list[tuple[bytes, bytes, LabelSet]] = []
     tags = split(peer_tags, TAG_BYTES)
     pos = 0
     for labels, size in zip(peer_groups, peer_sizes, strict=True):
@@ -127,13 +148,47 @@ def intersect(
             if i is not None:
                 found.append((t, plan.order[i], labels))
         pos += size
-    del index, tags
-    owners = plan.owners([nid for _, nid, _ in found])
-    rows: list[MatchRow] = []
-    for t, nid, labels in found:
-        for rec in owners.get(nid, ()):
-            rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
-    return Outcome(len(found), result_digest([t for t, _, _ in found]), rows)
+    return found
+
+
+def _found_packed(
+    plan: Plan,
+    own_tags: bytes,
+    peer_groups: list[LabelSet],
+    peer_sizes: list[int],
+    peer_tags: bytes,
+) -> list[tuple[bytes, bytes, LabelSet]] | None:
+    """`_found`, in tag order, without an object per tag: each side's tags zipped with
+    a 4-byte position (ours) or group number (theirs), sorted and merged in C. None
+    without the module, or where a side repeats a tag (`_found` counts each)."""
+    n_own, n_peer = len(own_tags) // TAG_BYTES, sum(peer_sizes)
+    if native is None or sys.byteorder != "little" or len(peer_tags) != TAG_BYTES * n_peer:
+        return None
+    positions = array("I", range(n_own))
+    if positions.itemsize != 4:
+        return None
+    width = TAG_BYTES + 4
+    own = bytearray(native.zip_records(n_own, (own_tags, TAG_BYTES), (positions, 4)))
+    del positions
+    peer, tags, pos = bytearray(width * n_peer), memoryview(peer_tags), 0
+    for g, size in enumerate(peer_sizes):
+        part = tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
+        native.zip_into(peer, width * pos, size, (part, TAG_BYTES), (g.to_bytes(4, "little"), 4))
+        pos += size
+    tags.release()
+    native.sort_inplace(own, width)
+    native.sort_inplace(peer, width)
+    joined = native.merge_join(own, width, peer, width, TAG_BYTES)
+    del own, peer
+    if joined is None:
+        return None
+    found: list[tuple[bytes, bytes, LabelSet]] = []
+    for at in range(0, len(joined), width + 4):
+        rec = joined[at : at + width + 4]
+        i = int.from_bytes(rec[TAG_BYTES:width], "little")
+        g = int.from_bytes(rec[width:], "little")
+        found.append((rec[:TAG_BYTES], plan.order[i], peer_groups[g]))
+    return found
 
 
 def count_common(own_tags: bytes, peer_tags: bytes) -> int:
