@@ -9,10 +9,11 @@ with --write, also writes it to docs/benchmarks.md. Asserts nothing. ISPF and
 SecretFlow ECDH run --repeat times (default 3), taking turns; rows show medians.
 
     python bench/psi_compare.py [--n 1000000] [--backend auto] [--peers secretflow,openmined]
-                                [--repeat 3] [--count-only]
+                                [--repeat 3] [--session full|count-only|filtered]
 
---count-only runs ISPF's count-only sessions instead (the initiator learns how
-many IDs are shared, nothing else; no pair state is kept).
+--session count-only runs ISPF's count-only sessions instead (the initiator learns
+how many IDs are shared, nothing else), and filtered labelled sessions limited to
+a collection; neither keeps pair state.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ from ispf_client.sdk import ClientProfile, NodeClient
 
 HERE = Path(__file__).resolve().parent
 PEER_PACKAGES = {"secretflow": "spu==0.9.5", "openmined": "openmined-psi==2.0.6"}
+
+
+SESSIONS = {
+    "full": "labelled mutual",
+    "count-only": "count-only",
+    "filtered": "labelled, one collection",
+}
 
 
 def free_port() -> int:
@@ -129,7 +137,7 @@ def run_ours(
     backend: str,
     chunk: int = 4096,
     log_level: str = "WARNING",
-    count_only: bool = False,
+    session: str = "full",
 ) -> dict[str, float]:
     layout = init_forum(work / "forum", ["punjab", "sindh"], base_port=0)
     ports = {"punjab": free_port(), "sindh": free_port()}
@@ -181,8 +189,10 @@ def run_ours(
         cpu0 = {p: s.cpu() for p, s in samplers.items()}
         work0 = {p: s.cpu(workers_only=True) for p, s in samplers.items()}
         t = time.perf_counter()
-        if count_only:  # (a one-off session: fresh keys, no pair state kept)
+        if session == "count-only":  # (one-off sessions: fresh keys, no pair state kept)
             st = clients["punjab"].reconcile("sindh", count_only=True, attempts=1)
+        elif session == "filtered":  # (every record is in BISP: the same data)
+            st = clients["punjab"].reconcile("sindh", collections=["BISP"], attempts=1)
         else:
             st = clients["punjab"].reconcile("sindh", full=True, attempts=1)
         wall = time.perf_counter() - t
@@ -279,16 +289,18 @@ def main() -> None:
     )
     ap.add_argument("--chunk", type=int, default=4096, help="values per streamed chunk")
     ap.add_argument(
-        "--count-only",
-        action="store_true",
-        help="ISPF runs count-only sessions (the initiator learns a count; no pair state)",
+        "--session",
+        choices=SESSIONS,
+        default="full",
+        help="ISPF's kind of session: full (labelled mutual, keeps pair state: the "
+        "comparison), count-only, or filtered (labelled, limited to a collection)",
     )
     ap.add_argument(
         "--node-log-level", default="WARNING", help="INFO shows each session's phase timings"
     )
     args = ap.parse_args()
-    if args.count_only and args.write:
-        ap.error("--write records the labelled mutual comparison; run --count-only without it")
+    if args.session != "full" and args.write:
+        ap.error("--write records the full (labelled mutual) comparison only")
     peers = [p for p in args.peers.split(",") if p]
     a, b = data(args.n)
     cpu_model = next(
@@ -320,7 +332,7 @@ def main() -> None:
                     args.backend,
                     args.chunk,
                     args.node_log_level,
-                    count_only=args.count_only,
+                    session=args.session,
                 )
             )
             if sf_py is not None:
@@ -328,8 +340,7 @@ def main() -> None:
         ours = median_run(ours_runs)
         rows.append(
             (
-                f"ISPF Match ({backend}), "
-                + ("count-only" if args.count_only else "labelled mutual"),
+                f"ISPF Match ({backend}), {SESSIONS[args.session]}",
                 ours["seconds"],
                 f"{ours['cpu']:.1f}",
                 f"{ours['rss_a']:.0f} / {ours['rss_b']:.0f}",
