@@ -87,6 +87,8 @@ class ResponderSession:
     # Sync sessions: the result, computed as soon as both streams are in (while the
     # initiator computes its own), so that Conclude only compares and commits.
     matching: Future[SyncResult] | None = None
+    # A labelled one-off session's result, worked out once both streams are in.
+    intersecting: Future[Outcome] | None = None
 
     def release(self) -> None:
         lock, self.pair_lock = self.pair_lock, None
@@ -477,12 +479,26 @@ class Responder:
             self._start_matching(s)
 
     def _start_matching(self, s: ResponderSession) -> None:
-        """Once both streams are in: the result and the new state (written ahead, not
-        yet current), in a thread, while the initiator does the same on its side."""
+        """Once both streams are in: the result (and, with pair state, the new state,
+        written ahead, not yet current), in a thread, while the initiator does the
+        same on its side."""
         side = s.side
-        if side is None or not (s.reblind_done and s.return_done):
+        if not (s.reblind_done and s.return_done):
             return
         with self._lock:
+            if side is None:
+                if s.labelled and s.intersecting is None:
+                    s.intersecting = in_thread(
+                        lambda: intersect(
+                            s.plan,
+                            bytes(s.own_tags),
+                            s.peer_groups,
+                            s.peer_sizes,
+                            bytes(s.initiator_tags),
+                        ),
+                        f"match-{s.session_id[:8]}",
+                    )
+                return
             if s.matching is not None:
                 return
 
@@ -571,13 +587,9 @@ class Responder:
                     and hmac.compare_digest(req.state, mirrored)
                 )
             elif s.labelled:
-                outcome = intersect(
-                    s.plan,
-                    bytes(s.own_tags),
-                    s.peer_groups,
-                    s.peer_sizes,
-                    bytes(s.initiator_tags),
-                )
+                self._start_matching(s)  # (started already, unless a stream failed)
+                assert s.intersecting is not None
+                outcome = s.intersecting.result()
                 agreed = req.match_count == outcome.match_count and hmac.compare_digest(
                     req.result_digest, outcome.digest
                 )
