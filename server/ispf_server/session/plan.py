@@ -89,8 +89,8 @@ def build_plan(
     labelled: bool,
     owners_of: OwnerLookup | None = None,
 ) -> Plan:
-    """The plan from record objects: where the native module is not built (see
-    `sync.one_off_plan`), and in tests."""
+    """The plan from record objects: `sync.one_off_plan`'s fallback, where the native
+    module is not built or its packed pass cannot take the IDs."""
     owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
     for r in records:
         owners[r.nid.encode("ascii")].append(r)
