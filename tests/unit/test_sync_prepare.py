@@ -304,3 +304,20 @@ def test_one_off_plan_packed_equals_the_record_path(
         assert sorted(named) == sorted(r.record_id for r in eligible)
     else:
         assert got.owners is None
+
+
+def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> None:
+    """The coded strings only split evenly for 13-digit IDs; anything else gives the
+    packed passes up (None / the rows path) rather than misreading the records."""
+    if sync.native is None:
+        pytest.skip("the native module is not built here")
+    store = Store(tmp_path / "s.sqlite")
+    store.upsert(
+        [
+            StoredRecord("a", "3520212345671", LABELS[0]),
+            StoredRecord("b", "352021234567", LABELS[1]),  # 12 digits
+        ]
+    )
+    assert sync.eligible_ids(store, frozenset()) is None
+    by_text, count = sync._all_label_sets(store, POLICIES[0])
+    assert (by_text, count) == sync._all_label_sets_rows(store, POLICIES[0])

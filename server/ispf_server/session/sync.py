@@ -133,32 +133,49 @@ def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray],
     texts: dict[frozenset[Label], str] = {}
     by_text: dict[str, bytearray] = defaultdict(bytearray)
     count = 0
-    for text in store.nid_label_codes(allowed):
+    try:
+        for once, repeated in _coded_batches(store, allowed):
+            for code, nids in once.items():
+                if code >= 2:  # (1: a label the peer may not hold)
+                    by_text[single[code - 2]] += nids
+                    count += len(nids) // NID
+            held: set[Label] = set()
+            prev = b""
+            for at in range(0, len(repeated), CODED):
+                nid, code = repeated[at : at + NID], repeated[at + NID]
+                if nid != prev:
+                    _add_set(by_text, texts, prev, held)
+                    prev, held = nid, set()
+                if code >= 2:
+                    held.add(allowed[code - 2])
+                    count += 1
+            _add_set(by_text, texts, prev, held)
+    except _NotPacked:
+        return _all_label_sets_rows(store, pp)
+    return by_text, count
+
+
+class _NotPacked(Exception):
+    """The coded pass cannot take these IDs (not all 13 digits): the record path runs."""
+
+
+def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int, bytes], bytes]]:
+    """Every record as its ID and labels' code (chr(i + 2) for labels[i], chr(1) for any
+    other), in batches from SQLite, each sorted and split in C: (IDs held once, by
+    code; records of the IDs held several times, sorted). Raises _NotPacked where
+    the IDs are not all 13 digits (the strings do not split evenly)."""
+    assert native is not None
+    for text in store.nid_label_codes(labels):
         buf = bytearray(text.encode("latin-1"))
         del text
         if len(buf) % CODED:
-            return _all_label_sets_rows(store, pp)  # (IDs that are not 13 digits)
+            raise _NotPacked
         native.sort_inplace(buf, CODED)
         once, repeated = native.split_unique(buf, CODED)
         del buf
         if not all(nids.isdigit() for nids in once.values()):
-            return _all_label_sets_rows(store, pp)  # (misaligned: IDs not all 13 digits)
-        for code, nids in once.items():
-            if code >= 2:  # (1: a label the peer may not hold)
-                by_text[single[code - 2]] += nids
-                count += len(nids) // NID
-        held: set[Label] = set()
-        prev = b""
-        for at in range(0, len(repeated), CODED):
-            nid, code = repeated[at : at + NID], repeated[at + NID]
-            if nid != prev:
-                _add_set(by_text, texts, prev, held)
-                prev, held = nid, set()
-            if code >= 2:
-                held.add(allowed[code - 2])
-                count += 1
-        _add_set(by_text, texts, prev, held)
-    return by_text, count
+            raise _NotPacked  # (misaligned)
+        yield once, repeated
 
 
 def _add_set(
@@ -505,8 +522,8 @@ def eligible_owners(
 
 
 def eligible_ids(store: Store, programmes: frozenset[str]) -> tuple[bytearray, int] | None:
-    """The distinct IDs of the records in these programmes (every one: empty), packed
-    and sorted, and how many records hold them. SQLite hands the records over as a
+    """The distinct IDs of the records in these programmes (every one: empty), packed,
+    and how many records hold them. SQLite hands the records over as a
     few strings (each ID and a one-byte label code) and the module sorts and splits
     them. None without the module, with more labels than codes, or with IDs that
     are not 13 digits: the record path then does it."""
@@ -518,26 +535,20 @@ def eligible_ids(store: Store, programmes: frozenset[str]) -> tuple[bytearray, i
     ids, count = bytearray(), 0
     if not labels:
         return ids, count
-    for text in store.nid_label_codes(labels):
-        buf = bytearray(text.encode("latin-1"))
-        del text
-        if len(buf) % CODED:
-            return None
-        native.sort_inplace(buf, CODED)
-        once, repeated = native.split_unique(buf, CODED)
-        del buf
-        if not all(nids.isdigit() for nids in once.values()):
-            return None
-        for code, nids in once.items():
-            if code >= 2:  # (1: a programme not asked for)
-                ids += nids
-                count += len(nids) // NID
-        prev = b""
-        for at in range(0, len(repeated), CODED):
-            nid, code = repeated[at : at + NID], repeated[at + NID]
-            if code >= 2:
-                count += 1
-                if nid != prev:
-                    ids += nid
-                    prev = nid
+    try:
+        for once, repeated in _coded_batches(store, labels):
+            for code, nids in once.items():
+                if code >= 2:  # (1: a programme not asked for)
+                    ids += nids
+                    count += len(nids) // NID
+            prev = b""
+            for at in range(0, len(repeated), CODED):
+                nid, code = repeated[at : at + NID], repeated[at + NID]
+                if code >= 2:
+                    count += 1
+                    if nid != prev:
+                        ids += nid
+                        prev = nid
+    except _NotPacked:
+        return None
     return ids, count
