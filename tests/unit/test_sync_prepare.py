@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ispf.hazmat import curve
 from ispf.nid import PackedNids
 from ispf.records import Label
 from ispf_server.policy import PeerPolicy
@@ -274,7 +275,7 @@ def test_one_off_plan_packed_equals_the_record_path(
     """A one-off session's plan from SQLite's coded strings (no record objects) holds
     the same IDs in the same label-set groups, and counts the same records, as the
     record path; its owners lookup gives the same records as the record path's."""
-    if sync.native is None:
+    if curve.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(9)
     nids = [f"35202{i:08d}" for i in range(300)]
@@ -309,7 +310,7 @@ def test_one_off_plan_packed_equals_the_record_path(
 def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> None:
     """The coded strings only split evenly for 13-digit IDs; anything else gives the
     packed passes up (None / the rows path) rather than misreading the records."""
-    if sync.native is None:
+    if curve.native is None:
         pytest.skip("the native module is not built here")
     store = Store(tmp_path / "s.sqlite")
     store.upsert(
