@@ -339,36 +339,58 @@ class RunBuilder:
     def lsid(self, text: str) -> bytes:
         return pairruns.lsid(self.texts.setdefault(text, len(self.texts)))
 
-    def own(self, groups: Iterable[tuple[str, Buffer, Buffer]], *, by_tag: bool) -> bytearray:
+    def own(
+        self,
+        groups: Iterable[tuple[str, Buffer, Buffer]],
+        *,
+        by_tag: bool,
+        total: int | None = None,
+    ) -> bytearray:
         """From (label set, 13-byte IDs, 16-byte tags) per group: own_tag or own_nid."""
         return self._run(
             (
-                len(tags) // TAG_LEN,
-                ((tags, TAG_LEN), (nids, NID_BYTES))
-                if by_tag
-                else ((nids, NID_BYTES), (tags, TAG_LEN)),
-                labels,
-            )
-            for labels, nids, tags in groups
+                (
+                    len(tags) // TAG_LEN,
+                    ((tags, TAG_LEN), (nids, NID_BYTES))
+                    if by_tag
+                    else ((nids, NID_BYTES), (tags, TAG_LEN)),
+                    labels,
+                )
+                for labels, nids, tags in groups
+            ),
+            TAG_LEN + NID_BYTES,
+            total,
         )
 
-    def peer(self, groups: Iterable[tuple[str, Buffer]]) -> bytearray:
+    def peer(self, groups: Iterable[tuple[str, Buffer]], total: int | None = None) -> bytearray:
         """From (label set, 16-byte tags) per group: peer_tag."""
         return self._run(
-            (len(tags) // TAG_LEN, ((tags, TAG_LEN),), labels) for labels, tags in groups
+            ((len(tags) // TAG_LEN, ((tags, TAG_LEN),), labels) for labels, tags in groups),
+            TAG_LEN,
+            total,
         )
 
-    def _run(self, groups: Iterable[tuple[int, tuple[tuple[Buffer, int], ...], str]]) -> bytearray:
-        """Each group's columns zipped with its label set's id, one group at a time into
-        one buffer, then sorted in place: the run itself is the only full-size copy."""
-        todo = list(groups)  # (views: nothing copied yet)
-        if not todo:
-            return bytearray()
-        width = sum(w for _, w in todo[0][1]) + pairruns.LSID
-        out = bytearray(width * sum(n for n, _, _ in todo))
+    def _run(
+        self,
+        groups: Iterable[tuple[int, tuple[tuple[Buffer, int], ...], str]],
+        columns: int,
+        total: int | None,
+    ) -> bytearray:
+        """Each group's columns (`columns` bytes a value) zipped with its label set's id,
+        one group at a time into one buffer, then sorted in place: the run itself is
+        the only full-size copy. Given `total` (the values of all groups), groups are
+        taken as they come (each may be a chunk read from disk); else listed first
+        (views: nothing copied)."""
+        if total is None:
+            todo = list(groups)
+            groups, total = todo, sum(n for n, _, _ in todo)
+        width = columns + pairruns.LSID
+        out = bytearray(width * total)
         at = 0
-        for n, cols, labels in todo:
+        for n, cols, labels in groups:
             at = _zip_into(out, at, n, *cols, (self.lsid(labels), pairruns.LSID))
+        if at != len(out):
+            raise ValueError(f"the groups held {at // width} values, not {total}")
         pairruns.sort_inplace(out, width)
         return out
 

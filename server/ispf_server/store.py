@@ -200,6 +200,7 @@ def _rollback(cur: sqlite3.Cursor) -> None:
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.directory = path.parent  # (also where sessions spool their tags)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._pruning = threading.Lock()  # one pruning of registry changes at a time

@@ -15,6 +15,7 @@ from ispf.records import Label
 from ispf_server.policy import PeerPolicy
 from ispf_server.session import sync
 from ispf_server.session.plan import eligible_records
+from ispf_server.session.spool import TagSpool
 from ispf_server.store import Store, StoredRecord
 
 LABELS = [
@@ -87,7 +88,9 @@ def test_full_prepare_plans_every_id_once_in_label_set_groups(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_packed_full_run_equals_the_general_path(tmp_path: Path, seed: int) -> None:
+def test_packed_full_run_equals_the_general_path(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The C path for a full run (sorted runs joined on the tag) gives the same
     result, fingerprints and stored state as the record-by-record path."""
     from ispf.hazmat import curve
@@ -103,12 +106,22 @@ def test_packed_full_run_equals_the_general_path(tmp_path: Path, seed: int) -> N
     peer = b"".join(tag_of[n] for n in peer_ids) + rng.randbytes(16 * 50)
     groups = [(LABELS[1],), (LABELS[0], LABELS[3])]
     results = []
-    for packed in (True, False):
-        store = Store(tmp_path / f"{packed}.sqlite")
+    # The packed path with the tags in memory, and spooled to disk and read back in
+    # chunks (small ones here, so that they cross the groups' edges); the general path.
+    for packed, spooled in ((True, False), (True, True), (False, True)):
+        store = Store(tmp_path / f"{packed}{spooled}.sqlite")
         store.upsert(records)
         side = sync.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
-        res = sync.finish(side, own, groups, [120, 180], peer, [], packed=packed)
+        if spooled:
+            monkeypatch.setattr(sync, "SPOOL_CHUNK", 7)
+            own_in, peer_in = TagSpool(tmp_path), TagSpool(tmp_path)
+            own_in.append(own[:160])
+            own_in.append(own[160:])
+            peer_in.append(peer)
+            res = sync.finish(side, own_in, groups, [120, 180], peer_in, [], packed=packed)
+        else:
+            res = sync.finish(side, own, groups, [120, 180], peer, [], packed=packed)
         # The C path stages its runs in the store as it builds them (a generation
         # that is not current yet) and keeps no per-ID groups; the general path
         # hands its runs to the commit.
@@ -130,7 +143,7 @@ def test_packed_full_run_equals_the_general_path(tmp_path: Path, seed: int) -> N
         rows = sorted(o.matches, key=repr)
         results.append((o.match_count, o.digest, rows, res.state_after, state))
     assert results[0][0] > 0
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
 
 
 def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:

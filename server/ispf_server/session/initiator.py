@@ -41,6 +41,7 @@ from ispf_server.session.core import (
 )
 from ispf_server.session.plan import Plan, parse_groups
 from ispf_server.session.progress import COMPLETED, FAILED, Progress
+from ispf_server.session.spool import TagSpool
 from ispf_server.session.sync import (
     SyncSide,
     finish,
@@ -299,40 +300,44 @@ class Initiator:
             plan.total,
             peer_total,
         )
-        own_tags = bytearray()
-        own_error: list[BaseException] = []
+        # Both directions' tags go to disk as they come (spool.py), and are freed there
+        # once matched.
+        with (
+            TagSpool(self.store.directory) as own_tags,
+            TagSpool(self.store.directory) as peer_tags,
+        ):
+            own_error: list[BaseException] = []
 
-        def own_direction() -> None:
+            def own_direction() -> None:
+                try:
+                    self._send_own(plan.order, own_tags)
+                except BaseException as exc:
+                    own_error.append(exc)
+
+            worker = threading.Thread(target=own_direction, name=f"session-{sid[:8]}-own")
+            worker.start()
             try:
-                own_tags.extend(self._send_own(plan.order))
-            except BaseException as exc:
-                own_error.append(exc)
-
-        worker = threading.Thread(target=own_direction, name=f"session-{sid[:8]}-own")
-        worker.start()
-        try:
-            peer_tags = self._answer_peer(peer_total)
-        finally:
-            worker.join()
-        if own_error:
-            raise own_error[0]
-        if len(own_tags) != plan.total * TAG_BYTES:
-            raise ProtocolViolation(
-                f"peer returned {len(own_tags) // TAG_BYTES} tags for {plan.total} values"
-            )
-        clock.lap("exchange")
-        self.progress.update(phase="intersect")
-        synced = None
-        if side is not None:
-            own = bytes(own_tags)
-            own_tags.clear()  # (one copy of each direction's tags at a time: 160 MB at 10M)
-            synced = finish(side, own, peer_groups, peer_sizes, peer_tags, peer_removed)
-            del own, peer_tags
-            outcome = synced.outcome
-        elif self.labelled:
-            outcome = intersect(plan, bytes(own_tags), peer_groups, peer_sizes, peer_tags)
-        else:
-            outcome = Outcome(count_common(bytes(own_tags), peer_tags), b"", [])
+                self._answer_peer(peer_total, peer_tags)
+            finally:
+                worker.join()
+            if own_error:
+                raise own_error[0]
+            if own_tags.count != plan.total:
+                raise ProtocolViolation(
+                    f"peer returned {own_tags.count} tags for {plan.total} values"
+                )
+            clock.lap("exchange")
+            self.progress.update(phase="intersect")
+            synced = None
+            if side is not None:
+                synced = finish(side, own_tags, peer_groups, peer_sizes, peer_tags, peer_removed)
+                outcome = synced.outcome
+            elif self.labelled:
+                outcome = intersect(
+                    plan, own_tags.getvalue(), peer_groups, peer_sizes, peer_tags.getvalue()
+                )
+            else:
+                outcome = Outcome(count_common(own_tags.getvalue(), peer_tags.getvalue()), b"", [])
         clock.lap("match")
         conclude = peer_pb2.ConcludeRequest(
             session_id=sid,
@@ -447,7 +452,7 @@ class Initiator:
         captured.reraise()
         return result
 
-    def _send_own(self, order: PackedNids) -> bytes:
+    def _send_own(self, order: PackedNids, tags: TagSpool) -> None:
         """Stream own blinded values; collect the peer's tags for them, in order."""
         sid = self.req.session_id
         sizes: deque[int] = deque()
@@ -464,8 +469,6 @@ class Initiator:
                 yield peer_pb2.BlindedChunk(session_id=sid, seq=seq, values=packed)
                 self.progress.add(sent=len(digits))
 
-        tags = bytearray()
-
         def call(reqs: Iterator[peer_pb2.BlindedChunk]) -> None:
             responses = self.stub.Reblind(reqs, timeout=self.deadlines.session, metadata=self.md)
             payloads = (
@@ -480,11 +483,10 @@ class Initiator:
                 )
             )
             for payload in payloads:
-                tags.extend(payload)
+                tags.append(payload)
                 self.progress.add(received=len(payload) // TAG_BYTES)
 
         self._stream_call(call, requests())
-        return bytes(tags)
 
     def _in_step(
         self, responses: Iterable[peer_pb2.BlindedChunk], sizes: deque[int]
@@ -503,10 +505,9 @@ class Initiator:
         if sizes:
             raise ProtocolViolation("Reblind answer ended early")
 
-    def _answer_peer(self, peer_total: int) -> bytes:
+    def _answer_peer(self, peer_total: int, tags: TagSpool) -> None:
         """Re-blind the peer's values into tags; in mutual mode send them back."""
         sid = self.req.session_id
-        tags = bytearray()
         fetched = self.stub.FetchBlinded(
             peer_pb2.FetchRequest(session_id=sid), timeout=self.deadlines.session
         )
@@ -523,7 +524,7 @@ class Initiator:
                 lambda v: self.pool.reblind(self.key, v, TAG_BYTES), values, self.pool.depth
             )
             for seq, (_, t) in enumerate(results):
-                tags.extend(t)
+                tags.append(t)
                 n = len(t) // TAG_BYTES
                 self.progress.add(received=n, work_done=n)
                 yield peer_pb2.BlindedChunk(session_id=sid, seq=seq, values=t)
@@ -541,4 +542,3 @@ class Initiator:
         else:
             for _ in tag_chunks():
                 pass
-        return bytes(tags)

@@ -47,6 +47,7 @@ from ispf_server.session.plan import (
     shuffle_packed,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
+from ispf_server.session.spool import TagSpool
 from ispf_server.session.sync import (
     SyncResult,
     SyncSide,
@@ -73,9 +74,10 @@ class ResponderSession:
     peer_groups: list[LabelSet]
     peer_sizes: list[int]
     progress: Progress
+    # Both directions' tags, spooled to disk as they come (closed with the session).
+    initiator_tags: TagSpool
+    own_tags: TagSpool
     last_used: float = field(default_factory=time.monotonic)
-    initiator_tags: bytearray = field(default_factory=bytearray)
-    own_tags: bytearray = field(default_factory=bytearray)
     reblind_done: bool = False
     return_done: bool = False
     busy: set[str] = field(default_factory=set)
@@ -91,6 +93,8 @@ class ResponderSession:
     intersecting: Future[Outcome] | None = None
 
     def release(self) -> None:
+        self.initiator_tags.close()
+        self.own_tags.close()
         lock, self.pair_lock = self.pair_lock, None
         if lock is not None:
             lock.release()
@@ -411,6 +415,8 @@ class Responder:
             peer_groups=groups,
             peer_sizes=sizes,
             progress=progress,
+            initiator_tags=TagSpool(self.store.directory),
+            own_tags=TagSpool(self.store.directory),
             side=side,
             peer_removed=peer_removed,
             pair_lock=lock,
@@ -456,7 +462,7 @@ class Responder:
             )
             if s.labelled:
                 for seq, (_, tags) in enumerate(results):
-                    s.initiator_tags += tags
+                    s.initiator_tags.append(tags)
                     n = len(tags) // TAG_BYTES
                     s.progress.add(received=n, work_done=n, sent=n)
                     yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=tags)
@@ -464,11 +470,11 @@ class Responder:
                 # Count-only: answer only once all is in, shuffled, so the initiator
                 # cannot map tags to its records.
                 for _, tags in results:
-                    s.initiator_tags += tags
+                    s.initiator_tags.append(tags)
                     n = len(tags) // TAG_BYTES
                     s.progress.add(received=n, work_done=n)
                 # (packed and shuffled in place: no object per tag at registry scale)
-                shuffled = bytearray(s.initiator_tags)
+                shuffled = bytearray(s.initiator_tags.getvalue())
                 shuffle_packed(shuffled, width=TAG_BYTES)
                 step = self.chunk_values * TAG_BYTES
                 for seq, at in enumerate(range(0, len(shuffled), step)):
@@ -491,10 +497,10 @@ class Responder:
                     s.intersecting = in_thread(
                         lambda: intersect(
                             s.plan,
-                            bytes(s.own_tags),
+                            s.own_tags.getvalue(),
                             s.peer_groups,
                             s.peer_sizes,
-                            bytes(s.initiator_tags),
+                            s.initiator_tags.getvalue(),
                         ),
                         f"match-{s.session_id[:8]}",
                     )
@@ -503,10 +509,14 @@ class Responder:
                 return
 
             def run() -> SyncResult:
-                own, theirs = bytes(s.own_tags), bytes(s.initiator_tags)
-                s.own_tags, s.initiator_tags = bytearray(), bytearray()  # (one copy each)
-                result = finish(side, own, s.peer_groups, s.peer_sizes, theirs, s.peer_removed)
-                del own, theirs
+                result = finish(
+                    side,
+                    s.own_tags,
+                    s.peer_groups,
+                    s.peer_sizes,
+                    s.initiator_tags,
+                    s.peer_removed,
+                )
                 self.store.stage_result(
                     s.session_id, s.peer, s.salt.epoch, result.delta, result.outcome.matches
                 )
@@ -535,7 +545,6 @@ class Responder:
                 raise ProtocolViolation("ReturnTags is not part of a count-only session")
             if s.return_done:
                 raise ProtocolViolation("ReturnTags was already done for this session")
-            own = bytearray()
             for payload in checked_chunks(
                 chunks,
                 session_id=s.session_id,
@@ -543,12 +552,11 @@ class Responder:
                 announced=s.plan.total,
                 what="ReturnTags",
             ):
-                own += payload
+                s.own_tags.append(payload)  # (a failed stream fails the session)
                 s.progress.add(received=len(payload) // TAG_BYTES)
-            s.own_tags = own
             s.return_done = True
             self._start_matching(s)
-            return peer_pb2.ReturnTagsResponse(received=len(own) // TAG_BYTES)
+            return peer_pb2.ReturnTagsResponse(received=s.own_tags.count)
 
     def conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
         with self._lock:

@@ -25,6 +25,7 @@ from ispf_server import pairruns
 from ispf_server.pairruns import NID, OWN_TAG, PEER_TAG, TAG_LED_NID
 from ispf_server.pairstate import (
     EMPTY_FP,
+    Buffer,
     OwnGroup,
     PairDelta,
     PeerGroup,
@@ -48,6 +49,8 @@ from ispf_server.session.plan import (
     eligible_records,
     shuffled_plan,
 )
+from ispf_server.session.spool import CHUNK as SPOOL_CHUNK
+from ispf_server.session.spool import TagSpool
 from ispf_server.store import MatchRow, Store, StoredRecord
 
 MAX_REMOVED = 1_000_000
@@ -310,12 +313,44 @@ def _matched_rows(side: SyncSide, matches: dict[str, tuple[bytes, str]]) -> list
     return rows
 
 
+# A direction's tags: in memory, or spooled to disk as they came (`TagSpool`).
+Tags = bytes | TagSpool
+
+
+def _tag_chunks(tags: Tags, start: int, stop: int) -> Iterator[tuple[int, Buffer]]:
+    """(first position, tags) for positions [start, stop): one view in memory, or
+    chunks of bounded size read back from a spool."""
+    if isinstance(tags, TagSpool):
+        for at in range(start, stop, SPOOL_CHUNK):
+            yield at, tags.read(at, min(at + SPOOL_CHUNK, stop))
+    elif stop > start:
+        yield start, memoryview(tags)[TAG_BYTES * start : TAG_BYTES * stop]
+
+
+def _fingerprint(tags: Tags) -> bytes:
+    """`fingerprint_packed`, chunk by chunk where spooled (XOR: the parts combine)."""
+    if not isinstance(tags, TagSpool):
+        return fingerprint_packed(tags)
+    fp = EMPTY_FP
+    for chunk in tags.chunks():
+        fp = xor_fp(fp, fingerprint_packed(chunk))
+    return fp
+
+
+def _count(tags: Tags) -> int:
+    return tags.count if isinstance(tags, TagSpool) else len(tags) // TAG_BYTES
+
+
+def _in_memory(tags: Tags) -> bytes:
+    return tags.getvalue() if isinstance(tags, TagSpool) else tags
+
+
 def _finish_full(
     side: SyncSide,
-    own_added_tags: bytes,
+    own_added_tags: Tags,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
-    peer_added_tags: bytes,
+    peer_added_tags: Tags,
 ) -> SyncResult | None:
     """A full run on packed data: the state's sorted runs are built in C, and the
     matches come from joining the own and peer runs on the tag, so no Python object
@@ -327,31 +362,28 @@ def _finish_full(
         joined_nids = joined_nids.tobytes()
     if native is None or not joined_nids.isdigit():
         return None
-    nids_view, own_view, peer_view = (
-        memoryview(joined_nids),
-        memoryview(own_added_tags),
-        memoryview(peer_added_tags),
-    )
+    nids_view = memoryview(joined_nids)
 
-    def own_groups() -> Iterator[tuple[str, memoryview, memoryview]]:
+    # Each group in chunks of tags (read from disk where spooled), with its IDs.
+    def own_groups() -> Iterator[tuple[str, memoryview, Buffer]]:
         pos = 0
         for group, size in zip(plan.groups, plan.sizes, strict=True):
-            yield (
-                labels_text(group),
-                nids_view[NID * pos : NID * (pos + size)],
-                own_view[TAG_BYTES * pos : TAG_BYTES * (pos + size)],
-            )
+            text = labels_text(group)
+            for at, tags in _tag_chunks(own_added_tags, pos, pos + size):
+                yield text, nids_view[NID * at : NID * (at + len(tags) // TAG_BYTES)], tags
             pos += size
 
-    def peer_groups_packed() -> Iterator[tuple[str, memoryview]]:
+    def peer_groups_packed() -> Iterator[tuple[str, Buffer]]:
         pos = 0
         for group, size in zip(peer_groups, peer_sizes, strict=True):
-            yield labels_text(group), peer_view[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
+            text = labels_text(group)
+            for _, tags in _tag_chunks(peer_added_tags, pos, pos + size):
+                yield text, tags
             pos += size
 
     runs = RunBuilder()
-    own_by_tag = runs.own(own_groups(), by_tag=True)
-    peer_by_tag = runs.peer(peer_groups_packed())
+    own_by_tag = runs.own(own_groups(), by_tag=True, total=plan.total)
+    peer_by_tag = runs.peer(peer_groups_packed(), total=sum(peer_sizes))
     # tag | nid | own lsid | peer lsid, for every tag on both sides
     joined = native.merge_join(own_by_tag, OWN_TAG.width, peer_by_tag, PEER_TAG.width, TAG_BYTES)
     if joined is None:
@@ -370,11 +402,10 @@ def _finish_full(
         # the own_tag record, then the peer record's lsid
         matches[rec[TAG_LED_NID].decode("ascii")] = (rec[:TAG_BYTES], names[rec[OWN_TAG.width :]])
     del joined
-    stager.write(pairruns.OWN_NID, runs.own(own_groups(), by_tag=False))
+    stager.write(pairruns.OWN_NID, runs.own(own_groups(), by_tag=False, total=plan.total))
     stager.write(pairruns.MATCHED, runs.matched(matches))
     staged = stager.done(runs.texts)
-    own_fp = fingerprint_packed(own_added_tags)
-    peer_fp = fingerprint_packed(peer_added_tags)
+    own_fp, peer_fp = _fingerprint(own_added_tags), _fingerprint(peer_added_tags)
     delta = PairDelta(
         reset=True,
         own_added=[],  # (the runs hold them)
@@ -394,26 +425,29 @@ def _finish_full(
 
 def finish(
     side: SyncSide,
-    own_added_tags: bytes,
+    own_tags_in: Tags,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
-    peer_added_tags: bytes,
+    peer_tags_in: Tags,
     peer_removed: list[bytes],
     *,
     packed: bool = True,
 ) -> SyncResult:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
 
-    `packed=False` forces the general path for a full run (tests compare the two)."""
+    Each direction's tags may be spooled to disk (a full run reads them back in
+    chunks); the general path reads them whole. `packed=False` forces the general
+    path for a full run (tests compare the two)."""
     store, peer, epoch, plan = side.store, side.peer, side.epoch, side.plan
-    if len(own_added_tags) != plan.total * TAG_BYTES:
-        raise ProtocolViolation(
-            f"{len(own_added_tags) // TAG_BYTES} tags for {plan.total} values sent"
-        )
+    if _count(own_tags_in) != plan.total or (
+        isinstance(own_tags_in, bytes) and len(own_tags_in) % TAG_BYTES
+    ):
+        raise ProtocolViolation(f"{_count(own_tags_in)} tags for {plan.total} values sent")
     if packed and not side.incremental and not peer_removed:
-        fast = _finish_full(side, own_added_tags, peer_groups, peer_sizes, peer_added_tags)
+        fast = _finish_full(side, own_tags_in, peer_groups, peer_sizes, peer_tags_in)
         if fast is not None:
             return fast
+    own_added_tags, peer_added_tags = _in_memory(own_tags_in), _in_memory(peer_tags_in)
     own_tags = split(own_added_tags, TAG_BYTES)
     own_added: list[OwnGroup] = []
     pos = 0

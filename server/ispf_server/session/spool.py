@@ -1,0 +1,88 @@
+"""A session's tags on disk: at registry scale they are the exchange's largest data.
+
+Each direction of a session yields 16 bytes per value (160 MB at ten million),
+and both directions used to stay in memory from the exchange to the end of the
+matching. A `TagSpool` appends them to an unlinked temporary file in the node's
+own store directory (so nothing is left behind, even after a crash) and hands
+them back in bounded chunks: a full run zips its sorted runs from it a chunk at
+a time. Tags are blinded values, never IDs; the salt and keys are not in them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ispf.blinding import TAG_BYTES
+from ispf.errors import StorageFull
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # values per chunk read back (16 MiB of tags)
+
+
+class TagSpool:
+    """Fixed-width values appended in order, read back by position."""
+
+    def __init__(self, directory: Path | None, width: int = TAG_BYTES) -> None:
+        self.width = width
+        self.count = 0
+        self._lock = threading.Lock()  # (appends and reads may come from other threads)
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (unlinked at once; closed by close)
+        except OSError as exc:
+            raise _unwritable(exc) from exc
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) % self.width:
+            raise ValueError(f"{len(data)} bytes are not whole {self.width}-byte values")
+        with self._lock:
+            try:
+                self._file.seek(0, 2)
+                self._file.write(data)
+            except OSError as exc:
+                raise _unwritable(exc) from exc
+            self.count += len(data) // self.width
+
+    def read(self, start: int, stop: int) -> bytes:
+        """Values [start, stop), concatenated."""
+        start, stop = max(0, start), min(stop, self.count)
+        if stop <= start:
+            return b""
+        with self._lock:
+            self._file.seek(start * self.width)
+            data = self._file.read((stop - start) * self.width)
+        if len(data) != (stop - start) * self.width:
+            raise OSError(f"tag spool: read {len(data)} bytes of {(stop - start) * self.width}")
+        return data
+
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """Values [start, stop) in chunks of at most CHUNK values."""
+        stop = self.count if stop is None else min(stop, self.count)
+        for at in range(start, stop, CHUNK):
+            yield self.read(at, min(at + CHUNK, stop))
+
+    def getvalue(self) -> bytes:
+        """Every value at once (the general paths; a one-off session's matching)."""
+        return self.read(0, self.count)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __enter__(self) -> TagSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unwritable(exc: OSError) -> StorageFull:
+    log.error("tag spool: %s", exc)
+    return StorageFull(
+        "the node's disk is full or its store directory cannot be written: the "
+        "session's tags could not be kept; free space on the node and try again"
+    )
