@@ -13,7 +13,7 @@ from ispf.hazmat import curve
 from ispf.nid import PackedNids
 from ispf.records import Label
 from ispf_server.policy import PeerPolicy
-from ispf_server.session import sync
+from ispf_server.session import spool, sync
 from ispf_server.session.plan import eligible_records
 from ispf_server.session.spool import TagSpool
 from ispf_server.store import Store, StoredRecord
@@ -114,7 +114,7 @@ def test_packed_full_run_equals_the_general_path(
         side = sync.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         if spooled:
-            monkeypatch.setattr(sync, "SPOOL_CHUNK", 7)
+            monkeypatch.setattr(spool, "CHUNK", 7)
             own_in, peer_in = TagSpool(tmp_path), TagSpool(tmp_path)
             own_in.append(own[:160])
             own_in.append(own[160:])

@@ -49,7 +49,6 @@ from ispf_server.session.plan import (
     eligible_records,
     shuffled_plan,
 )
-from ispf_server.session.spool import CHUNK as SPOOL_CHUNK
 from ispf_server.session.spool import TagSpool
 from ispf_server.store import MatchRow, Store, StoredRecord
 
@@ -321,8 +320,10 @@ def _tag_chunks(tags: Tags, start: int, stop: int) -> Iterator[tuple[int, Buffer
     """(first position, tags) for positions [start, stop): one view in memory, or
     chunks of bounded size read back from a spool."""
     if isinstance(tags, TagSpool):
-        for at in range(start, stop, SPOOL_CHUNK):
-            yield at, tags.read(at, min(at + SPOOL_CHUNK, stop))
+        at = start
+        for chunk in tags.chunks(start, stop):
+            yield at, chunk
+            at += len(chunk) // TAG_BYTES
     elif stop > start:
         yield start, memoryview(tags)[TAG_BYTES * start : TAG_BYTES * stop]
 
