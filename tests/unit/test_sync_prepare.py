@@ -32,6 +32,14 @@ POLICIES = [
 ]
 
 
+def spooled(directory: Path, *parts: bytes) -> TagSpool:
+    """Tags as a session holds them: spooled to disk as they come."""
+    tags = TagSpool(directory)
+    for part in parts:
+        tags.append(part)
+    return tags
+
+
 @pytest.mark.parametrize("batch", [7, 500_000])
 @pytest.mark.parametrize("way", ["coded", "rows"])
 @pytest.mark.parametrize("pp", POLICIES)
@@ -106,22 +114,18 @@ def test_packed_full_run_equals_the_general_path(
     peer = b"".join(tag_of[n] for n in peer_ids) + rng.randbytes(16 * 50)
     groups = [(LABELS[1],), (LABELS[0], LABELS[3])]
     results = []
-    # The packed path with the tags in memory, and spooled to disk and read back in
-    # chunks (small ones here, so that they cross the groups' edges); the general path.
-    for packed, spooled in ((True, False), (True, True), (False, True)):
-        store = Store(tmp_path / f"{packed}{spooled}.sqlite")
+    # The packed path reading the spooled tags back in large chunks and in small ones
+    # (which cross the groups' edges); the general path.
+    for packed, chunk in ((True, spool.CHUNK), (True, 7), (False, 7)):
+        store = Store(tmp_path / f"{packed}{chunk}.sqlite")
         store.upsert(records)
         side = sync.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
-        if spooled:
-            monkeypatch.setattr(spool, "CHUNK", 7)
-            own_in, peer_in = TagSpool(tmp_path), TagSpool(tmp_path)
-            own_in.append(own[:160])
-            own_in.append(own[160:])
-            peer_in.append(peer)
-            res = sync.finish(side, own_in, groups, [120, 180], peer_in, [], packed=packed)
-        else:
-            res = sync.finish(side, own, groups, [120, 180], peer, [], packed=packed)
+        monkeypatch.setattr(spool, "CHUNK", chunk)
+        own_in = spooled(tmp_path, own[:160], own[160:])
+        res = sync.finish(
+            side, own_in, groups, [120, 180], spooled(tmp_path, peer), [], packed=packed
+        )
         # The C path stages its runs in the store as it builds them (a generation
         # that is not current yet) and keeps no per-ID groups; the general path
         # hands its runs to the commit.
@@ -215,7 +219,9 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
         store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
         side = sync.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
-        return sync.finish(side, own, [(LABELS[0],)], [120], peer, [])
+        return sync.finish(
+            side, spooled(tmp_path, own), [(LABELS[0],)], [120], spooled(tmp_path, peer), []
+        )
 
     def generations() -> set[int]:
         rows = store._db.execute("SELECT DISTINCT gen FROM pair_runs").fetchall()

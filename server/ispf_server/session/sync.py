@@ -312,46 +312,28 @@ def _matched_rows(side: SyncSide, matches: dict[str, tuple[bytes, str]]) -> list
     return rows
 
 
-# A direction's tags: in memory, or spooled to disk as they came (`TagSpool`).
-Tags = bytes | TagSpool
+def _tag_chunks(tags: TagSpool, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """(first position, tags) for positions [start, stop), in the spool's chunks."""
+    at = start
+    for chunk in tags.chunks(start, stop):
+        yield at, chunk
+        at += len(chunk) // TAG_BYTES
 
 
-def _tag_chunks(tags: Tags, start: int, stop: int) -> Iterator[tuple[int, Buffer]]:
-    """(first position, tags) for positions [start, stop): one view in memory, or
-    chunks of bounded size read back from a spool."""
-    if isinstance(tags, TagSpool):
-        at = start
-        for chunk in tags.chunks(start, stop):
-            yield at, chunk
-            at += len(chunk) // TAG_BYTES
-    elif stop > start:
-        yield start, memoryview(tags)[TAG_BYTES * start : TAG_BYTES * stop]
-
-
-def _fingerprint(tags: Tags) -> bytes:
-    """`fingerprint_packed`, chunk by chunk where spooled (XOR: the parts combine)."""
-    if not isinstance(tags, TagSpool):
-        return fingerprint_packed(tags)
+def _fingerprint(tags: TagSpool) -> bytes:
+    """`fingerprint_packed`, chunk by chunk (XOR: the parts combine)."""
     fp = EMPTY_FP
     for chunk in tags.chunks():
         fp = xor_fp(fp, fingerprint_packed(chunk))
     return fp
 
 
-def _count(tags: Tags) -> int:
-    return tags.count if isinstance(tags, TagSpool) else len(tags) // TAG_BYTES
-
-
-def _in_memory(tags: Tags) -> bytes:
-    return tags.getvalue() if isinstance(tags, TagSpool) else tags
-
-
 def _finish_full(
     side: SyncSide,
-    own_added_tags: Tags,
+    own_added_tags: TagSpool,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
-    peer_added_tags: Tags,
+    peer_added_tags: TagSpool,
 ) -> SyncResult | None:
     """A full run on packed data: the state's sorted runs are built in C, and the
     matches come from joining the own and peer runs on the tag, so no Python object
@@ -426,29 +408,27 @@ def _finish_full(
 
 def finish(
     side: SyncSide,
-    own_tags_in: Tags,
+    own_tags_in: TagSpool,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
-    peer_tags_in: Tags,
+    peer_tags_in: TagSpool,
     peer_removed: list[bytes],
     *,
     packed: bool = True,
 ) -> SyncResult:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
 
-    Each direction's tags may be spooled to disk (a full run reads them back in
-    chunks); the general path reads them whole. `packed=False` forces the general
+    Each direction's tags are spooled to disk: a full run reads them back in
+    chunks; the general path reads them whole. `packed=False` forces the general
     path for a full run (tests compare the two)."""
     store, peer, epoch, plan = side.store, side.peer, side.epoch, side.plan
-    if _count(own_tags_in) != plan.total or (
-        isinstance(own_tags_in, bytes) and len(own_tags_in) % TAG_BYTES
-    ):
-        raise ProtocolViolation(f"{_count(own_tags_in)} tags for {plan.total} values sent")
+    if own_tags_in.count != plan.total:
+        raise ProtocolViolation(f"{own_tags_in.count} tags for {plan.total} values sent")
     if packed and not side.incremental and not peer_removed:
         fast = _finish_full(side, own_tags_in, peer_groups, peer_sizes, peer_tags_in)
         if fast is not None:
             return fast
-    own_added_tags, peer_added_tags = _in_memory(own_tags_in), _in_memory(peer_tags_in)
+    own_added_tags, peer_added_tags = own_tags_in.getvalue(), peer_tags_in.getvalue()
     own_tags = split(own_added_tags, TAG_BYTES)
     own_added: list[OwnGroup] = []
     pos = 0
