@@ -162,7 +162,7 @@ def _found_packed(
     a 4-byte position (ours) or group number (theirs), sorted and merged in C. None
     without the module, or where a side repeats a tag (`_found` counts each)."""
     n_own, n_peer = len(own_tags) // TAG_BYTES, sum(peer_sizes)
-    if native is None or sys.byteorder != "little" or len(peer_tags) != TAG_BYTES * n_peer:
+    if native is None or len(peer_tags) != TAG_BYTES * n_peer:
         return None
     positions = array("I", range(n_own))
     if positions.itemsize != 4:
@@ -173,7 +173,9 @@ def _found_packed(
     peer, tags, pos = bytearray(width * n_peer), memoryview(peer_tags), 0
     for g, size in enumerate(peer_sizes):
         part = tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
-        native.zip_into(peer, width * pos, size, (part, TAG_BYTES), (g.to_bytes(4, "little"), 4))
+        native.zip_into(
+            peer, width * pos, size, (part, TAG_BYTES), (g.to_bytes(4, sys.byteorder), 4)
+        )
         pos += size
     tags.release()
     native.sort_inplace(own, width)
@@ -185,8 +187,8 @@ def _found_packed(
     found: list[tuple[bytes, bytes, LabelSet]] = []
     for at in range(0, len(joined), width + 4):
         rec = joined[at : at + width + 4]
-        i = int.from_bytes(rec[TAG_BYTES:width], "little")
-        g = int.from_bytes(rec[width:], "little")
+        i = int.from_bytes(rec[TAG_BYTES:width], sys.byteorder)  # (array's own order)
+        g = int.from_bytes(rec[width:], sys.byteorder)
         found.append((rec[:TAG_BYTES], plan.order[i], peer_groups[g]))
     return found
 
