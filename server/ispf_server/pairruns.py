@@ -25,9 +25,10 @@ next staging for the pair, or with the epoch.
 
 from __future__ import annotations
 
+import heapq
 import sqlite3
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ispf.hazmat.curve import native
@@ -94,6 +95,7 @@ def lsid(n: int) -> bytes:
 
 
 Run = bytes | bytearray | memoryview  # a run's sorted records, packed
+Buffer = Run
 
 
 def sort_inplace(buf: bytearray, width: int) -> None:
@@ -103,6 +105,15 @@ def sort_inplace(buf: bytearray, width: int) -> None:
         native.sort_inplace(buf, width)
     else:
         buf[:] = b"".join(sorted(buf[i : i + width] for i in range(0, len(buf), width)))
+
+
+def merge_sorted(pieces: Sequence[Buffer], width: int) -> bytes:
+    """Sorted runs of fixed-width records merged into one (in C; `heapq.merge` where
+    the module is not built)."""
+    if native is not None:
+        return bytes(native.merge_sorted(pieces, width))
+    runs = [[bytes(p[i : i + width]) for i in range(0, len(p), width)] for p in pieces]
+    return b"".join(heapq.merge(*runs))
 
 
 def current(db: sqlite3.Connection, peer: str, epoch: int) -> int | None:
@@ -118,6 +129,15 @@ def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
 def write_run(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
     """Store the sorted records of `kind` in parts, under generation `gen` (written
     once per generation)."""
+    write_parts(cur, peer, epoch, gen, kind, 0, data)
+
+
+def write_parts(
+    cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, first: int, data: Run
+) -> int:
+    """Store sorted records of `kind` as parts numbered from `first` (a run written
+    in pieces as it is merged: every piece but the last whole parts); returns the
+    next part's number."""
     step = PART_RECORDS * kind.width
 
     def last_key(at: int) -> bytes:
@@ -127,10 +147,11 @@ def write_run(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, 
     cur.executemany(
         "INSERT INTO pair_runs VALUES (?,?,?,?,?,?,?)",
         (
-            (peer, epoch, gen, kind.name, at // step, last_key(at), data[at : at + step])
+            (peer, epoch, gen, kind.name, first + at // step, last_key(at), data[at : at + step])
             for at in range(0, len(data), step)
         ),
     )
+    return first + -(-len(data) // step)
 
 
 def stage(

@@ -1418,6 +1418,150 @@ done:
     return out;
 }
 
+/* merge_sorted(pieces, width) -> bytes: sorted runs of width-byte records (a
+ * sequence of buffers, each sorted bytewise) merged into one sorted run. The
+ * k-way merge of an external sort: a binary heap of the runs' heads, ties taken
+ * from the earlier run. */
+static PyObject *py_merge_sorted(PyObject *self, PyObject *args) {
+    PyObject *seq_in;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "On", &seq_in, &width)) return NULL;
+    if (width < 1 || width > 256) {
+        PyErr_SetString(PyExc_ValueError, "width must be from 1 to 256");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(seq_in, "pieces must be a sequence of buffers");
+    if (!seq) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq), got = 0, total = 0;
+    Py_buffer *bufs = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Py_buffer));
+    size_t *pos = PyMem_Calloc((size_t)(k ? k : 1), sizeof(size_t));
+    Py_ssize_t *heap = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Py_ssize_t));
+    PyObject *out = NULL;
+    if (!bufs || !pos || !heap) { PyErr_NoMemory(); goto done; }
+    for (; got < k; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        if (bufs[got].len % width) {
+            got++;
+            PyErr_Format(PyExc_ValueError, "piece %zd is not whole %zd-byte records", got - 1, width);
+            goto done;
+        }
+        total += bufs[got].len;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out) goto done;
+    unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+    size_t w = (size_t)width;
+    Py_BEGIN_ALLOW_THREADS
+    /* heap of run numbers, ordered by (head record, run number) */
+    #define HEAD(r) ((const unsigned char *)bufs[r].buf + pos[r])
+    #define LESS(r, s) ({ int c_ = memcmp(HEAD(r), HEAD(s), w); c_ < 0 || (c_ == 0 && (r) < (s)); })
+    Py_ssize_t n = 0;
+    for (Py_ssize_t r = 0; r < k; r++) {
+        if (!bufs[r].len) continue;
+        Py_ssize_t i = n++;
+        heap[i] = r;
+        while (i > 0 && LESS(heap[i], heap[(i - 1) / 2])) {
+            Py_ssize_t up = (i - 1) / 2, t = heap[up];
+            heap[up] = heap[i]; heap[i] = t; i = up;
+        }
+    }
+    while (n > 0) {
+        Py_ssize_t r = heap[0];
+        memcpy(dst, HEAD(r), w);
+        dst += w;
+        pos[r] += w;
+        if (pos[r] == (size_t)bufs[r].len) heap[0] = heap[--n];
+        for (Py_ssize_t i = 0;;) { /* sift down */
+            Py_ssize_t l = 2 * i + 1, m = i;
+            if (l < n && LESS(heap[l], heap[m])) m = l;
+            if (l + 1 < n && LESS(heap[l + 1], heap[m])) m = l + 1;
+            if (m == i) break;
+            Py_ssize_t t = heap[m]; heap[m] = heap[i]; heap[i] = t; i = m;
+        }
+    }
+    #undef LESS
+    #undef HEAD
+    Py_END_ALLOW_THREADS
+done:
+    for (Py_ssize_t j = 0; j < got; j++) PyBuffer_Release(&bufs[j]);
+    PyMem_Free(bufs);
+    PyMem_Free(pos);
+    PyMem_Free(heap);
+    Py_DECREF(seq);
+    return out;
+}
+
+/* has_repeat(data, width, key) -> bool: two neighbouring records of a sorted run
+ * with the same first `key` bytes. */
+static PyObject *py_has_repeat(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t width, key;
+    if (!PyArg_ParseTuple(args, "y*nn", &data, &width, &key)) return NULL;
+    if (width < 1 || key < 1 || key > width || data.len % width) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "data must be whole records; key within the width");
+        return NULL;
+    }
+    const unsigned char *a = data.buf;
+    size_t w = (size_t)width, n = (size_t)(data.len / width);
+    int rep = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 1; i < n && !rep; i++) rep = memcmp(a + (i - 1) * w, a + i * w, (size_t)key) == 0;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(rep);
+}
+
+/* select_fields(data, width, ((offset, length), ...)) -> bytes: each width-byte
+ * record of data remade from its fields, in the order given (a run re-keyed:
+ * tag | nid | ... into nid | tag | ...). */
+static PyObject *py_select_fields(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t width;
+    PyObject *fields_in;
+    if (!PyArg_ParseTuple(args, "y*nO", &data, &width, &fields_in)) return NULL;
+    PyObject *out = NULL, *fields = NULL;
+    Py_ssize_t offs[32], lens[32], nf = 0, wo = 0;
+    if (width < 1 || data.len % width) {
+        PyErr_SetString(PyExc_ValueError, "data must be whole records of a positive width");
+        goto done;
+    }
+    fields = PySequence_Fast(fields_in, "fields must be a sequence of (offset, length)");
+    if (!fields) goto done;
+    nf = PySequence_Fast_GET_SIZE(fields);
+    if (nf < 1 || nf > 32) {
+        PyErr_SetString(PyExc_ValueError, "from 1 to 32 fields");
+        goto done;
+    }
+    for (Py_ssize_t f = 0; f < nf; f++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fields, f), "nn", &offs[f], &lens[f]))
+            goto done;
+        if (offs[f] < 0 || lens[f] < 1 || offs[f] + lens[f] > width) {
+            PyErr_Format(PyExc_ValueError, "field %zd is not within the %zd-byte record", f, width);
+            goto done;
+        }
+        wo += lens[f];
+    }
+    Py_ssize_t n = data.len / width;
+    out = PyBytes_FromStringAndSize(NULL, n * wo);
+    if (!out) goto done;
+    unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *src = data.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++, src += width) {
+        for (Py_ssize_t f = 0; f < nf; f++) {
+            memcpy(dst, src + offs[f], (size_t)lens[f]);
+            dst += lens[f];
+        }
+    }
+    Py_END_ALLOW_THREADS
+done:
+    Py_XDECREF(fields);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
     if (use_vector < 0) use_vector = have_ifma();
     return PyBool_FromLong(use_vector);
@@ -1447,6 +1591,12 @@ static PyMethodDef methods[] = {
      "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},
     {"merge_join", py_merge_join, METH_VARARGS,
      "merge_join(a, wa, b, wb, key) -> bytes | None: records of a joined to b on their keys."},
+    {"merge_sorted", py_merge_sorted, METH_VARARGS,
+     "merge_sorted(pieces, width) -> bytes: sorted runs of fixed-width records merged in order."},
+    {"has_repeat", py_has_repeat, METH_VARARGS,
+     "has_repeat(data, width, key) -> bool: neighbouring records of a sorted run share a key."},
+    {"select_fields", py_select_fields, METH_VARARGS,
+     "select_fields(data, width, ((offset, length), ...)) -> bytes: each record remade from fields."},
     {"vector_available", py_vector_available, METH_NOARGS,
      "True if the CPU runs the eight-lane (AVX-512 IFMA) Legendre symbol."},
     {"x25519_many", py_x25519_many, METH_VARARGS,
