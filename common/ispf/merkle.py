@@ -42,6 +42,33 @@ def _split(n: int) -> int:
     return k
 
 
+class RootBuilder:
+    """MTH over leaf hashes given one at a time, in O(log n) memory: a stack of the
+    roots of complete subtrees, merged as a binary counter carries. `root()`
+    equals `root(leaves)` over every leaf added (a session's result digest over
+    millions of matches, as the join finds them)."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, bytes]] = []  # (leaves under it, its hash)
+        self.size = 0
+
+    def add(self, leaf: bytes) -> None:
+        size, node = 1, leaf
+        stack = self._stack
+        while stack and stack[-1][0] == size:
+            size, node = size * 2, node_hash(stack.pop()[1], node)
+        stack.append((size, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return EMPTY_ROOT
+        node = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            node = node_hash(left, node)
+        return node
+
+
 def root(leaves: Sequence[bytes]) -> bytes:
     """MTH over leaf hashes, level by level (a session's result digest has one leaf
     per match: 100k at a registry of a million).

@@ -129,3 +129,15 @@ def test_level_by_level_root_equals_the_rfc_definition() -> None:
     leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(300)]
     for n in range(301):
         assert merkle.root(leaves[:n]) == _mth(leaves[:n]), n
+
+
+def test_a_root_built_leaf_by_leaf_equals_the_rfc_definition() -> None:
+    """The streaming root (a stack of complete subtrees) a session's digest is made
+    with as matches are found, at every size up to 300 and across powers of two."""
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(300)]
+    for n in [*range(70), 127, 128, 129, 255, 256, 257, 300]:
+        built = merkle.RootBuilder()
+        for leaf in leaves[:n]:
+            built.add(leaf)
+        assert built.size == n
+        assert built.root() == _mth(leaves[:n]) == merkle.root(leaves[:n]), n
