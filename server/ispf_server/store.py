@@ -337,11 +337,14 @@ class Store:
         own_removed: int = 0,
         peer_removed: int = 0,
         matches_staged: bool = False,
+        matched_records: int | None = None,
     ) -> int:
         """Store the results, mark the session COMPLETED and append its audit entry,
         all in one transaction; returns the entry's index in the log. With
-        `matches_staged`, `stage_result` wrote the match rows already."""
-        matched_records = len({m.record_id for m in matches})
+        `matches_staged`, `stage_result` (or `stage_matches`) wrote the match rows
+        already; `matched_records` counts the records they name (else `matches`)."""
+        if matched_records is None:
+            matched_records = len({m.record_id for m in matches})
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -452,6 +455,27 @@ class Store:
                 raise
         if gen is not None:
             delta.staged, delta.runs = gen, None
+
+    @storage_errors
+    def stage_matches(self, session_id: str, matches: list[MatchRow]) -> bool:
+        """Write some of a running session's match rows ahead of its commit, as they
+        are found (a full run's, in batches: they are never all in memory). Read
+        only once the session is COMPLETED; `fail_session` deletes them. False
+        (nothing written) where the session is no longer running."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                running = cur.execute(
+                    "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
+                ).fetchone()
+                if running:
+                    self._insert_matches(cur, session_id, matches)
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        return running is not None
 
     @staticmethod
     def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> None:
@@ -896,8 +920,48 @@ class RunStager:
             lambda cur: pairruns.write_run(cur, self.peer, self.epoch, self.gen, kind, data)
         )
 
+    def writer(self, kind: pairruns.Kind) -> StagedRun:
+        """A run written as it is merged, piece by piece (`StagedRun`)."""
+        return StagedRun(self, kind)
+
     def done(self, labelsets: dict[str, int]) -> int:
         self.store._write_tx(
             lambda cur: pairruns.write_labelsets(cur, self.peer, self.epoch, self.gen, labelsets)
         )
         return self.gen
+
+
+class StagedRun:
+    """One run of a staged generation, appended in sorted pieces as an external sort
+    or a join gives them out. Pieces are gathered to FLUSH bytes of whole parts
+    per transaction (each commit is a sync to disk); `close` writes the rest."""
+
+    FLUSH = 8 << 20
+
+    def __init__(self, stager: RunStager, kind: pairruns.Kind) -> None:
+        self.stager, self.kind = stager, kind
+        self.part = 0
+        self._buf = bytearray()
+
+    def append(self, data: pairruns.Run) -> None:
+        self._buf += data
+        if len(self._buf) >= self.FLUSH:
+            step = pairruns.PART_RECORDS * self.kind.width
+            self._flush(len(self._buf) - len(self._buf) % step)
+
+    def close(self) -> None:
+        self._flush(len(self._buf))
+
+    def _flush(self, size: int) -> None:
+        if not size:
+            return
+        s, data = self.stager, memoryview(self._buf)[:size]
+        try:
+            self.part = s.store._write_tx(
+                lambda cur: pairruns.write_parts(
+                    cur, s.peer, s.epoch, s.gen, self.kind, self.part, data
+                )
+            )
+        finally:
+            data.release()
+        del self._buf[:size]

@@ -16,7 +16,7 @@ from ispf_server.policy import PeerPolicy
 from ispf_server.session import spool, sync
 from ispf_server.session.plan import eligible_records
 from ispf_server.session.spool import TagSpool
-from ispf_server.store import Store, StoredRecord
+from ispf_server.store import MatchRow, Store, StoredRecord
 
 LABELS = [
     Label("BISP", "enrolled"),
@@ -38,6 +38,11 @@ def spooled(directory: Path, *parts: bytes) -> TagSpool:
     for part in parts:
         tags.append(part)
     return tags
+
+
+def _gather(into: list[list[MatchRow]], rows: list[MatchRow]) -> bool:
+    into.append(rows)
+    return True
 
 
 @pytest.mark.parametrize("batch", [7, 500_000])
@@ -102,7 +107,8 @@ def test_packed_full_run_equals_the_general_path(
     """The C path for a full run (sorted runs joined on the tag) gives the same
     result, fingerprints and stored state as the record-by-record path."""
     from ispf.hazmat import curve
-    from ispf_server import pairstate
+    from ispf_server import extsort, pairruns, pairstate
+    from ispf_server.store import StagedRun
 
     if curve.native is None:
         pytest.skip("the native module is not built here")
@@ -115,17 +121,35 @@ def test_packed_full_run_equals_the_general_path(
     groups = [(LABELS[1],), (LABELS[0], LABELS[3])]
     results = []
     # The packed path reading the spooled tags back in large chunks and in small ones
-    # (which cross the groups' edges); the general path.
-    for packed, chunk in ((True, spool.CHUNK), (True, 7), (False, 7)):
-        store = Store(tmp_path / f"{packed}{chunk}.sqlite")
+    # (which cross the groups' edges); again with a sort budget of a few records (every
+    # run spilled in pieces and merged a record of each at a time, runs staged in
+    # parts of a few records) and its rows staged in batches as found; the general path.
+    cases = [(True, spool.CHUNK, False), (True, 7, False), (True, 7, True), (False, 7, False)]
+    for packed, chunk, small in cases:
+        store = Store(tmp_path / f"{packed}{chunk}{small}.sqlite")
         store.upsert(records)
         side = sync.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         monkeypatch.setattr(spool, "CHUNK", chunk)
+        if small:
+            monkeypatch.setattr(extsort, "BUDGET", 100)
+            monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
+            monkeypatch.setattr(sync, "ROW_BATCH", 3)
+            monkeypatch.setattr(StagedRun, "FLUSH", 1)
+            monkeypatch.setattr(pairruns, "PART_RECORDS", 2)
         own_in = spooled(tmp_path, own[:160], own[160:])
+        staged: list[list[MatchRow]] = []
         res = sync.finish(
-            side, own_in, groups, [120, 180], spooled(tmp_path, peer), [], packed=packed
+            side,
+            own_in,
+            groups,
+            [120, 180],
+            spooled(tmp_path, peer),
+            [],
+            packed=packed,
+            stage_rows=functools.partial(_gather, staged) if small else None,
         )
+        monkeypatch.setattr(pairruns, "PART_RECORDS", 256)
         # The C path stages its runs in the store as it builds them (a generation
         # that is not current yet) and keeps no per-ID groups; the general path
         # hands its runs to the commit.
@@ -145,9 +169,13 @@ def test_packed_full_run_equals_the_general_path(
         )
         o = res.outcome
         rows = sorted(o.matches, key=repr)
+        if small:  # the rows went to the store as found, a batch at a time
+            assert o.matches == [] and len(staged) > 1
+            rows = sorted((m for batch in staged for m in batch), key=repr)
+            assert o.matched_records == len({m.record_id for m in rows})
         results.append((o.match_count, o.digest, rows, res.state_after, state))
     assert results[0][0] > 0
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
@@ -197,6 +225,51 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
     # A session already failed stages nothing.
     store.stage_result("s-failed", "sindh", 1, empty, rows)
     assert store._db.execute("SELECT count(*) FROM matches").fetchone() == (1,)
+
+
+def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
+    tmp_path: Path,
+) -> None:
+    from ispf_server.store import MatchRow
+
+    store = Store(tmp_path / "s.sqlite")
+    batches = [
+        [
+            MatchRow("r1", LABELS[0], LABELS[1], b"t" * 16),
+            MatchRow("r1", LABELS[0], LABELS[2], b"t" * 16),
+        ],
+        [MatchRow("r2", LABELS[1], LABELS[1], b"u" * 16)],
+    ]
+    for sid, completes in (("s-ok", True), ("s-failed", False)):
+        store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
+        assert all(store.stage_matches(sid, b) for b in batches)
+        assert list(store.matches(sid)) == []  # not before the session completes
+        if completes:
+            store.complete_session(
+                sid,
+                own_records=2,
+                own_values=2,
+                peer_values=2,
+                match_count=2,
+                result_digest=b"d",
+                matches=[],
+                entry=b'{"type":"session"}',
+                matches_staged=True,
+                matched_records=2,
+            )
+            assert sorted(store.matches(sid), key=repr) == sorted(batches[0] + batches[1], key=repr)
+            row = store._db.execute(
+                "SELECT matched_records FROM sessions WHERE session_id=?", (sid,)
+            ).fetchone()
+            assert row == (2,)
+        else:
+            assert store.fail_session(sid, "peer gone", None)
+            # The session is gone: later batches are not written, and those staged went.
+            assert not store.stage_matches(sid, batches[0])
+            count = store._db.execute(
+                "SELECT count(*) FROM matches WHERE session_id=?", (sid,)
+            ).fetchone()
+            assert count == (0,)
 
 
 def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(

@@ -104,7 +104,14 @@ def split(packed: bytes, width: int) -> list[bytes]:
 class Outcome:
     match_count: int
     digest: bytes
-    matches: list[MatchRow]
+    matches: list[MatchRow]  # the result rows, unless staged to the store as found:
+    staged_records: int | None = None  # then how many records they name (a full run's)
+
+    @property
+    def matched_records(self) -> int:
+        if self.staged_records is not None:
+            return self.staged_records
+        return len({m.record_id for m in self.matches})
 
 
 def intersect(

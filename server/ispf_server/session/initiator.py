@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import grpc
@@ -330,7 +331,15 @@ class Initiator:
             self.progress.update(phase="intersect")
             synced = None
             if side is not None:
-                synced = finish(side, own_tags, peer_groups, peer_sizes, peer_tags, peer_removed)
+                synced = finish(
+                    side,
+                    own_tags,
+                    peer_groups,
+                    peer_sizes,
+                    peer_tags,
+                    peer_removed,
+                    stage_rows=partial(self.store.stage_matches, sid),
+                )
                 outcome = synced.outcome
             elif self.labelled:
                 outcome = intersect(
@@ -386,6 +395,7 @@ class Initiator:
             entry=self._entry("completed", result=outcome),
             pair_delta=(self.req.peer, self.salt.epoch, synced.delta) if synced else None,
             matches_staged=synced is not None,
+            matched_records=outcome.matched_records,
         )
         clock.lap("commit")
         self._witness(answer, peer_checkpoint)
@@ -394,7 +404,7 @@ class Initiator:
             COMPLETED,
             match_count=outcome.match_count,
             result_digest=outcome.digest,
-            matched_records=len({m.record_id for m in outcome.matches}),
+            matched_records=outcome.matched_records,
         )
         log.info(
             "session %s with %s completed: %d matches (%s)",

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 
@@ -516,6 +517,7 @@ class Responder:
                     s.peer_sizes,
                     s.initiator_tags,
                     s.peer_removed,
+                    stage_rows=partial(self.store.stage_matches, s.session_id),
                 )
                 self.store.stage_result(
                     s.session_id, s.peer, s.salt.epoch, result.delta, result.outcome.matches
@@ -621,6 +623,7 @@ class Responder:
                 entry=self._entry(s, "completed", result=outcome),
                 pair_delta=(caller, s.salt.epoch, synced.delta) if synced else None,
                 matches_staged=synced is not None,
+                matched_records=outcome.matched_records,
                 sync=s.progress.snapshot().sync,
                 own_removed=len(s.side.removed_tags) if s.side else 0,
                 peer_removed=len(s.peer_removed),
@@ -640,7 +643,7 @@ class Responder:
                 COMPLETED,
                 match_count=outcome.match_count,
                 result_digest=outcome.digest,
-                matched_records=len({m.record_id for m in outcome.matches}),
+                matched_records=outcome.matched_records,
             )
             log.info(
                 "session %s with %s completed: %d matches (%s)",

@@ -20,12 +20,23 @@ from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
+from ispf.merkle import RootBuilder, leaf_hash
 from ispf.records import Label
 from ispf_server import pairruns
-from ispf_server.pairruns import NID, OWN_TAG, PEER_TAG, TAG_LED_NID
+from ispf_server.extsort import Buffer, ExternalSort, RepeatedKey, join_sorted, written
+from ispf_server.pairruns import (
+    LSID,
+    MATCHED,
+    NID,
+    NID_LED_LSID,
+    NID_LED_NID,
+    NID_LED_TAG,
+    OWN_NID,
+    OWN_TAG,
+    PEER_TAG,
+)
 from ispf_server.pairstate import (
     EMPTY_FP,
-    Buffer,
     OwnGroup,
     PairDelta,
     PeerGroup,
@@ -50,7 +61,7 @@ from ispf_server.session.plan import (
     shuffled_plan,
 )
 from ispf_server.session.spool import TagSpool
-from ispf_server.store import MatchRow, Store, StoredRecord
+from ispf_server.store import MatchRow, StagedRun, Store, StoredRecord
 
 MAX_REMOVED = 1_000_000
 
@@ -328,17 +339,32 @@ def _fingerprint(tags: TagSpool) -> bytes:
     return fp
 
 
+RowSink = Callable[[list[MatchRow]], bool]  # stages some result rows; False: session gone
+ROW_BATCH = 20_000  # matched IDs whose rows are made and staged at a time
+# The join of own_tag and peer_tag: tag | nid | own lsid | peer lsid; and its fields
+# as a matched record (nid | tag | peer lsid).
+JOINED = pairruns.Kind("joined", OWN_TAG.width + PEER_TAG.width - TAG_BYTES, TAG_BYTES)
+JOINED_TO_MATCHED = ((TAG_BYTES, NID), (0, TAG_BYTES), (OWN_TAG.width, LSID))
+
+
 def _finish_full(
     side: SyncSide,
     own_added_tags: TagSpool,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
     peer_added_tags: TagSpool,
+    stage_rows: RowSink | None,
 ) -> SyncResult | None:
-    """A full run on packed data: the state's sorted runs are built in C, and the
-    matches come from joining the own and peer runs on the tag, so no Python object
-    is made per record, only per match. None where the data does not allow it (IDs
-    not 13 digits, a tag twice, no native module): the general path then runs."""
+    """A full run on packed data, within a fixed memory budget however large the
+    registry. Each run of the new state is sorted externally (`ExternalSort`:
+    budget-sized sorted pieces spilled to the store's directory, then merged) and
+    staged piece by piece as it is merged; the own and peer runs are joined on
+    the tag as they stream past; the matches go to a sort of their own and, in
+    ID order, to the matched run and to the result rows, staged a batch at a time
+    (`stage_rows`; without it, as here in tests, rows are gathered). No Python
+    object is made per record, and only a batch of them per match. None where
+    the data does not allow it (IDs not 13 digits, a tag twice, no native
+    module): the general path then runs (what was staged is dropped by it)."""
     plan = side.plan
     joined_nids = plan.order.data
     if isinstance(joined_nids, memoryview):
@@ -346,47 +372,68 @@ def _finish_full(
     if native is None or not joined_nids.isdigit():
         return None
     nids_view = memoryview(joined_nids)
+    directory = side.store.directory
+    runs = RunBuilder()  # (numbers the label sets)
 
-    # Each group in chunks of tags (read from disk where spooled), with its IDs.
-    def own_groups() -> Iterator[tuple[str, memoryview, Buffer]]:
+    # Each group in chunks of tags (read from disk), with its IDs and label-set number.
+    def own_groups() -> Iterator[tuple[bytes, memoryview, bytes]]:
         pos = 0
         for group, size in zip(plan.groups, plan.sizes, strict=True):
-            text = labels_text(group)
+            lsid = runs.lsid(labels_text(group))
             for at, tags in _tag_chunks(own_added_tags, pos, pos + size):
-                yield text, nids_view[NID * at : NID * (at + len(tags) // TAG_BYTES)], tags
+                yield lsid, nids_view[NID * at : NID * (at + len(tags) // TAG_BYTES)], tags
             pos += size
 
-    def peer_groups_packed() -> Iterator[tuple[str, Buffer]]:
+    def own_sorted(by_tag: bool) -> ExternalSort:
+        out = ExternalSort(OWN_TAG.width, directory)
+        for lsid, nids, tags in own_groups():
+            cols = ((tags, TAG_BYTES), (nids, NID)) if by_tag else ((nids, NID), (tags, TAG_BYTES))
+            out.add(native.zip_records(len(tags) // TAG_BYTES, *cols, (lsid, LSID)))
+        return out
+
+    def peer_sorted() -> ExternalSort:
+        out = ExternalSort(PEER_TAG.width, directory)
         pos = 0
         for group, size in zip(peer_groups, peer_sizes, strict=True):
-            text = labels_text(group)
+            lsid = runs.lsid(labels_text(group))
             for _, tags in _tag_chunks(peer_added_tags, pos, pos + size):
-                yield text, tags
+                out.add(native.zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsid, LSID)))
             pos += size
+        return out
 
-    runs = RunBuilder()
-    own_by_tag = runs.own(own_groups(), by_tag=True, total=plan.total)
-    peer_by_tag = runs.peer(peer_groups_packed(), total=sum(peer_sizes))
-    # tag | nid | own lsid | peer lsid, for every tag on both sides
-    joined = native.merge_join(own_by_tag, OWN_TAG.width, peer_by_tag, PEER_TAG.width, TAG_BYTES)
-    if joined is None:
-        return None
-    # Each run goes to the store (a staged generation) as soon as it is built, and is
-    # freed: at registry scale the runs are most of a session's memory.
     stager = side.store.run_stager(side.peer, side.epoch)
-    stager.write(pairruns.OWN_TAG, own_by_tag)
-    stager.write(pairruns.PEER_TAG, peer_by_tag)
-    del own_by_tag, peer_by_tag
-    names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
-    width = OWN_TAG.width + PEER_TAG.width - TAG_BYTES
-    matches: dict[str, tuple[bytes, str]] = {}
-    for at in range(0, len(joined), width):
-        rec = joined[at : at + width]
-        # the own_tag record, then the peer record's lsid
-        matches[rec[TAG_LED_NID].decode("ascii")] = (rec[:TAG_BYTES], names[rec[OWN_TAG.width :]])
-    del joined
-    stager.write(pairruns.OWN_NID, runs.own(own_groups(), by_tag=False, total=plan.total))
-    stager.write(pairruns.MATCHED, runs.matched(matches))
+    digest = RootBuilder()
+    with (
+        own_sorted(by_tag=True) as own_by_tag,
+        peer_sorted() as peer_by_tag,
+        ExternalSort(MATCHED.width, directory) as matched,
+    ):
+        own_run, peer_run = stager.writer(OWN_TAG), stager.writer(PEER_TAG)
+        try:
+            # tag | nid | own lsid | peer lsid, for every tag on both sides, in tag order
+            for joined in join_sorted(
+                written(own_by_tag.sorted_chunks(), own_run.append),
+                OWN_TAG.width,
+                written(peer_by_tag.sorted_chunks(), peer_run.append),
+                PEER_TAG.width,
+                TAG_BYTES,
+            ):
+                for at in range(0, len(joined), JOINED.width):
+                    digest.add(leaf_hash(joined[at : at + TAG_BYTES]))
+                matched.add(native.select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
+        except RepeatedKey:
+            return None
+        own_run.close()
+        peer_run.close()
+        names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
+        rows = _staged_rows(
+            side, matched.sorted_chunks(), stager.writer(MATCHED), names, stage_rows
+        )
+    with own_sorted(by_tag=False) as own_by_nid:
+        own_nid_run = stager.writer(OWN_NID)
+        for chunk in own_by_nid.sorted_chunks():
+            own_nid_run.append(chunk)
+        own_nid_run.close()
     staged = stager.done(runs.texts)
     own_fp, peer_fp = _fingerprint(own_added_tags), _fingerprint(peer_added_tags)
     delta = PairDelta(
@@ -401,9 +448,57 @@ def _finish_full(
         policy=policy_key(side.pp),
         staged=staged,
     )
-    matched = [t for t, _ in matches.values()]
-    outcome = Outcome(len(matched), result_digest(matched), _matched_rows(side, matches))
+    gathered, named = rows
+    outcome = Outcome(digest.size, digest.root(), gathered, None if stage_rows is None else named)
     return SyncResult(outcome, delta, own_fp + peer_fp)
+
+
+def _staged_rows(
+    side: SyncSide,
+    matched: Iterable[Buffer],
+    run: StagedRun,
+    names: dict[bytes, str],
+    stage_rows: RowSink | None,
+) -> tuple[list[MatchRow], int]:
+    """The matched run (nid | tag | peer lsid, in ID order) staged as it is merged,
+    and the result rows of a batch of matched IDs at a time: staged with
+    `stage_rows` (then only the number of records named comes back), else
+    gathered. Only the matched IDs' records are read back (a tenth, typically)."""
+    gathered: list[MatchRow] = []
+    named = 0
+    allowed: dict[Label, bool] = {}
+    peer_labels: dict[bytes, tuple[Label, ...]] = {}
+    pp = side.pp
+    staging = stage_rows is not None
+    for chunk in matched:
+        run.append(chunk)
+        for at in range(0, len(chunk), MATCHED.width * ROW_BATCH):
+            part = chunk[at : at + MATCHED.width * ROW_BATCH]
+            found: dict[str, tuple[bytes, tuple[Label, ...]]] = {}
+            for i in range(0, len(part), MATCHED.width):
+                rec = bytes(part[i : i + MATCHED.width])
+                lsid = rec[NID_LED_LSID]
+                labels = peer_labels.get(lsid)
+                if labels is None:
+                    labels = peer_labels[lsid] = labels_of(names[lsid])
+                found[rec[NID_LED_NID].decode("ascii")] = (rec[NID_LED_TAG], labels)
+            rows: list[MatchRow] = []
+            for rid, nid, label in side.store.labelled_records(list(found)):
+                ok = allowed.get(label)
+                if ok is None:
+                    ok = allowed[label] = pp.in_collections(label.programme) and pp.may_disclose(
+                        label
+                    )
+                if ok:
+                    tag, labels = found[nid]
+                    rows.extend(MatchRow(rid, label, pl, tag) for pl in labels)
+                    named += 1
+            if stage_rows is None:
+                gathered += rows
+            elif staging:
+                staging = stage_rows(rows)  # (False: the session failed; its rows are deleted)
+    run.close()
+    return gathered, named
 
 
 def finish(
@@ -415,6 +510,7 @@ def finish(
     peer_removed: list[bytes],
     *,
     packed: bool = True,
+    stage_rows: RowSink | None = None,
 ) -> SyncResult:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
 
@@ -425,7 +521,7 @@ def finish(
     if own_tags_in.count != plan.total:
         raise ProtocolViolation(f"{own_tags_in.count} tags for {plan.total} values sent")
     if packed and not side.incremental and not peer_removed:
-        fast = _finish_full(side, own_tags_in, peer_groups, peer_sizes, peer_tags_in)
+        fast = _finish_full(side, own_tags_in, peer_groups, peer_sizes, peer_tags_in, stage_rows)
         if fast is not None:
             return fast
     own_added_tags, peer_added_tags = own_tags_in.getvalue(), peer_tags_in.getvalue()
