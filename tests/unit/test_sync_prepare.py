@@ -79,6 +79,55 @@ def test_one_pass_equals_the_record_path(
     assert sum(len(PackedNids(m)) for m in by_text.values()) == len(got)  # each ID once
 
 
+@pytest.mark.parametrize("budget", [100, 1 << 20])
+@pytest.mark.parametrize("pp", POLICIES)
+def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
+    tmp_path: Path, pp: PeerPolicy, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full run's plan, made by an external sort (spilled in pieces with a small
+    budget) and kept on disk, holds the same groups in the same order, the same
+    IDs in each, and the same record count as the in-memory plan; each group is
+    shuffled afresh; closing it leaves nothing in the store directory."""
+    from ispf.hazmat import curve
+    from ispf_server import extsort
+    from ispf_server.session.plan import shuffled_plan
+    from ispf_server.session.spool import SpooledNids
+
+    if curve.native is None:
+        pytest.skip("the native module is not built here")
+    monkeypatch.setattr(extsort, "BUDGET", budget)
+    monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
+    rng = random.Random(11)
+    nids = [f"35202{i:08d}" for i in range(600)]
+    records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(LABELS)) for i in range(1500)]
+    (tmp_path / "store").mkdir()
+    store = Store(tmp_path / "store" / "s.sqlite")
+    store.upsert(records)
+    before = set((tmp_path / "store").iterdir())
+    by_text, count = sync._all_label_sets(store, pp)
+    want = shuffled_plan({sync.labels_of(t): m for t, m in by_text.items()}, own_records=count)
+    plans = [sync.spooled_plan(store, pp) for _ in range(2)]
+    for plan in plans:
+        assert plan is not None and isinstance(plan.order, SpooledNids)
+        assert (plan.groups, plan.sizes, plan.own_records) == (
+            want.groups,
+            want.sizes,
+            want.own_records,
+        )
+        pos = 0
+        for size in plan.sizes:
+            assert sorted(plan.order[pos : pos + size]) == sorted(want.order[pos : pos + size])
+            pos += size
+        assert b"".join(c.data for c in plan.chunks(7)) == bytes(plan.order[0 : plan.total].data)
+    if want.total > 100:  # each plan shuffled afresh, not in ID order
+        first, second = (list(p.order) for p in plans if p is not None)
+        assert first != second and first != sorted(first)
+    for plan in plans:
+        assert plan is not None
+        plan.close()
+    assert set((tmp_path / "store").iterdir()) == before  # (the files were unlinked)
+
+
 def test_full_prepare_plans_every_id_once_in_label_set_groups(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     store.upsert(

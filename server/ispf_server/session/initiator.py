@@ -24,7 +24,6 @@ from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
-from ispf.nid import PackedNids
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
@@ -35,7 +34,6 @@ from ispf_server.session.core import (
     Outcome,
     Stopwatch,
     checked_chunks,
-    chunked,
     count_common,
     in_thread,
     intersect,
@@ -170,6 +168,8 @@ class Initiator:
             log.exception("session %s: unexpected failure", sid)
             self._fail("internal error (see the node log)", False)
         finally:
+            if self.side is not None:
+                self.side.plan.close()
             if lock is not None:
                 lock.release()
 
@@ -311,7 +311,7 @@ class Initiator:
 
             def own_direction() -> None:
                 try:
-                    self._send_own(plan.order, own_tags)
+                    self._send_own(plan, own_tags)
                 except BaseException as exc:
                     own_error.append(exc)
 
@@ -462,7 +462,7 @@ class Initiator:
         captured.reraise()
         return result
 
-    def _send_own(self, order: PackedNids, tags: TagSpool) -> None:
+    def _send_own(self, plan: Plan, tags: TagSpool) -> None:
         """Stream own blinded values; collect the peer's tags for them, in order."""
         sid = self.req.session_id
         sizes: deque[int] = deque()
@@ -470,7 +470,7 @@ class Initiator:
         def requests() -> Iterator[peer_pb2.BlindedChunk]:
             results = pipelined(
                 lambda d: self.pool.hash_and_blind(self.salt, self.key, d),
-                chunked(order, self.chunk_values),
+                plan.chunks(self.chunk_values),
                 self.pool.depth,
             )
             for seq, (digits, packed) in enumerate(results):
@@ -488,7 +488,7 @@ class Initiator:
                     responses,
                     session_id=sid,
                     item_bytes=TAG_BYTES,
-                    announced=len(order),
+                    announced=plan.total,
                     what="Reblind answer",
                 )
             )

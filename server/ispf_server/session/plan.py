@@ -11,7 +11,7 @@ import os
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ from ispf.nid import NID_BYTES, PackedNids
 from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
 from ispf_server.policy import PeerPolicy
+from ispf_server.session.spool import SpooledNids
 from ispf_server.store import Store, StoredRecord
 
 LabelSet = tuple[Label, ...]
@@ -61,8 +62,9 @@ OwnerLookup = Callable[[list[bytes]], Mapping[bytes, list[StoredRecord]]]
 class Plan:
     groups: list[LabelSet]
     sizes: list[int]
-    # Distinct canonical IDs in send order, group after group, packed.
-    order: PackedNids
+    # Distinct canonical IDs in send order, group after group, packed (on disk: a
+    # full run's, `sync.spooled_plan`).
+    order: PackedNids | SpooledNids
     own_records: int
     # A labelled one-off session's result rows name the matched IDs' records, looked
     # up once matched (None: a sync session, whose rows come from its pair state).
@@ -71,6 +73,16 @@ class Plan:
     @property
     def total(self) -> int:
         return len(self.order)
+
+    def chunks(self, size: int) -> Iterator[PackedNids]:
+        """The IDs in send order, `size` at a time (read from disk where spooled)."""
+        for at in range(0, self.total, size):
+            yield self.order[at : at + size]
+
+    def close(self) -> None:
+        """Drop a spooled order's file (the session is over)."""
+        if isinstance(self.order, SpooledNids):
+            self.order.close()
 
     def to_proto(self) -> list[common_pb2.LabelGroup]:
         return [

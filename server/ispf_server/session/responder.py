@@ -37,7 +37,6 @@ from ispf_server.session.core import (
     Outcome,
     Stopwatch,
     checked_chunks,
-    chunked,
     in_thread,
     intersect,
 )
@@ -96,6 +95,7 @@ class ResponderSession:
     def release(self) -> None:
         self.initiator_tags.close()
         self.own_tags.close()
+        self.plan.close()
         lock, self.pair_lock = self.pair_lock, None
         if lock is not None:
             lock.release()
@@ -531,7 +531,7 @@ class Responder:
         with self._guard(s, "fetch"):
             results = pipelined(
                 lambda d: self.pool.hash_and_blind(s.salt, s.key, d),
-                chunked(s.plan.order, self.chunk_values),
+                s.plan.chunks(self.chunk_values),
                 self.pool.depth,
             )
             for seq, (digits, packed) in enumerate(results):

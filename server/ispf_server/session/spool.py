@@ -15,9 +15,11 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import overload
 
 from ispf.blinding import TAG_BYTES
 from ispf.errors import StorageFull
+from ispf.nid import NID_BYTES, PackedNids
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,49 @@ class TagSpool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SpooledNids:
+    """A full run's IDs in send order, on disk (13-byte values in a `TagSpool`), so a
+    registry of tens of millions is not held in memory for the whole session.
+    Indexed and sliced like `PackedNids` (a slice is read into memory: take it in
+    chunks); the IDs are the node's own, in its own store directory, as its
+    registry is. Closed with the session."""
+
+    def __init__(self, spool: TagSpool) -> None:
+        if spool.width != NID_BYTES:
+            raise ValueError(f"IDs are {NID_BYTES}-byte values")
+        self._spool = spool
+
+    def __len__(self) -> int:
+        return self._spool.count
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> PackedNids: ...
+    def __getitem__(self, i: int | slice) -> bytes | PackedNids:
+        n = len(self)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if step != 1:
+                raise ValueError("spooled IDs slice with step 1 only")
+            return PackedNids(self._spool.read(start, stop))
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("spooled ID index out of range")
+        return self._spool.read(i, i + 1)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._spool.chunks():
+            yield from PackedNids(chunk)
+
+    def __repr__(self) -> str:
+        return f"SpooledNids({len(self)} IDs)"
+
+    def close(self) -> None:
+        self._spool.close()
 
 
 def _unwritable(exc: OSError) -> StorageFull:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -23,7 +24,14 @@ from ispf.keys import BlindingKey
 from ispf.merkle import RootBuilder, leaf_hash
 from ispf.records import Label
 from ispf_server import pairruns
-from ispf_server.extsort import Buffer, ExternalSort, RepeatedKey, join_sorted, written
+from ispf_server.extsort import (
+    Buffer,
+    ExternalSort,
+    RepeatedKey,
+    join_sorted,
+    upper_bound,
+    written,
+)
 from ispf_server.pairruns import (
     LSID,
     MATCHED,
@@ -60,7 +68,7 @@ from ispf_server.session.plan import (
     eligible_records,
     shuffled_plan,
 )
-from ispf_server.session.spool import TagSpool
+from ispf_server.session.spool import SpooledNids, TagSpool
 from ispf_server.store import MatchRow, StagedRun, Store, StoredRecord
 
 MAX_REMOVED = 1_000_000
@@ -126,46 +134,118 @@ CODED = NID + 1  # an ID and its label's one-byte code
 def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
     """Every ID the peer may hold, packed, by label set (as stored); and how many records.
 
-    The full run of a registry of millions starts here. SQLite hands over every
-    record as its ID and a one-byte label code, a few strings in all; the module
-    sorts them and splits off the IDs held once, already grouped by label, and
-    only IDs with several records are looked at in Python. Without the module
-    (or with more labels than codes) the same comes from `_all_label_sets_rows`."""
-    if native is None:
+    SQLite hands over every record as its ID and a one-byte label code, a few
+    strings in all; the module sorts them and splits off the IDs held once,
+    already grouped by label, and only IDs with several records are looked at in
+    Python (`_coded_label_sets`). Without the module (or with more labels than
+    codes) the same comes from `_all_label_sets_rows`."""
+    allowed = _allowed_labels(store, pp)
+    if allowed is None:
         return _all_label_sets_rows(store, pp)
+    by_text: dict[str, bytearray] = defaultdict(bytearray)
+    count = 0
+    try:
+        for text, nids, records in _coded_label_sets(store, allowed):
+            by_text[text] += nids
+            count += records
+    except _NotPacked:
+        return _all_label_sets_rows(store, pp)
+    return by_text, count
+
+
+def _allowed_labels(store: Store, pp: PeerPolicy) -> list[Label] | None:
+    """The labels the peer may hold, for the coded pass; None where it cannot run (no
+    module, more labels than codes)."""
+    if native is None:
+        return None
     allowed = [
         lb
         for lb in store.distinct_labels()
         if pp.in_collections(lb.programme) and pp.may_disclose(lb)
     ]
+    return None if len(allowed) > 254 else allowed
+
+
+def _coded_label_sets(store: Store, allowed: list[Label]) -> Iterator[tuple[str, bytes, int]]:
+    """(label set as stored, IDs holding exactly it packed, records they hold), batch
+    by batch over the registry, for the IDs with a label in `allowed`. Raises
+    _NotPacked where the IDs are not all 13 digits."""
     if not allowed:
-        return {}, 0
-    if len(allowed) > 254:
-        return _all_label_sets_rows(store, pp)
+        return
     single = [labels_text((lb,)) for lb in allowed]
     texts: dict[frozenset[Label], str] = {}
-    by_text: dict[str, bytearray] = defaultdict(bytearray)
+    for once, repeated in _coded_batches(store, allowed):
+        for code, nids in once.items():
+            if code >= 2:  # (1: a label the peer may not hold)
+                yield single[code - 2], nids, len(nids) // NID
+        by_text: dict[str, bytearray] = defaultdict(bytearray)
+        held: set[Label] = set()
+        prev = b""
+        count = 0
+        for at in range(0, len(repeated), CODED):
+            nid, code = repeated[at : at + NID], repeated[at + NID]
+            if nid != prev:
+                _add_set(by_text, texts, prev, held)
+                prev, held = nid, set()
+            if code >= 2:
+                held.add(allowed[code - 2])
+                count += 1
+        _add_set(by_text, texts, prev, held)
+        for text, members in by_text.items():  # (records counted once, with the first set)
+            yield text, bytes(members), count
+            count = 0
+
+
+# A full run's plan is shuffled by sorting: label set's number (as met) | 12 random
+# bytes | ID. Equal random keys (about n^2 / 2^97 likely) would order by ID.
+SHUFFLE = pairruns.Kind("shuffle", 4 + 12 + NID, 4)
+
+
+def spooled_plan(store: Store, pp: PeerPolicy) -> Plan | None:
+    """A full run's plan, as `shuffled_plan` makes it (groups in label-set order, each
+    shuffled with the OS's randomness), within a fixed memory budget: every ID
+    goes with its group's number and a random key to an `ExternalSort`, whose
+    output is each group shuffled; the groups are then laid out in label-set
+    order in a file (`SpooledNids`). None where the coded pass cannot run: the
+    caller then plans in memory."""
+    allowed = _allowed_labels(store, pp)
+    if allowed is None:
+        return None
+    assert native is not None
+    w, directory = SHUFFLE.width, store.directory
+    numbers: dict[str, int] = {}
     count = 0
-    try:
-        for once, repeated in _coded_batches(store, allowed):
-            for code, nids in once.items():
-                if code >= 2:  # (1: a label the peer may not hold)
-                    by_text[single[code - 2]] += nids
-                    count += len(nids) // NID
-            held: set[Label] = set()
-            prev = b""
-            for at in range(0, len(repeated), CODED):
-                nid, code = repeated[at : at + NID], repeated[at + NID]
-                if nid != prev:
-                    _add_set(by_text, texts, prev, held)
-                    prev, held = nid, set()
-                if code >= 2:
-                    held.add(allowed[code - 2])
-                    count += 1
-            _add_set(by_text, texts, prev, held)
-    except _NotPacked:
-        return _all_label_sets_rows(store, pp)
-    return by_text, count
+    with ExternalSort(w, directory) as sorter:
+        try:
+            for text, nids, records in _coded_label_sets(store, allowed):
+                n = len(nids) // NID
+                number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
+                sorter.add(
+                    native.zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID))
+                )
+                count += records
+        except _NotPacked:
+            return None
+        # Each group's shuffled IDs, in the order the groups were met.
+        met = TagSpool(directory, NID)
+        where: dict[bytes, tuple[int, int]] = {}
+        for chunk in sorter.sorted_chunks():
+            view = memoryview(chunk)
+            while view:
+                key = bytes(view[:4])
+                cut = w * upper_bound(view, w, 4, key)
+                first = where.get(key, (met.count, 0))[0]
+                met.append(native.select_fields(view[:cut], w, ((16, NID),)))
+                where[key] = (first, met.count)
+                view = view[cut:]
+    groups = sorted((labels_of(text), where[n.to_bytes(4, "big")]) for text, n in numbers.items())
+    with met:
+        order = TagSpool(directory, NID)
+        for _, (first, stop) in groups:
+            for part in met.chunks(first, stop):
+                order.append(part)
+    sizes = [stop - first for _, (first, stop) in groups]
+    return Plan([g for g, _ in groups], sizes, SpooledNids(order), count)
 
 
 class _NotPacked(Exception):
@@ -246,6 +326,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
     """What this side sends: IDs whose label set is new or changed, and removed tags."""
     version = store.registry_version()
     row = store.pair_sync(peer, epoch) if incremental else None
+    plan: Plan | None = None
     if row is not None:
         nids = store.changed_since(row.version)
         records = [r for r in store.records_by_nids(sorted(nids)) if eligible(pp, r)]
@@ -262,10 +343,16 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
                 by_text[desired[n]] += n.encode("ascii")
         own_fp, peer_fp, own_records = row.own_fp, row.peer_fp, len(records)
     else:
-        by_text, own_records = _all_label_sets(store, pp)
+        plan = spooled_plan(store, pp)
+        if plan is None:
+            by_text, own_records = _all_label_sets_rows(store, pp)
+        else:
+            own_records = plan.own_records
         removed_nids, removed_tags = [], []
         own_fp, peer_fp = EMPTY_FP, EMPTY_FP
-    by_group = {labels_of(text): members for text, members in by_text.items()}
+    if plan is None:
+        by_group = {labels_of(text): members for text, members in by_text.items()}
+        plan = shuffled_plan(by_group, own_records=own_records)
     return SyncSide(
         store=store,
         pp=pp,
@@ -276,7 +363,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         own_fp=own_fp,
         peer_fp=peer_fp,
         own_records=own_records,
-        plan=shuffled_plan(by_group, own_records=own_records),
+        plan=plan,
         removed_nids=removed_nids,
         removed_tags=removed_tags,
         version=version,
@@ -366,22 +453,22 @@ def _finish_full(
     the data does not allow it (IDs not 13 digits, a tag twice, no native
     module): the general path then runs (what was staged is dropped by it)."""
     plan = side.plan
-    joined_nids = plan.order.data
-    if isinstance(joined_nids, memoryview):
-        joined_nids = joined_nids.tobytes()
-    if native is None or not joined_nids.isdigit():
+    if native is None:
         return None
-    nids_view = memoryview(joined_nids)
     directory = side.store.directory
     runs = RunBuilder()  # (numbers the label sets)
 
-    # Each group in chunks of tags (read from disk), with its IDs and label-set number.
-    def own_groups() -> Iterator[tuple[bytes, memoryview, bytes]]:
+    # Each group in chunks of tags and of IDs (each read from disk where spooled),
+    # with its label set's number.
+    def own_groups() -> Iterator[tuple[bytes, Buffer, bytes]]:
         pos = 0
         for group, size in zip(plan.groups, plan.sizes, strict=True):
             lsid = runs.lsid(labels_text(group))
             for at, tags in _tag_chunks(own_added_tags, pos, pos + size):
-                yield lsid, nids_view[NID * at : NID * (at + len(tags) // TAG_BYTES)], tags
+                nids = plan.order[at : at + len(tags) // TAG_BYTES].data
+                if not bytes(nids).isdigit():
+                    raise _NotPacked  # (IDs not 13 digits: planned from records)
+                yield lsid, nids, tags
             pos += size
 
     def own_sorted(by_tag: bool) -> ExternalSort:
@@ -401,10 +488,14 @@ def _finish_full(
             pos += size
         return out
 
+    try:
+        own_by_tag = own_sorted(by_tag=True)
+    except _NotPacked:
+        return None
     stager = side.store.run_stager(side.peer, side.epoch)
     digest = RootBuilder()
     with (
-        own_sorted(by_tag=True) as own_by_tag,
+        own_by_tag,
         peer_sorted() as peer_by_tag,
         ExternalSort(MATCHED.width, directory) as matched,
     ):
