@@ -30,7 +30,7 @@ from ispf_server.session.spool import TagSpool
 
 Buffer = bytes | bytearray | memoryview
 
-BUDGET = 32 << 20  # bytes one sort holds at a time (its buffer, or its merge's blocks)
+BUDGET = 16 << 20  # bytes one sort holds at a time (its buffer, or its merge's blocks)
 MIN_BLOCK = 64 << 10  # bytes read from each spilled run at a time, at least
 
 
