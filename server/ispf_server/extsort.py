@@ -19,6 +19,7 @@ The records are tags, IDs and label-set numbers, never the salt or a key.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from itertools import pairwise
@@ -234,3 +235,35 @@ def written(chunks: Iterable[Buffer], write: Callable[[Buffer], None]) -> Iterat
     for chunk in chunks:
         write(chunk)
         yield chunk
+
+
+SHUFFLE_KEY = 12  # random bytes per record: two equal keys are about n^2 / 2^97 likely
+
+
+def shuffled(chunks: Iterable[Buffer], width: int, directory: Path | None) -> Iterator[bytes]:
+    """The records of `chunks` in a random order, within the sort budget: each gets 12
+    random bytes from the OS in front and the lot is sorted (an external sort);
+    the keys are then cut off. (Two equal keys would keep those two records in
+    byte order.) Without the native module, records are keyed one by one."""
+    w = SHUFFLE_KEY + width
+    with ExternalSort(w, directory) as out:
+        for chunk in chunks:
+            n = len(chunk) // width
+            keys = os.urandom(SHUFFLE_KEY * n)
+            if native is not None:
+                out.add(native.zip_records(n, (keys, SHUFFLE_KEY), (chunk, width)))
+            else:
+                out.add(
+                    b"".join(
+                        keys[SHUFFLE_KEY * i : SHUFFLE_KEY * (i + 1)]
+                        + bytes(chunk[width * i : width * (i + 1)])
+                        for i in range(n)
+                    )
+                )
+        for part in out.sorted_chunks():
+            if native is not None:
+                yield bytes(native.select_fields(part, w, ((SHUFFLE_KEY, width),)))
+            else:
+                yield b"".join(
+                    bytes(part[at + SHUFFLE_KEY : at + w]) for at in range(0, len(part), w)
+                )

@@ -13,7 +13,7 @@ import pytest
 from ispf.errors import StorageFull
 from ispf.hazmat import curve
 from ispf_server import extsort, pairruns
-from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted, written
+from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted, shuffled, written
 
 
 def chunks_of(data: bytes, width: int, rng: random.Random) -> Iterator[bytes]:
@@ -134,3 +134,25 @@ def test_a_key_twice_in_a_stream_is_caught_wherever_it_is(seed: int, where: str)
     chunks = [b"".join(left[:100]), b"".join(left[100:])]
     with pytest.raises(RepeatedKey):
         list(join_sorted(chunks, 5, [b"".join(right)], 5, 4))
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("budget", [50, 1 << 20])
+def test_shuffled_gives_every_record_once_in_a_fresh_order(
+    tmp_path: Path, budget: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if native and curve.native is None:
+        pytest.skip("the native module is not built here")
+    if not native:
+        monkeypatch.setattr(extsort, "native", None)
+        monkeypatch.setattr(pairruns, "native", None)
+    monkeypatch.setattr(extsort, "BUDGET", budget)
+    monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
+    rng = random.Random(4)
+    records = [i.to_bytes(3, "big") for i in range(500)]
+    data = b"".join(records)
+    runs = [b"".join(shuffled(chunks_of(data, 3, rng), 3, tmp_path)) for _ in range(2)]
+    for out in runs:
+        assert sorted(out[i : i + 3] for i in range(0, len(out), 3)) == records
+    assert runs[0] != runs[1] and data not in runs  # (500! orders: not the input's, twice)
+    assert list(tmp_path.iterdir()) == []
