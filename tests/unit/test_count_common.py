@@ -1,44 +1,79 @@
-"""A count-only session's result: distinct tags both sides hold."""
+"""Sessions without pair state: a count-only session's result (distinct tags both
+sides hold) and a labelled one's matches, within the sort budget or through a set
+or dict of every tag; the same either way."""
 
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 
 import pytest
 
 from ispf.hazmat.curve import native
+from ispf_server import extsort
 from ispf_server.session import core
+from ispf_server.session.spool import SpooledNids, TagSpool
+from ispf_server.store import MatchRow
 
 
+def spooled(directory: Path, tags: list[bytes], width: int = 16) -> TagSpool:
+    out = TagSpool(directory, width)
+    out.append(b"".join(tags))
+    return out
+
+
+@pytest.mark.parametrize("budget", [None, 16 * 7])
 @pytest.mark.parametrize("module", ["native", "python"])
 def test_count_common_counts_distinct_shared_tags(
-    module: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, module: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if module == "python":
         monkeypatch.setattr(core, "native", None)
     elif native is None:
         pytest.skip("the native module is not built here")
+    if budget is not None:  # (every side spilled in pieces of seven tags)
+        monkeypatch.setattr(extsort, "BUDGET", budget)
+        monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
     rng = random.Random(5)
     shared = [rng.randbytes(16) for _ in range(300)]
     own = shared + [rng.randbytes(16) for _ in range(700)]
     peer = shared + [rng.randbytes(16) for _ in range(1200)]
     rng.shuffle(own)
     rng.shuffle(peer)
-    assert core.count_common(b"".join(own), b"".join(peer)) == 300
+    count = functools.partial(core.count_common, directory=tmp_path)
+    assert count(spooled(tmp_path, own), spooled(tmp_path, peer)) == 300
     # A tag repeated on one side still counts once (the set path takes over).
-    assert core.count_common(b"".join(own + shared[:5]), b"".join(peer)) == 300
-    assert core.count_common(b"", b"".join(peer)) == 0
+    assert count(spooled(tmp_path, own + shared[:5]), spooled(tmp_path, peer)) == 300
+    assert count(spooled(tmp_path, []), spooled(tmp_path, peer)) == 0
+    assert list(tmp_path.iterdir()) == []  # (sorts and spools leave nothing behind)
 
 
-def test_intersect_packed_equals_the_dict_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A labelled one-off session's matches: sorted and merged in C, or through a dict
-    of every own tag; the same count, digest and rows, repeated tags included."""
+def _gather(into: list[MatchRow], rows: list[MatchRow]) -> bool:
+    into.extend(rows)
+    return True
+
+
+@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("order", ["memory", "disk"])
+def test_intersect_within_the_budget_equals_the_dict_path(
+    tmp_path: Path, order: str, small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A labelled one-off session's matches: sorted externally and joined, named from
+    the send order (in memory, or on disk as planned now) a window at a time, rows
+    staged a batch at a time; or through a dict of every own tag. The same count,
+    digest and rows, repeated tags included."""
     if native is None:
         pytest.skip("the native module is not built here")
     from ispf.records import Label
-    from ispf_server.session.plan import shuffled_plan
+    from ispf_server.session.plan import Plan, shuffled_plan
     from ispf_server.store import StoredRecord
 
+    if small:
+        monkeypatch.setattr(extsort, "BUDGET", 100)
+        monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
+        monkeypatch.setattr(core, "WINDOW", 5)
+        monkeypatch.setattr(core, "ROW_BATCH", 7)
     rng = random.Random(8)
     labels = [Label("BISP", "enrolled"), Label("PSER", "eligible")]
     ids = [f"35202{i:08d}".encode() for i in range(400)]
@@ -53,6 +88,9 @@ def test_intersect_packed_equals_the_dict_path(monkeypatch: pytest.MonkeyPatch) 
             n: [StoredRecord(f"r{n.decode()}", n.decode(), labels[0])] for n in nids
         },
     )
+    if order == "disk":
+        on_disk = spooled(tmp_path, list(plan.order), width=13)
+        plan = Plan(plan.groups, plan.sizes, SpooledNids(on_disk), 400, plan.owners)
     own = [rng.randbytes(16) for _ in range(plan.total)]
     shared = rng.sample(range(plan.total), 90)
     peer_groups = [(labels[0],), (labels[0], labels[1]), (labels[1],)]
@@ -62,12 +100,27 @@ def test_intersect_packed_equals_the_dict_path(monkeypatch: pytest.MonkeyPatch) 
     for extra in ([], peer[:3]):  # (a repeated peer tag: the dict path counts each)
         tags = peer + extra
         sizes_now = [*sizes[:2], sizes[2] + len(extra)]
-        got = core.intersect(plan, b"".join(own), peer_groups, sizes_now, b"".join(tags))
-        packed = core._found_packed(plan, b"".join(own), peer_groups, sizes_now, b"".join(tags))
-        assert (packed is None) == bool(extra)  # (the packed path ran where it can)
+        staged: list[MatchRow] = []
+        run = functools.partial(
+            core.intersect,
+            plan,
+            spooled(tmp_path, own),
+            peer_groups,
+            sizes_now,
+            spooled(tmp_path, tags),
+            directory=tmp_path,
+        )
+        got = run(stage_rows=functools.partial(_gather, staged))
         with monkeypatch.context() as m:
             m.setattr(core, "native", None)
-            want = core.intersect(plan, b"".join(own), peer_groups, sizes_now, b"".join(tags))
+            want = run()
         assert got.match_count == want.match_count == 90 + sum(t in set(own) for t in extra)
         assert got.digest == want.digest
-        assert sorted(got.matches, key=repr) == sorted(want.matches, key=repr)
+        if extra:  # the general path ran: its rows go with the commit
+            assert got.staged_records is None and not staged
+            rows = got.matches
+        else:  # rows staged as made, in batches
+            assert got.matches == []
+            assert got.matched_records == len({m.record_id for m in want.matches})
+            rows = staged
+        assert sorted(rows, key=repr) == sorted(want.matches, key=repr)

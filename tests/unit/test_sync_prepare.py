@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,18 @@ def spooled(directory: Path, *parts: bytes) -> TagSpool:
     return tags
 
 
+def _coded_pass(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
+    """What `sync._coded_label_sets` gives, gathered: IDs by label set, records."""
+    allowed = sync._allowed_labels(store, pp)
+    assert allowed is not None
+    by_text: dict[str, bytearray] = defaultdict(bytearray)
+    count = 0
+    for text, nids, records in sync._coded_label_sets(store, allowed):
+        by_text[text] += nids
+        count += records
+    return by_text, count
+
+
 def _gather(into: list[list[MatchRow]], rows: list[MatchRow]) -> bool:
     into.append(rows)
     return True
@@ -70,7 +83,7 @@ def test_one_pass_equals_the_record_path(
     monkeypatch.setattr(
         store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
     )
-    pass_ = sync._all_label_sets if way == "coded" else sync._all_label_sets_rows
+    pass_ = _coded_pass if way == "coded" else sync._all_label_sets_rows
     by_text, count = pass_(store, pp)
     got = {n.decode(): text for text, members in by_text.items() for n in PackedNids(members)}
     eligible = eligible_records(store, pp, frozenset(), labelled=True)
@@ -104,7 +117,7 @@ def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
     store = Store(tmp_path / "store" / "s.sqlite")
     store.upsert(records)
     before = set((tmp_path / "store").iterdir())
-    by_text, count = sync._all_label_sets(store, pp)
+    by_text, count = _coded_pass(store, pp)
     want = shuffled_plan({sync.labels_of(t): m for t, m in by_text.items()}, own_records=count)
     plans = [sync.spooled_plan(store, pp) for _ in range(2)]
     for plan in plans:
@@ -460,6 +473,9 @@ def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> Non
             StoredRecord("b", "352021234567", LABELS[1]),  # 12 digits
         ]
     )
-    assert sync.eligible_ids(store, frozenset()) is None
-    by_text, count = sync._all_label_sets(store, POLICIES[0])
-    assert (by_text, count) == sync._all_label_sets_rows(store, POLICIES[0])
+    assert sync.spooled_plan(store, POLICIES[0]) is None
+    assert sync.spooled_plan(store, POLICIES[0], labelled=False) is None
+    with pytest.raises(sync._NotPacked):
+        list(sync._coded_label_sets(store, LABELS))
+    by_text, count = sync._all_label_sets_rows(store, POLICIES[0])  # (what runs instead)
+    assert count == 2 and sorted(by_text.values()) == [b"352021234567", b"3520212345671"]

@@ -10,14 +10,18 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.hazmat.curve import native
+from ispf.merkle import RootBuilder, leaf_hash
 from ispf.nid import PackedNids
 from ispf.v1 import peer_pb2
+from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted
 from ispf_server.session.plan import LabelSet, Plan
+from ispf_server.session.spool import TagSpool
 from ispf_server.store import MatchRow
 
 PROTOCOL_VERSION = 1
@@ -114,21 +118,37 @@ class Outcome:
         return len({m.record_id for m in self.matches})
 
 
+RowSink = Callable[[list[MatchRow]], bool]  # stages some result rows; False: session gone
+ROW_BATCH = 20_000  # matches whose result rows are made (and staged) at a time
+WINDOW = 1 << 16  # IDs of the send order read at a time, to name matches by position
+
+
 def intersect(
     plan: Plan,
-    own_tags: bytes,
+    own_tags: TagSpool,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
-    peer_tags: bytes,
+    peer_tags: TagSpool,
+    *,
+    directory: Path | None,
+    stage_rows: RowSink | None = None,
 ) -> Outcome:
     """Own records whose tag the peer also holds, with the peer's labels for each: a
-    labelled session without pair state. The matched IDs' records are looked up
-    once matched (`plan.owners`), so the plan holds no record objects."""
+    labelled session without pair state. Within a fixed memory budget
+    (`_intersect_sorted`) where the module is built; the matched IDs' records are
+    looked up once matched (`plan.owners`), so the plan holds no record objects.
+    With `stage_rows`, rows go to the store a batch at a time as they are made
+    (else, as in the general path, they come back for the commit)."""
     if plan.owners is None:
         raise ValueError("a labelled one-off plan needs its owners lookup")
-    found = _found_packed(plan, own_tags, peer_groups, peer_sizes, peer_tags)
-    if found is None:
-        found = _found(plan, own_tags, peer_groups, peer_sizes, peer_tags)
+    if native is not None and peer_tags.count == sum(peer_sizes):
+        try:
+            return _intersect_sorted(
+                plan, own_tags, peer_groups, peer_sizes, peer_tags, directory, stage_rows
+            )
+        except RepeatedKey:
+            pass  # (a side repeats a tag: the general path counts each)
+    found = _found(plan, own_tags.getvalue(), peer_groups, peer_sizes, peer_tags.getvalue())
     owners = plan.owners([nid for _, nid, _ in found])
     rows: list[MatchRow] = []
     for t, nid, labels in found:
@@ -158,60 +178,124 @@ def _found(
     return found
 
 
-def _found_packed(
+def _positions(first: int, n: int) -> bytes:
+    """first, first + 1, ... as 4-byte big-endian numbers (they sort as numbers)."""
+    out = array("I", range(first, first + n))
+    assert out.itemsize == 4  # (on every platform the module builds for)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _intersect_sorted(
     plan: Plan,
-    own_tags: bytes,
+    own_tags: TagSpool,
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
-    peer_tags: bytes,
-) -> list[tuple[bytes, bytes, LabelSet]] | None:
-    """`_found`, in tag order, without an object per tag: each side's tags zipped with
-    a 4-byte position (ours) or group number (theirs), sorted and merged in C. None
-    without the module, or where a side repeats a tag (`_found` counts each)."""
-    n_own, n_peer = len(own_tags) // TAG_BYTES, sum(peer_sizes)
-    if native is None or len(peer_tags) != TAG_BYTES * n_peer:
-        return None
-    positions = array("I", range(n_own))
-    if positions.itemsize != 4:
-        return None
+    peer_tags: TagSpool,
+    directory: Path | None,
+    stage_rows: RowSink | None,
+) -> Outcome:
+    """`intersect` within a fixed memory budget, without an object per tag: each
+    side's tags with a 4-byte position (ours) or group number (theirs) sorted
+    externally and joined as they stream; the digest is built as the join goes
+    (tag order: the sorted tags it is defined on); the matches are sorted by
+    position and named from the send order read a window at a time. RepeatedKey
+    where a side repeats a tag."""
+    assert native is not None
+    if plan.total >= 1 << 32 or len(peer_sizes) >= 1 << 32:
+        raise RepeatedKey  # (positions are 4 bytes: the general path takes it)
     width = TAG_BYTES + 4
-    own = bytearray(native.zip_records(n_own, (own_tags, TAG_BYTES), (positions, 4)))
-    del positions
-    peer, tags, pos = bytearray(width * n_peer), memoryview(peer_tags), 0
-    for g, size in enumerate(peer_sizes):
-        part = tags[TAG_BYTES * pos : TAG_BYTES * (pos + size)]
-        native.zip_into(
-            peer, width * pos, size, (part, TAG_BYTES), (g.to_bytes(4, sys.byteorder), 4)
-        )
-        pos += size
-    tags.release()
-    native.sort_inplace(own, width)
-    native.sort_inplace(peer, width)
-    joined = native.merge_join(own, width, peer, width, TAG_BYTES)
-    del own, peer
-    if joined is None:
-        return None
-    found: list[tuple[bytes, bytes, LabelSet]] = []
-    for at in range(0, len(joined), width + 4):
-        rec = joined[at : at + width + 4]
-        i = int.from_bytes(rec[TAG_BYTES:width], sys.byteorder)  # (array's own order)
-        g = int.from_bytes(rec[width:], sys.byteorder)
-        found.append((rec[:TAG_BYTES], plan.order[i], peer_groups[g]))
-    return found
+    digest = RootBuilder()
+    with (
+        ExternalSort(width, directory) as own,
+        ExternalSort(width, directory) as peer,
+        ExternalSort(width + 4, directory) as by_position,
+    ):
+        at = 0
+        for tags in own_tags.chunks():
+            n = len(tags) // TAG_BYTES
+            own.add(native.zip_records(n, (tags, TAG_BYTES), (_positions(at, n), 4)))
+            at += n
+        pos = 0
+        for g, size in enumerate(peer_sizes):
+            for tags in peer_tags.chunks(pos, pos + size):
+                n = len(tags) // TAG_BYTES
+                peer.add(native.zip_records(n, (tags, TAG_BYTES), (g.to_bytes(4, "big"), 4)))
+            pos += size
+        # tag | position | group, in tag order
+        for joined in join_sorted(own.sorted_chunks(), width, peer.sorted_chunks(), width, 16):
+            for i in range(0, len(joined), width + 4):
+                digest.add(leaf_hash(joined[i : i + TAG_BYTES]))
+            by_position.add(
+                native.select_fields(
+                    joined, width + 4, ((TAG_BYTES, 4), (0, TAG_BYTES), (width, 4))
+                )
+            )
+        rows, named = _rows_by_position(plan, by_position.sorted_chunks(), peer_groups, stage_rows)
+    return Outcome(digest.size, digest.root(), rows, None if stage_rows is None else named)
 
 
-def count_common(own_tags: bytes, peer_tags: bytes) -> int:
-    """How many distinct tags both sides hold (a count-only session's result): sorted
-    and merged packed, in C, without an object per tag where the module is built; a
-    set intersection otherwise, or where a side repeats a tag."""
+def _rows_by_position(
+    plan: Plan,
+    matches: Iterable[bytes | bytearray | memoryview],
+    peer_groups: list[LabelSet],
+    stage_rows: RowSink | None,
+) -> tuple[list[MatchRow], int]:
+    """Result rows from matches (position | tag | group) in position order, a batch
+    at a time: staged with `stage_rows` (then only how many records they name
+    comes back), else gathered."""
+    assert plan.owners is not None
+    width = 4 + TAG_BYTES + 4
+    gathered: list[MatchRow] = []
+    named, staging = 0, True
+    start, window = 0, PackedNids()
+    for chunk in matches:
+        for at in range(0, len(chunk), width * ROW_BATCH):
+            part = bytes(chunk[at : at + width * ROW_BATCH])
+            found: list[tuple[bytes, bytes, LabelSet]] = []
+            for i in range(0, len(part), width):
+                p = int.from_bytes(part[i : i + 4], "big")
+                if not start <= p < start + len(window):
+                    start, window = p, plan.order[p : p + WINDOW]
+                group = peer_groups[int.from_bytes(part[i + 4 + TAG_BYTES : i + width], "big")]
+                found.append((part[i + 4 : i + 4 + TAG_BYTES], window[p - start], group))
+            owners = plan.owners([nid for _, nid, _ in found])
+            rows: list[MatchRow] = []
+            for t, nid, labels in found:
+                for rec in owners.get(nid, ()):
+                    rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
+                    named += 1
+            if stage_rows is None:
+                gathered += rows
+            elif staging:
+                staging = stage_rows(rows)  # (False: the session failed; its rows are deleted)
+    return gathered, named
+
+
+def count_common(own_tags: TagSpool, peer_tags: TagSpool, directory: Path | None) -> int:
+    """How many distinct tags both sides hold (a count-only session's result): each
+    side sorted within the memory budget (`ExternalSort`) and joined as they
+    stream, in C; a set intersection without the module, or where a side repeats
+    a tag."""
     if native is not None:
-        own, peer = bytearray(own_tags), bytearray(peer_tags)
-        native.sort_inplace(own, TAG_BYTES)
-        native.sort_inplace(peer, TAG_BYTES)
-        joined = native.merge_join(own, TAG_BYTES, peer, TAG_BYTES, TAG_BYTES)
-        if joined is not None:  # (None: a repeated tag)
-            return len(joined) // TAG_BYTES
-    return len(set(split(own_tags, TAG_BYTES)) & set(split(peer_tags, TAG_BYTES)))
+        try:
+            with (
+                ExternalSort(TAG_BYTES, directory) as own,
+                ExternalSort(TAG_BYTES, directory) as peer,
+            ):
+                for chunk in own_tags.chunks():
+                    own.add(chunk)
+                for chunk in peer_tags.chunks():
+                    peer.add(chunk)
+                joined = join_sorted(
+                    own.sorted_chunks(), TAG_BYTES, peer.sorted_chunks(), TAG_BYTES, TAG_BYTES
+                )
+                return sum(len(j) // TAG_BYTES for j in joined)
+        except RepeatedKey:
+            pass
+    mine = set(split(own_tags.getvalue(), TAG_BYTES))
+    return len(mine.intersection(split(peer_tags.getvalue(), TAG_BYTES)))
 
 
 __all__ = [

@@ -137,6 +137,7 @@ class Initiator:
         self.request_id = logs.REQUEST_ID.get()
         self.peer_policy = peer_policy or PeerPolicy(request.peer, frozenset())
         self.side: SyncSide | None = None
+        self.plan: Plan | None = None
         self.key = BlindingKey.generate()
         self.md = ((SESSION_KEY, request.session_id),)
         # What is known so far, for the audit entry (also of a failed session).
@@ -168,8 +169,8 @@ class Initiator:
             log.exception("session %s: unexpected failure", sid)
             self._fail("internal error (see the node log)", False)
         finally:
-            if self.side is not None:
-                self.side.plan.close()
+            if self.plan is not None:
+                self.plan.close()  # (a spooled send order's file)
             if lock is not None:
                 lock.release()
 
@@ -243,6 +244,7 @@ class Initiator:
             plan = self.planner()
         else:
             raise ValueError("a session without pair state needs a planner")
+        self.plan = plan
         clock.lap("prepare")
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
         hs = self.stub.Handshake(
@@ -343,10 +345,17 @@ class Initiator:
                 outcome = synced.outcome
             elif self.labelled:
                 outcome = intersect(
-                    plan, own_tags.getvalue(), peer_groups, peer_sizes, peer_tags.getvalue()
+                    plan,
+                    own_tags,
+                    peer_groups,
+                    peer_sizes,
+                    peer_tags,
+                    directory=self.store.directory,
+                    stage_rows=partial(self.store.stage_matches, sid),
                 )
             else:
-                outcome = Outcome(count_common(own_tags.getvalue(), peer_tags.getvalue()), b"", [])
+                common = count_common(own_tags, peer_tags, self.store.directory)
+                outcome = Outcome(common, b"", [])
         clock.lap("match")
         conclude = peer_pb2.ConcludeRequest(
             session_id=sid,
@@ -394,7 +403,7 @@ class Initiator:
             matches=outcome.matches,
             entry=self._entry("completed", result=outcome),
             pair_delta=(self.req.peer, self.salt.epoch, synced.delta) if synced else None,
-            matches_staged=synced is not None,
+            matches_staged=synced is not None or outcome.staged_records is not None,
             matched_records=outcome.matched_records,
         )
         clock.lap("commit")

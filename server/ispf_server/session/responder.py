@@ -28,6 +28,7 @@ from ispf.errors import (
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
+from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.salts import SaltRing
@@ -44,7 +45,6 @@ from ispf_server.session.plan import (
     LabelSet,
     Plan,
     parse_groups,
-    shuffle_packed,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
 from ispf_server.session.spool import TagSpool
@@ -474,14 +474,15 @@ class Responder:
                     s.initiator_tags.append(tags)
                     n = len(tags) // TAG_BYTES
                     s.progress.add(received=n, work_done=n)
-                # (packed and shuffled in place: no object per tag at registry scale)
-                shuffled = bytearray(s.initiator_tags.getvalue())
-                shuffle_packed(shuffled, width=TAG_BYTES)
+                # (shuffled within the sort budget: memory does not grow with the set)
                 step = self.chunk_values * TAG_BYTES
-                for seq, at in enumerate(range(0, len(shuffled), step)):
-                    part = bytes(shuffled[at : at + step])
-                    s.progress.add(sent=len(part) // TAG_BYTES)
-                    yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=part)
+                seq = 0
+                for tags in shuffled(s.initiator_tags.chunks(), TAG_BYTES, self.store.directory):
+                    for at in range(0, len(tags), step):
+                        part = tags[at : at + step]
+                        s.progress.add(sent=len(part) // TAG_BYTES)
+                        yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=part)
+                        seq += 1
             s.reblind_done = True
             self._start_matching(s)
 
@@ -498,10 +499,12 @@ class Responder:
                     s.intersecting = in_thread(
                         lambda: intersect(
                             s.plan,
-                            s.own_tags.getvalue(),
+                            s.own_tags,
                             s.peer_groups,
                             s.peer_sizes,
-                            s.initiator_tags.getvalue(),
+                            s.initiator_tags,
+                            directory=self.store.directory,
+                            stage_rows=partial(self.store.stage_matches, s.session_id),
                         ),
                         f"match-{s.session_id[:8]}",
                     )
@@ -622,7 +625,7 @@ class Responder:
                 matches=outcome.matches,
                 entry=self._entry(s, "completed", result=outcome),
                 pair_delta=(caller, s.salt.epoch, synced.delta) if synced else None,
-                matches_staged=synced is not None,
+                matches_staged=synced is not None or outcome.staged_records is not None,
                 matched_records=outcome.matched_records,
                 sync=s.progress.snapshot().sync,
                 own_removed=len(s.side.removed_tags) if s.side else 0,

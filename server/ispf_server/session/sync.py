@@ -58,9 +58,10 @@ from ispf_server.pairstate import (
     xor_fp,
 )
 from ispf_server.policy import PeerPolicy
-from ispf_server.session.core import Outcome, split
+from ispf_server.session.core import ROW_BATCH, Outcome, RowSink, split
 from ispf_server.session.plan import (
     LabelSet,
+    OwnerLookup,
     Plan,
     build_plan,
     check_collections,
@@ -131,49 +132,36 @@ def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
 CODED = NID + 1  # an ID and its label's one-byte code
 
 
-def _all_label_sets(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
-    """Every ID the peer may hold, packed, by label set (as stored); and how many records.
-
-    SQLite hands over every record as its ID and a one-byte label code, a few
-    strings in all; the module sorts them and splits off the IDs held once,
-    already grouped by label, and only IDs with several records are looked at in
-    Python (`_coded_label_sets`). Without the module (or with more labels than
-    codes) the same comes from `_all_label_sets_rows`."""
-    allowed = _allowed_labels(store, pp)
-    if allowed is None:
-        return _all_label_sets_rows(store, pp)
-    by_text: dict[str, bytearray] = defaultdict(bytearray)
-    count = 0
-    try:
-        for text, nids, records in _coded_label_sets(store, allowed):
-            by_text[text] += nids
-            count += records
-    except _NotPacked:
-        return _all_label_sets_rows(store, pp)
-    return by_text, count
-
-
-def _allowed_labels(store: Store, pp: PeerPolicy) -> list[Label] | None:
-    """The labels the peer may hold, for the coded pass; None where it cannot run (no
-    module, more labels than codes)."""
+def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> list[Label] | None:
+    """The labels whose records take part, for the coded pass: in the peer's
+    collections and, where labelled, ones it may learn. None where the pass
+    cannot run (no module, more labels than codes)."""
     if native is None:
         return None
     allowed = [
         lb
         for lb in store.distinct_labels()
-        if pp.in_collections(lb.programme) and pp.may_disclose(lb)
+        if pp.in_collections(lb.programme) and (not labelled or pp.may_disclose(lb))
     ]
     return None if len(allowed) > 254 else allowed
 
 
-def _coded_label_sets(store: Store, allowed: list[Label]) -> Iterator[tuple[str, bytes, int]]:
+UNLABELLED = labels_text(())  # a count-only session's one group
+_ANY = Label("*", "*")  # (stands for every label where unlabelled)
+
+
+def _coded_label_sets(
+    store: Store, allowed: list[Label], *, labelled: bool = True
+) -> Iterator[tuple[str, bytes, int]]:
     """(label set as stored, IDs holding exactly it packed, records they hold), batch
-    by batch over the registry, for the IDs with a label in `allowed`. Raises
+    by batch over the registry, for the IDs with a label in `allowed` (SQLite's
+    coded strings, sorted and split in C: only IDs with several records are looked
+    at in Python). Unlabelled: every such ID once, in the one group. Raises
     _NotPacked where the IDs are not all 13 digits."""
     if not allowed:
         return
-    single = [labels_text((lb,)) for lb in allowed]
-    texts: dict[frozenset[Label], str] = {}
+    single = [labels_text((lb,)) if labelled else UNLABELLED for lb in allowed]
+    texts: dict[frozenset[Label], str] = {} if labelled else {frozenset({_ANY}): UNLABELLED}
     for once, repeated in _coded_batches(store, allowed):
         for code, nids in once.items():
             if code >= 2:  # (1: a label the peer may not hold)
@@ -188,7 +176,7 @@ def _coded_label_sets(store: Store, allowed: list[Label]) -> Iterator[tuple[str,
                 _add_set(by_text, texts, prev, held)
                 prev, held = nid, set()
             if code >= 2:
-                held.add(allowed[code - 2])
+                held.add(allowed[code - 2] if labelled else _ANY)
                 count += 1
         _add_set(by_text, texts, prev, held)
         for text, members in by_text.items():  # (records counted once, with the first set)
@@ -201,14 +189,17 @@ def _coded_label_sets(store: Store, allowed: list[Label]) -> Iterator[tuple[str,
 SHUFFLE = pairruns.Kind("shuffle", 4 + 12 + NID, 4)
 
 
-def spooled_plan(store: Store, pp: PeerPolicy) -> Plan | None:
-    """A full run's plan, as `shuffled_plan` makes it (groups in label-set order, each
+def spooled_plan(
+    store: Store, pp: PeerPolicy, *, labelled: bool = True, owners: OwnerLookup | None = None
+) -> Plan | None:
+    """A session's plan, as `shuffled_plan` makes it (groups in label-set order, each
     shuffled with the OS's randomness), within a fixed memory budget: every ID
     goes with its group's number and a random key to an `ExternalSort`, whose
     output is each group shuffled; the groups are then laid out in label-set
-    order in a file (`SpooledNids`). None where the coded pass cannot run: the
+    order in a file (`SpooledNids`). Unlabelled (count-only): one group of every
+    ID in the peer's collections. None where the coded pass cannot run: the
     caller then plans in memory."""
-    allowed = _allowed_labels(store, pp)
+    allowed = _allowed_labels(store, pp, labelled=labelled)
     if allowed is None:
         return None
     assert native is not None
@@ -217,7 +208,7 @@ def spooled_plan(store: Store, pp: PeerPolicy) -> Plan | None:
     count = 0
     with ExternalSort(w, directory) as sorter:
         try:
-            for text, nids, records in _coded_label_sets(store, allowed):
+            for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
                 n = len(nids) // NID
                 number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
                 sorter.add(
@@ -245,7 +236,7 @@ def spooled_plan(store: Store, pp: PeerPolicy) -> Plan | None:
             for part in met.chunks(first, stop):
                 order.append(part)
     sizes = [stop - first for _, (first, stop) in groups]
-    return Plan([g for g, _ in groups], sizes, SpooledNids(order), count)
+    return Plan([g for g, _ in groups], sizes, SpooledNids(order), count, owners)
 
 
 class _NotPacked(Exception):
@@ -283,7 +274,9 @@ def _add_set(
 
 
 def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
-    """`_all_label_sets` in one pass over (nid, programme, status) rows in ID order."""
+    """Every ID the peer may hold, packed, by label set (as stored), and how many
+    records: one pass over (nid, programme, status) rows in ID order. Where the
+    coded pass cannot run (no module, more labels than codes, IDs not 13 digits)."""
     allowed: dict[tuple[str, str], Label | None] = {}
     texts: dict[Label | frozenset[Label], str] = {}
     by_text: dict[str, bytearray] = defaultdict(bytearray)
@@ -426,8 +419,6 @@ def _fingerprint(tags: TagSpool) -> bytes:
     return fp
 
 
-RowSink = Callable[[list[MatchRow]], bool]  # stages some result rows; False: session gone
-ROW_BATCH = 20_000  # matched IDs whose rows are made and staged at a time
 # The join of own_tag and peer_tag: tag | nid | own lsid | peer lsid; and its fields
 # as a matched record (nid | tag | peer lsid).
 JOINED = pairruns.Kind("joined", OWN_TAG.width + PEER_TAG.width - TAG_BYTES, TAG_BYTES)
@@ -686,23 +677,17 @@ def one_off_plan(
     store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
 ) -> Plan:
     """The plan of a session that keeps no pair state: count-only, or limited to some
-    collections. The IDs come packed, as for a full run, not as a record object
-    each: a count-only session needs them alone (`eligible_ids`); a labelled one
-    groups them by label set (`_all_label_sets`, under the policy narrowed to the
-    collections asked for) and looks up the matched IDs' records when matched
-    (`Plan.owners`). Without the module, from record objects (`build_plan`)."""
+    collections. As a full run's (`spooled_plan`): IDs packed from SQLite's coded
+    strings, shuffled by an external sort and kept on disk. A labelled one groups
+    them by label set under the policy narrowed to the collections asked for, and
+    looks up the matched IDs' records when matched (`Plan.owners`). Without the
+    module, from record objects (`build_plan`)."""
     check_collections(pp, collections)
     narrowed = replace(pp, collections=collections) if collections else pp
     owners = partial(eligible_owners, store, narrowed) if labelled else None
-    if native is not None:
-        if labelled:
-            by_text, count = _all_label_sets(store, narrowed)
-            by_group = {labels_of(text): members for text, members in by_text.items()}
-            return shuffled_plan(by_group, own_records=count, owners=owners)
-        packed = eligible_ids(store, narrowed.collections)
-        if packed is not None:
-            ids, count = packed
-            return shuffled_plan({(): ids} if ids else {}, own_records=count)
+    plan = spooled_plan(store, narrowed, labelled=labelled, owners=owners)
+    if plan is not None:
+        return plan
     records = eligible_records(store, pp, collections, labelled=labelled)
     return build_plan(records, labelled=labelled, owners_of=owners)
 
@@ -721,36 +706,3 @@ def eligible_owners(
         if ok:
             out[nid.encode("ascii")].append(StoredRecord(rid, nid, label))
     return out
-
-
-def eligible_ids(store: Store, programmes: frozenset[str]) -> tuple[bytearray, int] | None:
-    """The distinct IDs of the records in these programmes (every one: empty), packed,
-    and how many records hold them. SQLite hands the records over as a
-    few strings (each ID and a one-byte label code) and the module sorts and splits
-    them. None without the module, with more labels than codes, or with IDs that
-    are not 13 digits: the record path then does it."""
-    if native is None:
-        return None
-    labels = [lb for lb in store.distinct_labels() if not programmes or lb.programme in programmes]
-    if len(labels) > 254:
-        return None
-    ids, count = bytearray(), 0
-    if not labels:
-        return ids, count
-    try:
-        for once, repeated in _coded_batches(store, labels):
-            for code, nids in once.items():
-                if code >= 2:  # (1: a programme not asked for)
-                    ids += nids
-                    count += len(nids) // NID
-            prev = b""
-            for at in range(0, len(repeated), CODED):
-                nid, code = repeated[at : at + NID], repeated[at + NID]
-                if code >= 2:
-                    count += 1
-                    if nid != prev:
-                        ids += nid
-                        prev = nid
-    except _NotPacked:
-        return None
-    return ids, count
