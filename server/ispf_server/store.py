@@ -440,9 +440,7 @@ class Store:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                running = cur.execute(
-                    "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
-                ).fetchone()
+                running = _running(cur, session_id)
                 gen = None
                 if running:  # (a session failed meanwhile keeps nothing)
                     self._insert_matches(cur, session_id, matches)
@@ -456,26 +454,19 @@ class Store:
         if gen is not None:
             delta.staged, delta.runs = gen, None
 
-    @storage_errors
     def stage_matches(self, session_id: str, matches: list[MatchRow]) -> bool:
         """Write some of a running session's match rows ahead of its commit, as they
-        are found (a full run's, in batches: they are never all in memory). Read
+        are found (in batches: a registry's matches are never all in memory). Read
         only once the session is COMPLETED; `fail_session` deletes them. False
         (nothing written) where the session is no longer running."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                running = cur.execute(
-                    "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
-                ).fetchone()
-                if running:
-                    self._insert_matches(cur, session_id, matches)
-                cur.execute("COMMIT")
-            except BaseException:
-                _rollback(cur)
-                raise
-        return running is not None
+
+        def step(cur: sqlite3.Cursor) -> bool:
+            if not _running(cur, session_id):
+                return False
+            self._insert_matches(cur, session_id, matches)
+            return True
+
+        return self._write_tx(step)
 
     @staticmethod
     def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> None:
@@ -901,6 +892,13 @@ class Store:
                 (session_id, session_id),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
+
+
+def _running(cur: sqlite3.Cursor, session_id: str) -> bool:
+    row = cur.execute(
+        "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
+    ).fetchone()
+    return row is not None
 
 
 class RunStager:
