@@ -328,10 +328,10 @@ def _zip_into(dst: bytearray, at: int, n: int, *parts: tuple[Buffer, int]) -> in
 
 
 class RunBuilder:
-    """A full run's state as sorted runs, from packed columns, one run at a time (a
-    run of ten million is hundreds of megabytes: parts are freed as joined). Label
-    sets are numbered as they are met. Both the general path (`pack_runs`) and the
-    packed one (`session.sync`) build their runs here."""
+    """A full run's state as sorted runs, from packed columns, one run at a time, in
+    memory: the general path's (`pack_runs`), which runs where the packed one
+    cannot. Label sets are numbered as they are met (`lsid`), which the packed
+    path (`session.sync`, sorting externally within a memory budget) uses too."""
 
     def __init__(self) -> None:
         self.texts: dict[str, int] = {}
@@ -344,7 +344,6 @@ class RunBuilder:
         groups: Iterable[tuple[str, Buffer, Buffer]],
         *,
         by_tag: bool,
-        total: int | None = None,
     ) -> bytearray:
         """From (label set, 13-byte IDs, 16-byte tags) per group: own_tag or own_nid."""
         return self._run(
@@ -359,38 +358,30 @@ class RunBuilder:
                 for labels, nids, tags in groups
             ),
             TAG_LEN + NID_BYTES,
-            total,
         )
 
-    def peer(self, groups: Iterable[tuple[str, Buffer]], total: int | None = None) -> bytearray:
+    def peer(self, groups: Iterable[tuple[str, Buffer]]) -> bytearray:
         """From (label set, 16-byte tags) per group: peer_tag."""
         return self._run(
             ((len(tags) // TAG_LEN, ((tags, TAG_LEN),), labels) for labels, tags in groups),
             TAG_LEN,
-            total,
         )
 
     def _run(
         self,
         groups: Iterable[tuple[int, tuple[tuple[Buffer, int], ...], str]],
         columns: int,
-        total: int | None,
     ) -> bytearray:
         """Each group's columns (`columns` bytes a value) zipped with its label set's id,
         one group at a time into one buffer, then sorted in place: the run itself is
-        the only full-size copy. Given `total` (the values of all groups), groups are
-        taken as they come (each may be a chunk read from disk); else listed first
-        (views: nothing copied)."""
-        if total is None:
-            todo = list(groups)
-            groups, total = todo, sum(n for n, _, _ in todo)
+        the only full-size copy (the groups' columns are views: nothing copied)."""
+        todo = list(groups)
+        total = sum(n for n, _, _ in todo)
         width = columns + pairruns.LSID
         out = bytearray(width * total)
         at = 0
-        for n, cols, labels in groups:
+        for n, cols, labels in todo:
             at = _zip_into(out, at, n, *cols, (self.lsid(labels), pairruns.LSID))
-        if at != len(out):
-            raise ValueError(f"the groups held {at // width} values, not {total}")
         pairruns.sort_inplace(out, width)
         return out
 

@@ -1,11 +1,12 @@
-"""A session's tags on disk: at registry scale they are the exchange's largest data.
+"""A session's data on disk: at registry scale it would be most of a node's memory.
 
 Each direction of a session yields 16 bytes per value (160 MB at ten million),
-and both directions used to stay in memory from the exchange to the end of the
-matching. A `TagSpool` appends them to an unlinked temporary file in the node's
-own store directory (so nothing is left behind, even after a crash) and hands
-them back in bounded chunks: a full run zips its sorted runs from it a chunk at
-a time. Tags are blinded values, never IDs; the salt and keys are not in them.
+and the send order 13 bytes per ID. A `TagSpool` appends fixed-width values to
+an unlinked temporary file in the node's own store directory (so nothing is
+left behind, even after a crash) and hands them back by position, in bounded
+chunks. Tags are blinded values; `SpooledNids` holds the node's own IDs in send
+order, beside the store that holds them anyway. The salt and keys are never in
+either. The external sorts (`ispf_server.extsort`) spill to such files too.
 """
 
 from __future__ import annotations
