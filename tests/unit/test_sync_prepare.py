@@ -324,6 +324,9 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
                 "SELECT matched_records FROM sessions WHERE session_id=?", (sid,)
             ).fetchone()
             assert row == (2,)
+            # Staged pieces are committed without a sync of their own; every other
+            # write still is (synchronous=FULL, 2, is back after each staging).
+            assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
         else:
             assert store.fail_session(sid, "peer gone", None)
             # The session is gone: later batches are not written, and those staged went.
