@@ -191,3 +191,45 @@ def test_stopped_peer_fails_the_session_with_a_reason(federation: Federation) ->
     assert st.state == FAILED
     assert "kp" in st.error
     assert federation.client("punjab").session(st.session_id).state == FAILED
+
+
+def test_every_kind_of_session_gives_the_same_result_when_sorts_spill(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real nodes with a sort budget of a few records: every run, plan, shuffle and
+    join goes through spilled pieces merged a record at a time, runs are staged in
+    parts of two records, rows in batches of three. Full, incremental, filtered and
+    count-only sessions still give exactly the true matches."""
+    from ispf_server import extsort, pairruns
+    from ispf_server.session import core, sync
+    from ispf_server.store import StagedRun
+
+    for module, name, value in (
+        (extsort, "BUDGET", 64),
+        (extsort, "MIN_BLOCK", 1),
+        (core, "WINDOW", 3),
+        (core, "ROW_BATCH", 3),
+        (sync, "ROW_BATCH", 3),
+        (StagedRun, "FLUSH", 1),
+        (pairruns, "PART_RECORDS", 2),
+    ):
+        monkeypatch.setattr(module, name, value)
+    a, b = random_registries(7, 150)
+    federation.load("punjab", a)
+    federation.load("sindh", b)
+    full = federation.reconcile("punjab", "sindh")
+    assert full.state == COMPLETED and full.sync == "full", full.error
+    assert full.match_count == 50
+    assert matches(federation, "punjab", full.session_id) == reference(a, b)
+    assert matches(federation, "sindh", full.session_id) == reference(b, a)
+    again = federation.reconcile("sindh", "punjab")  # (from the spilled runs' state)
+    assert again.sync == "incremental" and again.result_digest == full.result_digest
+    assert matches(federation, "sindh", again.session_id) == reference(b, a)
+    filtered = federation.reconcile(
+        "punjab", "sindh", collections=["BISP-KAFAALAT", "PSER", "SEHAT"]
+    )
+    assert filtered.state == COMPLETED and filtered.match_count == 50, filtered.error
+    assert matches(federation, "punjab", filtered.session_id) == reference(a, b)
+    assert matches(federation, "sindh", filtered.session_id) == reference(b, a)
+    counted = federation.reconcile("punjab", "sindh", count_only=True)
+    assert counted.state == COMPLETED and counted.match_count == 50, counted.error
