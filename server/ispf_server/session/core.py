@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from ispf.v1 import peer_pb2
 from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted
 from ispf_server.session.plan import LabelSet, Plan
 from ispf_server.session.spool import TagSpool
-from ispf_server.store import MatchRow
+from ispf_server.store import MatchRow, StoredRecord
 
 PROTOCOL_VERSION = 1
 MAX_CHUNK_VALUES = 65_536
@@ -123,6 +123,29 @@ ROW_BATCH = 20_000  # matches whose result rows are made (and staged) at a time
 WINDOW = 1 << 16  # IDs of the send order read at a time, to name matches by position
 
 
+class RowBatches:
+    """A session's result rows as they are made, a batch of matched IDs at a time
+    (each ID in one batch only): staged to the store with `stage` (then only how
+    many records they name is kept), else gathered for the commit."""
+
+    def __init__(self, stage: RowSink | None) -> None:
+        self.stage = stage
+        self.gathered: list[MatchRow] = []
+        self.named = 0
+        self._open = True
+
+    def add(self, rows: list[MatchRow]) -> None:
+        self.named += len({r.record_id for r in rows})
+        if self.stage is None:
+            self.gathered += rows
+        elif self._open:
+            self._open = self.stage(rows)  # (False: the session failed; its rows are deleted)
+
+    def outcome(self, digest: RootBuilder) -> Outcome:
+        staged = None if self.stage is None else self.named
+        return Outcome(digest.size, digest.root(), self.gathered, staged)
+
+
 def intersect(
     plan: Plan,
     own_tags: TagSpool,
@@ -149,11 +172,7 @@ def intersect(
         except RepeatedKey:
             pass  # (a side repeats a tag: the general path counts each)
     found = _found(plan, own_tags.getvalue(), peer_groups, peer_sizes, peer_tags.getvalue())
-    owners = plan.owners([nid for _, nid, _ in found])
-    rows: list[MatchRow] = []
-    for t, nid, labels in found:
-        for rec in owners.get(nid, ()):
-            rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
+    rows = _named_rows(found, plan.owners([nid for _, nid, _ in found]))
     return Outcome(len(found), result_digest([t for t, _, _ in found]), rows)
 
 
@@ -232,23 +251,21 @@ def _intersect_sorted(
                     joined, width + 4, ((TAG_BYTES, 4), (0, TAG_BYTES), (width, 4))
                 )
             )
-        rows, named = _rows_by_position(plan, by_position.sorted_chunks(), peer_groups, stage_rows)
-    return Outcome(digest.size, digest.root(), rows, None if stage_rows is None else named)
+        rows = RowBatches(stage_rows)
+        _rows_by_position(plan, by_position.sorted_chunks(), peer_groups, rows)
+    return rows.outcome(digest)
 
 
 def _rows_by_position(
     plan: Plan,
     matches: Iterable[bytes | bytearray | memoryview],
     peer_groups: list[LabelSet],
-    stage_rows: RowSink | None,
-) -> tuple[list[MatchRow], int]:
+    out: RowBatches,
+) -> None:
     """Result rows from matches (position | tag | group) in position order, a batch
-    at a time: staged with `stage_rows` (then only how many records they name
-    comes back), else gathered."""
+    at a time, to `out`."""
     assert plan.owners is not None
     width = 4 + TAG_BYTES + 4
-    gathered: list[MatchRow] = []
-    named, staging = 0, True
     start, window = 0, PackedNids()
     for chunk in matches:
         for at in range(0, len(chunk), width * ROW_BATCH):
@@ -260,17 +277,18 @@ def _rows_by_position(
                     start, window = p, plan.order[p : p + WINDOW]
                 group = peer_groups[int.from_bytes(part[i + 4 + TAG_BYTES : i + width], "big")]
                 found.append((part[i + 4 : i + 4 + TAG_BYTES], window[p - start], group))
-            owners = plan.owners([nid for _, nid, _ in found])
-            rows: list[MatchRow] = []
-            for t, nid, labels in found:
-                for rec in owners.get(nid, ()):
-                    rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
-                    named += 1
-            if stage_rows is None:
-                gathered += rows
-            elif staging:
-                staging = stage_rows(rows)  # (False: the session failed; its rows are deleted)
-    return gathered, named
+            out.add(_named_rows(found, plan.owners([nid for _, nid, _ in found])))
+
+
+def _named_rows(
+    found: list[tuple[bytes, bytes, LabelSet]], owners: Mapping[bytes, list[StoredRecord]]
+) -> list[MatchRow]:
+    """A row per (own record, peer label) of each match (tag, ID, peer labels)."""
+    rows: list[MatchRow] = []
+    for t, nid, labels in found:
+        for rec in owners.get(nid, ()):
+            rows.extend(MatchRow(rec.record_id, rec.label, pl, t) for pl in labels)
+    return rows
 
 
 def count_common(own_tags: TagSpool, peer_tags: TagSpool, directory: Path | None) -> int:

@@ -58,7 +58,7 @@ from ispf_server.pairstate import (
     xor_fp,
 )
 from ispf_server.policy import PeerPolicy
-from ispf_server.session.core import ROW_BATCH, Outcome, RowSink, split
+from ispf_server.session.core import ROW_BATCH, Outcome, RowBatches, RowSink, split
 from ispf_server.session.plan import (
     LabelSet,
     OwnerLookup,
@@ -508,9 +508,8 @@ def _finish_full(
         own_run.close()
         peer_run.close()
         names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
-        rows = _staged_rows(
-            side, matched.sorted_chunks(), stager.writer(MATCHED), names, stage_rows
-        )
+        rows = RowBatches(stage_rows)
+        _staged_rows(side, matched.sorted_chunks(), stager.writer(MATCHED), names, rows)
     with own_sorted(by_tag=False) as own_by_nid:
         own_nid_run = stager.writer(OWN_NID)
         for chunk in own_by_nid.sorted_chunks():
@@ -530,9 +529,7 @@ def _finish_full(
         policy=policy_key(side.pp),
         staged=staged,
     )
-    gathered, named = rows
-    outcome = Outcome(digest.size, digest.root(), gathered, None if stage_rows is None else named)
-    return SyncResult(outcome, delta, own_fp + peer_fp)
+    return SyncResult(rows.outcome(digest), delta, own_fp + peer_fp)
 
 
 def _staged_rows(
@@ -540,18 +537,14 @@ def _staged_rows(
     matched: Iterable[Buffer],
     run: StagedRun,
     names: dict[bytes, str],
-    stage_rows: RowSink | None,
-) -> tuple[list[MatchRow], int]:
+    out: RowBatches,
+) -> None:
     """The matched run (nid | tag | peer lsid, in ID order) staged as it is merged,
-    and the result rows of a batch of matched IDs at a time: staged with
-    `stage_rows` (then only the number of records named comes back), else
-    gathered. Only the matched IDs' records are read back (a tenth, typically)."""
-    gathered: list[MatchRow] = []
-    named = 0
+    and the result rows of a batch of matched IDs at a time, to `out`. Only the
+    matched IDs' records are read back (a tenth, typically)."""
     allowed: dict[Label, bool] = {}
     peer_labels: dict[bytes, tuple[Label, ...]] = {}
     pp = side.pp
-    staging = stage_rows is not None
     for chunk in matched:
         run.append(chunk)
         for at in range(0, len(chunk), MATCHED.width * ROW_BATCH):
@@ -574,13 +567,8 @@ def _staged_rows(
                 if ok:
                     tag, labels = found[nid]
                     rows.extend(MatchRow(rid, label, pl, tag) for pl in labels)
-                    named += 1
-            if stage_rows is None:
-                gathered += rows
-            elif staging:
-                staging = stage_rows(rows)  # (False: the session failed; its rows are deleted)
+            out.add(rows)
     run.close()
-    return gathered, named
 
 
 def finish(
