@@ -404,8 +404,8 @@ class Store:
             self._pruning.release()
 
     def run_stager(self, peer: str, epoch: int) -> RunStager:
-        """Writes a full run's sorted runs one at a time as they are built, so each
-        can be freed before the next is made (`RunStager`)."""
+        """Stages a full run's sorted runs piece by piece as they are merged, so no
+        run is ever whole in memory (`RunStager`, `StagedRun`)."""
         return RunStager(self, peer, epoch)
 
     @storage_errors
@@ -917,7 +917,7 @@ def _running(cur: sqlite3.Cursor, session_id: str) -> bool:
 
 
 class RunStager:
-    """A staged generation of one pair's sorted runs, written a run per transaction.
+    """A staged generation of one pair's sorted runs, each written in pieces as merged.
 
     The generation is not the pair's state until the session commits
     (`complete_session` activates `PairDelta.staged`); a session that fails leaves
@@ -928,12 +928,6 @@ class RunStager:
         self.store, self.peer, self.epoch = store, peer, epoch
         self.gen = store._write_tx(
             lambda cur: pairruns.new_generation(cur, peer, epoch), staging=True
-        )
-
-    def write(self, kind: pairruns.Kind, data: pairruns.Run) -> None:
-        self.store._write_tx(
-            lambda cur: pairruns.write_run(cur, self.peer, self.epoch, self.gen, kind, data),
-            staging=True,
         )
 
     def writer(self, kind: pairruns.Kind) -> StagedRun:
