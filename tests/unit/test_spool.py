@@ -39,3 +39,21 @@ def test_a_partial_value_is_refused(tmp_path: Path) -> None:
 def test_an_unwritable_directory_is_a_full_store_error(tmp_path: Path) -> None:
     with pytest.raises(StorageFull, match="free space on the node"):
         TagSpool(tmp_path / "missing")
+
+
+def test_grouped_chunks_follow_the_groups_and_say_where_they_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(16 * 100)
+    monkeypatch.setattr(spool, "CHUNK", 7)
+    with TagSpool(tmp_path) as s:
+        s.append(data)
+        sizes = [10, 0, 23, 67]
+        got = list(s.grouped(sizes))
+        starts = [0, 10, 10, 33]
+        for g, at, chunk in got:
+            n = len(chunk) // 16
+            assert 0 < n <= 7 and starts[g] <= at and at + n <= starts[g] + sizes[g]
+            assert chunk == data[16 * at : 16 * (at + n)]
+        assert b"".join(c for _, _, c in got) == data
+        assert sorted({g for g, _, _ in got}) == [0, 2, 3]  # (an empty group gives none)

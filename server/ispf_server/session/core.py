@@ -124,15 +124,22 @@ WINDOW = 1 << 16  # IDs of the send order read at a time, to name matches by pos
 
 
 class RowBatches:
-    """A session's result rows as they are made, a batch of matched IDs at a time
-    (each ID in one batch only): staged to the store with `stage` (then only how
-    many records they name is kept), else gathered for the commit."""
+    """A session's result as its join finds it: the digest, leaf by leaf in tag
+    order (`found`), and the rows, a batch of matched IDs at a time (each ID in
+    one batch only; `add`), staged to the store with `stage` (then only how many
+    records they name is kept), else gathered for the commit."""
 
     def __init__(self, stage: RowSink | None) -> None:
         self.stage = stage
         self.gathered: list[MatchRow] = []
         self.named = 0
+        self.digest = RootBuilder()
         self._open = True
+
+    def found(self, joined: bytes, width: int) -> None:
+        """Matches from a join: records of `width` bytes led by their tag, in tag order."""
+        for at in range(0, len(joined), width):
+            self.digest.add(leaf_hash(joined[at : at + TAG_BYTES]))
 
     def add(self, rows: list[MatchRow]) -> None:
         self.named += len({r.record_id for r in rows})
@@ -141,9 +148,9 @@ class RowBatches:
         elif self._open:
             self._open = self.stage(rows)  # (False: the session failed; its rows are deleted)
 
-    def outcome(self, digest: RootBuilder) -> Outcome:
+    def outcome(self) -> Outcome:
         staged = None if self.stage is None else self.named
-        return Outcome(digest.size, digest.root(), self.gathered, staged)
+        return Outcome(self.digest.size, self.digest.root(), self.gathered, staged)
 
 
 def intersect(
@@ -225,35 +232,28 @@ def _intersect_sorted(
     if plan.total >= 1 << 32 or len(peer_sizes) >= 1 << 32:
         raise RepeatedKey  # (positions are 4 bytes: the general path takes it)
     width = TAG_BYTES + 4
-    digest = RootBuilder()
+    rows = RowBatches(stage_rows)
     with (
         ExternalSort(width, directory) as own,
         ExternalSort(width, directory) as peer,
         ExternalSort(width + 4, directory) as by_position,
     ):
-        at = 0
-        for tags in own_tags.chunks():
+        for _, at, tags in own_tags.grouped([own_tags.count]):
             n = len(tags) // TAG_BYTES
             own.add(native.zip_records(n, (tags, TAG_BYTES), (_positions(at, n), 4)))
-            at += n
-        pos = 0
-        for g, size in enumerate(peer_sizes):
-            for tags in peer_tags.chunks(pos, pos + size):
-                n = len(tags) // TAG_BYTES
-                peer.add(native.zip_records(n, (tags, TAG_BYTES), (g.to_bytes(4, "big"), 4)))
-            pos += size
+        for g, _, tags in peer_tags.grouped(peer_sizes):
+            n = len(tags) // TAG_BYTES
+            peer.add(native.zip_records(n, (tags, TAG_BYTES), (g.to_bytes(4, "big"), 4)))
         # tag | position | group, in tag order
         for joined in join_sorted(own.sorted_chunks(), width, peer.sorted_chunks(), width, 16):
-            for i in range(0, len(joined), width + 4):
-                digest.add(leaf_hash(joined[i : i + TAG_BYTES]))
+            rows.found(joined, width + 4)
             by_position.add(
                 native.select_fields(
                     joined, width + 4, ((TAG_BYTES, 4), (0, TAG_BYTES), (width, 4))
                 )
             )
-        rows = RowBatches(stage_rows)
         _rows_by_position(plan, by_position.sorted_chunks(), peer_groups, rows)
-    return rows.outcome(digest)
+    return rows.outcome()
 
 
 def _rows_by_position(

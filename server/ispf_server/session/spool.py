@@ -68,6 +68,17 @@ class TagSpool:
         for at in range(start, stop, CHUNK):
             yield self.read(at, min(at + CHUNK, stop))
 
+    def grouped(self, sizes: list[int]) -> Iterator[tuple[int, int, bytes]]:
+        """(group number, first position, values) for consecutive groups of these
+        sizes, in chunks of at most CHUNK values that never cross a group's edge."""
+        pos = 0
+        for g, size in enumerate(sizes):
+            at = pos
+            for chunk in self.chunks(pos, pos + size):
+                yield g, at, chunk
+                at += len(chunk) // self.width
+            pos += size
+
     def getvalue(self) -> bytes:
         """Every value at once (the general paths; a one-off session's matching)."""
         return self.read(0, self.count)

@@ -21,7 +21,6 @@ from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
-from ispf.merkle import RootBuilder, leaf_hash
 from ispf.records import Label
 from ispf_server import pairruns
 from ispf_server.extsort import (
@@ -403,14 +402,6 @@ def _matched_rows(side: SyncSide, matches: dict[str, tuple[bytes, str]]) -> list
     return rows
 
 
-def _tag_chunks(tags: TagSpool, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
-    """(first position, tags) for positions [start, stop), in the spool's chunks."""
-    at = start
-    for chunk in tags.chunks(start, stop):
-        yield at, chunk
-        at += len(chunk) // TAG_BYTES
-
-
 def _fingerprint(tags: TagSpool) -> bytes:
     """`fingerprint_packed`, chunk by chunk (XOR: the parts combine)."""
     fp = EMPTY_FP
@@ -452,15 +443,12 @@ def _finish_full(
     # Each group in chunks of tags and of IDs (each read from disk where spooled),
     # with its label set's number.
     def own_groups() -> Iterator[tuple[bytes, Buffer, bytes]]:
-        pos = 0
-        for group, size in zip(plan.groups, plan.sizes, strict=True):
-            lsid = runs.lsid(labels_text(group))
-            for at, tags in _tag_chunks(own_added_tags, pos, pos + size):
-                nids = plan.order[at : at + len(tags) // TAG_BYTES].data
-                if not bytes(nids).isdigit():
-                    raise _NotPacked  # (IDs not 13 digits: planned from records)
-                yield lsid, nids, tags
-            pos += size
+        lsids = [runs.lsid(labels_text(group)) for group in plan.groups]
+        for g, at, tags in own_added_tags.grouped(plan.sizes):
+            nids = plan.order[at : at + len(tags) // TAG_BYTES].data
+            if not bytes(nids).isdigit():
+                raise _NotPacked  # (IDs not 13 digits: planned from records)
+            yield lsids[g], nids, tags
 
     def own_sorted(by_tag: bool) -> ExternalSort:
         out = ExternalSort(OWN_TAG.width, directory)
@@ -471,12 +459,9 @@ def _finish_full(
 
     def peer_sorted() -> ExternalSort:
         out = ExternalSort(PEER_TAG.width, directory)
-        pos = 0
-        for group, size in zip(peer_groups, peer_sizes, strict=True):
-            lsid = runs.lsid(labels_text(group))
-            for _, tags in _tag_chunks(peer_added_tags, pos, pos + size):
-                out.add(native.zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsid, LSID)))
-            pos += size
+        lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
+        for g, _, tags in peer_added_tags.grouped(peer_sizes):
+            out.add(native.zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
         return out
 
     try:
@@ -484,7 +469,7 @@ def _finish_full(
     except _NotPacked:
         return None
     stager = side.store.run_stager(side.peer, side.epoch)
-    digest = RootBuilder()
+    rows = RowBatches(stage_rows)
     with (
         own_by_tag,
         peer_sorted() as peer_by_tag,
@@ -500,15 +485,13 @@ def _finish_full(
                 PEER_TAG.width,
                 TAG_BYTES,
             ):
-                for at in range(0, len(joined), JOINED.width):
-                    digest.add(leaf_hash(joined[at : at + TAG_BYTES]))
+                rows.found(joined, JOINED.width)
                 matched.add(native.select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
         except RepeatedKey:
             return None
         own_run.close()
         peer_run.close()
         names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
-        rows = RowBatches(stage_rows)
         _staged_rows(side, matched.sorted_chunks(), stager.writer(MATCHED), names, rows)
     with own_sorted(by_tag=False) as own_by_nid:
         own_nid_run = stager.writer(OWN_NID)
@@ -529,7 +512,7 @@ def _finish_full(
         policy=policy_key(side.pp),
         staged=staged,
     )
-    return SyncResult(rows.outcome(digest), delta, own_fp + peer_fp)
+    return SyncResult(rows.outcome(), delta, own_fp + peer_fp)
 
 
 def _staged_rows(
