@@ -424,7 +424,8 @@ def render(data: ReportData) -> str:
         out.extend(_own_programme_tables(data))
     if data.sessions:
         out.append(
-            '<h2 id="sessions">Sessions</h2><table><tr><th>session</th><th>between'
+            '<h2 id="sessions">Sessions</h2><table id="session-list"><tr><th>session</th>'
+            "<th>between"
             "</th><th>kind</th><th>IDs sent (each side)</th><th>matched</th>"
             "<th>finished</th></tr>"
         )
