@@ -162,7 +162,8 @@ def render_chart(chart: Chart, colour: str) -> str:
     height = BAR_PITCH * len(chart.bars) + 4
     width = BAR_LABEL + BAR_MAX + 70
     parts = [
-        f'<figure class="chart" id="{escape(chart.chart_id)}"><figcaption>'
+        f'<figure class="chart" id="{escape(chart.chart_id)}" style="max-width:{width}px">'
+        "<figcaption>"
         f"{escape(chart.title)}</figcaption>",
         f'<svg class="bars" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" shape-rendering="crispEdges" '
@@ -211,7 +212,7 @@ def charts(data: ReportData) -> list[Chart]:
         out.append(
             Chart(
                 "chart-three",
-                f"People of {p} by the number of other provinces they were found in",
+                f"People of {p} by how many other provinces they were found in",
                 [
                     Bar(f"{k} other{'s' if k > 1 else ''}", t.by_other_provinces.get(k, 0))
                     for k in range(1, most + 1)

@@ -201,3 +201,15 @@ def test_bar_charts_beside_the_heatmap_draw_people_to_scale(tmp_path: Path) -> N
         top = max(values)
         for v, w in zip(values, widths, strict=True):
             assert abs(w - htmlreport.BAR_MAX * v / top) <= 1.0, (values, widths)
+    # A province's own report: people per peer, and by how many other provinces.
+    summary = json.loads((tmp_path / "out" / "punjab-summary.json").read_text())
+    per_peer = [summary["by_peer"][q]["people"] for q in sorted(summary["by_peer"])]
+    by_count = [summary["people"]["by_number_of_other_provinces"].get(k, 0) for k in "12"]
+    own = Image.open(screenshot(tmp_path / "out" / "punjab-report.html", tmp_path))
+    for values, colour in zip((per_peer, by_count), htmlreport.BAR_COLOURS, strict=True):
+        rgb = (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
+        widths = [w for _, _, w in bars_of(own.convert("RGB"), rgb)]
+        assert len(widths) == 2 and all(
+            abs(w - htmlreport.BAR_MAX * v / max(values)) <= 1.0
+            for v, w in zip(values, widths, strict=True)
+        ), (values, widths)
