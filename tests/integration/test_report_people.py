@@ -256,6 +256,7 @@ def test_export_uses_the_profiles_time_zone_and_refuses_an_unknown_one(
     summary = json.loads((out / "punjab-summary.json").read_text())
     assert summary["time_zone"] == "America/New_York"
     assert summary["people"]["found_in_another_province"] == 1
+    assert summary["people"]["found_in_three_or_more_provinces"] == 0  # one session
     capsys.readouterr()
     write("Mars/Olympus_Mons")
     with pytest.raises(ConfigError, match=r"Mars/Olympus_Mons.*IANA name"):
