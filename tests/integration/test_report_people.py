@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from ispf.errors import ConfigError
+from ispf_client import htmlreport
 from ispf_client.cli import main
 from ispf_client.demo import run_demo
 from ispf_client.htmlreport import local_time
@@ -305,3 +306,19 @@ def test_match_person_numbers_people_not_rows(federation: Federation) -> None:
     p1 = {m.person for m in after if m.record_id == "P1"}
     assert len(p2) == 1 and len(p1) == 1 and p1 != p2
     assert len({m.person for m in after}) == 3
+
+
+def test_report_renders_without_sessions_and_with_an_unreadable_checkpoint() -> None:
+    data = htmlreport.ReportData(
+        title="t",
+        provinces=["punjab"],
+        matrix={},
+        tallies={"punjab": htmlreport.Tally(registry_records=3, registry_people=2)},
+        checkpoints={"punjab": "<b>not a note</b>\n"},
+        time_zone="UTC",
+    )
+    html = htmlreport.render(data)
+    assert "not a readable checkpoint (note has no signature block)" in html
+    assert "<b>not" not in html  # escaped, in the table and the folded note
+    assert 'id="chart-found"' in html and "<rect" not in html  # no bars to draw
+    assert re.search(r"Generated <time id=\"generated\">[\d: -]+ UTC \(UTC\+00:00\)", html)
