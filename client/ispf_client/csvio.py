@@ -29,6 +29,9 @@ MATCH_COLUMNS = (
     "peer_programme",
     "peer_status",
     "session_id",
+    # The own record's label (added after the original columns, which keep their order).
+    "own_programme",
+    "own_status",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -156,6 +159,8 @@ def matches_csv_text(province: str, matches: Iterable[internal_pb2.Match]) -> st
                     m.peer_programme,
                     m.peer_status,
                     m.session_id,
+                    m.programme,
+                    m.status,
                 )
             ]
         )

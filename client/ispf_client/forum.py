@@ -23,6 +23,7 @@ from ispf.auditlog import origin_of
 from ispf.errors import ConfigError
 from ispf.identity import PROVINCE_RE, ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, node_hostname
 from ispf.keys import ForumSalt, write_private_file
+from ispf_client.sdk import DEFAULT_TIME_ZONE
 
 CA_DAYS = 3650
 LEAF_DAYS = 397
@@ -284,7 +285,9 @@ def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def write_client_profile(layout: ForumLayout, province: str, address: str) -> Path:
+def write_client_profile(
+    layout: ForumLayout, province: str, address: str, time_zone: str = DEFAULT_TIME_ZONE
+) -> Path:
     d = layout.client_dir(province)
     path = d / "profile.toml"
     path.write_text(
@@ -292,6 +295,7 @@ def write_client_profile(layout: ForumLayout, province: str, address: str) -> Pa
             [
                 f'province = "{province}"',
                 f'address = "{address}"',
+                f'time_zone = "{time_zone}"     # reports show times in this zone (IANA name)',
                 "",
                 "[tls]",
                 f'ca = "{_rel(layout.ca_cert, d)}"',

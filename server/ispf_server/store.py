@@ -899,6 +899,20 @@ class Store:
         for rid, p, s, pp, ps, tag in rows:
             yield MatchRow(rid, Label(p, s), Label(pp, ps), bytes(tag))
 
+    def match_holders(self, session_id: str) -> dict[str, str]:
+        """For each record matched in a session and still in the registry, a key of
+        the person holding it: the lowest record id among the records with the same
+        identity number. Records of one person share the key; it is a record id,
+        never the ID number, so the number does not leave the database."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT m.record_id, (SELECT MIN(o.record_id) FROM records o "
+                "WHERE o.nid = r.nid) FROM matches m JOIN records r "
+                "ON r.record_id = m.record_id WHERE m.session_id=?",
+                (session_id,),
+            ).fetchall()
+        return {str(rid): str(holder) for rid, holder in rows}
+
     def matched_tags(self, session_id: str) -> list[bytes]:
         with self._lock:
             rows = self._db.execute(
