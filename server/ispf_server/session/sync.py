@@ -317,7 +317,10 @@ def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytear
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
     """What this side sends: IDs whose label set is new or changed, and removed tags."""
     version = store.registry_version()
-    row = store.pair_sync(peer, epoch) if incremental else None
+    # A pair key older than the policy allows is renewed, and the pair's state goes
+    # with it: this run is full (the peer finds fingerprints that do not match).
+    rekeyed = store.rekey_if_due(peer, epoch, pp.rekey_after_days)
+    row = store.pair_sync(peer, epoch) if incremental and not rekeyed else None
     plan: Plan | None = None
     if row is not None:
         nids = store.changed_since(row.version)
