@@ -209,6 +209,13 @@ def write_node_config(
     ]
     path = folder / "node.toml"
     files.write_private_text(path, "\n".join(lines) + "\n")
+    policy = folder / "policy.toml"
+    if not policy.exists():
+        files.write_private_text(
+            policy,
+            "# Data-sharing policy of this node: add a [peers.<province>] table per agreement\n"
+            "# (see docs/operators.md); bump `version` with every change.\nversion = 1\n",
+        )
     return path
 
 
