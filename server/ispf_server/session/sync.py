@@ -86,8 +86,12 @@ def state_fingerprints(
     """(own set, peer set) fingerprints, or None if no usable state is held.
 
     State kept under another policy is not usable: which IDs and labels the peer
-    may hold changed, so the next run must be full.
+    may hold changed, so the next run must be full. Nor is state under a pair key
+    past the policy's `rekey_after_days`: the key is renewed here and that state
+    dropped, so both sides, asking this before a run, agree the run is full.
     """
+    if store.rekey_if_due(peer, epoch, pp.rekey_after_days):
+        return None
     row = store.pair_sync(peer, epoch)
     if row is None or row.policy != policy_key(pp):
         return None
