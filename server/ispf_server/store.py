@@ -928,14 +928,18 @@ class Store:
         return int(row[0]) if row else None
 
     def snapshot(self) -> bytes:
-        """A consistent copy of the whole store, taken online (SQLite's backup API)."""
+        """A consistent copy of the whole store, taken online (SQLite's backup API), as
+        a rollback-journal image (header bytes 18-19 = 1; the copy of a WAL store would
+        not open in memory)."""
         with self._lock:
             mem = sqlite3.connect(":memory:")
             try:
                 self._db.backup(mem)
-                return mem.serialize()
+                image = bytearray(mem.serialize())
             finally:
                 mem.close()
+        image[18] = image[19] = 1
+        return bytes(image)
 
     def pair_version(self, peer: str, epoch: int) -> int | None:
         """The registry version the own tags for this peer reflect; None: no state."""
