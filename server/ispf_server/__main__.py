@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ispf import logs
 from ispf.errors import IspfError
-from ispf_server.config import load_config
 from ispf_server.backup import backup_store, restore_store
+from ispf_server.config import load_config
 from ispf_server.node import Node, create_server, retire_epoch
 
 log = logging.getLogger("ispf_server")
