@@ -162,3 +162,31 @@ def test_three_provinces_onboard_with_files_only_reconcile_and_audit(
         for name in ("node.key", "seal.key", "master.key"):
             secret = (ob.node_dir(p) / name).read_bytes()
             assert secret not in forum_bytes
+
+
+def test_salt_import_refuses_another_nodes_file_another_epoch_and_a_second_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ob = onboard(tmp_path)
+    capsys.readouterr()
+    sealed = ob.forum / "sealed" / "epoch-1"
+    cfg = str(ob.node_dir("punjab") / "node.toml")
+    assert main(["node", "salt", "import", str(sealed / "sindh.sealed"), "--config", cfg]) == 2
+    assert "sealed for node 'sindh', not this node (punjab)" in capsys.readouterr().err
+    mine = str(sealed / "punjab.sealed")
+    assert main(["node", "salt", "import", mine, "--config", cfg, "--epoch", "2"]) == 2
+    assert "holds the salt of epoch 1, not epoch 2" in capsys.readouterr().err
+    assert main(["node", "salt", "import", mine, "--config", cfg]) == 2
+    assert "already exists" in capsys.readouterr().err
+    salt = ob.node_dir("punjab") / "salts" / "epoch-1.salt"
+    assert salt.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_node_refuses_a_roster_the_forum_did_not_sign(tmp_path: Path) -> None:
+    from ispf.errors import ConfigError
+
+    ob = onboard(tmp_path)
+    roster = ob.node_dir("punjab") / "roster.json"
+    roster.write_text(roster.read_text().replace("127.0.0.1:0", "203.0.113.9:50051", 1))
+    with pytest.raises(ConfigError, match="not signed by the forum CA"):
+        Node(load_config(ob.node_dir("punjab") / "node.toml"), pool=BlindingPool(0))
