@@ -156,6 +156,12 @@ class Node:
             "C" if curve.native is not None else "Python (native module not built)",
         )
 
+    def pinned_certs(self) -> dict[str, str] | None:
+        """Peers' node certificate fingerprints from the roster (None: no roster)."""
+        if self.roster is None:
+            return None
+        return {n: e.cert_sha256 for n, e in self.roster.nodes.items()}
+
     def _log_keys(self) -> dict[str, note.Verifier]:
         """Peers' checkpoint verifier keys: from the signed roster, else the keys folder."""
         if self.roster is not None:
@@ -414,7 +420,10 @@ def create_server(
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[*interceptors, Guard(node.province, node.revoked, node.metrics)],
+        interceptors=[
+            *interceptors,
+            Guard(node.province, node.revoked, node.metrics, pinned=node.pinned_certs()),
+        ],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

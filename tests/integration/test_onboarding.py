@@ -190,3 +190,47 @@ def test_a_node_refuses_a_roster_the_forum_did_not_sign(tmp_path: Path) -> None:
     roster.write_text(roster.read_text().replace("127.0.0.1:0", "203.0.113.9:50051", 1))
     with pytest.raises(ConfigError, match="not signed by the forum CA"):
         Node(load_config(ob.node_dir("punjab") / "node.toml"), pool=BlindingPool(0))
+
+
+def test_a_node_certificate_the_forum_mints_itself_is_refused_by_roster_nodes(
+    onboarded: Onboarded,
+) -> None:
+    """The CA can sign a 'punjab' certificate for a key of its own; sindh still refuses
+    it as a peer, because the roster pins punjab's own certificate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ispf.v1 import peer_pb2, peer_pb2_grpc
+    from ispf_client.forum import ForumLayout, _certificate
+
+    layout = ForumLayout(onboarded.forum)
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = _certificate(layout, name="punjab", role="node", public_key=key.public_key())
+    genuine_dir = onboarded.node_dir("punjab")
+
+    def sync_state(cert: bytes, key_pem: bytes) -> grpc.StatusCode:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(onboarded.forum / "ca.pem").read_bytes(),
+            private_key=key_pem,
+            certificate_chain=cert,
+        )
+        opts = [("grpc.ssl_target_name_override", "sindh.node.ispf")]
+        addr = f"127.0.0.1:{onboarded.ports['sindh']}"
+        with grpc.secure_channel(addr, creds, options=opts) as ch:
+            try:
+                peer_pb2_grpc.PeerServiceStub(ch).GetSyncState(
+                    peer_pb2.SyncStateRequest(epoch=1), timeout=10
+                )
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    forged_pem = forged.public_bytes(serialization.Encoding.PEM)
+    forged_key = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert sync_state(forged_pem, forged_key) == grpc.StatusCode.UNAUTHENTICATED
+    genuine = (genuine_dir / "node.pem").read_bytes(), (genuine_dir / "node.key").read_bytes()
+    assert sync_state(*genuine) == grpc.StatusCode.OK
