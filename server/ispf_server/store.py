@@ -251,6 +251,32 @@ class Store:
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return pairs
 
+    @storage_errors
+    def replace_master_key(self) -> int:
+        """A new master key file (the old one overwritten, then replaced) and all pair
+        state erased, so no pair key of the old master key is used again. Returns how
+        many pairs had keys."""
+
+        def step(cur: sqlite3.Cursor) -> int:
+            pairs = int(cur.execute("SELECT count(*) FROM pair_keys").fetchone()[0])
+            for table in pairstate.STATE_TABLES:
+                cur.execute(f"DELETE FROM {table}")  # noqa: S608
+            return pairs
+
+        pairs = self._write_tx(step)
+        new_path = self._master_path.with_name(self._master_path.name + ".new")
+        new_path.unlink(missing_ok=True)
+        key = MasterKey.create_file(new_path)
+        with self._master_path.open("r+b") as fh:  # overwrite the old key's bytes
+            fh.write(b"0" * len(fh.read()))
+        new_path.replace(self._master_path)
+        self.set_meta("master_kcv", key.check_value())
+        self._master = key
+        with self._lock:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return pairs
+
     def _load_master(self, path: Path) -> MasterKey:
         """The master key; refuse one that is not the key this store was keyed with."""
         self._master_path = path

@@ -79,3 +79,18 @@ def test_a_store_refuses_a_master_key_it_was_not_keyed_with(tmp_path: Path) -> N
     key.write_bytes(saved)
     key.chmod(0o600)
     Store(path).close()
+
+
+def test_a_new_master_key_erases_pair_state_and_the_store_accepts_only_it(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite"
+    store = Store(path)
+    old_key = store.pair_key("sindh", 1)
+    old_file = (tmp_path / "master.key").read_bytes()
+    store._db.execute("INSERT INTO pair_sync VALUES ('sindh', 1, 7, ?, ?, 'p')", (b"x" * 32,) * 2)
+    assert store.replace_master_key() == 1
+    assert store.pair_sync("sindh", 1) is None and store.rekey_count("sindh", 1) is None
+    assert store.pair_key("sindh", 1) != old_key
+    store.close()
+    assert (tmp_path / "master.key").read_bytes() != old_file
+    assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+    Store(path).close()  # the new key is the store's key now
