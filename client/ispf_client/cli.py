@@ -170,6 +170,20 @@ def cmd_node_init(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def cmd_node_renew(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import renew_request
+
+    folder = Path(args.dir)
+    req = renew_request(folder, args.province, address=args.address, hosts=tuple(args.host))
+    con.print(
+        f"New TLS key {folder / 'node.key.new'} (0600); send {req} to the forum. When the "
+        "certificate comes back, move node.key.new over node.key and the certificate over "
+        "node.pem (the running node picks both up), and send peers the new roster.",
+        markup=False,
+    )
+    return 0
+
+
 def cmd_node_salt_import(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.onboard import import_salt
 
@@ -550,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="host:port to bind (default: --address)")
     p.add_argument("--host", action="append", default=[], help="extra host/IP for the cert")
     p.set_defaults(func=cmd_node_init)
+    p = nsub.add_parser("renew", help="certificate rotation: a new TLS key and request")
+    p.add_argument("--dir", required=True, help="the node's folder")
+    p.add_argument("--province", required=True)
+    p.add_argument("--address", required=True, help="host:port peers reach this node at")
+    p.add_argument("--host", action="append", default=[], help="extra host/IP for the cert")
+    p.set_defaults(func=cmd_node_renew)
     nsalt = nsub.add_parser("salt", help="epoch salts").add_subparsers(
         dest="node_salt_command", required=True
     )

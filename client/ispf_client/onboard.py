@@ -160,6 +160,35 @@ def init_node(folder: Path, province: str, *, address: str, hosts: tuple[str, ..
     return folder / "request.json"
 
 
+def renew_request(
+    folder: Path, province: str, *, address: str, hosts: tuple[str, ...] = ()
+) -> Path:
+    """Certificate rotation: a new TLS key as ``node.key.new`` (0600) and a new
+    ``request.json`` with the node's existing log and sealing public keys (those keys
+    stay: the log's origin and the sealed salts do not change)."""
+    from ispf_server.audit import load_log_signer
+
+    new_key = folder / "node.key.new"
+    if new_key.exists():
+        raise ConfigError(f"{new_key} already exists: finish or remove the rotation under way")
+    signer = load_log_signer(folder / "log.key")
+    seal = sealing.load_private_key(folder / "seal.key")
+    tls = _tls_key(new_key)
+    req = Request(
+        role=ROLE_NODE,
+        name=province,
+        csr=_csr(tls, province, ROLE_NODE),
+        address=address,
+        hosts=hosts,
+        log_key=signer.verifier().encode(),
+        seal_key=sealing.public_key_text(seal.public_key()),
+    )
+    req.check(str(folder / "request.json"))
+    (folder / "request.json").unlink(missing_ok=True)
+    files.write_private_bytes(folder / "request.json", req.to_bytes())
+    return folder / "request.json"
+
+
 def init_request(folder: Path, role: str, name: str) -> Path:
     """An internal system's or auditor's TLS key (0600) and request file in `folder`."""
     if role not in (ROLE_INTERNAL, ROLE_AUDIT):

@@ -234,3 +234,26 @@ def test_a_node_certificate_the_forum_mints_itself_is_refused_by_roster_nodes(
     assert sync_state(forged_pem, forged_key) == grpc.StatusCode.UNAUTHENTICATED
     genuine = (genuine_dir / "node.pem").read_bytes(), (genuine_dir / "node.key").read_bytes()
     assert sync_state(*genuine) == grpc.StatusCode.OK
+
+
+def test_certificate_renewal_keeps_the_log_and_sealing_keys_and_updates_the_roster(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    ob = onboard(tmp_path)
+    nd = ob.node_dir("sindh")
+    before = json.loads((nd / "request.json").read_text())
+    old_pin = json.loads((ob.forum / "roster.json").read_text())["roster"]["nodes"]["sindh"]
+    args = ["node", "renew", "--dir", str(nd), "--province", "sindh", "--address", "10.0.0.7:1"]
+    _ok(args)
+    assert (nd / "node.key.new").stat().st_mode & 0o777 == 0o600
+    after = json.loads((nd / "request.json").read_text())
+    assert (after["log_key"], after["seal_key"]) == (before["log_key"], before["seal_key"])
+    assert after["csr"] != before["csr"]
+    _ok(["forum", "sign", str(nd / "request.json"), "--dir", str(ob.forum)])
+    doc = json.loads((ob.forum / "roster.json").read_text())["roster"]
+    assert doc["nodes"]["sindh"]["cert_sha256"] != old_pin["cert_sha256"]
+    assert doc["nodes"]["sindh"]["address"] == "10.0.0.7:1"
+    assert doc["version"] == 4  # one per node request: three, then this one
+    assert main(args) == 2  # a rotation under way is not started over silently
