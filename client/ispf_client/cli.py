@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ispf import logs
+from ispf import files, logs
 from ispf.errors import ConfigError, IspfError
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
@@ -376,7 +376,7 @@ def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
     for k in ("tag_index", "match_count", "entry_index"):
         bundle[k] = int(bundle.get(k, 0))
     out = Path(args.out)
-    out.write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
+    files.write_private_text(out, json.dumps(bundle, indent=1) + "\n")
     con.print(
         f"Receipt for record {args.record} in session {args.session} written to {out}; "
         "check it with: ispf audit verify-proof " + str(out),

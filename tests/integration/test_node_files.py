@@ -70,6 +70,11 @@ def test_under_umask_022_every_file_the_node_and_export_create_is_0600(
         )
         out = tmp_path / "reports" / "march"
         assert cli_main(["results", "export", "--profile", str(prof), "--out", str(out)]) == 0
+        bad = tmp_path / "bad.csv"
+        bad.write_text("record_id,cnic,programme,status\nX1,12,BISP,enrolled\n")
+        errors = tmp_path / "reports" / "rejected.csv"
+        load = ["registry", "load", str(bad), "--profile", str(prof), "--errors", str(errors)]
+        assert cli_main(load) in (0, 1) and errors.exists()
         created = {}
         for p in ("punjab", "sindh"):
             after = _modes(layout.node_dir(p))
