@@ -75,7 +75,10 @@ class Roster:
         """Every node's checkpoint verifier key, checked to name that node's log."""
         out = {}
         for name, e in self.nodes.items():
-            v = e.verifier()
+            try:
+                v = e.verifier()
+            except note.NoteError as exc:
+                raise ConfigError(f"roster: the log key of {name} is not a verifier key") from exc
             if v.name != origin_of(name):
                 raise ConfigError(f"roster: the log key of {name} is for {v.name}")
             out[name] = v
