@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ispf import files
 from ispf.v1 import internal_pb2
 
 MAX_FIELD = 4096
@@ -125,9 +126,8 @@ def neutralise(cell: str) -> str:
 
 
 def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[str]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with path.open("w", encoding="utf-8", newline="") as fh:
+    with files.private_writer(path, newline="") as fh:  # 0600 whatever the umask
         w = csv.writer(fh)
         w.writerow(list(header))
         for r in rows:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ispf import files
 from ispf.v1 import common_pb2, internal_pb2
 from ispf_client import htmlreport
 from ispf_client.csvio import matches_csv_text
@@ -127,9 +128,9 @@ def write_report(client: NodeClient, out_dir: Path, session_id: str = "") -> Wri
     """Matches of one session (or the latest completed with each peer) to out_dir."""
     province = client.profile.province
     matches = list(client.matches(session_id))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(out_dir)  # (record IDs and labels: 0700 folder, 0600 files)
     csv_path = out_dir / f"{province}-matches.csv"
-    csv_path.write_text(matches_csv_text(province, matches), encoding="utf-8")
+    files.write_private_text(csv_path, matches_csv_text(province, matches))
     sessions = _chosen_sessions(client.sessions(), session_id)
     counted = tally(matches, client.stats())
     by_peer: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -162,15 +163,15 @@ def write_report(client: NodeClient, out_dir: Path, session_id: str = "") -> Wri
         "by_peer": dict(sorted(by_peer.items())),
     }
     summary_path = out_dir / f"{province}-summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    files.write_private_text(summary_path, json.dumps(summary, indent=2) + "\n")
     html_path = out_dir / f"{province}-report.html"
-    html_path.write_text(
+    files.write_private_text(
+        html_path,
         htmlreport.render(
             province_report(
                 province, sessions, counted, client.checkpoint(), client.profile.time_zone
             )
         ),
-        encoding="utf-8",
     )
     return WrittenReport(csv_path, summary_path, len(matches), summary, html_path, counted)
 
