@@ -43,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ispf-node: epoch {args.retire_epoch} retired: its salt is destroyed")
             return 0
         node = Node(load_config(args.config))
+    except IspfError as exc:
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    try:
         server, port = create_server(node)
     except IspfError as exc:
+        node.close()
         print(f"ispf-node: {exc.message}", file=sys.stderr)
         return 2
     server.start()

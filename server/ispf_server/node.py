@@ -388,6 +388,9 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # gRPC's default lets a second process bind the same port and take calls
+            # at random; a taken address must stop this node instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     peer_pb2_grpc.add_PeerServiceServicer_to_server(
@@ -422,7 +425,14 @@ def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_secure_port(listen or cfg.listen, node.tls.server_credentials())
+    address = listen or cfg.listen
+    try:
+        port = server.add_secure_port(address, node.tls.server_credentials())
+    except RuntimeError:  # grpcio >= 1.59 raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise ConfigError(f"could not bind {listen or cfg.listen}")
+        raise ConfigError(
+            f"cannot listen on {address}: the address is in use by another process "
+            "or is not an address of this machine (check `listen` in node.toml)"
+        )
     return server, port
