@@ -31,10 +31,13 @@ from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
 from ispf_client.auditor import AuditFailure, AuditProfile
 from ispf_client.csvio import write_problems
+from ispf_client.output import console, emit_json, printable
 from ispf_client.sdk import ClientProfile, NodeClient
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_MATCHED = 3  # ispf check: some ID matched in some province
+EXIT_UNCHECKED = 4  # ispf check: something was left unchecked (and nothing matched)
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:
@@ -208,39 +211,99 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
     return EXIT_FAILED if failed else 0
 
 
+def _answer_text(a: internal_pb2.ProvinceAnswer) -> str:
+    from ispf_client.checking import status_name
+
+    if a.status == internal_pb2.PROVINCE_STATUS_MATCH:
+        labels = ", ".join(f"{lb.programme}/{lb.status}" for lb in a.labels)
+        return printable(f"{a.province}: MATCH ({labels})")
+    detail = a.detail if a.detail and a.status != internal_pb2.PROVINCE_STATUS_NO_MATCH else ""
+    return printable(
+        f"{a.province}: {status_name(a.status).replace('_', ' ')}"
+        + (f" ({detail})" if detail else "")
+    )
+
+
+def _answer_json(a: internal_pb2.ProvinceAnswer) -> dict[str, object]:
+    from ispf_client.checking import status_name
+
+    return {
+        "province": a.province,
+        "status": status_name(a.status),
+        "labels": [{"programme": lb.programme, "status": lb.status} for lb in a.labels],
+        "detail": a.detail,
+    }
+
+
 def cmd_check(args: argparse.Namespace, con: Console) -> int:
     """Identity numbers come from a file or stdin, never the command line (shell history)."""
+    from ispf_client.checking import check_paced
+
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     nids = [line.strip() for line in text.splitlines() if line.strip()]
     if not nids:
         raise ConfigError("no identity numbers given: one per line, in --file or on stdin")
-    with NodeClient(_profile(args)) as client:
-        resp = client.check(
-            nids, purpose=args.purpose, provinces=args.province, deadline_ms=args.deadline_ms
+    err = console(stderr=True)
+
+    def waiting(province: str, seconds: float, ids: int, per_minute: int) -> None:
+        limit = f" (its limit: {per_minute} per minute)" if per_minute else ""
+        err.print(
+            f"ispf check: {province} is rate-limited{limit}; asking again for "
+            f"{_n(ids, 'ID')} in {seconds:.1f} s",
+            markup=False,
         )
-    found = False
-    for r in resp.results:
-        if r.error:
-            con.print(f"#{r.position}: not checked: {r.error}", markup=False)
-            continue
-        parts = []
-        for a in r.provinces:
-            status = internal_pb2.ProvinceStatus.Name(a.status).removeprefix("PROVINCE_STATUS_")
-            if a.status == internal_pb2.PROVINCE_STATUS_MATCH:
-                found = True
-                labels = ", ".join(f"{lb.programme}/{lb.status}" for lb in a.labels)
-                parts.append(f"{a.province}: MATCH ({labels})")
-            else:
-                parts.append(
-                    f"{a.province}: {status.lower().replace('_', ' ')}"
-                    + (
-                        f" ({a.detail})"
-                        if a.detail and a.status != internal_pb2.PROVINCE_STATUS_NO_MATCH
-                        else ""
-                    )
-                )
-        con.print(f"#{r.position}: " + "; ".join(parts), markup=False)
-    return 3 if found else 0
+
+    with NodeClient(_profile(args)) as client:
+        run = check_paced(
+            client,
+            nids,
+            purpose=args.purpose,
+            provinces=args.province,
+            deadline_ms=args.deadline_ms,
+            max_wait=args.max_wait,
+            on_wait=None if args.json else waiting,
+        )
+    for r in run.results:
+        if args.json:
+            emit_json(
+                {
+                    "position": r.position,
+                    "error": r.error,
+                    "matched": any(
+                        a.status == internal_pb2.PROVINCE_STATUS_MATCH for a in r.provinces
+                    ),
+                    "provinces": [_answer_json(a) for a in r.provinces],
+                }
+            )
+        elif r.error:
+            con.print(f"#{r.position}: not checked: {printable(r.error)}", markup=False)
+        else:
+            con.print(
+                f"#{r.position}: " + "; ".join(_answer_text(a) for a in r.provinces), markup=False
+            )
+    unchecked = run.unchecked()
+    rc = EXIT_MATCHED if run.matched else EXIT_UNCHECKED if unchecked else 0
+    reasons = [printable(x) for x in run.reasons()]
+    if args.json:
+        emit_json(
+            {
+                "summary": {
+                    "ids": len(run.results),
+                    "matched": run.matched,
+                    "unchecked": len(unchecked),
+                    "reasons": reasons,
+                    "exit": rc,
+                }
+            }
+        )
+    else:
+        line = f"{_n(len(run.results), 'ID')}: {run.matched} matched"
+        if unchecked:
+            line += f", {len(unchecked)} not checked: " + "; ".join(reasons)
+        else:
+            line += ", every province answered for every ID"
+        (err if unchecked else con).print(line, markup=False)
+    return rc
 
 
 def cmd_sessions(args: argparse.Namespace, con: Console) -> int:
@@ -496,19 +559,36 @@ def build_parser() -> argparse.ArgumentParser:
             "check",
             help="online check: is an applicant enrolled or eligible elsewhere?",
             description="Reads identity numbers (one per line) from --file or stdin; prints, "
-            "per ID and province, MATCH with programmes and statuses, or why not. Exit 3 if "
-            "any ID matched somewhere, 0 if none did.",
+            "per ID and province, MATCH with programmes and statuses, or why not, then a "
+            "summary line. A province that rate-limits is asked again at its pace (at most "
+            "--max-wait seconds in all).",
+            epilog="exit codes: 0 every ID was answered by every province asked and none "
+            "matched; 3 some ID matched somewhere (even if others were left unchecked); "
+            "4 nothing matched but something was left unchecked (an invalid ID, a province "
+            "unavailable, rate-limited, not authorised or not yet reconciled): the summary "
+            "line says what and why; 1 the check failed (own node unreachable, ...); "
+            "2 usage or configuration error",
         )
     )
     p.add_argument("--file", default="-", help="file of identity numbers (default: stdin)")
-    p.add_argument("--purpose", default="online-check")
+    p.add_argument("--purpose", default="online-check", help="purpose the peers' policies allow")
     p.add_argument(
         "--province",
         action="append",
         default=[],
         help="ask only this province (repeatable; default every peer)",
     )
-    p.add_argument("--deadline-ms", type=int, default=2000)
+    p.add_argument(
+        "--deadline-ms", type=int, default=2000, help="wait this long for the slowest province"
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="seconds to spend pacing to provinces' rate limits before leaving IDs "
+        "unchecked (default 300); a batch that would need longer is said at once",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per ID, then a summary")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sessions", help="sessions of this node")

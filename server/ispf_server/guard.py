@@ -22,6 +22,7 @@ from ispf.errors import (
     InvalidInput,
     IspfError,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
 )
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
@@ -55,7 +56,8 @@ def caller_identity(context: grpc.ServicerContext) -> Identity:
 
 
 def abort_with(context: grpc.ServicerContext, err: IspfError) -> NoReturn:
-    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__),))
+    extra = err.metadata() if isinstance(err, RateLimited) else ()
+    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__), *extra))
     context.abort(err.code, err.message)
     raise AssertionError("unreachable")  # pragma: no cover
 
