@@ -361,27 +361,61 @@ def _audit_profile(args: argparse.Namespace) -> AuditProfile:
 
 
 def cmd_audit_verify(args: argparse.Namespace, con: Console) -> int:
-    from ispf_client.auditor import verify
+    from ispf_client.auditor import audit_nodes
 
-    try:
-        reports = verify(_audit_profile(args), args.node or None)
-    except AuditFailure as exc:
-        Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
-        if exc.evidence:
-            Console(stderr=True).print(f"Evidence kept in {exc.evidence}", markup=False)
-        return EXIT_FAILED
+    err = console(stderr=True)
+    reports = audit_nodes(_audit_profile(args), args.node or None)
     for r in reports:
+        if r.failure is not None:
+            if args.json:
+                emit_json(
+                    {
+                        "node": r.node,
+                        "ok": False,
+                        "kind": r.failure.kind,
+                        "detail": printable(r.failure.message),
+                        "evidence": str(r.failure.evidence) if r.failure.evidence else None,
+                    }
+                )
+                continue
+            err.print(f"AUDIT FAILED {printable(r.failure.message)}", markup=False)
+            if r.failure.evidence:
+                err.print(f"Evidence kept in {r.failure.evidence}", markup=False)
+            continue
+        if args.json:
+            emit_json(
+                {
+                    "node": r.node,
+                    "ok": True,
+                    "size": r.size,
+                    "sessions": r.sessions,
+                    "previous_size": r.previous_size,
+                    "cosigners": r.cosigners,
+                }
+            )
+            continue
         since = (
             f", consistent with the {r.previous_size} trusted before"
             if (r.previous_size is not None)
             else " (first check: now trusted)"
         )
-        cos = ", cosigned by " + ", ".join(r.cosigners) if r.cosigners else ", no cosignature"
+        cos = (
+            ", cosigned by " + ", ".join(r.cosigners)
+            if r.cosigners
+            else ", no cosignature (no peer has witnessed this checkpoint yet: see "
+            "docs/auditors.md)"
+        )
         con.print(
-            f"{r.node}: log of {r.size} entries verified ({r.sessions} sessions){since}{cos}",
+            f"{r.node}: log of {r.size} entries verified ({_n(r.sessions, 'session')}){since}{cos}",
             markup=False,
         )
-    return 0
+    failed = [r.node for r in reports if r.failure is not None]
+    if failed and not args.json:
+        err.print(
+            f"{_n(len(failed), 'node')} of {len(reports)} failed the audit: {', '.join(failed)}",
+            markup=False,
+        )
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
@@ -390,8 +424,23 @@ def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
     try:
         rep = pair(_audit_profile(args))
     except AuditFailure as exc:
-        Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
+        if args.json:
+            emit_json({"ok": False, "error": printable(exc.message), "kind": exc.kind})
+        else:
+            console(stderr=True).print(f"AUDIT FAILED {printable(exc.message)}", markup=False)
         return EXIT_FAILED
+    if args.json:
+        emit_json(
+            {
+                "ok": rep.ok,
+                "paired": rep.paired,
+                "failed": rep.failed,
+                "interrupted": rep.interrupted,
+                "one_sided": rep.one_sided,
+                "mismatched": rep.mismatched,
+            }
+        )
+        return 0 if rep.ok else EXIT_FAILED
     con.print(f"{_n(rep.paired, 'session')} logged identically by both provinces", markup=False)
     for line in rep.failed:
         con.print(f"  failed session, logged as failed: {line}", markup=False)
@@ -610,10 +659,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     aud = sub.add_parser("audit", help="verify nodes' match logs (audit profile)")
     asub = aud.add_subparsers(dest="audit_command", required=True)
-    p = with_profile(asub.add_parser("verify", help="verify each node's log and its history"))
+    p = with_profile(
+        asub.add_parser(
+            "verify",
+            help="verify each node's log and its history",
+            description="Checks every node (or each --node) and reports each, naming what "
+            "was found: deleted, inserted, reordered or modified entries, a rollback "
+            "(truncated log), a fork, a bad signature. Evidence of each failure is kept "
+            "in the profile's evidence folder.",
+            epilog="exit codes: 0 every node's log verified; 1 at least one failed (each is "
+            "reported); 2 usage or configuration error",
+        )
+    )
     p.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per node")
     p.set_defaults(func=cmd_audit_verify)
-    p = with_profile(asub.add_parser("pair", help="check both sides logged every session alike"))
+    p = with_profile(
+        asub.add_parser(
+            "pair",
+            help="check both sides logged every session alike",
+            epilog="exit codes: 0 every session logged alike by both sides; 1 a session "
+            "logged by one side only or differently, or a log failed verification",
+        )
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object with the findings")
     p.set_defaults(func=cmd_audit_pair)
     p = with_profile(asub.add_parser("prove", help="offline proof that a session is logged"))
     p.add_argument("--node", required=True)
