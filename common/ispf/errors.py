@@ -15,6 +15,7 @@
     │   ├── SaltMismatch
     │   ├── UnknownEpoch
     │   ├── VersionMismatch
+    │   ├── LogTampered            (this node's own log disagrees with its last checkpoint)
     │   └── ConfigError
     │       └── KeyFileError
     ├── PermissionDenied           PERMISSION_DENIED
@@ -109,6 +110,14 @@ class UnknownEpoch(PreconditionFailed):
 
 class VersionMismatch(PreconditionFailed):
     pass
+
+
+class LogTampered(PreconditionFailed):
+    """The node's own audit log does not match the last checkpoint it signed.
+
+    Found by the node's self-check at start-up; it serves no session, probe or
+    check until the store is restored (the audit API stays open to auditors).
+    """
 
 
 class ConfigError(PreconditionFailed):

@@ -43,6 +43,8 @@ ACCESS: dict[str, frozenset[str]] = {
     "grpc.reflection.v1alpha.ServerReflection": ANY_ROLE,
     "grpc.reflection.v1.ServerReflection": ANY_ROLE,
 }
+# Services a node whose own log failed its self-check stops serving.
+HELD = frozenset({"ispf.v1.PeerService", "ispf.v1.ReconciliationService", "ispf.v1.CheckService"})
 
 
 def caller_identity(context: grpc.ServicerContext) -> Identity:
@@ -105,11 +107,18 @@ class Guard(_Interceptor):
     """Authorises every call by certificate role and revocation, and maps errors to status."""
 
     def __init__(
-        self, province: str, revoked: RevocationList, metrics: NodeMetrics | None = None
+        self,
+        province: str,
+        revoked: RevocationList,
+        metrics: NodeMetrics | None = None,
+        hold: Callable[[], None] | None = None,
     ) -> None:
         self.province = province
         self.revoked = revoked
         self.metrics = metrics
+        # Raises while the node must not serve sessions, probes or checks (its own log
+        # failed its self-check); the audit API and health stay open.
+        self.hold = hold
 
     @contextmanager
     def _served(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -143,6 +152,8 @@ class Guard(_Interceptor):
                 f"internal API of node {self.province} refused to {ident.role} certificate "
                 f"of {ident.province}"
             )
+        if self.hold is not None and service in HELD:
+            self.hold()
 
     def intercept_service(
         self,

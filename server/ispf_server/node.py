@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -164,8 +165,19 @@ class Node:
                 check_private_file(path)
             except IspfError as exc:
                 problems.append(exc.message)
-        if not self.config.policy_file.exists():
-            problems.append(f"policy file {self.config.policy_file} missing")
+        policy = self.config.policy_file
+        try:
+            mode = stat.S_IMODE(policy.stat().st_mode)
+        except FileNotFoundError:
+            problems.append(f"policy file {policy} missing")
+        else:
+            if mode & 0o077:
+                problems.append(
+                    f"policy file {policy} is accessible by group or others (mode {mode:04o}); "
+                    f"run: chmod 600 {policy}"
+                )
+        if self.audit.problem:
+            problems.append(self.audit.problem)
         return problems
 
     def watch_health(self, set_status: Callable[[bool], None], every: float = 5.0) -> None:
@@ -384,7 +396,10 @@ def create_server(
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[*interceptors, Guard(node.province, node.revoked, node.metrics)],
+        interceptors=[
+            *interceptors,
+            Guard(node.province, node.revoked, node.metrics, hold=node.audit.require_intact),
+        ],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
