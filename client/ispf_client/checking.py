@@ -135,7 +135,8 @@ def check_paced(
         if ready[province] > give_up_at or eta > give_up_at:
             need = max(ready[province], eta) - clock()
             gave_up[province] = (
-                f"{len(queue)} IDs would take about {need:.0f} s at its limit of "
+                f"{len(queue)} ID{'' if len(queue) == 1 else 's'} would take about "
+                f"{need:.0f} s at its limit of "
                 f"{per_minute} per minute, more than the {max_wait:.0f} s allowed: "
                 "split the batch or raise --max-wait"
                 if per_minute

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ispf import logs
-from ispf.errors import ConfigError, IspfError
+from ispf.errors import ConfigError, DeadlineExceeded, IspfError, PeerUnavailable
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
 from ispf_client.auditor import AuditFailure, AuditProfile
@@ -128,7 +128,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
     with NodeClient(_profile(args)) as client:
         rep = load_csv(client, Path(args.file))
     con.print(
-        f"{args.file}: {rep.rows} rows; {rep.accepted} loaded ({rep.inserted} new, "
+        f"{args.file}: {_n(rep.rows, 'row')}; {rep.accepted} loaded ({rep.inserted} new, "
         f"{rep.updated} updated, {rep.unchanged} unchanged); {rep.rejected} rejected"
     )
     for p in rep.problems[: args.show_errors]:
@@ -138,7 +138,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
             markup=False,
         )
     if len(rep.problems) > args.show_errors:
-        con.print(f"  ... and {len(rep.problems) - args.show_errors} more")
+        con.print(f"  ... and {_n(len(rep.problems) - args.show_errors, 'more row')}")
     if args.errors and rep.problems:
         write_problems(Path(args.errors), rep.problems)
         con.print(f"All rejected rows written to {args.errors}")
@@ -148,7 +148,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
 def cmd_registry_stats(args: argparse.Namespace, con: Console) -> int:
     with NodeClient(_profile(args)) as client:
         st = client.stats()
-    con.print(f"{st.province}: {st.records} records, {st.distinct_ids} distinct IDs")
+    con.print(f"{st.province}: {_n(st.records, 'record')}, {_n(st.distinct_ids, 'distinct ID')}")
     for lc in st.labels:
         con.print(f"  {lc.label.programme}/{lc.label.status}: {lc.records}")
     return 0
@@ -165,13 +165,27 @@ def cmd_registry_delete(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def _own_node_answers(client: NodeClient) -> list[str]:
+    """The node's peers; raise at once, naming the node, if it does not answer."""
+    try:
+        return client.peers()
+    except (PeerUnavailable, DeadlineExceeded) as exc:
+        prof = client.profile
+        raise PeerUnavailable(
+            f"own node {prof.province} at {prof.address} is not answering "
+            f"({printable(exc.message)}): is ispf-node running there, and is `address` in "
+            "the profile right?"
+        ) from None
+
+
 def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.progress import watch_with_progress
     from ispf_client.report import write_report
 
     failed: list[str] = []
     with NodeClient(_profile(args)) as client:
-        peers = client.peers() if args.all else [args.peer]
+        known = _own_node_answers(client)  # at once, not after minutes of silent retries
+        peers = known if args.all else [args.peer]
         if not peers:
             raise ConfigError("the node has no peers configured")
         me = client.profile.province
@@ -202,10 +216,12 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
             if final.state != internal_pb2.SESSION_STATE_COMPLETED:
                 failed.append(f"{peer}: {final.error}")
             elif args.count_only:
-                con.print(f"  {peer}: {final.match_count} identity numbers in common")
+                con.print(f"  {peer}: {_n(final.match_count, 'identity number')} in common")
         if not args.count_only:
             rep = write_report(client, Path(args.out))
-            con.print(f"Report: {rep.matches_csv} ({rep.rows} rows), summary {rep.summary_json}")
+            con.print(
+                f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}"
+            )
     for f in failed:
         con.print(f"[red]FAILED[/] {f}")
     return EXIT_FAILED if failed else 0
@@ -312,7 +328,8 @@ def cmd_sessions(args: argparse.Namespace, con: Console) -> int:
             state = internal_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_")
             con.print(
                 f"{s.session_id}  {s.role:9} {s.peer:12} {state.lower():9} "
-                f"{s.match_count} matches  {s.started_at}" + (f"  {s.error}" if s.error else ""),
+                f"{_n(s.match_count, 'match', 'matches')}  {s.started_at}"
+                + (f"  {s.error}" if s.error else ""),
                 markup=False,
             )
     return 0
@@ -323,7 +340,7 @@ def cmd_export(args: argparse.Namespace, con: Console) -> int:
 
     with NodeClient(_profile(args)) as client:
         rep = write_report(client, Path(args.out), args.session or "")
-    con.print(f"Report: {rep.matches_csv} ({rep.rows} rows), summary {rep.summary_json}")
+    con.print(f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}")
     return 0
 
 
@@ -406,7 +423,8 @@ def cmd_audit_verify(args: argparse.Namespace, con: Console) -> int:
             "docs/auditors.md)"
         )
         con.print(
-            f"{r.node}: log of {r.size} entries verified ({_n(r.sessions, 'session')}){since}{cos}",
+            f"{r.node}: log of {_n(r.size, 'entry', 'entries')} verified "
+            f"({_n(r.sessions, 'session')}){since}{cos}",
             markup=False,
         )
     failed = [r.node for r in reports if r.failure is not None]
@@ -485,9 +503,10 @@ def cmd_audit_verify_proof(args: argparse.Namespace, con: Console) -> int:
         if ("tag" in Path(args.file).read_text(encoding="utf-8"))
         else ""
     )
+    matches = _n(int(fields.get("match_count") or 0), "match", "matches")
     con.print(
         f"Valid {what}session {fields['session_id']} ({fields['initiator']} ⇄ "
-        f"{fields['responder']}, {fields['outcome']}, {fields.get('match_count')} matches) "
+        f"{fields['responder']}, {fields['outcome']}, {matches}) "
         f"is in the signed log of {fields['recorder']}",
         markup=False,
     )
@@ -528,11 +547,22 @@ def build_parser() -> argparse.ArgumentParser:
     forum = sub.add_parser("forum", help="forum administration: CA, certificates, salts")
     fsub = forum.add_subparsers(dest="forum_command", required=True)
     p = fsub.add_parser("init", help="create a demo forum: CA, node and client certificates, salt")
-    p.add_argument("--dir", default="forum")
-    p.add_argument("--provinces", default="punjab,sindh,kp,balochistan")
-    p.add_argument("--epoch", type=int, default=1)
+    p.add_argument("--dir", default="forum", help="folder to create the forum in (default: forum)")
+    p.add_argument(
+        "--provinces",
+        default="punjab,sindh,kp,balochistan",
+        help="comma-separated province slugs, one node each (default: all four)",
+    )
+    p.add_argument(
+        "--epoch", type=int, default=1, help="salt epoch to create and make current (default 1)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address nodes listen on")
-    p.add_argument("--base-port", type=int, default=50051)
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=50051,
+        help="port of the first node; the others follow in order (0: each picks a free port)",
+    )
     p.set_defaults(func=cmd_forum_init)
     p = fsub.add_parser("issue", help="issue a certificate for a node, internal system or auditor")
     p.add_argument("--dir", default="forum")
@@ -573,7 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--peer", help="peer province")
     g.add_argument("--all", action="store_true", help="every configured peer, one after another")
-    p.add_argument("--purpose", default="reconciliation")
+    p.add_argument(
+        "--purpose",
+        default="reconciliation",
+        help="purpose of the session, as the peer's policy allows it (default: reconciliation)",
+    )
     p.add_argument(
         "--count-only",
         action="store_true",
