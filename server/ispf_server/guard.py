@@ -69,7 +69,9 @@ def _internal(context: grpc.ServicerContext, method: str) -> None:
         raise  # the handler aborted on purpose: keep its status
     if not context.is_active():
         log.info("%s: the caller went away (cancelled, deadline or connection lost)", method)
-        return
+        # End the call as aborted: returning would hand gRPC no response, which it then
+        # fails to serialise and logs as a traceback ("Exception serializing message!").
+        context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, "internal error (see the node log)")
 
