@@ -100,11 +100,13 @@ def check_paced(
     limit: dict[str, int] = {}
     gave_up: dict[str, str] = {}
 
-    def ask(indices: list[int], only: list[str]) -> None:
+    def ask(indices: list[int], only: list[str]) -> int:
+        """Ask, record the answers, queue what was rate-limited; returns how many were."""
         resp = client.check(
             [nids[i] for i in indices], purpose=purpose, provinces=only, deadline_ms=deadline_ms
         )
         now = clock()
+        refused = 0
         for k, r in enumerate(resp.results):
             i = indices[k]
             if r.error:
@@ -114,12 +116,14 @@ def check_paced(
                 answers[i][a.province] = a
                 limited = a.status == S.PROVINCE_STATUS_RATE_LIMITED
                 if limited and (a.retry_after_ms or a.limit_per_minute):
+                    refused += 1
                     waiting.setdefault(a.province, []).append(i)
                     ready[a.province] = max(
                         ready.get(a.province, 0.0), now + a.retry_after_ms / 1000.0
                     )
                     if a.limit_per_minute:
                         limit[a.province] = a.limit_per_minute
+        return refused
 
     for start in range(0, len(nids), MAX_BATCH):
         ask(list(range(start, min(len(nids), start + MAX_BATCH))), list(provinces or []))
@@ -151,7 +155,9 @@ def check_paced(
         chunk, waiting[province] = queue[:batch], queue[batch:]
         if not waiting[province]:
             del waiting[province]
-        ask(chunk, [province])
+        if not ask(chunk, [province]) and province in waiting and per_minute:
+            # Accepted: the bucket is spent; the next batch fits once it has refilled.
+            ready[province] = clock() + min(len(waiting[province]), per_minute) * 60.0 / per_minute
 
     for i, r in enumerate(results):
         if not r.error:

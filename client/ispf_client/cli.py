@@ -165,17 +165,21 @@ def cmd_registry_delete(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def _own_node_down(client: NodeClient, exc: IspfError) -> PeerUnavailable:
+    prof = client.profile
+    return PeerUnavailable(
+        f"own node {prof.province} at {prof.address} is not answering "
+        f"({printable(exc.message)}): is ispf-node running there, and is `address` in "
+        "the profile right?"
+    )
+
+
 def _own_node_answers(client: NodeClient) -> list[str]:
     """The node's peers; raise at once, naming the node, if it does not answer."""
     try:
         return client.peers()
     except (PeerUnavailable, DeadlineExceeded) as exc:
-        prof = client.profile
-        raise PeerUnavailable(
-            f"own node {prof.province} at {prof.address} is not answering "
-            f"({printable(exc.message)}): is ispf-node running there, and is `address` in "
-            "the profile right?"
-        ) from None
+        raise _own_node_down(client, exc) from None
 
 
 def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
@@ -270,15 +274,18 @@ def cmd_check(args: argparse.Namespace, con: Console) -> int:
         )
 
     with NodeClient(_profile(args)) as client:
-        run = check_paced(
-            client,
-            nids,
-            purpose=args.purpose,
-            provinces=args.province,
-            deadline_ms=args.deadline_ms,
-            max_wait=args.max_wait,
-            on_wait=None if args.json else waiting,
-        )
+        try:
+            run = check_paced(
+                client,
+                nids,
+                purpose=args.purpose,
+                provinces=args.province,
+                deadline_ms=args.deadline_ms,
+                max_wait=args.max_wait,
+                on_wait=None if args.json else waiting,
+            )
+        except PeerUnavailable as exc:  # (a province that is down is an answer, not this)
+            raise _own_node_down(client, exc) from None
     for r in run.results:
         if args.json:
             emit_json(
@@ -536,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ispf",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 the work was done; 1 it failed (the last line says why);\n"
+        "2 usage or configuration error. `ispf check` adds 3 (a match) and 4 (something\n"
+        "left unchecked): see `ispf check --help`; every code is in docs/operators.md.",
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = ap.add_subparsers(dest="command", required=True)

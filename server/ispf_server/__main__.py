@@ -52,10 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         node.close()
         print(f"ispf-node: {exc.message}", file=sys.stderr)
         return 2
+    if node.config.metrics_listen:
+        try:
+            node.metrics.serve(node.config.metrics_listen)
+        except IspfError as exc:
+            node.close()
+            print(f"ispf-node: {exc.message}", file=sys.stderr)
+            return 2
     server.start()
     log.info("node %s serving on port %d", node.province, port)
-    if node.config.metrics_listen:
-        node.metrics.serve(node.config.metrics_listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -66,6 +66,16 @@ def restore_sindh(fed: Federation, original: str) -> None:
     fed.nodes["sindh"].probes.limiter = RateLimiter()
 
 
+def refused_by_sindh(fed: Federation) -> int:
+    """Probe values sindh refused to punjab, from its audit log."""
+    from ispf.auditlog import decode_entry
+
+    sindh = fed.nodes["sindh"]
+    sindh.probes.log.flush()
+    entries = [decode_entry(e) for e in sindh.store.log_entries()]
+    return sum(e["refused"] for e in entries if e["type"] == "probes" and e["peer"] == "punjab")
+
+
 def ids(n: int) -> str:
     return "".join(f"17301{i:08d}\n" for i in range(n))
 
@@ -106,6 +116,7 @@ def test_a_batch_over_the_rate_limit_is_paced_and_every_id_answered(
     fed: Federation, profile: str
 ) -> None:
     original = limit_sindh(fed, 600)  # 10 per second: the 5 over the limit wait ~0.5 s
+    refused_before = refused_by_sindh(fed)
     try:
         t = time.monotonic()
         done = ispf("check", "--profile", profile, "--province", "sindh", stdin=ids(605))
@@ -114,6 +125,8 @@ def test_a_batch_over_the_rate_limit_is_paced_and_every_id_answered(
         assert done.stdout.count(": sindh: no match") == 605
         assert "sindh is rate-limited (its limit: 600 per minute)" in done.stderr
         assert "605 IDs: 0 matched, every province answered for every ID" in done.stdout
+        # Only the first ask (605 > 600) was refused: after that it waited for the bucket.
+        assert refused_by_sindh(fed) - refused_before == 605
     finally:
         restore_sindh(fed, original)
 
@@ -271,3 +284,19 @@ def test_counts_of_one_are_singular(fed: Federation, profile: str, tmp_path: Pat
     assert "punjab: 1 record, 1 distinct ID" in done.stdout
     done = ispf("sessions", "list", "--profile", profile)
     assert " 1 match " in done.stdout and "1 matches" not in done.stdout
+
+
+def test_a_taken_metrics_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    nodes = _forum(tmp_path)
+    cfg = nodes / "punjab" / "node.toml"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = f"127.0.0.1:{held.getsockname()[1]}"
+        cfg.write_text(cfg.read_text() + f'\n[metrics]\nlisten = "{taken}"\n')
+        done = subprocess.run(
+            [ISPF_NODE, "--config", str(cfg)], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "serving on port" not in done.stderr
+    assert f"ispf-node: cannot serve metrics on {taken}: Address already in use" in done.stderr
