@@ -55,7 +55,8 @@ class CheckRun:
                 status = status_name(a.status).replace("_", " ")
                 key = (a.province, status)
                 causes[key] += 1
-                sample.setdefault(key, self.gave_up.get(a.province) or a.detail)
+                parts = [x for x in (a.detail, self.gave_up.get(a.province, "")) if x]
+                sample.setdefault(key, "; ".join(parts))
         out = []
         for (province, status), n in causes.most_common():
             ids = f"{n} ID" + ("" if n == 1 else "s")
@@ -136,15 +137,18 @@ def check_paced(
         batch = min(len(queue), per_minute or MAX_BATCH, MAX_BATCH)
         # After the first batch, the rest arrives at the province's rate.
         eta = ready[province] + (len(queue) - batch) * 60.0 / per_minute if per_minute else 0.0
-        if ready[province] > give_up_at or eta > give_up_at:
-            need = max(ready[province], eta) - clock()
+        if ready[province] > give_up_at:  # e.g. a daily quota used up
+            gave_up[province] = (
+                f"it asks to wait {ready[province] - clock():.0f} s, more than the "
+                f"{max_wait:.0f} s allowed (--max-wait)"
+            )
+            del waiting[province]
+            continue
+        if eta > give_up_at:
             gave_up[province] = (
                 f"{len(queue)} ID{'' if len(queue) == 1 else 's'} would take about "
-                f"{need:.0f} s at its limit of "
-                f"{per_minute} per minute, more than the {max_wait:.0f} s allowed: "
-                "split the batch or raise --max-wait"
-                if per_minute
-                else f"it asks to wait {need:.0f} s, more than the {max_wait:.0f} s allowed"
+                f"{eta - clock():.0f} s at its limit of {per_minute} per minute, more than "
+                f"the {max_wait:.0f} s allowed: split the batch or raise --max-wait"
             )
             del waiting[province]
             continue

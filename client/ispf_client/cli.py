@@ -306,7 +306,7 @@ def cmd_check(args: argparse.Namespace, con: Console) -> int:
             )
     unchecked = run.unchecked()
     rc = EXIT_MATCHED if run.matched else EXIT_UNCHECKED if unchecked else 0
-    reasons = [printable(x) for x in run.reasons()]
+    reasons = [printable(x, 500) for x in run.reasons()]
     if args.json:
         emit_json(
             {

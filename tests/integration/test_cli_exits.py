@@ -50,12 +50,13 @@ def ispf(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
-def limit_sindh(fed: Federation, per_minute: int) -> str:
-    """Set sindh's probe limit for punjab; returns the original policy text."""
+def limit_sindh(fed: Federation, per_minute: int, per_day: int = 10000) -> str:
+    """Set sindh's probe limits for punjab; returns the original policy text."""
     path = fed.nodes["sindh"].config.policy_file
     original = path.read_text()
     head, rest = original.split("[peers.punjab]")
     limited = rest.replace("probes_per_minute = 60", f"probes_per_minute = {per_minute}", 1)
+    limited = limited.replace("probes_per_day = 10000", f"probes_per_day = {per_day}", 1)
     path.write_text(head.replace("version = 1", "version = 2") + "[peers.punjab]" + limited)
     fed.nodes["sindh"].probes.limiter = RateLimiter()
     return original
@@ -148,6 +149,21 @@ def test_a_batch_that_pacing_cannot_fit_in_max_wait_is_said_at_once_exit_4(
         assert "20 not checked: sindh rate limited: 20 IDs" in lines[0]
         assert "at its limit of 6 per minute, more than the 5 s allowed" in lines[0]
         assert "--max-wait" in lines[0]
+    finally:
+        restore_sindh(fed, original)
+
+
+def test_a_used_up_daily_quota_is_said_at_once_exit_4(fed: Federation, profile: str) -> None:
+    original = limit_sindh(fed, 60, per_day=3)
+    try:
+        t = time.monotonic()
+        done = ispf("check", "--profile", profile, "--province", "sindh", stdin=ids(5))
+        assert time.monotonic() - t < 30
+        assert done.returncode == 4
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("5 IDs: 0 matched, 5 not checked: sindh rate limited: 5 IDs (")
+        assert "daily probe quota of 3 for punjab is used up" in line
+        assert "more than the 300 s allowed (--max-wait)" in line
     finally:
         restore_sindh(fed, original)
 
