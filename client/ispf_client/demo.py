@@ -268,7 +268,9 @@ def _load_all(
         rep = load_csv(fedn.clients[p], path)
         result.loads[p] = rep
         where = f" (see {out / f'{p}-load-errors.csv'})" if rep.rejected else ""
-        con.print(f"  {p}: {rep.rows} rows, {rep.accepted} loaded, {rep.rejected} rejected{where}")
+        con.print(
+            f"  {p}: {_n(rep.rows, 'row')}, {rep.accepted} loaded, {rep.rejected} rejected{where}"
+        )
         if rep.rejected:
             write_problems(out / f"{p}-load-errors.csv", rep.problems)
 
@@ -303,7 +305,7 @@ def _audit_all(fedn: LocalFederation, result: DemoResult) -> None:
     paired = pair(profile)
     _check(
         result,
-        f"audit pair: all {paired.paired} sessions logged identically by both sides",
+        f"audit pair: all {_n(paired.paired, 'session')} logged identically by both sides",
         paired.ok and paired.paired == len(result.matrix),
     )
 
@@ -320,6 +322,13 @@ def _serve(fedn: LocalFederation, layout: ForumLayout, con: Console) -> None:
         threading.Event().wait()
     except KeyboardInterrupt:
         con.print("stopping")
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    # The CLI's one pluraliser, imported late (the CLI imports this module).
+    from ispf_client.cli import _n as plural
+
+    return plural(count, one, many)
 
 
 def _check_against_truth(

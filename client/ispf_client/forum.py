@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,7 +394,11 @@ def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
             "probes_per_minute = 60",
             "probes_per_day = 10000",
         ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Owner-only, as the node's health requires: who may learn what is the forum's business.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def write_client_profile(

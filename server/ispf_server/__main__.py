@@ -106,14 +106,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ispf-node: epoch {args.retire_epoch} retired: its salt is destroyed")
             return 0
         node = Node(load_config(args.config))
-        server, port = create_server(node)
     except IspfError as exc:
         print(f"ispf-node: {exc.message}", file=sys.stderr)
         return 2
+    try:
+        server, port = create_server(node)
+    except IspfError as exc:
+        node.close()
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    if node.config.metrics_listen:
+        try:
+            node.metrics.serve(node.config.metrics_listen)
+        except IspfError as exc:
+            node.close()
+            print(f"ispf-node: {exc.message}", file=sys.stderr)
+            return 2
     server.start()
     log.info("node %s serving on port %d", node.province, port)
-    if node.config.metrics_listen:
-        node.metrics.serve(node.config.metrics_listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -22,6 +22,7 @@ from ispf.errors import (
     InvalidInput,
     IspfError,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
 )
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
@@ -42,6 +43,8 @@ ACCESS: dict[str, frozenset[str]] = {
     "grpc.reflection.v1alpha.ServerReflection": ANY_ROLE,
     "grpc.reflection.v1.ServerReflection": ANY_ROLE,
 }
+# Services a node whose own log failed its self-check stops serving.
+HELD = frozenset({"ispf.v1.PeerService", "ispf.v1.ReconciliationService", "ispf.v1.CheckService"})
 
 
 def caller_identity(context: grpc.ServicerContext) -> Identity:
@@ -66,7 +69,8 @@ def _caller_sha256(context: grpc.ServicerContext) -> str:
 
 
 def abort_with(context: grpc.ServicerContext, err: IspfError) -> NoReturn:
-    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__),))
+    extra = err.metadata() if isinstance(err, RateLimited) else ()
+    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__), *extra))
     context.abort(err.code, err.message)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -76,7 +80,9 @@ def _internal(context: grpc.ServicerContext, method: str) -> None:
         raise  # the handler aborted on purpose: keep its status
     if not context.is_active():
         log.info("%s: the caller went away (cancelled, deadline or connection lost)", method)
-        return
+        # End the call as aborted: returning would hand gRPC no response, which it then
+        # fails to serialise and logs as a traceback ("Exception serializing message!").
+        context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, "internal error (see the node log)")
 
@@ -119,6 +125,7 @@ class Guard(_Interceptor):
         revoked: RevocationList,
         metrics: NodeMetrics | None = None,
         pinned: Mapping[str, str] | None = None,
+        hold: Callable[[], None] | None = None,
     ) -> None:
         self.province = province
         self.revoked = revoked
@@ -127,6 +134,9 @@ class Guard(_Interceptor):
         # peer must present the very certificate the roster names (not merely one the
         # CA signed), so whoever holds the CA key cannot pose as a province.
         self.pinned = pinned
+        # Raises while the node must not serve sessions, probes or checks (its own log
+        # failed its self-check); the audit API and health stay open.
+        self.hold = hold
 
     @contextmanager
     def _served(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -167,6 +177,8 @@ class Guard(_Interceptor):
                 f"internal API of node {self.province} refused to {ident.role} certificate "
                 f"of {ident.province}"
             )
+        if self.hold is not None and service in HELD:
+            self.hold()
 
     def intercept_service(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -187,8 +188,19 @@ class Node:
                 check_private_file(path)
             except IspfError as exc:
                 problems.append(exc.message)
-        if not self.config.policy_file.exists():
-            problems.append(f"policy file {self.config.policy_file} missing")
+        policy = self.config.policy_file
+        try:
+            mode = stat.S_IMODE(policy.stat().st_mode)
+        except FileNotFoundError:
+            problems.append(f"policy file {policy} missing")
+        else:
+            if mode & 0o077:
+                problems.append(
+                    f"policy file {policy} is accessible by group or others (mode {mode:04o}); "
+                    f"run: chmod 600 {policy}"
+                )
+        if self.audit.problem:
+            problems.append(self.audit.problem)
         return problems
 
     def watch_health(self, set_status: Callable[[bool], None], every: float = 5.0) -> None:
@@ -422,11 +434,20 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
         interceptors=[
             *interceptors,
-            Guard(node.province, node.revoked, node.metrics, pinned=node.pinned_certs()),
+            Guard(
+                node.province,
+                node.revoked,
+                node.metrics,
+                pinned=node.pinned_certs(),
+                hold=node.audit.require_intact,
+            ),
         ],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # gRPC's default lets a second process bind the same port and take calls
+            # at random; a taken address must stop this node instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     peer_pb2_grpc.add_PeerServiceServicer_to_server(
@@ -461,7 +482,14 @@ def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_secure_port(listen or cfg.listen, node.tls.server_credentials())
+    address = listen or cfg.listen
+    try:
+        port = server.add_secure_port(address, node.tls.server_credentials())
+    except RuntimeError:  # grpcio >= 1.59 raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise ConfigError(f"could not bind {listen or cfg.listen}")
+        raise ConfigError(
+            f"cannot listen on {address}: the address is in use by another process "
+            "or is not an address of this machine (check `listen` in node.toml)"
+        )
     return server, port

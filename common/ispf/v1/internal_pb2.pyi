@@ -114,9 +114,17 @@ class ProvinceAnswer(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_PER_MINUTE_FIELD_NUMBER: _builtins.int
     province: _builtins.str
     status: Global___ProvinceStatus.ValueType
     detail: _builtins.str
+    retry_after_ms: _builtins.int
+    """RATE_LIMITED only: when the same IDs may be asked again (milliseconds; for a
+    daily quota, until it resets), and the province's limit per minute, so the
+    caller can pace itself (a batch larger than the limit never fits at once).
+    """
+    limit_per_minute: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]:
         """Matched programmes and statuses (MATCH only)."""
@@ -128,10 +136,12 @@ class ProvinceAnswer(_message.Message):
         status: Global___ProvinceStatus.ValueType = ...,
         labels: _abc.Iterable[_common_pb2.Label] | None = ...,
         detail: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
+        limit_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "labels", b"labels", "province", b"province", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "labels", b"labels", "limit_per_minute", b"limit_per_minute", "province", b"province", "retry_after_ms", b"retry_after_ms", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
