@@ -204,6 +204,7 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._pruning = threading.Lock()  # one pruning of registry changes at a time
+        self._syncing = threading.Lock()  # one registry sync at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -279,6 +280,17 @@ class Store:
                 _rollback(cur)
                 raise
         return deleted, missing
+
+    def registry_sync(self) -> RegistrySync:
+        """Stage a whole registry, then make the store exactly it in one transaction
+        (`RegistrySync`). One at a time: a second raises `RetryLater`."""
+        if not self._syncing.acquire(blocking=False):
+            raise RetryLater("another registry sync is running on this node; try again after it")
+        try:
+            return RegistrySync(self)
+        except BaseException:
+            self._syncing.release()
+            raise
 
     def records(self, programmes: frozenset[str] = frozenset()) -> list[StoredRecord]:
         """Records taking part in a session, ordered by ID (empty filter: all)."""
@@ -977,3 +989,132 @@ class StagedRun:
         finally:
             data.release()
         del self._buf[:size]
+
+
+@dataclass(frozen=True)
+class SyncCounts:
+    before: int
+    inserted: int
+    updated: int
+    unchanged: int
+    deleted: int
+    kept: int
+
+
+class RegistrySync:
+    """A registry sync: rows staged in a temporary table of the store's own
+    connection (never in memory whole, never visible to sessions), then one
+    transaction that inserts, updates and deletes, or nothing at all.
+
+    `keep(record_id)`: a row of the file that was rejected; its stored record
+    (if any) is left as it is, not deleted."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        with store._lock:
+            store._db.execute("DROP TABLE IF EXISTS temp.sync_rows")
+            store._db.execute("DROP TABLE IF EXISTS temp.sync_keep")
+            store._db.execute(
+                "CREATE TEMP TABLE sync_rows (record_id TEXT PRIMARY KEY, nid TEXT NOT NULL, "
+                "programme TEXT NOT NULL, status TEXT NOT NULL)"
+            )
+            store._db.execute("CREATE TEMP TABLE sync_keep (record_id TEXT PRIMARY KEY)")
+
+    def stage(self, records: Iterable[StoredRecord], kept: Iterable[str] = ()) -> None:
+        with self.store._lock:
+            db = self.store._db
+            db.execute("BEGIN")
+            try:
+                # A record id repeated in the file: the last row wins, as in a load.
+                db.executemany(
+                    "INSERT OR REPLACE INTO temp.sync_rows VALUES (?,?,?,?)",
+                    ((r.record_id, r.nid, r.label.programme, r.label.status) for r in records),
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO temp.sync_keep VALUES (?)", ((k,) for k in kept)
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db.cursor())
+                raise
+
+    @storage_errors
+    def apply(self, decide: Callable[[SyncCounts], bool]) -> tuple[SyncCounts, bool]:
+        """Count what the sync changes, ask `decide`, and apply it all if it says so.
+
+        Counting and applying share one write transaction, so nothing can change
+        between them."""
+        store = self.store
+        gone = (
+            "FROM records WHERE record_id NOT IN (SELECT record_id FROM temp.sync_rows) "
+            "AND record_id NOT IN (SELECT record_id FROM temp.sync_keep)"
+        )
+        differs = (
+            "FROM temp.sync_rows s JOIN records r ON r.record_id = s.record_id "
+            "WHERE (r.nid, r.programme, r.status) IS NOT (s.nid, s.programme, s.status)"
+        )
+        new = "FROM temp.sync_rows s WHERE s.record_id NOT IN (SELECT record_id FROM records)"
+        with store._lock:
+            cur = store._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+
+                def one(q: str) -> int:
+                    return int(cur.execute(q).fetchone()[0])
+
+                staged = one("SELECT count(*) FROM temp.sync_rows")
+                ins = one(f"SELECT count(*) {new}")
+                upd = one(f"SELECT count(*) {differs}")
+                counts = SyncCounts(
+                    before=one("SELECT count(*) FROM records"),
+                    inserted=ins,
+                    updated=upd,
+                    unchanged=staged - ins - upd,
+                    deleted=one(f"SELECT count(*) {gone}"),
+                    kept=one(
+                        "SELECT count(*) FROM records WHERE record_id IN "
+                        "(SELECT record_id FROM temp.sync_keep) AND record_id NOT IN "
+                        "(SELECT record_id FROM temp.sync_rows)"
+                    ),
+                )
+                if not decide(counts):
+                    cur.execute("ROLLBACK")
+                    return counts, False
+                changed = {str(r[0]) for r in cur.execute(f"SELECT nid {gone}")}
+                for old, nid in cur.execute(f"SELECT r.nid, s.nid {differs}").fetchall():
+                    changed.update((str(old), str(nid)))
+                changed.update(str(r[0]) for r in cur.execute(f"SELECT s.nid {new}"))
+                cur.execute(f"DELETE {gone}")
+                now = utcnow()
+                cur.execute(
+                    "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
+                    "updated_at = ? FROM temp.sync_rows s WHERE records.record_id = s.record_id "
+                    "AND (records.nid, records.programme, records.status) IS NOT "
+                    "(s.nid, s.programme, s.status)",
+                    (now,),
+                )
+                cur.execute(
+                    "INSERT INTO records SELECT s.record_id, s.nid, s.programme, s.status, ? "
+                    + new,
+                    (now,),
+                )
+                store._log_changes(cur, changed)
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        return counts, True
+
+    def close(self) -> None:
+        try:
+            with self.store._lock:
+                self.store._db.execute("DROP TABLE IF EXISTS temp.sync_rows")
+                self.store._db.execute("DROP TABLE IF EXISTS temp.sync_keep")
+        finally:
+            self.store._syncing.release()
+
+    def __enter__(self) -> RegistrySync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
