@@ -3,6 +3,7 @@
     ispf forum init --dir forum --provinces punjab,sindh,kp,balochistan
     ispf forum salt new --dir forum --epoch 2
     ispf registry load registry.csv          (--profile forum/clients/punjab/profile.toml)
+    ispf registry sync registry.csv          (the file is the whole registry)
     ispf registry stats | delete ID...
     ispf reconcile --peer sindh | --all  [--count-only] [--out reports/]
     ispf sessions list
@@ -13,7 +14,8 @@
 
 The client profile comes from --profile, else $ISPF_PROFILE; the auditor's from
 --profile, else $ISPF_AUDIT_PROFILE (paths; keys are always read from the files
-they name, never from the command line).
+they name, never from the command line). Exit codes: each command's --help and
+docs/operators.md ("Exit codes"); --json output: one JSON object per line.
 """
 
 from __future__ import annotations
@@ -223,7 +225,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
     if refused is not None and refused.code != "file.stopped":
         verdict = f"nothing loaded: {printable(refused.reason, 400)}"
     elif stored == 0 and not rep.stopped:
-        verdict = "nothing loaded" + _common_cause(rep)
+        verdict = "nothing loaded" + (_common_cause(rep) if rep.rows else ": the file has no rows")
     elif refused is not None:
         verdict = printable(refused.reason, 300)
     elif rep.rejected > allowed:

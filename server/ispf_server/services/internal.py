@@ -109,12 +109,16 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
                     "sync.incomplete",
                     "the sync stream ended without its last (commit) message: nothing changed",
                 )
+            if not 0.0 <= last.max_delete_percent <= 100.0:  # (NaN fails too)
+                raise InvalidRecord(
+                    "sync.max_delete_percent", "max_delete_percent must be between 0 and 100"
+                )
             rejected = last.client_rejected + n_rejected
             refused = ""
 
             def decide(c: SyncCounts) -> bool:
                 nonlocal refused
-                share = max(0.0, last.max_delete_percent)
+                share = last.max_delete_percent
                 allowed = max(last.allow_deletes, int(c.before * share / 100))
                 if rejected > last.max_rejected:
                     refused = (
