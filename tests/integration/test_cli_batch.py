@@ -4,6 +4,7 @@ registry sync, through the installed `ispf` against real nodes on port 0."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,48 @@ def test_plain_output_is_never_hard_wrapped_off_a_terminal(
     assert res.returncode == 0
     first = res.stdout.splitlines()[0]
     assert len(first) > 120 and first.startswith(str(f)) and "3 loaded" in first
+
+
+def test_a_deadline_that_passes_is_reported_as_maybe_stored_not_as_nothing(
+    federation: Federation, tmp_path: Path
+) -> None:
+    from ispf_client.loader import load_csv
+
+    f = tmp_path / "r.csv"
+    f.write_text(HEADER + rows(7000))
+    with NodeClient(federation.profile("punjab"), timeout=0.001) as client:
+        rep = load_csv(client, f)
+    assert rep.stopped and rep.stopped_at == 2
+    assert rep.accepted == 0 and rep.unconfirmed == 5000  # the node may have stored it
+
+
+def test_a_load_killed_with_sigterm_says_how_many_rows_were_stored(
+    federation: Federation, tmp_path: Path, prof: str
+) -> None:
+    import signal
+    import time
+
+    f = tmp_path / "r.csv"
+    f.write_text(HEADER + rows(300_000))
+    proc = subprocess.Popen(
+        [ISPF, "registry", "load", str(f), "--profile", prof],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while records(federation) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    stored = records(federation)
+    assert 0 < stored < 300_000
+    m = re.search(r"load stopped at line (\d+): interrupted; (\d+) rows of this file", err)
+    assert m, err
+    # Batches are whole: what it says was stored was stored (one more may have landed).
+    assert int(m.group(2)) in (stored, stored - 5000)
+    assert int(m.group(1)) == int(m.group(2)) + 2
