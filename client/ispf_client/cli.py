@@ -143,6 +143,15 @@ SYNC_EXIT_CODES = """exit codes:
        --max-rejected, or the file refused (header, encoding, a field too long)
   2    usage: no profile, no such file, a bad option
   4    the sync did not complete (the node failed or went out of reach): nothing changed"""
+SIMPLE_EXIT_CODES = """exit codes:
+  0    done
+  1    the node refused or failed (one line on stderr says why)
+  2    usage: no profile, a bad option"""
+RECEIPT_EXIT_CODES = """exit codes:
+  0    receipt written
+  1    no such session on the node ("no session ..."; whitespace around the id is
+       ignored), or no match of that record in it
+  2    usage: no profile, an id that is not printable"""
 EXIT_STOPPED = 4
 EXIT_INTERRUPTED = 130
 
@@ -861,7 +870,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="count what would change; change nothing")
     p.set_defaults(func=cmd_registry_sync)
-    p = with_profile(rsub.add_parser("stats", help="record counts per programme and status"))
+    p = with_profile(
+        rsub.add_parser(
+            "stats",
+            help="record counts per programme and status",
+            epilog=SIMPLE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_registry_stats)
     p = with_profile(rsub.add_parser("delete", help="delete records by record id"))
@@ -934,18 +950,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sessions", help="sessions of this node")
     ssub2 = p.add_subparsers(dest="sessions_command", required=True)
-    p = with_profile(ssub2.add_parser("list", help="list sessions"))
+    p = with_profile(
+        ssub2.add_parser(
+            "list",
+            help="list sessions",
+            epilog=SIMPLE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per session")
     p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("results", help="reconciliation results")
     res = p.add_subparsers(dest="results_command", required=True)
-    p = with_profile(res.add_parser("export", help="write the matches CSV and summary"))
+    p = with_profile(
+        res.add_parser(
+            "export",
+            help="write the matches CSV and summary",
+            epilog=SIMPLE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--session", help="one session id (default: latest with each peer)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--out", default="reports")
     p.set_defaults(func=cmd_export)
-    p = with_profile(res.add_parser("receipt", help="match receipt of one record, for a grievance"))
+    p = with_profile(
+        res.add_parser(
+            "receipt",
+            help="match receipt of one record, for a grievance",
+            epilog=RECEIPT_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--session", required=True)
     p.add_argument("--record", required=True, help="the record id")
     p.add_argument("--out", required=True, help="receipt file (JSON)")

@@ -372,3 +372,23 @@ def test_a_load_killed_with_sigterm_says_how_many_rows_were_stored(
     # Batches are whole: what it says was stored was stored (one more may have landed).
     assert int(m.group(2)) in (stored, stored - 5000)
     assert int(m.group(1)) == int(m.group(2)) + 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["registry", "load"],
+        ["registry", "sync"],
+        ["registry", "stats"],
+        ["reconcile"],
+        ["sessions", "list"],
+        ["results", "export"],
+        ["results", "receipt"],
+    ],
+)
+def test_every_batch_command_documents_its_exit_codes_and_json(command: list[str]) -> None:
+    res = ispf(*command, "--help")
+    assert res.returncode == 0
+    assert "exit codes:" in res.stdout and "\n  0 " in res.stdout and "\n  2 " in res.stdout
+    if command != ["results", "receipt"]:
+        assert "--json" in res.stdout
