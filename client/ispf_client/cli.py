@@ -37,7 +37,7 @@ from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
 from ispf_client import output
 from ispf_client.auditor import AuditFailure, AuditProfile
-from ispf_client.csvio import RowProblem, write_problems
+from ispf_client.csvio import ProblemWriter, RowProblem, write_problems
 from ispf_client.loader import BATCH, DEFAULT_MAX_DELETE_PERCENT, LoadReport
 from ispf_client.output import emit_json, printable
 from ispf_client.sdk import ClientProfile, NodeClient
@@ -176,7 +176,11 @@ def _max_rejected(spec: str | None, strict: bool) -> Callable[[int], int]:
     return lambda rows: count
 
 
-def _print_problems(args: argparse.Namespace, con: Console, rep: LoadReport) -> None:
+def _print_problems(
+    args: argparse.Namespace, con: Console, rep: LoadReport, *, written: bool = False
+) -> None:
+    """The first --show-errors rejected rows; all (kept) of them to --errors unless
+    they were `written` there already as they came."""
     for p in rep.problems[: args.show_errors]:
         con.print(
             f"  line {p.line}: {printable(p.reason, 300)} [{printable(p.code, 40)}]"
@@ -185,8 +189,9 @@ def _print_problems(args: argparse.Namespace, con: Console, rep: LoadReport) -> 
         )
     if rep.rejected > args.show_errors:
         con.print(f"  ... and {rep.rejected - args.show_errors} more", markup=False)
-    if args.errors and rep.problems:
-        write_problems(Path(args.errors), rep.problems)
+    if args.errors and rep.rejected:
+        if not written:
+            write_problems(Path(args.errors), rep.problems)
         con.print(f"All rejected rows written to {args.errors}", markup=False)
 
 
@@ -217,8 +222,11 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError(f"{args.file}: no such file")
-    with NodeClient(_profile(args)) as client, _sigterm_interrupts():
-        rep = load_csv(client, path)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(NodeClient(_profile(args)))
+        errors = stack.enter_context(ProblemWriter(Path(args.errors))) if args.errors else None
+        stack.enter_context(_sigterm_interrupts())
+        rep = load_csv(client, path, sink=errors.write if errors is not None else None)
     allowed = limit(rep.rows)
     refused = rep.file_refused
     stored = rep.accepted
@@ -277,15 +285,13 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
                 "exit": rc,
             }
         )
-        if args.errors and rep.problems:
-            write_problems(Path(args.errors), rep.problems)
         return rc
     con.print(
         f"{args.file}: {rep.rows} rows; {stored} loaded ({rep.inserted} new, "
         f"{rep.updated} updated, {rep.unchanged} unchanged); {rep.rejected} rejected",
         markup=False,
     )
-    _print_problems(args, con, rep)
+    _print_problems(args, con, rep, written=True)
     err = output.console(stderr=True)
     if stop_line:
         err.print(f"ispf: {stop_line}", markup=False)

@@ -271,6 +271,33 @@ def write_problems(path: Path, problems: Iterable[RowProblem]) -> int:
     )
 
 
+class ProblemWriter:
+    """Rejected rows written to a CSV as they come (a load keeps only the first
+    in memory), in the columns of `write_problems`."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.count = 0
+        self._fh = path.open("w", encoding="utf-8", newline="")
+        self._w = csv.writer(self._fh)
+        self._w.writerow(("line", "record_id", "code", "reason"))
+
+    def write(self, problems: Iterable[RowProblem]) -> None:
+        for p in problems:
+            self._w.writerow([neutralise(c) for c in (str(p.line), p.record_id, p.code, p.reason)])
+            self.count += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> ProblemWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def matches_csv_text(province: str, matches: Iterable[internal_pb2.Match]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -22,6 +22,9 @@ from ispf_client.csvio import RowProblem, read_registry_csv
 from ispf_client.sdk import NodeClient
 
 BATCH = 5_000
+# Rejected rows a report keeps in memory; the rest are counted (and, with a
+# sink, written out as they come), so memory stays bounded whatever the file.
+MAX_KEPT_PROBLEMS = 100_000
 # Deletions a sync may make without --allow-deletes, as a share of the registry.
 DEFAULT_MAX_DELETE_PERCENT = 10.0
 _MAYBE_STORED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
@@ -50,17 +53,27 @@ class LoadReport:
     records_before: int = 0
     applied: bool = True
     refused: str = ""
-    # sync: the node's rejected rows beyond those it listed (it lists 10,000)
+    # Rejected rows counted but not kept in `problems` (over MAX_KEPT_PROBLEMS,
+    # or beyond the 10,000 a node lists for a sync)
     unlisted: int = 0
+    file_problem: RowProblem | None = None
 
     @property
     def rejected(self) -> int:
         return len(self.problems) + self.unlisted
 
+    def keep(self, problems: list[RowProblem]) -> None:
+        for p in problems:
+            if self.file_problem is None and p.code.startswith("file."):
+                self.file_problem = p
+        room = max(0, MAX_KEPT_PROBLEMS - len(self.problems))
+        self.problems.extend(problems[:room])
+        self.unlisted += len(problems) - min(room, len(problems))
+
     @property
     def file_refused(self) -> RowProblem | None:
         """The problem that kept the file (or its rest) from being read, if any."""
-        return next((p for p in self.problems if p.code.startswith("file.")), None)
+        return self.file_problem
 
 
 def _stopped_message(exc: IspfError, stored: int) -> str:
@@ -72,13 +85,28 @@ def _stopped_message(exc: IspfError, stored: int) -> str:
 
 
 def load_csv(
-    client: NodeClient, path: Path, *, on_batch: Callable[[LoadReport], None] | None = None
+    client: NodeClient,
+    path: Path,
+    *,
+    on_batch: Callable[[LoadReport], None] | None = None,
+    sink: Callable[[list[RowProblem]], None] | None = None,
 ) -> LoadReport:
     """Send every good row; collect every bad one (from the file or the node) by line.
 
-    A failure of the node part-way is reported in `LoadReport.stopped`, not raised."""
+    Problems are kept in line order (the first `MAX_KEPT_PROBLEMS`; the rest
+    counted) and, with `sink`, handed over batch by batch in line order. A
+    failure of the node part-way is reported in `LoadReport.stopped`, not raised."""
     report = LoadReport()
     batch: list[internal_pb2.Record] = []
+    pending: list[RowProblem] = []
+
+    def settle() -> None:
+        # Every problem so far lies before every row still to come: release them.
+        pending.sort(key=lambda p: p.line)
+        if sink is not None and pending:
+            sink(pending)
+        report.keep(pending)
+        pending.clear()
 
     def flush() -> None:
         if not batch:
@@ -101,10 +129,11 @@ def load_csv(
         report.inserted += resp.inserted
         report.updated += resp.updated
         report.unchanged += resp.unchanged
-        report.problems.extend(
+        pending.extend(
             RowProblem(int(e.position), e.record_id, e.code, e.reason) for e in resp.errors
         )
         batch.clear()
+        settle()
         if on_batch:
             on_batch(report)
 
@@ -112,7 +141,7 @@ def load_csv(
         try:
             for item in read_registry_csv(path):
                 if isinstance(item, RowProblem):
-                    report.problems.append(item)
+                    pending.append(item)
                     report.rows += not item.code.startswith("file.")
                     continue
                 report.rows += 1
@@ -126,7 +155,7 @@ def load_csv(
         flush()
     except _Stop:
         pass
-    report.problems.sort(key=lambda p: p.line)
+    settle()
     return report
 
 
@@ -155,7 +184,7 @@ def sync_csv(
         keep: list[str] = []
         for item in read_registry_csv(path):
             if isinstance(item, RowProblem):
-                report.problems.append(item)
+                report.keep([item])
                 report.rows += not item.code.startswith("file.")
                 if item.record_id:
                     keep.append(item.record_id)
@@ -171,7 +200,7 @@ def sync_csv(
             records=batch,
             keep_record_ids=keep,
             commit=True,
-            client_rejected=len(report.problems),
+            client_rejected=report.rejected,
             max_rejected=max_rejected(report.rows),
             allow_deletes=allow_deletes,
             max_delete_percent=max_delete_percent,
@@ -195,9 +224,7 @@ def sync_csv(
     report.inserted, report.updated = resp.inserted, resp.updated
     report.unchanged, report.deleted, report.kept = resp.unchanged, resp.deleted, resp.kept
     report.accepted = resp.inserted + resp.updated + resp.unchanged
-    report.unlisted = resp.rejected - len(resp.errors)
-    report.problems.extend(
-        RowProblem(int(e.position), e.record_id, e.code, e.reason) for e in resp.errors
-    )
+    report.unlisted += resp.rejected - len(resp.errors)
+    report.keep([RowProblem(int(e.position), e.record_id, e.code, e.reason) for e in resp.errors])
     report.problems.sort(key=lambda p: p.line)
     return report

@@ -392,3 +392,31 @@ def test_every_batch_command_documents_its_exit_codes_and_json(command: list[str
     assert "exit codes:" in res.stdout and "\n  0 " in res.stdout and "\n  2 " in res.stdout
     if command != ["results", "receipt"]:
         assert "--json" in res.stdout
+
+
+def test_rejected_rows_past_the_kept_number_are_counted_and_all_written(
+    federation: Federation,
+    tmp_path: Path,
+    prof: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import csv
+
+    from ispf_client import loader
+
+    monkeypatch.setattr(loader, "MAX_KEPT_PROBLEMS", 5)
+    monkeypatch.setattr(loader, "BATCH", 7)
+    body = "".join(
+        f"B{i},12345,BISP,enrolled\n" if i % 2 else f"G{i},35202{i:08d},BISP,enrolled\n"
+        for i in range(40)
+    )
+    f = tmp_path / "r.csv"
+    f.write_text(HEADER + body + "S1,3520212345671,BISP\n")  # a file-side problem too
+    errors = tmp_path / "errors.csv"
+    rc = main(["registry", "load", str(f), "--profile", prof, "--errors", str(errors), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["rejected"], out["loaded"], rc) == (21, 20, 1)
+    with errors.open() as fh:
+        lines = [int(r[0]) for r in list(csv.reader(fh))[1:]]
+    assert lines == [i + 2 for i in range(1, 40, 2)] + [42]
