@@ -256,6 +256,8 @@ def _load_all(
         con.print(f"  {p}: {rep.rows} rows, {rep.accepted} loaded, {rep.rejected} rejected{where}")
         if rep.rejected:
             write_problems(out / f"{p}-load-errors.csv", rep.problems)
+        if rep.stopped:  # load_csv reports a node failure part-way instead of raising
+            result.failures.append(f"{p}: load stopped at line {rep.stopped_at}: {rep.stopped}")
 
 
 def _reconcile_all(
