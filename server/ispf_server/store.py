@@ -1002,41 +1002,39 @@ class SyncCounts:
 
 
 class RegistrySync:
-    """A registry sync: rows staged in a temporary table of the store's own
-    connection (never in memory whole, never visible to sessions), then one
-    transaction that inserts, updates and deletes, or nothing at all.
+    """A registry sync: rows staged in tables of the store itself (never in
+    memory whole, never in a file outside the store, never read by sessions),
+    then one transaction that inserts, updates and deletes, or nothing at all.
+    Staging tables are emptied at the start and end of every sync, so one left
+    by a node that died mid-sync is never applied.
 
-    `keep(record_id)`: a row of the file that was rejected; its stored record
-    (if any) is left as it is, not deleted."""
+    `stage(..., kept)`: record ids of rows of the file that were rejected; their
+    stored records (if any) are left as they are, not deleted."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        with store._lock:
-            store._db.execute("DROP TABLE IF EXISTS temp.sync_rows")
-            store._db.execute("DROP TABLE IF EXISTS temp.sync_keep")
-            store._db.execute(
-                "CREATE TEMP TABLE sync_rows (record_id TEXT PRIMARY KEY, nid TEXT NOT NULL, "
-                "programme TEXT NOT NULL, status TEXT NOT NULL)"
-            )
-            store._db.execute("CREATE TEMP TABLE sync_keep (record_id TEXT PRIMARY KEY)")
+        store._write_tx(self._reset, staging=True)
+
+    @staticmethod
+    def _reset(cur: sqlite3.Cursor) -> None:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS sync_rows (record_id TEXT PRIMARY KEY, "
+            "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL)"
+        )
+        cur.execute("CREATE TABLE IF NOT EXISTS sync_keep (record_id TEXT PRIMARY KEY)")
+        cur.execute("DELETE FROM sync_rows")
+        cur.execute("DELETE FROM sync_keep")
 
     def stage(self, records: Iterable[StoredRecord], kept: Iterable[str] = ()) -> None:
-        with self.store._lock:
-            db = self.store._db
-            db.execute("BEGIN")
-            try:
-                # A record id repeated in the file: the last row wins, as in a load.
-                db.executemany(
-                    "INSERT OR REPLACE INTO temp.sync_rows VALUES (?,?,?,?)",
-                    ((r.record_id, r.nid, r.label.programme, r.label.status) for r in records),
-                )
-                db.executemany(
-                    "INSERT OR IGNORE INTO temp.sync_keep VALUES (?)", ((k,) for k in kept)
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db.cursor())
-                raise
+        rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
+        keep = [(k,) for k in kept]
+
+        def step(cur: sqlite3.Cursor) -> None:
+            # A record id repeated in the file: the last row wins, as in a load.
+            cur.executemany("INSERT OR REPLACE INTO sync_rows VALUES (?,?,?,?)", rows)
+            cur.executemany("INSERT OR IGNORE INTO sync_keep VALUES (?)", keep)
+
+        self.store._write_tx(step, staging=True)
 
     @storage_errors
     def apply(self, decide: Callable[[SyncCounts], bool]) -> tuple[SyncCounts, bool]:
@@ -1046,14 +1044,14 @@ class RegistrySync:
         between them."""
         store = self.store
         gone = (
-            "FROM records WHERE record_id NOT IN (SELECT record_id FROM temp.sync_rows) "
-            "AND record_id NOT IN (SELECT record_id FROM temp.sync_keep)"
+            "FROM records WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
+            "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
         )
         differs = (
-            "FROM temp.sync_rows s JOIN records r ON r.record_id = s.record_id "
+            "FROM sync_rows s JOIN records r ON r.record_id = s.record_id "
             "WHERE (r.nid, r.programme, r.status) IS NOT (s.nid, s.programme, s.status)"
         )
-        new = "FROM temp.sync_rows s WHERE s.record_id NOT IN (SELECT record_id FROM records)"
+        new = "FROM sync_rows s WHERE s.record_id NOT IN (SELECT record_id FROM records)"
         with store._lock:
             cur = store._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -1062,7 +1060,7 @@ class RegistrySync:
                 def one(q: str) -> int:
                     return int(cur.execute(q).fetchone()[0])
 
-                staged = one("SELECT count(*) FROM temp.sync_rows")
+                staged = one("SELECT count(*) FROM sync_rows")
                 ins = one(f"SELECT count(*) {new}")
                 upd = one(f"SELECT count(*) {differs}")
                 counts = SyncCounts(
@@ -1073,8 +1071,8 @@ class RegistrySync:
                     deleted=one(f"SELECT count(*) {gone}"),
                     kept=one(
                         "SELECT count(*) FROM records WHERE record_id IN "
-                        "(SELECT record_id FROM temp.sync_keep) AND record_id NOT IN "
-                        "(SELECT record_id FROM temp.sync_rows)"
+                        "(SELECT record_id FROM sync_keep) AND record_id NOT IN "
+                        "(SELECT record_id FROM sync_rows)"
                     ),
                 )
                 if not decide(counts):
@@ -1088,7 +1086,7 @@ class RegistrySync:
                 now = utcnow()
                 cur.execute(
                     "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
-                    "updated_at = ? FROM temp.sync_rows s WHERE records.record_id = s.record_id "
+                    "updated_at = ? FROM sync_rows s WHERE records.record_id = s.record_id "
                     "AND (records.nid, records.programme, records.status) IS NOT "
                     "(s.nid, s.programme, s.status)",
                     (now,),
@@ -1107,9 +1105,7 @@ class RegistrySync:
 
     def close(self) -> None:
         try:
-            with self.store._lock:
-                self.store._db.execute("DROP TABLE IF EXISTS temp.sync_rows")
-                self.store._db.execute("DROP TABLE IF EXISTS temp.sync_keep")
+            self.store._write_tx(self._reset, staging=True)
         finally:
             self.store._syncing.release()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,13 @@ def test_sync_makes_the_registry_the_file_and_refuses_mass_deletes(
     assert res.returncode == 0, res
     assert "1 updated, 4 unchanged, 14 deleted, 0 rejected" in res.stdout
     assert records(federation) == 5
+    # Nothing staged is left behind in the store, after an applied or a refused sync.
+    db = sqlite3.connect(federation.nodes["punjab"].config.store)
+    try:
+        assert db.execute("SELECT count(*) FROM sync_rows").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM sync_keep").fetchone() == (0,)
+    finally:
+        db.close()
 
 
 def test_sync_keeps_records_whose_rows_are_rejected_and_refuses_a_bad_file(
