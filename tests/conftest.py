@@ -63,9 +63,10 @@ def start_federation(
     provinces: list[str],
     pool: BlindingPool,
     interceptors: tuple[object, ...] = (),
+    reuse: ForumLayout | None = None,
     **overrides: object,
 ) -> Federation:
-    fed = Federation(init_forum(root / "forum", provinces, base_port=0))
+    fed = Federation(reuse or init_forum(root / "forum", provinces, base_port=0))
     for p in provinces:
         cfg = load_config(fed.layout.node_dir(p) / "node.toml")
         cfg = replace(cfg, chunk_values=64, **overrides)  # type: ignore[arg-type]

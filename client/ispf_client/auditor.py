@@ -78,14 +78,16 @@ class AuditProfile:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
             base = path.parent
             tls = data["tls"]
-            nodes = {
-                name: NodeRef(
+            nodes = _roster_nodes(data, base)
+            for name, v in data.get("nodes", {}).items():
+                if "key" not in v and name in nodes:  # a roster node at another address
+                    nodes[name] = NodeRef(name, str(v["address"]), nodes[name].key)
+                    continue
+                nodes[name] = NodeRef(
                     name,
                     str(v["address"]),
                     note.Verifier.parse((base / v["key"]).read_text(encoding="ascii")),
                 )
-                for name, v in data.get("nodes", {}).items()
-            }
             return cls(
                 name=str(data.get("name", "auditor")),
                 state=base / str(data.get("state", "audit-state.json")),
@@ -102,6 +104,18 @@ class AuditProfile:
 
     def cosigners(self) -> list[note.Verifier]:
         return [n.cosigner for n in self.nodes.values()]
+
+
+def _roster_nodes(data: dict[str, Any], base: Path) -> dict[str, NodeRef]:
+    """`roster = "roster.json"`: every node of the forum's signed roster (verified under
+    the profile's CA), with its address and log key; [nodes.X] may override addresses."""
+    if "roster" not in data:
+        return {}
+    from ispf import roster
+
+    r = roster.load(base / str(data["roster"]), base / str(data["tls"]["ca"]))
+    keys = r.log_keys()
+    return {n: NodeRef(n, e.address, keys[n]) for n, e in r.nodes.items()}
 
 
 class NodeLog:

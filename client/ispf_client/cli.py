@@ -1,7 +1,10 @@
 """`ispf`: the command line for provincial IT teams, batch jobs and the forum's operators.
 
-    ispf forum init --dir forum --provinces punjab,sindh,kp,balochistan
-    ispf forum salt new --dir forum --epoch 2
+    ispf forum init --dir forum --provinces punjab,sindh,kp,balochistan   (one-command demo)
+    ispf node init --dir node --province punjab --address 10.0.0.5:50051  (on the node)
+    ispf forum sign node/request.json --dir forum       (certificate + roster entry)
+    ispf forum salt new --dir forum --epoch 2           (sealed to each node in the roster)
+    ispf node salt import punjab.sealed --config node/node.toml
     ispf registry load registry.csv          (--profile forum/clients/punjab/profile.toml)
     ispf registry sync registry.csv          (the file is the whole registry)
     ispf registry stats | delete ID...
@@ -31,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from ispf import logs
+from ispf import files, logs
 from ispf.errors import ConfigError, IspfError
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
@@ -67,7 +70,13 @@ def cmd_forum_init(args: argparse.Namespace, con: Console) -> int:
     layout = init_forum(
         Path(args.dir), provinces, epoch=args.epoch, host=args.host, base_port=args.base_port
     )
-    con.print(f"Forum created in {layout.root}/ for {', '.join(provinces)} (epoch {args.epoch}).")
+    con.print(
+        f"Demo forum created in {layout.root}/ for {', '.join(provinces)} (epoch {args.epoch}). "
+        "This is the one-command demo set-up: the forum made every node's keys here. "
+        "For a real federation each node makes its own (ispf node init) and the forum "
+        "signs their requests (ispf forum sign); see docs/operators.md.",
+        markup=False,
+    )
     for p in provinces:
         con.print(
             f"  {p}: node config {layout.node_dir(p) / 'node.toml'}, "
@@ -117,10 +126,99 @@ def cmd_forum_revoke(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
-def cmd_salt_new(args: argparse.Namespace, con: Console) -> int:
-    from ispf_client.forum import ForumLayout, new_salt
+def cmd_forum_ca(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import REVOKED_HEADER, ForumLayout, create_ca
 
-    path = new_salt(ForumLayout(Path(args.dir)), args.epoch)
+    layout = ForumLayout(Path(args.dir))
+    create_ca(layout)
+    layout.revoked.write_text(REVOKED_HEADER, encoding="utf-8")
+    con.print(
+        f"Forum CA created: {layout.ca_cert} (public) and {layout.ca_key} (0600, the only "
+        "private key the forum holds). Next: sign each node's request (ispf forum sign).",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_forum_sign(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import ForumLayout, read_roster, sign_request
+
+    layout = ForumLayout(Path(args.dir))
+    cert = sign_request(layout, Path(args.request), address=args.address or "")
+    con.print(
+        f"Issued {cert}; roster {layout.roster} is at version {read_roster(layout).version}. "
+        "Send the certificate, ca.pem and roster.json back to the requester.",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_forum_request(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import init_request
+
+    req = init_request(Path(args.dir), args.role, args.name)
+    con.print(f"Key made in {args.dir} (0600); send {req} to the forum.", markup=False)
+    return 0
+
+
+def cmd_node_init(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import init_node, write_node_config
+
+    folder = Path(args.dir)
+    req = init_node(folder, args.province, address=args.address, hosts=tuple(args.host))
+    write_node_config(
+        folder, args.province, listen=args.listen or args.address, ca=Path("ca.pem"), epoch=1
+    )
+    con.print(
+        f"Keys made in {folder}/ (TLS, log signing, sealing, master key; each 0600) and "
+        f"{folder / 'node.toml'}. Send {req} to the forum; put the certificate it returns "
+        f"at {folder / 'node.pem'}, with ca.pem and roster.json, then import the sealed "
+        "salt: ispf node salt import FILE --config " + str(folder / "node.toml"),
+        markup=False,
+    )
+    return 0
+
+
+def cmd_node_renew(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import renew_request
+
+    folder = Path(args.dir)
+    req = renew_request(folder, args.province, address=args.address, hosts=tuple(args.host))
+    con.print(
+        f"New TLS key {folder / 'node.key.new'} (0600); send {req} to the forum. When the "
+        "certificate comes back, move node.key.new over node.key and the certificate over "
+        "node.pem (the running node picks both up), and send peers the new roster.",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_node_salt_import(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import import_salt
+
+    out = import_salt(Path(args.config), Path(args.file), args.epoch)
+    con.print(f"Salt opened, key check value verified, stored at {out} (0600).", markup=False)
+    return 0
+
+
+def cmd_salt_new(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import ForumLayout, new_salt, seal_salt
+
+    layout = ForumLayout(Path(args.dir))
+    if layout.roster.exists():
+        sealed = seal_salt(layout, args.epoch, keep=Path(args.keep) if args.keep else None)
+        con.print(
+            f"Salt for epoch {args.epoch} sealed to {_n(len(sealed), 'node')} in "
+            f"{layout.sealed_dir(args.epoch)}/ (one file per node; safe to send as is). "
+            + (
+                f"A clear copy is in {args.keep}: destroy it when every node holds the salt."
+                if args.keep
+                else "No clear copy was kept."
+            ),
+            markup=False,
+        )
+        return 0
+    path = new_salt(layout, args.epoch)
     con.print(
         f"Salt for epoch {args.epoch} written to {path} (mode 0600). "
         "Distribute it to every node over a secure channel."
@@ -652,7 +750,7 @@ def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
     for k in ("tag_index", "match_count", "entry_index"):
         bundle[k] = int(bundle.get(k, 0))
     out = Path(args.out)
-    out.write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
+    files.write_private_text(out, json.dumps(bundle, indent=1) + "\n")
     con.print(
         f"Receipt for record {printable(args.record, 64)} in session {sid} written to {out}; "
         "check it with: ispf audit verify-proof " + str(out),
@@ -812,10 +910,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_forum_revoke)
     salt = fsub.add_parser("salt", help="salt epochs")
     ssub = salt.add_subparsers(dest="salt_command", required=True)
-    p = ssub.add_parser("new", help="create the salt of a new epoch")
+    p = ssub.add_parser("new", help="create a new epoch's salt, sealed to each node in the roster")
     p.add_argument("--dir", default="forum")
     p.add_argument("--epoch", type=int, required=True)
+    p.add_argument("--keep", help="also keep a clear copy in this file (0600), to destroy later")
     p.set_defaults(func=cmd_salt_new)
+    p = fsub.add_parser("ca", help="create the forum's CA (the forum's only private key)")
+    p.add_argument("--dir", default="forum")
+    p.set_defaults(func=cmd_forum_ca)
+    p = fsub.add_parser("sign", help="issue the certificate a request file asks for (+ roster)")
+    p.add_argument("request", help="request.json from `ispf node init` or `ispf forum request`")
+    p.add_argument("--dir", default="forum")
+    p.add_argument("--address", help="the node's address for the roster (default: requested)")
+    p.set_defaults(func=cmd_forum_sign)
+    p = fsub.add_parser("request", help="make an internal system's or auditor's key + request")
+    p.add_argument("--role", required=True, choices=[ROLE_INTERNAL, ROLE_AUDIT])
+    p.add_argument("--name", required=True, help="province slug (internal) or auditor name")
+    p.add_argument("--dir", required=True, help="folder for the key (0600) and request.json")
+    p.set_defaults(func=cmd_forum_request)
+
+    nodep = sub.add_parser("node", help="a province node's own keys: init, salt import")
+    nsub = nodep.add_subparsers(dest="node_command", required=True)
+    p = nsub.add_parser("init", help="make this node's keys and its request to the forum")
+    p.add_argument("--dir", required=True, help="the node's folder")
+    p.add_argument("--province", required=True)
+    p.add_argument("--address", required=True, help="host:port peers reach this node at")
+    p.add_argument("--listen", help="host:port to bind (default: --address)")
+    p.add_argument("--host", action="append", default=[], help="extra host/IP for the cert")
+    p.set_defaults(func=cmd_node_init)
+    p = nsub.add_parser("renew", help="certificate rotation: a new TLS key and request")
+    p.add_argument("--dir", required=True, help="the node's folder")
+    p.add_argument("--province", required=True)
+    p.add_argument("--address", required=True, help="host:port peers reach this node at")
+    p.add_argument("--host", action="append", default=[], help="extra host/IP for the cert")
+    p.set_defaults(func=cmd_node_renew)
+    nsalt = nsub.add_parser("salt", help="epoch salts").add_subparsers(
+        dest="node_salt_command", required=True
+    )
+    p = nsalt.add_parser("import", help="open a sealed salt from the forum and store it")
+    p.add_argument("file")
+    p.add_argument("--config", required=True, help="the node's TOML config")
+    p.add_argument("--epoch", type=int, help="refuse the file unless it is for this epoch")
+    p.set_defaults(func=cmd_node_salt_import)
 
     reg = sub.add_parser("registry", help="the province's own registry")
     rsub = reg.add_subparsers(dest="registry_command", required=True)

@@ -21,13 +21,15 @@ Output cells that a spreadsheet would run as a formula (starting with ``=``,
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from ispf import files
 from ispf.v1 import internal_pb2
 from ispf_client.output import printable
 
@@ -42,6 +44,9 @@ MATCH_COLUMNS = (
     "peer_programme",
     "peer_status",
     "session_id",
+    # The own record's label (added after the original columns, which keep their order).
+    "own_programme",
+    "own_status",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -252,9 +257,8 @@ def neutralise(cell: str) -> str:
 
 
 def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[str]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with path.open("w", encoding="utf-8", newline="") as fh:
+    with files.private_writer(path, newline="") as fh:  # 0600 whatever the umask
         w = csv.writer(fh)
         w.writerow(list(header))
         for r in rows:
@@ -273,13 +277,14 @@ def write_problems(path: Path, problems: Iterable[RowProblem]) -> int:
 
 class ProblemWriter:
     """Rejected rows written to a CSV as they come (a load keeps only the first
-    in memory), in the columns of `write_problems`."""
+    in memory), in the columns of `write_problems`; 0600 like every file written
+    (`files.private_writer`: in place when closed)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.count = 0
-        self._fh = path.open("w", encoding="utf-8", newline="")
+        self._stack = contextlib.ExitStack()
+        self._fh = self._stack.enter_context(files.private_writer(path, newline=""))
         self._w = csv.writer(self._fh)
         self._w.writerow(("line", "record_id", "code", "reason"))
 
@@ -289,13 +294,13 @@ class ProblemWriter:
             self.count += 1
 
     def close(self) -> None:
-        self._fh.close()
+        self._stack.close()
 
     def __enter__(self) -> ProblemWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
 
 
 def matches_csv_text(province: str, matches: Iterable[internal_pb2.Match]) -> str:
@@ -313,6 +318,8 @@ def matches_csv_text(province: str, matches: Iterable[internal_pb2.Match]) -> st
                     m.peer_programme,
                     m.peer_status,
                     m.session_id,
+                    m.programme,
+                    m.status,
                 )
             ]
         )

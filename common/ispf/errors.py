@@ -16,7 +16,8 @@
     │   ├── UnknownEpoch
     │   ├── VersionMismatch
     │   └── ConfigError
-    │       └── KeyFileError
+    │       ├── KeyFileError
+    │       └── SealedFileError    (a sealed salt or backup for another node/epoch, or altered)
     ├── PermissionDenied           PERMISSION_DENIED
     │   └── PolicyRefused
     ├── Unauthenticated            UNAUTHENTICATED
@@ -114,6 +115,11 @@ class ConfigError(PreconditionFailed):
 
 class KeyFileError(ConfigError):
     pass
+
+
+class SealedFileError(ConfigError):
+    """A sealed file (salt, backup) that is not for this node, forum or epoch, or that
+    does not open: refused, with which of these it is."""
 
 
 class PermissionDenied(IspfError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -52,6 +52,17 @@ def caller_identity(context: grpc.ServicerContext) -> Identity:
     if ident is None:
         raise Unauthenticated("no forum client certificate with a role was presented")
     return ident
+
+
+def _caller_sha256(context: grpc.ServicerContext) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    pems: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
+    if not isinstance(pems, list) or not pems:
+        return ""
+    cert = x509.load_pem_x509_certificate(pems[0])
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def abort_with(context: grpc.ServicerContext, err: IspfError) -> NoReturn:
@@ -103,11 +114,19 @@ class Guard(_Interceptor):
     """Authorises every call by certificate role and revocation, and maps errors to status."""
 
     def __init__(
-        self, province: str, revoked: RevocationList, metrics: NodeMetrics | None = None
+        self,
+        province: str,
+        revoked: RevocationList,
+        metrics: NodeMetrics | None = None,
+        pinned: Mapping[str, str] | None = None,
     ) -> None:
         self.province = province
         self.revoked = revoked
         self.metrics = metrics
+        # Node certificates' SHA-256 by province, from the forum's signed roster: a
+        # peer must present the very certificate the roster names (not merely one the
+        # CA signed), so whoever holds the CA key cannot pose as a province.
+        self.pinned = pinned
 
     @contextmanager
     def _served(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -136,6 +155,13 @@ class Guard(_Interceptor):
             )
         if allowed is None or ident.role not in allowed:
             raise PermissionDenied(f"a certificate with role '{ident.role}' may not call {service}")
+        if ident.role == ROLE_NODE and self.pinned is not None:
+            pin = self.pinned.get(ident.province)
+            if pin is None or _caller_sha256(context) != pin:
+                raise Unauthenticated(
+                    f"node certificate {ident.serial:x} of {ident.province} is not the one "
+                    "the forum's roster names for it"
+                )
         if ident.role == ROLE_INTERNAL and ident.province != self.province:
             raise PermissionDenied(
                 f"internal API of node {self.province} refused to {ident.role} certificate "

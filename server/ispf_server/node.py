@@ -8,12 +8,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ispf import files, note
+from ispf import roster as roster_mod
 from ispf.errors import (
     ConfigError,
     IspfError,
@@ -73,12 +76,13 @@ class Node:
                 f"no salt for current epoch {config.current_epoch} in {config.salt_dir} "
                 f"(expected file epoch-{config.current_epoch}.salt)"
             )
-        self.store = Store(config.store)
+        check_node_files(config)
+        self.roster = (
+            roster_mod.load(config.roster, config.tls.ca) if config.roster is not None else None
+        )
+        self.store = Store(config.store, config.master_key)
         self.audit = AuditLog(
-            self.store,
-            load_log_signer(config.log_key),
-            config.province,
-            load_log_keys(config.log_keys_dir),
+            self.store, load_log_signer(config.log_key), config.province, self._log_keys()
         )
         self.policy = PolicyFile(config.policy_file, self._record_policy)
         self._own_pool = pool is None
@@ -86,7 +90,13 @@ class Node:
         self.pool = pool or BlindingPool(config.blinding_workers(), self.backend.name)
         self.metrics = NodeMetrics()
         self.board = ProgressBoard(on_finish=self._session_finished)
-        self.peer_addresses = {name: p.address for name, p in config.peers.items()}
+        roster_peers = {
+            name: e.address
+            for name, e in (self.roster.nodes.items() if self.roster is not None else ())
+            if name != self.province
+        }
+        # [peers] in the config, where given, override the roster's addresses.
+        self.peer_addresses = roster_peers | {n: p.address for n, p in config.peers.items()}
         self._channels: dict[str, tuple[int, grpc.Channel]] = {}
         self._pair_locks: dict[str, threading.Lock] = {}
         self._retired_channels: list[grpc.Channel] = []
@@ -146,6 +156,19 @@ class Node:
             "C" if curve.native is not None else "Python (native module not built)",
         )
 
+    def pinned_certs(self) -> dict[str, str] | None:
+        """Peers' node certificate fingerprints from the roster (None: no roster)."""
+        if self.roster is None:
+            return None
+        return {n: e.cert_sha256 for n, e in self.roster.nodes.items()}
+
+    def _log_keys(self) -> dict[str, note.Verifier]:
+        """Peers' checkpoint verifier keys: from the signed roster, else the keys folder."""
+        if self.roster is not None:
+            return self.roster.log_keys()
+        assert self.config.log_keys_dir is not None  # (load_config requires one of them)
+        return load_log_keys(self.config.log_keys_dir)
+
     def _session_finished(self, snap: Snapshot) -> None:
         self.metrics.sessions.labels(snap.role, snap.state.lower(), snap.sync or "none").inc()
         self.metrics.values.inc(snap.own_values + snap.peer_values)
@@ -159,7 +182,7 @@ class Node:
             problems.append(f"store: {type(exc).__name__}")
         if self.salts.get(self.config.current_epoch) is None:
             problems.append(f"salt of current epoch {self.config.current_epoch} missing")
-        for path in (self.config.tls.key, self.config.log_key):
+        for path in (self.config.tls.key, self.config.log_key, *_key_files(self.config)):
             try:
                 check_private_file(path)
             except IspfError as exc:
@@ -357,10 +380,23 @@ class Node:
         self.store.close()
 
 
+def _key_files(config: NodeConfig) -> list[Path]:
+    return [p for p in (config.master_key, config.seal_key) if p is not None and p.exists()]
+
+
+def check_node_files(config: NodeConfig) -> None:
+    """Refuse to start, naming the file and the chmod to run, when the store (or its
+    WAL/SHM) or a key file can be read by others."""
+    for path in (config.tls.key, config.log_key, *_key_files(config)):
+        check_private_file(path)
+    for suffix in ("", "-wal", "-shm"):
+        files.check_private(config.store.with_name(config.store.name + suffix), "store file")
+
+
 def retire_epoch(config: NodeConfig, epoch: int) -> None:
     """Destroy an epoch's salt on this node and log it (the node may be running)."""
     SaltRing(config.salt_dir).retire(epoch, current=config.current_epoch)
-    store = Store(config.store)
+    store = Store(config.store, config.master_key)
     try:
         erased = store.destroy_epoch(epoch)
         log.info("epoch %d: pair keys and tag state destroyed, %d match tags erased", epoch, erased)
@@ -384,7 +420,10 @@ def create_server(
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[*interceptors, Guard(node.province, node.revoked, node.metrics)],
+        interceptors=[
+            *interceptors,
+            Guard(node.province, node.revoked, node.metrics, pinned=node.pinned_certs()),
+        ],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -748,6 +748,7 @@ class Match(_message.Message):
     PEER_PROGRAMME_FIELD_NUMBER: _builtins.int
     PEER_STATUS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    PERSON_FIELD_NUMBER: _builtins.int
     record_id: _builtins.str
     programme: _builtins.str
     status: _builtins.str
@@ -755,6 +756,14 @@ class Match(_message.Message):
     peer_programme: _builtins.str
     peer_status: _builtins.str
     session_id: _builtins.str
+    person: _builtins.int
+    """The person the record belongs to, for counting people apart from rows: every
+    record of one identity number in the province's registry (as it is at export)
+    carries the same number within one GetMatches stream, 1 for the first person
+    seen, 2 for the next, and so on. It is not derived from the identity number and
+    means nothing outside the stream. A record deleted since the session counts as
+    a person of its own.
+    """
     def __init__(
         self,
         *,
@@ -765,10 +774,11 @@ class Match(_message.Message):
         peer_programme: _builtins.str = ...,
         peer_status: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        person: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "peer_programme", b"peer_programme", "peer_status", b"peer_status", "programme", b"programme", "record_id", b"record_id", "session_id", b"session_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "peer_programme", b"peer_programme", "peer_status", b"peer_status", "person", b"person", "programme", b"programme", "record_id", b"record_id", "session_id", b"session_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
