@@ -6,6 +6,7 @@
     ispf forum salt new --dir forum --epoch 2           (sealed to each node in the roster)
     ispf node salt import punjab.sealed --config node/node.toml
     ispf registry load registry.csv          (--profile forum/clients/punjab/profile.toml)
+    ispf registry sync registry.csv          (the file is the whole registry)
     ispf registry stats | delete ID...
     ispf reconcile --peer sindh | --all  [--count-only] [--out reports/]
     ispf sessions list
@@ -16,24 +17,31 @@
 
 The client profile comes from --profile, else $ISPF_PROFILE; the auditor's from
 --profile, else $ISPF_AUDIT_PROFILE (paths; keys are always read from the files
-they name, never from the command line).
+they name, never from the command line). Exit codes: each command's --help and
+docs/operators.md ("Exit codes"); --json output: one JSON object per line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from ispf import files, logs
 from ispf.errors import ConfigError, DeadlineExceeded, IspfError, PeerUnavailable
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
+from ispf_client import output
 from ispf_client.auditor import AuditFailure, AuditProfile
-from ispf_client.csvio import write_problems
+from ispf_client.csvio import ProblemWriter, RowProblem, write_problems
+from ispf_client.loader import BATCH, DEFAULT_MAX_DELETE_PERCENT, LoadReport
 from ispf_client.output import console, emit_json, printable
 from ispf_client.sdk import ClientProfile, NodeClient
 
@@ -220,35 +228,294 @@ def cmd_salt_new(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+DEFAULT_MAX_REJECTED = "1%"
+LOAD_EXIT_CODES = """exit codes:
+  0    every row was read and stored or rejected, and rejected rows are within --max-rejected
+  1    nothing loaded, rejected rows over --max-rejected, or the file refused (its header,
+       encoding, or a field over 4,096 characters: reading stops at that line)
+  2    usage: no profile, no such file, a bad option
+  4    stopped part-way (the node failed, timed out or went out of reach): the summary says
+       how many rows were stored; run the same command again to finish
+  130  interrupted: the summary says how many rows were stored"""
+SYNC_EXIT_CODES = """exit codes:
+  0    the registry is now exactly the file (or, with --dry-run, the counts are shown)
+  1    refused, nothing changed: deletions over the limit, rejected rows over
+       --max-rejected, or the file refused (header, encoding, a field too long)
+  2    usage: no profile, no such file, a bad option
+  4    the sync did not complete (the node failed or went out of reach): nothing changed"""
+SIMPLE_EXIT_CODES = """exit codes:
+  0    done
+  1    the node refused or failed (one line on stderr says why)
+  2    usage: no profile, a bad option"""
+RECEIPT_EXIT_CODES = """exit codes:
+  0    receipt written
+  1    no such session on the node ("no session ..."; whitespace around the id is
+       ignored), or no match of that record in it
+  2    usage: no profile, an id that is not printable"""
+EXIT_STOPPED = 4
+EXIT_INTERRUPTED = 130
+
+
+def _max_rejected(spec: str | None, strict: bool) -> Callable[[int], int]:
+    """--max-rejected: a count (``10``) or a percentage of the file's rows (``0.5%``)."""
+    text = (spec if spec is not None else ("0" if strict else DEFAULT_MAX_REJECTED)).strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return lambda rows: int(rows * pct / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"--max-rejected {printable(text, 40)}: expected a count (10) or a percentage "
+            "of the rows (0.5%)"
+        ) from None
+    return lambda rows: count
+
+
+def _print_problems(
+    args: argparse.Namespace, con: Console, rep: LoadReport, *, written: bool = False
+) -> None:
+    """The first --show-errors rejected rows; all (kept) of them to --errors unless
+    they were `written` there already as they came."""
+    for p in rep.problems[: args.show_errors]:
+        con.print(
+            f"  line {p.line}: {printable(p.reason, 300)} [{printable(p.code, 40)}]"
+            + (f" (record {printable(p.record_id, 64)})" if p.record_id else ""),
+            markup=False,
+        )
+    if rep.rejected > args.show_errors:
+        con.print(f"  ... and {rep.rejected - args.show_errors} more", markup=False)
+    if args.errors and rep.rejected:
+        if not written:
+            write_problems(Path(args.errors), rep.problems)
+        con.print(f"All rejected rows written to {args.errors}", markup=False)
+
+
+def _common_cause(rep: LoadReport) -> str:
+    """The reason most rejected rows share, when nothing could be loaded."""
+    codes: dict[str, RowProblem] = {}
+    counts: dict[str, int] = {}
+    for p in rep.problems:
+        codes.setdefault(p.code, p)
+        counts[p.code] = counts.get(p.code, 0) + 1
+    if not counts:
+        return ""
+    code = max(counts, key=lambda c: counts[c])
+    return f"; most rejected rows: {printable(codes[code].reason, 200)} [{code}]"
+
+
+def _problems_json(args: argparse.Namespace, rep: LoadReport) -> list[dict[str, object]]:
+    return [
+        {"line": p.line, "record_id": p.record_id, "code": p.code, "reason": p.reason}
+        for p in rep.problems[: args.show_errors]
+    ]
+
+
 def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.loader import load_csv
 
-    with NodeClient(_profile(args)) as client:
-        rep = load_csv(client, Path(args.file))
-    con.print(
-        f"{args.file}: {_n(rep.rows, 'row')}; {rep.accepted} loaded ({rep.inserted} new, "
-        f"{rep.updated} updated, {rep.unchanged} unchanged); {rep.rejected} rejected"
-    )
-    for p in rep.problems[: args.show_errors]:
-        con.print(
-            f"  line {p.line}: {p.reason} [{p.code}]"
-            + (f" (record {p.record_id})" if p.record_id else ""),
-            markup=False,
+    limit = _max_rejected(args.max_rejected, args.strict)
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"{args.file}: no such file")
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(NodeClient(_profile(args)))
+        errors = stack.enter_context(ProblemWriter(Path(args.errors))) if args.errors else None
+        stack.enter_context(_sigterm_interrupts())
+        rep = load_csv(client, path, sink=errors.write if errors is not None else None)
+    allowed = limit(rep.rows)
+    refused = rep.file_refused
+    stored = rep.accepted
+    if rep.interrupted:
+        rc = EXIT_INTERRUPTED
+    elif rep.stopped:
+        rc = EXIT_STOPPED
+    elif refused is not None or stored == 0 or rep.rejected > allowed:
+        rc = EXIT_FAILED
+    else:
+        rc = 0
+    verdict = ""
+    if refused is not None and refused.code != "file.stopped":
+        verdict = f"nothing loaded: {printable(refused.reason, 400)}"
+    elif stored == 0 and not rep.stopped:
+        verdict = "nothing loaded" + (_common_cause(rep) if rep.rows else ": the file has no rows")
+    elif refused is not None:
+        verdict = printable(refused.reason, 300)
+    elif rep.rejected > allowed:
+        verdict = (
+            f"{rep.rejected} rows rejected, more than --max-rejected allows ({allowed} of "
+            f"{rep.rows})" + _common_cause(rep)
         )
-    if len(rep.problems) > args.show_errors:
-        con.print(f"  ... and {_n(len(rep.problems) - args.show_errors, 'more row')}")
-    if args.errors and rep.problems:
-        write_problems(Path(args.errors), rep.problems)
-        con.print(f"All rejected rows written to {args.errors}")
-    return EXIT_FAILED if rep.problems and args.strict else 0
+    stop_line = ""
+    if rep.stopped:
+        stop_line = (
+            f"load stopped at line {rep.stopped_at}: {printable(rep.stopped, 300)}; "
+            f"{stored} rows of this file were stored before it (each batch of {BATCH} is "
+            "stored whole or not at all)"
+            + (
+                f"; the {rep.unconfirmed} rows sent just before it stopped may or may not "
+                "have been stored"
+                if rep.unconfirmed
+                else ""
+            )
+            + ". Run the same load again to finish: rows already stored come back unchanged"
+        )
+    if args.json:
+        emit_json(
+            {
+                "command": "registry load",
+                "file": args.file,
+                "rows": rep.rows,
+                "loaded": stored,
+                "new": rep.inserted,
+                "updated": rep.updated,
+                "unchanged": rep.unchanged,
+                "rejected": rep.rejected,
+                "max_rejected": allowed,
+                "complete": not rep.stopped,
+                "stopped_at_line": rep.stopped_at or None,
+                "stopped": rep.stopped or None,
+                "unconfirmed": rep.unconfirmed,
+                "error": verdict or None,
+                "problems": _problems_json(args, rep),
+                "exit": rc,
+            }
+        )
+        return rc
+    con.print(
+        f"{args.file}: {rep.rows} rows; {stored} loaded ({rep.inserted} new, "
+        f"{rep.updated} updated, {rep.unchanged} unchanged); {rep.rejected} rejected",
+        markup=False,
+    )
+    _print_problems(args, con, rep, written=True)
+    err = output.console(stderr=True)
+    if stop_line:
+        err.print(f"ispf: {stop_line}", markup=False)
+    if verdict and rc:
+        err.print(f"ispf: {verdict}", markup=False)
+    return rc
+
+
+def cmd_registry_sync(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.loader import sync_csv
+
+    limit = _max_rejected(args.max_rejected, args.strict)
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"{args.file}: no such file")
+    if args.allow_deletes < 0 or not 0 <= args.max_delete_percent <= 100:
+        raise ConfigError("--allow-deletes must be >= 0 and --max-delete-percent 0 to 100")
+    with NodeClient(_profile(args)) as client:
+        rep = sync_csv(
+            client,
+            path,
+            max_rejected=limit,
+            allow_deletes=args.allow_deletes,
+            max_delete_percent=args.max_delete_percent,
+            dry_run=args.dry_run,
+        )
+    refused = rep.file_refused
+    if rep.stopped and refused is None:
+        rc = EXIT_STOPPED
+    elif refused is not None or rep.refused:
+        rc = EXIT_FAILED
+    else:
+        rc = 0
+    why = ""
+    if refused is not None:
+        why = f"nothing changed: {printable(refused.reason, 400)}"
+    elif rep.stopped:
+        why = f"the sync did not complete: {printable(rep.stopped, 300)}; nothing changed"
+    elif rep.refused:
+        why = printable(rep.refused, 400)
+    if args.json:
+        emit_json(
+            {
+                "command": "registry sync",
+                "file": args.file,
+                "rows": rep.rows,
+                "applied": rep.applied,
+                "dry_run": args.dry_run,
+                "records_before": rep.records_before,
+                "new": rep.inserted,
+                "updated": rep.updated,
+                "unchanged": rep.unchanged,
+                "deleted": rep.deleted,
+                "kept": rep.kept,
+                "rejected": rep.rejected,
+                "error": why or None,
+                "problems": _problems_json(args, rep),
+                "exit": rc,
+            }
+        )
+        if args.errors and rep.problems:
+            write_problems(Path(args.errors), rep.problems)
+        return rc
+    what = "would change" if args.dry_run else ("synced" if rep.applied else "not synced")
+    con.print(
+        f"{args.file}: {rep.rows} rows; {what}: {rep.inserted} new, {rep.updated} updated, "
+        f"{rep.unchanged} unchanged, {rep.deleted} deleted, {rep.rejected} rejected"
+        + (f" ({rep.kept} stored records of rejected rows kept)" if rep.kept else ""),
+        markup=False,
+    )
+    _print_problems(args, con, rep)
+    if why:
+        output.console(stderr=True).print(f"ispf: {why}", markup=False)
+    return rc
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a cron timeout, systemd stop) ends a load like Ctrl-C: with its count."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cmd_registry_stats(args: argparse.Namespace, con: Console) -> int:
     with NodeClient(_profile(args)) as client:
         st = client.stats()
-    con.print(f"{st.province}: {_n(st.records, 'record')}, {_n(st.distinct_ids, 'distinct ID')}")
+    if args.json:
+        emit_json(
+            {
+                "command": "registry stats",
+                "province": st.province,
+                "records": st.records,
+                "distinct_ids": st.distinct_ids,
+                "labels": [
+                    {
+                        "programme": lc.label.programme,
+                        "status": lc.label.status,
+                        "records": lc.records,
+                    }
+                    for lc in st.labels
+                ],
+            }
+        )
+        return 0
+    con.print(
+        f"{st.province}: {_n(st.records, 'record')}, {_n(st.distinct_ids, 'distinct ID')}",
+        markup=False,
+    )
     for lc in st.labels:
-        con.print(f"  {lc.label.programme}/{lc.label.status}: {lc.records}")
+        con.print(
+            f"  {printable(lc.label.programme)}/{printable(lc.label.status)}: {lc.records}",
+            markup=False,
+        )
     return 0
 
 
@@ -280,11 +547,19 @@ def _own_node_answers(client: NodeClient) -> list[str]:
         raise _own_node_down(client, exc) from None
 
 
+RECONCILE_EXIT_CODES = """exit codes:
+  0    every peer asked completed (the report covers this run's sessions)
+  1    a peer failed or is unknown (FAILED lines say why); no report line is printed
+       unless a session of this run completed
+  2    usage: no profile, a bad option"""
+
+
 def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.progress import watch_with_progress
     from ispf_client.report import write_report
 
     failed: list[str] = []
+    done: list[str] = []
     with NodeClient(_profile(args)) as client:
         known = _own_node_answers(client)  # at once, not after minutes of silent retries
         peers = known if args.all else [args.peer]
@@ -295,11 +570,27 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
             title = f"{me} ⇄ {peer}"
 
             def follow(sid: str, t: str = title) -> internal_pb2.SessionStatus:
+                if args.json:
+                    return client.wait(sid)
                 return watch_with_progress(client, sid, t, con)
 
             def retry(st: internal_pb2.SessionStatus, delay: float, p: str = peer) -> None:
-                con.print(f"  {p}: {st.error}; retrying in {delay:.0f} s", markup=False)
+                if args.json:
+                    emit_json(
+                        {
+                            "command": "reconcile",
+                            "peer": p,
+                            "retrying_in_s": round(delay),
+                            "error": st.error,
+                        }
+                    )
+                    return
+                con.print(
+                    f"  {p}: {printable(st.error, 300)}; retrying in {delay:.0f} s", markup=False
+                )
 
+            final: internal_pb2.SessionStatus | None = None
+            error = ""
             try:
                 final = client.reconcile(
                     peer,
@@ -313,20 +604,62 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
                     full=args.full,
                 )
             except IspfError as exc:
-                failed.append(f"{peer}: {exc.message}")
-                continue
-            if final.state != internal_pb2.SESSION_STATE_COMPLETED:
-                failed.append(f"{peer}: {final.error}")
-            elif args.count_only:
+                error = exc.message
+            else:
+                if final.state != internal_pb2.SESSION_STATE_COMPLETED:
+                    error = final.error or "the session did not complete"
+            if error:
+                failed.append(f"{printable(peer, 64)}: {printable(error, 300)}")
+            else:
+                done.append(peer)
+            if args.json:
+                emit_json(
+                    {
+                        "command": "reconcile",
+                        "peer": peer,
+                        "completed": not error,
+                        "session_id": final.session_id if final is not None else None,
+                        "match_count": final.match_count
+                        if final is not None and not error
+                        else None,
+                        "error": error or None,
+                    }
+                )
+            elif not error and args.count_only and final is not None:
                 con.print(f"  {peer}: {_n(final.match_count, 'identity number')} in common")
-        if not args.count_only:
+        rep = None
+        if not args.count_only and done:
             rep = write_report(client, Path(args.out))
-            con.print(
-                f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}"
-            )
+    rc = EXIT_FAILED if failed else 0
+    if args.json:
+        emit_json(
+            {
+                "command": "reconcile",
+                "completed": done,
+                "failed": len(failed),
+                "report": str(rep.matches_csv) if rep is not None else None,
+                "rows": rep.rows if rep is not None else None,
+                "summary": str(rep.summary_json) if rep is not None else None,
+                "exit": rc,
+            }
+        )
+        return rc
+    if rep is not None:
+        note = (
+            f"; {_n(len(failed), 'peer')} failed this run: rows with them, if any, are from "
+            "earlier sessions"
+            if failed
+            else ""
+        )
+        con.print(
+            f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}{note}), summary {rep.summary_json}",
+            markup=False,
+        )
+    elif failed and not args.count_only:
+        con.print("No report written: no session of this run completed", markup=False)
     for f in failed:
-        con.print(f"[red]FAILED[/] {f}")
-    return EXIT_FAILED if failed else 0
+        con.print(f"[red]FAILED[/] {escape(f)}")
+    return rc
 
 
 def _answer_text(a: internal_pb2.ProvinceAnswer) -> str:
@@ -431,21 +764,59 @@ def cmd_sessions(args: argparse.Namespace, con: Console) -> int:
     with NodeClient(_profile(args)) as client:
         for s in client.sessions():
             state = internal_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_")
+            if args.json:
+                emit_json(
+                    {
+                        "session_id": s.session_id,
+                        "role": s.role,
+                        "peer": s.peer,
+                        "state": state.lower(),
+                        "match_count": s.match_count,
+                        "started_at": s.started_at,
+                        "error": s.error or None,
+                    }
+                )
+                continue
             con.print(
                 f"{s.session_id}  {s.role:9} {s.peer:12} {state.lower():9} "
                 f"{_n(s.match_count, 'match', 'matches')}  {s.started_at}"
-                + (f"  {s.error}" if s.error else ""),
+                + (f"  {printable(s.error, 300)}" if s.error else ""),
                 markup=False,
             )
     return 0
 
 
+def _session_id(text: str) -> str:
+    """A session id as typed or pasted: surrounding whitespace (a CSV's \\r) goes;
+    anything else that is not printable is refused, never sent or echoed."""
+    sid = text.strip()
+    if not sid or not sid.isprintable() or len(sid) > 128:
+        raise ConfigError(f"unknown session {printable(sid, 64)!r}: not a session id")
+    return sid
+
+
 def cmd_export(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.report import write_report
 
+    sid = _session_id(args.session) if args.session else ""
     with NodeClient(_profile(args)) as client:
-        rep = write_report(client, Path(args.out), args.session or "")
-    con.print(f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}")
+        rep = write_report(client, Path(args.out), sid)
+    if args.json:
+        emit_json(
+            {
+                "command": "results export",
+                "session_id": sid or None,
+                "matches_csv": str(rep.matches_csv),
+                "rows": rep.rows,
+                "summary": str(rep.summary_json),
+                "html": str(rep.html) if rep.html else None,
+            }
+        )
+        return 0
+    con.print(
+        f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}",
+        markup=False,
+    )
     return 0
 
 
@@ -454,8 +825,10 @@ def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
 
     from google.protobuf.json_format import MessageToDict
 
+    sid = _session_id(args.session)
     with NodeClient(_profile(args)) as client:
-        receipt = client.receipt(args.session, args.record)
+        client.session(sid)  # UnknownSession ("no session ...") before "no match"
+        receipt = client.receipt(sid, args.record)
     bundle = MessageToDict(
         receipt, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -465,7 +838,7 @@ def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
     out = Path(args.out)
     files.write_private_text(out, json.dumps(bundle, indent=1) + "\n")
     con.print(
-        f"Receipt for record {args.record} in session {args.session} written to {out}; "
+        f"Receipt for record {printable(args.record, 64)} in session {sid} written to {out}; "
         "check it with: ispf audit verify-proof " + str(out),
         markup=False,
     )
@@ -733,19 +1106,88 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = sub.add_parser("registry", help="the province's own registry")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
-    p = with_profile(rsub.add_parser("load", help="load or update records from a CSV file"))
-    p.add_argument("file", help="CSV with record_id,cnic,programme,status")
-    p.add_argument("--errors", help="write every rejected row (line, reason) to this CSV")
-    p.add_argument("--show-errors", type=int, default=20, help="rejected rows to print")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any row was rejected")
+
+    def file_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "file", help="CSV (UTF-8, comma-separated) with record_id,cnic,programme,status"
+        )
+        p.add_argument("--errors", help="write every rejected row (line, reason) to this CSV")
+        p.add_argument("--show-errors", type=int, default=20, help="rejected rows to print")
+        p.add_argument(
+            "--max-rejected",
+            help="most rejected rows for exit 0: a count (10) or a share of the rows (0.5%%); "
+            f"default {DEFAULT_MAX_REJECTED.replace('%', '%%')}, 0 with --strict",
+        )
+        p.add_argument("--strict", action="store_true", help="--max-rejected 0 by default")
+        p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    p = with_profile(
+        rsub.add_parser(
+            "load",
+            help="load or update records from a CSV file",
+            description="Insert or update records by record id, in batches of "
+            f"{BATCH} (each stored whole). Rows absent from the file are left alone "
+            "(see sync).",
+            epilog=LOAD_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    file_options(p)
     p.set_defaults(func=cmd_registry_load)
-    p = with_profile(rsub.add_parser("stats", help="record counts per programme and status"))
+    p = with_profile(
+        rsub.add_parser(
+            "sync",
+            help="make the registry exactly a CSV file (absent records are deleted)",
+            description="The file is the whole registry: new rows are inserted, changed "
+            "ones updated, and stored records absent from it deleted, all in one change on "
+            "the node, or nothing at all. A stored record whose row is rejected is kept. "
+            "Deleting more than --max-delete-percent of the registry needs --allow-deletes.",
+            epilog=SYNC_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    file_options(p)
+    p.add_argument(
+        "--allow-deletes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="allow up to N deletions whatever their share of the registry",
+    )
+    p.add_argument(
+        "--max-delete-percent",
+        type=float,
+        default=DEFAULT_MAX_DELETE_PERCENT,
+        help=f"share of the registry deleted without --allow-deletes (default "
+        f"{DEFAULT_MAX_DELETE_PERCENT:g})",
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would change; change nothing")
+    p.set_defaults(func=cmd_registry_sync)
+    p = with_profile(
+        rsub.add_parser(
+            "stats",
+            help="record counts per programme and status",
+            epilog=SIMPLE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_registry_stats)
     p = with_profile(rsub.add_parser("delete", help="delete records by record id"))
     p.add_argument("record_ids", nargs="+")
     p.set_defaults(func=cmd_registry_delete)
 
-    p = with_profile(sub.add_parser("reconcile", help="reconcile with one peer or all peers"))
+    p = with_profile(
+        sub.add_parser(
+            "reconcile",
+            help="reconcile with one peer or all peers",
+            epilog=RECONCILE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per peer, then one for the report"
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--peer", help="peer province")
     g.add_argument("--all", action="store_true", help="every configured peer, one after another")
@@ -822,16 +1264,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sessions", help="sessions of this node")
     ssub2 = p.add_subparsers(dest="sessions_command", required=True)
-    p = with_profile(ssub2.add_parser("list", help="list sessions"))
+    p = with_profile(
+        ssub2.add_parser(
+            "list",
+            help="list sessions",
+            epilog=SIMPLE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per session")
     p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("results", help="reconciliation results")
     res = p.add_subparsers(dest="results_command", required=True)
-    p = with_profile(res.add_parser("export", help="write the matches CSV and summary"))
+    p = with_profile(
+        res.add_parser(
+            "export",
+            help="write the matches CSV and summary",
+            epilog=SIMPLE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--session", help="one session id (default: latest with each peer)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--out", default="reports")
     p.set_defaults(func=cmd_export)
-    p = with_profile(res.add_parser("receipt", help="match receipt of one record, for a grievance"))
+    p = with_profile(
+        res.add_parser(
+            "receipt",
+            help="match receipt of one record, for a grievance",
+            epilog=RECEIPT_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--session", required=True)
     p.add_argument("--record", required=True, help="the record id")
     p.add_argument("--out", required=True, help="receipt file (JSON)")
@@ -899,15 +1364,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("INFO" if args.verbose else "WARNING")
-    con = Console()
+    con = output.console()
     try:
         rc: int = args.func(args, con)
         return rc
     except IspfError as exc:
-        Console(stderr=True).print(f"ispf: {exc.message}", markup=False)
+        output.console(stderr=True).print(f"ispf: {printable(exc.message, 500)}", markup=False)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
     except FileNotFoundError as exc:
-        Console(stderr=True).print(f"ispf: {exc}", markup=False)
+        output.console(stderr=True).print(f"ispf: {exc}", markup=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -273,6 +273,8 @@ def _load_all(
         )
         if rep.rejected:
             write_problems(out / f"{p}-load-errors.csv", rep.problems)
+        if rep.stopped:  # load_csv reports a node failure part-way instead of raising
+            result.failures.append(f"{p}: load stopped at line {rep.stopped_at}: {rep.stopped}")
 
 
 def _reconcile_all(

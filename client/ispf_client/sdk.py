@@ -152,6 +152,13 @@ class NodeClient:
         )
 
     @translated
+    def sync(
+        self, requests: Iterable[internal_pb2.SyncRecordsRequest], *, timeout: float | None = None
+    ) -> internal_pb2.SyncRecordsResponse:
+        """Stream a whole registry (`SyncRecords`); the last request carries commit."""
+        return self._registry.SyncRecords(iter(requests), timeout=timeout or 24 * 3600.0)
+
+    @translated
     def delete(self, record_ids: Iterable[str]) -> internal_pb2.DeleteRecordsResponse:
         return self._registry.DeleteRecords(
             internal_pb2.DeleteRecordsRequest(record_ids=list(record_ids)), timeout=self.timeout

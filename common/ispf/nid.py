@@ -2,8 +2,13 @@
 
 All three share NADRA's 13-digit number. Accepted spellings are 13 ASCII digits
 (``3520212345671``) or the printed form with dashes after the 5th and 12th digit
-(``35202-1234567-1``); surrounding whitespace is ignored. Anything else is
-rejected with a reason that names what is wrong but never echoes the number.
+(``35202-1234567-1``); surrounding whitespace is ignored. Eastern Arabic
+(U+0660-U+0669) and Urdu / Extended Arabic-Indic (U+06F0-U+06F9) digits are
+read as the ASCII digits they stand for, so ``٣٥٢٠٢١٢٣٤٥٦٧١`` and
+``۳۵۲۰۲۱۲۳۴۵۶۷۱`` are the same number as ``3520212345671``. Anything else is
+rejected with a reason that names what is wrong but never echoes the number; a
+number a spreadsheet turned into its number format (``3.52021E+12``, whose last
+digits are lost) is named as such.
 
 The first digit is the province of issue; the set of allowed digits is
 configurable because AJK's prefix is not verified. There is no published
@@ -12,6 +17,7 @@ checksum, so none is checked.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import overload
@@ -22,6 +28,12 @@ from ispf.errors import InvalidNationalId
 DEFAULT_PROVINCE_DIGITS: frozenset[str] = frozenset("1234567")
 
 _DIGITS = frozenset("0123456789")
+# Eastern Arabic (U+0660-0669) and Urdu / Extended Arabic-Indic (U+06F0-06F9) digits.
+_TO_ASCII = {
+    **{0x0660 + d: str(d) for d in range(10)},
+    **{0x06F0 + d: str(d) for d in range(10)},
+}
+_SCIENTIFIC = re.compile(r"[0-9]+(?:[.,][0-9]*)?[eE][+]?[0-9]+")
 _DASHED_LEN = 15
 
 
@@ -56,9 +68,15 @@ def canonicalise(
     raw: str, *, province_digits: Iterable[str] = DEFAULT_PROVINCE_DIGITS
 ) -> NationalId:
     """Validate `raw` and return its canonical form, or raise `InvalidNationalId`."""
-    text = raw.strip()
+    text = raw.strip().translate(_TO_ASCII)
     if not text:
         raise InvalidNationalId("nid.empty", "identity number is empty")
+    if _SCIENTIFIC.fullmatch(text):
+        raise InvalidNationalId(
+            "nid.number_format",
+            "identity number is in a spreadsheet's number format (like 3.52021E+12), which "
+            "has lost its last digits: format the column as text and export the file again",
+        )
     for i, ch in enumerate(text, start=1):
         if ch not in _DIGITS and ch != "-":
             if not ch.isascii():

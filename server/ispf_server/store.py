@@ -211,6 +211,7 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._pruning = threading.Lock()  # one pruning of registry changes at a time
+        self._syncing = threading.Lock()  # one registry sync at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -368,6 +369,17 @@ class Store:
                 _rollback(cur)
                 raise
         return deleted, missing
+
+    def registry_sync(self) -> RegistrySync:
+        """Stage a whole registry, then make the store exactly it in one transaction
+        (`RegistrySync`). One at a time: a second raises `RetryLater`."""
+        if not self._syncing.acquire(blocking=False):
+            raise RetryLater("another registry sync is running on this node; try again after it")
+        try:
+            return RegistrySync(self)
+        except BaseException:
+            self._syncing.release()
+            raise
 
     def records(self, programmes: frozenset[str] = frozenset()) -> list[StoredRecord]:
         """Records taking part in a session, ordered by ID (empty filter: all)."""
@@ -1119,3 +1131,128 @@ class StagedRun:
         finally:
             data.release()
         del self._buf[:size]
+
+
+@dataclass(frozen=True)
+class SyncCounts:
+    before: int
+    inserted: int
+    updated: int
+    unchanged: int
+    deleted: int
+    kept: int
+
+
+class RegistrySync:
+    """A registry sync: rows staged in tables of the store itself (never in
+    memory whole, never in a file outside the store, never read by sessions),
+    then one transaction that inserts, updates and deletes, or nothing at all.
+    Staging tables are emptied at the start and end of every sync, so one left
+    by a node that died mid-sync is never applied.
+
+    `stage(..., kept)`: record ids of rows of the file that were rejected; their
+    stored records (if any) are left as they are, not deleted."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store._write_tx(self._reset, staging=True)
+
+    @staticmethod
+    def _reset(cur: sqlite3.Cursor) -> None:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS sync_rows (record_id TEXT PRIMARY KEY, "
+            "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL)"
+        )
+        cur.execute("CREATE TABLE IF NOT EXISTS sync_keep (record_id TEXT PRIMARY KEY)")
+        cur.execute("DELETE FROM sync_rows")
+        cur.execute("DELETE FROM sync_keep")
+
+    def stage(self, records: Iterable[StoredRecord], kept: Iterable[str] = ()) -> None:
+        rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
+        keep = [(k,) for k in kept]
+
+        def step(cur: sqlite3.Cursor) -> None:
+            # A record id repeated in the file: the last row wins, as in a load.
+            cur.executemany("INSERT OR REPLACE INTO sync_rows VALUES (?,?,?,?)", rows)
+            cur.executemany("INSERT OR IGNORE INTO sync_keep VALUES (?)", keep)
+
+        self.store._write_tx(step, staging=True)
+
+    @storage_errors
+    def apply(self, decide: Callable[[SyncCounts], bool]) -> tuple[SyncCounts, bool]:
+        """Count what the sync changes, ask `decide`, and apply it all if it says so.
+
+        Counting and applying share one write transaction, so nothing can change
+        between them."""
+        store = self.store
+        gone = (
+            "FROM records WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
+            "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
+        )
+        differs = (
+            "FROM sync_rows s JOIN records r ON r.record_id = s.record_id "
+            "WHERE (r.nid, r.programme, r.status) IS NOT (s.nid, s.programme, s.status)"
+        )
+        new = "FROM sync_rows s WHERE s.record_id NOT IN (SELECT record_id FROM records)"
+        with store._lock:
+            cur = store._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+
+                def one(q: str) -> int:
+                    return int(cur.execute(q).fetchone()[0])
+
+                staged = one("SELECT count(*) FROM sync_rows")
+                ins = one(f"SELECT count(*) {new}")
+                upd = one(f"SELECT count(*) {differs}")
+                counts = SyncCounts(
+                    before=one("SELECT count(*) FROM records"),
+                    inserted=ins,
+                    updated=upd,
+                    unchanged=staged - ins - upd,
+                    deleted=one(f"SELECT count(*) {gone}"),
+                    kept=one(
+                        "SELECT count(*) FROM records WHERE record_id IN "
+                        "(SELECT record_id FROM sync_keep) AND record_id NOT IN "
+                        "(SELECT record_id FROM sync_rows)"
+                    ),
+                )
+                if not decide(counts):
+                    cur.execute("ROLLBACK")
+                    return counts, False
+                changed = {str(r[0]) for r in cur.execute(f"SELECT nid {gone}")}
+                for old, nid in cur.execute(f"SELECT r.nid, s.nid {differs}").fetchall():
+                    changed.update((str(old), str(nid)))
+                changed.update(str(r[0]) for r in cur.execute(f"SELECT s.nid {new}"))
+                cur.execute(f"DELETE {gone}")
+                now = utcnow()
+                cur.execute(
+                    "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
+                    "updated_at = ? FROM sync_rows s WHERE records.record_id = s.record_id "
+                    "AND (records.nid, records.programme, records.status) IS NOT "
+                    "(s.nid, s.programme, s.status)",
+                    (now,),
+                )
+                cur.execute(
+                    "INSERT INTO records SELECT s.record_id, s.nid, s.programme, s.status, ? "
+                    + new,
+                    (now,),
+                )
+                store._log_changes(cur, changed)
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        return counts, True
+
+    def close(self) -> None:
+        try:
+            self.store._write_tx(self._reset, staging=True)
+        finally:
+            self.store._syncing.release()
+
+    def __enter__(self) -> RegistrySync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -54,6 +54,7 @@ SCALARS: dict[int, st.SearchStrategy[Any]] = {
     FieldDescriptor.TYPE_UINT64: st.one_of(st.integers(0, 5), st.integers(0, 2**64 - 1)),
     FieldDescriptor.TYPE_UINT32: st.integers(0, 2**32 - 1),
     FieldDescriptor.TYPE_ENUM: st.integers(0, 5),
+    FieldDescriptor.TYPE_DOUBLE: st.one_of(st.floats(), st.sampled_from([0.0, 10.0, 100.0])),
 }
 
 

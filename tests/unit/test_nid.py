@@ -10,7 +10,17 @@ from ispf.errors import InvalidNationalId
 from ispf.nid import canonicalise
 
 
-@pytest.mark.parametrize("raw", ["3520212345671", "35202-1234567-1", "  3520212345671\t"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "3520212345671",
+        "35202-1234567-1",
+        "  3520212345671\t",
+        "٣٥٢٠٢١٢٣٤٥٦٧١",  # Eastern Arabic digits
+        "۳۵۲۰۲-۱۲۳۴۵۶۷-۱",  # Urdu (Extended Arabic-Indic) digits, printed form
+        "٣520212345671",  # one Eastern Arabic digit among ASCII ones
+    ],
+)
 def test_accepted_spellings_share_one_canonical_form(raw: str) -> None:
     assert canonicalise(raw).digits == "3520212345671"
 
@@ -28,7 +38,10 @@ def test_accepted_spellings_share_one_canonical_form(raw: str) -> None:
         ("3520212345671-", "nid.dash_position"),
         ("35202 1234567 1", "nid.non_digit"),
         ("3520A12345671", "nid.non_digit"),
-        ("٣520212345671", "nid.non_ascii"),
+        ("३520212345671", "nid.non_ascii"),  # Devanagari digits are not read as ASCII
+        ("3.52021E+12", "nid.number_format"),
+        ("3,52021E+12", "nid.number_format"),
+        ("3520212345671e0", "nid.number_format"),
         ("３520212345671", "nid.non_ascii"),
         ("9520212345671", "nid.province"),
         ("0520212345671", "nid.province"),

@@ -353,6 +353,118 @@ class DeleteRecordsResponse(_message.Message):
 Global___DeleteRecordsResponse: _TypeAlias = DeleteRecordsResponse  # noqa: Y015
 
 @_typing.final
+class SyncRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    KEEP_RECORD_IDS_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    CLIENT_REJECTED_FIELD_NUMBER: _builtins.int
+    MAX_REJECTED_FIELD_NUMBER: _builtins.int
+    ALLOW_DELETES_FIELD_NUMBER: _builtins.int
+    MAX_DELETE_PERCENT_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    commit: _builtins.bool
+    """The fields below are read on the last message only.
+    The stream is complete: apply it (unless refused or dry_run).
+    """
+    client_rejected: _builtins.int
+    """Rows the client rejected itself (unreadable in its file), counted
+    against max_rejected with the node's own rejections.
+    """
+    max_rejected: _builtins.int
+    """The most rejected rows (client's and node's) for which the sync applies."""
+    allow_deletes: _builtins.int
+    """Deletions allowed whatever their share of the registry."""
+    max_delete_percent: _builtins.float
+    """The share of the registry, in percent, that may be deleted without
+    allow_deletes (0 means none may).
+    """
+    dry_run: _builtins.bool
+    """Count what would change; change nothing."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___Record]:
+        """The next batch of the whole registry (at most 50,000 per message)."""
+
+    @_builtins.property
+    def keep_record_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Record ids of rows the client rejected (unreadable): their stored records
+        are kept as they are, not deleted.
+        """
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___Record] | None = ...,
+        keep_record_ids: _abc.Iterable[_builtins.str] | None = ...,
+        commit: _builtins.bool = ...,
+        client_rejected: _builtins.int = ...,
+        max_rejected: _builtins.int = ...,
+        allow_deletes: _builtins.int = ...,
+        max_delete_percent: _builtins.float = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_deletes", b"allow_deletes", "client_rejected", b"client_rejected", "commit", b"commit", "dry_run", b"dry_run", "keep_record_ids", b"keep_record_ids", "max_delete_percent", b"max_delete_percent", "max_rejected", b"max_rejected", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncRecordsRequest: _TypeAlias = SyncRecordsRequest  # noqa: Y015
+
+@_typing.final
+class SyncRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    RECORDS_BEFORE_FIELD_NUMBER: _builtins.int
+    INSERTED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    applied: _builtins.bool
+    """True when the change was applied (false: refused, or a dry run)."""
+    refused: _builtins.str
+    """Why it was not applied (empty when applied or a dry run)."""
+    records_before: _builtins.int
+    inserted: _builtins.int
+    updated: _builtins.int
+    unchanged: _builtins.int
+    deleted: _builtins.int
+    kept: _builtins.int
+    """Stored records whose row was rejected: kept as they were, not deleted."""
+    rejected: _builtins.int
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowError]:
+        """The node's rejected rows: the first 10,000 in full, all of them counted."""
+
+    def __init__(
+        self,
+        *,
+        applied: _builtins.bool = ...,
+        refused: _builtins.str = ...,
+        records_before: _builtins.int = ...,
+        inserted: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        deleted: _builtins.int = ...,
+        kept: _builtins.int = ...,
+        errors: _abc.Iterable[Global___RowError] | None = ...,
+        rejected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "deleted", b"deleted", "errors", b"errors", "inserted", b"inserted", "kept", b"kept", "records_before", b"records_before", "refused", b"refused", "rejected", b"rejected", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncRecordsResponse: _TypeAlias = SyncRecordsResponse  # noqa: Y015
+
+@_typing.final
 class GetRegistryStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

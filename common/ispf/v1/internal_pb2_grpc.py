@@ -44,6 +44,11 @@ class RegistryServiceStub:
                 request_serializer=ispf_dot_v1_dot_internal__pb2.DeleteRecordsRequest.SerializeToString,
                 response_deserializer=ispf_dot_v1_dot_internal__pb2.DeleteRecordsResponse.FromString,
                 _registered_method=True)
+        self.SyncRecords = channel.stream_unary(
+                '/ispf.v1.RegistryService/SyncRecords',
+                request_serializer=ispf_dot_v1_dot_internal__pb2.SyncRecordsRequest.SerializeToString,
+                response_deserializer=ispf_dot_v1_dot_internal__pb2.SyncRecordsResponse.FromString,
+                _registered_method=True)
         self.GetRegistryStats = channel.unary_unary(
                 '/ispf.v1.RegistryService/GetRegistryStats',
                 request_serializer=ispf_dot_v1_dot_internal__pb2.GetRegistryStatsRequest.SerializeToString,
@@ -68,6 +73,17 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncRecords(self, request_iterator, context):
+        """Make the registry exactly the records streamed (a nightly full export):
+        records absent from the stream are deleted. Nothing changes until the
+        last message (commit = true) arrives; then every insert, update and
+        delete is applied in ONE store transaction, or none is (a refusal, a
+        dry run, a stream that breaks off). One sync at a time per node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetRegistryStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -86,6 +102,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DeleteRecords,
                     request_deserializer=ispf_dot_v1_dot_internal__pb2.DeleteRecordsRequest.FromString,
                     response_serializer=ispf_dot_v1_dot_internal__pb2.DeleteRecordsResponse.SerializeToString,
+            ),
+            'SyncRecords': grpc.stream_unary_rpc_method_handler(
+                    servicer.SyncRecords,
+                    request_deserializer=ispf_dot_v1_dot_internal__pb2.SyncRecordsRequest.FromString,
+                    response_serializer=ispf_dot_v1_dot_internal__pb2.SyncRecordsResponse.SerializeToString,
             ),
             'GetRegistryStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRegistryStats,
@@ -147,6 +168,33 @@ class RegistryService:
             '/ispf.v1.RegistryService/DeleteRecords',
             ispf_dot_v1_dot_internal__pb2.DeleteRecordsRequest.SerializeToString,
             ispf_dot_v1_dot_internal__pb2.DeleteRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncRecords(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ispf.v1.RegistryService/SyncRecords',
+            ispf_dot_v1_dot_internal__pb2.SyncRecordsRequest.SerializeToString,
+            ispf_dot_v1_dot_internal__pb2.SyncRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,13 @@ class RegistryServiceStub:
     position; good rows are stored. Each request is applied atomically.
     """
     DeleteRecords: _grpc.UnaryUnaryMultiCallable[_internal_pb2.DeleteRecordsRequest, _internal_pb2.DeleteRecordsResponse]
+    SyncRecords: _grpc.StreamUnaryMultiCallable[_internal_pb2.SyncRecordsRequest, _internal_pb2.SyncRecordsResponse]
+    """Make the registry exactly the records streamed (a nightly full export):
+    records absent from the stream are deleted. Nothing changes until the
+    last message (commit = true) arrives; then every insert, update and
+    delete is applied in ONE store transaction, or none is (a refusal, a
+    dry run, a stream that breaks off). One sync at a time per node.
+    """
     GetRegistryStats: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetRegistryStatsRequest, _internal_pb2.RegistryStats]
 
 @_typing.type_check_only
@@ -49,6 +56,13 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     position; good rows are stored. Each request is applied atomically.
     """
     DeleteRecords: _aio.UnaryUnaryMultiCallable[_internal_pb2.DeleteRecordsRequest, _internal_pb2.DeleteRecordsResponse]  # type: ignore[assignment]
+    SyncRecords: _aio.StreamUnaryMultiCallable[_internal_pb2.SyncRecordsRequest, _internal_pb2.SyncRecordsResponse]  # type: ignore[assignment]
+    """Make the registry exactly the records streamed (a nightly full export):
+    records absent from the stream are deleted. Nothing changes until the
+    last message (commit = true) arrives; then every insert, update and
+    delete is applied in ONE store transaction, or none is (a refusal, a
+    dry run, a stream that breaks off). One sync at a time per node.
+    """
     GetRegistryStats: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetRegistryStatsRequest, _internal_pb2.RegistryStats]  # type: ignore[assignment]
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -68,6 +82,19 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _internal_pb2.DeleteRecordsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_internal_pb2.DeleteRecordsResponse, _abc.Awaitable[_internal_pb2.DeleteRecordsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SyncRecords(
+        self,
+        request_iterator: _MaybeAsyncIterator[_internal_pb2.SyncRecordsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.SyncRecordsResponse, _abc.Awaitable[_internal_pb2.SyncRecordsResponse]]:
+        """Make the registry exactly the records streamed (a nightly full export):
+        records absent from the stream are deleted. Nothing changes until the
+        last message (commit = true) arrives; then every insert, update and
+        delete is applied in ONE store transaction, or none is (a refusal, a
+        dry run, a stream that breaks off). One sync at a time per node.
+        """
 
     @_abc_1.abstractmethod
     def GetRegistryStats(

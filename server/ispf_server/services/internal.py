@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -14,7 +15,7 @@ from ispf.nid import canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
 from ispf_server.session.progress import RUNNING, Snapshot
-from ispf_server.store import StoredRecord
+from ispf_server.store import StoredRecord, SyncCounts
 
 if TYPE_CHECKING:
     from ispf_server.node import Node
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 50_000
 MATCH_BATCH = 2_000
+MAX_SYNC_ERRORS = 10_000
 
 
 class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
@@ -36,10 +38,25 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
                 "batch.too_large",
                 f"{len(request.records)} records in one request, at most {MAX_BATCH}",
             )
+        good, errors = self._validate(request.records)
+        counts = self.node.store.upsert(good.values())
+        return internal_pb2.UpsertRecordsResponse(
+            accepted=len(good),
+            inserted=counts.inserted,
+            updated=counts.updated,
+            unchanged=counts.unchanged,
+            errors=errors,
+        )
+
+    def _validate(
+        self, records: Iterable[internal_pb2.Record], kept: set[str] | None = None
+    ) -> tuple[dict[str, StoredRecord], list[internal_pb2.RowError]]:
+        """Good rows by record id (the last row of an id wins, as in a file replay)
+        and an error per bad one. `kept`: record ids of bad rows, where readable."""
         good: dict[str, StoredRecord] = {}
         errors: list[internal_pb2.RowError] = []
         digits = self.node.config.province_digits
-        for i, rec in enumerate(request.records):
+        for i, rec in enumerate(records):
             position = rec.position or i + 1
             try:
                 rid = check_record_id(rec.record_id)
@@ -54,16 +71,87 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
                         reason=exc.message,
                     )
                 )
+                if kept is not None:
+                    with contextlib.suppress(InvalidRecord):
+                        kept.add(check_record_id(rec.record_id))
                 continue
-            # A record id repeated in one batch: the last row wins, as in a file replay.
             good[rid] = StoredRecord(rid, nid.digits, label)
-        counts = self.node.store.upsert(good.values())
-        return internal_pb2.UpsertRecordsResponse(
-            accepted=len(good),
+        return good, errors
+
+    def SyncRecords(
+        self,
+        request_iterator: Iterator[internal_pb2.SyncRecordsRequest],
+        context: grpc.ServicerContext,
+    ) -> internal_pb2.SyncRecordsResponse:
+        errors: list[internal_pb2.RowError] = []
+        n_rejected = 0
+        with self.node.store.registry_sync() as sync:
+            last: internal_pb2.SyncRecordsRequest | None = None
+            for req in request_iterator:
+                if len(req.records) > MAX_BATCH:
+                    raise InvalidRecord(
+                        "batch.too_large",
+                        f"{len(req.records)} records in one message, at most {MAX_BATCH}",
+                    )
+                kept: set[str] = set()
+                for rid in req.keep_record_ids:
+                    with contextlib.suppress(InvalidRecord):
+                        kept.add(check_record_id(rid))
+                good, bad = self._validate(req.records, kept)
+                n_rejected += len(bad)
+                errors.extend(bad[: max(0, MAX_SYNC_ERRORS - len(errors))])
+                sync.stage(good.values(), kept - good.keys())
+                if req.commit:
+                    last = req
+                    break
+            if last is None:
+                raise InvalidRecord(
+                    "sync.incomplete",
+                    "the sync stream ended without its last (commit) message: nothing changed",
+                )
+            if not 0.0 <= last.max_delete_percent <= 100.0:  # (NaN fails too)
+                raise InvalidRecord(
+                    "sync.max_delete_percent", "max_delete_percent must be between 0 and 100"
+                )
+            rejected = last.client_rejected + n_rejected
+            refused = ""
+
+            def decide(c: SyncCounts) -> bool:
+                nonlocal refused
+                share = last.max_delete_percent
+                allowed = max(last.allow_deletes, int(c.before * share / 100))
+                if rejected > last.max_rejected:
+                    refused = (
+                        f"{rejected} rows rejected, more than the {last.max_rejected} allowed: "
+                        "nothing was changed"
+                    )
+                elif c.deleted > allowed:
+                    pct = 100.0 * c.deleted / c.before if c.before else 0.0
+                    refused = (
+                        f"the sync would delete {c.deleted} of {c.before} records ({pct:.1f}%), "
+                        f"more than the {allowed} allowed ({share:g}% of the registry"
+                        + (
+                            f", or --allow-deletes {last.allow_deletes}"
+                            if last.allow_deletes
+                            else ""
+                        )
+                        + f"): nothing was changed; if that is right, pass --allow-deletes "
+                        f"{c.deleted}"
+                    )
+                return not refused and not last.dry_run
+
+            counts, applied = sync.apply(decide)
+        return internal_pb2.SyncRecordsResponse(
+            applied=applied,
+            refused=refused,
+            records_before=counts.before,
             inserted=counts.inserted,
             updated=counts.updated,
             unchanged=counts.unchanged,
+            deleted=counts.deleted,
+            kept=counts.kept,
             errors=errors,
+            rejected=n_rejected,
         )
 
     def DeleteRecords(
