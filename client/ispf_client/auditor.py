@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from ispf import merkle, note
+from ispf import files, merkle, note
 from ispf.auditlog import (
     PAIRED_FIELDS,
     Checkpoint,
@@ -197,23 +197,20 @@ class AuditState:
             raise ConfigError(f"audit state file {path} is unreadable: {exc}") from exc
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"nodes": self.nodes}, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        files.write_private_text(self.path, json.dumps({"nodes": self.nodes}, indent=1) + "\n")
 
 
 def write_evidence(profile: AuditProfile, node: str, kind: str, detail: str, **items: Any) -> Path:
     """Keep what proves misbehaviour: both signed checkpoints, the proof, the detail."""
-    profile.evidence.mkdir(parents=True, exist_ok=True)
+    files.private_dir(profile.evidence)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = profile.evidence / f"{node}-{kind}-{stamp}.json"
-    path.write_text(
+    files.write_private_text(
+        path,
         json.dumps(
             {"node": node, "kind": kind, "detail": detail, "found_at": stamp, **items}, indent=1
         )
         + "\n",
-        encoding="utf-8",
     )
     return path
 

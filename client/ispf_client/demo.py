@@ -25,6 +25,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from ispf import files
 from ispf.errors import IspfError
 from ispf.hazmat.backends import select as select_backend
 from ispf.identity import KNOWN_PROVINCES
@@ -143,11 +144,11 @@ def run_demo(
                 raise FileNotFoundError(f"no registry file: {', '.join(missing)}")
         else:  # generated, with a planted truth
             fed = generate(provinces, records, seed=seed)
-            (work / "data").mkdir(parents=True, exist_ok=True)
+            files.private_dir(work / "data")  # synthetic, but shaped as raw registries
             paths = {p: work / "data" / f"{p}.csv" for p in provinces}
             for p in provinces:
-                paths[p].write_text(fed.csv_text(p), encoding="utf-8")
-        out.mkdir(parents=True, exist_ok=True)
+                files.write_private_text(paths[p], fed.csv_text(p))
+        files.private_dir(out)
         with LocalFederation(layout, provinces, digits, workers, interceptors) as fedn:
             con.print(f"X25519 backend: {select_backend('auto').name}")
             con.print(
@@ -159,9 +160,9 @@ def run_demo(
             reports = {p: write_report(fedn.clients[p], out) for p in provinces}
             _audit_all(fedn, result)
             result.html = out / "report.html"
-            result.html.write_text(
+            files.write_private_text(
+                result.html,
                 htmlreport.render(federation_report(provinces, result, reports, fedn)),
-                encoding="utf-8",
             )
             if serve:
                 _serve(fedn, layout, con)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ispf import note, sealing
+from ispf import files, note, sealing
 from ispf import roster as roster_mod
 from ispf.auditlog import origin_of
 from ispf.errors import ConfigError
@@ -140,7 +140,7 @@ def create_ca(layout: ForumLayout) -> None:
         )
         .sign(key, hashes.SHA256())
     )
-    layout.root.mkdir(parents=True, exist_ok=True)
+    files.private_dir(layout.root)  # (holds the CA key)
     write_private_file(layout.ca_key, _key_pem(key))
     layout.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
@@ -205,7 +205,7 @@ def issue_certificate(
     path, key path). Production nodes make their own keys (`onboard`, `sign_request`)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _certificate(layout, name=name, role=role, public_key=key.public_key(), hosts=hosts)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(out_dir)  # (holds the private key)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
     # Replace both files atomically (a running node may be reading them: rotation).
     tmp_key, tmp_cert = key_path.with_suffix(".key.new"), cert_path.with_suffix(".pem.new")
@@ -230,7 +230,7 @@ def sign_request(layout: ForumLayout, request: Path, *, address: str = "") -> Pa
     pub = req.csr.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)  # (Request.check)
     cert = _certificate(layout, name=req.name, role=req.role, public_key=pub, hosts=req.hosts)
-    layout.issued_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(layout.issued_dir)
     out = layout.issued_dir / f"{req.role}-{req.name}.pem"
     tmp = out.with_suffix(".pem.new")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -282,7 +282,7 @@ def seal_salt(layout: ForumLayout, epoch: int, *, keep: Path | None = None) -> l
     if out_dir.exists():
         raise ConfigError(f"epoch {epoch}'s salt was sealed already: {out_dir}")
     salt = ForumSalt.generate(epoch)
-    out_dir.mkdir(parents=True)
+    files.private_dir(out_dir)
     written = []
     for name, entry in sorted(roster.nodes.items()):
         to = sealing.parse_public_key(entry.seal_key, f"roster entry {name}")
@@ -321,7 +321,7 @@ def new_salt(layout: ForumLayout, epoch: int) -> Path:
     path = layout.salt_file(epoch)
     if path.exists():
         raise ConfigError(f"a salt for epoch {epoch} already exists: {path}")
-    layout.salt_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(layout.salt_dir)
     ForumSalt.generate(epoch).to_file(path)
     return path
 
@@ -432,7 +432,7 @@ def new_log_key(layout: ForumLayout, province: str) -> Path:
     if key.exists():
         raise ConfigError(f"{key} already exists: a log key is never replaced silently")
     write_private_file(key, (signer.encode() + "\n").encode("ascii"))
-    layout.log_keys_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(layout.log_keys_dir)
     vkey = layout.log_keys_dir / f"{province}.vkey"
     vkey.write_text(signer.verifier().encode() + "\n", encoding="ascii")
     return vkey

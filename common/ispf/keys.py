@@ -45,7 +45,9 @@ def check_private_file(path: Path) -> None:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Create `path` with mode 0600 from the start (never briefly world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ispf.files import private_dir  # (files imports this module's error types)
+
+    private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)

@@ -143,9 +143,17 @@ def test_missing_profile_is_a_clear_usage_error(
 
 def test_demo_with_generated_data_checks_the_planted_truth_and_audits(tmp_path: Path) -> None:
     provinces = ["punjab", "sindh", "kp", "balochistan"]
-    res = run_demo(
-        provinces=provinces, out=tmp_path / "out", records=400, workers=1, workdir=tmp_path / "work"
-    )
+    old_umask = os.umask(0o022)
+    try:
+        res = run_demo(
+            provinces=provinces,
+            out=tmp_path / "out",
+            records=400,
+            workers=1,
+            workdir=tmp_path / "work",
+        )
+    finally:
+        os.umask(old_umask)
     assert res.ok, res.failures
     assert len(res.matrix) == 6
     assert any("planted truth" in c for c in res.checks)
@@ -171,6 +179,15 @@ def test_demo_with_generated_data_checks_the_planted_truth_and_audits(tmp_path: 
     for p in ("punjab", "sindh", "kp", "balochistan"):
         assert (tmp_path / "out" / f"{p}-matches.csv").exists()
         assert (tmp_path / "out" / f"{p}-load-errors.csv").exists()
+    # Under the usual umask 022, every folder the demo made is 0700 (the forum's public
+    # certificates sit in them too), and reports, data, keys and stores are 0600.
+    made = [*(tmp_path / "out").rglob("*"), *(tmp_path / "work").rglob("*")]
+    for path in [tmp_path / "out", tmp_path / "work", *made]:
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, f"{path} is {oct(mode)}"
+        elif path.suffix in {".csv", ".json", ".html", ".key", ".sqlite"} or path.name == "ca.key":
+            assert mode == 0o600, f"{path} is {oct(mode)}"
 
 
 def test_demo_with_given_data_reports_invalid_rows_and_finds_true_matches(
