@@ -78,24 +78,6 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
     with pytest.raises(TypeError):
         mod.hash_to_curve_many(b"k" * 32, 5)
     assert mod.hash_to_curve_many(b"k" * 32, []) == b""
-    with pytest.raises(ValueError, match="multiple of 32"):
-        mod.mb8_many(1, b"s" * 32, b"x" * 33, 32)
-    with pytest.raises(ValueError, match="null function"):
-        mod.mb8_many(0, b"s" * 32, b"x" * 32, 32)
-
-
-def test_multibuffer_loop_in_c_matches_the_python_loop() -> None:
-    native()
-    try:
-        mb = backends.MultiBufferBackend.load()
-    except backends.BackendUnavailable as exc:
-        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
-    rng = random.Random(9)
-    scalar = rng.randbytes(32)
-    for n in (0, 1, 7, 8, 9, 100):
-        raw = rng.randbytes(32 * n)
-        for width in (32, 16, 1):
-            assert mb.many(scalar, raw, width) == mb._many_py(scalar, raw, width)
 
 
 @pytest.mark.parametrize("n", [0, 1, 100, 5000, 70_000])
