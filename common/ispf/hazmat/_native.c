@@ -334,7 +334,11 @@ static int jacobi256(fe a, fe n) {
 #endif
 
 #ifdef ISPF_IFMA
+#if defined(ISPF_PORTABLE_IFMA) /* (inlining left to the compiler: builds in seconds) */
+#define IFMA_INLINE static inline
+#else
 #define IFMA_INLINE IFMA_TARGET __attribute__((always_inline)) static inline
+#endif
 #define NB 4 /* independent 8-lane groups in flight: hides the multiply latency */
 #define M52 ((1ull << 52) - 1)
 #define M47 ((1ull << 47) - 1)
