@@ -218,3 +218,69 @@ def test_structured_inputs_the_removed_multibuffer_got_wrong(mb: X25519Backend) 
             want = rfc7748_ladder(scalar, u)
             assert CryptographyBackend().many(scalar, u, 32) == want
             assert mb.many(scalar, u, 32) == want
+
+
+def test_self_check_passes_for_the_real_backends(mb: X25519Backend) -> None:
+    assert backends.self_check(CryptographyBackend()) is None
+    assert backends.self_check(mb) is None
+
+
+class _OneWrongValue:
+    """The native module, but the output at `at` of every batch of `n` or more is wrong."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def x25519_many(self, scalar: bytes, packed: bytes, out_bytes: int) -> tuple[bytes, int]:
+        out, bad = curve.native.x25519_many(scalar, packed, out_bytes)  # type: ignore[union-attr]
+        if bad < 0 and len(out) > out_bytes * self.at:
+            i = out_bytes * self.at
+            out = out[:i] + bytes([out[i] ^ 0x80]) + out[i + 1 :]
+        return out, bad
+
+
+def test_self_check_finds_a_wrong_structured_value(mb: X25519Backend) -> None:
+    """One wrong output among the cross-check's ~1,100 values is found and named."""
+    broken = IfmaBackend(_OneWrongValue(700), check_every=0)  # type: ignore[arg-type]
+    assert broken.many(b"s" * 32, b"\x09" + bytes(31), 32)  # (one value: right)
+    assert backends.self_check(broken) == (
+        "value 700 of the cross-check against cryptography is wrong"
+    )
+    assert backends.self_check(IfmaBackend(_OneWrongValue(0), check_every=0)) == (  # type: ignore[arg-type]
+        "known answer 0 (RFC 7748) is wrong"
+    )
+
+
+def test_spot_checks_recompute_about_one_output_in_4096(
+    mb: X25519Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backends, "STATUS", backends.BackendStatus())
+    ifma = IfmaBackend(curve.native)  # type: ignore[arg-type]
+    points = curve.hash_to_curve_many(b"k" * 32, [f"35202{i:08d}".encode() for i in range(4096)])
+    for _ in range(40):
+        ifma.many(b"s" * 32, points, 16)
+    assert 10 < backends.STATUS.spot_checks < 90  # 40 expected (Poisson, sd ~6)
+    never = IfmaBackend(curve.native, check_every=0)  # type: ignore[arg-type]
+    before = backends.STATUS.spot_checks
+    never.many(b"s" * 32, points, 16)
+    assert backends.STATUS.spot_checks == before
+
+
+def test_a_spot_check_mismatch_raises_and_falls_back(
+    mb: X25519Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ispf.errors import SelfCheckFailed
+
+    monkeypatch.setattr(backends, "STATUS", backends.BackendStatus())
+    broken = IfmaBackend(_OneWrongValue(3), check_every=1)  # type: ignore[arg-type]
+    points = curve.hash_to_curve_many(b"k" * 32, [f"35202{i:08d}".encode() for i in range(8)])
+    with (
+        caplog.at_level("ERROR", logger="ispf.hazmat.backends"),
+        pytest.raises(SelfCheckFailed, match="disagreed with cryptography on value 3 of"),
+    ):
+        broken.many(b"s" * 32, points, 32)
+    assert not broken.healthy and not backends.STATUS.healthy
+    assert backends.STATUS.mismatches == 1
+    assert "marked unhealthy" in caplog.text
+    # From now on: cryptography's results.
+    assert broken.many(b"s" * 32, points, 32) == CryptographyBackend().many(b"s" * 32, points, 32)

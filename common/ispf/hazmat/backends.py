@@ -299,6 +299,7 @@ def select(choice: str = "auto") -> X25519Backend:
     else:
         raise ConfigError(f"unknown blinding backend '{choice}' (one of: {', '.join(CHOICES)})")
     _loaded[choice] = backend
+    _loaded.setdefault(backend.name, backend)  # one instance per backend: one health
     with _status_lock:
         STATUS.name = backend.name
     return backend
