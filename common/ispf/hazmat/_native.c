@@ -158,10 +158,14 @@ static inline uint64_t fe_sub_borrow(fe *r, const fe *a, const fe *b) {
     return borrow;
 }
 
-/* 1 if a >= b, without branching on the values. */
-static inline int fe_geq(const fe *a, const fe *b) {
-    fe t;
-    return (int)(1 ^ fe_sub_borrow(&t, a, b));
+/* 1 if a >= b, variable time (an early exit): only for hash-to-curve's screen and
+ * Jacobi symbol, which are variable time anyway (see the top of this file); the
+ * X25519 path uses fe_csub_p. */
+static inline int fe_geq_vartime(const fe *a, const fe *b) {
+    for (int i = 3; i >= 0; i--) {
+        if (a->v[i] != b->v[i]) return a->v[i] > b->v[i];
+    }
+    return 1;
 }
 
 static inline void fe_sub_raw(fe *r, const fe *a, const fe *b) { /* r = a - b, a >= b */
@@ -175,9 +179,8 @@ static inline void fe_csub_p(fe *r) {
     for (int i = 0; i < 4; i++) r->v[i] = (r->v[i] & keep) | (t.v[i] & ~keep);
 }
 
-/* Reduce a value below 2^256 to its canonical form below p. */
-static inline void fe_canon(fe *r) {
-    /* fold bit 255: 2^255 = 19 (mod p) */
+/* Fold bit 255 of a value below 2^256 back in: 2^255 = 19 (mod p). */
+static inline void fe_fold255(fe *r) {
     uint64_t top = r->v[3] >> 63;
     r->v[3] &= 0x7FFFFFFFFFFFFFFFull;
     u128 c = (u128)r->v[0] + 19 * top;
@@ -186,7 +189,19 @@ static inline void fe_canon(fe *r) {
         c = (u128)r->v[i] + (uint64_t)(c >> 64);
         r->v[i] = (uint64_t)c;
     }
+}
+
+/* Reduce a value below 2^256 to its canonical form below p, branch-free (the
+ * ladder's outputs and the Legendre lanes). */
+static inline void fe_canon(fe *r) {
+    fe_fold255(r);
     fe_csub_p(r);
+}
+
+/* The same with a branch: hash-to-curve's scalar arithmetic only (as fast as it was). */
+static inline void fe_canon_vartime(fe *r) {
+    fe_fold255(r);
+    if (fe_geq_vartime(r, &FE_P)) fe_sub_raw(r, r, &FE_P);
 }
 
 /* r = a * b mod p (inputs below 2^256, output canonical). */
@@ -222,7 +237,7 @@ static void fe_mul(fe *r, const fe *a, const fe *b) {
             r->v[i] = (uint64_t)c;
         }
     }
-    fe_canon(r);
+    fe_canon_vartime(r);
 }
 
 static void fe_add_small(fe *r, const fe *a, uint64_t s) {
@@ -232,7 +247,7 @@ static void fe_add_small(fe *r, const fe *a, uint64_t s) {
         c = (u128)a->v[i] + (uint64_t)(c >> 64);
         r->v[i] = (uint64_t)c;
     }
-    fe_canon(r); /* a < p, so a + s < 2^256 */
+    fe_canon_vartime(r); /* a < p, so a + s < 2^256 */
 }
 
 /* ------------------------------------------------------ Jacobi symbol */
@@ -295,7 +310,7 @@ static int jacobi256(fe a, fe n) {
             fe_shr(&a, z);
             if ((z & 1) && (((n.v[0] & 7) == 3) || ((n.v[0] & 7) == 5))) t ^= 1;
         }
-        if (!fe_geq(&a, &n)) {
+        if (!fe_geq_vartime(&a, &n)) {
             fe s = a; a = n; n = s;
             if ((a.v[0] & n.v[0] & 3) == 3) t ^= 1;
         }
@@ -776,7 +791,7 @@ static int fe_eq(const fe *a, const fe *b) {
 static int screen(const uint8_t h[32], fe *f) {
     fe u;
     fe_load(&u, h);
-    if (fe_geq(&u, &FE_P)) return 0;
+    if (fe_geq_vartime(&u, &FE_P)) return 0;
     for (int i = 0; i < 5; i++) {
         if (fe_eq(&u, &low_order[i])) return 0;
     }
