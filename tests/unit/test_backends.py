@@ -240,7 +240,8 @@ class _OneWrongValue:
 
 
 def test_self_check_finds_a_wrong_structured_value(mb: X25519Backend) -> None:
-    """One wrong output among the cross-check's ~1,100 values is found and named."""
+    """One wrong output among the cross-check's 1,236 values (512 random, 724
+    structured) is found and named."""
     broken = IfmaBackend(_OneWrongValue(700), check_every=0)  # type: ignore[arg-type]
     assert broken.many(b"s" * 32, b"\x09" + bytes(31), 32)  # (one value: right)
     assert backends.self_check(broken) == (
