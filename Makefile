@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-fast dev browser demo test lint typecheck proto proto-check pytest pytest-portable bench bench-compare bench-load clean
+.PHONY: help install dev browser valgrind demo test test-slow lint typecheck proto proto-check pytest pytest-portable bench bench-compare bench-load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -21,14 +21,9 @@ $(VENV)/.installed: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN
 
 $(VENV)/.dev: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN)/python
 	$(PIP) install -e '.[dev]'
-	@# The tests compare the fast X25519 backend with the portable one where it installs.
-	@$(PIP) install -e '.[fast]' || echo "dev: the fast extra is unavailable here; its tests will be skipped"
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed ## create .venv and install the node, CLI and SDK (open source only)
-
-install-fast: install ## add Intel's multi-buffer X25519 (used only when named: see README)
-	$(PIP) install -e '.[fast]'
 
 dev: $(VENV)/.dev ## install with the development tools
 
@@ -39,10 +34,21 @@ browser: ## install Chromium for the report test if it is missing
 	    >/dev/null 2>&1 && echo "browser: chromium installed" || \
 	    echo "browser: could not install chromium; the HTML report test will be skipped"; }
 
+# The X25519 constant-time check runs the ladder under valgrind memcheck (Debian's
+# package, as root); without it that one test is skipped and says why.
+valgrind: ## install valgrind for the X25519 constant-time check if it is missing
+	@command -v valgrind >/dev/null 2>&1 || \
+	  { (apt-get update -qq && apt-get install -y -qq --no-install-recommends valgrind) \
+	    >/dev/null 2>&1 && echo "valgrind: installed" || \
+	    echo "valgrind: could not install valgrind; the X25519 constant-time check will be skipped"; }
+
 demo: install ## run four provinces on loopback and reconcile every pair (reports in demo-out/)
 	$(BIN)/ispf demo $(DEMO_ARGS)
 
-test: dev browser lint typecheck proto-check pytest pytest-portable ## every check CI runs
+test: dev browser valgrind lint typecheck proto-check pytest pytest-portable ## every check CI runs
+
+test-slow: dev ## the long X25519 evidence: RFC 7748's 1,000,000 iterations, 10^7 differential pairs
+	ISPF_X25519_SLOW=1 $(BIN)/python -m pytest -q -p no:randomly -m x25519_slow tests/unit/test_x25519_evidence.py
 
 lint: dev ## ruff lint and format check
 	$(BIN)/ruff check .

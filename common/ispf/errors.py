@@ -29,7 +29,8 @@
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
     │   └── RetryLater             (busy, or state to rebuild: try again shortly)
-    └── DeadlineExceeded           DEADLINE_EXCEEDED
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED
+    └── SelfCheckFailed            INTERNAL  (the X25519 backend disagreed with cryptography)
 
 The server translates these to gRPC status in one interceptor
 (`ispf_server.guard`); the client turns a status back into the same class in
@@ -192,6 +193,11 @@ class RetryLater(PeerUnavailable):
 
 class DeadlineExceeded(IspfError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class SelfCheckFailed(IspfError):
+    """A spot check recomputed an X25519 output with `cryptography` and got another
+    value: the batch is not trusted and the backend is marked unhealthy."""
 
 
 def _all_subclasses(cls: type[IspfError]) -> list[type[IspfError]]:

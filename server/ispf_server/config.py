@@ -33,7 +33,7 @@ environment. Example (``ispf forum init`` writes one per node)::
     [blinding]
     workers = 0                  # 0: one per core (threads or processes, see pool.py)
     chunk_values = 4096
-    backend = "auto"             # auto | multibuffer | ifma | cryptography
+    backend = "auto"             # auto | ifma | cryptography
 
 
     [metrics]
@@ -86,9 +86,9 @@ class NodeConfig:
     policy_file: Path = Path("policy.toml")
     workers: int = 0
     chunk_values: int = 4096
-    # X25519 implementation: "auto" (the native module's IFMA ladder where it runs,
-    # else cryptography; never multibuffer), or "ifma", "cryptography" or
-    # "multibuffer" by name (required; multibuffer logs a warning, see backends.py).
+    # X25519 implementation: "auto" (the native module's IFMA ladder where it runs
+    # and passes its self-check, else cryptography), or "ifma" or "cryptography" by
+    # name (required; see ispf.hazmat.backends).
     backend: str = "auto"
     province_digits: frozenset[str] = DEFAULT_PROVINCE_DIGITS
     # Seconds a peer session may stay idle before the responder forgets it.

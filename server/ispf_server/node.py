@@ -26,7 +26,7 @@ from ispf.errors import (
     UnknownEpoch,
     UnknownPeer,
 )
-from ispf.hazmat import curve
+from ispf.hazmat import backends, curve
 from ispf.hazmat.backends import select as select_backend
 from ispf.keys import ForumSalt, check_private_file
 from ispf.v1 import (
@@ -63,6 +63,7 @@ from ispf_server.store import Store
 from ispf_server.tls import TlsFiles, channel_options
 
 log = logging.getLogger(__name__)
+X25519_HEALTH = "ispf.X25519"  # health entry of the X25519 backend's self-checks
 
 
 class Node:
@@ -141,6 +142,21 @@ class Node:
             "ispf_audit_log_entries",
             "Entries in the signed audit log",
             lambda: float(self.audit.size()),
+        )
+        self.metrics.gauge(
+            "ispf_x25519_healthy",
+            "1 if the X25519 backend passed its self-checks (0: fell back or failed a spot check)",
+            lambda: float(backends.STATUS.healthy),
+        )
+        self.metrics.gauge(
+            "ispf_x25519_mismatches",
+            "X25519 outputs a self-check found different from cryptography's",
+            lambda: float(backends.STATUS.mismatches),
+        )
+        self.metrics.gauge(
+            "ispf_x25519_spot_checks",
+            "X25519 outputs recomputed with cryptography while serving",
+            lambda: float(backends.STATUS.spot_checks),
         )
         self._health_stop = threading.Event()
         self._fail_interrupted()
@@ -477,6 +493,15 @@ def create_server(
         )
         for name in [*names, ""]:
             health_servicer.set(name, status)
+        # The X25519 backend's own entry: NOT_SERVING once it failed a self-check
+        # (the node then computes X25519 with cryptography and serves on).
+        x25519_ok = ready and backends.STATUS.healthy
+        health_servicer.set(
+            X25519_HEALTH,
+            health_pb2.HealthCheckResponse.SERVING
+            if x25519_ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
 
     node.watch_health(set_health, every=cfg.health_interval)
     reflection.enable_server_reflection(

@@ -1,6 +1,6 @@
 """Blinding across all cores.
 
-With the multi-buffer backend and the native module, hashing and blinding run
+With the `ifma` backend and the native module, hashing and blinding run
 in C without the GIL, so the pool is threads in the node process: no pickling,
 no second copy of each chunk. X25519 in `cryptography` holds the GIL, so with
 it the node blinds in worker processes (spawned, not forked: forking a process
@@ -59,7 +59,7 @@ def releases_gil(backend: str) -> bool:
     from ispf.hazmat.backends import BackendUnavailable, select
 
     try:
-        return curve.native is not None and select(backend).name in ("multibuffer", "ifma")
+        return curve.native is not None and select(backend).name == "ifma"
     except BackendUnavailable:
         return False
 

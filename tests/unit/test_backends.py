@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -16,7 +15,6 @@ from ispf.hazmat.backends import (
     BackendUnavailable,
     CryptographyBackend,
     IfmaBackend,
-    MultiBufferBackend,
     X25519Backend,
     cpu_has_ifma,
 )
@@ -24,7 +22,7 @@ from ispf.hazmat.backends import (
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "hash_to_curve.json").read_text())
 
 
-FAST = {"multibuffer": MultiBufferBackend.load, "ifma": IfmaBackend.load}
+FAST = {"ifma": IfmaBackend.load}
 
 
 @pytest.fixture(params=sorted(FAST))
@@ -92,34 +90,28 @@ def test_low_order_point_past_the_first_batch_is_refused_at_its_position(
     assert info.value.message == f"value {position} is a low-order point and cannot be blinded"
 
 
-def test_fallback_when_the_library_is_missing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with pytest.raises(BackendUnavailable, match="not found"):
-        MultiBufferBackend.load([tmp_path], check_cpu=False)
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "libcrypto_mb.so").write_bytes(b"not a library")
-    with pytest.raises(BackendUnavailable, match="does not load"):
-        MultiBufferBackend.load([broken], check_cpu=False)
+def test_auto_takes_ifma_where_it_runs_else_cryptography(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends, "_loaded", {})
-    monkeypatch.setattr(backends, "library_dirs", lambda: [tmp_path])
-    with pytest.raises(BackendUnavailable):
-        backends.select("multibuffer")
     # auto takes the native ladder where it runs...
     try:
         IfmaBackend.load()
         assert backends.select("auto").name == "ifma"
     except BackendUnavailable:
         assert backends.select("auto").name == "cryptography"
-    # ... and cryptography where the native module is not built: never multibuffer,
-    # even where it loads (it deviates from RFC 7748 on some inputs, see below).
-    monkeypatch.undo()  # (the real library directories again: multibuffer may load)
+    # ... and cryptography where the native module is not built.
     monkeypatch.setattr(backends, "_loaded", {})
     monkeypatch.setattr(curve, "native", None)
     assert backends.select("auto").name == "cryptography"
     with pytest.raises(BackendUnavailable, match="native module is not built"):
         backends.select("ifma")
+
+
+def test_the_removed_multibuffer_backend_is_a_clear_config_error() -> None:
+    """(Changed: the multibuffer backend is gone; naming it says why and what to use.)"""
+    from ispf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"multibuffer backend .* was removed.*use auto, ifma"):
+        backends.select("multibuffer")
 
 
 def test_ifma_is_not_used_on_a_cpu_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,8 +170,7 @@ def test_rfc7748_vectors(mb: X25519Backend) -> None:
 
 def test_non_canonical_and_high_bit_encodings_match(mb: X25519Backend) -> None:
     """RFC 7748 decoding: the top bit is ignored and values from p up are reduced.
-    Also values whose limbs sit at the carry bounds of the ifma code; multibuffer
-    gets some of those wrong (see the next test), so it is checked on the rest."""
+    Also values whose limbs sit at the carry bounds of the ifma code."""
     p = 2**255 - 19
     rng = random.Random(7)
     values = [p + d for d in range(2, 19)] + [rng.randrange(2**255) | 2**255 for _ in range(40)]
@@ -188,8 +179,6 @@ def test_non_canonical_and_high_bit_encodings_match(mb: X25519Backend) -> None:
     values += [sum(((1 << 52) - 1 - t) << (52 * k) for k in range(5)) % 2**255 for t in range(9)]
     values += [(1 << 52) * j for j in range(1, 9)] + [2**255 - 1 - i for i in range(22, 30)]
     values += [2**m - 1 for m in range(80, 100)] + [p - 2**k - 1 for k in range(2, 120)]
-    if mb.name == "multibuffer":
-        values = values[:57]
     packed = b"".join(v.to_bytes(32, "little") for v in values)
     for scalar in (rng.randbytes(32), bytes(32), b"\xff" * 32):
         assert mb.many(scalar, packed, 32) == CryptographyBackend().many(scalar, packed, 32)
@@ -219,32 +208,80 @@ def rfc7748_ladder(scalar: bytes, u: bytes) -> bytes:
     return (x2 * pow(z2, p - 2, p) % p).to_bytes(32, "little")
 
 
-def test_multibuffer_deviates_from_rfc7748_so_auto_never_takes_it() -> None:
-    """A canary: Intel's mbx_x25519_mb8 (ipp-crypto 2026.2) gets X25519(0^32, p - 4)
-    wrong, where cryptography and ifma agree with the RFC's ladder. Where the
-    installed library gets it right, this skips with a note to reconsider
-    MULTIBUFFER_DEFECT (a fixed upstream release must not turn CI red)."""
-    scalar, u = bytes(32), (2**255 - 19 - 4).to_bytes(32, "little")
-    want = rfc7748_ladder(scalar, u)
-    assert CryptographyBackend().many(scalar, u, 32) == want
-    with contextlib.suppress(BackendUnavailable):  # (where the CPU runs it)
-        assert IfmaBackend.load().many(scalar, u, 32) == want
-    try:
-        mb8 = MultiBufferBackend.load()
-    except BackendUnavailable as exc:
-        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
-    assert backends.select("auto").name != "multibuffer"
-    if mb8.many(scalar, u, 32) == want:
-        pytest.skip("mbx_x25519_mb8 now agrees with RFC 7748 here: reconsider MULTIBUFFER_DEFECT")
+def test_structured_inputs_the_removed_multibuffer_got_wrong(mb: X25519Backend) -> None:
+    """Intel's mbx_x25519_mb8 (the removed multibuffer backend) got X25519(0^32, p - 4)
+    and some 2^k - 1 wrong; ifma agrees with cryptography and the RFC's own ladder."""
+    p = 2**255 - 19
+    for scalar in (bytes(32), b"\x01" * 32):
+        for v in (p - 4, 2**88 - 1, 2**255 - 1):
+            u = v.to_bytes(32, "little")
+            want = rfc7748_ladder(scalar, u)
+            assert CryptographyBackend().many(scalar, u, 32) == want
+            assert mb.many(scalar, u, 32) == want
 
 
-def test_naming_multibuffer_warns_at_start_up(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_self_check_passes_for_the_real_backends(mb: X25519Backend) -> None:
+    assert backends.self_check(CryptographyBackend()) is None
+    assert backends.self_check(mb) is None
+
+
+class _OneWrongValue:
+    """The native module, but the output at `at` of every batch of `n` or more is wrong."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def x25519_many(self, scalar: bytes, packed: bytes, out_bytes: int) -> tuple[bytes, int]:
+        out, bad = curve.native.x25519_many(scalar, packed, out_bytes)  # type: ignore[union-attr]
+        if bad < 0 and len(out) > out_bytes * self.at:
+            i = out_bytes * self.at
+            out = out[:i] + bytes([out[i] ^ 0x80]) + out[i + 1 :]
+        return out, bad
+
+
+def test_self_check_finds_a_wrong_structured_value(mb: X25519Backend) -> None:
+    """One wrong output among the cross-check's 1,236 values (512 random, 724
+    structured) is found and named."""
+    broken = IfmaBackend(_OneWrongValue(700), check_every=0)  # type: ignore[arg-type]
+    assert broken.many(b"s" * 32, b"\x09" + bytes(31), 32)  # (one value: right)
+    assert backends.self_check(broken) == (
+        "value 700 of the cross-check against cryptography is wrong"
+    )
+    assert backends.self_check(IfmaBackend(_OneWrongValue(0), check_every=0)) == (  # type: ignore[arg-type]
+        "known answer 0 (RFC 7748) is wrong"
+    )
+
+
+def test_spot_checks_recompute_about_one_output_in_4096(
+    mb: X25519Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backends, "_loaded", {})
-    try:
-        with caplog.at_level("WARNING", logger="ispf.hazmat.backends"):
-            backends.select("multibuffer")
-    except BackendUnavailable as exc:
-        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
-    assert any("differs from RFC 7748" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(backends, "STATUS", backends.BackendStatus())
+    ifma = IfmaBackend(curve.native)  # type: ignore[arg-type]
+    points = curve.hash_to_curve_many(b"k" * 32, [f"35202{i:08d}".encode() for i in range(4096)])
+    for _ in range(40):
+        ifma.many(b"s" * 32, points, 16)
+    assert 10 < backends.STATUS.spot_checks < 90  # 40 expected (Poisson, sd ~6)
+    never = IfmaBackend(curve.native, check_every=0)  # type: ignore[arg-type]
+    before = backends.STATUS.spot_checks
+    never.many(b"s" * 32, points, 16)
+    assert backends.STATUS.spot_checks == before
+
+
+def test_a_spot_check_mismatch_raises_and_falls_back(
+    mb: X25519Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ispf.errors import SelfCheckFailed
+
+    monkeypatch.setattr(backends, "STATUS", backends.BackendStatus())
+    broken = IfmaBackend(_OneWrongValue(3), check_every=1)  # type: ignore[arg-type]
+    points = curve.hash_to_curve_many(b"k" * 32, [f"35202{i:08d}".encode() for i in range(8)])
+    with (
+        caplog.at_level("ERROR", logger="ispf.hazmat.backends"),
+        pytest.raises(SelfCheckFailed, match="disagreed with cryptography on value 3 of"),
+    ):
+        broken.many(b"s" * 32, points, 32)
+    assert not broken.healthy and not backends.STATUS.healthy
+    assert backends.STATUS.mismatches == 1
+    assert "marked unhealthy" in caplog.text
+    # From now on: cryptography's results.
+    assert broken.many(b"s" * 32, points, 32) == CryptographyBackend().many(b"s" * 32, points, 32)

@@ -78,24 +78,6 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
     with pytest.raises(TypeError):
         mod.hash_to_curve_many(b"k" * 32, 5)
     assert mod.hash_to_curve_many(b"k" * 32, []) == b""
-    with pytest.raises(ValueError, match="multiple of 32"):
-        mod.mb8_many(1, b"s" * 32, b"x" * 33, 32)
-    with pytest.raises(ValueError, match="null function"):
-        mod.mb8_many(0, b"s" * 32, b"x" * 32, 32)
-
-
-def test_multibuffer_loop_in_c_matches_the_python_loop() -> None:
-    native()
-    try:
-        mb = backends.MultiBufferBackend.load()
-    except backends.BackendUnavailable as exc:
-        pytest.skip(f"multi-buffer backend unavailable here: {exc.message}")
-    rng = random.Random(9)
-    scalar = rng.randbytes(32)
-    for n in (0, 1, 7, 8, 9, 100):
-        raw = rng.randbytes(32 * n)
-        for width in (32, 16, 1):
-            assert mb.many(scalar, raw, width) == mb._many_py(scalar, raw, width)
 
 
 @pytest.mark.parametrize("n", [0, 1, 100, 5000, 70_000])
@@ -197,3 +179,44 @@ def test_packed_ids_hash_like_a_list() -> None:
         mod.hash_to_curve_many(salt, b"1" * 14, -1, 13)
     with pytest.raises(ValueError, match="at most"):
         mod.hash_to_curve_many(salt, b"1" * 100, -1, 100)
+
+
+def test_the_c_screen_refuses_u_from_p_up_and_low_order_u() -> None:
+    """hash-to-curve's C test of a candidate (`screen`, then the Jacobi symbol)
+    against the Python one: u >= p and the low-order u are refused, curve points
+    taken, twist points refused."""
+    mod = native()
+    p = curve.P
+    refused = [p + d for d in range(0, 19)] + sorted(curve.LOW_ORDER_U)
+    for u in refused:
+        assert not mod.point_acceptable(u.to_bytes(32, "little")), u
+        assert not curve.is_acceptable(u)
+    rng = random.Random(11)
+    randoms = [rng.randrange(2**255) for _ in range(2000)] + [p - d for d in range(2, 60)]
+    verdicts = [mod.point_acceptable(u.to_bytes(32, "little")) for u in randoms]
+    assert verdicts == [curve.is_acceptable(u) for u in randoms]
+    assert 800 < sum(verdicts) < 1200  # about half are on the curve, half on the twist
+    with pytest.raises(ValueError, match="top bit clear"):
+        mod.point_acceptable(b"\xff" * 32)
+    with pytest.raises(ValueError, match="32 bytes"):
+        mod.point_acceptable(b"\x01" * 31)
+
+
+def test_the_c_ladder_refuses_every_low_order_encoding_by_position() -> None:
+    """x25519_many in C (not through backends.py): every encoding of a low-order u,
+    those from p up included (p, p + 1, and with the ignored top bit), is refused
+    at its position, in the first batch of 512 values and past it."""
+    mod = native()
+    if not mod.vector_available():
+        pytest.skip("the CPU lacks AVX-512 IFMA")
+    good = curve.hash_to_curve_many(b"k" * 32, [f"35202{i:08d}".encode() for i in range(600)])
+    encodings = sorted(backends.LOW_ORDER_ENCODINGS)
+    assert len(encodings) == 14
+    assert (curve.P).to_bytes(32, "little") in encodings
+    for n, enc in enumerate(encodings):
+        at = (n * 41) % 600
+        bad = good[: 32 * at] + enc + good[32 * at + 32 :]
+        out, bad_at = mod.x25519_many(b"s" * 32, bad, 32)
+        assert bad_at == at
+    out, bad_at = mod.x25519_many(b"s" * 32, good, 16)
+    assert bad_at == -1 and len(out) == 16 * 600

@@ -10,7 +10,7 @@ OURS = Path(__file__).resolve().parents[1] / "vectors"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 
 
-@pytest.mark.parametrize("kind", ["merkle", "note"])
+@pytest.mark.parametrize("kind", ["merkle", "note", "wycheproof"])
 def test_copies_match_the_shared_vectors(kind: str) -> None:
     if not (SHARED / kind).is_dir():
         pytest.skip("no shared/vectors beside this checkout to compare with")

@@ -7,8 +7,7 @@
  *                                       list, or one buffer of fixed-width IDs
  *   x25519_many(scalar, packed, out)    X25519 (RFC 7748), eight lanes with AVX-512
  *                                       IFMA, four groups of eight in flight
- *   mb8_many(fn, scalar, packed, out)   X25519 through a multi-buffer function
- *                                       (mbx_x25519_mb8), eight per call
+ *   point_acceptable(u)                 hash-to-curve's test of one candidate (tests)
  *   shuffle(list, seed)                 Fisher-Yates from a keyed-BLAKE3 stream
  *   shuffle_records(buf, width, seed)   the same on fixed-width records in place
  *   sort_records(data, width)           fixed-width records sorted bytewise
@@ -29,12 +28,46 @@
  * 128 and 64 bits as the values shrink. Like gmpy2's, it is not constant time;
  * the values it sees are keyed hashes, and only this process runs it.
  */
-#define _GNU_SOURCE /* qsort_r */
+#define _GNU_SOURCE /* qsort_r, explicit_bzero */
+/*
+ * Compile-time switches (the evidence builds in tests/native/, never the module):
+ *   ISPF_CORE_ONLY      the arithmetic without Python, for the C test harness
+ *   ISPF_PORTABLE_IFMA  a portable, branch-free stand-in for the AVX-512 IFMA
+ *                       intrinsics (_ifma_portable.h), so valgrind can run the ladder
+ *   ISPF_CT_CHECK       memcheck client requests: the harness marks the scalar (and
+ *                       a probe's input) undefined; only public verdicts are defined
+ *   ISPF_CHECK_BOUNDS   assert every documented limb bound after every field op
+ */
+#ifdef ISPF_CORE_ONLY
+#include <stddef.h>
+typedef ptrdiff_t Py_ssize_t;
+#else
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
+#include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef ISPF_CT_CHECK
+#include <valgrind/memcheck.h>
+/* A value derived from secrets that the caller learns anyway (a refusal). */
+#define DECLASSIFY(p, n) VALGRIND_MAKE_MEM_DEFINED((p), (n))
+#else
+#define DECLASSIFY(p, n) ((void)0)
+#endif
+
+/* Zero secrets in a way the compiler cannot drop as a dead store (memset before a
+ * free or a return can be, and at -O3 is). tests/unit/test_native_evidence.py
+ * checks the built module still calls it where the source does. */
+static void secure_wipe(void *p, size_t n) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 25))
+    explicit_bzero(p, n);
+#else
+    volatile uint8_t *v = (volatile uint8_t *)p;
+    while (n--) *v++ = 0;
+#endif
+}
 
 typedef unsigned __int128 u128;
 
@@ -113,7 +146,22 @@ static inline void fe_load(fe *r, const uint8_t b[32]) {
     }
 }
 
-static inline int fe_geq(const fe *a, const fe *b) {
+/* r = a - b (mod 2^256); returns the borrow out (1 if a < b). Branch-free: a
+ * borrow leaves the 128-bit difference's top bit set. */
+static inline uint64_t fe_sub_borrow(fe *r, const fe *a, const fe *b) {
+    uint64_t borrow = 0;
+    for (int i = 0; i < 4; i++) {
+        u128 d = (u128)a->v[i] - b->v[i] - borrow;
+        r->v[i] = (uint64_t)d;
+        borrow = (uint64_t)(d >> 127);
+    }
+    return borrow;
+}
+
+/* 1 if a >= b, variable time (an early exit): only for hash-to-curve's screen and
+ * Jacobi symbol, which are variable time anyway (see the top of this file); the
+ * X25519 path uses fe_csub_p. */
+static inline int fe_geq_vartime(const fe *a, const fe *b) {
     for (int i = 3; i >= 0; i--) {
         if (a->v[i] != b->v[i]) return a->v[i] > b->v[i];
     }
@@ -121,17 +169,18 @@ static inline int fe_geq(const fe *a, const fe *b) {
 }
 
 static inline void fe_sub_raw(fe *r, const fe *a, const fe *b) { /* r = a - b, a >= b */
-    u128 borrow = 0;
-    for (int i = 0; i < 4; i++) {
-        u128 d = (u128)a->v[i] - b->v[i] - (uint64_t)borrow;
-        r->v[i] = (uint64_t)d;
-        borrow = (d >> 64) ? 1 : 0;
-    }
+    (void)fe_sub_borrow(r, a, b);
 }
 
-/* Reduce a value below 2^256 to its canonical form below p. */
-static inline void fe_canon(fe *r) {
-    /* fold bit 255: 2^255 = 19 (mod p) */
+/* r = r - p where r >= p, else r unchanged: a masked select, no branch. */
+static inline void fe_csub_p(fe *r) {
+    fe t;
+    const uint64_t keep = 0 - fe_sub_borrow(&t, r, &FE_P); /* all ones: r < p */
+    for (int i = 0; i < 4; i++) r->v[i] = (r->v[i] & keep) | (t.v[i] & ~keep);
+}
+
+/* Fold bit 255 of a value below 2^256 back in: 2^255 = 19 (mod p). */
+static inline void fe_fold255(fe *r) {
     uint64_t top = r->v[3] >> 63;
     r->v[3] &= 0x7FFFFFFFFFFFFFFFull;
     u128 c = (u128)r->v[0] + 19 * top;
@@ -140,7 +189,19 @@ static inline void fe_canon(fe *r) {
         c = (u128)r->v[i] + (uint64_t)(c >> 64);
         r->v[i] = (uint64_t)c;
     }
-    if (fe_geq(r, &FE_P)) fe_sub_raw(r, r, &FE_P);
+}
+
+/* Reduce a value below 2^256 to its canonical form below p, branch-free (the
+ * ladder's outputs and the Legendre lanes). */
+static inline void fe_canon(fe *r) {
+    fe_fold255(r);
+    fe_csub_p(r);
+}
+
+/* The same with a branch: hash-to-curve's scalar arithmetic only (as fast as it was). */
+static inline void fe_canon_vartime(fe *r) {
+    fe_fold255(r);
+    if (fe_geq_vartime(r, &FE_P)) fe_sub_raw(r, r, &FE_P);
 }
 
 /* r = a * b mod p (inputs below 2^256, output canonical). */
@@ -176,7 +237,7 @@ static void fe_mul(fe *r, const fe *a, const fe *b) {
             r->v[i] = (uint64_t)c;
         }
     }
-    fe_canon(r);
+    fe_canon_vartime(r);
 }
 
 static void fe_add_small(fe *r, const fe *a, uint64_t s) {
@@ -186,7 +247,7 @@ static void fe_add_small(fe *r, const fe *a, uint64_t s) {
         c = (u128)a->v[i] + (uint64_t)(c >> 64);
         r->v[i] = (uint64_t)c;
     }
-    fe_canon(r); /* a < p, so a + s < 2^256 */
+    fe_canon_vartime(r); /* a < p, so a + s < 2^256 */
 }
 
 /* ------------------------------------------------------ Jacobi symbol */
@@ -249,7 +310,7 @@ static int jacobi256(fe a, fe n) {
             fe_shr(&a, z);
             if ((z & 1) && (((n.v[0] & 7) == 3) || ((n.v[0] & 7) == 5))) t ^= 1;
         }
-        if (!fe_geq(&a, &n)) {
+        if (!fe_geq_vartime(&a, &n)) {
             fe s = a; a = n; n = s;
             if ((a.v[0] & n.v[0] & 3) == 3) t ^= 1;
         }
@@ -277,17 +338,61 @@ static int jacobi256(fe a, fe n) {
  * every routine is its instruction count, and the ladder skips each carry chain
  * whose result is only ever added or subtracted.
  */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(ISPF_PORTABLE_IFMA)
+#define ISPF_IFMA 1
+#include "_ifma_portable.h" /* the same operations on plain integers, branch-free */
+#define IFMA_TARGET
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ISPF_IFMA 1
 #include <immintrin.h>
-
 #define IFMA_TARGET __attribute__((target("avx512f,avx512ifma")))
+#endif
+
+#ifdef ISPF_IFMA
+#if defined(ISPF_PORTABLE_IFMA) /* (inlining left to the compiler: builds in seconds) */
+#define IFMA_INLINE static inline
+#else
 #define IFMA_INLINE IFMA_TARGET __attribute__((always_inline)) static inline
+#endif
 #define NB 4 /* independent 8-lane groups in flight: hides the multiply latency */
 #define M52 ((1ull << 52) - 1)
 #define M47 ((1ull << 47) - 1)
 
 typedef struct { __m512i l[5]; } fe8;
+
+/* The documented limb bounds (exclusive), asserted after every field operation in
+ * the bound-checking build (ISPF_CHECK_BOUNDS); nothing in the module itself. */
+#define B52 (1ull << 52)
+#define B57 (1ull << 57)
+#define B4_NORMAL ((1ull << 47) + (1ull << 16))
+#ifdef ISPF_CHECK_BOUNDS
+/* Abort, naming the operation, limb and lane, if limb k of any lane of r is not
+ * below bound[k]. */
+IFMA_TARGET static void check_limbs(const char *op, const __m512i *r, int n, const uint64_t *bound) {
+    uint64_t lane[8] __attribute__((aligned(64)));
+    for (int k = 0; k < n; k++) {
+        _mm512_store_si512((void *)lane, r[k]);
+        for (int j = 0; j < 8; j++) {
+            if (lane[j] >= bound[k]) {
+                fprintf(stderr, "limb bound broken after %s: limb %d of lane %d is %#llx, bound %#llx\n",
+                        op, k, j, (unsigned long long)lane[j], (unsigned long long)bound[k]);
+                abort();
+            }
+        }
+    }
+}
+#define CHECK5(op, r, b03, b4)                                                  \
+    do {                                                                        \
+        const uint64_t bound_[5] = {(b03), (b03), (b03), (b03), (b4)};          \
+        check_limbs((op), (r), 5, bound_);                                      \
+    } while (0)
+#define CHECK_NORMAL(op, x) CHECK5(op, (x)->l, B52, B4_NORMAL)
+#define CHECK_LOOSE(op, x) CHECK5(op, (x)->l, B57, B4_NORMAL)
+#else
+#define CHECK5(op, r, b03, b4) ((void)0)
+#define CHECK_NORMAL(op, x) ((void)0)
+#define CHECK_LOOSE(op, x) ((void)0)
+#endif
 
 /* Carry limbs 0-3 into the next (limb 4 keeps what reaches it). */
 IFMA_INLINE void fe8_chain(__m512i r[5]) {
@@ -314,6 +419,10 @@ IFMA_INLINE void fe8_fold_top(__m512i r[5]) {
  * folded before columns 8's share reaches it, so it ends below 2^47 + 2^15. */
 IFMA_INLINE void fe8_fold(fe8 *r, __m512i c[10]) {
     const __m512i k608 = _mm512_set1_epi64(608);
+#ifdef ISPF_CHECK_BOUNDS
+    const uint64_t columns[10] = {B57, B57, B57, B57, B57, B57, B57, B57, B57, 1ull << 43};
+    check_limbs("a product's columns", c, 10, columns);
+#endif
     c[4] = _mm512_madd52lo_epu64(c[4], c[9], k608);
     fe8_fold_top(c);
     for (int k = 0; k < 4; k++) {
@@ -322,12 +431,15 @@ IFMA_INLINE void fe8_fold(fe8 *r, __m512i c[10]) {
         c[k + 1] = _mm512_madd52lo_epu64(c[k + 1], _mm512_srli_epi64(c[k + 5], 52), k608);
     }
     for (int k = 0; k < 5; k++) r->l[k] = c[k];
+    CHECK5("fe8_fold", r->l, B57, (1ull << 47) + (1ull << 15));
 }
 
 /* r = a * b (mod p), loose; inputs normal. Each column collects at most nine
  * halves below 2^52 (< 2^56). */
 IFMA_INLINE void fe8_mul_loose(fe8 *r, const fe8 *a, const fe8 *b) {
     __m512i c[10];
+    CHECK_NORMAL("a multiply's first input", a);
+    CHECK_NORMAL("a multiply's second input", b);
     for (int k = 0; k < 10; k++) c[k] = _mm512_setzero_si512();
     for (int i = 0; i < 5; i++) {
         for (int j = 0; j < 5; j++) {
@@ -342,6 +454,7 @@ IFMA_INLINE void fe8_mul_loose(fe8 *r, const fe8 *a, const fe8 *b) {
  * doubled, then the squares (each column again below 2^56). */
 IFMA_INLINE void fe8_sq_loose(fe8 *r, const fe8 *a) {
     __m512i c[10];
+    CHECK_NORMAL("a square's input", a);
     for (int k = 0; k < 10; k++) c[k] = _mm512_setzero_si512();
     for (int i = 0; i < 5; i++) {
         for (int j = i + 1; j < 5; j++) {
@@ -362,11 +475,13 @@ IFMA_INLINE void fe8_sq_loose(fe8 *r, const fe8 *a) {
 IFMA_INLINE void fe8_mul(fe8 *r, const fe8 *a, const fe8 *b) {
     fe8_mul_loose(r, a, b);
     fe8_chain(r->l);
+    CHECK_NORMAL("fe8_mul", r);
 }
 
 IFMA_INLINE void fe8_sq(fe8 *r, const fe8 *a) {
     fe8_sq_loose(r, a);
     fe8_chain(r->l);
+    CHECK_NORMAL("fe8_sq", r);
 }
 
 /* The same step on NB independent groups, so their multiplies overlap. */
@@ -498,8 +613,10 @@ IFMA_TARGET static void legendre_lanes(const fe in[LANES], int out[LANES]) {
  * below 2^47 + 2^7. */
 IFMA_INLINE void fe8_add(fe8 *r, const fe8 *a, const fe8 *b) {
     for (int k = 0; k < 5; k++) r->l[k] = _mm512_add_epi64(a->l[k], b->l[k]);
+    CHECK5("fe8_add's sum", r->l, 1ull << 58, ~0ull);
     fe8_fold_top(r->l);
     fe8_chain(r->l);
+    CHECK5("fe8_add", r->l, B52, (1ull << 47) + (1ull << 7));
 }
 
 /* r = a - b + 64p, normal; inputs loose or normal. 64p's limbs (2^58 - 1216,
@@ -509,12 +626,16 @@ IFMA_INLINE void fe8_sub(fe8 *r, const fe8 *a, const fe8 *b) {
     const __m512i p0 = _mm512_set1_epi64((long long)((1ull << 58) - 1216));
     const __m512i pk = _mm512_set1_epi64((long long)((1ull << 58) - 64));
     const __m512i p4 = _mm512_set1_epi64((long long)((1ull << 53) - 64));
+    CHECK_LOOSE("fe8_sub's first input", a);
+    CHECK5("fe8_sub's second input (below 64p's limbs)", b->l, (1ull << 58) - 1216, (1ull << 53) - 64);
     for (int k = 0; k < 5; k++) {
         const __m512i bias = k == 0 ? p0 : k == 4 ? p4 : pk;
         r->l[k] = _mm512_sub_epi64(_mm512_add_epi64(a->l[k], bias), b->l[k]);
     }
+    CHECK5("fe8_sub's difference", r->l, 1ull << 59, 1ull << 54);
     fe8_fold_top(r->l);
     fe8_chain(r->l);
+    CHECK5("fe8_sub", r->l, B52, (1ull << 47) + (1ull << 8));
 }
 
 /* r = 121665 * a, loose (only ever added to): the curve's (A - 2) / 4. Input
@@ -531,6 +652,7 @@ IFMA_INLINE void fe8_mul_a24(fe8 *r, const fe8 *a) {
     }
     c[0] = _mm512_madd52lo_epu64(c[0], c[5], k608);
     for (int i = 0; i < 5; i++) r->l[i] = c[i];
+    CHECK5("fe8_mul_a24", r->l, 1ull << 53, 1ull << 53);
 }
 
 /* Swap a and b in the lanes of mask (all or none: the same bit in every lane). */
@@ -547,7 +669,8 @@ IFMA_INLINE void fe8_cswap(fe8 *a, fe8 *b, __mmask8 mask) {
 /* The ladder for LANES u-coordinates (32 bytes each, RFC 7748 decoding: top bit
  * ignored, values >= p accepted) under the clamped scalar e: X25519 is x / z of
  * the results (normal form), left to ladder_finish. */
-IFMA_TARGET static void ladder_lanes(const uint8_t e[32], const uint8_t *in, fe8 x[NB], fe8 z[NB]) {
+IFMA_TARGET __attribute__((noinline)) static void ladder_lanes(const uint8_t e[32], const uint8_t *in,
+                                                               fe8 x[NB], fe8 z[NB]) {
     uint64_t limbs[NB][5][8] __attribute__((aligned(64)));
     for (int j = 0; j < LANES; j++) {
         uint8_t u[32];
@@ -597,7 +720,7 @@ IFMA_TARGET static void ladder_lanes(const uint8_t e[32], const uint8_t *in, fe8
         x[b] = x2[b];
         z[b] = z2[b];
     }
-    memset(limbs, 0, sizeof limbs);
+    secure_wipe(limbs, sizeof limbs);
 }
 
 /* Affine results of count ladder calls with one inversion (Montgomery's trick,
@@ -606,8 +729,9 @@ IFMA_TARGET static void ladder_lanes(const uint8_t e[32], const uint8_t *in, fe8
  * scalar (8 times a number below 2^252) is a multiple of neither the curve's
  * prime order l nor the twist's l' (both above 2^252), so the ladder never ends
  * at infinity. pre holds count groups of scratch; x is overwritten. */
-IFMA_TARGET static void ladder_finish(fe8 (*x)[NB], const fe8 (*z)[NB], fe8 (*pre)[NB], int count,
-                                      uint8_t *out) {
+IFMA_TARGET __attribute__((noinline)) static void ladder_finish(fe8 (*x)[NB], const fe8 (*z)[NB],
+                                                                fe8 (*pre)[NB], int count,
+                                                                uint8_t *out) {
     EACH pre[0][b] = z[0][b];
     for (int c = 1; c < count; c++) mul(pre[c], pre[c - 1], z[c]);
     fe8 inv[NB], zinv[NB];
@@ -630,15 +754,19 @@ IFMA_TARGET static void ladder_finish(fe8 (*x)[NB], const fe8 (*z)[NB], fe8 (*pr
             }
         }
     }
-    memset(limbs, 0, sizeof limbs);
+    secure_wipe(limbs, sizeof limbs);
 }
 
 #undef EACH
 
+#if defined(ISPF_PORTABLE_IFMA)
+static int have_ifma(void) { return 1; } /* the stand-in runs anywhere */
+#else
 static int have_ifma(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512ifma");
 }
+#endif
 #else
 static int have_ifma(void) { return 0; }
 #endif
@@ -663,7 +791,7 @@ static int fe_eq(const fe *a, const fe *b) {
 static int screen(const uint8_t h[32], fe *f) {
     fe u;
     fe_load(&u, h);
-    if (fe_geq(&u, &FE_P)) return 0;
+    if (fe_geq_vartime(&u, &FE_P)) return 0;
     for (int i = 0; i < 5; i++) {
         if (fe_eq(&u, &low_order[i])) return 0;
     }
@@ -762,6 +890,7 @@ IFMA_TARGET static Py_ssize_t h2c_batch_ifma(const uint32_t key[8], const uint8_
 }
 #endif
 
+#ifndef ISPF_CORE_ONLY
 static int use_vector = -1; /* -1: not decided yet */
 
 static PyObject *py_hash_to_curve_many(PyObject *self, PyObject *args) {
@@ -834,14 +963,14 @@ static PyObject *py_hash_to_curve_many(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    memset(kw, 0, sizeof kw);
+    secure_wipe(kw, sizeof kw);
     if (failed >= 0) {
         Py_CLEAR(result);
         PyErr_Format(PyExc_ArithmeticError, "hash-to-curve found no point for ID %zd", failed);
     }
 done:
     if (ids) {
-        memset(ids, 0, (size_t)count * MAX_DIGITS); /* raw IDs do not linger in freed memory */
+        secure_wipe(ids, (size_t)count * MAX_DIGITS); /* raw IDs do not linger in freed memory */
         PyMem_Free(ids);
     }
     PyMem_Free(lens);
@@ -851,65 +980,53 @@ done:
     return result;
 }
 
-/* ------------------------------------------------ multi-buffer X25519 */
+#endif /* ISPF_CORE_ONLY */
 
-typedef uint64_t (*mb8_fn)(uint8_t *out[8], const uint8_t *const key[8], const uint8_t *const pub[8]);
+/* ------------------------------------------------ X25519 refusals and batches */
 
 static const uint8_t BASEPOINT[32] = {9};
 
-/* 1 if the encoding is a low-order point (top bit ignored, values >= p reduced). */
-static int low_order_encoding(const uint8_t in[32]) {
+/* All ones if a == b, else 0; no branch. */
+static inline uint64_t fe_eq_mask(const fe *a, const fe *b) {
+    const uint64_t d = (a->v[0] ^ b->v[0]) | (a->v[1] ^ b->v[1]) | (a->v[2] ^ b->v[2]) | (a->v[3] ^ b->v[3]);
+    return ((d | (0 - d)) >> 63) - 1;
+}
+
+/* All ones if the encoding is a low-order point (top bit ignored, values >= p
+ * reduced), else 0. Branch-free: a probe's input is secret. */
+static uint64_t low_order_encoding(const uint8_t in[32]) {
     uint8_t b[32];
     fe u;
     memcpy(b, in, 32);
     b[31] &= 0x7F;
     fe_load(&u, b);
-    if (fe_geq(&u, &FE_P)) fe_sub_raw(&u, &u, &FE_P);
-    for (int i = 0; i < 5; i++) {
-        if (fe_eq(&u, &low_order[i])) return 1;
-    }
-    return 0;
+    fe_csub_p(&u);
+    uint64_t hit = 0;
+    for (int i = 0; i < 5; i++) hit |= fe_eq_mask(&u, &low_order[i]);
+    return hit;
 }
 
-static int all_zero(const uint8_t *p) {
-    uint8_t acc = 0;
+/* 1 if the 32 bytes are all zero, else 0; no branch. */
+static uint64_t all_zero(const uint8_t *p) {
+    uint64_t acc = 0;
     for (int i = 0; i < 32; i++) acc |= p[i];
-    return acc == 0;
-}
-
-/* X25519(scalar, pub[i]) for n values; outputs cut to out_bytes. Returns the
- * position of the first low-order input, or -1. Runs without the GIL. */
-static Py_ssize_t mb8_run(mb8_fn fn, const uint8_t scalar[32], const uint8_t *pub, Py_ssize_t n,
-                          uint8_t *out, Py_ssize_t out_bytes) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (low_order_encoding(pub + 32 * i)) return i;
-    }
-    uint8_t res[8][32];
-    uint8_t *outs[8];
-    const uint8_t *keys[8], *pubs[8];
-    for (int l = 0; l < 8; l++) { outs[l] = res[l]; keys[l] = scalar; }
-    for (Py_ssize_t base = 0; base < n; base += 8) {
-        int lanes = (n - base) < 8 ? (int)(n - base) : 8;
-        for (int l = 0; l < 8; l++) pubs[l] = l < lanes ? pub + 32 * (base + l) : BASEPOINT;
-        uint64_t status = fn(outs, keys, pubs);
-        for (int l = 0; l < lanes; l++) {
-            if (((status >> (4 * l)) & 0xF) || all_zero(res[l])) return base + l;
-            memcpy(out + out_bytes * (base + l), res[l], (size_t)out_bytes);
-        }
-    }
-    memset(res, 0, sizeof res);
-    return -1;
+    return (acc - 1) >> 63;
 }
 
 #ifdef ISPF_IFMA
 #define CALLS 16 /* ladder calls (LANES values each) sharing one inversion */
 
-/* The same contract as mb8_run, on the eight-lane ladder above: up to CALLS * LANES
- * values at a time, one inversion among them. */
-static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub, Py_ssize_t n,
-                           uint8_t *out, Py_ssize_t out_bytes) {
+/* X25519(scalar, pub[i]) for n values on the eight-lane ladder above, outputs cut
+ * to out_bytes: up to CALLS * LANES values at a time, one inversion among them.
+ * Returns the position of the first low-order input (the only secret-derived
+ * value that decides a branch: the caller reports it), -1, or -2 without memory.
+ * Runs without the GIL. */
+__attribute__((noinline)) static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub,
+                                                     Py_ssize_t n, uint8_t *out, Py_ssize_t out_bytes) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (low_order_encoding(pub + 32 * i)) return i;
+        uint64_t bad = low_order_encoding(pub + 32 * i);
+        DECLASSIFY(&bad, sizeof bad);
+        if (bad) return i;
     }
     uint8_t e[32];
     memcpy(e, scalar, 32);
@@ -919,7 +1036,10 @@ static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub, Py_ssiz
     /* x, z and the running products of CALLS calls, then the affine bytes. */
     size_t state = 3 * (size_t)CALLS * sizeof(fe8[NB]), bytes = (size_t)CALLS * LANES * 32;
     uint8_t *mem = aligned_alloc(64, state + bytes);
-    if (!mem) return -2;
+    if (!mem) {
+        secure_wipe(e, sizeof e);
+        return -2;
+    }
     fe8 (*x)[NB] = (fe8 (*)[NB])mem, (*z)[NB] = x + CALLS, (*pre)[NB] = z + CALLS;
     uint8_t *res = mem + state, src[LANES][32];
     Py_ssize_t bad = -1;
@@ -940,17 +1060,20 @@ static Py_ssize_t ifma_run(const uint8_t scalar[32], const uint8_t *pub, Py_ssiz
         }
         ladder_finish(x, (const fe8 (*)[NB])z, pre, calls, res);
         for (Py_ssize_t i = 0; i < todo; i++) {
-            if (all_zero(res + 32 * i)) { bad = base + i; break; }
+            uint64_t zero = all_zero(res + 32 * i);
+            DECLASSIFY(&zero, sizeof zero);
+            if (zero) { bad = base + i; break; }
             memcpy(out + out_bytes * (base + i), res + 32 * i, (size_t)out_bytes);
         }
     }
-    memset(e, 0, sizeof e);
-    memset(mem, 0, state + bytes);
+    secure_wipe(e, sizeof e);
+    secure_wipe(mem, state + bytes);
     free(mem);
     return bad;
 }
 #endif
 
+#ifndef ISPF_CORE_ONLY
 /* x25519_many(scalar, packed, out_bytes) -> (bytes, bad position or -1): the
  * eight-lane ladder; ValueError where the CPU lacks AVX-512 IFMA. */
 static PyObject *py_x25519_many(PyObject *self, PyObject *args) {
@@ -984,45 +1107,6 @@ done:
     PyBuffer_Release(&packed);
     return ret;
 }
-
-static int parse_fn(PyObject *addr, mb8_fn *fn) {
-    void *p = PyLong_AsVoidPtr(addr);
-    if (!p) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null function address");
-        return -1;
-    }
-    *fn = (mb8_fn)p;
-    return 0;
-}
-
-/* mb8_many(fn, scalar, packed, out_bytes) -> (bytes, bad position or -1) */
-static PyObject *py_mb8_many(PyObject *self, PyObject *args) {
-    PyObject *addr;
-    Py_buffer scalar, packed;
-    Py_ssize_t out_bytes;
-    mb8_fn fn;
-    if (!PyArg_ParseTuple(args, "Oy*y*n", &addr, &scalar, &packed, &out_bytes)) return NULL;
-    PyObject *result = NULL, *ret = NULL;
-    if (parse_fn(addr, &fn) < 0) goto done;
-    if (scalar.len != 32 || packed.len % 32 || out_bytes < 1 || out_bytes > 32) {
-        PyErr_SetString(PyExc_ValueError, "scalar must be 32 bytes, values a multiple of 32, out_bytes 1..32");
-        goto done;
-    }
-    Py_ssize_t n = packed.len / 32;
-    result = PyBytes_FromStringAndSize(NULL, n * out_bytes);
-    if (!result) goto done;
-    Py_ssize_t bad;
-    Py_BEGIN_ALLOW_THREADS
-    bad = mb8_run(fn, scalar.buf, packed.buf, n, (uint8_t *)PyBytes_AS_STRING(result), out_bytes);
-    Py_END_ALLOW_THREADS
-    ret = Py_BuildValue("(On)", result, bad);
-done:
-    Py_XDECREF(result);
-    PyBuffer_Release(&scalar);
-    PyBuffer_Release(&packed);
-    return ret;
-}
-
 
 /* --------------------------------------------------------------- shuffle */
 
@@ -1562,6 +1646,19 @@ done:
     return out;
 }
 
+static PyObject *py_point_acceptable(PyObject *self, PyObject *args) {
+    Py_buffer u;
+    if (!PyArg_ParseTuple(args, "y*", &u)) return NULL;
+    PyObject *ret = NULL;
+    if (u.len != 32 || (((const uint8_t *)u.buf)[31] & 0x80)) {
+        PyErr_SetString(PyExc_ValueError, "a candidate is 32 bytes with the top bit clear");
+    } else {
+        ret = PyBool_FromLong(acceptable(u.buf));
+    }
+    PyBuffer_Release(&u);
+    return ret;
+}
+
 static PyObject *py_vector_available(PyObject *self, PyObject *unused) {
     if (use_vector < 0) use_vector = have_ifma();
     return PyBool_FromLong(use_vector);
@@ -1602,8 +1699,9 @@ static PyMethodDef methods[] = {
     {"x25519_many", py_x25519_many, METH_VARARGS,
      "x25519_many(scalar, packed, out_bytes) -> (bytes, first low-order position or -1):\n"
      "RFC 7748 X25519 on eight lanes with AVX-512 IFMA (ValueError without it)."},
-    {"mb8_many", py_mb8_many, METH_VARARGS,
-     "mb8_many(fn_address, scalar, packed, out_bytes) -> (bytes, first low-order position or -1)"},
+    {"point_acceptable", py_point_acceptable, METH_VARARGS,
+     "point_acceptable(u) -> bool: hash-to-curve's test of a 32-byte candidate (top bit clear):\n"
+     "u < p, not low-order, on the curve (scalar Jacobi symbol)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1613,3 +1711,4 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+#endif /* ISPF_CORE_ONLY */

@@ -5,39 +5,41 @@
   module (``ispf.hazmat._native``, built at install where a C compiler is
   present), for CPUs with AVX-512 IFMA. Open source like the rest of the
   default install; no third-party library.
-* ``multibuffer``: ``mbx_x25519_mb8`` from ``libcrypto_mb.so`` (the ``ipp-crypto``
-  wheel, installed with ``pip install .[fast]``), eight exchanges per call with
-  AVX-512 IFMA. Its runtime libraries (``intel-cmplr-lib-rt``: libintlc, libsvml,
-  libimf, libirng) are loaded explicitly, by path, before it; nothing relies on
-  ``LD_LIBRARY_PATH``. Used only if the CPU has AVX-512 IFMA (checked before any
-  call: the code would fault without it).
 
-``cryptography`` and ``ifma`` give byte-identical results on every input the
-tests try (published vectors, random inputs, limb-boundary values); so does
-``multibuffer`` on random inputs, but not on some structured ones (below). All
-refuse a low-order input by its position.
-``auto`` takes ``ifma`` where it runs, else ``cryptography``; ``multibuffer`` only
-when named (it deviates from RFC 7748 on some inputs: see MULTIBUFFER_DEFECT).
+Both give byte-identical results on every input the tests try (RFC 7748's
+vectors, Wycheproof's, random and structured inputs, limb-boundary values) and
+refuse a low-order input by its position. ``auto`` takes ``ifma`` where it runs,
+else ``cryptography``.
+
+``ifma`` proves itself while the node runs (docs/security.md, "The project's own
+X25519"): before it is used, known-answer tests and a random cross-check against
+``cryptography`` (`self_check`); on any mismatch the node falls back to
+``cryptography`` and says so in its log, in health and in a metric
+(`STATUS`). While it serves, about one output in `SPOT_CHECK_EVERY` is computed
+again with ``cryptography``; a mismatch fails that call (and so the session)
+with `SelfCheckFailed` and marks the backend unhealthy: from then on the node
+computes X25519 with ``cryptography``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
-from collections.abc import Iterable
+import math
+import os
+import random
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ispf.errors import ConfigError, InvalidBlindedValue
+from ispf.errors import ConfigError, InvalidBlindedValue, SelfCheckFailed
 
 log = logging.getLogger(__name__)
 POINT = 32
-RUNTIME_LIBS = ("libintlc.so.5", "libsvml.so", "libimf.so", "libirng.so")
-BASEPOINT = (9).to_bytes(32, "little")  # pads the last call of eight
+SPOT_CHECK_EVERY = 4096  # one output in this many is recomputed with cryptography
 
 
 class BackendUnavailable(ConfigError):
@@ -85,16 +87,9 @@ def cpu_has_ifma(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     )
 
 
-def library_dirs() -> list[Path]:
-    """Where the ipp-crypto and intel-cmplr-lib-rt wheels put their libraries."""
-    dirs = [Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"]
-    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
-
-
 P = 2**255 - 19
-# Every 32-byte encoding of a low-order point (the top bit is ignored by X25519, and
-# values >= p are reduced): refused before the multi-buffer code sees them, since it
-# does not map all of them to zero.
+# u-coordinates of the low-order points (canonical) and every 32-byte encoding of
+# them (the top bit is ignored by X25519, and values >= p are reduced).
 _LOW_ORDER = (
     0,
     1,
@@ -111,104 +106,37 @@ LOW_ORDER_ENCODINGS = frozenset(
 )
 
 
-class MultiBufferBackend:
-    name = "multibuffer"
+@dataclass
+class BackendStatus:
+    """What the node reports about its X25519 (log, health, metrics)."""
 
-    def __init__(self, lib: ctypes.CDLL, where: Path) -> None:
-        self._fn = lib.mbx_x25519_mb8
-        self._fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self._fn.restype = ctypes.c_uint64
-        self._address = ctypes.cast(self._fn, ctypes.c_void_p).value
-        self.where = where
+    name: str = "cryptography"
+    healthy: bool = True
+    reason: str = ""
+    mismatches: int = 0  # outputs a self-check found wrong (start-up and sessions)
+    spot_checks: int = 0  # outputs recomputed with cryptography while serving
 
-    @classmethod
-    def load(
-        cls, dirs: Iterable[Path] | None = None, *, check_cpu: bool = True
-    ) -> MultiBufferBackend:
-        if check_cpu and not cpu_has_ifma():
-            raise BackendUnavailable("the CPU lacks AVX-512 IFMA")
-        for d in dirs if dirs is not None else library_dirs():
-            if not (d / "libcrypto_mb.so").exists():
-                continue
-            try:
-                for name in RUNTIME_LIBS:
-                    ctypes.CDLL(str(d / name), mode=ctypes.RTLD_GLOBAL)
-                return cls(ctypes.CDLL(str(d / "libcrypto_mb.so")), d)
-            except OSError as exc:
-                raise BackendUnavailable(f"libcrypto_mb.so in {d} does not load: {exc}") from exc
-        raise BackendUnavailable(
-            "libcrypto_mb.so not found (install the fast extra: pip install '.[fast]')"
-        )
 
-    def many(self, scalar: bytes, packed: bytes, out_bytes: int) -> bytes:
-        _check_packed(packed)
-        from ispf.hazmat.curve import native
-
-        if native is not None:  # the same loop in C, without the GIL
-            out, bad_at = native.mb8_many(self._address, scalar, packed, out_bytes)
-            if bad_at >= 0:
-                raise InvalidBlindedValue(
-                    f"value {bad_at} is a low-order point and cannot be blinded"
-                )
-            return out  # type: ignore[no-any-return]
-        return self._many_py(scalar, packed, out_bytes)
-
-    def _many_py(self, scalar: bytes, packed: bytes, out_bytes: int) -> bytes:
-        n = len(packed) // POINT
-        if n == 0:
-            return b""
-        bad = LOW_ORDER_ENCODINGS
-        for pos in range(0, len(packed), POINT):
-            if packed[pos : pos + POINT] in bad:
-                raise InvalidBlindedValue(
-                    f"value {pos // POINT} is a low-order point and cannot be blinded"
-                )
-        lanes = -(-n // 8) * 8
-        src = ctypes.create_string_buffer(packed + BASEPOINT * (lanes - n), lanes * POINT)
-        dst = ctypes.create_string_buffer(lanes * POINT)
-        key = ctypes.create_string_buffer(scalar, POINT)
-        ptrs = ctypes.c_void_p * lanes
-        src_p = ptrs(*range(ctypes.addressof(src), ctypes.addressof(src) + lanes * POINT, POINT))
-        dst_p = ptrs(*range(ctypes.addressof(dst), ctypes.addressof(dst) + lanes * POINT, POINT))
-        key_p = (ctypes.c_void_p * 8)(*([ctypes.addressof(key)] * 8))
-        fn, sp, dp, kp, step = (
-            self._fn,
-            ctypes.addressof(src_p),
-            ctypes.addressof(dst_p),
-            ctypes.addressof(key_p),
-            8 * ctypes.sizeof(ctypes.c_void_p),
-        )
-        for k in range(lanes // 8):
-            status = fn(dp + k * step, kp, sp + k * step)
-            if status:
-                lane = next(i for i in range(8) if (status >> (4 * i)) & 0xF)
-                pos = k * 8 + lane
-                if pos < n:
-                    raise InvalidBlindedValue(
-                        f"value {pos} is a low-order point and cannot be blinded"
-                    )
-        raw = dst.raw
-        # RFC 7748: an all-zero result means a low-order input; not every such input
-        # sets the status, so look at the outputs themselves (aligned 32-byte blocks).
-        zero, at = bytes(POINT), raw.find(bytes(POINT))
-        while 0 <= at < n * POINT:
-            if at % POINT == 0:
-                raise InvalidBlindedValue(
-                    f"value {at // POINT} is a low-order point and cannot be blinded"
-                )
-            at = raw.find(zero, at + 1)
-        if out_bytes == POINT:
-            return raw[: n * POINT]
-        return b"".join(raw[i : i + out_bytes] for i in range(0, n * POINT, POINT))
+STATUS = BackendStatus()
+_status_lock = threading.Lock()
 
 
 class IfmaBackend:
-    """X25519 on eight lanes in the project's own C module (AVX-512 IFMA)."""
+    """X25519 on eight lanes in the project's own C module (AVX-512 IFMA).
+
+    About one output in `check_every` is recomputed with `cryptography` (0: none);
+    a mismatch raises `SelfCheckFailed` and marks this backend unhealthy, after
+    which every call is computed with `cryptography` instead."""
 
     name = "ifma"
 
-    def __init__(self, module: ModuleType) -> None:
+    def __init__(self, module: ModuleType, check_every: int = SPOT_CHECK_EVERY) -> None:
         self._native = module
+        self.check_every = check_every
+        self.healthy = True
+        self._rng = random.Random(os.urandom(16))
+        self._lock = threading.Lock()
+        self._next_check = self._gap()
 
     @classmethod
     def load(cls, *, check_cpu: bool = True) -> IfmaBackend:
@@ -222,55 +150,182 @@ class IfmaBackend:
             raise BackendUnavailable("the CPU lacks AVX-512 IFMA")
         return cls(native)
 
+    def _gap(self) -> int:
+        """Values until the next spot check: geometric, mean `check_every`."""
+        if self.check_every <= 0:
+            return 2**62
+        if self.check_every == 1:
+            return 0
+        u = self._rng.random()
+        return int(math.log1p(-u) / math.log1p(-1 / self.check_every))
+
     def many(self, scalar: bytes, packed: bytes, out_bytes: int) -> bytes:
         _check_packed(packed)
+        if not self.healthy:
+            return CryptographyBackend().many(scalar, packed, out_bytes)
         out, bad_at = self._native.x25519_many(scalar, packed, out_bytes)
         if bad_at >= 0:
             raise InvalidBlindedValue(f"value {bad_at} is a low-order point and cannot be blinded")
+        n = len(packed) // POINT
+        with self._lock:
+            picks = []
+            while self._next_check < n:
+                picks.append(self._next_check)
+                self._next_check += 1 + self._gap()
+            self._next_check -= n
+        if picks:
+            self._spot_check(scalar, packed, out, out_bytes, picks)
         return out  # type: ignore[no-any-return]
 
+    def _spot_check(
+        self, scalar: bytes, packed: bytes, out: bytes, out_bytes: int, picks: list[int]
+    ) -> None:
+        key = X25519PrivateKey.from_private_bytes(scalar)
+        with _status_lock:
+            STATUS.spot_checks += len(picks)
+        for i in picks:
+            u = X25519PublicKey.from_public_bytes(packed[POINT * i : POINT * (i + 1)])
+            if key.exchange(u)[:out_bytes] != out[out_bytes * i : out_bytes * (i + 1)]:
+                self.mark_unhealthy(f"output {i} of a batch of {len(packed) // POINT}")
+                raise SelfCheckFailed(
+                    f"X25519 backend {self.name} disagreed with cryptography on value {i} "
+                    f"of this batch; the result is not trusted, and the node now computes "
+                    f"X25519 with cryptography"
+                )
 
-CHOICES = ("auto", "multibuffer", "ifma", "cryptography")
+    def mark_unhealthy(self, where: str) -> None:
+        self.healthy = False
+        with _status_lock:
+            STATUS.mismatches += 1
+            first = STATUS.healthy
+            STATUS.healthy = False
+            STATUS.reason = f"{self.name} disagreed with cryptography in a session ({where})"
+        if first:
+            log.error(
+                "X25519 backend %s disagreed with cryptography on %s: marked unhealthy, "
+                "computing X25519 with cryptography from now on",
+                self.name,
+                where,
+            )
+
+
+# Known answers (RFC 7748, sections 5.2 and 6.1): scalar, u, X25519(scalar, u).
+KNOWN_ANSWERS = (
+    (
+        "a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4",
+        "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c",
+        "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552",
+    ),
+    (
+        "4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d",
+        "e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493",
+        "95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957",
+    ),
+    (  # the iterated test after one round: X25519(9, 9)
+        "0900000000000000000000000000000000000000000000000000000000000000",
+        "0900000000000000000000000000000000000000000000000000000000000000",
+        "422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079",
+    ),
+    (  # Alice's public key, then the shared secret with Bob's
+        "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+        "0900000000000000000000000000000000000000000000000000000000000000",
+        "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a",
+    ),
+    (
+        "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+        "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f",
+        "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742",
+    ),
+)
+
+
+def edge_values() -> list[int]:
+    """Structured u-coordinates a peer could choose: near p and 2^255, long runs of
+    one bits, and values whose 52-bit limbs sit at the ladder's carry bounds."""
+    values = [P + d for d in range(2, 19)] + [P - d for d in range(2, 40)]
+    values += [sum(((1 << 52) - 1 - t) << (52 * k) for k in range(5)) % 2**255 for t in range(9)]
+    values += [(1 << 52) * j for j in range(1, 9)] + [2**255 - 1 - i for i in range(22, 30)]
+    values += [2**m - 1 for m in range(80, 100)] + [P - 2**k - 1 for k in range(2, 120)]
+    values += [2**k for k in range(2, 255)] + [2**255 - 2**k for k in range(1, 254)]
+    out = []
+    for v in values:
+        enc = (v % 2**255).to_bytes(32, "little")
+        if enc not in LOW_ORDER_ENCODINGS:
+            out.append(v % 2**255)
+    return out
+
+
+def self_check(backend: X25519Backend, random_values: int = 512) -> str | None:
+    """Known answers, then `random_values` random and the structured values against
+    `cryptography` under random scalars; returns what disagreed, or None."""
+    for n, (k, u, out) in enumerate(KNOWN_ANSWERS):
+        if backend.many(bytes.fromhex(k), bytes.fromhex(u), POINT).hex() != out:
+            return f"known answer {n} (RFC 7748) is wrong"
+    reference = CryptographyBackend()
+    values = os.urandom(POINT * random_values)
+    values += b"".join(v.to_bytes(32, "little") for v in edge_values())
+    for scalar in (os.urandom(32), b"\xff" * 32, bytes(32)):
+        got, want = backend.many(scalar, values, POINT), reference.many(scalar, values, POINT)
+        if got != want:
+            at = next(i for i in range(0, len(got), POINT) if got[i : i + 32] != want[i : i + 32])
+            return f"value {at // POINT} of the cross-check against cryptography is wrong"
+    return None
+
+
+CHOICES = ("auto", "ifma", "cryptography")
+REMOVED = {
+    "multibuffer": "the multibuffer backend (Intel's mbx_x25519_mb8) was removed: it returned "
+    "wrong results for some inputs a peer can choose; use auto, ifma or cryptography"
+}
 _loaded: dict[str, X25519Backend] = {}
 
 
 def select(choice: str = "auto") -> X25519Backend:
-    """The backend for this process: "auto" (fastest that works), or one by name."""
+    """The backend for this process: "auto" (fastest that works), or one by name.
+
+    `ifma`, named or taken by `auto`, must first pass `self_check`; where it does
+    not, the node uses `cryptography` and `STATUS` says why."""
     if choice in _loaded:
         return _loaded[choice]
     backend: X25519Backend
     if choice == "cryptography":
         backend = CryptographyBackend()
-    elif choice == "multibuffer":
-        backend = MultiBufferBackend.load()
-        log.warning("X25519 backend multibuffer, as configured: %s", MULTIBUFFER_DEFECT)
     elif choice == "ifma":
-        backend = IfmaBackend.load()
+        backend = _checked(IfmaBackend.load())
     elif choice == "auto":
         backend = _first_available()
+    elif choice in REMOVED:
+        raise ConfigError(REMOVED[choice])
     else:
         raise ConfigError(f"unknown blinding backend '{choice}' (one of: {', '.join(CHOICES)})")
     _loaded[choice] = backend
+    _loaded.setdefault(backend.name, backend)  # one instance per backend: one health
+    with _status_lock:
+        STATUS.name = backend.name
     return backend
 
 
+def _checked(backend: IfmaBackend) -> X25519Backend:
+    """`backend` if it passes its self-check, else `cryptography` (logged, in STATUS)."""
+    problem = self_check(backend)
+    if problem is None:
+        return backend
+    with _status_lock:
+        STATUS.healthy = False
+        STATUS.mismatches += 1
+        STATUS.reason = f"{backend.name} failed its start-up self-check ({problem})"
+    log.error(
+        "X25519 backend %s failed its start-up self-check (%s): using cryptography instead",
+        backend.name,
+        problem,
+    )
+    return CryptographyBackend()
+
+
 def _first_available() -> X25519Backend:
-    """`ifma` where it runs, else `cryptography`. Never `multibuffer` (see below)."""
+    """`ifma` where it runs and passes its self-check, else `cryptography`."""
     try:
-        return IfmaBackend.load()
+        return _checked(IfmaBackend.load())
     except BackendUnavailable as exc:
         log.info("ifma X25519 unavailable (%s): using cryptography", exc.message)
         return CryptographyBackend()
-
-
-# Intel's mbx_x25519_mb8 (ipp-crypto 2026.2.0 here) returns values that differ from
-# RFC 7748 (and from OpenSSL, from this project's ladder and from a textbook one)
-# for some inputs: u-coordinates with long runs of one bits, such as p - 4 or
-# 2^88 - 1, under some scalars. Uniform inputs (hash-to-curve outputs) did not hit
-# it in millions of tries, but a peer chooses the values a node re-blinds, and a
-# wrong ladder result under the node's secret scalar is not a risk to take. So it
-# is used only where a node's configuration names it.
-MULTIBUFFER_DEFECT = (
-    "mbx_x25519_mb8 differs from RFC 7748 for some inputs (values a peer can choose); "
-    "'auto' does not use it"
-)

@@ -324,6 +324,11 @@ class Initiator:
             worker.start()
             try:
                 self._answer_peer(peer_total, peer_tags)
+            except grpc.RpcError:
+                worker.join()
+                if own_error:  # our own failure (a self-check, say) explains the peer's
+                    raise own_error[0] from None
+                raise
             finally:
                 worker.join()
             if own_error:
