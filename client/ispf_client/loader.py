@@ -137,20 +137,24 @@ def load_csv(
         if on_batch:
             on_batch(report)
 
+    next_line = 2  # the line after the last one read (line 1 is the header)
     try:
         try:
             for item in read_registry_csv(path):
                 if isinstance(item, RowProblem):
                     pending.append(item)
                     report.rows += not item.code.startswith("file.")
+                    next_line = max(next_line, item.line + 1)
                     continue
                 report.rows += 1
                 batch.append(item)
+                next_line = int(item.position) + 1
                 if len(batch) >= BATCH:
                     flush()
         except KeyboardInterrupt:
+            # Between batches, everything read so far was stored (or reported).
             report.stopped, report.interrupted = "interrupted", True
-            report.stopped_at = int(batch[0].position) if batch else 0
+            report.stopped_at = int(batch[0].position) if batch else next_line
             raise _Stop from None
         flush()
     except _Stop:

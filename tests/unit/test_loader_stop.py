@@ -1,0 +1,42 @@
+"""Where a load says it stopped when it is interrupted between two batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ispf.v1 import internal_pb2
+from ispf_client.loader import BATCH, LoadReport, load_csv
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.stored = 0
+
+    def upsert(self, batch: list[internal_pb2.Record]) -> SimpleNamespace:
+        self.stored += len(batch)
+        return SimpleNamespace(
+            accepted=len(batch), inserted=len(batch), updated=0, unchanged=0, errors=[]
+        )
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_an_interrupt_between_batches_names_the_first_line_not_stored(
+    tmp_path: Path, batches: int
+) -> None:
+    f = tmp_path / "r.csv"
+    lines = ["record_id,cnic,programme,status"]
+    lines += [f"r{i},35202{i:07d}1,BISP,enrolled" for i in range(BATCH * 3)]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    node = _Node()
+
+    def after_batch(rep: LoadReport) -> None:
+        if rep.accepted >= BATCH * batches:
+            raise KeyboardInterrupt  # (a SIGTERM landing right after a batch was stored)
+
+    rep = load_csv(node, f, on_batch=after_batch)  # type: ignore[arg-type]
+    assert rep.interrupted and rep.stopped == "interrupted"
+    assert node.stored == rep.accepted == BATCH * batches
+    assert rep.stopped_at == rep.accepted + 2  # header on line 1, rows from line 2
