@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import grpc
 
+from ispf.peertext import untrusted
+
 ERROR_TYPE_KEY = "ispf-error-type"
 
 
@@ -180,7 +182,9 @@ _BY_CODE: dict[grpc.StatusCode, type[IspfError]] = {
 def from_rpc_error(err: grpc.RpcError) -> IspfError:
     """Translate a failed call back into the class the server raised."""
     code: grpc.StatusCode = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (err.details() if isinstance(err, grpc.Call) else None) or code.name
+    # (The details are the other side's text: a peer's, on a node's outbound calls.)
+    details = untrusted((err.details() if isinstance(err, grpc.Call) else None) or "", 1000)
+    details = details or code.name
     name = None
     if isinstance(err, grpc.Call):
         for key, value in err.trailing_metadata() or ():

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ispf.errors import ConfigError, PolicyRefused
+from ispf.peertext import untrusted
 from ispf.records import Label
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Policy:
         if purpose not in pp.purposes:
             allowed = ", ".join(sorted(pp.purposes)) or "none"
             raise PolicyRefused(
-                f"purpose '{purpose}' is not allowed for peer {peer} by policy version "
+                f"purpose '{untrusted(purpose, 64)}' is not allowed for peer {peer} by policy version "
                 f"{self.version} (allowed: {allowed})"
             )
         if pp.count_only and not count_only:

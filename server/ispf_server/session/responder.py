@@ -26,6 +26,7 @@ from ispf.errors import (
     VersionMismatch,
 )
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.peertext import untrusted
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
 from ispf_server.extsort import shuffled
@@ -678,7 +679,7 @@ class Responder:
 
     def abort(self, req: peer_pb2.AbortRequest, caller: str) -> peer_pb2.AbortResponse:
         s = self._get(req.session_id, caller)
-        reason = req.reason[:200] if req.reason.isprintable() else "no printable reason"
+        reason = untrusted(req.reason) or "no printable reason"
         self._fail(s, f"aborted by {caller}: {reason}")
         return peer_pb2.AbortResponse()
 
