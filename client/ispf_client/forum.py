@@ -262,8 +262,20 @@ def write_node_config(
     return path
 
 
-def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
-    """A starting policy: every forum peer, both purposes, every label; to be reviewed."""
+def write_policy(
+    path: Path, peers: list[str], version: int = 1, settings: dict[str, int] | None = None
+) -> None:
+    """A starting policy: every forum peer, both purposes, every label; to be reviewed.
+
+    `settings` replace the defaults written for every peer (tests narrow them)."""
+    bounds = {
+        "budget_multiple": 4,
+        "budget_daily": 100000,
+        "min_set_size": 100,
+        "max_open_sessions": 4,
+        "session_idle_seconds": 600,
+        **(settings or {}),
+    }
     lines = [
         "# Data-sharing policy of this node: reviewed, versioned, reloaded on change.",
         "# Bump `version` with every change; each change is recorded in the audit log.",
@@ -280,6 +292,10 @@ def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
             "max_set_size = 50000000",
             "probes_per_minute = 60",
             "probes_per_day = 10000",
+            "# hostile-peer bounds: query budget per epoch (multiple of the registry size",
+            "# it declares, plus a daily allowance), smallest count-only or filtered set,",
+            "# sessions open at once and their idle time",
+            *(f"{k} = {v}" for k, v in bounds.items()),
         ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

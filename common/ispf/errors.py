@@ -21,7 +21,8 @@
     │   └── PolicyRefused
     ├── Unauthenticated            UNAUTHENTICATED
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
-    │   └── StorageFull            (the node's disk is full: nothing was stored)
+    │   ├── StorageFull            (the node's disk is full: nothing was stored)
+    │   └── BudgetExhausted        (a peer's query budget for the epoch is spent)
     ├── SessionAborted             ABORTED
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
@@ -136,6 +137,10 @@ class ResourceExhausted(IspfError):
 
 class StorageFull(ResourceExhausted):
     pass
+
+
+class BudgetExhausted(ResourceExhausted):
+    """A peer submitted as many values as its per-epoch query budget allows."""
 
 
 class SessionAborted(IspfError):

@@ -110,6 +110,8 @@ class AuditLog:
         sync: str = "none",
         initiator_removed: int = 0,
         responder_removed: int = 0,
+        initiator_declared: int = 0,
+        responder_declared: int = 0,
     ) -> bytes:
         peer = responder if initiator == self.province else initiator
         fields: dict[str, Any] = {
@@ -135,13 +137,22 @@ class AuditLog:
             "sync": sync,
             "initiator_removed": initiator_removed,
             "responder_removed": responder_removed,
+            "initiator_declared": initiator_declared,
+            "responder_declared": responder_declared,
         }
         if reason is not None:
             fields["reason"] = _printable(reason)
         return encode_entry(fields)
 
     def record_refusal(
-        self, *, session_id: str, peer: str, purpose: str, epoch: int, reason_code: str
+        self,
+        *,
+        session_id: str,
+        peer: str,
+        purpose: str,
+        epoch: int,
+        reason_code: str,
+        declared: int = 0,
     ) -> None:
         """Log a refused handshake (policy, salt, protocol) and sign a checkpoint."""
         entry = encode_entry(
@@ -154,6 +165,7 @@ class AuditLog:
                 "purpose": _printable(purpose),
                 "epoch": epoch,
                 "reason_code": reason_code,
+                "declared": declared,
                 "time": utcnow(),
             }
         )

@@ -14,6 +14,12 @@ A peer that is not listed is refused. Example::
     max_set_size = 2000000                  # largest set it may submit in one session
     probes_per_minute = 60                  # online checks (planned; parsed and kept)
     probes_per_day = 20000
+    # Bounds on what a peer may ask (hostile-peer limits; see docs/security.md):
+    budget_multiple = 4        # values it may submit per epoch, as a multiple of the
+    budget_daily = 100000      #   registry size it declares, plus this much a day
+    min_set_size = 100         # smallest set of a count-only or filtered session
+    max_open_sessions = 4      # sessions it may hold open here at once
+    session_idle_seconds = 600 # an open session left idle this long is failed
 
 The policy binds both directions: as responder the node refuses requests
 outside it; as initiator it never discloses labels the peer may not learn,
@@ -39,6 +45,12 @@ from ispf.records import Label
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SET = 50_000_000
+DEFAULT_BUDGET_MULTIPLE = 4
+DEFAULT_BUDGET_DAILY = 100_000
+DEFAULT_MIN_SET = 100
+# Seven provinces: a peer runs one sync at a time and a few one-offs beside it.
+DEFAULT_MAX_OPEN = 4
+DEFAULT_IDLE_SECONDS = 600
 _PEER_KEYS = {
     "purposes",
     "collections",
@@ -47,6 +59,11 @@ _PEER_KEYS = {
     "max_set_size",
     "probes_per_minute",
     "probes_per_day",
+    "budget_multiple",
+    "budget_daily",
+    "min_set_size",
+    "max_open_sessions",
+    "session_idle_seconds",
 }
 
 
@@ -60,6 +77,19 @@ class PeerPolicy:
     max_set_size: int = DEFAULT_MAX_SET
     probes_per_minute: int = 60
     probes_per_day: int = 10_000
+    budget_multiple: int = DEFAULT_BUDGET_MULTIPLE
+    budget_daily: int = DEFAULT_BUDGET_DAILY
+    min_set_size: int = DEFAULT_MIN_SET
+    max_open_sessions: int = DEFAULT_MAX_OPEN
+    session_idle_seconds: int = DEFAULT_IDLE_SECONDS
+
+    def budget_allowance(self, declared: int, days: int) -> int:
+        """Values the peer may submit in an epoch: a multiple of the registry size it
+        declared (at most `max_set_size`), and `budget_daily` for each day (UTC) since
+        it first submitted any in the epoch, that one included."""
+        return self.budget_multiple * min(declared, self.max_set_size) + self.budget_daily * max(
+            days, 1
+        )
 
     def may_disclose(self, label: Label) -> bool:
         # Registries have few distinct labels and many records: decide each label once.
@@ -142,6 +172,17 @@ def parse_policy(data: bytes, where: str) -> Policy:
             max_set_size=_int(v.get("max_set_size", DEFAULT_MAX_SET), f"{w}: max_set_size", 1),
             probes_per_minute=_int(v.get("probes_per_minute", 60), f"{w}: probes_per_minute"),
             probes_per_day=_int(v.get("probes_per_day", 10_000), f"{w}: probes_per_day"),
+            budget_multiple=_int(
+                v.get("budget_multiple", DEFAULT_BUDGET_MULTIPLE), f"{w}: budget_multiple"
+            ),
+            budget_daily=_int(v.get("budget_daily", DEFAULT_BUDGET_DAILY), f"{w}: budget_daily"),
+            min_set_size=_int(v.get("min_set_size", DEFAULT_MIN_SET), f"{w}: min_set_size", 1),
+            max_open_sessions=_int(
+                v.get("max_open_sessions", DEFAULT_MAX_OPEN), f"{w}: max_open_sessions", 1
+            ),
+            session_idle_seconds=_int(
+                v.get("session_idle_seconds", DEFAULT_IDLE_SECONDS), f"{w}: session_idle_seconds", 1
+            ),
         )
     return Policy(version, hashlib.sha256(data).hexdigest(), peers)
 

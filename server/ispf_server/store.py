@@ -101,6 +101,17 @@ CREATE TABLE IF NOT EXISTS witnessed (
     note       TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+-- Each peer's query budget per epoch: values it submitted (sessions of every kind
+-- and probes), the registry size it last declared, and refusals once spent.
+CREATE TABLE IF NOT EXISTS query_budget (
+    peer      TEXT NOT NULL,
+    epoch     INTEGER NOT NULL,
+    declared  INTEGER NOT NULL DEFAULT 0,
+    used      INTEGER NOT NULL DEFAULT 0,
+    refused   INTEGER NOT NULL DEFAULT 0,
+    first_day TEXT NOT NULL,
+    PRIMARY KEY (peer, epoch)
+);
 """
 
 log = logging.getLogger(__name__)
@@ -835,6 +846,17 @@ class Store:
     def registry_version(self) -> int:
         return int(self.meta("registry_version") or 0)
 
+    def distinct_ids(self) -> int:
+        """Distinct IDs in the registry (the size a node declares in a handshake),
+        counted again only when the registry changed."""
+        version = self.registry_version()
+        cached = getattr(self, "_distinct", None)
+        if cached is not None and cached[0] == version:
+            return int(cached[1])
+        count = self.stats()[1]
+        self._distinct = (version, count)
+        return count
+
     def pair_key(self, peer: str, epoch: int) -> BlindingKey:
         with self._lock:
             return pairstate.pair_key(self._db, peer, epoch, utcnow())
@@ -907,6 +929,72 @@ class Store:
                 (session_id, session_id),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
+
+    # -- query budgets ------------------------------------------------------
+
+    @storage_errors
+    def charge_budget(
+        self,
+        peer: str,
+        epoch: int,
+        values: int,
+        declared: int,
+        today: str,
+        allowance: Callable[[int, str], int],
+    ) -> BudgetRow:
+        """Add `values` to the peer's use in the epoch if `allowance(declared, first_day)`
+        allows it, in one transaction; else count a refusal. `declared` 0 keeps the
+        size declared before. Returns the row after (`charged` says which)."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                row = cur.execute(
+                    "SELECT declared, used, refused, first_day FROM query_budget "
+                    "WHERE peer=? AND epoch=?",
+                    (peer, epoch),
+                ).fetchone()
+                old_declared, used, refused, first_day = row or (0, 0, 0, today)
+                size = declared or old_declared
+                limit = allowance(size, first_day)
+                charged = used + values <= limit
+                if charged:
+                    used += values
+                else:
+                    refused += 1
+                cur.execute(
+                    "INSERT INTO query_budget VALUES (?,?,?,?,?,?) ON CONFLICT(peer, epoch) "
+                    "DO UPDATE SET declared=excluded.declared, used=excluded.used, "
+                    "refused=excluded.refused",
+                    (peer, epoch, size, used, refused, first_day),
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        return BudgetRow(peer, epoch, size, used, refused, first_day, limit, charged)
+
+    def budget(self, peer: str, epoch: int) -> tuple[int, int, int, str] | None:
+        """(declared, used, refused, first day) of a peer's budget in an epoch, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT declared, used, refused, first_day FROM query_budget "
+                "WHERE peer=? AND epoch=?",
+                (peer, epoch),
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]), str(row[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRow:
+    peer: str
+    epoch: int
+    declared: int
+    used: int
+    refused: int
+    first_day: str
+    allowance: int
+    charged: bool
 
 
 def _running(cur: sqlite3.Cursor, session_id: str) -> bool:

@@ -51,6 +51,7 @@ class HandshakeRequest(_message.Message):
     INCREMENTAL_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    REGISTRY_SIZE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
@@ -69,6 +70,11 @@ class HandshakeRequest(_message.Message):
     state: _builtins.bytes
     """Incremental: the state the initiator builds on: fingerprint of its own tag set
     and of the responder's tag set as it holds it (32 bytes each).
+    """
+    registry_size: _builtins.int
+    """Distinct IDs the initiator holds in its registry (what it may take part with):
+    the responder's query budget for it is a policy multiple of this, and both
+    sides log it. A session's set is never larger.
     """
     @_builtins.property
     def responder_collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -95,10 +101,11 @@ class HandshakeRequest(_message.Message):
         incremental: _builtins.bool = ...,
         removed: _builtins.bytes = ...,
         state: _builtins.bytes = ...,
+        registry_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "registry_size", b"registry_size", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,11 +119,14 @@ class HandshakeResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_VALUES_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    REGISTRY_SIZE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_chunk_values: _builtins.int
     """Largest number of values the responder accepts in one chunk."""
     removed: _builtins.bytes
     """Incremental: 16-byte tags of the responder's IDs removed (or relabelled) since."""
+    registry_size: _builtins.int
+    """Distinct IDs the responder holds in its registry (logged by both sides)."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelGroup]:
         """The responder's groups. In count-only mode, one group without labels."""
@@ -128,10 +138,11 @@ class HandshakeResponse(_message.Message):
         groups: _abc.Iterable[_common_pb2.LabelGroup] | None = ...,
         max_chunk_values: _builtins.int = ...,
         removed: _builtins.bytes = ...,
+        registry_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "max_chunk_values", b"max_chunk_values", "removed", b"removed", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "max_chunk_values", b"max_chunk_values", "registry_size", b"registry_size", "removed", b"removed", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

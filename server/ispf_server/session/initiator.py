@@ -209,6 +209,8 @@ class Initiator:
             sync=self._sync_kind(),
             initiator_removed=len(self.side.removed_tags) if self.side else 0,
             responder_removed=self.sizes.get("peer_removed", 0),
+            initiator_declared=self.sizes.get("own_declared", 0),
+            responder_declared=self.sizes.get("peer_declared", 0),
         )
 
     def _sync_kind(self) -> str:
@@ -247,6 +249,8 @@ class Initiator:
         self.plan = plan
         clock.lap("prepare")
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
+        # (never below the set sent: the registry may have shrunk since the plan)
+        declared = self.sizes["own_declared"] = max(self.store.distinct_ids(), plan.total)
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -261,6 +265,7 @@ class Initiator:
                 incremental=side is not None and side.incremental,
                 removed=b"".join(side.removed_tags) if side else b"",
                 state=side.own_fp + side.peer_fp if side and side.incremental else b"",
+                registry_size=declared,
             ),
             timeout=cfg.call,
         )
@@ -284,6 +289,8 @@ class Initiator:
             "own_groups": len(groups),
             "peer_groups": len(peer_groups),
             "peer_removed": len(peer_removed),
+            "own_declared": declared,
+            "peer_declared": hs.registry_size,
         }
         own_records = side.own_records if side else plan.own_records
         self.progress.update(
