@@ -64,7 +64,8 @@ def check_name(field: str, value: str) -> str:
         raise InvalidRecord(f"{field}.too_long", f"{field} is {len(v)} characters: {NAME_RULE}")
     if _DIGIT_RUN.search(v):
         raise InvalidRecord(
-            f"{field}.digits", f"{field} holds a run of 9 or more digits (an ID number?): {NAME_RULE}"
+            f"{field}.digits",
+            f"{field} holds a run of 9 or more digits (an ID number?): {NAME_RULE}",
         )
     if not all(_name_char(c, i == 0) for i, c in enumerate(v)):
         raise InvalidRecord(f"{field}.invalid", f"{field} must be {NAME_RULE}")

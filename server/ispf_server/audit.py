@@ -155,12 +155,13 @@ class AuditLog:
         declared: int = 0,
     ) -> None:
         """Log a refused handshake (policy, salt, protocol) and sign a checkpoint."""
+        session_id = _printable(session_id, 64)  # (the peer's text, in entry and index)
         entry = encode_entry(
             {
                 "v": ENTRY_VERSION,
                 "type": "refusal",
                 "recorder": self.province,
-                "session_id": _printable(session_id),
+                "session_id": session_id,
                 "peer": peer,
                 "purpose": _printable(purpose),
                 "epoch": epoch,
@@ -169,7 +170,7 @@ class AuditLog:
                 "time": utcnow(),
             }
         )
-        self.store.append_entry(session_id[:64], entry)
+        self.store.append_entry(session_id, entry)
         self.sign_checkpoint()
 
     def record_policy(self, *, version: int, sha256: str) -> None:

@@ -83,8 +83,7 @@ class QueryBudget:
         if not row.charged:
             self.on_refused(pp.peer)
             log.warning(
-                "query budget of %s in epoch %d is spent: %s of %d values refused "
-                "(%d of %d used)",
+                "query budget of %s in epoch %d is spent: %s of %d values refused (%d of %d used)",
                 pp.peer,
                 epoch,
                 what,

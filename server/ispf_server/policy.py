@@ -124,8 +124,8 @@ class Policy:
         if purpose not in pp.purposes:
             allowed = ", ".join(sorted(pp.purposes)) or "none"
             raise PolicyRefused(
-                f"purpose '{untrusted(purpose, 64)}' is not allowed for peer {peer} by policy version "
-                f"{self.version} (allowed: {allowed})"
+                f"purpose '{untrusted(purpose, 64)}' is not allowed for peer {peer} by policy "
+                f"version {self.version} (allowed: {allowed})"
             )
         if pp.count_only and not count_only:
             raise PolicyRefused(

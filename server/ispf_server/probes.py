@@ -40,6 +40,7 @@ from ispf_server.audit import AuditLog
 from ispf_server.budget import QueryBudget
 from ispf_server.pairstate import labels_of
 from ispf_server.policy import PeerPolicy, Policy
+from ispf_server.session.plan import secure_shuffle
 from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ class ProbeAnswerer:
             for i, t in enumerate(split)
             if t in found
         ]
+        secure_shuffle(hits)  # (each hit names its index: the order says nothing)
         self.log.count(caller, n, matched=len(hits))
         self.on_probe(caller, "answered", n)
         return peer_pb2.ProbeResponse(hits=hits)
