@@ -268,13 +268,22 @@ def write_policy(
     """A starting policy: every forum peer, both purposes, every label; to be reviewed.
 
     `settings` replace the defaults written for every peer (tests narrow them)."""
+    given = dict(settings or {})
+    limits = {
+        k: given.pop(k, v)
+        for k, v in {
+            "max_set_size": 50000000,
+            "probes_per_minute": 60,
+            "probes_per_day": 10000,
+        }.items()
+    }
     bounds = {
         "budget_multiple": 4,
         "budget_daily": 100000,
         "min_set_size": 100,
         "max_open_sessions": 4,
         "session_idle_seconds": 600,
-        **(settings or {}),
+        **given,
     }
     lines = [
         "# Data-sharing policy of this node: reviewed, versioned, reloaded on change.",
@@ -289,9 +298,7 @@ def write_policy(
             "collections = []            # own programmes it may match against; [] = all",
             'disclose = ["*"]            # labels it may learn: "PROGRAMME/status", * wildcards',
             "count_only = false",
-            "max_set_size = 50000000",
-            "probes_per_minute = 60",
-            "probes_per_day = 10000",
+            *(f"{k} = {v}" for k, v in limits.items()),
             "# hostile-peer bounds: query budget per epoch (multiple of the registry size",
             "# it declares, plus a daily allowance), smallest count-only or filtered set,",
             "# sessions open at once and their idle time",
