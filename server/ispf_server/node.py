@@ -348,6 +348,7 @@ class Node:
             audit=self.audit,
             pair_lock=self.pair_lock(peer) if sync else None,
             peer_policy=pp,
+            budget=self.budget,
         )
 
     def close(self) -> None:

@@ -110,6 +110,16 @@ def test_budget_stops_a_peer_over_sessions_and_survives_restart(
         "ispf_query_budget_refused_total", {"peer": "sindh"}
     )
     assert metric == 2.0  # (counted since the restart)
+    # As initiator too, punjab charges what sindh sends back for re-blinding.
+    st = fed.reconcile("punjab", "sindh")
+    assert st.state == internal_pb2.SESSION_STATE_FAILED
+    assert "query budget of sindh" in st.error
+    deadline = time.monotonic() + 5  # (the Abort reaches sindh after the session ends here)
+    while not (mine := [e for e in entries(fed, "sindh") if e.get("session_id") == st.session_id]):
+        assert time.monotonic() < deadline, "sindh never logged the aborted session"
+        time.sleep(0.05)
+    (theirs,) = mine
+    assert theirs["outcome"] == "failed" and "budget" in str(theirs["reason"])
     # Another peer's budget is its own: kp's run completes.
     done = fed.reconcile("kp", "punjab")
     assert done.state == internal_pb2.SESSION_STATE_COMPLETED, done.error

@@ -230,6 +230,12 @@ def test_no_stream_a_peer_receives_follows_id_order(
     rhos["probes"] = pooled(pairs_probes)
 
     assert all(abs(r) < BOUND for r in rhos.values()), rhos
+    # Every kind of session and the probes were charged to Sindh's budget here: its
+    # sets of the full run (the incremental one added nothing on its side), the
+    # count-only and the two filtered sessions, and the 10,000 probed values.
+    listing = f.client("punjab")._recon.ListPeers(internal_pb2.ListPeersRequest(), timeout=5)
+    (budget,) = listing.budgets
+    assert (budget.peer, budget.used, budget.declared) == ("sindh", 5 * N, N)
 
 
 def pooled(pairs: list[tuple[int, int]]) -> float:

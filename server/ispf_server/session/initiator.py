@@ -27,6 +27,7 @@ from ispf.keys import BlindingKey, ForumSalt
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
+from ispf_server.budget import QueryBudget
 from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
@@ -118,7 +119,9 @@ class Initiator:
         audit: AuditLog,
         pair_lock: threading.Lock | None = None,
         peer_policy: PeerPolicy | None = None,
+        budget: QueryBudget | None = None,
     ) -> None:
+        self.budget = budget or QueryBudget(store)
         self.province = province
         self.req = request
         # The plan of a session without pair state (None: a sync session's side plans).
@@ -283,6 +286,19 @@ class Initiator:
             list(hs.groups), labelled=self.labelled, max_total=self.max_set_size
         )
         peer_total = sum(peer_sizes)
+        if hs.registry_size and peer_total > hs.registry_size:
+            raise ProtocolViolation(
+                f"{self.req.peer} sends a set of {peer_total} values, larger than the "
+                f"registry of {hs.registry_size} IDs it declares"
+            )
+        if self.labelled:  # (mutual: its values come back re-blinded, so they are questions)
+            self.budget.charge(
+                self.peer_policy,
+                self.salt.epoch,
+                peer_total,
+                declared=hs.registry_size,
+                what="session's set (as responder)",
+            )
         self.sizes = {
             "own": plan.total,
             "peer": peer_total,
