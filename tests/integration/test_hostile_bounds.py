@@ -335,3 +335,23 @@ def test_unknown_session_ids_stay_unknown(fed: Federation) -> None:
             peer_pb2.WitnessRequest(session_id=str(uuid.uuid4())),
             timeout=5,
         )
+
+
+def test_ispf_peers_shows_budget_used_and_left(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from ispf_client.cli import main
+    from tests.integration.test_cli import write_profile
+
+    st = fed.reconcile("sindh", "punjab")
+    assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
+    prof = str(write_profile(fed, "punjab", tmp_path))
+    assert main(["peers", "--profile", prof]) == 0
+    out = capsys.readouterr().out
+    # sindh declared 1 ID: 1 x 1 + 10 for today = 11, and sent 1.
+    assert "sindh" in out and "budget used 1 of 11 (10 left)" in out
+    assert main(["peers", "--json", "--profile", prof]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {x["peer"]: (x["used"], x["left"]) for x in lines} == {"kp": (0, 10), "sindh": (1, 10)}
