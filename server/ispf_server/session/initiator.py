@@ -286,6 +286,16 @@ class Initiator:
             list(hs.groups), labelled=self.labelled, max_total=self.max_set_size
         )
         peer_total = sum(peer_sizes)
+        self.sizes = {
+            "own": plan.total,
+            "peer": peer_total,
+            "own_groups": len(groups),
+            "peer_groups": len(peer_groups),
+            "peer_removed": len(peer_removed),
+            "own_declared": declared,
+            "peer_declared": hs.registry_size,
+        }
+        # (checked once the sizes are known: the failed session's entry shows them)
         if hs.registry_size and peer_total > hs.registry_size:
             raise ProtocolViolation(
                 f"{self.req.peer} sends a set of {peer_total} values, larger than the "
@@ -299,15 +309,6 @@ class Initiator:
                 declared=hs.registry_size,
                 what="session's set (as responder)",
             )
-        self.sizes = {
-            "own": plan.total,
-            "peer": peer_total,
-            "own_groups": len(groups),
-            "peer_groups": len(peer_groups),
-            "peer_removed": len(peer_removed),
-            "own_declared": declared,
-            "peer_declared": hs.registry_size,
-        }
         own_records = side.own_records if side else plan.own_records
         self.progress.update(
             sync=self._sync_kind() if side else "",

@@ -82,8 +82,6 @@ class ResponderSession:
     initiator_tags: TagSpool
     own_tags: TagSpool
     last_used: float = field(default_factory=time.monotonic)
-    # Seconds idle after which the session is failed (node setting and policy).
-    idle: float = 600.0
     # Registry sizes declared in the handshake: the initiator's, and this node's.
     declared: int = 0
     own_declared: int = 0
@@ -171,8 +169,22 @@ class Responder:
 
     # -- bookkeeping --------------------------------------------------------
 
+    def _idle_limit(self) -> Callable[[str], float]:
+        """Seconds a peer's session may stay idle: the node's setting, or less by the
+        policy in force (a change applies to sessions already open)."""
+        peers = self.policy().peers
+
+        def limit(peer: str) -> float:
+            pp = peers.get(peer)
+            return (
+                self.idle_timeout if pp is None else min(self.idle_timeout, pp.session_idle_seconds)
+            )
+
+        return limit
+
     def _expire(self) -> None:
         now = time.monotonic()
+        idle = self._idle_limit()
         with self._lock:
             for key in [
                 k
@@ -181,7 +193,9 @@ class Responder:
             ]:
                 del self._speculative[key]
             stale = [
-                s for s in self._sessions.values() if not s.busy and now - s.last_used > s.idle
+                s
+                for s in self._sessions.values()
+                if not s.busy and now - s.last_used > idle(s.peer)
             ]
         for s in stale:
             self._fail(s, "peer went silent: session expired")
@@ -454,7 +468,6 @@ class Responder:
             peer_removed=peer_removed,
             pair_lock=lock,
             clock=clock,
-            idle=min(self.idle_timeout, float(pp.session_idle_seconds)),
             declared=req.registry_size,
             own_declared=self.store.distinct_ids(),
         )
