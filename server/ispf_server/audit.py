@@ -28,7 +28,7 @@ from ispf.auditlog import (
 )
 from ispf.errors import ConfigError, PreconditionFailed, ProtocolViolation
 from ispf.keys import check_private_file
-from ispf.peertext import untrusted
+from ispf.peertext import MASK, untrusted
 from ispf.v1 import common_pb2
 from ispf_server.session.core import PROTOCOL_VERSION
 from ispf_server.store import Store, utcnow
@@ -39,7 +39,7 @@ COSIGN_LOOKBACK = 64
 
 def _printable(text: str, limit: int = 200) -> str:
     """Free text for an entry: printable, short, and with digit runs cut (no ID can slip in)."""
-    return re.sub(r"\d{6,}", "#", untrusted(text, limit))
+    return re.sub(r"\d{6,}", "#", untrusted(text, limit).replace(MASK, "#"))
 
 
 class ForkDetected(PreconditionFailed):
