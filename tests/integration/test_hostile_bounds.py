@@ -24,7 +24,7 @@ from ispf_server.config import load_config
 from ispf_server.node import Node, create_server
 from ispf_server.pool import BlindingPool
 from tests.conftest import Federation, start_federation
-from tests.integration.test_hostile import channel, expect, hello
+from tests.integration.test_hostile import channel, chunk, expect, hello, points, reblind
 
 RUN = re.compile(r"\d{9,}")
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -288,6 +288,53 @@ def test_repeated_fetch_blinded_is_refused(fed: Federation) -> None:
     row = fed.nodes["punjab"].store.session(req.session_id)
     assert row is not None and row.state == "FAILED" and "already called" in row.error
     st = fed.reconcile("sindh", "punjab")  # an honest session still completes
+    assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
+    with channel(fed) as ch:  # its Witness was answered once: not again
+        stub = peer_pb2_grpc.PeerServiceStub(ch)
+        expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "Witness was already called",
+            stub.Witness,
+            peer_pb2.WitnessRequest(session_id=st.session_id),
+            timeout=5,
+        )
+
+
+def test_repeated_reblind_is_refused(fed: Federation) -> None:
+    with channel(fed) as ch:
+        stub = peer_pb2_grpc.PeerServiceStub(ch)
+        req = hello(fed, n=2)
+        stub.Handshake(req, timeout=5)
+        two = points(fed, 2)
+        assert len(reblind(stub, req.session_id, [chunk(req.session_id, 0, two)])) == 1
+        expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "Reblind was already called",
+            reblind,
+            stub,
+            req.session_id,
+            [chunk(req.session_id, 0, two)],
+        )
+
+
+def test_repeated_sync_state_plans_once(fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ispf_server.session import responder
+
+    plans: list[str] = []
+    real = responder.prepare
+
+    def counted(*args: object, **kw: object) -> object:
+        plans.append("plan")
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(responder, "prepare", counted)
+    with channel(fed) as ch:
+        stub = peer_pb2_grpc.PeerServiceStub(ch)
+        for _ in range(20):
+            stub.GetSyncState(peer_pb2.SyncStateRequest(epoch=1), timeout=5)
+            time.sleep(0.01)
+    assert plans == ["plan"]
+    st = fed.reconcile("sindh", "punjab")  # and the plan still serves the real run
     assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
 
 

@@ -283,11 +283,19 @@ class Responder:
 
     def _speculate(self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool) -> None:
         """Plan this side of the sync `caller` is about to start, in a thread (one at a
-        time per peer); the Handshake takes it if still valid, else plans afresh."""
+        time per peer); the Handshake takes it if still valid, else plans afresh.
+        A plan made for the same kind of run within the idle time is kept: a peer
+        asking again and again makes this node plan once, not each time."""
         key = (caller, epoch)
         with self._lock:
             old = self._speculative.get(key)
             if old is not None and not old.future.done():
+                return
+            if (
+                old is not None
+                and old.incremental == incremental
+                and time.monotonic() - old.started < self.idle_timeout
+            ):
                 return
             fut = in_thread(
                 lambda: prepare(self.store, pp, caller, epoch, incremental=incremental),
