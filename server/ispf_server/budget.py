@@ -28,6 +28,10 @@ from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
 
+# A declared registry size of a billion or more is refused (no province holds as
+# many, and a 13-digit number a peer chose must not reach a log or the store).
+MAX_DECLARED = 10**9
+
 
 def utc_day() -> str:
     return datetime.now(UTC).date().isoformat()

@@ -140,6 +140,12 @@ def test_a_set_larger_than_the_declared_registry_is_refused(fed: Federation) -> 
         stub = peer_pb2_grpc.PeerServiceStub(ch)
         expect(
             grpc.StatusCode.INVALID_ARGUMENT,
+            "not plausible",
+            stub.Handshake,
+            hello(fed, registry_size=int(FOREIGN_ID)),
+        )
+        expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
             "larger than the registry of 5",
             stub.Handshake,
             hello(fed, n=10, registry_size=5),
@@ -257,6 +263,23 @@ def test_abort_and_purpose_carrying_an_id_leave_no_digit_run(
         assert len(info.value.details() or "") < 400
         with pytest.raises(grpc.RpcError):
             stub.Handshake(hello(fed, session_id=f"{FOREIGN_ID}-{dashed}"), timeout=5)
+        # A number the peer chose, quoted back in a reason (a chunk's sequence number).
+        numbered = hello(fed, n=1)
+        stub.Handshake(numbered, timeout=5)
+        with pytest.raises(grpc.RpcError):
+            reblind(
+                stub,
+                numbered.session_id,
+                [chunk(numbered.session_id, int(FOREIGN_ID), points(fed, 1))],
+            )
+        expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "is not held",
+            stub.Handshake,
+            hello(fed, epoch=int(FOREIGN_ID)),
+        )
+    failed = node.store.session(numbered.session_id)
+    assert failed is not None and "chunk [digits] arrived" in failed.error
     row = node.store.session(req.session_id)
     assert row is not None and row.state == "FAILED"
     assert "holder [digits]" in row.error and len(row.error) < 300

@@ -24,10 +24,11 @@ from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.peertext import untrusted
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
-from ispf_server.budget import QueryBudget
+from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
@@ -178,6 +179,7 @@ class Initiator:
                 lock.release()
 
     def _fail(self, reason: str, retriable: bool) -> None:
+        reason = untrusted(reason, 300)  # (it may quote what the peer sent)
         sid = self.req.session_id
         log.warning("session %s with %s failed: %s", sid, self.req.peer, reason)
         entry = self._entry("failed", reason=reason)
@@ -296,6 +298,10 @@ class Initiator:
             "peer_declared": hs.registry_size,
         }
         # (checked once the sizes are known: the failed session's entry shows them)
+        if hs.registry_size >= MAX_DECLARED:
+            raise ProtocolViolation(
+                f"{self.req.peer} declares an implausible registry size (a billion or more)"
+            )
         if hs.registry_size and peer_total > hs.registry_size:
             raise ProtocolViolation(
                 f"{self.req.peer} sends a set of {peer_total} values, larger than the "

@@ -31,7 +31,7 @@ from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
-from ispf_server.budget import QueryBudget
+from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.pool import BlindingPool, pipelined
@@ -211,6 +211,8 @@ class Responder:
         return s
 
     def _fail(self, s: ResponderSession, reason: str) -> None:
+        # (a reason may quote what the peer sent: a sequence number, a size)
+        reason = untrusted(reason, 300)
         with self._lock:
             self._sessions.pop(s.session_id, None)
         s.release()
@@ -369,11 +371,12 @@ class Responder:
                 session_id=req.session_id,
                 peer=caller,
                 purpose=req.purpose,
-                epoch=req.epoch,
+                # (the peer's numbers, logged only where they cannot be an ID number)
+                epoch=req.epoch if req.epoch < MAX_DECLARED else 0,
                 reason_code=type(exc).__name__,
-                declared=req.registry_size,
+                declared=req.registry_size if req.registry_size < MAX_DECLARED else 0,
             )
-            log.warning("refused a session from %s: %s", caller, exc.message)
+            log.warning("refused a session from %s: %s", caller, untrusted(exc.message, 400))
             raise
 
     def _handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
@@ -515,6 +518,10 @@ class Responder:
         """What a peer may ask of this node beyond the policy's who-and-what: a set no
         larger than the registry it declares, no tiny one-off sets (a membership
         oracle), and a bounded number of sessions open at once."""
+        if req.registry_size >= MAX_DECLARED:
+            raise ProtocolViolation(
+                "the declared registry size is not plausible (a billion or more)"
+            )
         if req.registry_size and announced > req.registry_size:
             raise ProtocolViolation(
                 f"the set of {announced} values is larger than the registry of "
