@@ -163,7 +163,7 @@ class AuditLog:
                 "recorder": self.province,
                 "session_id": session_id,
                 "peer": peer,
-                "purpose": _printable(purpose),
+                "purpose": _printable(purpose, 64),
                 "epoch": epoch,
                 "reason_code": reason_code,
                 "declared": declared,
