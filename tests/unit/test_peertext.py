@@ -73,3 +73,13 @@ def test_unicode_labels_are_nfc_normalised_and_accepted() -> None:
     assert check_label("Cafe\u0301", "Enrolled").programme == "Caf\u00e9"
     assert check_label(decomposed, "x").programme == "Programm\u00e9 Sehat"
     assert check_label("BISP-2024", "Enrolled (2)").status == "enrolled (2)"
+
+
+def test_ids_keep_their_digits_unless_an_id_number_is_spelt() -> None:
+    from ispf.peertext import untrusted_id
+
+    sid = "1234abcd-1234-4234-b234-12345678ab12"  # a valid UUID, digits by chance
+    assert untrusted_id(sid) == sid
+    assert untrusted_id("12345678-90123456") == MASK  # 16 digits: could spell an ID
+    assert "3520" not in untrusted_id("35202123-4567-1abc-8def-0123456789ab")
+    assert untrusted_id("abc\x1b[2Jdef" + "x" * 100) == "abcdef" + "x" * 57 + "…"
