@@ -23,15 +23,16 @@ _ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|.)?", re.DOTALL)
 _DIGIT_RUN = re.compile(r"\d(?:[-\s]?\d){8,}")
 
 
-# In an id (a UUID, a request id: hex and dashes) short digit runs are common by
-# chance; only a whole ID number's worth, dashes ignored, is masked there.
-_ID_DIGIT_RUN = re.compile(r"\d(?:-?\d){12,}")
+# In an id (a UUID, a request id: hex and dashes) digit runs are common by chance;
+# only a whole ID number is masked there: 13 digits in a row, or dashed as an ID
+# is written. (No UUID or request id group is that long.)
+_ID_DIGIT_RUN = re.compile(r"\d{13,}|\d{5}-\d{7}-\d")
 
 
 def untrusted_id(text: str, limit: int = 64) -> str:
     """A session or request id from a peer, as it may be logged: `untrusted`, except
-    that only runs of 13 or more digits (dashes between ignored) are masked, so a
-    random UUID's digits stay readable while an ID number spelt in one does not."""
+    that only an ID number (13 digits in a row, or `NNNNN-NNNNNNN-N`) is masked, so
+    a UUID or request id always stays readable."""
     head = _ESCAPE.sub("", text[: 4 * limit + 64])
     head = "".join(c for c in head if c.isprintable())
     head = _ID_DIGIT_RUN.sub(MASK, unicodedata.normalize("NFC", head)).strip()
