@@ -215,6 +215,7 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._pruning = threading.Lock()  # one pruning of registry changes at a time
+        self._counting = threading.Lock()  # one background count of distinct IDs at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -847,15 +848,35 @@ class Store:
         return int(self.meta("registry_version") or 0)
 
     def distinct_ids(self) -> int:
-        """Distinct IDs in the registry (the size a node declares in a handshake),
-        counted again only when the registry changed."""
+        """Distinct IDs in the registry (the size a node declares in a handshake).
+
+        Counted once; after a change the last count is answered at once and a
+        recount runs in the background (a handshake, as for an online check's sync,
+        must not wait for a scan of the registry). Callers declare at least the set
+        they send, so a count behind by a few changes is harmless."""
         version = self.registry_version()
-        cached = getattr(self, "_distinct", None)
-        if cached is not None and cached[0] == version:
-            return int(cached[1])
-        count = self.stats()[1]
-        self._distinct = (version, count)
-        return count
+        cached: tuple[int, int] | None = getattr(self, "_distinct", None)
+        if cached is None:
+            self._distinct = (version, self._count_distinct())
+            return self._distinct[1]
+        if cached[0] != version and not self._counting.locked():
+            threading.Thread(target=self._recount, name="count-ids", daemon=True).start()
+        return cached[1]
+
+    def _count_distinct(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(DISTINCT nid) FROM records").fetchone()[0])
+
+    def _recount(self) -> None:
+        if not self._counting.acquire(blocking=False):
+            return
+        try:
+            version = self.registry_version()
+            self._distinct = (version, self._count_distinct())
+        except sqlite3.Error:  # (closed meanwhile: the next handshake counts again)
+            pass
+        finally:
+            self._counting.release()
 
     def pair_key(self, peer: str, epoch: int) -> BlindingKey:
         with self._lock:

@@ -480,7 +480,7 @@ class Responder:
             pair_lock=lock,
             clock=clock,
             declared=req.registry_size,
-            own_declared=self.store.distinct_ids(),
+            own_declared=max(self.store.distinct_ids(), plan.total),
         )
         clock.lap("prepare")
         with self._lock:
