@@ -63,13 +63,17 @@ def start_federation(
     provinces: list[str],
     pool: BlindingPool,
     interceptors: tuple[object, ...] = (),
+    reuse: ForumLayout | None = None,
     policy: dict[str, int] | None = None,
     **overrides: object,
 ) -> Federation:
-    """`policy`: settings for every peer in every node's policy. Tests run tiny sets,
-    so `min_set_size` is 1 unless told (the tests of that bound set it)."""
-    fed = Federation(init_forum(root / "forum", provinces, base_port=0))
+    """`reuse`: an existing forum (its nodes start again on their files). `policy`:
+    settings for every peer in every node's policy. Tests run tiny sets, so
+    `min_set_size` is 1 unless told (the tests of that bound set it)."""
+    fed = Federation(reuse or init_forum(root / "forum", provinces, base_port=0))
     for p in provinces:
+        if reuse is not None and policy is None:
+            break  # (a forum started again keeps its policies as they are)
         write_policy(
             fed.layout.node_dir(p) / "policy.toml",
             sorted(q for q in provinces if q != p),

@@ -7,7 +7,9 @@ raises `AuditFailure`, naming the kind of failure; nothing warns and goes on.
 
 State: the last checkpoint trusted of each node and the leaf hashes it
 covers, kept in a JSON file, so the next run demands a consistency proof from
-it and can say which entry was changed, removed, inserted or reordered.
+it and can say which entry was changed, removed, inserted or reordered, or
+that the log was truncated (a rollback). Every node is checked and reported,
+whatever another's outcome; each failure keeps its evidence in a file.
 """
 
 from __future__ import annotations
@@ -78,14 +80,16 @@ class AuditProfile:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
             base = path.parent
             tls = data["tls"]
-            nodes = {
-                name: NodeRef(
+            nodes = _roster_nodes(data, base)
+            for name, v in data.get("nodes", {}).items():
+                if "key" not in v and name in nodes:  # a roster node at another address
+                    nodes[name] = NodeRef(name, str(v["address"]), nodes[name].key)
+                    continue
+                nodes[name] = NodeRef(
                     name,
                     str(v["address"]),
                     note.Verifier.parse((base / v["key"]).read_text(encoding="ascii")),
                 )
-                for name, v in data.get("nodes", {}).items()
-            }
             return cls(
                 name=str(data.get("name", "auditor")),
                 state=base / str(data.get("state", "audit-state.json")),
@@ -102,6 +106,18 @@ class AuditProfile:
 
     def cosigners(self) -> list[note.Verifier]:
         return [n.cosigner for n in self.nodes.values()]
+
+
+def _roster_nodes(data: dict[str, Any], base: Path) -> dict[str, NodeRef]:
+    """`roster = "roster.json"`: every node of the forum's signed roster (verified under
+    the profile's CA), with its address and log key; [nodes.X] may override addresses."""
+    if "roster" not in data:
+        return {}
+    from ispf import roster
+
+    r = roster.load(base / str(data["roster"]), base / str(data["tls"]["ca"]))
+    keys = r.log_keys()
+    return {n: NodeRef(n, e.address, keys[n]) for n, e in r.nodes.items()}
 
 
 class NodeLog:
@@ -202,60 +218,106 @@ def write_evidence(profile: AuditProfile, node: str, kind: str, detail: str, **i
     return path
 
 
-def diagnose(served: list[bytes], mirror: list[bytes]) -> tuple[str, str]:
-    """Name how served leaves differ from the ones seen before: (kind, detail)."""
+def diagnose(served: list[bytes], mirror: list[bytes], signed_size: int) -> tuple[str, str]:
+    """Name how the served leaves differ from the ones trusted before: (kind, detail).
+
+    `mirror` is the leaf hashes the auditor trusted last time (a prefix of an honest
+    log); `signed_size` is how many entries the node's current checkpoint signs.
+    """
+    s, m = len(served), len(mirror)
+    short = s < signed_size
     if not mirror:
+        if short:
+            return "deleted", f"node serves {s} of the {signed_size} entries its checkpoint signs"
         return (
             "entries-mismatch",
-            "the entries served do not hash to the signed root (altered after signing)",
+            "the entries served do not hash to the signed root (altered after signing; "
+            "run again with the state of an earlier audit to name the entry)",
         )
-    known = set(mirror)
-    for i in range(min(len(served), len(mirror))):
-        if served[i] == mirror[i]:
-            continue
-        # Does the rest line up once one entry is taken out of (or put back into) served?
-        k = min(3, len(served) - i - 1, len(mirror) - i)
-        if served[i] not in known and k > 0 and served[i + 1 : i + 1 + k] == mirror[i : i + k]:
-            return "inserted", f"an entry was inserted at index {i}"
-        k = min(3, len(served) - i, len(mirror) - i - 1)
-        if k > 0 and served[i : i + k] == mirror[i + 1 : i + 1 + k]:
-            return "deleted", f"entry {i} was deleted"
-        if served[i] in known:
+    in_served, in_mirror = set(served), set(mirror)
+    i = next((j for j in range(min(s, m)) if served[j] != mirror[j]), None)
+    if i is None:
+        if s < m:
+            return (
+                "rollback",
+                f"the log was truncated to {s} entries: entries {s} to {m - 1}, trusted "
+                "before, are gone",
+            )
+        if short:
+            return (
+                "deleted",
+                f"node serves {s} of the {signed_size} entries its checkpoint signs "
+                f"(entries after the {m} trusted before were deleted)",
+            )
+        return (
+            "entries-mismatch",
+            f"an entry after the {m} trusted before was altered after signing",
+        )
+    if served[i] in in_mirror:
+        gone = [j for j in range(i, m) if mirror[j] not in in_served]
+        if not gone:
             return "reordered", f"entry {i} was moved (entries reordered)"
+        listed = ", ".join(str(j) for j in gone[:5]) + (" ..." if len(gone) > 5 else "")
+        return "deleted", f"entry {gone[0]} was deleted" + (
+            f" (entries {listed} are gone)" if len(gone) > 1 else ""
+        )
+    # served[i] was never trusted: something was put in, or entry i was changed.
+    k = min(3, s - i - 1, m - i)
+    if k > 0 and served[i + 1 : i + 1 + k] == mirror[i : i + k]:
+        return "inserted", f"an entry was inserted at index {i}"
+    k = min(3, s - i - 1, m - i - 1)
+    if k > 0 and served[i + 1 : i + 1 + k] == mirror[i + 1 : i + 1 + k]:
         return "modified", f"entry {i} was modified"
-    if len(served) < len(mirror):
-        return "deleted", f"entries from index {len(served)} were deleted"
-    return (
-        "entries-mismatch",
-        "the entries served do not hash to the signed root (altered after signing)",
-    )
+    if short:
+        return "deleted", f"entry {i} was deleted (node serves {s} of {signed_size} entries)"
+    return "modified", f"entry {i} was modified"
 
 
 def fetch_verified(log: NodeLog, profile: AuditProfile, mirror: list[bytes]) -> VerifiedLog:
-    """Latest checkpoint (signature and cosignatures checked) and entries matching its root."""
+    """Latest checkpoint (signature and cosignatures checked) and entries matching its root.
+
+    Each failure names its kind and keeps evidence: the signed checkpoint and what
+    the node served against it.
+    """
     name = log.ref.name
     others = [n.cosigner for n in profile.nodes.values() if n.name != name]
     raw = log.checkpoint()
     try:
         signed = open_checkpoint(raw, log.ref.key, others)
     except note.NoteError as exc:
-        raise AuditFailure(name, "bad-signature", exc.message) from None
+        ev = write_evidence(profile, name, "bad-signature", exc.message, checkpoint=raw)
+        raise AuditFailure(name, "bad-signature", exc.message, ev) from None
     cp = signed.checkpoint
     entries = log.entries(cp.size)
     leaves = [merkle.leaf_hash(e) for e in entries]
     if len(entries) != cp.size or merkle.root(leaves) != cp.root:
-        kind, detail = diagnose(leaves, mirror)
-        if len(entries) < cp.size and kind == "entries-mismatch":
-            kind, detail = "deleted", f"node serves {len(entries)} of {cp.size} entries"
-        raise AuditFailure(name, kind, detail)
+        kind, detail = diagnose(leaves, mirror, cp.size)
+        ev = write_evidence(
+            profile,
+            name,
+            kind,
+            detail,
+            checkpoint=raw,
+            served_entries=[b64(e) for e in entries],
+            trusted_leaves=[b64(h) for h in mirror],
+        )
+        raise AuditFailure(name, kind, detail, ev)
     decoded: list[dict[str, Any]] = []
     for i, e in enumerate(entries):
         try:
             fields = decode_entry(e)
         except EntryError as exc:
-            raise AuditFailure(name, "malformed-entry", f"entry {i}: {exc.message}") from None
+            detail = f"entry {i}: {exc.message}"
+            ev = write_evidence(
+                profile, name, "malformed-entry", detail, checkpoint=raw, entry=b64(e)
+            )
+            raise AuditFailure(name, "malformed-entry", detail, ev) from None
         if fields.get("recorder") != name:
-            raise AuditFailure(name, "malformed-entry", f"entry {i} was recorded by another node")
+            detail = f"entry {i} was recorded by another node"
+            ev = write_evidence(
+                profile, name, "malformed-entry", detail, checkpoint=raw, entry=b64(e)
+            )
+            raise AuditFailure(name, "malformed-entry", detail, ev)
         decoded.append(fields)
     return VerifiedLog(name, signed, decoded, leaves)
 
@@ -268,7 +330,9 @@ def check_extends(
     try:
         old = open_checkpoint(trusted_note, log.ref.key).checkpoint
     except note.NoteError as exc:
-        raise AuditFailure(name, "bad-signature", f"{source}: {exc.message}") from None
+        detail = f"{source}: {exc.message}"
+        ev = write_evidence(profile, name, "bad-signature", detail, checkpoint=trusted_note)
+        raise AuditFailure(name, "bad-signature", detail, ev) from None
     cp = new.checkpoint
     if old.size == 0:
         return  # every log extends the empty one
@@ -305,15 +369,26 @@ def check_extends(
 
 @dataclass
 class VerifyReport:
+    """One node's outcome: verified (`failure` None), or what was found."""
+
     node: str
     size: int
     cosigners: list[str]
     sessions: int
     previous_size: int | None
+    failure: AuditFailure | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
 
 
-def verify(profile: AuditProfile, names: Iterable[str] | None = None) -> list[VerifyReport]:
-    """Verify each node's log; update the trusted state only if every check passed."""
+def audit_nodes(profile: AuditProfile, names: Iterable[str] | None = None) -> list[VerifyReport]:
+    """Verify every chosen node's log and report each, whatever another's outcome.
+
+    The trusted state is updated for each node that passed, and only for those:
+    a failing node is judged against the same trusted view next time.
+    """
     state = AuditState.load(profile.state)
     chosen = list(names) if names else sorted(profile.nodes)
     unknown = [n for n in chosen if n not in profile.nodes]
@@ -323,28 +398,29 @@ def verify(profile: AuditProfile, names: Iterable[str] | None = None) -> list[Ve
     try:
         # What each node has seen of the others: checkpoints they verified and cosigned.
         seen_by: dict[str, dict[str, str]] = {}
+        unreachable: dict[str, AuditFailure] = {}
         for n, log in logs.items():
             try:
                 seen_by[n] = log.witnessed()
-            except AuditFailure:
-                if n in chosen:
-                    raise
+            except AuditFailure as exc:
+                unreachable[n] = exc
                 seen_by[n] = {}
         reports: list[VerifyReport] = []
-        new_state: dict[str, dict[str, Any]] = {}
         for name in chosen:
-            log = logs[name]
             prev = state.nodes.get(name)
-            mirror = [unb64(h) for h in prev["leaves"]] if prev else []
-            got = fetch_verified(log, profile, mirror)
-            if prev:
-                check_extends(profile, log, prev["checkpoint"], got.checkpoint, "trusted before")
-            for witness, views in seen_by.items():
-                if name in views:
-                    check_extends(
-                        profile, log, views[name], got.checkpoint, f"the view {witness} verified"
-                    )
-            new_state[name] = {
+            prev_size = (
+                open_checkpoint(prev["checkpoint"], logs[name].ref.key).checkpoint.size
+                if prev
+                else None
+            )
+            try:
+                if name in unreachable:
+                    raise unreachable[name]
+                got = _verify_one(profile, logs[name], prev, seen_by)
+            except AuditFailure as exc:
+                reports.append(VerifyReport(name, 0, [], 0, prev_size, exc))
+                continue
+            state.nodes[name] = {
                 "checkpoint": got.checkpoint.note,
                 "leaves": [b64(h) for h in got.leaves],
             }
@@ -354,17 +430,40 @@ def verify(profile: AuditProfile, names: Iterable[str] | None = None) -> list[Ve
                     got.checkpoint.checkpoint.size,
                     got.checkpoint.cosigners,
                     sum(1 for e in got.entries if e["type"] == "session"),
-                    open_checkpoint(prev["checkpoint"], log.ref.key).checkpoint.size
-                    if prev
-                    else None,
+                    prev_size,
                 )
             )
-        state.nodes.update(new_state)
         state.save()
         return reports
     finally:
         for log in logs.values():
             log.close()
+
+
+def _verify_one(
+    profile: AuditProfile,
+    log: NodeLog,
+    prev: dict[str, Any] | None,
+    seen_by: dict[str, dict[str, str]],
+) -> VerifiedLog:
+    name = log.ref.name
+    mirror = [unb64(h) for h in prev["leaves"]] if prev else []
+    got = fetch_verified(log, profile, mirror)
+    if prev:
+        check_extends(profile, log, prev["checkpoint"], got.checkpoint, "trusted before")
+    for witness, views in seen_by.items():
+        if name in views:
+            check_extends(profile, log, views[name], got.checkpoint, f"the view {witness} verified")
+    return got
+
+
+def verify(profile: AuditProfile, names: Iterable[str] | None = None) -> list[VerifyReport]:
+    """Verify each node's log; raise the first node's `AuditFailure` after checking all."""
+    reports = audit_nodes(profile, names)
+    for r in reports:
+        if r.failure is not None:
+            raise r.failure
+    return reports
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """`ispf`: the command line for provincial IT teams, batch jobs and the forum's operators.
 
-    ispf forum init --dir forum --provinces punjab,sindh,kp,balochistan
-    ispf forum salt new --dir forum --epoch 2
+    ispf forum init --dir forum --provinces punjab,sindh,kp,balochistan   (one-command demo)
+    ispf node init --dir node --province punjab --address 10.0.0.5:50051  (on the node)
+    ispf forum sign node/request.json --dir forum       (certificate + roster entry)
+    ispf forum salt new --dir forum --epoch 2           (sealed to each node in the roster)
+    ispf node salt import punjab.sealed --config node/node.toml
     ispf registry load registry.csv          (--profile forum/clients/punjab/profile.toml)
     ispf registry stats | delete ID...
     ispf reconcile --peer sindh | --all  [--count-only] [--out reports/]
@@ -26,16 +29,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ispf import logs
-from ispf.errors import ConfigError, IspfError
+from ispf import files, logs
+from ispf.errors import ConfigError, DeadlineExceeded, IspfError, PeerUnavailable
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
 from ispf_client.auditor import AuditFailure, AuditProfile
 from ispf_client.csvio import write_problems
+from ispf_client.output import console, emit_json, printable
 from ispf_client.sdk import ClientProfile, NodeClient
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_MATCHED = 3  # ispf check: some ID matched in some province
+EXIT_UNCHECKED = 4  # ispf check: something was left unchecked (and nothing matched)
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:
@@ -59,7 +65,13 @@ def cmd_forum_init(args: argparse.Namespace, con: Console) -> int:
     layout = init_forum(
         Path(args.dir), provinces, epoch=args.epoch, host=args.host, base_port=args.base_port
     )
-    con.print(f"Forum created in {layout.root}/ for {', '.join(provinces)} (epoch {args.epoch}).")
+    con.print(
+        f"Demo forum created in {layout.root}/ for {', '.join(provinces)} (epoch {args.epoch}). "
+        "This is the one-command demo set-up: the forum made every node's keys here. "
+        "For a real federation each node makes its own (ispf node init) and the forum "
+        "signs their requests (ispf forum sign); see docs/operators.md.",
+        markup=False,
+    )
     for p in provinces:
         con.print(
             f"  {p}: node config {layout.node_dir(p) / 'node.toml'}, "
@@ -109,10 +121,99 @@ def cmd_forum_revoke(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
-def cmd_salt_new(args: argparse.Namespace, con: Console) -> int:
-    from ispf_client.forum import ForumLayout, new_salt
+def cmd_forum_ca(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import REVOKED_HEADER, ForumLayout, create_ca
 
-    path = new_salt(ForumLayout(Path(args.dir)), args.epoch)
+    layout = ForumLayout(Path(args.dir))
+    create_ca(layout)
+    layout.revoked.write_text(REVOKED_HEADER, encoding="utf-8")
+    con.print(
+        f"Forum CA created: {layout.ca_cert} (public) and {layout.ca_key} (0600, the only "
+        "private key the forum holds). Next: sign each node's request (ispf forum sign).",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_forum_sign(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import ForumLayout, read_roster, sign_request
+
+    layout = ForumLayout(Path(args.dir))
+    cert = sign_request(layout, Path(args.request), address=args.address or "")
+    con.print(
+        f"Issued {cert}; roster {layout.roster} is at version {read_roster(layout).version}. "
+        "Send the certificate, ca.pem and roster.json back to the requester.",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_forum_request(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import init_request
+
+    req = init_request(Path(args.dir), args.role, args.name)
+    con.print(f"Key made in {args.dir} (0600); send {req} to the forum.", markup=False)
+    return 0
+
+
+def cmd_node_init(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import init_node, write_node_config
+
+    folder = Path(args.dir)
+    req = init_node(folder, args.province, address=args.address, hosts=tuple(args.host))
+    write_node_config(
+        folder, args.province, listen=args.listen or args.address, ca=Path("ca.pem"), epoch=1
+    )
+    con.print(
+        f"Keys made in {folder}/ (TLS, log signing, sealing, master key; each 0600) and "
+        f"{folder / 'node.toml'}. Send {req} to the forum; put the certificate it returns "
+        f"at {folder / 'node.pem'}, with ca.pem and roster.json, then import the sealed "
+        "salt: ispf node salt import FILE --config " + str(folder / "node.toml"),
+        markup=False,
+    )
+    return 0
+
+
+def cmd_node_renew(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import renew_request
+
+    folder = Path(args.dir)
+    req = renew_request(folder, args.province, address=args.address, hosts=tuple(args.host))
+    con.print(
+        f"New TLS key {folder / 'node.key.new'} (0600); send {req} to the forum. When the "
+        "certificate comes back, move node.key.new over node.key and the certificate over "
+        "node.pem (the running node picks both up), and send peers the new roster.",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_node_salt_import(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.onboard import import_salt
+
+    out = import_salt(Path(args.config), Path(args.file), args.epoch)
+    con.print(f"Salt opened, key check value verified, stored at {out} (0600).", markup=False)
+    return 0
+
+
+def cmd_salt_new(args: argparse.Namespace, con: Console) -> int:
+    from ispf_client.forum import ForumLayout, new_salt, seal_salt
+
+    layout = ForumLayout(Path(args.dir))
+    if layout.roster.exists():
+        sealed = seal_salt(layout, args.epoch, keep=Path(args.keep) if args.keep else None)
+        con.print(
+            f"Salt for epoch {args.epoch} sealed to {_n(len(sealed), 'node')} in "
+            f"{layout.sealed_dir(args.epoch)}/ (one file per node; safe to send as is). "
+            + (
+                f"A clear copy is in {args.keep}: destroy it when every node holds the salt."
+                if args.keep
+                else "No clear copy was kept."
+            ),
+            markup=False,
+        )
+        return 0
+    path = new_salt(layout, args.epoch)
     con.print(
         f"Salt for epoch {args.epoch} written to {path} (mode 0600). "
         "Distribute it to every node over a secure channel."
@@ -126,7 +227,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
     with NodeClient(_profile(args)) as client:
         rep = load_csv(client, Path(args.file))
     con.print(
-        f"{args.file}: {rep.rows} rows; {rep.accepted} loaded ({rep.inserted} new, "
+        f"{args.file}: {_n(rep.rows, 'row')}; {rep.accepted} loaded ({rep.inserted} new, "
         f"{rep.updated} updated, {rep.unchanged} unchanged); {rep.rejected} rejected"
     )
     for p in rep.problems[: args.show_errors]:
@@ -136,7 +237,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
             markup=False,
         )
     if len(rep.problems) > args.show_errors:
-        con.print(f"  ... and {len(rep.problems) - args.show_errors} more")
+        con.print(f"  ... and {_n(len(rep.problems) - args.show_errors, 'more row')}")
     if args.errors and rep.problems:
         write_problems(Path(args.errors), rep.problems)
         con.print(f"All rejected rows written to {args.errors}")
@@ -146,7 +247,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
 def cmd_registry_stats(args: argparse.Namespace, con: Console) -> int:
     with NodeClient(_profile(args)) as client:
         st = client.stats()
-    con.print(f"{st.province}: {st.records} records, {st.distinct_ids} distinct IDs")
+    con.print(f"{st.province}: {_n(st.records, 'record')}, {_n(st.distinct_ids, 'distinct ID')}")
     for lc in st.labels:
         con.print(f"  {lc.label.programme}/{lc.label.status}: {lc.records}")
     return 0
@@ -163,13 +264,31 @@ def cmd_registry_delete(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def _own_node_down(client: NodeClient, exc: IspfError) -> PeerUnavailable:
+    prof = client.profile
+    return PeerUnavailable(
+        f"own node {prof.province} at {prof.address} is not answering "
+        f"({printable(exc.message)}): is ispf-node running there, and is `address` in "
+        "the profile right?"
+    )
+
+
+def _own_node_answers(client: NodeClient) -> list[str]:
+    """The node's peers; raise at once, naming the node, if it does not answer."""
+    try:
+        return client.peers()
+    except (PeerUnavailable, DeadlineExceeded) as exc:
+        raise _own_node_down(client, exc) from None
+
+
 def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.progress import watch_with_progress
     from ispf_client.report import write_report
 
     failed: list[str] = []
     with NodeClient(_profile(args)) as client:
-        peers = client.peers() if args.all else [args.peer]
+        known = _own_node_answers(client)  # at once, not after minutes of silent retries
+        peers = known if args.all else [args.peer]
         if not peers:
             raise ConfigError("the node has no peers configured")
         me = client.profile.province
@@ -200,48 +319,113 @@ def cmd_reconcile(args: argparse.Namespace, con: Console) -> int:
             if final.state != internal_pb2.SESSION_STATE_COMPLETED:
                 failed.append(f"{peer}: {final.error}")
             elif args.count_only:
-                con.print(f"  {peer}: {final.match_count} identity numbers in common")
+                con.print(f"  {peer}: {_n(final.match_count, 'identity number')} in common")
         if not args.count_only:
             rep = write_report(client, Path(args.out))
-            con.print(f"Report: {rep.matches_csv} ({rep.rows} rows), summary {rep.summary_json}")
+            con.print(
+                f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}"
+            )
     for f in failed:
         con.print(f"[red]FAILED[/] {f}")
     return EXIT_FAILED if failed else 0
 
 
+def _answer_text(a: internal_pb2.ProvinceAnswer) -> str:
+    from ispf_client.checking import status_name
+
+    if a.status == internal_pb2.PROVINCE_STATUS_MATCH:
+        labels = ", ".join(f"{lb.programme}/{lb.status}" for lb in a.labels)
+        return printable(f"{a.province}: MATCH ({labels})")
+    detail = a.detail if a.detail and a.status != internal_pb2.PROVINCE_STATUS_NO_MATCH else ""
+    return printable(
+        f"{a.province}: {status_name(a.status).replace('_', ' ')}"
+        + (f" ({detail})" if detail else "")
+    )
+
+
+def _answer_json(a: internal_pb2.ProvinceAnswer) -> dict[str, object]:
+    from ispf_client.checking import status_name
+
+    return {
+        "province": a.province,
+        "status": status_name(a.status),
+        "labels": [{"programme": lb.programme, "status": lb.status} for lb in a.labels],
+        "detail": a.detail,
+    }
+
+
 def cmd_check(args: argparse.Namespace, con: Console) -> int:
     """Identity numbers come from a file or stdin, never the command line (shell history)."""
+    from ispf_client.checking import check_paced
+
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     nids = [line.strip() for line in text.splitlines() if line.strip()]
     if not nids:
         raise ConfigError("no identity numbers given: one per line, in --file or on stdin")
-    with NodeClient(_profile(args)) as client:
-        resp = client.check(
-            nids, purpose=args.purpose, provinces=args.province, deadline_ms=args.deadline_ms
+    err = console(stderr=True)
+
+    def waiting(province: str, seconds: float, ids: int, per_minute: int) -> None:
+        limit = f" (its limit: {per_minute} per minute)" if per_minute else ""
+        err.print(
+            f"ispf check: {province} is rate-limited{limit}; asking again for "
+            f"{_n(ids, 'ID')} in {seconds:.1f} s",
+            markup=False,
         )
-    found = False
-    for r in resp.results:
-        if r.error:
-            con.print(f"#{r.position}: not checked: {r.error}", markup=False)
-            continue
-        parts = []
-        for a in r.provinces:
-            status = internal_pb2.ProvinceStatus.Name(a.status).removeprefix("PROVINCE_STATUS_")
-            if a.status == internal_pb2.PROVINCE_STATUS_MATCH:
-                found = True
-                labels = ", ".join(f"{lb.programme}/{lb.status}" for lb in a.labels)
-                parts.append(f"{a.province}: MATCH ({labels})")
-            else:
-                parts.append(
-                    f"{a.province}: {status.lower().replace('_', ' ')}"
-                    + (
-                        f" ({a.detail})"
-                        if a.detail and a.status != internal_pb2.PROVINCE_STATUS_NO_MATCH
-                        else ""
-                    )
-                )
-        con.print(f"#{r.position}: " + "; ".join(parts), markup=False)
-    return 3 if found else 0
+
+    with NodeClient(_profile(args)) as client:
+        try:
+            run = check_paced(
+                client,
+                nids,
+                purpose=args.purpose,
+                provinces=args.province,
+                deadline_ms=args.deadline_ms,
+                max_wait=args.max_wait,
+                on_wait=None if args.json else waiting,
+            )
+        except PeerUnavailable as exc:  # (a province that is down is an answer, not this)
+            raise _own_node_down(client, exc) from None
+    for r in run.results:
+        if args.json:
+            emit_json(
+                {
+                    "position": r.position,
+                    "error": r.error,
+                    "matched": any(
+                        a.status == internal_pb2.PROVINCE_STATUS_MATCH for a in r.provinces
+                    ),
+                    "provinces": [_answer_json(a) for a in r.provinces],
+                }
+            )
+        elif r.error:
+            con.print(f"#{r.position}: not checked: {printable(r.error)}", markup=False)
+        else:
+            con.print(
+                f"#{r.position}: " + "; ".join(_answer_text(a) for a in r.provinces), markup=False
+            )
+    unchecked = run.unchecked()
+    rc = EXIT_MATCHED if run.matched else EXIT_UNCHECKED if unchecked else 0
+    reasons = [printable(x, 500) for x in run.reasons()]
+    if args.json:
+        emit_json(
+            {
+                "summary": {
+                    "ids": len(run.results),
+                    "matched": run.matched,
+                    "unchecked": len(unchecked),
+                    "reasons": reasons,
+                    "exit": rc,
+                }
+            }
+        )
+    else:
+        line = f"{_n(len(run.results), 'ID')}: {run.matched} matched"
+        if unchecked:
+            line += f", {len(unchecked)} not checked: " + "; ".join(reasons)
+        else:
+            line += ", every province answered for every ID"
+        (err if unchecked else con).print(line, markup=False)
+    return rc
 
 
 def cmd_sessions(args: argparse.Namespace, con: Console) -> int:
@@ -250,7 +434,8 @@ def cmd_sessions(args: argparse.Namespace, con: Console) -> int:
             state = internal_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_")
             con.print(
                 f"{s.session_id}  {s.role:9} {s.peer:12} {state.lower():9} "
-                f"{s.match_count} matches  {s.started_at}" + (f"  {s.error}" if s.error else ""),
+                f"{_n(s.match_count, 'match', 'matches')}  {s.started_at}"
+                + (f"  {s.error}" if s.error else ""),
                 markup=False,
             )
     return 0
@@ -289,7 +474,7 @@ def cmd_export(args: argparse.Namespace, con: Console) -> int:
 
     with NodeClient(_profile(args)) as client:
         rep = write_report(client, Path(args.out), args.session or "")
-    con.print(f"Report: {rep.matches_csv} ({rep.rows} rows), summary {rep.summary_json}")
+    con.print(f"Report: {rep.matches_csv} ({_n(rep.rows, 'row')}), summary {rep.summary_json}")
     return 0
 
 
@@ -307,7 +492,7 @@ def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
     for k in ("tag_index", "match_count", "entry_index"):
         bundle[k] = int(bundle.get(k, 0))
     out = Path(args.out)
-    out.write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
+    files.write_private_text(out, json.dumps(bundle, indent=1) + "\n")
     con.print(
         f"Receipt for record {args.record} in session {args.session} written to {out}; "
         "check it with: ispf audit verify-proof " + str(out),
@@ -327,27 +512,62 @@ def _audit_profile(args: argparse.Namespace) -> AuditProfile:
 
 
 def cmd_audit_verify(args: argparse.Namespace, con: Console) -> int:
-    from ispf_client.auditor import verify
+    from ispf_client.auditor import audit_nodes
 
-    try:
-        reports = verify(_audit_profile(args), args.node or None)
-    except AuditFailure as exc:
-        Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
-        if exc.evidence:
-            Console(stderr=True).print(f"Evidence kept in {exc.evidence}", markup=False)
-        return EXIT_FAILED
+    err = console(stderr=True)
+    reports = audit_nodes(_audit_profile(args), args.node or None)
     for r in reports:
+        if r.failure is not None:
+            if args.json:
+                emit_json(
+                    {
+                        "node": r.node,
+                        "ok": False,
+                        "kind": r.failure.kind,
+                        "detail": printable(r.failure.message),
+                        "evidence": str(r.failure.evidence) if r.failure.evidence else None,
+                    }
+                )
+                continue
+            err.print(f"AUDIT FAILED {printable(r.failure.message)}", markup=False)
+            if r.failure.evidence:
+                err.print(f"Evidence kept in {r.failure.evidence}", markup=False)
+            continue
+        if args.json:
+            emit_json(
+                {
+                    "node": r.node,
+                    "ok": True,
+                    "size": r.size,
+                    "sessions": r.sessions,
+                    "previous_size": r.previous_size,
+                    "cosigners": r.cosigners,
+                }
+            )
+            continue
         since = (
             f", consistent with the {r.previous_size} trusted before"
             if (r.previous_size is not None)
             else " (first check: now trusted)"
         )
-        cos = ", cosigned by " + ", ".join(r.cosigners) if r.cosigners else ", no cosignature"
+        cos = (
+            ", cosigned by " + ", ".join(r.cosigners)
+            if r.cosigners
+            else ", no cosignature (no peer has witnessed this checkpoint yet: see "
+            "docs/auditors.md)"
+        )
         con.print(
-            f"{r.node}: log of {r.size} entries verified ({r.sessions} sessions){since}{cos}",
+            f"{r.node}: log of {_n(r.size, 'entry', 'entries')} verified "
+            f"({_n(r.sessions, 'session')}){since}{cos}",
             markup=False,
         )
-    return 0
+    failed = [r.node for r in reports if r.failure is not None]
+    if failed and not args.json:
+        err.print(
+            f"{_n(len(failed), 'node')} of {len(reports)} failed the audit: {', '.join(failed)}",
+            markup=False,
+        )
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
@@ -356,8 +576,23 @@ def cmd_audit_pair(args: argparse.Namespace, con: Console) -> int:
     try:
         rep = pair(_audit_profile(args))
     except AuditFailure as exc:
-        Console(stderr=True).print(f"AUDIT FAILED {exc.message}", markup=False)
+        if args.json:
+            emit_json({"ok": False, "error": printable(exc.message), "kind": exc.kind})
+        else:
+            console(stderr=True).print(f"AUDIT FAILED {printable(exc.message)}", markup=False)
         return EXIT_FAILED
+    if args.json:
+        emit_json(
+            {
+                "ok": rep.ok,
+                "paired": rep.paired,
+                "failed": rep.failed,
+                "interrupted": rep.interrupted,
+                "one_sided": rep.one_sided,
+                "mismatched": rep.mismatched,
+            }
+        )
+        return 0 if rep.ok else EXIT_FAILED
     con.print(f"{_n(rep.paired, 'session')} logged identically by both provinces", markup=False)
     for line in rep.failed:
         con.print(f"  failed session, logged as failed: {line}", markup=False)
@@ -402,9 +637,10 @@ def cmd_audit_verify_proof(args: argparse.Namespace, con: Console) -> int:
         if ("tag" in Path(args.file).read_text(encoding="utf-8"))
         else ""
     )
+    matches = _n(int(fields.get("match_count") or 0), "match", "matches")
     con.print(
         f"Valid {what}session {fields['session_id']} ({fields['initiator']} ⇄ "
-        f"{fields['responder']}, {fields['outcome']}, {fields.get('match_count')} matches) "
+        f"{fields['responder']}, {fields['outcome']}, {matches}) "
         f"is in the signed log of {fields['recorder']}",
         markup=False,
     )
@@ -434,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ispf",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 the work was done; 1 it failed (the last line says why);\n"
+        "2 usage or configuration error. `ispf check` adds 3 (a match) and 4 (something\n"
+        "left unchecked): see `ispf check --help`; every code is in docs/operators.md.",
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -445,11 +684,22 @@ def build_parser() -> argparse.ArgumentParser:
     forum = sub.add_parser("forum", help="forum administration: CA, certificates, salts")
     fsub = forum.add_subparsers(dest="forum_command", required=True)
     p = fsub.add_parser("init", help="create a demo forum: CA, node and client certificates, salt")
-    p.add_argument("--dir", default="forum")
-    p.add_argument("--provinces", default="punjab,sindh,kp,balochistan")
-    p.add_argument("--epoch", type=int, default=1)
+    p.add_argument("--dir", default="forum", help="folder to create the forum in (default: forum)")
+    p.add_argument(
+        "--provinces",
+        default="punjab,sindh,kp,balochistan",
+        help="comma-separated province slugs, one node each (default: all four)",
+    )
+    p.add_argument(
+        "--epoch", type=int, default=1, help="salt epoch to create and make current (default 1)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address nodes listen on")
-    p.add_argument("--base-port", type=int, default=50051)
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=50051,
+        help="port of the first node; the others follow in order (0: each picks a free port)",
+    )
     p.set_defaults(func=cmd_forum_init)
     p = fsub.add_parser("issue", help="issue a certificate for a node, internal system or auditor")
     p.add_argument("--dir", default="forum")
@@ -467,10 +717,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_forum_revoke)
     salt = fsub.add_parser("salt", help="salt epochs")
     ssub = salt.add_subparsers(dest="salt_command", required=True)
-    p = ssub.add_parser("new", help="create the salt of a new epoch")
+    p = ssub.add_parser("new", help="create a new epoch's salt, sealed to each node in the roster")
     p.add_argument("--dir", default="forum")
     p.add_argument("--epoch", type=int, required=True)
+    p.add_argument("--keep", help="also keep a clear copy in this file (0600), to destroy later")
     p.set_defaults(func=cmd_salt_new)
+    p = fsub.add_parser("ca", help="create the forum's CA (the forum's only private key)")
+    p.add_argument("--dir", default="forum")
+    p.set_defaults(func=cmd_forum_ca)
+    p = fsub.add_parser("sign", help="issue the certificate a request file asks for (+ roster)")
+    p.add_argument("request", help="request.json from `ispf node init` or `ispf forum request`")
+    p.add_argument("--dir", default="forum")
+    p.add_argument("--address", help="the node's address for the roster (default: requested)")
+    p.set_defaults(func=cmd_forum_sign)
+    p = fsub.add_parser("request", help="make an internal system's or auditor's key + request")
+    p.add_argument("--role", required=True, choices=[ROLE_INTERNAL, ROLE_AUDIT])
+    p.add_argument("--name", required=True, help="province slug (internal) or auditor name")
+    p.add_argument("--dir", required=True, help="folder for the key (0600) and request.json")
+    p.set_defaults(func=cmd_forum_request)
+
+    nodep = sub.add_parser("node", help="a province node's own keys: init, salt import")
+    nsub = nodep.add_subparsers(dest="node_command", required=True)
+    p = nsub.add_parser("init", help="make this node's keys and its request to the forum")
+    p.add_argument("--dir", required=True, help="the node's folder")
+    p.add_argument("--province", required=True)
+    p.add_argument("--address", required=True, help="host:port peers reach this node at")
+    p.add_argument("--listen", help="host:port to bind (default: --address)")
+    p.add_argument("--host", action="append", default=[], help="extra host/IP for the cert")
+    p.set_defaults(func=cmd_node_init)
+    p = nsub.add_parser("renew", help="certificate rotation: a new TLS key and request")
+    p.add_argument("--dir", required=True, help="the node's folder")
+    p.add_argument("--province", required=True)
+    p.add_argument("--address", required=True, help="host:port peers reach this node at")
+    p.add_argument("--host", action="append", default=[], help="extra host/IP for the cert")
+    p.set_defaults(func=cmd_node_renew)
+    nsalt = nsub.add_parser("salt", help="epoch salts").add_subparsers(
+        dest="node_salt_command", required=True
+    )
+    p = nsalt.add_parser("import", help="open a sealed salt from the forum and store it")
+    p.add_argument("file")
+    p.add_argument("--config", required=True, help="the node's TOML config")
+    p.add_argument("--epoch", type=int, help="refuse the file unless it is for this epoch")
+    p.set_defaults(func=cmd_node_salt_import)
 
     reg = sub.add_parser("registry", help="the province's own registry")
     rsub = reg.add_subparsers(dest="registry_command", required=True)
@@ -490,7 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--peer", help="peer province")
     g.add_argument("--all", action="store_true", help="every configured peer, one after another")
-    p.add_argument("--purpose", default="reconciliation")
+    p.add_argument(
+        "--purpose",
+        default="reconciliation",
+        help="purpose of the session, as the peer's policy allows it (default: reconciliation)",
+    )
     p.add_argument(
         "--count-only",
         action="store_true",
@@ -525,19 +817,36 @@ def build_parser() -> argparse.ArgumentParser:
             "check",
             help="online check: is an applicant enrolled or eligible elsewhere?",
             description="Reads identity numbers (one per line) from --file or stdin; prints, "
-            "per ID and province, MATCH with programmes and statuses, or why not. Exit 3 if "
-            "any ID matched somewhere, 0 if none did.",
+            "per ID and province, MATCH with programmes and statuses, or why not, then a "
+            "summary line. A province that rate-limits is asked again at its pace (at most "
+            "--max-wait seconds in all).",
+            epilog="exit codes: 0 every ID was answered by every province asked and none "
+            "matched; 3 some ID matched somewhere (even if others were left unchecked); "
+            "4 nothing matched but something was left unchecked (an invalid ID, a province "
+            "unavailable, rate-limited, not authorised or not yet reconciled): the summary "
+            "line says what and why; 1 the check failed (own node unreachable, ...); "
+            "2 usage or configuration error",
         )
     )
     p.add_argument("--file", default="-", help="file of identity numbers (default: stdin)")
-    p.add_argument("--purpose", default="online-check")
+    p.add_argument("--purpose", default="online-check", help="purpose the peers' policies allow")
     p.add_argument(
         "--province",
         action="append",
         default=[],
         help="ask only this province (repeatable; default every peer)",
     )
-    p.add_argument("--deadline-ms", type=int, default=2000)
+    p.add_argument(
+        "--deadline-ms", type=int, default=2000, help="wait this long for the slowest province"
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="seconds to spend pacing to provinces' rate limits before leaving IDs "
+        "unchecked (default 300); a batch that would need longer is said at once",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per ID, then a summary")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sessions", help="sessions of this node")
@@ -565,10 +874,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     aud = sub.add_parser("audit", help="verify nodes' match logs (audit profile)")
     asub = aud.add_subparsers(dest="audit_command", required=True)
-    p = with_profile(asub.add_parser("verify", help="verify each node's log and its history"))
+    p = with_profile(
+        asub.add_parser(
+            "verify",
+            help="verify each node's log and its history",
+            description="Checks every node (or each --node) and reports each, naming what "
+            "was found: deleted, inserted, reordered or modified entries, a rollback "
+            "(truncated log), a fork, a bad signature. Evidence of each failure is kept "
+            "in the profile's evidence folder.",
+            epilog="exit codes: 0 every node's log verified; 1 at least one failed (each is "
+            "reported); 2 usage or configuration error",
+        )
+    )
     p.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per node")
     p.set_defaults(func=cmd_audit_verify)
-    p = with_profile(asub.add_parser("pair", help="check both sides logged every session alike"))
+    p = with_profile(
+        asub.add_parser(
+            "pair",
+            help="check both sides logged every session alike",
+            epilog="exit codes: 0 every session logged alike by both sides; 1 a session "
+            "logged by one side only or differently, or a log failed verification",
+        )
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object with the findings")
     p.set_defaults(func=cmd_audit_pair)
     p = with_profile(asub.add_parser("prove", help="offline proof that a session is logged"))
     p.add_argument("--node", required=True)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ispf import files
 from ispf.v1 import internal_pb2
 
 MAX_FIELD = 4096
@@ -29,6 +30,9 @@ MATCH_COLUMNS = (
     "peer_programme",
     "peer_status",
     "session_id",
+    # The own record's label (added after the original columns, which keep their order).
+    "own_programme",
+    "own_status",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -122,9 +126,8 @@ def neutralise(cell: str) -> str:
 
 
 def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[str]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with path.open("w", encoding="utf-8", newline="") as fh:
+    with files.private_writer(path, newline="") as fh:  # 0600 whatever the umask
         w = csv.writer(fh)
         w.writerow(list(header))
         for r in rows:
@@ -156,6 +159,8 @@ def matches_csv_text(province: str, matches: Iterable[internal_pb2.Match]) -> st
                     m.peer_programme,
                     m.peer_status,
                     m.session_id,
+                    m.programme,
+                    m.status,
                 )
             ]
         )

@@ -64,6 +64,37 @@ def reference_matches(
     paths: dict[str, Path], province_digits: frozenset[str]
 ) -> tuple[dict[tuple[str, str], int], dict[str, set[tuple[str, str, str, str]]]]:
     """Plaintext truth: shared IDs per pair, and report rows per province."""
+    held = _held(paths, province_digits)
+    counts: dict[tuple[str, str], int] = {}
+    rows: dict[str, set[tuple[str, str, str, str]]] = defaultdict(set)
+    for p, q in combinations(paths, 2):
+        common = held[p].keys() & held[q].keys()
+        counts[(p, q)] = len(common)
+        for a, b in ((p, q), (q, p)):
+            for nid in common:
+                for rid, _, _ in held[a][nid]:
+                    for _, bprog, bst in held[b][nid]:
+                        rows[a].add((rid, b, bprog, bst))
+    return counts, rows
+
+
+def reference_people(
+    paths: dict[str, Path], province_digits: frozenset[str]
+) -> dict[str, tuple[int, int]]:
+    """Plaintext truth per province: (people found in another province, people found
+    in three or more provinces), a person being a distinct ID of its own registry."""
+    held = _held(paths, province_digits)
+    out: dict[str, tuple[int, int]] = {}
+    for p, mine in held.items():
+        others = [sum(1 for q in held if q != p and nid in held[q]) for nid in mine]
+        out[p] = (sum(1 for k in others if k >= 1), sum(1 for k in others if k >= 2))
+    return out
+
+
+def _held(
+    paths: dict[str, Path], province_digits: frozenset[str]
+) -> dict[str, dict[str, list[tuple[str, str, str]]]]:
+    """Each registry as the node stores it: ID -> its records (id, programme, status)."""
     held: dict[str, dict[str, list[tuple[str, str, str]]]] = {}
     for p, path in paths.items():
         by_rid: dict[str, tuple[str, str, str]] = {}
@@ -81,17 +112,7 @@ def reference_matches(
         for rid, (nid, prog, st) in by_rid.items():
             per_nid[nid].append((rid, prog, st))
         held[p] = per_nid
-    counts: dict[tuple[str, str], int] = {}
-    rows: dict[str, set[tuple[str, str, str, str]]] = defaultdict(set)
-    for p, q in combinations(paths, 2):
-        common = held[p].keys() & held[q].keys()
-        counts[(p, q)] = len(common)
-        for a, b in ((p, q), (q, p)):
-            for nid in common:
-                for rid, _, _ in held[a][nid]:
-                    for _, bprog, bst in held[b][nid]:
-                        rows[a].add((rid, b, bprog, bst))
-    return counts, rows
+    return held
 
 
 def run_demo(
@@ -226,13 +247,6 @@ def federation_report(
     fedn: LocalFederation,
 ) -> htmlreport.ReportData:
     """The whole federation on one page (only the demo, holding every node, can draw it)."""
-    breakdown: dict[str, dict[tuple[str, str], int]] = {}
-    for p, rep in reports.items():
-        breakdown[p] = {
-            (peer, label): n
-            for peer, info in rep.summary["by_peer"].items()
-            for label, n in info["rows_by_peer_label"].items()
-        }
     matrix: dict[tuple[str, str], int | None] = {pair: None for pair in combinations(provinces, 2)}
     matrix.update(result.matrix)
     return htmlreport.ReportData(
@@ -240,9 +254,10 @@ def federation_report(
         provinces=provinces,
         matrix=matrix,
         sessions=[session_line(st, p) for p, st in result.sessions],
-        breakdown=breakdown,
+        tallies={p: rep.tally for p, rep in reports.items() if rep.tally is not None},
         checkpoints={p: fedn.clients[p].checkpoint() for p in provinces},
         notes=[DEDUP_NOTE],
+        time_zone=fedn.clients[provinces[0]].profile.time_zone,
     )
 
 
@@ -253,7 +268,9 @@ def _load_all(
         rep = load_csv(fedn.clients[p], path)
         result.loads[p] = rep
         where = f" (see {out / f'{p}-load-errors.csv'})" if rep.rejected else ""
-        con.print(f"  {p}: {rep.rows} rows, {rep.accepted} loaded, {rep.rejected} rejected{where}")
+        con.print(
+            f"  {p}: {_n(rep.rows, 'row')}, {rep.accepted} loaded, {rep.rejected} rejected{where}"
+        )
         if rep.rejected:
             write_problems(out / f"{p}-load-errors.csv", rep.problems)
 
@@ -288,7 +305,7 @@ def _audit_all(fedn: LocalFederation, result: DemoResult) -> None:
     paired = pair(profile)
     _check(
         result,
-        f"audit pair: all {paired.paired} sessions logged identically by both sides",
+        f"audit pair: all {_n(paired.paired, 'session')} logged identically by both sides",
         paired.ok and paired.paired == len(result.matrix),
     )
 
@@ -305,6 +322,13 @@ def _serve(fedn: LocalFederation, layout: ForumLayout, con: Console) -> None:
         threading.Event().wait()
     except KeyboardInterrupt:
         con.print("stopping")
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    # The CLI's one pluraliser, imported late (the CLI imports this module).
+    from ispf_client.cli import _n as plural
+
+    return plural(count, one, many)
 
 
 def _check_against_truth(
@@ -328,6 +352,16 @@ def _check_against_truth(
         result,
         "report rows equal the plaintext reference",
         all(got_rows[p] == rows.get(p, set()) for p in provinces),
+    )
+    people = reference_people(paths, digits)
+    _check(
+        result,
+        "people found in another province, and in three or more, equal the plaintext reference",
+        all(
+            (t.people, t.in_three_or_more) == people[p]
+            for p in provinces
+            if (t := reports[p].tally) is not None
+        ),
     )
     if fed is not None:
         _check(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ispf import note
+from ispf import note, sealing
+from ispf import roster as roster_mod
 from ispf.auditlog import origin_of
 from ispf.errors import ConfigError
 from ispf.identity import PROVINCE_RE, ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, node_hostname
 from ispf.keys import ForumSalt, write_private_file
+from ispf.roster import Roster, RosterEntry
+from ispf.sealing import forum_id
+from ispf_client.sdk import DEFAULT_TIME_ZONE
 
 CA_DAYS = 3650
 LEAF_DAYS = 397
@@ -60,6 +65,20 @@ class ForumLayout:
     def revoked(self) -> Path:
         """The forum's deny list: serial numbers of revoked certificates."""
         return self.root / "revoked.txt"
+
+    @property
+    def roster(self) -> Path:
+        """The signed federation roster (`ispf.roster`), updated by `sign_request`."""
+        return self.root / "roster.json"
+
+    @property
+    def issued_dir(self) -> Path:
+        """Certificates issued for requests, named <role>-<name>.pem (public)."""
+        return self.root / "issued"
+
+    def sealed_dir(self, epoch: int) -> Path:
+        """Epoch `epoch`'s salt sealed to each node: <province>.sealed (safe to send)."""
+        return self.root / "sealed" / f"epoch-{epoch}"
 
     @property
     def log_keys_dir(self) -> Path:
@@ -126,32 +145,34 @@ def create_ca(layout: ForumLayout) -> None:
     layout.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def issue_certificate(
+def _load_ca(layout: ForumLayout) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("the forum CA key is not an EC key")
+    return ca_key, x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+
+
+def _certificate(
     layout: ForumLayout,
     *,
     name: str,
     role: str,
-    out_dir: Path,
-    stem: str,
+    public_key: ec.EllipticCurvePublicKey,
     hosts: tuple[str, ...] = (),
-) -> tuple[Path, Path]:
-    """Issue a leaf certificate for `name` in `role`; returns (cert path, key path)."""
+) -> x509.Certificate:
+    """A leaf certificate for `name` in `role`: subject, SANs and usages set by the forum."""
     if role not in (ROLE_NODE, ROLE_INTERNAL, ROLE_AUDIT):
         raise ConfigError(f"unknown role '{role}'")
     if role != ROLE_AUDIT and not PROVINCE_RE.match(name):
         raise ConfigError(f"province '{name}' must be a lowercase slug like 'punjab'")
-    ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ConfigError("the forum CA key is not an EC key")
-    ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key, ca_cert = _load_ca(layout)
     now = dt.datetime.now(dt.UTC)
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(name, role))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
@@ -166,9 +187,24 @@ def issue_certificate(
             except ValueError:
                 sans.append(x509.DNSName(h))
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(
+    return builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(
         ca_key, hashes.SHA256()
     )
+
+
+def issue_certificate(
+    layout: ForumLayout,
+    *,
+    name: str,
+    role: str,
+    out_dir: Path,
+    stem: str,
+    hosts: tuple[str, ...] = (),
+) -> tuple[Path, Path]:
+    """Demo and legacy path: make the key here and issue its certificate; returns (cert
+    path, key path). Production nodes make their own keys (`onboard`, `sign_request`)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(layout, name=name, role=role, public_key=key.public_key(), hosts=hosts)
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
     # Replace both files atomically (a running node may be reading them: rotation).
@@ -179,6 +215,83 @@ def issue_certificate(
     tmp_key.replace(key_path)
     tmp_cert.replace(cert_path)
     return cert_path, key_path
+
+
+def sign_request(layout: ForumLayout, request: Path, *, address: str = "") -> Path:
+    """Issue the certificate a request asks for; a node's public keys join the roster.
+
+    The forum decides the certificate's subject and usages from the request's
+    role and name (after checking the request's parts belong together); the
+    key in it is the requester's, whose private half the forum never sees.
+    Returns the certificate's path (to send back with the roster)."""
+    from ispf_client.onboard import Request
+
+    req = Request.load(request)
+    pub = req.csr.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)  # (Request.check)
+    cert = _certificate(layout, name=req.name, role=req.role, public_key=pub, hosts=req.hosts)
+    layout.issued_dir.mkdir(parents=True, exist_ok=True)
+    out = layout.issued_dir / f"{req.role}-{req.name}.pem"
+    tmp = out.with_suffix(".pem.new")
+    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tmp.replace(out)
+    if req.role == ROLE_NODE:
+        entry = RosterEntry(
+            address=address or req.address,
+            cert_sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            log_key=req.log_key,
+            seal_key=req.seal_key,
+        )
+        publish_roster(layout, {req.name: entry})
+    return out
+
+
+def read_roster(layout: ForumLayout) -> Roster:
+    ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    if not layout.roster.exists():
+        return Roster(forum=forum_id(ca))
+    return roster_mod.parse(layout.roster.read_bytes(), str(layout.roster), ca)
+
+
+def publish_roster(layout: ForumLayout, changes: dict[str, RosterEntry]) -> Roster:
+    """Add or replace roster entries; the roster's version goes up and it is re-signed."""
+    ca_key, _ = _load_ca(layout)
+    old = read_roster(layout)
+    new = Roster(
+        forum=old.forum,
+        version=old.version + 1,
+        issued_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        nodes={**old.nodes, **changes},
+    )
+    tmp = layout.roster.with_suffix(".json.new")
+    tmp.write_bytes(new.signed(ca_key))
+    tmp.replace(layout.roster)
+    return new
+
+
+def seal_salt(layout: ForumLayout, epoch: int, *, keep: Path | None = None) -> list[Path]:
+    """A new epoch salt, sealed to every node in the roster: one file per node.
+
+    The salt exists in clear only in this process's memory, unless `keep` names a
+    file to keep a copy in (0600; for adding a node later in the epoch: destroy it
+    once every node holds the salt, see docs/operations.md)."""
+    roster = read_roster(layout)
+    if not roster.nodes:
+        raise ConfigError(f"the roster {layout.roster} has no nodes yet: sign their requests")
+    out_dir = layout.sealed_dir(epoch)
+    if out_dir.exists():
+        raise ConfigError(f"epoch {epoch}'s salt was sealed already: {out_dir}")
+    salt = ForumSalt.generate(epoch)
+    out_dir.mkdir(parents=True)
+    written = []
+    for name, entry in sorted(roster.nodes.items()):
+        to = sealing.parse_public_key(entry.seal_key, f"roster entry {name}")
+        path = out_dir / f"{name}.sealed"
+        path.write_bytes(sealing.seal_salt(salt, forum=roster.forum, node=name, to=to))
+        written.append(path)
+    if keep is not None:
+        salt.to_file(keep)
+    return written
 
 
 REVOKED_HEADER = (
@@ -304,10 +417,16 @@ def write_policy(
             "# sessions open at once and their idle time",
             *(f"{k} = {v}" for k, v in bounds.items()),
         ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Owner-only, as the node's health requires: who may learn what is the forum's business.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
-def write_client_profile(layout: ForumLayout, province: str, address: str) -> Path:
+def write_client_profile(
+    layout: ForumLayout, province: str, address: str, time_zone: str = DEFAULT_TIME_ZONE
+) -> Path:
     d = layout.client_dir(province)
     path = d / "profile.toml"
     path.write_text(
@@ -315,6 +434,7 @@ def write_client_profile(layout: ForumLayout, province: str, address: str) -> Pa
             [
                 f'province = "{province}"',
                 f'address = "{address}"',
+                f'time_zone = "{time_zone}"     # reports show times in this zone (IANA name)',
                 "",
                 "[tls]",
                 f'ca = "{_rel(layout.ca_cert, d)}"',

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 
@@ -28,6 +29,7 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT = 60.0
 SESSION_BACKOFF = Backoff(attempts=4, base=1.0, cap=30.0)
 MAX_MESSAGE = 64 * 1024 * 1024
+DEFAULT_TIME_ZONE = "Asia/Karachi"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ClientProfile:
     ca: Path
     cert: Path
     key: Path
+    # The forum's time zone (an IANA name), for the times a report shows.
+    time_zone: str = DEFAULT_TIME_ZONE
 
     @classmethod
     def load(cls, path: Path) -> ClientProfile:
@@ -46,17 +50,35 @@ class ClientProfile:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
             tls = data["tls"]
             base = path.parent
-            return cls(
+            profile = cls(
                 province=str(data["province"]),
                 address=str(data["address"]),
                 ca=(base / tls["ca"]).resolve(),
                 cert=(base / tls["cert"]).resolve(),
                 key=(base / tls["key"]).resolve(),
+                time_zone=str(data.get("time_zone", DEFAULT_TIME_ZONE)),
             )
         except FileNotFoundError as exc:
             raise ConfigError(f"client profile {path} does not exist") from exc
         except (KeyError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"client profile {path} is invalid: {exc}") from exc
+        try:
+            time_zone(profile.time_zone)
+        except ConfigError as exc:
+            raise ConfigError(f"client profile {path}: {exc.message}") from None
+        return profile
+
+
+def time_zone(name: str) -> ZoneInfo:
+    """The zone of an IANA name (e.g. Asia/Karachi), or ConfigError naming it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        shown = name[:64].encode("ascii", "backslashreplace").decode()
+        raise ConfigError(
+            f"time_zone {shown!r} is not a known time zone: give an IANA name such as "
+            f"{DEFAULT_TIME_ZONE}"
+        ) from None
 
 
 def secure_channel(profile: ClientProfile) -> grpc.Channel:

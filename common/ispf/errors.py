@@ -15,13 +15,16 @@
     │   ├── SaltMismatch
     │   ├── UnknownEpoch
     │   ├── VersionMismatch
+    │   ├── LogTampered            (this node's own log disagrees with its last checkpoint)
     │   └── ConfigError
-    │       └── KeyFileError
+    │       ├── KeyFileError
+    │       └── SealedFileError    (a sealed salt or backup for another node/epoch, or altered)
     ├── PermissionDenied           PERMISSION_DENIED
     │   └── PolicyRefused
     ├── Unauthenticated            UNAUTHENTICATED
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── StorageFull            (the node's disk is full: nothing was stored)
+    │   ├── RateLimited            (probe rate limit or daily quota; says when to retry)
     │   └── BudgetExhausted        (a peer's query budget for the epoch is spent)
     ├── SessionAborted             ABORTED
     │   └── ResultMismatch
@@ -42,6 +45,8 @@ import grpc
 from ispf.peertext import untrusted
 
 ERROR_TYPE_KEY = "ispf-error-type"
+RETRY_AFTER_KEY = "ispf-retry-after-ms"
+LIMIT_KEY = "ispf-limit-per-minute"
 
 
 class IspfError(Exception):
@@ -111,12 +116,25 @@ class VersionMismatch(PreconditionFailed):
     pass
 
 
+class LogTampered(PreconditionFailed):
+    """The node's own audit log does not match the last checkpoint it signed.
+
+    Found by the node's self-check at start-up; it serves no session, probe or
+    check until the store is restored (the audit API stays open to auditors).
+    """
+
+
 class ConfigError(PreconditionFailed):
     pass
 
 
 class KeyFileError(ConfigError):
     pass
+
+
+class SealedFileError(ConfigError):
+    """A sealed file (salt, backup) that is not for this node, forum or epoch, or that
+    does not open: refused, with which of these it is."""
 
 
 class PermissionDenied(IspfError):
@@ -137,6 +155,26 @@ class ResourceExhausted(IspfError):
 
 class StorageFull(ResourceExhausted):
     pass
+
+
+class RateLimited(ResourceExhausted):
+    """A peer's probe limit refused the request; nothing was looked up.
+
+    `retry_after` (seconds) is when the same request may be accepted, and
+    `per_minute` the limit, so a caller can pace itself. Both travel as
+    trailing metadata (`RETRY_AFTER_KEY`, `LIMIT_KEY`) and are numbers only.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 0.0, per_minute: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.per_minute = per_minute
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (
+            (RETRY_AFTER_KEY, str(max(0, round(self.retry_after * 1000)))),
+            (LIMIT_KEY, str(max(0, self.per_minute))),
+        )
 
 
 class BudgetExhausted(ResourceExhausted):
@@ -191,13 +229,25 @@ def from_rpc_error(err: grpc.RpcError) -> IspfError:
     details = untrusted((err.details() if isinstance(err, grpc.Call) else None) or "", 1000)
     details = details or code.name
     name = None
+    numbers: dict[str, int] = {}
     if isinstance(err, grpc.Call):
         for key, value in err.trailing_metadata() or ():
+            text = value if isinstance(value, str) else value.decode("ascii", "replace")
             if key == ERROR_TYPE_KEY:
-                name = value if isinstance(value, str) else value.decode()
+                name = text
+            elif key in (RETRY_AFTER_KEY, LIMIT_KEY) and text.isdigit() and len(text) <= 9:
+                numbers[key] = int(text)  # numbers only: a peer's text is never trusted
     cls = _BY_NAME.get(name or "") or _BY_CODE.get(code, IspfError)
     if cls in (InvalidNationalId, InvalidRecord):
         return cls("remote", details)
+    if cls is RateLimited:
+        limited = RateLimited(
+            details,
+            retry_after=numbers.get(RETRY_AFTER_KEY, 0) / 1000.0,
+            per_minute=numbers.get(LIMIT_KEY, 0),
+        )
+        limited.code = code
+        return limited
     out = cls(details)
     out.code = code
     return out

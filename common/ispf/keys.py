@@ -1,4 +1,11 @@
-"""Secret key material: the forum's per-epoch salt and a node's blinding scalar.
+"""Secret key material: the forum's per-epoch salt, a node's master key and its
+blinding scalars.
+
+A blinding scalar is either one session's (a one-off or count-only run: random,
+in memory only) or a (peer, epoch) pair key for sync sessions and online checks,
+derived when needed from the node's master key file with HKDF over the peer,
+the epoch and the pair's re-key counter. The store keeps only the counter, so a
+copy of the store holds no scalar.
 
 Key objects never show their bytes: `repr` is masked, and pickling raises so a
 key cannot travel by accident (a process pool, a log record, a cache). The raw
@@ -116,7 +123,8 @@ class ForumSalt(_Secret):
 
 
 class BlindingKey(_Secret):
-    """A node's secret X25519 scalar for one session. Never persisted, never sent."""
+    """A node's secret X25519 scalar: one session's (random), or a (peer, epoch) pair
+    key derived from the node's `MasterKey`. Never stored, never sent."""
 
     def __repr__(self) -> str:
         return "BlindingKey(<secret>)"
@@ -128,3 +136,45 @@ class BlindingKey(_Secret):
     def unsafe_raw(self) -> bytes:
         """The scalar bytes, for the blinding core and this node's worker processes."""
         return self._raw
+
+
+MASTER_BYTES = 32
+_PAIR_INFO = b"ispf/pair-scalar/v1"
+
+
+class MasterKey(_Secret):
+    """The node's master key (32 random bytes, hex in a 0600 file made by `ispf node
+    init`, or by the node's first start): every pair key is derived from it."""
+
+    def __repr__(self) -> str:
+        return "MasterKey(<secret>)"
+
+    @classmethod
+    def create_file(cls, path: Path) -> MasterKey:
+        key = cls(os.urandom(MASTER_BYTES))
+        write_private_file(path, (key._raw.hex() + "\n").encode("ascii"))
+        return key
+
+    @classmethod
+    def from_file(cls, path: Path) -> MasterKey:
+        check_private_file(path)
+        try:
+            raw = bytes.fromhex(path.read_text(encoding="ascii", errors="replace").strip())
+        except ValueError as exc:
+            raise KeyFileError(f"master key file {path} is not hex-encoded") from exc
+        if len(raw) != MASTER_BYTES:
+            raise KeyFileError(f"master key file {path} must hold {MASTER_BYTES} bytes of hex")
+        return cls(raw)
+
+    def pair_key(self, peer: str, epoch: int, rekey: int) -> BlindingKey:
+        """The scalar for (peer, epoch) after `rekey` re-keyings: HKDF-SHA256."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        info = b"|".join((_PAIR_INFO, peer.encode("utf-8"), b"%d" % epoch, b"%d" % rekey))
+        raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._raw)
+        return BlindingKey(raw)
+
+    def check_value(self) -> str:
+        """A non-secret value the store keeps, to notice a different master key."""
+        return blake3.blake3(b"ispf/master-kcv/v1", key=self._raw).hexdigest(length=8)

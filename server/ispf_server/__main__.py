@@ -3,6 +3,15 @@
 `ispf-node --config node.toml --retire-epoch N` destroys epoch N's salt on this
 node (and records it in the node's audit log), then exits; a running node
 stops accepting that epoch at once.
+
+`ispf-node backup --config node.toml --to FILE --key backup.pub` writes a
+consistent online copy of the store (SQLite's backup API; the node may be
+running), sealed with HPKE to the operator's X25519 backup public key, 0600.
+`ispf-node new-master-key --config node.toml` (node stopped) replaces the master
+key and erases all pair state (after a leak of the key).
+`ispf-node restore --config node.toml --from FILE --key backup.key` puts it back
+(the node stopped, no store at the configured path). Key files are not in the
+backup: the master key, TLS, log and sealing keys are backed up on their own.
 """
 
 from __future__ import annotations
@@ -16,13 +25,67 @@ from pathlib import Path
 
 from ispf import logs
 from ispf.errors import IspfError
+from ispf_server.backup import backup_store, restore_store
 from ispf_server.config import load_config
 from ispf_server.node import Node, create_server, retire_epoch
+from ispf_server.store import Store
 
 log = logging.getLogger("ispf_server")
 
 
+def _backup_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=f"ispf-node {argv[0]}")
+    ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
+    if argv[0] == "backup":
+        ap.add_argument("--to", required=True, type=Path, help="the backup file to write (0600)")
+        ap.add_argument("--key", required=True, type=Path, help="operator's backup public key")
+    else:
+        ap.add_argument("--from", dest="src", required=True, type=Path, help="the backup file")
+        ap.add_argument("--key", required=True, type=Path, help="operator's backup private key")
+    args = ap.parse_args(argv[1:])
+    logs.configure("WARNING", "text")
+    try:
+        config = load_config(args.config)
+        if argv[0] == "backup":
+            size = backup_store(config, args.to, args.key)
+            print(f"ispf-node: store backed up to {args.to} ({size} bytes, sealed, mode 0600)")
+        else:
+            restore_store(config, args.src, args.key)
+            print(f"ispf-node: store restored to {config.store} from {args.src}")
+    except IspfError as exc:
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _new_master_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="ispf-node new-master-key")
+    ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
+    args = ap.parse_args(argv[1:])
+    logs.configure("WARNING", "text")
+    try:
+        config = load_config(args.config)
+        store = Store(config.store, config.master_key)
+        try:
+            pairs = store.replace_master_key()
+        finally:
+            store.close()
+    except IspfError as exc:
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    print(
+        f"ispf-node: new master key in {config.master_key}; pair state of {pairs} pairs "
+        "erased (the next run with each peer is full)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("backup", "restore"):
+        return _backup_main(argv)
+    if argv and argv[0] == "new-master-key":
+        return _new_master_main(argv)
     ap = argparse.ArgumentParser(prog="ispf-node", description="Run an ISPF Match province node.")
     ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -43,14 +106,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ispf-node: epoch {args.retire_epoch} retired: its salt is destroyed")
             return 0
         node = Node(load_config(args.config))
-        server, port = create_server(node)
     except IspfError as exc:
         print(f"ispf-node: {exc.message}", file=sys.stderr)
         return 2
+    try:
+        server, port = create_server(node)
+    except IspfError as exc:
+        node.close()
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    if node.config.metrics_listen:
+        try:
+            node.metrics.serve(node.config.metrics_listen)
+        except IspfError as exc:
+            node.close()
+            print(f"ispf-node: {exc.message}", file=sys.stderr)
+            return 2
     server.start()
     log.info("node %s serving on port %d", node.province, port)
-    if node.config.metrics_listen:
-        node.metrics.serve(node.config.metrics_listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -26,7 +26,7 @@ from ispf.auditlog import (
     open_checkpoint,
     origin_of,
 )
-from ispf.errors import ConfigError, PreconditionFailed, ProtocolViolation
+from ispf.errors import ConfigError, LogTampered, PreconditionFailed, ProtocolViolation
 from ispf.keys import check_private_file
 from ispf.peertext import MASK, untrusted
 from ispf.v1 import common_pb2
@@ -86,7 +86,48 @@ class AuditLog:
             raise ConfigError(f"log key is for {signer.name}, this node is {self.origin}")
         self.log_keys = dict(log_keys)
         self._lock = threading.Lock()
+        # Before signing anything: does the log still hash to what this node last signed?
+        self.problem = self._self_check()
+        if self.problem:
+            log.error("%s", self.problem)
         self.sign_checkpoint()  # covers entries committed before a crash
+
+    def _self_check(self) -> str | None:
+        """Why the stored entries disagree with the last signed checkpoint, or None."""
+        latest = self.store.checkpoint()
+        if latest is None:
+            return None
+        size, signed = latest
+        advice = (
+            "; this node will not serve sessions, probes or checks: keep this store as "
+            "evidence and restore the node from a backup"
+        )
+        try:
+            cp = open_checkpoint(signed, self.signer.verifier()).checkpoint
+        except note.NoteError:
+            return (
+                f"audit log self-check failed: the last checkpoint (size {size}) is not "
+                f"signed by this node's log key{advice}"
+            )
+        leaves = self.leaves()
+        if len(leaves) < cp.size:
+            return (
+                f"audit log self-check failed: the store holds {len(leaves)} entries but the "
+                f"last signed checkpoint covers {cp.size} (entries deleted or the log "
+                f"truncated){advice}"
+            )
+        if merkle.root(leaves[: cp.size]) != cp.root:
+            return (
+                f"audit log self-check failed: entries 0 to {cp.size - 1} do not hash to the "
+                f"root of the last signed checkpoint (size {cp.size}): an entry was modified, "
+                f"deleted, inserted or reordered{advice}"
+            )
+        return None
+
+    def require_intact(self) -> None:
+        """Raise `LogTampered` if the start-up self-check failed."""
+        if self.problem:
+            raise LogTampered(self.problem)
 
     # -- entries ------------------------------------------------------------
 
@@ -232,7 +273,13 @@ class AuditLog:
         return [merkle.leaf_hash(e) for e in self.store.log_entries(0, size)]
 
     def sign_checkpoint(self) -> str:
-        """Sign a checkpoint over every committed entry (unless one exists); return it."""
+        """Sign a checkpoint over every committed entry (unless one exists); return it.
+
+        Never over a log that failed the self-check: that would sign the tampering.
+        """
+        if self.problem:
+            latest = self.store.checkpoint()
+            return latest[1] if latest else ""
         with self._lock:
             leaves = self.leaves()
             latest = self.store.checkpoint()

@@ -23,6 +23,13 @@ environment. Example (``ispf forum init`` writes one per node)::
     key = "log.key"              # this node's checkpoint signing key (0600)
     keys = "../../logkeys"       # <province>.vkey of every node, to witness peers
 
+    [keys]
+    master = "master.key"        # pair keys derive from it (0600; made by `ispf node init`)
+    seal = "seal.key"            # X25519: sealed salts are opened with it (`ispf node init`)
+
+    [roster]
+    file = "roster.json"         # the forum's signed roster: peers' addresses and log keys
+
     [blinding]
     workers = 0                  # 0: one per core (threads or processes, see pool.py)
     chunk_values = 4096
@@ -73,7 +80,8 @@ class NodeConfig:
     salt_dir: Path
     current_epoch: int
     log_key: Path
-    log_keys_dir: Path
+    # <province>.vkey files; None where the roster gives the log keys.
+    log_keys_dir: Path | None
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     policy_file: Path = Path("policy.toml")
     workers: int = 0
@@ -93,6 +101,11 @@ class NodeConfig:
     metrics_listen: str = ""
     # Seconds between readiness checks behind gRPC health.
     health_interval: float = 5.0
+    # The node's master key file (pair keys derive from it) and sealing key (sealed salts).
+    master_key: Path | None = None
+    seal_key: Path | None = None
+    # The forum's signed roster (peers' addresses, log verifier keys); None: [peers], [log].
+    roster: Path | None = None
 
     def blinding_workers(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
@@ -102,6 +115,12 @@ def _req(table: dict[str, Any], key: str, where: str) -> Any:
     if key not in table:
         raise ConfigError(f"{where}: missing required setting '{key}'")
     return table[key]
+
+
+def _no_log_keys(roster: dict[str, Any], where: str) -> Path | None:
+    if "file" not in roster:
+        raise ConfigError(f"{where} [log]: missing required setting 'keys' (or a [roster] file)")
+    return None
 
 
 def load_config(path: Path) -> NodeConfig:
@@ -124,6 +143,8 @@ def load_config(path: Path) -> NodeConfig:
     salts = _req(data, "salts", where)
     logcfg = _req(data, "log", where)
     blinding = data.get("blinding", {})
+    keys = data.get("keys", {})
+    roster = data.get("roster", {})
     peers = {
         name: PeerConfig(name=name, address=str(_req(v, "address", f"{where} [peers.{name}]")))
         for name, v in data.get("peers", {}).items()
@@ -141,7 +162,7 @@ def load_config(path: Path) -> NodeConfig:
         salt_dir=p(str(_req(salts, "dir", f"{where} [salts]"))),
         current_epoch=int(_req(salts, "current_epoch", f"{where} [salts]")),
         log_key=p(str(_req(logcfg, "key", f"{where} [log]"))),
-        log_keys_dir=p(str(_req(logcfg, "keys", f"{where} [log]"))),
+        log_keys_dir=p(str(logcfg["keys"])) if "keys" in logcfg else _no_log_keys(roster, where),
         peers=peers,
         policy_file=p(str(_req(data, "policy", where))),
         workers=int(blinding.get("workers", 0)),
@@ -152,4 +173,7 @@ def load_config(path: Path) -> NodeConfig:
         session_deadline=float(data.get("session_deadline", 3600.0)),
         call_deadline=float(data.get("call_deadline", 30.0)),
         metrics_listen=str(data.get("metrics", {}).get("listen", "")),
+        master_key=p(str(keys.get("master", "master.key"))),
+        seal_key=p(str(keys["seal"])) if "seal" in keys else None,
+        roster=p(str(roster["file"])) if "file" in roster else None,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -22,6 +22,7 @@ from ispf.errors import (
     InvalidInput,
     IspfError,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
 )
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
@@ -43,6 +44,8 @@ ACCESS: dict[str, frozenset[str]] = {
     "grpc.reflection.v1alpha.ServerReflection": ANY_ROLE,
     "grpc.reflection.v1.ServerReflection": ANY_ROLE,
 }
+# Services a node whose own log failed its self-check stops serving.
+HELD = frozenset({"ispf.v1.PeerService", "ispf.v1.ReconciliationService", "ispf.v1.CheckService"})
 
 
 def caller_identity(context: grpc.ServicerContext) -> Identity:
@@ -55,8 +58,20 @@ def caller_identity(context: grpc.ServicerContext) -> Identity:
     return ident
 
 
+def _caller_sha256(context: grpc.ServicerContext) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    pems: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
+    if not isinstance(pems, list) or not pems:
+        return ""
+    cert = x509.load_pem_x509_certificate(pems[0])
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def abort_with(context: grpc.ServicerContext, err: IspfError) -> NoReturn:
-    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__),))
+    extra = err.metadata() if isinstance(err, RateLimited) else ()
+    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(err).__name__), *extra))
     context.abort(err.code, err.message)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -66,7 +81,9 @@ def _internal(context: grpc.ServicerContext, method: str) -> None:
         raise  # the handler aborted on purpose: keep its status
     if not context.is_active():
         log.info("%s: the caller went away (cancelled, deadline or connection lost)", method)
-        return
+        # End the call as aborted: returning would hand gRPC no response, which it then
+        # fails to serialise and logs as a traceback ("Exception serializing message!").
+        context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, "internal error (see the node log)")
 
@@ -104,11 +121,23 @@ class Guard(_Interceptor):
     """Authorises every call by certificate role and revocation, and maps errors to status."""
 
     def __init__(
-        self, province: str, revoked: RevocationList, metrics: NodeMetrics | None = None
+        self,
+        province: str,
+        revoked: RevocationList,
+        metrics: NodeMetrics | None = None,
+        pinned: Mapping[str, str] | None = None,
+        hold: Callable[[], None] | None = None,
     ) -> None:
         self.province = province
         self.revoked = revoked
         self.metrics = metrics
+        # Node certificates' SHA-256 by province, from the forum's signed roster: a
+        # peer must present the very certificate the roster names (not merely one the
+        # CA signed), so whoever holds the CA key cannot pose as a province.
+        self.pinned = pinned
+        # Raises while the node must not serve sessions, probes or checks (its own log
+        # failed its self-check); the audit API and health stay open.
+        self.hold = hold
 
     @contextmanager
     def _served(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -137,11 +166,20 @@ class Guard(_Interceptor):
             )
         if allowed is None or ident.role not in allowed:
             raise PermissionDenied(f"a certificate with role '{ident.role}' may not call {service}")
+        if ident.role == ROLE_NODE and self.pinned is not None:
+            pin = self.pinned.get(ident.province)
+            if pin is None or _caller_sha256(context) != pin:
+                raise Unauthenticated(
+                    f"node certificate {ident.serial:x} of {ident.province} is not the one "
+                    "the forum's roster names for it"
+                )
         if ident.role == ROLE_INTERNAL and ident.province != self.province:
             raise PermissionDenied(
                 f"internal API of node {self.province} refused to {ident.role} certificate "
                 f"of {ident.province}"
             )
+        if self.hold is not None and service in HELD:
+            self.hold()
 
     def intercept_service(
         self,

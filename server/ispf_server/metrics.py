@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ispf.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +60,17 @@ class NodeMetrics:
     def serve(self, listen: str) -> int:
         """Expose /metrics on `host:port` (port 0: any free port); returns the port."""
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host or "127.0.0.1", registry=self.registry
-        )
+        try:
+            server, _thread = start_http_server(
+                int(port), addr=host or "127.0.0.1", registry=self.registry
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {listen}: {exc.strerror or exc} "
+                "(check `[metrics] listen` in node.toml)"
+                if isinstance(exc, OSError)
+                else f"cannot serve metrics on {listen}: not host:port"
+            ) from None
         self._server = server
         bound = int(server.server_port)
         log.info("metrics served on %s:%d/metrics", host or "127.0.0.1", bound)

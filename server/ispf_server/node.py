@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ispf import files, note
+from ispf import roster as roster_mod
 from ispf.errors import (
     ConfigError,
     IspfError,
@@ -74,12 +78,13 @@ class Node:
                 f"no salt for current epoch {config.current_epoch} in {config.salt_dir} "
                 f"(expected file epoch-{config.current_epoch}.salt)"
             )
-        self.store = Store(config.store)
+        check_node_files(config)
+        self.roster = (
+            roster_mod.load(config.roster, config.tls.ca) if config.roster is not None else None
+        )
+        self.store = Store(config.store, config.master_key)
         self.audit = AuditLog(
-            self.store,
-            load_log_signer(config.log_key),
-            config.province,
-            load_log_keys(config.log_keys_dir),
+            self.store, load_log_signer(config.log_key), config.province, self._log_keys()
         )
         self.policy = PolicyFile(config.policy_file, self._record_policy)
         self._own_pool = pool is None
@@ -87,7 +92,13 @@ class Node:
         self.pool = pool or BlindingPool(config.blinding_workers(), self.backend.name)
         self.metrics = NodeMetrics()
         self.board = ProgressBoard(on_finish=self._session_finished)
-        self.peer_addresses = {name: p.address for name, p in config.peers.items()}
+        roster_peers = {
+            name: e.address
+            for name, e in (self.roster.nodes.items() if self.roster is not None else ())
+            if name != self.province
+        }
+        # [peers] in the config, where given, override the roster's addresses.
+        self.peer_addresses = roster_peers | {n: p.address for n, p in config.peers.items()}
         self._channels: dict[str, tuple[int, grpc.Channel]] = {}
         self._pair_locks: dict[str, threading.Lock] = {}
         self._retired_channels: list[grpc.Channel] = []
@@ -152,6 +163,19 @@ class Node:
             "C" if curve.native is not None else "Python (native module not built)",
         )
 
+    def pinned_certs(self) -> dict[str, str] | None:
+        """Peers' node certificate fingerprints from the roster (None: no roster)."""
+        if self.roster is None:
+            return None
+        return {n: e.cert_sha256 for n, e in self.roster.nodes.items()}
+
+    def _log_keys(self) -> dict[str, note.Verifier]:
+        """Peers' checkpoint verifier keys: from the signed roster, else the keys folder."""
+        if self.roster is not None:
+            return self.roster.log_keys()
+        assert self.config.log_keys_dir is not None  # (load_config requires one of them)
+        return load_log_keys(self.config.log_keys_dir)
+
     def _session_finished(self, snap: Snapshot) -> None:
         self.metrics.sessions.labels(snap.role, snap.state.lower(), snap.sync or "none").inc()
         self.metrics.values.inc(snap.own_values + snap.peer_values)
@@ -165,13 +189,24 @@ class Node:
             problems.append(f"store: {type(exc).__name__}")
         if self.salts.get(self.config.current_epoch) is None:
             problems.append(f"salt of current epoch {self.config.current_epoch} missing")
-        for path in (self.config.tls.key, self.config.log_key):
+        for path in (self.config.tls.key, self.config.log_key, *_key_files(self.config)):
             try:
                 check_private_file(path)
             except IspfError as exc:
                 problems.append(exc.message)
-        if not self.config.policy_file.exists():
-            problems.append(f"policy file {self.config.policy_file} missing")
+        policy = self.config.policy_file
+        try:
+            mode = stat.S_IMODE(policy.stat().st_mode)
+        except FileNotFoundError:
+            problems.append(f"policy file {policy} missing")
+        else:
+            if mode & 0o077:
+                problems.append(
+                    f"policy file {policy} is accessible by group or others (mode {mode:04o}); "
+                    f"run: chmod 600 {policy}"
+                )
+        if self.audit.problem:
+            problems.append(self.audit.problem)
         return problems
 
     def watch_health(self, set_status: Callable[[bool], None], every: float = 5.0) -> None:
@@ -369,10 +404,23 @@ class Node:
         self.store.close()
 
 
+def _key_files(config: NodeConfig) -> list[Path]:
+    return [p for p in (config.master_key, config.seal_key) if p is not None and p.exists()]
+
+
+def check_node_files(config: NodeConfig) -> None:
+    """Refuse to start, naming the file and the chmod to run, when the store (or its
+    WAL/SHM) or a key file can be read by others."""
+    for path in (config.tls.key, config.log_key, *_key_files(config)):
+        check_private_file(path)
+    for suffix in ("", "-wal", "-shm"):
+        files.check_private(config.store.with_name(config.store.name + suffix), "store file")
+
+
 def retire_epoch(config: NodeConfig, epoch: int) -> None:
     """Destroy an epoch's salt on this node and log it (the node may be running)."""
     SaltRing(config.salt_dir).retire(epoch, current=config.current_epoch)
-    store = Store(config.store)
+    store = Store(config.store, config.master_key)
     try:
         erased = store.destroy_epoch(epoch)
         log.info("epoch %d: pair keys and tag state destroyed, %d match tags erased", epoch, erased)
@@ -396,10 +444,22 @@ def create_server(
     cfg = node.config
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{node.province}"),
-        interceptors=[*interceptors, Guard(node.province, node.revoked, node.metrics)],
+        interceptors=[
+            *interceptors,
+            Guard(
+                node.province,
+                node.revoked,
+                node.metrics,
+                pinned=node.pinned_certs(),
+                hold=node.audit.require_intact,
+            ),
+        ],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # gRPC's default lets a second process bind the same port and take calls
+            # at random; a taken address must stop this node instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     peer_pb2_grpc.add_PeerServiceServicer_to_server(
@@ -434,7 +494,14 @@ def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_secure_port(listen or cfg.listen, node.tls.server_credentials())
+    address = listen or cfg.listen
+    try:
+        port = server.add_secure_port(address, node.tls.server_credentials())
+    except RuntimeError:  # grpcio >= 1.59 raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise ConfigError(f"could not bind {listen or cfg.listen}")
+        raise ConfigError(
+            f"cannot listen on {address}: the address is in use by another process "
+            "or is not an address of this machine (check `listen` in node.toml)"
+        )
     return server, port

@@ -1,11 +1,13 @@
 """What a node keeps per (peer, epoch) so that reconciliation can be incremental and
-online checks can be answered: a fixed blinding key, the tags of its own IDs,
-and the peer's tags with the peer's labels.
+online checks can be answered: the re-key counter of its fixed blinding key (the
+key itself is derived from the node's master key file, never stored), the tags
+of its own IDs, and the peer's tags with the peer's labels.
 
 With keys fixed for a (peer, epoch), a tag ``X25519(b, X25519(a, h(id)))`` is the
 same in every session, so after a first full run each side only exchanges what
 changed. The price, stated in docs/security.md: the peer sees how the tag set
-changes between runs. A new epoch re-keys everything; retiring an epoch
+changes between runs. A new epoch re-keys everything; so does the policy's
+`rekey_after_days` for one pair within an epoch (`rekey`); retiring an epoch
 destroys its keys and tags (`Store.destroy_epoch`).
 
 The two sides agree on their state by fingerprints: the XOR of the tags, for
@@ -21,10 +23,11 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from ispf.hazmat.curve import native
-from ispf.keys import BlindingKey
+from ispf.keys import BlindingKey, MasterKey
 from ispf.records import Label
 from ispf_server import pairruns
 from ispf_server.pairruns import (
@@ -45,10 +48,12 @@ EMPTY_FP = bytes(FP_BYTES)
 K = TypeVar("K")
 
 SCHEMA = """
+-- No scalar here: the pair key is derived from the node's master key file over
+-- (peer, epoch, rekey). `created_at`: when the current key came into use.
 CREATE TABLE IF NOT EXISTS pair_keys (
     peer       TEXT NOT NULL,
     epoch      INTEGER NOT NULL,
-    scalar     BLOB NOT NULL,
+    rekey      INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     PRIMARY KEY (peer, epoch)
 );
@@ -217,22 +222,43 @@ def toggle(fp: bytes, tags: Iterable[bytes]) -> bytes:
     )
 
 
-def pair_key(db: sqlite3.Connection, peer: str, epoch: int, now: str) -> BlindingKey:
-    """The node's fixed scalar for this (peer, epoch), created on first use."""
+def pair_key(
+    db: sqlite3.Connection, master: MasterKey, peer: str, epoch: int, now: str
+) -> BlindingKey:
+    """The node's fixed scalar for this (peer, epoch): derived from the master key over
+    the pair's re-key counter (the row is made, counter 0, on first use)."""
+    db.execute("INSERT OR IGNORE INTO pair_keys VALUES (?,?,0,?)", (peer, epoch, now))
     row = db.execute(
-        "SELECT scalar FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
+        "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
     ).fetchone()
-    if row:
-        return BlindingKey(bytes(row[0]))
-    key = BlindingKey.generate()
-    db.execute(
-        "INSERT OR IGNORE INTO pair_keys VALUES (?,?,?,?)",
-        (peer, epoch, key.unsafe_raw(), now),
+    return master.pair_key(peer, epoch, int(row[0]))
+
+
+def rekey_due(db: sqlite3.Connection, peer: str, epoch: int, now: datetime, days: int) -> bool:
+    """Whether the pair key has been in use `days` days or more (0: never due)."""
+    if days <= 0:
+        return False
+    row = db.execute(
+        "SELECT created_at FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
+    ).fetchone()
+    return row is not None and now - datetime.fromisoformat(str(row[0])) >= timedelta(days=days)
+
+
+def rekey(cur: sqlite3.Cursor, peer: str, epoch: int, now: str) -> None:
+    """Bump the pair's re-key counter and drop its state (in the caller's transaction)."""
+    for table in STATE_TABLES:
+        if table != "pair_keys":
+            cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
+    cur.execute(
+        "UPDATE pair_keys SET rekey = rekey + 1, created_at=? WHERE peer=? AND epoch=?",
+        (now, peer, epoch),
     )
-    row = db.execute(
-        "SELECT scalar FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
-    ).fetchone()
-    return BlindingKey(bytes(row[0]))
+
+
+def has_stored_scalars(db: sqlite3.Connection) -> bool:
+    """A store from before master-key derivation (its pair_keys kept the scalars)."""
+    cols = {str(r[1]) for r in db.execute("PRAGMA table_info(pair_keys)")}
+    return "scalar" in cols
 
 
 # Bulk inserts run inside SQLite: the tags (and 13-digit IDs) of one label set go in

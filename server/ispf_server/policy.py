@@ -57,6 +57,7 @@ _PEER_KEYS = {
     "disclose",
     "count_only",
     "max_set_size",
+    "rekey_after_days",
     "probes_per_minute",
     "probes_per_day",
     "budget_multiple",
@@ -77,6 +78,9 @@ class PeerPolicy:
     max_set_size: int = DEFAULT_MAX_SET
     probes_per_minute: int = 60
     probes_per_day: int = 10_000
+    # Days a (peer, epoch) pair key is used before the next run re-keys (fresh pair
+    # key, that pair's state dropped, the run full); 0: one key for the whole epoch.
+    rekey_after_days: int = 0
     budget_multiple: int = DEFAULT_BUDGET_MULTIPLE
     budget_daily: int = DEFAULT_BUDGET_DAILY
     min_set_size: int = DEFAULT_MIN_SET
@@ -172,6 +176,7 @@ def parse_policy(data: bytes, where: str) -> Policy:
             max_set_size=_int(v.get("max_set_size", DEFAULT_MAX_SET), f"{w}: max_set_size", 1),
             probes_per_minute=_int(v.get("probes_per_minute", 60), f"{w}: probes_per_minute"),
             probes_per_day=_int(v.get("probes_per_day", 10_000), f"{w}: probes_per_day"),
+            rekey_after_days=_int(v.get("rekey_after_days", 0), f"{w}: rekey_after_days"),
             budget_multiple=_int(
                 v.get("budget_multiple", DEFAULT_BUDGET_MULTIPLE), f"{w}: budget_multiple"
             ),

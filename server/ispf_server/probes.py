@@ -30,6 +30,7 @@ from ispf.errors import (
     IspfError,
     PolicyRefused,
     PreconditionFailed,
+    RateLimited,
     ResourceExhausted,
     from_rpc_error,
 )
@@ -78,18 +79,36 @@ class RateLimiter:
                 used = 0
             if used + n > pp.probes_per_day:
                 self._tokens[peer] = tokens
-                raise ResourceExhausted(
+                raise RateLimited(
                     f"daily probe quota of {pp.probes_per_day} for {peer} is used up "
-                    f"({used} today); it resets at 00:00 UTC"
+                    f"({used} today); it resets at 00:00 UTC",
+                    retry_after=_until_utc_midnight(),
+                    per_minute=pp.probes_per_minute,
+                )
+            if n > pp.probes_per_minute:
+                self._tokens[peer] = tokens
+                raise RateLimited(
+                    f"probe rate limit for {peer}: {pp.probes_per_minute} per minute; a batch "
+                    f"of {n} never fits: ask at most {pp.probes_per_minute} at a time",
+                    retry_after=(pp.probes_per_minute - tokens) / rate if rate else 60.0,
+                    per_minute=pp.probes_per_minute,
                 )
             if n > tokens:
                 self._tokens[peer] = tokens
-                raise ResourceExhausted(
+                wait_s = (n - tokens) / rate if rate else 60.0
+                raise RateLimited(
                     f"probe rate limit for {peer}: {pp.probes_per_minute} per minute; "
-                    f"retry in {(n - tokens) / rate if rate else 60:.1f} s"
+                    f"retry in {wait_s:.1f} s",
+                    retry_after=wait_s,
+                    per_minute=pp.probes_per_minute,
                 )
             self._tokens[peer] = tokens - n
             self._day[peer] = (today, used + n)
+
+
+def _until_utc_midnight() -> float:
+    now = datetime.now(UTC)
+    return 86400.0 - (now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6)
 
 
 @dataclass
@@ -236,6 +255,17 @@ class ProbeAnswerer:
 StubFor = Callable[[str], peer_pb2_grpc.PeerServiceStub]
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """One province's answer to a whole check: its hits, or why there are none."""
+
+    status: int
+    hits: list[peer_pb2.ProbeHit] | None
+    detail: str
+    retry_after_ms: int = 0
+    limit_per_minute: int = 0
+
+
 class Checker:
     """The asking side: fans a check out to the peers."""
 
@@ -284,31 +314,31 @@ class Checker:
                 results[i].error = f"{exc.reason_code}: {exc.message}"
         known = self.peers()
         targets = list(req.provinces) or known
-        answers: dict[str, tuple[int, list[peer_pb2.ProbeHit] | None, str]] = {}
+        answers: dict[str, _Answer] = {}
         futures = {}
         salt = self.salt()
         policy = self.policy()
         for peer in targets:
             if peer not in known:
-                answers[peer] = (S.PROVINCE_STATUS_ERROR, None, "not a configured peer")
+                answers[peer] = _Answer(S.PROVINCE_STATUS_ERROR, None, "not a configured peer")
                 continue
             pp = policy.peers.get(peer)
             if pp is None or purpose not in pp.purposes:
-                answers[peer] = (
+                answers[peer] = _Answer(
                     S.PROVINCE_STATUS_NOT_AUTHORISED,
                     None,
                     f"purpose '{purpose}' not allowed with {peer} by policy",
                 )
                 continue
             if self.store.pair_version(peer, salt.epoch) is None:
-                answers[peer] = (
+                answers[peer] = _Answer(
                     S.PROVINCE_STATUS_NOT_SYNCED,
                     None,
                     f"no reconciliation with {peer} in epoch {salt.epoch} yet",
                 )
                 continue
             if not valid:  # nothing to ask: every ID was invalid
-                answers[peer] = (S.PROVINCE_STATUS_UNSPECIFIED, [], "")
+                answers[peer] = _Answer(S.PROVINCE_STATUS_UNSPECIFIED, [], "")
                 continue
             futures[peer] = self._pool.submit(self._probe, peer, purpose, salt, digits, deadline)
         done, _ = wait(futures.values(), timeout=deadline + 0.5)
@@ -317,15 +347,18 @@ class Checker:
                 answers[peer] = fut.result()
             else:
                 fut.cancel()
-                answers[peer] = (S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+                answers[peer] = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
         for peer in targets:
-            status, hits, detail = answers[peer]
+            got = answers[peer]
+            hits = got.hits
             by_index = {h.index: h for h in hits or []}
             matched = 0
             for k, i in enumerate(valid):
-                ans = internal_pb2.ProvinceAnswer(province=peer, detail=detail)
+                ans = internal_pb2.ProvinceAnswer(province=peer, detail=got.detail)
                 if hits is None:
-                    ans.status = status  # type: ignore[assignment]
+                    ans.status = got.status  # type: ignore[assignment]
+                    ans.retry_after_ms = got.retry_after_ms
+                    ans.limit_per_minute = got.limit_per_minute
                 elif k in by_index:
                     ans.status = S.PROVINCE_STATUS_MATCH
                     ans.labels.extend(by_index[k].labels)
@@ -340,7 +373,7 @@ class Checker:
 
     def _probe(
         self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
-    ) -> tuple[int, list[peer_pb2.ProbeHit] | None, str]:
+    ) -> _Answer:
         key = self.store.pair_key(peer, salt.epoch)
         values = curve.hash_and_blind_many(
             salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend
@@ -361,7 +394,15 @@ class Checker:
                 grpc.StatusCode.DEADLINE_EXCEEDED: S.PROVINCE_STATUS_UNAVAILABLE,
                 grpc.StatusCode.UNAUTHENTICATED: S.PROVINCE_STATUS_NOT_AUTHORISED,
             }.get(code, S.PROVINCE_STATUS_ERROR)
-            return status, None, err.message
+            if isinstance(err, RateLimited):
+                return _Answer(
+                    status,
+                    None,
+                    err.message,
+                    retry_after_ms=min(round(err.retry_after * 1000), 2**32 - 1),
+                    limit_per_minute=min(err.per_minute, 2**32 - 1),
+                )
+            return _Answer(status, None, err.message)
         except IspfError as exc:
-            return S.PROVINCE_STATUS_ERROR, None, exc.message
-        return S.PROVINCE_STATUS_UNSPECIFIED, list(resp.hits), ""
+            return _Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)
+        return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, list(resp.hits), "")

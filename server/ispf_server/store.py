@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ispf.errors import IspfError, RetryLater, StorageFull
-from ispf.keys import BlindingKey
+from ispf import files
+from ispf.errors import IspfError, KeyFileError, RetryLater, StorageFull
+from ispf.keys import BlindingKey, MasterKey
 from ispf.records import Label
 from ispf_server import pairruns, pairstate
 
@@ -209,8 +210,14 @@ def _rollback(cur: sqlite3.Cursor) -> None:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """`master_key`: the node's master key file (default: ``master.key`` beside the
+    store), made on first start if the store was never keyed; pair keys derive from it.
+    """
+
+    def __init__(self, path: Path, master_key: Path | None = None) -> None:
+        files.private_dir(path.parent)
+        files.private_new_file(path)  # SQLite gives -wal and -shm the store's mode
+        self.path = path
         self.directory = path.parent  # (also where sessions spool their tags)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
@@ -221,7 +228,89 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            migrated = self._drop_stored_scalars()
             self._db.executescript(pairstate.SCHEMA)
+        self._master = self._load_master(master_key or path.parent / "master.key")
+        if migrated:
+            log.warning(
+                "store %s: pair keys were kept in the store by an older version; they and "
+                "the pair state made under them (%d pairs) are erased, so the next run with "
+                "each peer is full under keys derived from %s",
+                path.name,
+                migrated,
+                self._master_path.name,
+            )
+
+    def _drop_stored_scalars(self) -> int:
+        """Migration: a pair_keys table with a scalar column goes, with all pair state
+        (made under those scalars, which are not derivable); the file is vacuumed so
+        the scalars do not linger in free pages. Returns how many pairs had keys."""
+        if not pairstate.has_stored_scalars(self._db):
+            return 0
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            pairs = int(cur.execute("SELECT count(*) FROM pair_keys").fetchone()[0])
+            for table in pairstate.STATE_TABLES:
+                if table != "pair_keys":
+                    cur.execute(f"DROP TABLE IF EXISTS {table}")  # recreated empty below
+            cur.execute("DROP TABLE pair_keys")
+            cur.execute("COMMIT")
+        except BaseException:
+            _rollback(cur)
+            raise
+        self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return pairs
+
+    @storage_errors
+    def replace_master_key(self) -> int:
+        """A new master key file (the old one overwritten, then replaced) and all pair
+        state erased, so no pair key of the old master key is used again. Returns how
+        many pairs had keys."""
+
+        def step(cur: sqlite3.Cursor) -> int:
+            pairs = int(cur.execute("SELECT count(*) FROM pair_keys").fetchone()[0])
+            for table in pairstate.STATE_TABLES:
+                cur.execute(f"DELETE FROM {table}")  # noqa: S608
+            return pairs
+
+        pairs = self._write_tx(step)
+        new_path = self._master_path.with_name(self._master_path.name + ".new")
+        new_path.unlink(missing_ok=True)
+        key = MasterKey.create_file(new_path)
+        with self._master_path.open("r+b") as fh:  # overwrite the old key's bytes
+            fh.write(b"0" * len(fh.read()))
+        new_path.replace(self._master_path)
+        self.set_meta("master_kcv", key.check_value())
+        self._master = key
+        with self._lock:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return pairs
+
+    def _load_master(self, path: Path) -> MasterKey:
+        """The master key; refuse one that is not the key this store was keyed with."""
+        self._master_path = path
+        row = self._db.execute("SELECT value FROM meta WHERE key='master_kcv'").fetchone()
+        if not path.exists() and row is None:
+            key = MasterKey.create_file(path)
+            log.info("master key created: %s (mode 0600)", path)
+        else:
+            if not path.exists():
+                raise KeyFileError(
+                    f"master key {path} is missing, and the store {self.path} was keyed with "
+                    "one: restore the node's master key file (the pair keys derive from it)"
+                )
+            key = MasterKey.from_file(path)
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('master_kcv', ?)", (key.check_value(),))
+        elif str(row[0]) != key.check_value():
+            raise KeyFileError(
+                f"master key {path} is not the key the store {self.path} was keyed with: "
+                "restore the right master key file"
+            )
+        return key
 
     def close(self) -> None:
         with self._lock:
@@ -880,7 +969,46 @@ class Store:
 
     def pair_key(self, peer: str, epoch: int) -> BlindingKey:
         with self._lock:
-            return pairstate.pair_key(self._db, peer, epoch, utcnow())
+            return pairstate.pair_key(self._db, self._master, peer, epoch, utcnow())
+
+    def rekey_if_due(self, peer: str, epoch: int, days: int) -> bool:
+        """Re-key the pair if its key is `days` old (0: never); True if it did. The
+        pair's state goes with the old key, so the next run with the peer is full."""
+
+        def step(cur: sqlite3.Cursor) -> bool:
+            if not pairstate.rekey_due(self._db, peer, epoch, datetime.now(UTC), days):
+                return False
+            pairstate.rekey(cur, peer, epoch, utcnow())
+            return True
+
+        if days <= 0:
+            return False
+        done = self._write_tx(step)
+        if done:
+            log.info("pair key for %s (epoch %d) renewed after %d days", peer, epoch, days)
+        return done
+
+    def rekey_count(self, peer: str, epoch: int) -> int | None:
+        """The pair's re-key counter (None: no pair key yet)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def snapshot(self) -> bytes:
+        """A consistent copy of the whole store, taken online (SQLite's backup API), as
+        a rollback-journal image (header bytes 18-19 = 1; the copy of a WAL store would
+        not open in memory)."""
+        with self._lock:
+            mem = sqlite3.connect(":memory:")
+            try:
+                self._db.backup(mem)
+                image = bytearray(mem.serialize())
+            finally:
+                mem.close()
+        image[18] = image[19] = 1
+        return bytes(image)
 
     def pair_version(self, peer: str, epoch: int) -> int | None:
         """The registry version the own tags for this peer reflect; None: no state."""
@@ -941,6 +1069,20 @@ class Store:
             ).fetchall()
         for rid, p, s, pp, ps, tag in rows:
             yield MatchRow(rid, Label(p, s), Label(pp, ps), bytes(tag))
+
+    def match_holders(self, session_id: str) -> dict[str, str]:
+        """For each record matched in a session and still in the registry, a key of
+        the person holding it: the lowest record id among the records with the same
+        identity number. Records of one person share the key; it is a record id,
+        never the ID number, so the number does not leave the database."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT m.record_id, (SELECT MIN(o.record_id) FROM records o "
+                "WHERE o.nid = r.nid) FROM matches m JOIN records r "
+                "ON r.record_id = m.record_id WHERE m.session_id=?",
+                (session_id,),
+            ).fetchall()
+        return {str(rid): str(holder) for rid, holder in rows}
 
     def matched_tags(self, session_id: str) -> list[bytes]:
         with self._lock:

@@ -389,3 +389,106 @@ def test_policy_change_takes_effect_is_logged_and_refusals_are_logged(
         assert audited.client("punjab").wait(st.session_id).state == COMPLETED
     finally:
         path.write_text(original)
+
+
+def cli_profile(audited: Federation, prof: AuditProfile, tmp_path: Path) -> Path:
+    """The forum's audit profile as a file, with this test's state and evidence folder."""
+    base = audited.layout.auditor_dir("auditor")
+    text = (base / "audit.toml").read_text()
+    text = text.replace('state = "audit-state.json"', f'state = "{prof.state}"')
+    text = text.replace('evidence = "evidence"', f'evidence = "{prof.evidence}"')
+    text = text.replace('"../../', f'"{base}/../../').replace('"auditor.', f'"{base}/auditor.')
+    path = tmp_path / "cli-audit.toml"
+    path.write_text(text)
+    return path
+
+
+def ispf(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    exe = str(Path(sys.executable).parent / "ispf")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_auditor_reports_every_node_when_one_fails_with_evidence(
+    audited: Federation, tamper: tuple[sqlite3.Connection, AuditProfile], tmp_path: Path
+) -> None:
+    db, prof = tamper
+    rows = [(s, e) for _, s, e in entries(db)]
+    rewrite(db, rows[:1] + rows[2:])
+    done = ispf("audit", "verify", "--profile", str(cli_profile(audited, prof, tmp_path)))
+    assert done.returncode == 1
+    assert "AUDIT FAILED punjab: deleted: entry 1 was deleted" in done.stderr
+    # punjab sorts between kp and sindh: both are still checked and reported.
+    assert re.search(r"^kp: log of \d+ entries verified", done.stdout, re.M)
+    assert re.search(r"^sindh: log of \d+ entries verified", done.stdout, re.M)
+    assert "1 node of 3 failed the audit: punjab" in done.stderr
+    evidence = list(prof.evidence.glob("punjab-deleted-*.json"))
+    assert len(evidence) == 1
+    ev = json.loads(evidence[0].read_text())
+    assert ev["kind"] == "deleted" and ev["checkpoint"] and ev["served_entries"]
+    # JSON: one object per node, the failing one with its kind and evidence.
+    done = ispf("audit", "verify", "--json", "--profile", str(cli_profile(audited, prof, tmp_path)))
+    got = {o["node"]: o for o in map(json.loads, done.stdout.splitlines())}
+    assert done.returncode == 1 and set(got) == {"punjab", "sindh", "kp"}
+    assert got["punjab"]["ok"] is False and got["punjab"]["kind"] == "deleted"
+    assert got["punjab"]["evidence"] and Path(got["punjab"]["evidence"]).exists()
+    assert got["sindh"]["ok"] is True and got["sindh"]["sessions"] >= 3
+
+
+def test_a_swap_of_the_last_two_entries_is_reordered_not_deleted(
+    tamper: tuple[sqlite3.Connection, AuditProfile],
+) -> None:
+    db, prof = tamper
+    rows = [(s, e) for _, s, e in entries(db)]
+    rewrite(db, [*rows[:-2], rows[-1], rows[-2]])
+    failure = expect(prof, "reordered")
+    assert f"entry {len(rows) - 2} was moved" in failure.message
+    assert failure.evidence is not None and failure.evidence.exists()
+
+
+def test_a_truncated_tail_is_a_rollback_with_evidence(
+    tamper: tuple[sqlite3.Connection, AuditProfile],
+) -> None:
+    db, prof = tamper
+    rows = [(s, e) for _, s, e in entries(db)]
+    rewrite(db, rows[:-2])  # the signed checkpoint is left as it was
+    failure = expect(prof, "rollback")
+    assert f"truncated to {len(rows) - 2} entries" in failure.message
+    assert failure.evidence is not None
+    assert json.loads(failure.evidence.read_text())["kind"] == "rollback"
+
+
+def test_a_modified_entry_keeps_evidence(tamper: tuple[sqlite3.Connection, AuditProfile]) -> None:
+    db, prof = tamper
+    idx, _, e = entries(db)[-1]
+    flipped = bytearray(e)
+    flipped[len(flipped) // 2] ^= 0x01
+    db.execute("UPDATE log_entries SET entry=? WHERE idx=?", (bytes(flipped), idx))
+    failure = expect(prof, "modified")
+    assert f"entry {idx} was modified" in failure.message
+    assert failure.evidence is not None and failure.evidence.exists()
+
+
+def test_a_fresh_auditor_names_a_deleted_entry_deleted(
+    tamper: tuple[sqlite3.Connection, AuditProfile], tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    db, prof = tamper
+    rows = [(s, e) for _, s, e in entries(db)]
+    rewrite(db, rows[:2] + rows[3:])
+    fresh = replace(prof, state=tmp_path / "never.json")
+    with pytest.raises(AuditFailure) as info:
+        verify(fresh, ["punjab"])
+    assert info.value.kind == "deleted", info.value.message
+    assert f"serves {len(rows) - 1} of the {len(rows)} entries" in info.value.message
+
+
+def test_audit_pair_json_is_one_object(audited: Federation, tmp_path: Path) -> None:
+    prof = profile_for(audited, tmp_path)
+    done = ispf("audit", "pair", "--json", "--profile", str(cli_profile(audited, prof, tmp_path)))
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    got = json.loads(line)
+    assert got["ok"] is True and got["paired"] >= 4 and got["one_sided"] == []

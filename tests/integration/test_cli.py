@@ -29,6 +29,8 @@ MATCH_HEADER = [
     "peer_programme",
     "peer_status",
     "session_id",
+    "own_programme",
+    "own_status",
 ]
 
 

@@ -76,6 +76,8 @@ def test_formula_cells_are_neutralised_in_reports() -> None:
         [
             internal_pb2.Match(
                 record_id="=cmd()",
+                programme="PSPA",
+                status="@eligible",
                 peer="sindh",
                 peer_programme="BISP",
                 peer_status="enrolled",
@@ -84,6 +86,7 @@ def test_formula_cells_are_neutralised_in_reports() -> None:
         ],
     )
     assert text.splitlines() == [
-        "province,record_id,peer_province,peer_programme,peer_status,session_id",
-        "punjab,'=cmd(),sindh,BISP,enrolled,s",
+        "province,record_id,peer_province,peer_programme,peer_status,session_id,"
+        "own_programme,own_status",
+        "punjab,'=cmd(),sindh,BISP,enrolled,s,PSPA,'@eligible",
     ]

@@ -114,9 +114,17 @@ class ProvinceAnswer(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_PER_MINUTE_FIELD_NUMBER: _builtins.int
     province: _builtins.str
     status: Global___ProvinceStatus.ValueType
     detail: _builtins.str
+    retry_after_ms: _builtins.int
+    """RATE_LIMITED only: when the same IDs may be asked again (milliseconds; for a
+    daily quota, until it resets), and the province's limit per minute, so the
+    caller can pace itself (a batch larger than the limit never fits at once).
+    """
+    limit_per_minute: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]:
         """Matched programmes and statuses (MATCH only)."""
@@ -128,10 +136,12 @@ class ProvinceAnswer(_message.Message):
         status: Global___ProvinceStatus.ValueType = ...,
         labels: _abc.Iterable[_common_pb2.Label] | None = ...,
         detail: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
+        limit_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "labels", b"labels", "province", b"province", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "labels", b"labels", "limit_per_minute", b"limit_per_minute", "province", b"province", "retry_after_ms", b"retry_after_ms", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,6 +646,7 @@ class Match(_message.Message):
     PEER_PROGRAMME_FIELD_NUMBER: _builtins.int
     PEER_STATUS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    PERSON_FIELD_NUMBER: _builtins.int
     record_id: _builtins.str
     programme: _builtins.str
     status: _builtins.str
@@ -643,6 +654,14 @@ class Match(_message.Message):
     peer_programme: _builtins.str
     peer_status: _builtins.str
     session_id: _builtins.str
+    person: _builtins.int
+    """The person the record belongs to, for counting people apart from rows: every
+    record of one identity number in the province's registry (as it is at export)
+    carries the same number within one GetMatches stream, 1 for the first person
+    seen, 2 for the next, and so on. It is not derived from the identity number and
+    means nothing outside the stream. A record deleted since the session counts as
+    a person of its own.
+    """
     def __init__(
         self,
         *,
@@ -653,10 +672,11 @@ class Match(_message.Message):
         peer_programme: _builtins.str = ...,
         peer_status: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        person: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "peer_programme", b"peer_programme", "peer_status", b"peer_status", "programme", b"programme", "record_id", b"record_id", "session_id", b"session_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "peer_programme", b"peer_programme", "peer_status", b"peer_status", "person", b"person", "programme", b"programme", "record_id", b"record_id", "session_id", b"session_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -51,6 +51,7 @@ class HandshakeRequest(_message.Message):
     INCREMENTAL_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
     REGISTRY_SIZE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     session_id: _builtins.str
@@ -70,6 +71,10 @@ class HandshakeRequest(_message.Message):
     state: _builtins.bytes
     """Incremental: the state the initiator builds on: fingerprint of its own tag set
     and of the responder's tag set as it holds it (32 bytes each).
+    """
+    witnessed_size: _builtins.int
+    """Size of the responder's log in the last checkpoint the initiator verified
+    (0 if none): the responder proves its current checkpoint consistent with it.
     """
     registry_size: _builtins.int
     """Distinct IDs the initiator holds in its registry (what it may take part with):
@@ -101,11 +106,12 @@ class HandshakeRequest(_message.Message):
         incremental: _builtins.bool = ...,
         removed: _builtins.bytes = ...,
         state: _builtins.bytes = ...,
+        witnessed_size: _builtins.int = ...,
         registry_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "registry_size", b"registry_size", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "registry_size", b"registry_size", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -119,18 +125,30 @@ class HandshakeResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_VALUES_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
     REGISTRY_SIZE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_chunk_values: _builtins.int
     """Largest number of values the responder accepts in one chunk."""
     removed: _builtins.bytes
     """Incremental: 16-byte tags of the responder's IDs removed (or relabelled) since."""
+    checkpoint: _builtins.str
+    """The responder's current signed checkpoint (before this session's entry) and
+    its consistency proof from the request's witnessed_size: the initiator checks
+    for a fork before anything is committed on either side.
+    """
+    witnessed_size: _builtins.int
+    """Size of the initiator's log in the last checkpoint the responder verified."""
     registry_size: _builtins.int
     """Distinct IDs the responder holds in its registry (logged by both sides)."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelGroup]:
         """The responder's groups. In count-only mode, one group without labels."""
 
+    @_builtins.property
+    def consistency(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
@@ -138,11 +156,14 @@ class HandshakeResponse(_message.Message):
         groups: _abc.Iterable[_common_pb2.LabelGroup] | None = ...,
         max_chunk_values: _builtins.int = ...,
         removed: _builtins.bytes = ...,
+        checkpoint: _builtins.str = ...,
+        consistency: _abc.Iterable[_builtins.bytes] | None = ...,
+        witnessed_size: _builtins.int = ...,
         registry_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "max_chunk_values", b"max_chunk_values", "registry_size", b"registry_size", "removed", b"removed", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency", b"consistency", "groups", b"groups", "max_chunk_values", b"max_chunk_values", "registry_size", b"registry_size", "removed", b"removed", "session_id", b"session_id", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -224,6 +245,8 @@ class ConcludeRequest(_message.Message):
     RESULT_DIGEST_FIELD_NUMBER: _builtins.int
     WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     match_count: _builtins.int
     result_digest: _builtins.bytes
@@ -236,6 +259,13 @@ class ConcludeRequest(_message.Message):
     """Sync sessions: fingerprints of the initiator's and the responder's tag sets
     after this session (32 bytes each); both sides must hold the same state.
     """
+    checkpoint: _builtins.str
+    """The initiator's current signed checkpoint (before this session's entry) and
+    its consistency proof from the handshake's witnessed_size: the responder
+    checks for a fork before it commits, and fails the session if it finds one.
+    """
+    @_builtins.property
+    def consistency(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
@@ -244,10 +274,12 @@ class ConcludeRequest(_message.Message):
         result_digest: _builtins.bytes = ...,
         witnessed_size: _builtins.int = ...,
         state: _builtins.bytes = ...,
+        checkpoint: _builtins.str = ...,
+        consistency: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["match_count", b"match_count", "result_digest", b"result_digest", "session_id", b"session_id", "state", b"state", "witnessed_size", b"witnessed_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency", b"consistency", "match_count", b"match_count", "result_digest", b"result_digest", "session_id", b"session_id", "state", b"state", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

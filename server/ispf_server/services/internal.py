@@ -216,8 +216,15 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         else:
             rows = store.latest_completed_sessions()
         batch: list[internal_pb2.Match] = []
+        # Person numbers for this stream only: first person seen is 1 (see Match.person).
+        people: dict[str, int] = {}
         for s in rows:
+            holders = store.match_holders(s.session_id)
             for m in store.matches(s.session_id):
+                # A record gone from the registry is a person of its own ("\0" keeps
+                # its key apart from every record id a holder key can be).
+                key = holders.get(m.record_id, "\0" + m.record_id)
+                person = people.setdefault(key, len(people) + 1)
                 batch.append(
                     internal_pb2.Match(
                         record_id=m.record_id,
@@ -227,6 +234,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
                         peer_programme=m.peer_label.programme,
                         peer_status=m.peer_label.status,
                         session_id=s.session_id,
+                        person=person,
                     )
                 )
                 if len(batch) >= MATCH_BATCH:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -270,10 +270,13 @@ class Initiator:
                 incremental=side is not None and side.incremental,
                 removed=b"".join(side.removed_tags) if side else b"",
                 state=side.own_fp + side.peer_fp if side and side.incremental else b"",
+                witnessed_size=self.audit.witnessed_size(self.req.peer),
                 registry_size=declared,
             ),
             timeout=cfg.call,
         )
+        if hs.checkpoint:  # a fork of the peer's log fails the session before any commit
+            self.audit.accept_peer_checkpoint(self.req.peer, hs.checkpoint, list(hs.consistency))
         clock.lap("handshake")
         peer_removed = (
             parse_removed(
@@ -393,6 +396,7 @@ class Initiator:
             result_digest=outcome.digest,
             witnessed_size=self.audit.witnessed_size(self.req.peer),
             state=synced.state_after if synced else b"",
+            **self._own_checkpoint(hs.witnessed_size),
         )
         # Safe to repeat: the peer answers a repeated Conclude with its first answer.
         asking = in_thread(
@@ -452,6 +456,13 @@ class Initiator:
             outcome.match_count,
             clock,
         )
+
+    def _own_checkpoint(self, first: int) -> dict[str, Any]:
+        """Our current checkpoint and its proof from the size the peer last verified."""
+        signed = self.audit.sign_checkpoint()
+        size = self.audit.size()
+        proof = self.audit.consistency(first, size) if 0 < first <= size else []
+        return {"checkpoint": signed, "consistency": proof}
 
     def _witness(
         self, answer: peer_pb2.ConcludeResponse, peer_checkpoint: SignedCheckpoint

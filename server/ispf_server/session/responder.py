@@ -504,11 +504,18 @@ class Responder:
             sum(sizes),
         )
         answer_groups = plan.to_proto() if labelled else [common_pb2.LabelGroup(size=plan.total)]
+        # Our current checkpoint, so the initiator can find a fork before either commits.
+        checkpoint = self.audit.sign_checkpoint()
+        size = self.audit.size()
+        first = req.witnessed_size
         return peer_pb2.HandshakeResponse(
             session_id=s.session_id,
             groups=answer_groups,
             max_chunk_values=MAX_CHUNK_VALUES,
             removed=b"".join(side.removed_tags) if side else b"",
+            checkpoint=checkpoint,
+            consistency=self.audit.consistency(first, size) if 0 < first <= size else [],
+            witnessed_size=self.audit.witnessed_size(caller),
             registry_size=s.own_declared,
         )
 
@@ -693,6 +700,8 @@ class Responder:
         with self._guard(s, "conclude"):
             if not s.reblind_done or (s.labelled and not s.return_done):
                 raise ProtocolViolation("Conclude before all values were exchanged")
+            if req.checkpoint:  # a fork of the initiator's log fails the session on both
+                self.audit.accept_peer_checkpoint(caller, req.checkpoint, list(req.consistency))
             s.clock.lap("exchange")
             synced = None
             if s.side is not None:

@@ -86,8 +86,12 @@ def state_fingerprints(
     """(own set, peer set) fingerprints, or None if no usable state is held.
 
     State kept under another policy is not usable: which IDs and labels the peer
-    may hold changed, so the next run must be full.
+    may hold changed, so the next run must be full. Nor is state under a pair key
+    past the policy's `rekey_after_days`: the key is renewed here and that state
+    dropped, so both sides, asking this before a run, agree the run is full.
     """
+    if store.rekey_if_due(peer, epoch, pp.rekey_after_days):
+        return None
     row = store.pair_sync(peer, epoch)
     if row is None or row.policy != policy_key(pp):
         return None
@@ -317,7 +321,10 @@ def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytear
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
     """What this side sends: IDs whose label set is new or changed, and removed tags."""
     version = store.registry_version()
-    row = store.pair_sync(peer, epoch) if incremental else None
+    # A pair key older than the policy allows is renewed, and the pair's state goes
+    # with it: this run is full (the peer finds fingerprints that do not match).
+    rekeyed = store.rekey_if_due(peer, epoch, pp.rekey_after_days)
+    row = store.pair_sync(peer, epoch) if incremental and not rekeyed else None
     plan: Plan | None = None
     if row is not None:
         nids = store.changed_since(row.version)
