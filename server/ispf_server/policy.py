@@ -89,10 +89,15 @@ class PeerPolicy:
 
     def budget_allowance(self, declared: int, days: int) -> int:
         """Values the peer may submit in an epoch: a multiple of the registry size it
-        declared (at most `max_set_size`), and `budget_daily` for each day (UTC) since
-        it first submitted any in the epoch, that one included."""
-        return self.budget_multiple * min(declared, self.max_set_size) + self.budget_daily * max(
-            days, 1
+        declared (at most `max_set_size`) for each re-key period begun (each begins
+        with a full run under fresh keys; one period where `rekey_after_days` is 0),
+        and `budget_daily` for each day (UTC) since it first submitted any in the
+        epoch, that one included."""
+        days = max(days, 1)
+        periods = 1 + (days - 1) // self.rekey_after_days if self.rekey_after_days else 1
+        return (
+            self.budget_multiple * min(declared, self.max_set_size) * periods
+            + self.budget_daily * days
         )
 
     def may_disclose(self, label: Label) -> bool:

@@ -52,3 +52,10 @@ session_idle_seconds = 30
     assert (pp.max_open_sessions, pp.session_idle_seconds) == (2, 30)
     with pytest.raises(ConfigError, match="max_open_sessions must be an integer of at least 1"):
         parse_policy(text.replace(b"max_open_sessions = 2", b"max_open_sessions = 0"), "p")
+
+
+def test_each_rekey_period_brings_another_multiple() -> None:
+    pp = PeerPolicy("sindh", frozenset(), budget_multiple=2, budget_daily=1, rekey_after_days=30)
+    assert pp.budget_allowance(100, 1) == 200 + 1
+    assert pp.budget_allowance(100, 30) == 200 + 30
+    assert pp.budget_allowance(100, 31) == 400 + 31  # a second period has begun
