@@ -278,8 +278,11 @@ def test_abort_and_purpose_carrying_an_id_leave_no_digit_run(
             stub.Handshake,
             hello(fed, epoch=int(FOREIGN_ID)),
         )
-    failed = node.store.session(numbered.session_id)
-    assert failed is not None and "chunk [digits] arrived" in failed.error
+    deadline = time.monotonic() + 5  # (the stream's failure is recorded as it closes)
+    while (failed := node.store.session(numbered.session_id)) is None or not failed.error:
+        assert time.monotonic() < deadline, "the failed stream's session was never failed"
+        time.sleep(0.05)
+    assert "chunk [digits] arrived" in failed.error
     row = node.store.session(req.session_id)
     assert row is not None and row.state == "FAILED"
     assert "holder [digits]" in row.error and len(row.error) < 300
