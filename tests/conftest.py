@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from ispf.v1 import internal_pb2
-from ispf_client.forum import ForumLayout, init_forum
+from ispf_client.forum import ForumLayout, init_forum, write_policy
 from ispf_client.sdk import ClientProfile, NodeClient
 from ispf_server.config import load_config
 from ispf_server.node import Node, create_server
@@ -64,9 +64,21 @@ def start_federation(
     pool: BlindingPool,
     interceptors: tuple[object, ...] = (),
     reuse: ForumLayout | None = None,
+    policy: dict[str, int] | None = None,
     **overrides: object,
 ) -> Federation:
+    """`reuse`: an existing forum (its nodes start again on their files). `policy`:
+    settings for every peer in every node's policy. Tests run tiny sets, so
+    `min_set_size` is 1 unless told (the tests of that bound set it)."""
     fed = Federation(reuse or init_forum(root / "forum", provinces, base_port=0))
+    for p in provinces:
+        if reuse is not None and policy is None:
+            break  # (a forum started again keeps its policies as they are)
+        write_policy(
+            fed.layout.node_dir(p) / "policy.toml",
+            sorted(q for q in provinces if q != p),
+            settings={"min_set_size": 1, **(policy or {})},
+        )
     for p in provinces:
         cfg = load_config(fed.layout.node_dir(p) / "node.toml")
         cfg = replace(cfg, chunk_values=64, **overrides)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@
     ispf registry stats | delete ID...
     ispf reconcile --peer sindh | --all  [--count-only] [--out reports/]
     ispf sessions list
+    ispf peers [--json]                      (each peer's query budget: used and left)
     ispf results export [--session ID] --out reports/
     ispf results receipt --session ID --record RID --out receipt.json
     ispf audit verify | pair | prove --node N --session ID | verify-proof FILE
@@ -795,6 +796,32 @@ def _session_id(text: str) -> str:
     return sid
 
 
+def cmd_peers(args: argparse.Namespace, con: Console) -> int:
+    with NodeClient(_profile(args)) as client:
+        budgets = client.budgets()
+    for b in budgets:
+        if args.json:
+            emit_json(
+                {
+                    "peer": b.peer,
+                    "epoch": b.epoch,
+                    "declared": b.declared,
+                    "used": b.used,
+                    "allowance": b.allowance,
+                    "left": b.left,
+                    "refused": b.refused,
+                }
+            )
+            continue
+        con.print(
+            f"{printable(b.peer, 32):12} epoch {b.epoch}  budget used {b.used} of "
+            f"{b.allowance} ({b.left} left)  declared registry {b.declared}  "
+            f"refused {b.refused}",
+            markup=False,
+        )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, con: Console) -> int:
     from ispf_client.report import write_report
 
@@ -1274,6 +1301,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per session")
     p.set_defaults(func=cmd_sessions)
+
+    p = with_profile(
+        sub.add_parser("peers", help="peers of this node and their query budgets (used, left)")
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per peer")
+    p.set_defaults(func=cmd_peers)
 
     p = sub.add_parser("results", help="reconciliation results")
     res = p.add_subparsers(dest="results_command", required=True)

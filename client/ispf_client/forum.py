@@ -375,8 +375,29 @@ def write_node_config(
     return path
 
 
-def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
-    """A starting policy: every forum peer, both purposes, every label; to be reviewed."""
+def write_policy(
+    path: Path, peers: list[str], version: int = 1, settings: dict[str, int] | None = None
+) -> None:
+    """A starting policy: every forum peer, both purposes, every label; to be reviewed.
+
+    `settings` replace the defaults written for every peer (tests narrow them)."""
+    given = dict(settings or {})
+    limits = {
+        k: given.pop(k, v)
+        for k, v in {
+            "max_set_size": 50000000,
+            "probes_per_minute": 60,
+            "probes_per_day": 10000,
+        }.items()
+    }
+    bounds = {
+        "budget_multiple": 4,
+        "budget_daily": 100000,
+        "min_set_size": 100,
+        "max_open_sessions": 4,
+        "session_idle_seconds": 600,
+        **given,
+    }
     lines = [
         "# Data-sharing policy of this node: reviewed, versioned, reloaded on change.",
         "# Bump `version` with every change; each change is recorded in the audit log.",
@@ -390,9 +411,11 @@ def write_policy(path: Path, peers: list[str], version: int = 1) -> None:
             "collections = []            # own programmes it may match against; [] = all",
             'disclose = ["*"]            # labels it may learn: "PROGRAMME/status", * wildcards',
             "count_only = false",
-            "max_set_size = 50000000",
-            "probes_per_minute = 60",
-            "probes_per_day = 10000",
+            *(f"{k} = {v}" for k, v in limits.items()),
+            "# hostile-peer bounds: query budget per epoch (multiple of the registry size",
+            "# it declares, plus a daily allowance), smallest count-only or filtered set,",
+            "# sessions open at once and their idle time",
+            *(f"{k} = {v}" for k, v in bounds.items()),
         ]
     # Owner-only, as the node's health requires: who may learn what is the forum's business.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

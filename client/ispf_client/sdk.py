@@ -184,6 +184,13 @@ class NodeClient:
         )
 
     @translated
+    def budgets(self) -> list[internal_pb2.PeerBudget]:
+        """Each peer's query budget with the node in the current epoch."""
+        return list(
+            self._recon.ListPeers(internal_pb2.ListPeersRequest(), timeout=self.timeout).budgets
+        )
+
+    @translated
     def start_reconciliation(
         self,
         peer: str,

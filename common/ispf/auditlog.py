@@ -17,8 +17,12 @@ Entry types (``"v": 1``):
   count-only mode), time (UTC, ISO 8601), peer_checkpoint (``{"size", "root"}``
   of the latest checkpoint this node had verified from the peer, or null), sync
   (``none`` for a one-off session, ``full`` or ``incremental``), initiator_removed
-  and responder_removed (values taken out of the pair state; incremental runs);
-* ``refusal``: session_id, recorder, peer, purpose, epoch, reason_code, time;
+  and responder_removed (values taken out of the pair state; incremental runs),
+  initiator_declared and responder_declared (registry sizes, distinct IDs, the
+  two sides declared in the handshake; the query budget is reckoned on them);
+* ``refusal``: session_id, recorder, peer, purpose, epoch, reason_code
+  (``BudgetExhausted`` where the peer's query budget was spent), declared (the
+  registry size the peer declared), time;
 * ``policy``: recorder, version, sha256 (of the policy file that took effect), time;
 * ``epoch``: recorder, epoch, event (``retired``), time;
 * ``probes`` / ``checks``: recorder, peer, values (IDs probed), matched, refused,
@@ -63,6 +67,8 @@ PAIRED_FIELDS = (
     "sync",
     "initiator_removed",
     "responder_removed",
+    "initiator_declared",
+    "responder_declared",
 )
 
 

@@ -24,7 +24,8 @@
     ├── Unauthenticated            UNAUTHENTICATED
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── StorageFull            (the node's disk is full: nothing was stored)
-    │   └── RateLimited            (probe rate limit or daily quota; says when to retry)
+    │   ├── RateLimited            (probe rate limit or daily quota; says when to retry)
+    │   └── BudgetExhausted        (a peer's query budget for the epoch is spent)
     ├── SessionAborted             ABORTED
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
@@ -41,6 +42,8 @@ a salt or a key: they say what was wrong and where (a position, a field).
 from __future__ import annotations
 
 import grpc
+
+from ispf.peertext import untrusted
 
 ERROR_TYPE_KEY = "ispf-error-type"
 RETRY_AFTER_KEY = "ispf-retry-after-ms"
@@ -175,6 +178,10 @@ class RateLimited(ResourceExhausted):
         )
 
 
+class BudgetExhausted(ResourceExhausted):
+    """A peer submitted as many values as its per-epoch query budget allows."""
+
+
 class SessionAborted(IspfError):
     code = grpc.StatusCode.ABORTED
 
@@ -224,7 +231,9 @@ _BY_CODE: dict[grpc.StatusCode, type[IspfError]] = {
 def from_rpc_error(err: grpc.RpcError) -> IspfError:
     """Translate a failed call back into the class the server raised."""
     code: grpc.StatusCode = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (err.details() if isinstance(err, grpc.Call) else None) or code.name
+    # (The details are the other side's text: a peer's, on a node's outbound calls.)
+    details = untrusted((err.details() if isinstance(err, grpc.Call) else None) or "", 1000)
+    details = details or code.name
     name = None
     numbers: dict[str, int] = {}
     if isinstance(err, grpc.Call):

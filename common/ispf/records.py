@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from ispf.errors import InvalidRecord
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()&-]{0,63}$")
 MAX_RECORD_ID = 128
+MAX_NAME = 64
+NAME_PUNCTUATION = frozenset(" ._()&-")
+# A run of 9 or more digits (any script's, single dashes or spaces between) reads
+# as an ID number: never part of a label.
+_DIGIT_RUN = re.compile(r"\d(?:[-\s]?\d){8,}")
+NAME_RULE = (
+    f"1-{MAX_NAME} characters after NFC normalisation: letters (any script), digits, "
+    "combining marks, space and . _ - ( ) &, starting with a letter or digit, and no "
+    "run of 9 or more digits"
+)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -35,16 +45,30 @@ def check_record_id(record_id: str) -> str:
     return rid
 
 
+def _name_char(c: str, first: bool) -> bool:
+    cat = unicodedata.category(c)
+    if cat[0] == "L" or cat == "Nd":
+        return True
+    return not first and (cat[0] == "M" or c in NAME_PUNCTUATION)
+
+
 def check_name(field: str, value: str) -> str:
-    v = value.strip()
+    """A programme or status name, NFC-normalised; InvalidRecord (with why) otherwise.
+
+    The rule (`NAME_RULE`) holds at load and for every label a peer announces.
+    """
+    v = unicodedata.normalize("NFC", value).strip()
     if not v:
         raise InvalidRecord(f"{field}.missing", f"{field} is empty")
-    if not _NAME_RE.match(v):
+    if len(v) > MAX_NAME:
+        raise InvalidRecord(f"{field}.too_long", f"{field} is {len(v)} characters: {NAME_RULE}")
+    if _DIGIT_RUN.search(v):
         raise InvalidRecord(
-            f"{field}.invalid",
-            f"{field} must be 1-64 characters: letters, digits, space and . _ - ( ) &, "
-            "starting with a letter or digit",
+            f"{field}.digits",
+            f"{field} holds a run of 9 or more digits (an ID number?): {NAME_RULE}",
         )
+    if not all(_name_char(c, i == 0) for i, c in enumerate(v)):
+        raise InvalidRecord(f"{field}.invalid", f"{field} must be {NAME_RULE}")
     return v
 
 

@@ -28,6 +28,7 @@ from ispf.auditlog import (
 )
 from ispf.errors import ConfigError, LogTampered, PreconditionFailed, ProtocolViolation
 from ispf.keys import check_private_file
+from ispf.peertext import MASK, untrusted
 from ispf.v1 import common_pb2
 from ispf_server.session.core import PROTOCOL_VERSION
 from ispf_server.store import Store, utcnow
@@ -38,8 +39,7 @@ COSIGN_LOOKBACK = 64
 
 def _printable(text: str, limit: int = 200) -> str:
     """Free text for an entry: printable, short, and with digit runs cut (no ID can slip in)."""
-    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return re.sub(r"\d{6,}", "#", clean)
+    return re.sub(r"\d{6,}", "#", untrusted(text, limit).replace(MASK, "#"))
 
 
 class ForkDetected(PreconditionFailed):
@@ -151,6 +151,8 @@ class AuditLog:
         sync: str = "none",
         initiator_removed: int = 0,
         responder_removed: int = 0,
+        initiator_declared: int = 0,
+        responder_declared: int = 0,
     ) -> bytes:
         peer = responder if initiator == self.province else initiator
         fields: dict[str, Any] = {
@@ -176,29 +178,40 @@ class AuditLog:
             "sync": sync,
             "initiator_removed": initiator_removed,
             "responder_removed": responder_removed,
+            "initiator_declared": initiator_declared,
+            "responder_declared": responder_declared,
         }
         if reason is not None:
             fields["reason"] = _printable(reason)
         return encode_entry(fields)
 
     def record_refusal(
-        self, *, session_id: str, peer: str, purpose: str, epoch: int, reason_code: str
+        self,
+        *,
+        session_id: str,
+        peer: str,
+        purpose: str,
+        epoch: int,
+        reason_code: str,
+        declared: int = 0,
     ) -> None:
         """Log a refused handshake (policy, salt, protocol) and sign a checkpoint."""
+        session_id = _printable(session_id, 64)  # (the peer's text, in entry and index)
         entry = encode_entry(
             {
                 "v": ENTRY_VERSION,
                 "type": "refusal",
                 "recorder": self.province,
-                "session_id": _printable(session_id),
+                "session_id": session_id,
                 "peer": peer,
-                "purpose": _printable(purpose),
+                "purpose": _printable(purpose, 64),
                 "epoch": epoch,
                 "reason_code": reason_code,
+                "declared": declared,
                 "time": utcnow(),
             }
         )
-        self.store.append_entry(session_id[:64], entry)
+        self.store.append_entry(session_id, entry)
         self.sign_checkpoint()
 
     def record_policy(self, *, version: int, sha256: str) -> None:

@@ -26,6 +26,7 @@ from ispf.errors import (
     Unauthenticated,
 )
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
+from ispf.peertext import untrusted_id
 from ispf_server.metrics import NodeMetrics
 from ispf_server.revocation import RevocationList
 
@@ -111,7 +112,7 @@ def _request_id(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == logs.REQUEST_ID_KEY:
             text = value if isinstance(value, str) else value.decode("ascii", "replace")
-            if 0 < len(text) <= 64 and text.isprintable():
+            if 0 < len(text) <= 64 and untrusted_id(text) == text:
                 return text
     return logs.new_request_id()
 

@@ -39,6 +39,12 @@ class NodeMetrics:
             ["peer", "answer"],
             registry=r,
         )
+        self.budget_refused = Counter(
+            "ispf_query_budget_refused",
+            "Sessions and probes refused because the peer's query budget was spent",
+            ["peer"],
+            registry=r,
+        )
         self.rpc = Histogram(
             "ispf_rpc_seconds",
             "gRPC calls served, by method and status code",

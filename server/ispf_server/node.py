@@ -39,6 +39,7 @@ from ispf.v1 import (
     peer_pb2_grpc,
 )
 from ispf_server.audit import AuditLog, load_log_keys, load_log_signer
+from ispf_server.budget import BudgetState, QueryBudget
 from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
 from ispf_server.metrics import NodeMetrics
@@ -104,6 +105,9 @@ class Node:
         self._retired_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.budget = QueryBudget(
+            self.store, on_refused=lambda peer: self.metrics.budget_refused.labels(peer).inc()
+        )
         self.responder = Responder(
             province=self.province,
             store=self.store,
@@ -115,6 +119,7 @@ class Node:
             idle_timeout=config.session_idle_timeout,
             audit=self.audit,
             pair_lock=self.pair_lock,
+            budget=self.budget,
         )
         self.probes = ProbeAnswerer(
             store=self.store,
@@ -123,6 +128,7 @@ class Node:
             sync_with=self.sync_with,
             on_probe=lambda peer, result, n: self.metrics.probes.labels(peer, result).inc(n),
             backend=self.backend.name,
+            budget=self.budget,
         )
         self.checker = Checker(
             province=self.province,
@@ -292,6 +298,11 @@ class Node:
                 self._channels[peer] = (material.serial, ch)
         return peer_pb2_grpc.PeerServiceStub(ch)
 
+    def budgets(self) -> list[BudgetState]:
+        """Each policy peer's query budget with this node in the current epoch."""
+        policy, epoch = self.policy.current(), self.config.current_epoch
+        return [self.budget.state(policy.peers[p], epoch) for p in sorted(policy.peers)]
+
     def pair_lock(self, peer: str) -> threading.Lock:
         """One session at a time per pair, whichever side started it (sync state)."""
         with self._lock:
@@ -388,6 +399,7 @@ class Node:
             audit=self.audit,
             pair_lock=self.pair_lock(peer) if sync else None,
             peer_policy=pp,
+            budget=self.budget,
         )
 
     def close(self) -> None:

@@ -14,6 +14,12 @@ A peer that is not listed is refused. Example::
     max_set_size = 2000000                  # largest set it may submit in one session
     probes_per_minute = 60                  # online checks (planned; parsed and kept)
     probes_per_day = 20000
+    # Bounds on what a peer may ask (hostile-peer limits; see docs/security.md):
+    budget_multiple = 4        # values it may submit per epoch, as a multiple of the
+    budget_daily = 100000      #   registry size it declares, plus this much a day
+    min_set_size = 100         # smallest set of a count-only or filtered session
+    max_open_sessions = 4      # sessions it may hold open here at once
+    session_idle_seconds = 600 # an open session left idle this long is failed
 
 The policy binds both directions: as responder the node refuses requests
 outside it; as initiator it never discloses labels the peer may not learn,
@@ -33,11 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from ispf.errors import ConfigError, PolicyRefused
+from ispf.peertext import untrusted
 from ispf.records import Label
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SET = 50_000_000
+DEFAULT_BUDGET_MULTIPLE = 4
+DEFAULT_BUDGET_DAILY = 100_000
+DEFAULT_MIN_SET = 100
+# Seven provinces: a peer runs one sync at a time and a few one-offs beside it.
+DEFAULT_MAX_OPEN = 4
+DEFAULT_IDLE_SECONDS = 600
 _PEER_KEYS = {
     "purposes",
     "collections",
@@ -47,6 +60,11 @@ _PEER_KEYS = {
     "rekey_after_days",
     "probes_per_minute",
     "probes_per_day",
+    "budget_multiple",
+    "budget_daily",
+    "min_set_size",
+    "max_open_sessions",
+    "session_idle_seconds",
 }
 
 
@@ -63,6 +81,24 @@ class PeerPolicy:
     # Days a (peer, epoch) pair key is used before the next run re-keys (fresh pair
     # key, that pair's state dropped, the run full); 0: one key for the whole epoch.
     rekey_after_days: int = 0
+    budget_multiple: int = DEFAULT_BUDGET_MULTIPLE
+    budget_daily: int = DEFAULT_BUDGET_DAILY
+    min_set_size: int = DEFAULT_MIN_SET
+    max_open_sessions: int = DEFAULT_MAX_OPEN
+    session_idle_seconds: int = DEFAULT_IDLE_SECONDS
+
+    def budget_allowance(self, declared: int, days: int) -> int:
+        """Values the peer may submit in an epoch: a multiple of the registry size it
+        declared (at most `max_set_size`) for each re-key period begun (each begins
+        with a full run under fresh keys; one period where `rekey_after_days` is 0),
+        and `budget_daily` for each day (UTC) since it first submitted any in the
+        epoch, that one included."""
+        days = max(days, 1)
+        periods = 1 + (days - 1) // self.rekey_after_days if self.rekey_after_days else 1
+        return (
+            self.budget_multiple * min(declared, self.max_set_size) * periods
+            + self.budget_daily * days
+        )
 
     def may_disclose(self, label: Label) -> bool:
         # Registries have few distinct labels and many records: decide each label once.
@@ -97,8 +133,8 @@ class Policy:
         if purpose not in pp.purposes:
             allowed = ", ".join(sorted(pp.purposes)) or "none"
             raise PolicyRefused(
-                f"purpose '{purpose}' is not allowed for peer {peer} by policy version "
-                f"{self.version} (allowed: {allowed})"
+                f"purpose '{untrusted(purpose, 64)}' is not allowed for peer {peer} by policy "
+                f"version {self.version} (allowed: {allowed})"
             )
         if pp.count_only and not count_only:
             raise PolicyRefused(
@@ -146,6 +182,17 @@ def parse_policy(data: bytes, where: str) -> Policy:
             probes_per_minute=_int(v.get("probes_per_minute", 60), f"{w}: probes_per_minute"),
             probes_per_day=_int(v.get("probes_per_day", 10_000), f"{w}: probes_per_day"),
             rekey_after_days=_int(v.get("rekey_after_days", 0), f"{w}: rekey_after_days"),
+            budget_multiple=_int(
+                v.get("budget_multiple", DEFAULT_BUDGET_MULTIPLE), f"{w}: budget_multiple"
+            ),
+            budget_daily=_int(v.get("budget_daily", DEFAULT_BUDGET_DAILY), f"{w}: budget_daily"),
+            min_set_size=_int(v.get("min_set_size", DEFAULT_MIN_SET), f"{w}: min_set_size", 1),
+            max_open_sessions=_int(
+                v.get("max_open_sessions", DEFAULT_MAX_OPEN), f"{w}: max_open_sessions", 1
+            ),
+            session_idle_seconds=_int(
+                v.get("session_idle_seconds", DEFAULT_IDLE_SECONDS), f"{w}: session_idle_seconds", 1
+            ),
         )
     return Policy(version, hashlib.sha256(data).hexdigest(), peers)
 

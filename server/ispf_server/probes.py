@@ -38,8 +38,10 @@ from ispf.hazmat import curve
 from ispf.nid import canonicalise
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
+from ispf_server.budget import QueryBudget
 from ispf_server.pairstate import labels_of
 from ispf_server.policy import PeerPolicy, Policy
+from ispf_server.session.plan import secure_shuffle
 from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -168,8 +170,10 @@ class ProbeAnswerer:
         limiter: RateLimiter | None = None,
         on_probe: Callable[[str, str, int], None] | None = None,
         backend: str = "auto",
+        budget: QueryBudget | None = None,
     ) -> None:
         self.backend = backend
+        self.budget = budget or QueryBudget(store)
         self.store = store
         self.policy = policy
         self.sync_with = sync_with
@@ -199,6 +203,12 @@ class ProbeAnswerer:
                 f"no reconciliation between {caller} and this node in epoch {req.epoch} yet: "
                 "run one first"
             )
+        try:  # (the values count against the peer's query budget, as a session's do)
+            self.budget.charge(pp, req.epoch, n, what="probe")
+        except ResourceExhausted:
+            self.log.count(caller, n, refused=n)
+            self.on_probe(caller, "refused", n)
+            raise
         self._freshen(caller, req.epoch)
         key = self.store.pair_key(caller, req.epoch)
         tags = curve.x25519_many(key.unsafe_raw(), req.values, TAG_BYTES, self.backend)
@@ -215,6 +225,7 @@ class ProbeAnswerer:
             for i, t in enumerate(split)
             if t in found
         ]
+        secure_shuffle(hits)  # (each hit names its index: the order says nothing)
         self.log.count(caller, n, matched=len(hits))
         self.on_probe(caller, "answered", n)
         return peer_pb2.ProbeResponse(hits=hits)

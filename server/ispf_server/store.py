@@ -102,6 +102,17 @@ CREATE TABLE IF NOT EXISTS witnessed (
     note       TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+-- Each peer's query budget per epoch: values it submitted (sessions of every kind
+-- and probes), the registry size it last declared, and refusals once spent.
+CREATE TABLE IF NOT EXISTS query_budget (
+    peer      TEXT NOT NULL,
+    epoch     INTEGER NOT NULL,
+    declared  INTEGER NOT NULL DEFAULT 0,
+    used      INTEGER NOT NULL DEFAULT 0,
+    refused   INTEGER NOT NULL DEFAULT 0,
+    first_day TEXT NOT NULL,
+    PRIMARY KEY (peer, epoch)
+);
 """
 
 log = logging.getLogger(__name__)
@@ -212,6 +223,7 @@ class Store:
         self._lock = threading.Lock()
         self._pruning = threading.Lock()  # one pruning of registry changes at a time
         self._syncing = threading.Lock()  # one registry sync at a time
+        self._counting = threading.Lock()  # one background count of distinct IDs at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -936,6 +948,37 @@ class Store:
     def registry_version(self) -> int:
         return int(self.meta("registry_version") or 0)
 
+    def distinct_ids(self) -> int:
+        """Distinct IDs in the registry (the size a node declares in a handshake).
+
+        Counted once; after a change the last count is answered at once and a
+        recount runs in the background (a handshake, as for an online check's sync,
+        must not wait for a scan of the registry). Callers declare at least the set
+        they send, so a count behind by a few changes is harmless."""
+        version = self.registry_version()
+        cached: tuple[int, int] | None = getattr(self, "_distinct", None)
+        if cached is None:
+            self._distinct = (version, self._count_distinct())
+            return self._distinct[1]
+        if cached[0] != version and not self._counting.locked():
+            threading.Thread(target=self._recount, name="count-ids", daemon=True).start()
+        return cached[1]
+
+    def _count_distinct(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(DISTINCT nid) FROM records").fetchone()[0])
+
+    def _recount(self) -> None:
+        if not self._counting.acquire(blocking=False):
+            return
+        try:
+            version = self.registry_version()
+            self._distinct = (version, self._count_distinct())
+        except sqlite3.Error:  # (closed meanwhile: the next handshake counts again)
+            pass
+        finally:
+            self._counting.release()
+
     def pair_key(self, peer: str, epoch: int) -> BlindingKey:
         with self._lock:
             return pairstate.pair_key(self._db, self._master, peer, epoch, utcnow())
@@ -1061,6 +1104,72 @@ class Store:
                 (session_id, session_id),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
+
+    # -- query budgets ------------------------------------------------------
+
+    @storage_errors
+    def charge_budget(
+        self,
+        peer: str,
+        epoch: int,
+        values: int,
+        declared: int,
+        today: str,
+        allowance: Callable[[int, str], int],
+    ) -> BudgetRow:
+        """Add `values` to the peer's use in the epoch if `allowance(declared, first_day)`
+        allows it, in one transaction; else count a refusal. `declared` 0 keeps the
+        size declared before. Returns the row after (`charged` says which)."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                row = cur.execute(
+                    "SELECT declared, used, refused, first_day FROM query_budget "
+                    "WHERE peer=? AND epoch=?",
+                    (peer, epoch),
+                ).fetchone()
+                old_declared, used, refused, first_day = row or (0, 0, 0, today)
+                size = declared or old_declared
+                limit = allowance(size, first_day)
+                charged = used + values <= limit
+                if charged:
+                    used += values
+                else:
+                    refused += 1
+                cur.execute(
+                    "INSERT INTO query_budget VALUES (?,?,?,?,?,?) ON CONFLICT(peer, epoch) "
+                    "DO UPDATE SET declared=excluded.declared, used=excluded.used, "
+                    "refused=excluded.refused",
+                    (peer, epoch, size, used, refused, first_day),
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+        return BudgetRow(peer, epoch, size, used, refused, first_day, limit, charged)
+
+    def budget(self, peer: str, epoch: int) -> tuple[int, int, int, str] | None:
+        """(declared, used, refused, first day) of a peer's budget in an epoch, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT declared, used, refused, first_day FROM query_budget "
+                "WHERE peer=? AND epoch=?",
+                (peer, epoch),
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]), str(row[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRow:
+    peer: str
+    epoch: int
+    declared: int
+    used: int
+    refused: int
+    first_day: str
+    allowance: int
+    charged: bool
 
 
 def _running(cur: sqlite3.Cursor, session_id: str) -> bool:

@@ -291,7 +291,8 @@ def set_policy(fed: Federation, node: str, peer: str, **settings: object) -> Non
     version = int(text.split("version = ")[1].split("\n")[0])
     head, _, rest = text.partition(f"[peers.{peer}]")
     tail = rest[rest.find("\n[") :] if "\n[" in rest else ""
-    body = "\n".join(f"{k} = {v}" for k, v in settings.items())
+    # (test federations' sets are tiny: keep their min_set_size of 1 unless told)
+    body = "\n".join(f"{k} = {v}" for k, v in {"min_set_size": 1, **settings}.items())
     text = head + f"[peers.{peer}]\n{body}\n" + tail
     path.write_text(text.replace(f"version = {version}", f"version = {version + 1}", 1))
 

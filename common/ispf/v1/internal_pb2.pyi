@@ -834,20 +834,71 @@ class ListPeersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PEERS_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerBudget]:
+        """The query budget with this node in the current epoch of each peer in the
+        policy, by name.
+        """
+
     def __init__(
         self,
         *,
         peers: _abc.Iterable[_builtins.str] | None = ...,
+        budgets: _abc.Iterable[Global___PeerBudget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "peers", b"peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015
+
+@_typing.final
+class PeerBudget(_message.Message):
+    """How many values a peer may still submit to this node in an epoch (sessions of
+    every kind and probes together), and how many it did.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_FIELD_NUMBER: _builtins.int
+    LEFT_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    epoch: _builtins.int
+    declared: _builtins.int
+    """Registry size the peer last declared in a handshake (0: none yet)."""
+    used: _builtins.int
+    allowance: _builtins.int
+    left: _builtins.int
+    refused: _builtins.int
+    """Sessions and probes refused because the budget was spent."""
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        declared: _builtins.int = ...,
+        used: _builtins.int = ...,
+        allowance: _builtins.int = ...,
+        left: _builtins.int = ...,
+        refused: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowance", b"allowance", "declared", b"declared", "epoch", b"epoch", "left", b"left", "peer", b"peer", "refused", b"refused", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerBudget: _TypeAlias = PeerBudget  # noqa: Y015
 
 @_typing.final
 class GetReceiptRequest(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ispf.v1 import common_pb2 as ispf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ispf/v1/peer.proto\x12\x07ispf.v1\x1a\x14ispf/v1/common.proto\"\xaf\x02\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tkey_check\x18\x04 \x01(\x0c\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x1b\n\x04mode\x18\x06 \x01(\x0e\x32\r.ispf.v1.Mode\x12\x1d\n\x15responder_collections\x18\x07 \x03(\t\x12#\n\x06groups\x18\x08 \x03(\x0b\x32\x13.ispf.v1.LabelGroup\x12\x0c\n\x04sync\x18\t \x01(\x08\x12\x13\n\x0bincremental\x18\n \x01(\x08\x12\x0f\n\x07removed\x18\x0b \x01(\x0c\x12\r\n\x05state\x18\x0c \x01(\x0c\x12\x16\n\x0ewitnessed_size\x18\r \x01(\x04\"\xb8\x01\n\x11HandshakeResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06groups\x18\x02 \x03(\x0b\x32\x13.ispf.v1.LabelGroup\x12\x18\n\x10max_chunk_values\x18\x03 \x01(\r\x12\x0f\n\x07removed\x18\x04 \x01(\x0c\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x06 \x03(\x0c\x12\x16\n\x0ewitnessed_size\x18\x07 \x01(\x04\"?\n\x0c\x42lindedChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x12ReturnTagsResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\"\xa1\x01\n\x0f\x43oncludeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmatch_count\x18\x02 \x01(\x04\x12\x15\n\rresult_digest\x18\x03 \x01(\x0c\x12\x16\n\x0ewitnessed_size\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x12\n\ncheckpoint\x18\x06 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x07 \x03(\x0c\"\x8f\x01\n\x10\x43oncludeResponse\x12\x13\n\x0bmatch_count\x18\x01 \x01(\x04\x12\x15\n\rresult_digest\x18\x02 \x01(\x0c\x12\x0e\n\x06\x61greed\x18\x03 \x01(\x08\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x05 \x03(\x0c\x12\x16\n\x0ewitnessed_size\x18\x06 \x01(\x04\"b\n\x0eWitnessRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x03 \x03(\x0c\x12\x13\n\x0b\x63osignature\x18\x04 \x01(\t\"&\n\x0fWitnessResponse\x12\x13\n\x0b\x63osignature\x18\x01 \x01(\t\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rAbortResponse\"!\n\x10SyncStateRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"G\n\tSyncState\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x15\n\rinitiator_set\x18\x02 \x01(\x0c\x12\x15\n\rresponder_set\x18\x03 \x01(\x0c\">\n\x0cProbeRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"9\n\x08ProbeHit\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x06labels\x18\x02 \x03(\x0b\x32\x0e.ispf.v1.Label\"0\n\rProbeResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.ispf.v1.ProbeHit2\xc0\x04\n\x0bPeerService\x12\x42\n\tHandshake\x12\x19.ispf.v1.HandshakeRequest\x1a\x1a.ispf.v1.HandshakeResponse\x12;\n\x07Reblind\x12\x15.ispf.v1.BlindedChunk\x1a\x15.ispf.v1.BlindedChunk(\x01\x30\x01\x12>\n\x0c\x46\x65tchBlinded\x12\x15.ispf.v1.FetchRequest\x1a\x15.ispf.v1.BlindedChunk0\x01\x12\x42\n\nReturnTags\x12\x15.ispf.v1.BlindedChunk\x1a\x1b.ispf.v1.ReturnTagsResponse(\x01\x12?\n\x08\x43onclude\x12\x18.ispf.v1.ConcludeRequest\x1a\x19.ispf.v1.ConcludeResponse\x12\x36\n\x05\x41\x62ort\x12\x15.ispf.v1.AbortRequest\x1a\x16.ispf.v1.AbortResponse\x12<\n\x07Witness\x12\x17.ispf.v1.WitnessRequest\x1a\x18.ispf.v1.WitnessResponse\x12=\n\x0cGetSyncState\x12\x19.ispf.v1.SyncStateRequest\x1a\x12.ispf.v1.SyncState\x12\x36\n\x05Probe\x12\x15.ispf.v1.ProbeRequest\x1a\x16.ispf.v1.ProbeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ispf/v1/peer.proto\x12\x07ispf.v1\x1a\x14ispf/v1/common.proto\"\xc6\x02\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tkey_check\x18\x04 \x01(\x0c\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x1b\n\x04mode\x18\x06 \x01(\x0e\x32\r.ispf.v1.Mode\x12\x1d\n\x15responder_collections\x18\x07 \x03(\t\x12#\n\x06groups\x18\x08 \x03(\x0b\x32\x13.ispf.v1.LabelGroup\x12\x0c\n\x04sync\x18\t \x01(\x08\x12\x13\n\x0bincremental\x18\n \x01(\x08\x12\x0f\n\x07removed\x18\x0b \x01(\x0c\x12\r\n\x05state\x18\x0c \x01(\x0c\x12\x16\n\x0ewitnessed_size\x18\r \x01(\x04\x12\x15\n\rregistry_size\x18\x0e \x01(\x04\"\xcf\x01\n\x11HandshakeResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06groups\x18\x02 \x03(\x0b\x32\x13.ispf.v1.LabelGroup\x12\x18\n\x10max_chunk_values\x18\x03 \x01(\r\x12\x0f\n\x07removed\x18\x04 \x01(\x0c\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x06 \x03(\x0c\x12\x16\n\x0ewitnessed_size\x18\x07 \x01(\x04\x12\x15\n\rregistry_size\x18\x08 \x01(\x04\"?\n\x0c\x42lindedChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x12ReturnTagsResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\"\xa1\x01\n\x0f\x43oncludeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmatch_count\x18\x02 \x01(\x04\x12\x15\n\rresult_digest\x18\x03 \x01(\x0c\x12\x16\n\x0ewitnessed_size\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x12\n\ncheckpoint\x18\x06 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x07 \x03(\x0c\"\x8f\x01\n\x10\x43oncludeResponse\x12\x13\n\x0bmatch_count\x18\x01 \x01(\x04\x12\x15\n\rresult_digest\x18\x02 \x01(\x0c\x12\x0e\n\x06\x61greed\x18\x03 \x01(\x08\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x05 \x03(\x0c\x12\x16\n\x0ewitnessed_size\x18\x06 \x01(\x04\"b\n\x0eWitnessRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x03 \x03(\x0c\x12\x13\n\x0b\x63osignature\x18\x04 \x01(\t\"&\n\x0fWitnessResponse\x12\x13\n\x0b\x63osignature\x18\x01 \x01(\t\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rAbortResponse\"!\n\x10SyncStateRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"G\n\tSyncState\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x15\n\rinitiator_set\x18\x02 \x01(\x0c\x12\x15\n\rresponder_set\x18\x03 \x01(\x0c\">\n\x0cProbeRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"9\n\x08ProbeHit\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x06labels\x18\x02 \x03(\x0b\x32\x0e.ispf.v1.Label\"0\n\rProbeResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.ispf.v1.ProbeHit2\xc0\x04\n\x0bPeerService\x12\x42\n\tHandshake\x12\x19.ispf.v1.HandshakeRequest\x1a\x1a.ispf.v1.HandshakeResponse\x12;\n\x07Reblind\x12\x15.ispf.v1.BlindedChunk\x1a\x15.ispf.v1.BlindedChunk(\x01\x30\x01\x12>\n\x0c\x46\x65tchBlinded\x12\x15.ispf.v1.FetchRequest\x1a\x15.ispf.v1.BlindedChunk0\x01\x12\x42\n\nReturnTags\x12\x15.ispf.v1.BlindedChunk\x1a\x1b.ispf.v1.ReturnTagsResponse(\x01\x12?\n\x08\x43onclude\x12\x18.ispf.v1.ConcludeRequest\x1a\x19.ispf.v1.ConcludeResponse\x12\x36\n\x05\x41\x62ort\x12\x15.ispf.v1.AbortRequest\x1a\x16.ispf.v1.AbortResponse\x12<\n\x07Witness\x12\x17.ispf.v1.WitnessRequest\x1a\x18.ispf.v1.WitnessResponse\x12=\n\x0cGetSyncState\x12\x19.ispf.v1.SyncStateRequest\x1a\x12.ispf.v1.SyncState\x12\x36\n\x05Probe\x12\x15.ispf.v1.ProbeRequest\x1a\x16.ispf.v1.ProbeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ispf.v1.peer_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HANDSHAKEREQUEST']._serialized_start=54
-  _globals['_HANDSHAKEREQUEST']._serialized_end=357
-  _globals['_HANDSHAKERESPONSE']._serialized_start=360
-  _globals['_HANDSHAKERESPONSE']._serialized_end=544
-  _globals['_BLINDEDCHUNK']._serialized_start=546
-  _globals['_BLINDEDCHUNK']._serialized_end=609
-  _globals['_FETCHREQUEST']._serialized_start=611
-  _globals['_FETCHREQUEST']._serialized_end=645
-  _globals['_RETURNTAGSRESPONSE']._serialized_start=647
-  _globals['_RETURNTAGSRESPONSE']._serialized_end=685
-  _globals['_CONCLUDEREQUEST']._serialized_start=688
-  _globals['_CONCLUDEREQUEST']._serialized_end=849
-  _globals['_CONCLUDERESPONSE']._serialized_start=852
-  _globals['_CONCLUDERESPONSE']._serialized_end=995
-  _globals['_WITNESSREQUEST']._serialized_start=997
-  _globals['_WITNESSREQUEST']._serialized_end=1095
-  _globals['_WITNESSRESPONSE']._serialized_start=1097
-  _globals['_WITNESSRESPONSE']._serialized_end=1135
-  _globals['_ABORTREQUEST']._serialized_start=1137
-  _globals['_ABORTREQUEST']._serialized_end=1187
-  _globals['_ABORTRESPONSE']._serialized_start=1189
-  _globals['_ABORTRESPONSE']._serialized_end=1204
-  _globals['_SYNCSTATEREQUEST']._serialized_start=1206
-  _globals['_SYNCSTATEREQUEST']._serialized_end=1239
-  _globals['_SYNCSTATE']._serialized_start=1241
-  _globals['_SYNCSTATE']._serialized_end=1312
-  _globals['_PROBEREQUEST']._serialized_start=1314
-  _globals['_PROBEREQUEST']._serialized_end=1376
-  _globals['_PROBEHIT']._serialized_start=1378
-  _globals['_PROBEHIT']._serialized_end=1435
-  _globals['_PROBERESPONSE']._serialized_start=1437
-  _globals['_PROBERESPONSE']._serialized_end=1485
-  _globals['_PEERSERVICE']._serialized_start=1488
-  _globals['_PEERSERVICE']._serialized_end=2064
+  _globals['_HANDSHAKEREQUEST']._serialized_end=380
+  _globals['_HANDSHAKERESPONSE']._serialized_start=383
+  _globals['_HANDSHAKERESPONSE']._serialized_end=590
+  _globals['_BLINDEDCHUNK']._serialized_start=592
+  _globals['_BLINDEDCHUNK']._serialized_end=655
+  _globals['_FETCHREQUEST']._serialized_start=657
+  _globals['_FETCHREQUEST']._serialized_end=691
+  _globals['_RETURNTAGSRESPONSE']._serialized_start=693
+  _globals['_RETURNTAGSRESPONSE']._serialized_end=731
+  _globals['_CONCLUDEREQUEST']._serialized_start=734
+  _globals['_CONCLUDEREQUEST']._serialized_end=895
+  _globals['_CONCLUDERESPONSE']._serialized_start=898
+  _globals['_CONCLUDERESPONSE']._serialized_end=1041
+  _globals['_WITNESSREQUEST']._serialized_start=1043
+  _globals['_WITNESSREQUEST']._serialized_end=1141
+  _globals['_WITNESSRESPONSE']._serialized_start=1143
+  _globals['_WITNESSRESPONSE']._serialized_end=1181
+  _globals['_ABORTREQUEST']._serialized_start=1183
+  _globals['_ABORTREQUEST']._serialized_end=1233
+  _globals['_ABORTRESPONSE']._serialized_start=1235
+  _globals['_ABORTRESPONSE']._serialized_end=1250
+  _globals['_SYNCSTATEREQUEST']._serialized_start=1252
+  _globals['_SYNCSTATEREQUEST']._serialized_end=1285
+  _globals['_SYNCSTATE']._serialized_start=1287
+  _globals['_SYNCSTATE']._serialized_end=1358
+  _globals['_PROBEREQUEST']._serialized_start=1360
+  _globals['_PROBEREQUEST']._serialized_end=1422
+  _globals['_PROBEHIT']._serialized_start=1424
+  _globals['_PROBEHIT']._serialized_end=1481
+  _globals['_PROBERESPONSE']._serialized_start=1483
+  _globals['_PROBERESPONSE']._serialized_end=1531
+  _globals['_PEERSERVICE']._serialized_start=1534
+  _globals['_PEERSERVICE']._serialized_end=2110
 # @@protoc_insertion_point(module_scope)

@@ -52,6 +52,7 @@ class HandshakeRequest(_message.Message):
     REMOVED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
+    REGISTRY_SIZE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
@@ -74,6 +75,11 @@ class HandshakeRequest(_message.Message):
     witnessed_size: _builtins.int
     """Size of the responder's log in the last checkpoint the initiator verified
     (0 if none): the responder proves its current checkpoint consistent with it.
+    """
+    registry_size: _builtins.int
+    """Distinct IDs the initiator holds in its registry (what it may take part with):
+    the responder's query budget for it is a policy multiple of this, and both
+    sides log it. A session's set is never larger.
     """
     @_builtins.property
     def responder_collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -101,10 +107,11 @@ class HandshakeRequest(_message.Message):
         removed: _builtins.bytes = ...,
         state: _builtins.bytes = ...,
         witnessed_size: _builtins.int = ...,
+        registry_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync", "witnessed_size", b"witnessed_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "groups", b"groups", "incremental", b"incremental", "key_check", b"key_check", "mode", b"mode", "protocol_version", b"protocol_version", "purpose", b"purpose", "registry_size", b"registry_size", "removed", b"removed", "responder_collections", b"responder_collections", "session_id", b"session_id", "state", b"state", "sync", b"sync", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -121,6 +128,7 @@ class HandshakeResponse(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
     WITNESSED_SIZE_FIELD_NUMBER: _builtins.int
+    REGISTRY_SIZE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_chunk_values: _builtins.int
     """Largest number of values the responder accepts in one chunk."""
@@ -133,6 +141,8 @@ class HandshakeResponse(_message.Message):
     """
     witnessed_size: _builtins.int
     """Size of the initiator's log in the last checkpoint the responder verified."""
+    registry_size: _builtins.int
+    """Distinct IDs the responder holds in its registry (logged by both sides)."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelGroup]:
         """The responder's groups. In count-only mode, one group without labels."""
@@ -149,10 +159,11 @@ class HandshakeResponse(_message.Message):
         checkpoint: _builtins.str = ...,
         consistency: _abc.Iterable[_builtins.bytes] | None = ...,
         witnessed_size: _builtins.int = ...,
+        registry_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency", b"consistency", "groups", b"groups", "max_chunk_values", b"max_chunk_values", "removed", b"removed", "session_id", b"session_id", "witnessed_size", b"witnessed_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency", b"consistency", "groups", b"groups", "max_chunk_values", b"max_chunk_values", "registry_size", b"registry_size", "removed", b"removed", "session_id", b"session_id", "witnessed_size", b"witnessed_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

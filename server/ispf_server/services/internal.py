@@ -241,7 +241,21 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
     def ListPeers(
         self, request: internal_pb2.ListPeersRequest, context: grpc.ServicerContext
     ) -> internal_pb2.ListPeersResponse:
-        return internal_pb2.ListPeersResponse(peers=sorted(self.node.peer_addresses))
+        return internal_pb2.ListPeersResponse(
+            peers=sorted(self.node.peer_addresses),
+            budgets=[
+                internal_pb2.PeerBudget(
+                    peer=b.peer,
+                    epoch=b.epoch,
+                    declared=b.declared,
+                    used=b.used,
+                    allowance=b.allowance,
+                    left=b.left,
+                    refused=b.refused,
+                )
+                for b in self.node.budgets()
+            ],
+        )
 
     def GetReceipt(
         self, request: internal_pb2.GetReceiptRequest, context: grpc.ServicerContext

@@ -8,6 +8,7 @@ import grpc
 
 from ispf import logs
 from ispf.errors import ProtocolViolation
+from ispf.peertext import untrusted_id
 from ispf.v1 import peer_pb2, peer_pb2_grpc
 from ispf_server.guard import caller_identity
 from ispf_server.probes import ProbeAnswerer
@@ -30,7 +31,7 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def Handshake(
         self, request: peer_pb2.HandshakeRequest, context: grpc.ServicerContext
     ) -> peer_pb2.HandshakeResponse:
-        with logs.bound(session_id=request.session_id[:64]):
+        with logs.bound(session_id=untrusted_id(request.session_id)):
             return self.r.handshake(request, caller_identity(context).province)
 
     def Reblind(
@@ -55,7 +56,7 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def Conclude(
         self, request: peer_pb2.ConcludeRequest, context: grpc.ServicerContext
     ) -> peer_pb2.ConcludeResponse:
-        with logs.bound(session_id=request.session_id[:64]):
+        with logs.bound(session_id=untrusted_id(request.session_id)):
             return self.r.conclude(request, caller_identity(context).province)
 
     def Witness(

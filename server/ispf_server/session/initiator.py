@@ -24,9 +24,11 @@ from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.peertext import untrusted
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
+from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.session.core import (
@@ -118,7 +120,9 @@ class Initiator:
         audit: AuditLog,
         pair_lock: threading.Lock | None = None,
         peer_policy: PeerPolicy | None = None,
+        budget: QueryBudget | None = None,
     ) -> None:
+        self.budget = budget or QueryBudget(store)
         self.province = province
         self.req = request
         # The plan of a session without pair state (None: a sync session's side plans).
@@ -175,6 +179,7 @@ class Initiator:
                 lock.release()
 
     def _fail(self, reason: str, retriable: bool) -> None:
+        reason = untrusted(reason, 300)  # (it may quote what the peer sent)
         sid = self.req.session_id
         log.warning("session %s with %s failed: %s", sid, self.req.peer, reason)
         entry = self._entry("failed", reason=reason)
@@ -209,6 +214,8 @@ class Initiator:
             sync=self._sync_kind(),
             initiator_removed=len(self.side.removed_tags) if self.side else 0,
             responder_removed=self.sizes.get("peer_removed", 0),
+            initiator_declared=self.sizes.get("own_declared", 0),
+            responder_declared=self.sizes.get("peer_declared", 0),
         )
 
     def _sync_kind(self) -> str:
@@ -247,6 +254,8 @@ class Initiator:
         self.plan = plan
         clock.lap("prepare")
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
+        # (never below the set sent: the registry may have shrunk since the plan)
+        declared = self.sizes["own_declared"] = max(self.store.distinct_ids(), plan.total)
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -262,6 +271,7 @@ class Initiator:
                 removed=b"".join(side.removed_tags) if side else b"",
                 state=side.own_fp + side.peer_fp if side and side.incremental else b"",
                 witnessed_size=self.audit.witnessed_size(self.req.peer),
+                registry_size=declared,
             ),
             timeout=cfg.call,
         )
@@ -287,7 +297,27 @@ class Initiator:
             "own_groups": len(groups),
             "peer_groups": len(peer_groups),
             "peer_removed": len(peer_removed),
+            "own_declared": declared,
+            "peer_declared": hs.registry_size,
         }
+        # (checked once the sizes are known: the failed session's entry shows them)
+        if hs.registry_size >= MAX_DECLARED:
+            raise ProtocolViolation(
+                f"{self.req.peer} declares an implausible registry size (a billion or more)"
+            )
+        if hs.registry_size and peer_total > hs.registry_size:
+            raise ProtocolViolation(
+                f"{self.req.peer} sends a set of {peer_total} values, larger than the "
+                f"registry of {hs.registry_size} IDs it declares"
+            )
+        if self.labelled:  # (mutual: its values come back re-blinded, so they are questions)
+            self.budget.charge(
+                self.peer_policy,
+                self.salt.epoch,
+                peer_total,
+                declared=hs.registry_size,
+                what="session's set (as responder)",
+            )
         own_records = side.own_records if side else plan.own_records
         self.progress.update(
             sync=self._sync_kind() if side else "",

@@ -18,7 +18,9 @@ from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import (
     IspfError,
     PolicyRefused,
+    PreconditionFailed,
     ProtocolViolation,
+    ResourceExhausted,
     ResultMismatch,
     RetryLater,
     SaltMismatch,
@@ -26,8 +28,10 @@ from ispf.errors import (
     VersionMismatch,
 )
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.peertext import untrusted
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
+from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.pool import BlindingPool, pipelined
@@ -78,7 +82,14 @@ class ResponderSession:
     initiator_tags: TagSpool
     own_tags: TagSpool
     last_used: float = field(default_factory=time.monotonic)
+    # Registry sizes declared in the handshake: the initiator's, and this node's.
+    declared: int = 0
+    own_declared: int = 0
+    # One-shot steps: each answers once per session.
+    reblind_started: bool = False
     reblind_done: bool = False
+    fetch_started: bool = False
+    return_started: bool = False
     return_done: bool = False
     busy: set[str] = field(default_factory=set)
     # Sync sessions: this side's delta, the initiator's removed tags, the pair lock held.
@@ -134,7 +145,9 @@ class Responder:
         idle_timeout: float,
         audit: AuditLog,
         pair_lock: Callable[[str], threading.Lock],
+        budget: QueryBudget | None = None,
     ) -> None:
+        self.budget = budget or QueryBudget(store)
         self.province = province
         self.audit = audit
         self.store = store
@@ -151,11 +164,27 @@ class Responder:
         # way) gets the same answer rather than "unknown session".
         self._concluded: dict[str, tuple[str, float, peer_pb2.ConcludeResponse]] = {}
         self._speculative: dict[tuple[str, int], _Speculation] = {}
+        # Sessions whose Witness was answered (it is one-shot too), with when.
+        self._witnessed: dict[str, float] = {}
 
     # -- bookkeeping --------------------------------------------------------
 
+    def _idle_limit(self) -> Callable[[str], float]:
+        """Seconds a peer's session may stay idle: the node's setting, or less by the
+        policy in force (a change applies to sessions already open)."""
+        peers = self.policy().peers
+
+        def limit(peer: str) -> float:
+            pp = peers.get(peer)
+            return (
+                self.idle_timeout if pp is None else min(self.idle_timeout, pp.session_idle_seconds)
+            )
+
+        return limit
+
     def _expire(self) -> None:
         now = time.monotonic()
+        idle = self._idle_limit()
         with self._lock:
             for key in [
                 k
@@ -166,7 +195,7 @@ class Responder:
             stale = [
                 s
                 for s in self._sessions.values()
-                if not s.busy and now - s.last_used > self.idle_timeout
+                if not s.busy and now - s.last_used > idle(s.peer)
             ]
         for s in stale:
             self._fail(s, "peer went silent: session expired")
@@ -182,6 +211,8 @@ class Responder:
         return s
 
     def _fail(self, s: ResponderSession, reason: str) -> None:
+        # (a reason may quote what the peer sent: a sequence number, a size)
+        reason = untrusted(reason, 300)
         with self._lock:
             self._sessions.pop(s.session_id, None)
         s.release()
@@ -220,6 +251,8 @@ class Responder:
             sync="none" if s.side is None else ("incremental" if s.side.incremental else "full"),
             initiator_removed=len(s.peer_removed),
             responder_removed=len(s.side.removed_tags) if s.side else 0,
+            initiator_declared=s.declared,
+            responder_declared=s.own_declared,
         )
 
     def sync_state(self, req: peer_pb2.SyncStateRequest, caller: str) -> peer_pb2.SyncState:
@@ -252,11 +285,19 @@ class Responder:
 
     def _speculate(self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool) -> None:
         """Plan this side of the sync `caller` is about to start, in a thread (one at a
-        time per peer); the Handshake takes it if still valid, else plans afresh."""
+        time per peer); the Handshake takes it if still valid, else plans afresh.
+        A plan made for the same kind of run within the idle time is kept: a peer
+        asking again and again makes this node plan once, not each time."""
         key = (caller, epoch)
         with self._lock:
             old = self._speculative.get(key)
             if old is not None and not old.future.done():
+                return
+            if (
+                old is not None
+                and old.incremental == incremental
+                and time.monotonic() - old.started < self.idle_timeout
+            ):
                 return
             fut = in_thread(
                 lambda: prepare(self.store, pp, caller, epoch, incremental=incremental),
@@ -330,10 +371,12 @@ class Responder:
                 session_id=req.session_id,
                 peer=caller,
                 purpose=req.purpose,
-                epoch=req.epoch,
+                # (the peer's numbers, logged only where they cannot be an ID number)
+                epoch=req.epoch if req.epoch < MAX_DECLARED else 0,
                 reason_code=type(exc).__name__,
+                declared=req.registry_size if req.registry_size < MAX_DECLARED else 0,
             )
-            log.warning("refused a session from %s: %s", caller, exc.message)
+            log.warning("refused a session from %s: %s", caller, untrusted(exc.message, 400))
             raise
 
     def _handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
@@ -374,6 +417,7 @@ class Responder:
                 f"for {caller}"
             )
         groups, sizes = parse_groups(list(req.groups), labelled=labelled, max_total=announced)
+        self._check_bounds(req, caller, pp, announced)
         side: SyncSide | None = None
         peer_removed: list[bytes] = []
         lock: threading.Lock | None = None
@@ -384,6 +428,19 @@ class Responder:
             plan = one_off_plan(
                 self.store, pp, frozenset(req.responder_collections), labelled=labelled
             )
+        try:  # (last: a session refused for another reason costs no budget)
+            self.budget.charge(
+                pp,
+                req.epoch,
+                announced,
+                declared=req.registry_size,
+                what=f"session's set ({'sync' if req.sync else 'one-off'})",
+            )
+        except BaseException:
+            plan.close()
+            if lock is not None:
+                lock.release()
+            raise
         self.store.begin_session(
             req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
         )
@@ -422,10 +479,20 @@ class Responder:
             peer_removed=peer_removed,
             pair_lock=lock,
             clock=clock,
+            declared=req.registry_size,
+            own_declared=max(self.store.distinct_ids(), plan.total),
         )
         clock.lap("prepare")
         with self._lock:
-            self._sessions[s.session_id] = s
+            crowded = sum(1 for o in self._sessions.values() if o.peer == caller)
+            if crowded < pp.max_open_sessions:
+                self._sessions[s.session_id] = s
+        if crowded >= pp.max_open_sessions:  # (another handshake got in meanwhile)
+            self._fail(s, "too many open sessions at once")
+            raise ResourceExhausted(
+                f"{caller} already holds {crowded} open sessions with {self.province}, at "
+                f"most {pp.max_open_sessions} by policy: finish or abort one first"
+            )
         log.info(
             "session %s: %s opened a %s session (epoch %d, purpose %s): %d own, %d peer values",
             s.session_id,
@@ -449,15 +516,46 @@ class Responder:
             checkpoint=checkpoint,
             consistency=self.audit.consistency(first, size) if 0 < first <= size else [],
             witnessed_size=self.audit.witnessed_size(caller),
+            registry_size=s.own_declared,
         )
+
+    def _check_bounds(
+        self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy, announced: int
+    ) -> None:
+        """What a peer may ask of this node beyond the policy's who-and-what: a set no
+        larger than the registry it declares, no tiny one-off sets (a membership
+        oracle), and a bounded number of sessions open at once."""
+        if req.registry_size >= MAX_DECLARED:
+            raise ProtocolViolation(
+                "the declared registry size is not plausible (a billion or more)"
+            )
+        if req.registry_size and announced > req.registry_size:
+            raise ProtocolViolation(
+                f"the set of {announced} values is larger than the registry of "
+                f"{req.registry_size} IDs the initiator declares"
+            )
+        if not req.sync and announced < pp.min_set_size:
+            kind = "count-only" if req.mode == common_pb2.MODE_COUNT_ONLY else "filtered"
+            raise PolicyRefused(
+                f"a {kind} session needs a set of at least {pp.min_set_size} values by policy "
+                f"for {caller} (this one has {announced}): smaller sets would answer "
+                "membership of single IDs"
+            )
+        with self._lock:
+            open_now = sum(1 for s in self._sessions.values() if s.peer == caller)
+        if open_now >= pp.max_open_sessions:
+            raise ResourceExhausted(
+                f"{caller} already holds {open_now} open sessions with {self.province}, at "
+                f"most {pp.max_open_sessions} by policy: finish or abort one first (idle "
+                f"ones end after {min(self.idle_timeout, pp.session_idle_seconds):g} s)"
+            )
 
     def reblind(
         self, chunks: Iterator[peer_pb2.BlindedChunk], session_id: str, caller: str
     ) -> Iterator[peer_pb2.BlindedChunk]:
         s = self._get(session_id, caller)
         with self._guard(s, "reblind"):
-            if s.reblind_done:
-                raise ProtocolViolation("Reblind was already done for this session")
+            self._once(s, "reblind_started", "Reblind")
             values = checked_chunks(
                 chunks,
                 session_id=s.session_id,
@@ -492,6 +590,16 @@ class Responder:
                         seq += 1
             s.reblind_done = True
             self._start_matching(s)
+
+    def _once(self, s: ResponderSession, flag: str, step: str) -> None:
+        """A one-shot step answers once per session: a repeat (each would make this node
+        blind the whole set again) is refused, and fails the session."""
+        with self._lock:
+            if getattr(s, flag):
+                raise PreconditionFailed(
+                    f"{step} was already called in this session: each step answers once"
+                )
+            setattr(s, flag, True)
 
     def _start_matching(self, s: ResponderSession) -> None:
         """Once both streams are in: the result (and, with pair state, the new state,
@@ -539,6 +647,7 @@ class Responder:
     def fetch(self, req: peer_pb2.FetchRequest, caller: str) -> Iterator[peer_pb2.BlindedChunk]:
         s = self._get(req.session_id, caller)
         with self._guard(s, "fetch"):
+            self._once(s, "fetch_started", "FetchBlinded")
             results = pipelined(
                 lambda d: self.pool.hash_and_blind(s.salt, s.key, d),
                 s.plan.chunks(self.chunk_values),
@@ -555,8 +664,7 @@ class Responder:
         with self._guard(s, "return"):
             if not s.labelled:
                 raise ProtocolViolation("ReturnTags is not part of a count-only session")
-            if s.return_done:
-                raise ProtocolViolation("ReturnTags was already done for this session")
+            self._once(s, "return_started", "ReturnTags")
             for payload in checked_chunks(
                 chunks,
                 session_id=s.session_id,
@@ -680,6 +788,15 @@ class Responder:
         row = self.store.session(req.session_id)
         if row is None or row.peer != caller or row.role != "responder":
             raise UnknownSession("unknown session id")
+        with self._lock:
+            now = time.monotonic()
+            for sid in [k for k, t in self._witnessed.items() if now - t > 3600]:
+                del self._witnessed[sid]
+            if req.session_id in self._witnessed:
+                raise PreconditionFailed(
+                    "Witness was already called in this session: each step answers once"
+                )
+            self._witnessed[req.session_id] = now
         seen = self.audit.accept_peer_checkpoint(caller, req.checkpoint, list(req.consistency))
         if req.cosignature:
             self.audit.add_cosignature(caller, req.cosignature)
@@ -687,7 +804,7 @@ class Responder:
 
     def abort(self, req: peer_pb2.AbortRequest, caller: str) -> peer_pb2.AbortResponse:
         s = self._get(req.session_id, caller)
-        reason = req.reason[:200] if req.reason.isprintable() else "no printable reason"
+        reason = untrusted(req.reason) or "no printable reason"
         self._fail(s, f"aborted by {caller}: {reason}")
         return peer_pb2.AbortResponse()
 

@@ -334,8 +334,11 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         changed = {
             n for n in nids if desired.get(n) != (current[n].labels if n in current else None)
         }
-        removed_nids = sorted(n for n in changed if n in current)
-        removed_tags = [current[n].tag for n in removed_nids]
+        # Removed tags go on the wire sorted by tag value, never in ID order (which
+        # would let the peer bracket them between IDs it knows).
+        removed = sorted((current[n].tag, n) for n in changed if n in current)
+        removed_tags = [t for t, _ in removed]
+        removed_nids = [n for _, n in removed]
         by_text: dict[str, bytearray] = defaultdict(bytearray)
         for n in sorted(changed):
             if n in desired:
