@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke, serialization
@@ -31,6 +33,8 @@ from cryptography.x509 import Certificate
 
 from ispf.errors import KeyFileError, SealedFileError
 from ispf.keys import KCV_BYTES, SALT_BYTES, ForumSalt, check_private_file, write_private_file
+
+T = TypeVar("T")
 
 SALT_FORMAT = "ispf-sealed-salt/v1"
 BACKUP_FORMAT = "ispf-sealed-backup/v1"
@@ -137,6 +141,20 @@ def _header(data: bytes, where: str, fmt: str) -> dict[str, object]:
     return doc
 
 
+def _field(
+    doc: dict[str, object], name: str, parse: Callable[[object], T], what: str, where: str
+) -> T:
+    """One field of a sealed file's frame, or a refusal that names it (never its value)."""
+    try:
+        return parse(doc[name])
+    except (KeyError, ValueError) as exc:
+        state = "missing" if name not in doc else f"not {what}"
+        raise SealedFileError(
+            f"{where}: malformed sealed salt: field '{name}' is {state} (the file was "
+            "altered or cut short: ask the forum for a new copy)"
+        ) from exc
+
+
 def open_salt(
     data: bytes,
     *,
@@ -148,13 +166,11 @@ def open_salt(
 ) -> ForumSalt:
     """Open a sealed salt for this node; refuse another node, forum or epoch, or a change."""
     doc = _header(data, where, SALT_FORMAT)
-    try:
-        f_node, f_forum = str(doc["node"]), str(doc["forum"])
-        f_epoch = int(str(doc["epoch"]))
-        kcv = bytes.fromhex(str(doc["kcv"]))
-        ct = base64.b64decode(str(doc["sealed"]), validate=True)
-    except (KeyError, ValueError) as exc:
-        raise SealedFileError(f"{where}: malformed sealed salt ({exc.__class__.__name__})") from exc
+    f_node = _field(doc, "node", str, "a node name", where)
+    f_forum = _field(doc, "forum", str, "the forum's id", where)
+    f_epoch = _field(doc, "epoch", lambda v: int(str(v)), "a whole number", where)
+    kcv = _field(doc, "kcv", lambda v: bytes.fromhex(str(v)), "hex", where)
+    ct = _field(doc, "sealed", lambda v: base64.b64decode(str(v), validate=True), "base64", where)
     if f_node != node:
         raise SealedFileError(
             f"{where} is sealed for node {f_node!r}, not this node ({node}): "

@@ -32,6 +32,20 @@ from ispf_server.store import Store
 
 log = logging.getLogger("ispf_server")
 
+NODE_EPILOG = """other commands (each with its own --help):
+  ispf-node backup --config node.toml --to FILE --key backup.pub
+                     a consistent online copy of the store, sealed to the
+                     operator's backup key (0600)
+  ispf-node restore --config node.toml --from FILE --key backup.key
+                     put a backup back (node stopped, no store there)
+  ispf-node new-master-key --config node.toml
+                     replace the master key and erase all pair state (node stopped)
+
+exit codes:
+  0    stopped cleanly (SIGTERM/SIGINT), or the command's work was done
+  2    did not start or the command failed: configuration, key or file problem,
+       or the address is taken or not this machine's (one line says which)"""
+
 
 def _backup_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=f"ispf-node {argv[0]}")
@@ -86,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         return _backup_main(argv)
     if argv and argv[0] == "new-master-key":
         return _new_master_main(argv)
-    ap = argparse.ArgumentParser(prog="ispf-node", description="Run an ISPF Match province node.")
+    ap = argparse.ArgumentParser(
+        prog="ispf-node",
+        description="Run an ISPF Match province node.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=NODE_EPILOG,
+    )
     ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument(

@@ -244,3 +244,14 @@ def test_rekey_after_days_renews_the_pair_key_and_forces_a_full_run(
         assert store.rekey_count("sindh", 1) == 1
     finally:
         fed.close()
+
+
+def test_ispf_node_help_lists_its_other_commands_and_exit_codes() -> None:
+    import subprocess
+    import sys
+
+    node = Path(sys.executable).with_name("ispf-node")
+    out = subprocess.run([str(node), "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("backup", "restore", "new-master-key"):
+        assert f"ispf-node {command} --config" in out
+    assert "exit codes:" in out

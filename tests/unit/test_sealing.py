@@ -98,3 +98,25 @@ def test_a_backup_opens_only_for_its_node_under_its_key() -> None:
         sealing.open_backup(data, where="b", province="sindh", key=PUNJAB)
     with pytest.raises(SealedFileError, match="does not open"):
         sealing.open_backup(data, where="b", province="punjab", key=SINDH)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "state"),
+    [
+        ({"sealed": "not*base64"}, "sealed", "not base64"),
+        ({"kcv": "zz"}, "kcv", "not hex"),
+        ({"epoch": "one"}, "epoch", "not a whole number"),
+    ],
+)
+def test_a_damaged_frame_is_refused_naming_the_field(
+    changes: dict[str, object], field: str, state: str
+) -> None:
+    with pytest.raises(SealedFileError, match=f"field '{field}' is {state}"):
+        open_(edit(sealed(), **changes))
+
+
+def test_a_frame_missing_a_field_is_refused_naming_it() -> None:
+    doc = json.loads(sealed())
+    del doc["kcv"]
+    with pytest.raises(SealedFileError, match="field 'kcv' is missing"):
+        open_(json.dumps(doc).encode())
