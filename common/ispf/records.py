@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from dataclasses import dataclass
 
 from ispf.errors import InvalidRecord
+from ispf.peertext import has_digit_run
 
 MAX_RECORD_ID = 128
 MAX_NAME = 64
 NAME_PUNCTUATION = frozenset(" ._()&-")
-# A run of 9 or more digits (any script's, single dashes or spaces between) reads
-# as an ID number: never part of a label.
-_DIGIT_RUN = re.compile(r"\d(?:[-\s]?\d){8,}")
 NAME_RULE = (
     f"1-{MAX_NAME} characters after NFC normalisation: letters (any script), digits, "
     "combining marks, space and . _ - ( ) &, starting with a letter or digit, and no "
-    "run of 9 or more digits"
+    "run of 9 or more digits (up to three other characters between two digits still "
+    "count as one run)"
 )
 
 
@@ -62,7 +60,7 @@ def check_name(field: str, value: str) -> str:
         raise InvalidRecord(f"{field}.missing", f"{field} is empty")
     if len(v) > MAX_NAME:
         raise InvalidRecord(f"{field}.too_long", f"{field} is {len(v)} characters: {NAME_RULE}")
-    if _DIGIT_RUN.search(v):
+    if has_digit_run(v):  # (reads as an ID number: never part of a label)
         raise InvalidRecord(
             f"{field}.digits",
             f"{field} holds a run of 9 or more digits (an ID number?): {NAME_RULE}",

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from ispf.errors import InvalidRecord
-from ispf.peertext import MASK, untrusted
-from ispf.records import check_label
+from ispf.peertext import MASK, untrusted, untrusted_id
+from ispf.records import check_label, check_name
 
 RUN = re.compile(r"\d{9,}")
 
@@ -83,3 +83,31 @@ def test_ids_keep_their_digits_unless_an_id_number_is_spelt() -> None:
     assert untrusted_id("12345678-90123456") == "12345678-90123456"
     assert "3520" not in untrusted_id("x3520212345671y") + untrusted_id("35202-1234567-1-x")
     assert untrusted_id("abc\x1b[2Jdef" + "x" * 100) == "abcdef" + "x" * 57 + "…"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "42101.5555555.1",
+        "42101_5555555_1",
+        "42101--5555555--1",
+        "42101/5555555/1",
+        "42101\u20135555555\u20131",  # en dashes
+        "\u2074\u00b2\u00b9\u2070\u00b9\u2075\u2075\u2075\u2075\u2075\u2075\u2075\u00b9",
+        "4210\uff11\uff15\uff15\uff15\uff15\uff15\uff15\uff15\uff11",  # fullwidth
+        "3520212\u0300345671",  # a combining mark inside
+        "35202(1234567)1",
+    ],
+)
+def test_an_id_number_with_any_separators_or_digit_forms_is_masked_and_refused(
+    number: str,
+) -> None:
+    assert untrusted(f"reason {number} end") == "reason [digits] end"
+    with pytest.raises(InvalidRecord, match="9 or more digits"):
+        check_name("programme", f"P{number}")
+
+
+def test_an_id_number_in_an_id_with_other_separators_is_masked_not_a_uuid() -> None:
+    assert untrusted_id("req 42101.5555555.1") == "req [digits]"
+    uuid = "12345678-1234-1234-1234-123456789012"
+    assert untrusted_id(uuid) == uuid
