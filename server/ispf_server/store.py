@@ -1118,8 +1118,11 @@ class Store:
         allowance: Callable[[int, str], int],
     ) -> BudgetRow:
         """Add `values` to the peer's use in the epoch if `allowance(declared, first_day)`
-        allows it, in one transaction; else count a refusal. `declared` 0 keeps the
-        size declared before. Returns the row after (`charged` says which)."""
+        allows it, in one transaction; else count a refusal. The size the allowance is
+        drawn from is the first non-zero one the peer declared in the epoch: a later
+        declaration cannot raise it (a peer that declared a small registry and spent its
+        budget must not buy more by declaring a large one; `budget_daily` covers
+        growth). Returns the row after (`charged` says which)."""
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -1130,7 +1133,7 @@ class Store:
                     (peer, epoch),
                 ).fetchone()
                 old_declared, used, refused, first_day = row or (0, 0, 0, today)
-                size = declared or old_declared
+                size = old_declared or declared
                 limit = allowance(size, first_day)
                 charged = used + values <= limit
                 if charged:

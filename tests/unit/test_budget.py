@@ -32,6 +32,20 @@ def test_allowance_grows_daily_and_survives_reopening(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_later_declaration_cannot_raise_the_epochs_budget(tmp_path: Path) -> None:
+    pp = PeerPolicy("sindh", frozenset({"r"}), budget_multiple=1, budget_daily=0)
+    store = Store(tmp_path / "s.sqlite")
+    budget = QueryBudget(store, today=lambda: "2026-12-01")
+    assert budget.charge(pp, 1, 20, declared=20, what="x").left == 0
+    with pytest.raises(BudgetExhausted):
+        budget.charge(pp, 1, 10, declared=999_999_999, what="a larger registry")
+    with pytest.raises(BudgetExhausted):
+        budget.charge(pp, 1, 10, declared=0, what="none")
+    st = budget.state(pp, 1)
+    assert (st.declared, st.allowance) == (20, 20)
+    store.close()
+
+
 def test_declared_size_is_capped_by_max_set_size() -> None:
     pp = PeerPolicy("sindh", frozenset(), max_set_size=100, budget_multiple=3, budget_daily=0)
     assert pp.budget_allowance(10**12, 1) == 300
