@@ -8,7 +8,9 @@ other exception becomes INTERNAL with no detail (it is logged here instead).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from ispf.errors import (
     IspfError,
     PermissionDenied,
     RateLimited,
+    ResourceExhausted,
     Unauthenticated,
 )
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE, Identity, identity_from_pem
@@ -117,6 +120,14 @@ def _request_id(context: grpc.ServicerContext) -> str:
     return logs.new_request_id()
 
 
+# Calls that stream into this node from one peer, open at once. Each holds one of the
+# server's threads for as long as the peer keeps its stream open, so without a bound
+# one peer that opens streams and never sends could hold every thread and starve the
+# other provinces (seven peers at 8 each leave the pool of 64 room for the province's
+# own systems). An honest peer holds one or two per session.
+MAX_PEER_STREAMS = 8
+
+
 class Guard(_Interceptor):
     """Authorises every call by certificate role and revocation, and maps errors to status."""
 
@@ -138,14 +149,41 @@ class Guard(_Interceptor):
         # Raises while the node must not serve sessions, probes or checks (its own log
         # failed its self-check); the audit API and health stay open.
         self.hold = hold
+        self._streams: dict[str, int] = {}
+        self._streams_lock = threading.Lock()
 
     @contextmanager
-    def _served(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def _stream_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """One of a peer's `MAX_PEER_STREAMS`, for a call that streams in from it."""
+        ident = caller_identity(context)
+        if ident.role != ROLE_NODE:
+            yield
+            return
+        with self._streams_lock:
+            held = self._streams.get(ident.province, 0)
+            if held >= MAX_PEER_STREAMS:
+                raise ResourceExhausted(
+                    f"{ident.province} already has {held} calls streaming into this node "
+                    "(the most a peer may have open at once)"
+                )
+            self._streams[ident.province] = held + 1
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams[ident.province] -= 1
+
+    @contextmanager
+    def _served(
+        self, service: str, method: str, context: grpc.ServicerContext, streams_in: bool = False
+    ) -> Iterator[None]:
         """Around every handler: request id, authorisation, error to status, latency."""
         start, code = time.perf_counter(), "OK"
-        with logs.bound(request_id=_request_id(context)):
+        with logs.bound(request_id=_request_id(context)), contextlib.ExitStack() as stack:
             try:
                 self._authorize(service, context)
+                if streams_in:
+                    stack.enter_context(self._stream_slot(context))
                 yield
             except IspfError as err:
                 code = err.code.name
@@ -201,7 +239,7 @@ class Guard(_Interceptor):
 
         def unary(behaviour: Callable[[Any, grpc.ServicerContext], Any], stream_in: bool) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                with served(service, method, context):
+                with served(service, method, context, stream_in):
                     return behaviour(parsed(request, stream_in), context)
 
             return run
@@ -210,7 +248,7 @@ class Guard(_Interceptor):
             behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], stream_in: bool
         ) -> Any:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                with served(service, method, context):
+                with served(service, method, context, stream_in):
                     yield from behaviour(parsed(request, stream_in), context)
 
             return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -429,3 +430,46 @@ def test_ispf_peers_shows_budget_used_and_left(
     assert main(["peers", "--json", "--profile", prof]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert {x["peer"]: (x["used"], x["left"]) for x in lines} == {"kp": (0, 10), "sindh": (1, 10)}
+
+
+def test_streams_a_peer_holds_open_are_bounded_and_other_peers_are_served(
+    fed: Federation,
+) -> None:
+    """A peer that opens Reblind streams and never sends (aborting each session to
+    free its slot) holds at most MAX_PEER_STREAMS of the server's threads."""
+    from ispf_server.guard import MAX_PEER_STREAMS
+    from tests.integration.test_hostile import SESSION_KEY
+
+    release = threading.Event()
+
+    def silent() -> Iterator[peer_pb2.BlindedChunk]:
+        release.wait(60)
+        return
+        yield  # (a generator that sends nothing until released)
+
+    calls = []
+    with channel(fed) as ch:
+        stub = peer_pb2_grpc.PeerServiceStub(ch)
+        try:
+            for _ in range(MAX_PEER_STREAMS):
+                req = hello(fed, n=2, registry_size=1000)
+                stub.Handshake(req, timeout=5)
+                calls.append(
+                    stub.Reblind(silent(), timeout=60, metadata=((SESSION_KEY, req.session_id),))
+                )
+                time.sleep(0.2)  # (the call reaches the node's handler)
+                stub.Abort(peer_pb2.AbortRequest(session_id=req.session_id, reason="x"), timeout=5)
+            req = hello(fed, n=2, registry_size=1000)
+            stub.Handshake(req, timeout=5)
+            extra = stub.Reblind(silent(), timeout=10, metadata=((SESSION_KEY, req.session_id),))
+            with pytest.raises(grpc.RpcError) as err:
+                next(extra)
+            assert err.value.code() == EXHAUSTED
+            assert "calls streaming into this node" in (err.value.details() or "")
+            # Another province is served meanwhile.
+            st = fed.reconcile("kp", "punjab")
+            assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
+        finally:
+            release.set()
+            for c in calls:
+                c.cancel()
