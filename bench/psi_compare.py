@@ -280,7 +280,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--n", type=int, default=1_000_000, help="records per party")
-    ap.add_argument("--backend", default="auto", help="auto | multibuffer | ifma | cryptography")
+    ap.add_argument("--backend", default="auto", help="auto | ifma | cryptography")
     ap.add_argument("--peers", default="secretflow,openmined")
     ap.add_argument("--venvs", type=Path, default=Path(".bench-venvs"))
     ap.add_argument("--write", action="store_true", help="also write docs/benchmarks.md")
