@@ -17,14 +17,16 @@ backup: the master key, TLS, log and sealing keys are backed up on their own.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from ispf import logs
-from ispf.errors import IspfError
+from ispf.errors import ConfigError, IspfError
 from ispf_server.backup import backup_store, restore_store
 from ispf_server.config import load_config
 from ispf_server.node import Node, create_server, retire_epoch
@@ -94,6 +96,24 @@ def _new_master_main(argv: list[str]) -> int:
     return 0
 
 
+def _lock_store(store: Path) -> int:
+    """One serving node per store: two would both append to one audit log and fork it.
+
+    The lock is an exclusive `flock` on `<store>.lock` (0600), released by the kernel
+    when the process ends, however it ends; backups and other tools do not take it."""
+    path = store.with_name(store.name + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"the store {store} is in use by another ispf-node (it holds {path}): stop that "
+            "node first, or give this one its own store"
+        ) from None
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("backup", "restore"):
@@ -124,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             retire_epoch(load_config(args.config), args.retire_epoch)
             print(f"ispf-node: epoch {args.retire_epoch} retired: its salt is destroyed")
             return 0
-        node = Node(load_config(args.config))
+        config = load_config(args.config)
+        _lock_store(config.store)  # (the descriptor stays open, so the lock is held, until exit)
+        node = Node(config)
     except IspfError as exc:
         print(f"ispf-node: {exc.message}", file=sys.stderr)
         return 2

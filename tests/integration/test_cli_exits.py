@@ -316,3 +316,49 @@ def test_a_taken_metrics_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "serving on port" not in done.stderr
     assert f"ispf-node: cannot serve metrics on {taken}: Address already in use" in done.stderr
+
+
+def test_a_second_node_on_the_same_store_refuses_to_start(tmp_path: Path) -> None:
+    """Two nodes over one store would both append to one audit log (a fork)."""
+    nodes = _forum(tmp_path)
+    cfg = nodes / "punjab" / "node.toml"
+    _listen_on(cfg, "127.0.0.1:0")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        [ISPF_NODE, "--config", str(cfg)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert first.stderr is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while "serving on port" not in line and time.monotonic() < deadline:
+            line = first.stderr.readline()
+        assert "serving on port" in line
+        second = subprocess.run(
+            [ISPF_NODE, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 2
+        assert "serving on port" not in second.stderr
+        errors = [x for x in second.stderr.splitlines() if x.startswith("ispf-node:")]
+        assert len(errors) == 1 and "is in use by another ispf-node" in errors[0], errors
+    finally:
+        first.terminate()
+        assert first.wait(timeout=30) == 0
+    # The lock goes with the process: the node starts again.
+    again = subprocess.Popen(
+        [ISPF_NODE, "--config", str(cfg)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert again.stderr is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while "serving on port" not in line and time.monotonic() < deadline:
+            line = again.stderr.readline()
+        assert "serving on port" in line
+    finally:
+        again.terminate()
+        again.wait(timeout=30)
