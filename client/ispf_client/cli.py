@@ -388,7 +388,7 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
         )
         return rc
     con.print(
-        f"{args.file}: {rep.rows} rows; {stored} loaded ({rep.inserted} new, "
+        f"{args.file}: {_n(rep.rows, 'row')}; {stored} loaded ({rep.inserted} new, "
         f"{rep.updated} updated, {rep.unchanged} unchanged); {rep.rejected} rejected",
         markup=False,
     )
@@ -458,7 +458,7 @@ def cmd_registry_sync(args: argparse.Namespace, con: Console) -> int:
         return rc
     what = "would change" if args.dry_run else ("synced" if rep.applied else "not synced")
     con.print(
-        f"{args.file}: {rep.rows} rows; {what}: {rep.inserted} new, {rep.updated} updated, "
+        f"{args.file}: {_n(rep.rows, 'row')}; {what}: {rep.inserted} new, {rep.updated} updated, "
         f"{rep.unchanged} unchanged, {rep.deleted} deleted, {rep.rejected} rejected"
         + (f" ({rep.kept} stored records of rejected rows kept)" if rep.kept else ""),
         markup=False,
