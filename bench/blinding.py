@@ -26,7 +26,7 @@ from ispf.hazmat.backends import SPOT_CHECK_EVERY, BackendUnavailable, IfmaBacke
 from ispf.hazmat.curve import hash_to_curve_many
 from ispf.keys import BlindingKey, ForumSalt
 from ispf_server.pool import BlindingPool, pipelined, releases_gil
-from ispf_server.session.core import chunked
+from ispf_server.session.exchange import chunked
 
 
 def raw_rate(backend: str, n: int) -> float:

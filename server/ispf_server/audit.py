@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ispf.errors import ConfigError, LogTampered, PreconditionFailed, ProtocolVi
 from ispf.keys import check_private_file
 from ispf.peertext import MASK, untrusted
 from ispf.v1 import common_pb2
-from ispf_server.session.core import PROTOCOL_VERSION
+from ispf_server.session.exchange import PROTOCOL_VERSION
 from ispf_server.store import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,32 @@ def load_log_keys(folder: Path) -> dict[str, note.Verifier]:
             raise ConfigError(f"{f} holds the key of {v.name}, not {origin_of(f.stem)}")
         keys[f.stem] = v
     return keys
+
+
+@dataclass(frozen=True)
+class SessionEntry:
+    """What a session's audit entry says; its time is the caller's (`time`)."""
+
+    session_id: str
+    initiator: str
+    responder: str
+    purpose: str
+    epoch: int
+    mode: int
+    outcome: str
+    time: str
+    initiator_values: int = 0
+    responder_values: int = 0
+    initiator_groups: int = 0
+    responder_groups: int = 0
+    match_count: int | None = None
+    result_digest: bytes = b""
+    reason: str | None = None
+    sync: str = "none"
+    initiator_removed: int = 0
+    responder_removed: int = 0
+    initiator_declared: int = 0
+    responder_declared: int = 0
 
 
 class AuditLog:
@@ -131,58 +158,38 @@ class AuditLog:
 
     # -- entries ------------------------------------------------------------
 
-    def session_entry(
-        self,
-        *,
-        session_id: str,
-        initiator: str,
-        responder: str,
-        purpose: str,
-        epoch: int,
-        mode: int,
-        outcome: str,
-        initiator_values: int = 0,
-        responder_values: int = 0,
-        initiator_groups: int = 0,
-        responder_groups: int = 0,
-        match_count: int | None = None,
-        result_digest: bytes = b"",
-        reason: str | None = None,
-        sync: str = "none",
-        initiator_removed: int = 0,
-        responder_removed: int = 0,
-        initiator_declared: int = 0,
-        responder_declared: int = 0,
-    ) -> bytes:
-        peer = responder if initiator == self.province else initiator
+    def session_entry(self, e: SessionEntry) -> bytes:
+        """A session's entry: what `e` says, by this node, with the peer's checkpoint
+        it last verified."""
+        peer = e.responder if e.initiator == self.province else e.initiator
         fields: dict[str, Any] = {
             "v": ENTRY_VERSION,
             "type": "session",
             "recorder": self.province,
-            "session_id": session_id,
-            "initiator": initiator,
-            "responder": responder,
-            "purpose": purpose,
-            "epoch": epoch,
+            "session_id": e.session_id,
+            "initiator": e.initiator,
+            "responder": e.responder,
+            "purpose": e.purpose,
+            "epoch": e.epoch,
             "protocol": PROTOCOL_VERSION,
-            "mode": "count-only" if mode == common_pb2.MODE_COUNT_ONLY else "mutual",
-            "outcome": outcome,
-            "initiator_values": initiator_values,
-            "responder_values": responder_values,
-            "initiator_groups": initiator_groups,
-            "responder_groups": responder_groups,
-            "match_count": match_count,
-            "result_digest": b64(result_digest),
-            "time": utcnow(),
+            "mode": "count-only" if e.mode == common_pb2.MODE_COUNT_ONLY else "mutual",
+            "outcome": e.outcome,
+            "initiator_values": e.initiator_values,
+            "responder_values": e.responder_values,
+            "initiator_groups": e.initiator_groups,
+            "responder_groups": e.responder_groups,
+            "match_count": e.match_count,
+            "result_digest": b64(e.result_digest),
+            "time": e.time,
             "peer_checkpoint": self.peer_checkpoint(peer),
-            "sync": sync,
-            "initiator_removed": initiator_removed,
-            "responder_removed": responder_removed,
-            "initiator_declared": initiator_declared,
-            "responder_declared": responder_declared,
+            "sync": e.sync,
+            "initiator_removed": e.initiator_removed,
+            "responder_removed": e.responder_removed,
+            "initiator_declared": e.initiator_declared,
+            "responder_declared": e.responder_declared,
         }
-        if reason is not None:
-            fields["reason"] = _printable(reason)
+        if e.reason is not None:
+            fields["reason"] = _printable(e.reason)
         return encode_entry(fields)
 
     def record_refusal(

@@ -55,11 +55,12 @@ from ispf_server.services.internal import (
     RegistryServicer,
 )
 from ispf_server.services.peer import PeerServicer
-from ispf_server.session.initiator import Deadlines, Initiator, SessionRequest
-from ispf_server.session.plan import check_collections
+from ispf_server.session.facts import INITIATOR, SessionFacts
+from ispf_server.session.initiator import Initiator, Peer, SessionRequest
+from ispf_server.session.lifecycle import Lifecycle, SessionContext, fail_interrupted
+from ispf_server.session.plan import check_collections, one_off_plan
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
-from ispf_server.session.sync import one_off_plan
 from ispf_server.store import Store
 from ispf_server.tls import TlsFiles, channel_options
 
@@ -108,18 +109,21 @@ class Node:
         self.budget = QueryBudget(
             self.store, on_refused=lambda peer: self.metrics.budget_refused.labels(peer).inc()
         )
-        self.responder = Responder(
+        self.sessions = SessionContext(
             province=self.province,
             store=self.store,
+            audit=self.audit,
             pool=self.pool,
+            budget=self.budget,
+            chunk_values=config.chunk_values,
+        )
+        self.responder = Responder(
+            self.sessions,
             salts=self.salts,
             board=self.board,
             policy=self.policy.current,
-            chunk_values=config.chunk_values,
             idle_timeout=config.session_idle_timeout,
-            audit=self.audit,
             pair_lock=self.pair_lock,
-            budget=self.budget,
         )
         self.probes = ProbeAnswerer(
             store=self.store,
@@ -165,7 +169,7 @@ class Node:
             lambda: float(backends.STATUS.spot_checks),
         )
         self._health_stop = threading.Event()
-        self._fail_interrupted()
+        fail_interrupted(self.sessions)
         log.info(
             "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
             "X25519 backend %s, hash-to-curve in %s",
@@ -249,26 +253,6 @@ class Node:
         self.audit.record_policy(version=policy.version, sha256=policy.digest)
         self.store.set_meta("policy_sha256", policy.digest)
 
-    def _fail_interrupted(self) -> None:
-        """Sessions left running by a crash are not results: fail them, with their entries."""
-        for row in self.store.running_sessions():
-            reason = "node restarted during session"
-            me, peer = self.province, row.peer
-            initiator, responder = (me, peer) if row.role == "initiator" else (peer, me)
-            entry = self.audit.session_entry(
-                session_id=row.session_id,
-                initiator=initiator,
-                responder=responder,
-                purpose=row.purpose,
-                epoch=row.epoch,
-                mode=row.mode,
-                outcome="failed",
-                reason=reason,
-            )
-            self.store.fail_session(row.session_id, reason, entry, retriable=True)
-            log.warning("session %s with %s: %s", row.session_id, peer, reason)
-        self.audit.sign_checkpoint()
-
     @property
     def current_salt(self) -> ForumSalt:
         salt = self.salts.get(self.config.current_epoch)
@@ -341,7 +325,7 @@ class Node:
             peer_collections=peer_collections,
             full=full,
         )
-        sid = initiator.req.session_id
+        sid = initiator.facts.session_id
         t = threading.Thread(target=initiator.run, name=f"session-{sid[:8]}", daemon=True)
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -371,35 +355,26 @@ class Node:
         if not sync:  # (collections not open to the peer are refused now, not in the session)
             check_collections(pp, collections)
             planner = partial(one_off_plan, self.store, pp, collections, labelled=not count_only)
-        sid = str(uuid.uuid4())
         salt = self.current_salt
-        self.store.begin_session(sid, peer, "initiator", mode, purpose, salt.epoch)
-        progress = self.board.open(
-            Snapshot(
-                session_id=sid,
-                peer=peer,
-                role="initiator",
-                mode=mode,
-                purpose=purpose,
-                epoch=salt.epoch,
-            )
-        )
-        return Initiator(
+        facts = SessionFacts(
+            session_id=str(uuid.uuid4()),
             province=self.province,
-            request=SessionRequest(sid, peer, purpose, mode, peer_collections, sync, full),
-            planner=planner,
-            stub=stub,
-            store=self.store,
-            pool=self.pool,
-            salt=salt,
-            progress=progress,
-            chunk_values=self.config.chunk_values,
-            max_set_size=pp.max_set_size,
-            deadlines=Deadlines(self.config.call_deadline, self.config.session_deadline),
-            audit=self.audit,
-            pair_lock=self.pair_lock(peer) if sync else None,
-            peer_policy=pp,
-            budget=self.budget,
+            peer=peer,
+            role=INITIATOR,
+            purpose=purpose,
+            epoch=salt.epoch,
+            mode=mode,
+        )
+        life = Lifecycle.begin(facts, self.sessions, self.board, phase="handshake")
+        return Initiator(
+            life,
+            SessionRequest(pp, salt, peer_collections, planner, force_full=full),
+            Peer(
+                stub,
+                self.config.call_deadline,
+                self.config.session_deadline,
+                self.pair_lock(peer) if sync else None,
+            ),
         )
 
     def close(self) -> None:

@@ -112,6 +112,16 @@ class PeerPolicy:
     def in_collections(self, programme: str) -> bool:
         return not self.collections or programme in self.collections
 
+    def may_learn(self, label: Label) -> bool:
+        """May the peer learn of a record under `label` (in its collections, a label it
+        may be told)? The one rule for what a labelled session names, decided once
+        per label."""
+        cache: dict[Label, bool] = self.__dict__.setdefault("_learn_cache", {})
+        found = cache.get(label)
+        if found is None:
+            found = cache[label] = self.in_collections(label.programme) and self.may_disclose(label)
+        return found
+
 
 @dataclass(frozen=True)
 class Policy:

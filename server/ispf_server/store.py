@@ -172,6 +172,21 @@ class SessionRow:
     answer: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionTotals:
+    """What a completed session's row records, besides its state and times."""
+
+    own_records: int
+    own_values: int
+    peer_values: int
+    match_count: int
+    result_digest: bytes
+    matched_records: int | None = None  # (None: count the records `matches` name)
+    sync: str = ""
+    own_removed: int = 0
+    peer_removed: int = 0
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 K = TypeVar("K", str, bytes)
 T = TypeVar("T")
@@ -437,25 +452,20 @@ class Store:
     def complete_session(
         self,
         session_id: str,
+        totals: SessionTotals,
         *,
-        own_records: int,
-        own_values: int,
-        peer_values: int,
-        match_count: int,
-        result_digest: bytes,
-        matches: list[MatchRow],
         entry: bytes,
-        pair_delta: tuple[str, int, pairstate.PairDelta] | None = None,
-        sync: str = "",
-        own_removed: int = 0,
-        peer_removed: int = 0,
+        matches: list[MatchRow] | None = None,
         matches_staged: bool = False,
-        matched_records: int | None = None,
+        pair_delta: tuple[str, int, pairstate.PairDelta] | None = None,
     ) -> int:
         """Store the results, mark the session COMPLETED and append its audit entry,
         all in one transaction; returns the entry's index in the log. With
         `matches_staged`, `stage_result` (or `stage_matches`) wrote the match rows
-        already; `matched_records` counts the records they name (else `matches`)."""
+        already; `totals.matched_records` counts the records they name (else
+        `matches`)."""
+        matches = matches or []
+        matched_records = totals.matched_records
         if matched_records is None:
             matched_records = len({m.record_id for m in matches})
         with self._lock:
@@ -469,16 +479,16 @@ class Store:
                     "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
                     "finished_at=?, sync=?, own_removed=?, peer_removed=? WHERE session_id=?",
                     (
-                        own_records,
-                        own_values,
-                        peer_values,
-                        match_count,
+                        totals.own_records,
+                        totals.own_values,
+                        totals.peer_values,
+                        totals.match_count,
                         matched_records,
-                        result_digest,
+                        totals.result_digest,
                         utcnow(),
-                        sync,
-                        own_removed,
-                        peer_removed,
+                        totals.sync,
+                        totals.own_removed,
+                        totals.peer_removed,
                         session_id,
                     ),
                 )

@@ -201,15 +201,15 @@ def test_every_kind_of_session_gives_the_same_result_when_sorts_spill(
     parts of two records, rows in batches of three. Full, incremental, filtered and
     count-only sessions still give exactly the true matches."""
     from ispf_server import extsort, pairruns
-    from ispf_server.session import core, sync
+    from ispf_server.session.match import kept, labelled
     from ispf_server.store import StagedRun
 
     for module, name, value in (
         (extsort, "BUDGET", 64),
         (extsort, "MIN_BLOCK", 1),
-        (core, "WINDOW", 3),
-        (core, "ROW_BATCH", 3),
-        (sync, "ROW_BATCH", 3),
+        (labelled, "WINDOW", 3),
+        (labelled, "ROW_BATCH", 3),
+        (kept, "ROW_BATCH", 3),
         (StagedRun, "FLUSH", 1),
         (pairruns, "PART_RECORDS", 2),
     ):

@@ -9,8 +9,8 @@ import pytest
 from ispf import merkle, note
 from ispf.auditlog import Checkpoint, EntryError, decode_entry, encode_entry, open_checkpoint
 from ispf.v1 import common_pb2
-from ispf_server.audit import AuditLog
-from ispf_server.store import Store
+from ispf_server.audit import AuditLog, SessionEntry
+from ispf_server.store import SessionTotals, Store, utcnow
 
 
 def make_log(path: Path, signer: note.Signer) -> AuditLog:
@@ -23,22 +23,27 @@ def test_checkpoint_after_a_crash_covers_exactly_what_is_on_disk(tmp_path: Path)
     assert log.size() == 0
     log.store.begin_session("s1", "sindh", "initiator", common_pb2.MODE_MUTUAL, "r", 1)
     entry = log.session_entry(
-        session_id="s1",
-        initiator="punjab",
-        responder="sindh",
-        purpose="r",
-        epoch=1,
-        mode=common_pb2.MODE_MUTUAL,
-        outcome="completed",
-        match_count=0,
+        SessionEntry(
+            session_id="s1",
+            initiator="punjab",
+            responder="sindh",
+            purpose="r",
+            epoch=1,
+            mode=common_pb2.MODE_MUTUAL,
+            outcome="completed",
+            time=utcnow(),
+            match_count=0,
+        )
     )
     log.store.complete_session(
         "s1",
-        own_records=0,
-        own_values=0,
-        peer_values=0,
-        match_count=0,
-        result_digest=b"",
+        SessionTotals(
+            own_records=0,
+            own_values=0,
+            peer_values=0,
+            match_count=0,
+            result_digest=b"",
+        ),
         matches=[],
         entry=entry,
     )
@@ -72,14 +77,17 @@ def test_entries_refuse_id_like_values_and_non_canonical_bytes() -> None:
 def test_free_text_in_entries_cannot_carry_an_id(tmp_path: Path) -> None:
     log = make_log(tmp_path / "n.sqlite", note.Signer.generate("ispf-match/punjab"))
     entry = log.session_entry(
-        session_id="s",
-        initiator="punjab",
-        responder="sindh",
-        purpose="r",
-        epoch=1,
-        mode=common_pb2.MODE_MUTUAL,
-        outcome="failed",
-        reason="bad row 3520212345671\x00",
+        SessionEntry(
+            session_id="s",
+            initiator="punjab",
+            responder="sindh",
+            purpose="r",
+            epoch=1,
+            mode=common_pb2.MODE_MUTUAL,
+            outcome="failed",
+            time=utcnow(),
+            reason="bad row 3520212345671\x00",
+        )
     )
     assert b"3520212345671" not in entry and b"#" in entry
 

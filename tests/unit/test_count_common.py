@@ -12,7 +12,7 @@ import pytest
 
 from ispf.hazmat.curve import native
 from ispf_server import extsort
-from ispf_server.session import core
+from ispf_server.session.match import count, labelled
 from ispf_server.session.spool import SpooledNids, TagSpool
 from ispf_server.store import MatchRow
 
@@ -29,7 +29,7 @@ def test_count_common_counts_distinct_shared_tags(
     tmp_path: Path, module: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if module == "python":
-        monkeypatch.setattr(core, "native", None)
+        monkeypatch.setattr(count, "native", None)
     elif native is None:
         pytest.skip("the native module is not built here")
     if budget is not None:  # (every side spilled in pieces of seven tags)
@@ -41,11 +41,11 @@ def test_count_common_counts_distinct_shared_tags(
     peer = shared + [rng.randbytes(16) for _ in range(1200)]
     rng.shuffle(own)
     rng.shuffle(peer)
-    count = functools.partial(core.count_common, directory=tmp_path)
-    assert count(spooled(tmp_path, own), spooled(tmp_path, peer)) == 300
+    common = functools.partial(count.count_common, directory=tmp_path)
+    assert common(spooled(tmp_path, own), spooled(tmp_path, peer)) == 300
     # A tag repeated on one side still counts once (the set path takes over).
-    assert count(spooled(tmp_path, own + shared[:5]), spooled(tmp_path, peer)) == 300
-    assert count(spooled(tmp_path, []), spooled(tmp_path, peer)) == 0
+    assert common(spooled(tmp_path, own + shared[:5]), spooled(tmp_path, peer)) == 300
+    assert common(spooled(tmp_path, []), spooled(tmp_path, peer)) == 0
     assert list(tmp_path.iterdir()) == []  # (sorts and spools leave nothing behind)
 
 
@@ -72,8 +72,8 @@ def test_intersect_within_the_budget_equals_the_dict_path(
     if small:
         monkeypatch.setattr(extsort, "BUDGET", 100)
         monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
-        monkeypatch.setattr(core, "WINDOW", 5)
-        monkeypatch.setattr(core, "ROW_BATCH", 7)
+        monkeypatch.setattr(labelled, "WINDOW", 5)
+        monkeypatch.setattr(labelled, "ROW_BATCH", 7)
     rng = random.Random(8)
     labels = [Label("BISP", "enrolled"), Label("PSER", "eligible")]
     ids = [f"35202{i:08d}".encode() for i in range(400)]
@@ -102,7 +102,7 @@ def test_intersect_within_the_budget_equals_the_dict_path(
         sizes_now = [*sizes[:2], sizes[2] + len(extra)]
         staged: list[MatchRow] = []
         run = functools.partial(
-            core.intersect,
+            labelled.intersect,
             plan,
             spooled(tmp_path, own),
             peer_groups,
@@ -112,7 +112,7 @@ def test_intersect_within_the_budget_equals_the_dict_path(
         )
         got = run(stage_rows=functools.partial(_gather, staged))
         with monkeypatch.context() as m:
-            m.setattr(core, "native", None)
+            m.setattr(labelled, "native", None)
             want = run()
         assert got.match_count == want.match_count == 90 + sum(t in set(own) for t in extra)
         assert got.digest == want.digest

@@ -9,7 +9,7 @@ import pytest
 
 from ispf.hazmat import curve
 from ispf.nid import PackedNids
-from ispf_server.session.core import chunked
+from ispf_server.session.exchange import chunked
 from ispf_server.session.plan import shuffle_packed
 
 IDS = [f"35202{i:08d}".encode() for i in range(40)]

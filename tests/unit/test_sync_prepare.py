@@ -14,10 +14,12 @@ from ispf.hazmat import curve
 from ispf.nid import PackedNids
 from ispf.records import Label
 from ispf_server.policy import PeerPolicy
-from ispf_server.session import spool, sync
+from ispf_server.session import plan as planning
+from ispf_server.session import spool
+from ispf_server.session.match import kept
 from ispf_server.session.plan import eligible_records
 from ispf_server.session.spool import TagSpool
-from ispf_server.store import MatchRow, Store, StoredRecord
+from ispf_server.store import MatchRow, SessionTotals, Store, StoredRecord
 
 LABELS = [
     Label("BISP", "enrolled"),
@@ -42,12 +44,12 @@ def spooled(directory: Path, *parts: bytes) -> TagSpool:
 
 
 def _coded_pass(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
-    """What `sync._coded_label_sets` gives, gathered: IDs by label set, records."""
-    allowed = sync._allowed_labels(store, pp)
+    """What `planning._coded_label_sets` gives, gathered: IDs by label set, records."""
+    allowed = planning._allowed_labels(store, pp)
     assert allowed is not None
     by_text: dict[str, bytearray] = defaultdict(bytearray)
     count = 0
-    for text, nids, records in sync._coded_label_sets(store, allowed):
+    for text, nids, records in planning._coded_label_sets(store, allowed):
         by_text[text] += nids
         count += records
     return by_text, count
@@ -83,11 +85,11 @@ def test_one_pass_equals_the_record_path(
     monkeypatch.setattr(
         store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
     )
-    pass_ = _coded_pass if way == "coded" else sync._all_label_sets_rows
+    pass_ = _coded_pass if way == "coded" else planning._all_label_sets_rows
     by_text, count = pass_(store, pp)
     got = {n.decode(): text for text, members in by_text.items() for n in PackedNids(members)}
     eligible = eligible_records(store, pp, frozenset(), labelled=True)
-    assert got == sync._label_sets(eligible)
+    assert got == planning._label_sets(eligible)
     assert count == len(eligible)
     assert sum(len(PackedNids(m)) for m in by_text.values()) == len(got)  # each ID once
 
@@ -118,8 +120,8 @@ def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
     store.upsert(records)
     before = set((tmp_path / "store").iterdir())
     by_text, count = _coded_pass(store, pp)
-    want = shuffled_plan({sync.labels_of(t): m for t, m in by_text.items()}, own_records=count)
-    plans = [sync.spooled_plan(store, pp) for _ in range(2)]
+    want = shuffled_plan({planning.labels_of(t): m for t, m in by_text.items()}, own_records=count)
+    plans = [planning.spooled_plan(store, pp) for _ in range(2)]
     for plan in plans:
         assert plan is not None and isinstance(plan.order, SpooledNids)
         assert (plan.groups, plan.sizes, plan.own_records) == (
@@ -151,7 +153,7 @@ def test_full_prepare_plans_every_id_once_in_label_set_groups(tmp_path: Path) ->
             StoredRecord("d", "3520200000003", LABELS[3]),
         ]
     )
-    side = sync.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
+    side = planning.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
     plan = side.plan
     assert side.own_records == 4
     assert sorted(plan.order) == [b"3520200000001", b"3520200000002", b"3520200000003"]
@@ -190,18 +192,18 @@ def test_packed_full_run_equals_the_general_path(
     for packed, chunk, small in cases:
         store = Store(tmp_path / f"{packed}{chunk}{small}.sqlite")
         store.upsert(records)
-        side = sync.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
+        side = planning.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         monkeypatch.setattr(spool, "CHUNK", chunk)
         if small:
             monkeypatch.setattr(extsort, "BUDGET", 100)
             monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
-            monkeypatch.setattr(sync, "ROW_BATCH", 3)
+            monkeypatch.setattr(kept, "ROW_BATCH", 3)
             monkeypatch.setattr(StagedRun, "FLUSH", 1)
             monkeypatch.setattr(pairruns, "PART_RECORDS", 2)
         own_in = spooled(tmp_path, own[:160], own[160:])
         staged: list[list[MatchRow]] = []
-        res = sync.finish(
+        res = kept.finish(
             side,
             own_in,
             groups,
@@ -268,11 +270,13 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
         if completes:
             store.complete_session(
                 sid,
-                own_records=1,
-                own_values=1,
-                peer_values=1,
-                match_count=1,
-                result_digest=b"d",
+                SessionTotals(
+                    own_records=1,
+                    own_values=1,
+                    peer_values=1,
+                    match_count=1,
+                    result_digest=b"d",
+                ),
                 matches=rows,
                 entry=b'{"type":"session"}',
                 matches_staged=True,
@@ -309,15 +313,17 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
         if completes:
             store.complete_session(
                 sid,
-                own_records=2,
-                own_values=2,
-                peer_values=2,
-                match_count=2,
-                result_digest=b"d",
+                SessionTotals(
+                    own_records=2,
+                    own_values=2,
+                    peer_values=2,
+                    match_count=2,
+                    result_digest=b"d",
+                    matched_records=2,
+                ),
                 matches=[],
                 entry=b'{"type":"session"}',
                 matches_staged=True,
-                matched_records=2,
             )
             assert sorted(store.matches(sid), key=repr) == sorted(batches[0] + batches[1], key=repr)
             row = store._db.execute(
@@ -353,11 +359,11 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     store = Store(tmp_path / "s.sqlite")
     store.upsert(records)
 
-    def staged_run(sid: str) -> sync.SyncResult:
+    def staged_run(sid: str) -> kept.Matched:
         store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
-        side = sync.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
+        side = planning.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
-        return sync.finish(
+        return kept.finish(
             side, spooled(tmp_path, own), [(LABELS[0],)], [120], spooled(tmp_path, peer), []
         )
 
@@ -375,11 +381,13 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     store.stage_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
     store.complete_session(
         "s-ok",
-        own_records=300,
-        own_values=300,
-        peer_values=120,
-        match_count=ok.outcome.match_count,
-        result_digest=ok.outcome.digest,
+        SessionTotals(
+            own_records=300,
+            own_values=300,
+            peer_values=120,
+            match_count=ok.outcome.match_count,
+            result_digest=ok.outcome.digest,
+        ),
         matches=ok.outcome.matches,
         entry=b'{"type":"session"}',
         matches_staged=True,
@@ -443,9 +451,9 @@ def test_one_off_plan_packed_equals_the_record_path(
     monkeypatch.setattr(
         store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
     )
-    got = sync.one_off_plan(store, pp, collections, labelled=labelled)
-    monkeypatch.setattr(sync, "native", None)
-    want = sync.one_off_plan(store, pp, collections, labelled=labelled)
+    got = planning.one_off_plan(store, pp, collections, labelled=labelled)
+    monkeypatch.setattr(planning, "native", None)
+    want = planning.one_off_plan(store, pp, collections, labelled=labelled)
     assert got.groups == want.groups and got.sizes == want.sizes
     assert got.own_records == want.own_records
     pos = 0
@@ -476,9 +484,9 @@ def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> Non
             StoredRecord("b", "352021234567", LABELS[1]),  # 12 digits
         ]
     )
-    assert sync.spooled_plan(store, POLICIES[0]) is None
-    assert sync.spooled_plan(store, POLICIES[0], labelled=False) is None
-    with pytest.raises(sync._NotPacked):
-        list(sync._coded_label_sets(store, LABELS))
-    by_text, count = sync._all_label_sets_rows(store, POLICIES[0])  # (what runs instead)
+    assert planning.spooled_plan(store, POLICIES[0]) is None
+    assert planning.spooled_plan(store, POLICIES[0], labelled=False) is None
+    with pytest.raises(planning.NotPacked):
+        list(planning._coded_label_sets(store, LABELS))
+    by_text, count = planning._all_label_sets_rows(store, POLICIES[0])  # (what runs instead)
     assert count == 2 and sorted(by_text.values()) == [b"352021234567", b"3520212345671"]

@@ -12,7 +12,7 @@ from ispf.peertext import untrusted_id
 from ispf.v1 import peer_pb2, peer_pb2_grpc
 from ispf_server.guard import caller_identity
 from ispf_server.probes import ProbeAnswerer
-from ispf_server.session.initiator import SESSION_KEY
+from ispf_server.session.exchange import SESSION_KEY
 from ispf_server.session.responder import Responder
 
 

@@ -1,27 +1,42 @@
-"""What one side sends in a session: its distinct IDs, grouped by label set, shuffled.
+"""What one side sends in a session: its distinct IDs, grouped by label set, shuffled;
+every planner is here.
 
 An ID held under several labels goes once, in the group of its label set, so
 the peer learns group sizes and nothing about record order. `owners` maps each
-ID back to every record that holds it.
+ID back to every record that holds it. The planners: from SQLite's coded
+strings in C, on disk (`spooled_plan`); from (nid, programme, status) rows
+(`_all_label_sets_rows`); from record objects (`build_plan`). A sync session's
+side (`prepare`) sends only what changed since the pair's kept state, where
+both sides hold the same (`state_fingerprints`); a one-off session
+(`one_off_plan`) sends everything the policy and the collections asked for allow.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 from ispf.errors import InvalidRecord, PolicyRefused, ProtocolViolation
 from ispf.hazmat.curve import native
+from ispf.keys import BlindingKey
 from ispf.nid import NID_BYTES, PackedNids
 from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
+from ispf_server import pairruns
+from ispf_server.extsort import ExternalSort, upper_bound
+from ispf_server.pairruns import NID
+from ispf_server.pairstate import EMPTY_FP, labels_of, labels_text
 from ispf_server.policy import PeerPolicy
-from ispf_server.session.spool import SpooledNids
+from ispf_server.session.facts import SyncKind
+from ispf_server.session.spool import SpooledNids, TagSpool
 from ispf_server.store import Store, StoredRecord
 
 LabelSet = tuple[Label, ...]
@@ -160,15 +175,8 @@ def eligible_records(
     check_collections(pp, collections)
     records = store.records(collections or pp.collections)
     if labelled:
-        # Decide each distinct label once (registries: millions of records, few labels).
-        allowed = {lb for lb in {r.label for r in records} if pp.may_disclose(lb)}
-        records = [r for r in records if r.label in allowed]
+        records = [r for r in records if pp.may_learn(r.label)]
     return records
-
-
-def eligible(pp: PeerPolicy, record: StoredRecord) -> bool:
-    """May this record take part in a labelled session with the peer, under its policy?"""
-    return pp.in_collections(record.label.programme) and pp.may_disclose(record.label)
 
 
 def parse_groups(
@@ -193,3 +201,338 @@ def parse_groups(
     if sum(sizes) > max_total:
         raise ProtocolViolation(f"{sum(sizes)} values announced, at most {max_total}")
     return out, sizes
+
+
+# -- sessions with pair state: the sync planner ---------------------------------
+
+
+def policy_key(pp: PeerPolicy) -> str:
+    """What of a peer's policy decides which own IDs and labels it may hold."""
+    doc = {"collections": sorted(pp.collections), "disclose": list(pp.disclose)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def state_fingerprints(
+    store: Store, peer: str, epoch: int, pp: PeerPolicy
+) -> tuple[bytes, bytes] | None:
+    """(own set, peer set) fingerprints, or None if no usable state is held.
+
+    State kept under another policy is not usable: which IDs and labels the peer
+    may hold changed, so the next run must be full. Nor is state under a pair key
+    past the policy's `rekey_after_days`: the key is renewed here and that state
+    dropped, so both sides, asking this before a run, agree the run is full.
+    """
+    if store.rekey_if_due(peer, epoch, pp.rekey_after_days):
+        return None
+    row = store.pair_sync(peer, epoch)
+    if row is None or row.policy != policy_key(pp):
+        return None
+    return row.own_fp, row.peer_fp
+
+
+@dataclass
+class SyncSide:
+    store: Store
+    pp: PeerPolicy
+    peer: str
+    epoch: int
+    key: BlindingKey
+    kind: SyncKind  # full or incremental, decided here once
+    own_fp: bytes
+    peer_fp: bytes
+    own_records: int  # records that take part in this run's delta
+    plan: Plan  # the IDs sent, by label set (plan.owners is not kept: see finish)
+    removed_nids: list[str]
+    removed_tags: list[bytes]
+    version: int
+    state_version: int  # the pair's state this was planned against (-1: none)
+
+
+def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
+    """nid -> its label set as stored (JSON), each distinct set encoded once."""
+    by_nid: dict[str, set[Label]] = defaultdict(set)
+    for r in records:
+        by_nid[r.nid].add(r.label)
+    texts: dict[frozenset[Label], str] = {}
+    out: dict[str, str] = {}
+    for nid, lbs in by_nid.items():
+        key = frozenset(lbs)
+        text = texts.get(key)
+        if text is None:
+            text = texts[key] = labels_text(lbs)
+        out[nid] = text
+    return out
+
+
+CODED = NID + 1  # an ID and its label's one-byte code
+
+
+def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> list[Label] | None:
+    """The labels whose records take part, for the coded pass: in the peer's
+    collections and, where labelled, ones it may learn. None where the pass
+    cannot run (no module, more labels than codes)."""
+    if native is None:
+        return None
+    allowed = [
+        lb
+        for lb in store.distinct_labels()
+        if (pp.may_learn(lb) if labelled else pp.in_collections(lb.programme))
+    ]
+    return None if len(allowed) > 254 else allowed
+
+
+UNLABELLED = labels_text(())  # a count-only session's one group
+_ANY = Label("*", "*")  # (stands for every label where unlabelled)
+
+
+def _coded_label_sets(
+    store: Store, allowed: list[Label], *, labelled: bool = True
+) -> Iterator[tuple[str, bytes, int]]:
+    """(label set as stored, IDs holding exactly it packed, records they hold), batch
+    by batch over the registry, for the IDs with a label in `allowed` (SQLite's
+    coded strings, sorted and split in C: only IDs with several records are looked
+    at in Python). Unlabelled: every such ID once, in the one group. Raises
+    NotPacked where the IDs are not all 13 digits."""
+    if not allowed:
+        return
+    single = [labels_text((lb,)) if labelled else UNLABELLED for lb in allowed]
+    texts: dict[frozenset[Label], str] = {} if labelled else {frozenset({_ANY}): UNLABELLED}
+    for once, repeated in _coded_batches(store, allowed):
+        for code, nids in once.items():
+            if code >= 2:  # (1: a label the peer may not hold)
+                yield single[code - 2], nids, len(nids) // NID
+        by_text: dict[str, bytearray] = defaultdict(bytearray)
+        held: set[Label] = set()
+        prev = b""
+        count = 0
+        for at in range(0, len(repeated), CODED):
+            nid, code = repeated[at : at + NID], repeated[at + NID]
+            if nid != prev:
+                _add_set(by_text, texts, prev, held)
+                prev, held = nid, set()
+            if code >= 2:
+                held.add(allowed[code - 2] if labelled else _ANY)
+                count += 1
+        _add_set(by_text, texts, prev, held)
+        for text, members in by_text.items():  # (records counted once, with the first set)
+            yield text, bytes(members), count
+            count = 0
+
+
+# A full run's plan is shuffled by sorting: label set's number (as met) | 12 random
+# bytes | ID. Equal random keys (about n^2 / 2^97 likely) would order by ID.
+SHUFFLE = pairruns.Kind("shuffle", 4 + 12 + NID, 4)
+
+
+def spooled_plan(
+    store: Store, pp: PeerPolicy, *, labelled: bool = True, owners: OwnerLookup | None = None
+) -> Plan | None:
+    """A session's plan, as `shuffled_plan` makes it (groups in label-set order, each
+    shuffled with the OS's randomness), within a fixed memory budget: every ID
+    goes with its group's number and a random key to an `ExternalSort`, whose
+    output is each group shuffled; the groups are then laid out in label-set
+    order in a file (`SpooledNids`). Unlabelled (count-only): one group of every
+    ID in the peer's collections. None where the coded pass cannot run: the
+    caller then plans in memory."""
+    allowed = _allowed_labels(store, pp, labelled=labelled)
+    if allowed is None:
+        return None
+    assert native is not None
+    w, directory = SHUFFLE.width, store.directory
+    numbers: dict[str, int] = {}
+    count = 0
+    with ExternalSort(w, directory) as sorter:
+        try:
+            for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
+                n = len(nids) // NID
+                number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
+                sorter.add(
+                    native.zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID))
+                )
+                count += records
+        except NotPacked:
+            return None
+        # Each group's shuffled IDs, in the order the groups were met.
+        met = TagSpool(directory, NID)
+        where: dict[bytes, tuple[int, int]] = {}
+        for chunk in sorter.sorted_chunks():
+            view = memoryview(chunk)
+            while view:
+                key = bytes(view[:4])
+                cut = w * upper_bound(view, w, 4, key)
+                first = where.get(key, (met.count, 0))[0]
+                met.append(native.select_fields(view[:cut], w, ((16, NID),)))
+                where[key] = (first, met.count)
+                view = view[cut:]
+    groups = sorted((labels_of(text), where[n.to_bytes(4, "big")]) for text, n in numbers.items())
+    with met:
+        order = TagSpool(directory, NID)
+        for _, (first, stop) in groups:
+            for part in met.chunks(first, stop):
+                order.append(part)
+    sizes = [stop - first for _, (first, stop) in groups]
+    return Plan([g for g, _ in groups], sizes, SpooledNids(order), count, owners)
+
+
+class NotPacked(Exception):
+    """The coded pass cannot take these IDs (not all 13 digits): the record path runs."""
+
+
+def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int, bytes], bytes]]:
+    """Every record as its ID and labels' code (chr(i + 2) for labels[i], chr(1) for any
+    other), in batches from SQLite, each sorted and split in C: (IDs held once, by
+    code; records of the IDs held several times, sorted). Raises NotPacked where
+    the IDs are not all 13 digits (the strings do not split evenly)."""
+    assert native is not None
+    for text in store.nid_label_codes(labels):
+        buf = bytearray(text.encode("latin-1"))
+        del text
+        if len(buf) % CODED:
+            raise NotPacked
+        native.sort_inplace(buf, CODED)
+        once, repeated = native.split_unique(buf, CODED)
+        del buf
+        if not all(nids.isdigit() for nids in once.values()):
+            raise NotPacked  # (misaligned)
+        yield once, repeated
+
+
+def _add_set(
+    by_text: dict[str, bytearray], texts: dict[frozenset[Label], str], nid: bytes, held: set[Label]
+) -> None:
+    if held:
+        key = frozenset(held)
+        text = texts.get(key)
+        if text is None:
+            text = texts[key] = labels_text(key)
+        by_text[text] += nid
+
+
+def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
+    """Every ID the peer may hold, packed, by label set (as stored), and how many
+    records: one pass over (nid, programme, status) rows in ID order. Where the
+    coded pass cannot run (no module, more labels than codes, IDs not 13 digits)."""
+    labels: dict[tuple[str, str], Label | None] = {}  # (each distinct label decided once)
+    texts: dict[Label | frozenset[Label], str] = {}
+    by_text: dict[str, bytearray] = defaultdict(bytearray)
+    count = 0
+    prev: str | None = None
+    held: Label | frozenset[Label] | None = None
+
+    def flush(nid: str, key: Label | frozenset[Label]) -> None:
+        text = texts.get(key)
+        if text is None:
+            text = texts[key] = labels_text(key if isinstance(key, frozenset) else (key,))
+        by_text[text] += nid.encode("ascii")
+
+    for nid, prog, status in store.nid_labels():
+        pair = (prog, status)
+        if pair in labels:
+            label = labels[pair]
+        else:
+            candidate = Label(prog, status)
+            label = labels[pair] = candidate if pp.may_learn(candidate) else None
+        if label is None:
+            continue
+        count += 1
+        if nid != prev:
+            if prev is not None and held is not None:
+                flush(prev, held)
+            prev, held = nid, label
+        elif isinstance(held, frozenset):
+            held = held | {label}
+        elif held != label:
+            held = frozenset((held, label))  # type: ignore[arg-type]
+    if prev is not None and held is not None:
+        flush(prev, held)
+    return by_text, count
+
+
+def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
+    """What this side sends: IDs whose label set is new or changed, and removed tags."""
+    version = store.registry_version()
+    # A pair key older than the policy allows is renewed, and the pair's state goes
+    # with it: this run is full (the peer finds fingerprints that do not match).
+    rekeyed = store.rekey_if_due(peer, epoch, pp.rekey_after_days)
+    row = store.pair_sync(peer, epoch) if incremental and not rekeyed else None
+    plan: Plan | None = None
+    if row is not None:
+        nids = store.changed_since(row.version)
+        records = [r for r in store.records_by_nids(sorted(nids)) if pp.may_learn(r.label)]
+        current = store.own_tags_for(peer, epoch, nids)
+        desired = _label_sets(records)
+        changed = {
+            n for n in nids if desired.get(n) != (current[n].labels if n in current else None)
+        }
+        # Removed tags go on the wire sorted by tag value, never in ID order (which
+        # would let the peer bracket them between IDs it knows).
+        removed = sorted((current[n].tag, n) for n in changed if n in current)
+        removed_tags = [t for t, _ in removed]
+        removed_nids = [n for _, n in removed]
+        by_text: dict[str, bytearray] = defaultdict(bytearray)
+        for n in sorted(changed):
+            if n in desired:
+                by_text[desired[n]] += n.encode("ascii")
+        own_fp, peer_fp, own_records = row.own_fp, row.peer_fp, len(records)
+    else:
+        plan = spooled_plan(store, pp)
+        if plan is None:
+            by_text, own_records = _all_label_sets_rows(store, pp)
+        else:
+            own_records = plan.own_records
+        removed_nids, removed_tags = [], []
+        own_fp, peer_fp = EMPTY_FP, EMPTY_FP
+    if plan is None:
+        by_group = {labels_of(text): members for text, members in by_text.items()}
+        plan = shuffled_plan(by_group, own_records=own_records)
+    return SyncSide(
+        store=store,
+        pp=pp,
+        peer=peer,
+        epoch=epoch,
+        key=store.pair_key(peer, epoch),
+        kind=SyncKind.INCREMENTAL if row is not None else SyncKind.FULL,
+        own_fp=own_fp,
+        peer_fp=peer_fp,
+        own_records=own_records,
+        plan=plan,
+        removed_nids=removed_nids,
+        removed_tags=removed_tags,
+        version=version,
+        state_version=row.version if row is not None else -1,
+    )
+
+
+# -- sessions without pair state ------------------------------------------------
+
+
+def one_off_plan(
+    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
+) -> Plan:
+    """The plan of a session that keeps no pair state: count-only, or limited to some
+    collections. As a full run's (`spooled_plan`): IDs packed from SQLite's coded
+    strings, shuffled by an external sort and kept on disk. A labelled one groups
+    them by label set under the policy narrowed to the collections asked for, and
+    looks up the matched IDs' records when matched (`Plan.owners`). Without the
+    module, from record objects (`build_plan`)."""
+    check_collections(pp, collections)
+    narrowed = replace(pp, collections=collections) if collections else pp
+    owners = partial(owners_of, store, narrowed) if labelled else None
+    plan = spooled_plan(store, narrowed, labelled=labelled, owners=owners)
+    if plan is not None:
+        return plan
+    records = eligible_records(store, pp, collections, labelled=labelled)
+    return build_plan(records, labelled=labelled, owners_of=owners)
+
+
+def owners_of(
+    store: Store, pp: PeerPolicy, nids: Iterable[bytes]
+) -> dict[bytes, list[StoredRecord]]:
+    """The records of these IDs that a labelled session with the peer may name (the
+    policy's `may_learn`): a result row each, read when matched. Every way of
+    matching names its rows through this lookup (`match.rows.named_rows`)."""
+    out: dict[bytes, list[StoredRecord]] = defaultdict(list)
+    for rid, nid, label in store.labelled_records(sorted({n.decode("ascii") for n in nids})):
+        if pp.may_learn(label):
+            out[nid.encode("ascii")].append(StoredRecord(rid, nid, label))
+    return out

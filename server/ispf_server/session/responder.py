@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 
 import grpc
 
@@ -21,7 +20,6 @@ from ispf.errors import (
     PreconditionFailed,
     ProtocolViolation,
     ResourceExhausted,
-    ResultMismatch,
     RetryLater,
     SaltMismatch,
     UnknownSession,
@@ -30,61 +28,51 @@ from ispf.errors import (
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
 from ispf.v1 import common_pb2, peer_pb2
-from ispf_server.audit import AuditLog
-from ispf_server.budget import MAX_DECLARED, QueryBudget
+from ispf_server.budget import MAX_DECLARED
 from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
-from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.salts import SaltRing
-from ispf_server.session.core import (
+from ispf_server.session.exchange import (
     MAX_CHUNK_VALUES,
     PROTOCOL_VERSION,
-    Outcome,
-    Stopwatch,
+    blinded,
     checked_chunks,
     in_thread,
-    intersect,
+    parse_removed,
+    reblinded,
 )
+from ispf_server.session.facts import RESPONDER, SessionFacts, SyncKind
+from ispf_server.session.lifecycle import Lifecycle, SessionContext, Stopwatch, check_declared
+from ispf_server.session.match import NOTHING, Matched, Matcher, matcher_for
 from ispf_server.session.plan import (
     LabelSet,
     Plan,
-    parse_groups,
-)
-from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
-from ispf_server.session.spool import TagSpool
-from ispf_server.session.sync import (
-    SyncResult,
     SyncSide,
-    finish,
     one_off_plan,
-    parse_removed,
+    parse_groups,
     prepare,
     state_fingerprints,
 )
-from ispf_server.store import Store
+from ispf_server.session.progress import ProgressBoard
+from ispf_server.session.spool import TagSpool
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ResponderSession:
-    session_id: str
-    peer: str
-    mode: int
-    purpose: str
+    life: Lifecycle  # its facts, row, status and entry
     salt: ForumSalt
     key: BlindingKey
     plan: Plan
     peer_groups: list[LabelSet]
     peer_sizes: list[int]
-    progress: Progress
     # Both directions' tags, spooled to disk as they come (closed with the session).
     initiator_tags: TagSpool
     own_tags: TagSpool
+    # How the result is worked out (None: this side learns none, count-only).
+    matcher: Matcher | None = None
     last_used: float = field(default_factory=time.monotonic)
-    # Registry sizes declared in the handshake: the initiator's, and this node's.
-    declared: int = 0
-    own_declared: int = 0
     # One-shot steps: each answers once per session.
     reblind_started: bool = False
     reblind_done: bool = False
@@ -92,16 +80,12 @@ class ResponderSession:
     return_started: bool = False
     return_done: bool = False
     busy: set[str] = field(default_factory=set)
-    # Sync sessions: this side's delta, the initiator's removed tags, the pair lock held.
+    # Sync sessions: this side's delta, the pair lock held.
     side: SyncSide | None = None
-    peer_removed: list[bytes] = field(default_factory=list)
     pair_lock: threading.Lock | None = None
-    clock: Stopwatch = field(default_factory=Stopwatch)
-    # Sync sessions: the result, computed as soon as both streams are in (while the
-    # initiator computes its own), so that Conclude only compares and commits.
-    matching: Future[SyncResult] | None = None
-    # A labelled one-off session's result, worked out once both streams are in.
-    intersecting: Future[Outcome] | None = None
+    # The result, worked out as soon as both streams are in (while the initiator
+    # works out its own), so that Conclude only compares and commits.
+    matching: Future[Matched] | None = None
 
     def release(self) -> None:
         self.initiator_tags.close()
@@ -112,8 +96,16 @@ class ResponderSession:
             lock.release()
 
     @property
+    def session_id(self) -> str:
+        return self.life.facts.session_id
+
+    @property
+    def peer(self) -> str:
+        return self.life.facts.peer
+
+    @property
     def labelled(self) -> bool:
-        return self.mode == common_pb2.MODE_MUTUAL
+        return self.life.facts.labelled
 
     @property
     def peer_total(self) -> int:
@@ -130,33 +122,30 @@ class _Speculation:
 
 
 class Responder:
-    """Answers peers' sessions for one node."""
+    """Answers peers' sessions for one node: their steps, the table of open
+    sessions, and their expiry."""
 
     def __init__(
         self,
+        ctx: SessionContext,
         *,
-        province: str,
-        store: Store,
-        pool: BlindingPool,
         salts: SaltRing,
         board: ProgressBoard,
         policy: Callable[[], Policy],
-        chunk_values: int,
         idle_timeout: float,
-        audit: AuditLog,
         pair_lock: Callable[[str], threading.Lock],
-        budget: QueryBudget | None = None,
     ) -> None:
-        self.budget = budget or QueryBudget(store)
-        self.province = province
-        self.audit = audit
-        self.store = store
-        self.pool = pool
+        self.ctx = ctx
+        self.province = ctx.province
+        self.audit = ctx.audit
+        self.store = ctx.store
+        self.pool = ctx.pool
+        self.budget = ctx.budget
+        self.chunk_values = ctx.chunk_values
         self.salts = salts
         self.board = board
         self.policy = policy
         self.pair_lock = pair_lock
-        self.chunk_values = chunk_values
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._sessions: dict[str, ResponderSession] = {}
@@ -211,49 +200,13 @@ class Responder:
         return s
 
     def _fail(self, s: ResponderSession, reason: str) -> None:
-        # (a reason may quote what the peer sent: a sequence number, a size)
-        reason = untrusted(reason, 300)
         with self._lock:
             self._sessions.pop(s.session_id, None)
         s.release()
-        entry = self._entry(s, "failed", reason=reason)
-        if self.store.fail_session(s.session_id, reason, entry):
-            self.audit.sign_checkpoint()
-        s.progress.finish(FAILED, error=reason)
-        log.warning("session %s with %s failed: %s", s.session_id, s.peer, reason)
+        s.life.fail(reason)
 
     def _guard(self, s: ResponderSession, step: str) -> _Step:
         return _Step(self, s, step)
-
-    def _entry(
-        self,
-        s: ResponderSession,
-        outcome: str,
-        *,
-        result: Outcome | None = None,
-        reason: str | None = None,
-    ) -> bytes:
-        return self.audit.session_entry(
-            session_id=s.session_id,
-            initiator=s.peer,
-            responder=self.province,
-            purpose=s.purpose,
-            epoch=s.salt.epoch,
-            mode=s.mode,
-            outcome=outcome,
-            initiator_values=s.peer_total,
-            responder_values=s.plan.total,
-            initiator_groups=len(s.peer_groups),
-            responder_groups=len(s.plan.groups),
-            match_count=result.match_count if result and s.labelled else None,
-            result_digest=result.digest if result else b"",
-            reason=reason,
-            sync="none" if s.side is None else ("incremental" if s.side.incremental else "full"),
-            initiator_removed=len(s.peer_removed),
-            responder_removed=len(s.side.removed_tags) if s.side else 0,
-            initiator_declared=s.declared,
-            responder_declared=s.own_declared,
-        )
 
     def sync_state(self, req: peer_pb2.SyncStateRequest, caller: str) -> peer_pb2.SyncState:
         """The caller's set and this node's set, as held here for the caller."""
@@ -441,46 +394,49 @@ class Responder:
             if lock is not None:
                 lock.release()
             raise
-        self.store.begin_session(
-            req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
-        )
-        progress = self.board.open(
-            Snapshot(
-                session_id=req.session_id,
-                peer=caller,
-                role="responder",
-                mode=req.mode,
-                purpose=req.purpose,
-                epoch=req.epoch,
-                phase="exchange",
-                own_records=side.own_records if side else plan.own_records,
-                own_values=plan.total,
-                peer_values=sum(sizes),
-                work_total=plan.total + sum(sizes),
-                sync="" if side is None else ("incremental" if side.incremental else "full"),
-                own_removed=len(side.removed_tags) if side else 0,
-                peer_removed=len(peer_removed),
-            )
-        )
-        s = ResponderSession(
+        facts = SessionFacts(
             session_id=req.session_id,
+            province=self.province,
             peer=caller,
-            mode=req.mode,
+            role=RESPONDER,
             purpose=req.purpose,
+            epoch=req.epoch,
+            mode=req.mode,
+            sync=side.kind if side else SyncKind.NONE,
+            own_records=side.own_records if side else plan.own_records,
+            own_values=plan.total,
+            peer_values=sum(sizes),
+            own_groups=len(plan.groups),
+            peer_groups=len(groups),
+            own_removed=len(side.removed_tags) if side else 0,
+            peer_removed=len(peer_removed),
+            own_declared=max(self.store.distinct_ids(), plan.total),
+            peer_declared=req.registry_size,
+        )
+        life = Lifecycle.begin(facts, self.ctx, self.board, phase="exchange")
+        life.clock = clock
+        s = ResponderSession(
+            life=life,
             salt=salt,
             key=side.key if side else BlindingKey.generate(),
             plan=plan,
             peer_groups=groups,
             peer_sizes=sizes,
-            progress=progress,
             initiator_tags=TagSpool(self.store.directory),
             own_tags=TagSpool(self.store.directory),
+            matcher=matcher_for(
+                labelled=labelled,
+                counts=False,
+                side=side,
+                plan=plan,
+                peer_groups=groups,
+                peer_sizes=sizes,
+                peer_removed=peer_removed,
+                directory=self.store.directory,
+                stage_rows=life.stage_rows,
+            ),
             side=side,
-            peer_removed=peer_removed,
             pair_lock=lock,
-            clock=clock,
-            declared=req.registry_size,
-            own_declared=max(self.store.distinct_ids(), plan.total),
         )
         clock.lap("prepare")
         with self._lock:
@@ -516,7 +472,7 @@ class Responder:
             checkpoint=checkpoint,
             consistency=self.audit.consistency(first, size) if 0 < first <= size else [],
             witnessed_size=self.audit.witnessed_size(caller),
-            registry_size=s.own_declared,
+            registry_size=facts.own_declared,
         )
 
     def _check_bounds(
@@ -525,15 +481,7 @@ class Responder:
         """What a peer may ask of this node beyond the policy's who-and-what: a set no
         larger than the registry it declares, no tiny one-off sets (a membership
         oracle), and a bounded number of sessions open at once."""
-        if req.registry_size >= MAX_DECLARED:
-            raise ProtocolViolation(
-                "the declared registry size is not plausible (a billion or more)"
-            )
-        if req.registry_size and announced > req.registry_size:
-            raise ProtocolViolation(
-                f"the set of {announced} values is larger than the registry of "
-                f"{req.registry_size} IDs the initiator declares"
-            )
+        check_declared("the initiator", announced, req.registry_size)
         if not req.sync and announced < pp.min_set_size:
             kind = "count-only" if req.mode == common_pb2.MODE_COUNT_ONLY else "filtered"
             raise PolicyRefused(
@@ -563,29 +511,27 @@ class Responder:
                 announced=s.peer_total,
                 what="Reblind",
             )
-            results = pipelined(
-                lambda v: self.pool.reblind(s.key, v, TAG_BYTES), values, self.pool.depth
-            )
+            progress = s.life.progress
             if s.labelled:
-                for seq, (_, tags) in enumerate(results):
+                for seq, tags in enumerate(reblinded(self.pool, s.key, values)):
                     s.initiator_tags.append(tags)
                     n = len(tags) // TAG_BYTES
-                    s.progress.add(received=n, work_done=n, sent=n)
+                    progress.add(received=n, work_done=n, sent=n)
                     yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=tags)
             else:
                 # Count-only: answer only once all is in, shuffled, so the initiator
                 # cannot map tags to its records.
-                for _, tags in results:
+                for tags in reblinded(self.pool, s.key, values):
                     s.initiator_tags.append(tags)
                     n = len(tags) // TAG_BYTES
-                    s.progress.add(received=n, work_done=n)
+                    progress.add(received=n, work_done=n)
                 # (shuffled within the sort budget: memory does not grow with the set)
                 step = self.chunk_values * TAG_BYTES
                 seq = 0
                 for tags in shuffled(s.initiator_tags.chunks(), TAG_BYTES, self.store.directory):
                     for at in range(0, len(tags), step):
                         part = tags[at : at + step]
-                        s.progress.add(sent=len(part) // TAG_BYTES)
+                        progress.add(sent=len(part) // TAG_BYTES)
                         yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=part)
                         seq += 1
             s.reblind_done = True
@@ -605,42 +551,17 @@ class Responder:
         """Once both streams are in: the result (and, with pair state, the new state,
         written ahead, not yet current), in a thread, while the initiator does the
         same on its side."""
-        side = s.side
-        if not (s.reblind_done and s.return_done):
+        matcher = s.matcher
+        if matcher is None or not (s.reblind_done and s.return_done):
             return
         with self._lock:
-            if side is None:
-                if s.labelled and s.intersecting is None:
-                    s.intersecting = in_thread(
-                        lambda: intersect(
-                            s.plan,
-                            s.own_tags,
-                            s.peer_groups,
-                            s.peer_sizes,
-                            s.initiator_tags,
-                            directory=self.store.directory,
-                            stage_rows=partial(self.store.stage_matches, s.session_id),
-                        ),
-                        f"match-{s.session_id[:8]}",
-                    )
-                return
             if s.matching is not None:
                 return
 
-            def run() -> SyncResult:
-                result = finish(
-                    side,
-                    s.own_tags,
-                    s.peer_groups,
-                    s.peer_sizes,
-                    s.initiator_tags,
-                    s.peer_removed,
-                    stage_rows=partial(self.store.stage_matches, s.session_id),
-                )
-                self.store.stage_result(
-                    s.session_id, s.peer, s.salt.epoch, result.delta, result.outcome.matches
-                )
-                return result
+            def run() -> Matched:
+                matched = matcher.match(s.own_tags, s.initiator_tags)
+                s.life.stage(matched)
+                return matched
 
             s.matching = in_thread(run, f"match-{s.session_id[:8]}")
 
@@ -648,13 +569,9 @@ class Responder:
         s = self._get(req.session_id, caller)
         with self._guard(s, "fetch"):
             self._once(s, "fetch_started", "FetchBlinded")
-            results = pipelined(
-                lambda d: self.pool.hash_and_blind(s.salt, s.key, d),
-                s.plan.chunks(self.chunk_values),
-                self.pool.depth,
-            )
-            for seq, (digits, packed) in enumerate(results):
-                s.progress.add(blinded=len(digits), work_done=len(digits), sent=len(digits))
+            chunks = blinded(self.pool, s.salt, s.key, s.plan.chunks(self.chunk_values))
+            for seq, (n, packed) in enumerate(chunks):
+                s.life.progress.add(blinded=n, work_done=n, sent=n)
                 yield peer_pb2.BlindedChunk(session_id=s.session_id, seq=seq, values=packed)
 
     def return_tags(
@@ -673,7 +590,7 @@ class Responder:
                 what="ReturnTags",
             ):
                 s.own_tags.append(payload)  # (a failed stream fails the session)
-                s.progress.add(received=len(payload) // TAG_BYTES)
+                s.life.progress.add(received=len(payload) // TAG_BYTES)
             s.return_done = True
             self._start_matching(s)
             return peer_pb2.ReturnTagsResponse(received=s.own_tags.count)
@@ -697,58 +614,32 @@ class Responder:
 
     def _conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
         s = self._get(req.session_id, caller)
+        life = s.life
         with self._guard(s, "conclude"):
             if not s.reblind_done or (s.labelled and not s.return_done):
                 raise ProtocolViolation("Conclude before all values were exchanged")
             if req.checkpoint:  # a fork of the initiator's log fails the session on both
                 self.audit.accept_peer_checkpoint(caller, req.checkpoint, list(req.consistency))
-            s.clock.lap("exchange")
-            synced = None
-            if s.side is not None:
+            life.clock.lap("exchange")
+            if s.matcher is None:
+                matched = Matched(NOTHING)
+            else:
                 self._start_matching(s)  # (started already, unless a stream failed)
                 assert s.matching is not None
-                synced = s.matching.result()
-                outcome = synced.outcome
-                # Both must now hold the same two sets: theirs (ours, theirs) is our (theirs, ours).
-                mirrored = synced.state_after[32:] + synced.state_after[:32]
-                agreed = (
-                    req.match_count == outcome.match_count
-                    and hmac.compare_digest(req.result_digest, outcome.digest)
-                    and hmac.compare_digest(req.state, mirrored)
-                )
-            elif s.labelled:
-                self._start_matching(s)  # (started already, unless a stream failed)
-                assert s.intersecting is not None
-                outcome = s.intersecting.result()
-                agreed = req.match_count == outcome.match_count and hmac.compare_digest(
-                    req.result_digest, outcome.digest
-                )
-            else:
-                outcome = Outcome(0, b"", [])
-                agreed = True
-            s.clock.lap("match")
-            if not agreed:
-                raise ResultMismatch(
-                    f"result differs: peer {caller} found {req.match_count} matches, node "
-                    f"{self.province} found {outcome.match_count}"
-                )
-            self.store.complete_session(
-                s.session_id,
-                own_records=s.side.own_records if s.side else s.plan.own_records,
-                own_values=s.plan.total,
-                peer_values=s.peer_total,
-                match_count=outcome.match_count,
-                result_digest=outcome.digest,
-                matches=outcome.matches,
-                entry=self._entry(s, "completed", result=outcome),
-                pair_delta=(caller, s.salt.epoch, synced.delta) if synced else None,
-                matches_staged=synced is not None or outcome.staged_records is not None,
-                matched_records=outcome.matched_records,
-                sync=s.progress.snapshot().sync,
-                own_removed=len(s.side.removed_tags) if s.side else 0,
-                peer_removed=len(s.peer_removed),
+                matched = s.matching.result()
+            outcome = matched.outcome
+            # With pair state both must now hold the same two sets: theirs (ours,
+            # theirs) is our (theirs, ours).
+            mirrored = matched.state_after[32:] + matched.state_after[:32]
+            life.clock.lap("match")
+            life.agree(
+                outcome,
+                req.match_count,
+                req.result_digest,
+                also=matched.delta is None or hmac.compare_digest(req.state, mirrored),
             )
-            s.clock.lap("commit")
+            life.commit(matched)
+            life.clock.lap("commit")
             checkpoint = self.audit.sign_checkpoint()
             size = self.audit.size()
             proof = (
@@ -759,19 +650,7 @@ class Responder:
             with self._lock:
                 self._sessions.pop(s.session_id, None)
             s.release()
-            s.progress.finish(
-                COMPLETED,
-                match_count=outcome.match_count,
-                result_digest=outcome.digest,
-                matched_records=outcome.matched_records,
-            )
-            log.info(
-                "session %s with %s completed: %d matches (%s)",
-                s.session_id,
-                caller,
-                outcome.match_count,
-                s.clock,
-            )
+            life.completed(outcome)
             answer = peer_pb2.ConcludeResponse(
                 match_count=outcome.match_count,
                 result_digest=outcome.digest,

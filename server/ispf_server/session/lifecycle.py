@@ -1,0 +1,164 @@
+"""The course of one session, the same whichever side started it: begun (its row
+and status), agreed (both results compared), committed or failed (with its one
+audit entry), and what sessions of a node share to get there."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from ispf.errors import ProtocolViolation, ResultMismatch
+from ispf.peertext import untrusted
+from ispf_server.audit import AuditLog
+from ispf_server.budget import MAX_DECLARED, QueryBudget
+from ispf_server.pool import BlindingPool
+from ispf_server.session.facts import SessionFacts
+from ispf_server.session.match import Matched, Outcome
+from ispf_server.session.match.rows import RowSink
+from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard
+from ispf_server.store import Store, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What a node's sessions share, in either role."""
+
+    province: str
+    store: Store
+    audit: AuditLog
+    pool: BlindingPool
+    budget: QueryBudget
+    chunk_values: int  # values per chunk this node sends
+
+
+class Stopwatch:
+    """Seconds spent in each phase of a session, for its completion log line."""
+
+    def __init__(self) -> None:
+        self._at = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self._at))
+        self._at = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {secs:.2f} s" for name, secs in self.phases)
+
+
+def check_declared(who: str, announced: int, declared: int) -> None:
+    """A peer's set may not be larger than the registry it declares (nor that
+    registry implausibly large): ProtocolViolation."""
+    if declared >= MAX_DECLARED:
+        raise ProtocolViolation(
+            f"the registry size {who} declares is not plausible (a billion or more)"
+        )
+    if declared and announced > declared:
+        raise ProtocolViolation(
+            f"the set of {announced} values is larger than the registry of "
+            f"{declared} IDs {who} declares"
+        )
+
+
+class Lifecycle:
+    """One session's row, status and audit entry, kept from its facts."""
+
+    def __init__(self, facts: SessionFacts, ctx: SessionContext, progress: Progress) -> None:
+        self.facts = facts
+        self.ctx = ctx
+        self.progress = progress
+        self.clock = Stopwatch()
+
+    @classmethod
+    def begin(
+        cls, facts: SessionFacts, ctx: SessionContext, board: ProgressBoard, *, phase: str
+    ) -> Lifecycle:
+        """The session's row (RUNNING) and its status on the board."""
+        f = facts
+        ctx.store.begin_session(f.session_id, f.peer, f.role, f.mode, f.purpose, f.epoch)
+        return cls(facts, ctx, board.open(facts.snapshot(phase)))
+
+    def known(self, phase: str) -> None:
+        """The facts learnt in the handshake, to the status."""
+        self.progress.update(phase=phase, **self.facts.status())
+
+    @property
+    def stage_rows(self) -> RowSink:
+        """Where result rows go as they are made, ahead of the commit."""
+        return partial(self.ctx.store.stage_matches, self.facts.session_id)
+
+    def stage(self, matched: Matched) -> None:
+        """With pair state: the result and new state written ahead, not yet current."""
+        if matched.delta is not None:
+            f = self.facts
+            self.ctx.store.stage_result(
+                f.session_id, f.peer, f.epoch, matched.delta, matched.outcome.matches
+            )
+
+    def agree(self, mine: Outcome, count: int, digest: bytes, *, also: bool = True) -> None:
+        """Both sides must have found the same result (`also`: and whatever else they
+        must hold the same) where they both learn it: ResultMismatch if not."""
+        if not self.facts.labelled:
+            return
+        if not (also and count == mine.match_count and hmac.compare_digest(digest, mine.digest)):
+            raise ResultMismatch(
+                f"result differs: node {self.ctx.province} found {mine.match_count} matches, "
+                f"peer {self.facts.peer} found {count}"
+            )
+
+    def commit(self, matched: Matched) -> None:
+        """Results, the session's row and its entry, in one transaction."""
+        f, out = self.facts, matched.outcome
+        self.ctx.store.complete_session(
+            f.session_id,
+            f.totals(out),
+            entry=self.ctx.audit.session_entry(f.entry("completed", at=utcnow(), result=out)),
+            matches=out.matches,
+            matches_staged=matched.delta is not None or out.staged_records is not None,
+            pair_delta=(f.peer, f.epoch, matched.delta) if matched.delta is not None else None,
+        )
+
+    def completed(self, out: Outcome) -> None:
+        """The committed session's status, and its log line."""
+        self.progress.finish(
+            COMPLETED,
+            match_count=out.match_count,
+            result_digest=out.digest,
+            matched_records=out.matched_records,
+        )
+        log.info(
+            "session %s with %s completed: %d matches (%s)",
+            self.facts.session_id,
+            self.facts.peer,
+            out.match_count,
+            self.clock,
+        )
+
+    def fail(self, reason: str, *, retriable: bool = False) -> str:
+        """Mark the session failed, with its entry (once however often it fails); the
+        reason as recorded (it may quote what the peer sent)."""
+        reason = untrusted(reason, 300)
+        f = self.facts
+        log.warning("session %s with %s failed: %s", f.session_id, f.peer, reason)
+        entry = self.ctx.audit.session_entry(f.entry("failed", at=utcnow(), reason=reason))
+        if self.ctx.store.fail_session(f.session_id, reason, entry, retriable=retriable):
+            self.ctx.audit.sign_checkpoint()
+        self.progress.finish(FAILED, error=reason, retriable=retriable)
+        return reason
+
+
+def fail_interrupted(ctx: SessionContext) -> None:
+    """Sessions left running by a crash are not results: fail them, with their entries."""
+    reason = "node restarted during session"
+    for row in ctx.store.running_sessions():
+        facts = SessionFacts.from_row(ctx.province, row)
+        entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
+        ctx.store.fail_session(row.session_id, reason, entry, retriable=True)
+        log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
+    ctx.audit.sign_checkpoint()

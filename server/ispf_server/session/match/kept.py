@@ -1,0 +1,322 @@
+"""Sync sessions: the mutual protocol over a pair's fixed keys and kept tag state.
+
+Each side sends only the IDs added (or relabelled) since the pair last synced
+and the tags of those it removed; matches are the kept matches adjusted by both
+deltas, so an incremental run gives exactly what a full run would, at a cost in
+proportion to the changes (and the matches), not to the registry. A full run
+is the same from empty state: everything is added, and the state replaced.
+(Its side is planned in `plan.prepare`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from ispf.blinding import TAG_BYTES, result_digest
+from ispf.errors import ProtocolViolation
+from ispf.hazmat.curve import native
+from ispf_server import pairruns
+from ispf_server.extsort import Buffer, ExternalSort, RepeatedKey, join_sorted, written
+from ispf_server.pairruns import (
+    LSID,
+    MATCHED,
+    NID,
+    NID_LED_LSID,
+    NID_LED_NID,
+    NID_LED_TAG,
+    OWN_NID,
+    OWN_TAG,
+    PEER_TAG,
+)
+from ispf_server.pairstate import (
+    EMPTY_FP,
+    OwnGroup,
+    PairDelta,
+    PeerGroup,
+    RunBuilder,
+    fingerprint,
+    fingerprint_packed,
+    labels_of,
+    labels_text,
+    pack_runs,
+    toggle,
+    xor_fp,
+)
+from ispf_server.session.exchange import split
+from ispf_server.session.facts import SyncKind
+from ispf_server.session.match.rows import (
+    ROW_BATCH,
+    Found,
+    Matched,
+    Outcome,
+    RowBatches,
+    RowSink,
+    named_rows,
+)
+from ispf_server.session.plan import LabelSet, NotPacked, SyncSide, owners_of, policy_key
+from ispf_server.session.spool import TagSpool
+from ispf_server.store import StagedRun
+
+
+class KeptState:
+    """The matcher of a sync session: the pair's kept state and both deltas (both roles)."""
+
+    def __init__(
+        self,
+        side: SyncSide,
+        peer_groups: list[LabelSet],
+        peer_sizes: list[int],
+        peer_removed: list[bytes],
+        *,
+        stage_rows: RowSink | None,
+    ) -> None:
+        self.side, self.peer_groups, self.peer_sizes = side, peer_groups, peer_sizes
+        self.peer_removed, self.stage_rows = peer_removed, stage_rows
+
+    def match(self, own_tags: TagSpool, peer_tags: TagSpool) -> Matched:
+        return finish(
+            self.side,
+            own_tags,
+            self.peer_groups,
+            self.peer_sizes,
+            peer_tags,
+            self.peer_removed,
+            stage_rows=self.stage_rows,
+        )
+
+
+def _fingerprint(tags: TagSpool) -> bytes:
+    """`fingerprint_packed`, chunk by chunk (XOR: the parts combine)."""
+    fp = EMPTY_FP
+    for chunk in tags.chunks():
+        fp = xor_fp(fp, fingerprint_packed(chunk))
+    return fp
+
+
+# The join of own_tag and peer_tag: tag | nid | own lsid | peer lsid; and its fields
+# as a matched record (nid | tag | peer lsid).
+JOINED = pairruns.Kind("joined", OWN_TAG.width + PEER_TAG.width - TAG_BYTES, TAG_BYTES)
+JOINED_TO_MATCHED = ((TAG_BYTES, NID), (0, TAG_BYTES), (OWN_TAG.width, LSID))
+
+
+def _finish_full(
+    side: SyncSide,
+    own_added_tags: TagSpool,
+    peer_groups: list[LabelSet],
+    peer_sizes: list[int],
+    peer_added_tags: TagSpool,
+    stage_rows: RowSink | None,
+) -> Matched | None:
+    """A full run on packed data, within a fixed memory budget however large the
+    registry. Each run of the new state is sorted externally (`ExternalSort`:
+    budget-sized sorted pieces spilled to the store's directory, then merged) and
+    staged piece by piece as it is merged; the own and peer runs are joined on
+    the tag as they stream past; the matches go to a sort of their own and, in
+    ID order, to the matched run and to the result rows, staged a batch at a time
+    (`stage_rows`; without it, as here in tests, rows are gathered). No Python
+    object is made per record, and only a batch of them per match. None where
+    the data does not allow it (IDs not 13 digits, a tag twice, no native
+    module): the general path then runs (what was staged is dropped by it)."""
+    plan = side.plan
+    if native is None:
+        return None
+    directory = side.store.directory
+    runs = RunBuilder()  # (numbers the label sets)
+
+    # Each group in chunks of tags and of IDs (each read from disk where spooled),
+    # with its label set's number.
+    def own_groups() -> Iterator[tuple[bytes, Buffer, bytes]]:
+        lsids = [runs.lsid(labels_text(group)) for group in plan.groups]
+        for g, at, tags in own_added_tags.grouped(plan.sizes):
+            nids = plan.order[at : at + len(tags) // TAG_BYTES].data
+            if not bytes(nids).isdigit():
+                raise NotPacked  # (IDs not 13 digits: planned from records)
+            yield lsids[g], nids, tags
+
+    def own_sorted(by_tag: bool) -> ExternalSort:
+        out = ExternalSort(OWN_TAG.width, directory)
+        for lsid, nids, tags in own_groups():
+            cols = ((tags, TAG_BYTES), (nids, NID)) if by_tag else ((nids, NID), (tags, TAG_BYTES))
+            out.add(native.zip_records(len(tags) // TAG_BYTES, *cols, (lsid, LSID)))
+        return out
+
+    def peer_sorted() -> ExternalSort:
+        out = ExternalSort(PEER_TAG.width, directory)
+        lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
+        for g, _, tags in peer_added_tags.grouped(peer_sizes):
+            out.add(native.zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
+        return out
+
+    try:
+        own_by_tag = own_sorted(by_tag=True)
+    except NotPacked:
+        return None
+    stager = side.store.run_stager(side.peer, side.epoch)
+    rows = RowBatches(stage_rows)
+    with (
+        own_by_tag,
+        peer_sorted() as peer_by_tag,
+        ExternalSort(MATCHED.width, directory) as matched,
+    ):
+        own_run, peer_run = stager.writer(OWN_TAG), stager.writer(PEER_TAG)
+        try:
+            # tag | nid | own lsid | peer lsid, for every tag on both sides, in tag order
+            for joined in join_sorted(
+                written(own_by_tag.sorted_chunks(), own_run.append),
+                OWN_TAG.width,
+                written(peer_by_tag.sorted_chunks(), peer_run.append),
+                PEER_TAG.width,
+                TAG_BYTES,
+            ):
+                rows.found(joined, JOINED.width)
+                matched.add(native.select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
+        except RepeatedKey:
+            return None
+        own_run.close()
+        peer_run.close()
+        names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
+        _staged_rows(side, matched.sorted_chunks(), stager.writer(MATCHED), names, rows)
+    with own_sorted(by_tag=False) as own_by_nid:
+        own_nid_run = stager.writer(OWN_NID)
+        for chunk in own_by_nid.sorted_chunks():
+            own_nid_run.append(chunk)
+        own_nid_run.close()
+    staged = stager.done(runs.texts)
+    own_fp, peer_fp = _fingerprint(own_added_tags), _fingerprint(peer_added_tags)
+    delta = PairDelta(
+        reset=True,
+        own_added=[],  # (the runs hold them)
+        own_removed=[],
+        peer_added=[],
+        peer_removed=[],
+        version=side.version,
+        own_fp=own_fp,
+        peer_fp=peer_fp,
+        policy=policy_key(side.pp),
+        staged=staged,
+    )
+    return Matched(rows.outcome(), delta, own_fp + peer_fp)
+
+
+def _staged_rows(
+    side: SyncSide,
+    matched: Iterable[Buffer],
+    run: StagedRun,
+    names: dict[bytes, str],
+    out: RowBatches,
+) -> None:
+    """The matched run (nid | tag | peer lsid, in ID order) staged as it is merged,
+    and the result rows of a batch of matched IDs at a time, to `out`. Only the
+    matched IDs' records are read back (a tenth, typically)."""
+    peer_labels: dict[bytes, LabelSet] = {}
+    for chunk in matched:
+        run.append(chunk)
+        for at in range(0, len(chunk), MATCHED.width * ROW_BATCH):
+            part = chunk[at : at + MATCHED.width * ROW_BATCH]
+            found: list[Found] = []
+            for i in range(0, len(part), MATCHED.width):
+                rec = bytes(part[i : i + MATCHED.width])
+                lsid = rec[NID_LED_LSID]
+                labels = peer_labels.get(lsid)
+                if labels is None:
+                    labels = peer_labels[lsid] = labels_of(names[lsid])
+                found.append((rec[NID_LED_TAG], rec[NID_LED_NID], labels))
+            out.add(named_rows(found, owners_of(side.store, side.pp, [n for _, n, _ in found])))
+    run.close()
+
+
+def finish(
+    side: SyncSide,
+    own_tags_in: TagSpool,
+    peer_groups: list[LabelSet],
+    peer_sizes: list[int],
+    peer_tags_in: TagSpool,
+    peer_removed: list[bytes],
+    *,
+    packed: bool = True,
+    stage_rows: RowSink | None = None,
+) -> Matched:
+    """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
+
+    Each direction's tags are spooled to disk: a full run reads them back in
+    chunks; the general path reads them whole. `packed=False` forces the general
+    path for a full run (tests compare the two)."""
+    store, peer, epoch, plan = side.store, side.peer, side.epoch, side.plan
+    if own_tags_in.count != plan.total:
+        raise ProtocolViolation(f"{own_tags_in.count} tags for {plan.total} values sent")
+    if packed and side.kind is SyncKind.FULL and not peer_removed:
+        fast = _finish_full(side, own_tags_in, peer_groups, peer_sizes, peer_tags_in, stage_rows)
+        if fast is not None:
+            return fast
+    own_added_tags, peer_added_tags = own_tags_in.getvalue(), peer_tags_in.getvalue()
+    own_tags = split(own_added_tags, TAG_BYTES)
+    own_added: list[OwnGroup] = []
+    pos = 0
+    for group, size in zip(plan.groups, plan.sizes, strict=True):
+        nids = [n.decode("ascii") for n in plan.order[pos : pos + size]]
+        own_added.append(OwnGroup(labels_text(group), nids, own_tags[pos : pos + size]))
+        pos += size
+    peer_added: list[PeerGroup] = []
+    peer_index: dict[bytes, str] = {}  # tag -> labels, of the peer's additions
+    tags = split(peer_added_tags, TAG_BYTES)
+    pos = 0
+    for group, size in zip(peer_groups, peer_sizes, strict=True):
+        text = labels_text(group)
+        part = tags[pos : pos + size]
+        peer_added.append(PeerGroup(text, part))
+        peer_index.update(dict.fromkeys(part, text))
+        pos += size
+    gone_own, gone_peer = set(side.removed_nids), set(peer_removed)
+    matches: dict[str, tuple[bytes, str]] = {}
+    if side.kind is SyncKind.INCREMENTAL:
+        for nid, tag, labels in store.matched_state(peer, epoch):
+            if nid not in gone_own and tag not in gone_peer:
+                matches[nid] = (tag, labels)
+        for tag, nid in store.own_nids_by_tag(peer, epoch, peer_index).items():
+            if nid not in gone_own:  # new peer tags meeting kept own ones
+                matches[nid] = (tag, peer_index[tag])
+        kept_peer = store.peer_labels_for(
+            peer, epoch, [t for t in own_tags if t not in peer_index and t not in gone_peer]
+        )
+    else:
+        kept_peer = {}
+    for g in own_added:
+        for nid, tag in zip(g.nids, g.tags, strict=True):
+            found = peer_index.get(tag)
+            if found is None:
+                found = kept_peer.get(tag)
+            if found is not None:
+                matches[nid] = (tag, found)
+    # The result rows: only matched IDs' records are read back (a tenth, typically).
+    peer_labels: dict[str, LabelSet] = {}
+    named: list[Found] = []
+    for nid, (tag, text) in sorted(matches.items()):
+        peer_set = peer_labels.get(text)
+        if peer_set is None:
+            peer_set = peer_labels[text] = labels_of(text)
+        named.append((tag, nid.encode("ascii"), peer_set))
+    rows = named_rows(named, owners_of(store, side.pp, [n for _, n, _ in named]))
+    own_fp = xor_fp(toggle(side.own_fp, side.removed_tags), fingerprint_packed(own_added_tags))
+    # (A tag the peer sent twice counts once, as it is stored once.)
+    added_fp = (
+        fingerprint_packed(peer_added_tags)
+        if len(peer_index) == len(tags)
+        else fingerprint(peer_index)
+    )
+    peer_fp = xor_fp(toggle(side.peer_fp, peer_removed), added_fp)
+    delta = PairDelta(
+        reset=side.kind is SyncKind.FULL,
+        own_added=own_added,
+        own_removed=side.removed_nids,
+        peer_added=peer_added,
+        peer_removed=peer_removed,
+        version=side.version,
+        own_fp=own_fp,
+        peer_fp=peer_fp,
+        policy=policy_key(side.pp),
+        runs=None
+        if side.kind is SyncKind.INCREMENTAL
+        else pack_runs(own_added, peer_added, matches),
+    )
+    matched = [t for t, _ in matches.values()]
+    return Matched(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)
