@@ -29,6 +29,7 @@ from ispf.errors import (
 from ispf.hazmat import backends, curve
 from ispf.hazmat.backends import select as select_backend
 from ispf.keys import ForumSalt, check_private_file
+from ispf.records import Label
 from ispf.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -61,7 +62,7 @@ from ispf_server.session.lifecycle import Lifecycle, SessionContext, fail_interr
 from ispf_server.session.plan import check_collections, one_off_plan
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
-from ispf_server.store import Store
+from ispf_server.store import Store, StoredRecord
 from ispf_server.tls import TlsFiles, channel_options
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,29 @@ class Node:
                 )
                 self._channels[peer] = (material.serial, ch)
         return peer_pb2_grpc.PeerServiceStub(ch)
+
+    # -- what the servicers ask of the node (services.api.NodeApi) -----------
+
+    @property
+    def province_digits(self) -> frozenset[str]:
+        return self.config.province_digits
+
+    @property
+    def data(self) -> Store:
+        return self.store
+
+    def new_record(self, record_id: str, nid: str, label: Label) -> StoredRecord:
+        return StoredRecord(record_id, nid, label)
+
+    def session_status(self, session_id: str) -> Snapshot | None:
+        progress = self.board.get(session_id)
+        if progress is not None:
+            return progress.snapshot()
+        row = self.store.session(session_id)
+        return None if row is None else Snapshot.from_row(row)
+
+    def peers(self) -> list[str]:
+        return sorted(self.peer_addresses)
 
     def budgets(self) -> list[BudgetState]:
         """Each policy peer's query budget with this node in the current epoch."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Generic
 
 import grpc
 
@@ -14,20 +14,17 @@ from ispf.errors import InvalidNationalId, InvalidRecord, UnknownSession
 from ispf.nid import canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
+from ispf_server.probes import Checker
+from ispf_server.services.api import NodeApi, R, SessionRecord, SyncCounts
 from ispf_server.session.progress import RUNNING, Snapshot
-from ispf_server.store import StoredRecord, SyncCounts
-
-if TYPE_CHECKING:
-    from ispf_server.node import Node
-    from ispf_server.probes import Checker
 
 MAX_BATCH = 50_000
 MATCH_BATCH = 2_000
 MAX_SYNC_ERRORS = 10_000
 
 
-class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, node: Node) -> None:
+class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer, Generic[R]):
+    def __init__(self, node: NodeApi[R]) -> None:
         self.node = node
 
     def UpsertRecords(
@@ -39,7 +36,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
                 f"{len(request.records)} records in one request, at most {MAX_BATCH}",
             )
         good, errors = self._validate(request.records)
-        counts = self.node.store.upsert(good.values())
+        counts = self.node.data.upsert(good.values())
         return internal_pb2.UpsertRecordsResponse(
             accepted=len(good),
             inserted=counts.inserted,
@@ -50,12 +47,12 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
 
     def _validate(
         self, records: Iterable[internal_pb2.Record], kept: set[str] | None = None
-    ) -> tuple[dict[str, StoredRecord], list[internal_pb2.RowError]]:
+    ) -> tuple[dict[str, R], list[internal_pb2.RowError]]:
         """Good rows by record id (the last row of an id wins, as in a file replay)
         and an error per bad one. `kept`: record ids of bad rows, where readable."""
-        good: dict[str, StoredRecord] = {}
+        good: dict[str, R] = {}
         errors: list[internal_pb2.RowError] = []
-        digits = self.node.config.province_digits
+        digits = self.node.province_digits
         for i, rec in enumerate(records):
             position = rec.position or i + 1
             try:
@@ -75,7 +72,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
                     with contextlib.suppress(InvalidRecord):
                         kept.add(check_record_id(rec.record_id))
                 continue
-            good[rid] = StoredRecord(rid, nid.digits, label)
+            good[rid] = self.node.new_record(rid, nid.digits, label)
         return good, errors
 
     def SyncRecords(
@@ -85,7 +82,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
     ) -> internal_pb2.SyncRecordsResponse:
         errors: list[internal_pb2.RowError] = []
         n_rejected = 0
-        with self.node.store.registry_sync() as sync:
+        with self.node.data.registry_sync() as sync:
             last: internal_pb2.SyncRecordsRequest | None = None
             for req in request_iterator:
                 if len(req.records) > MAX_BATCH:
@@ -157,13 +154,13 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
     def DeleteRecords(
         self, request: internal_pb2.DeleteRecordsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.DeleteRecordsResponse:
-        deleted, missing = self.node.store.delete(list(request.record_ids))
+        deleted, missing = self.node.data.delete(list(request.record_ids))
         return internal_pb2.DeleteRecordsResponse(deleted=deleted, not_found=missing)
 
     def GetRegistryStats(
         self, request: internal_pb2.GetRegistryStatsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.RegistryStats:
-        total, distinct, labels = self.node.store.stats()
+        total, distinct, labels = self.node.data.stats()
         return internal_pb2.RegistryStats(
             province=self.node.province,
             records=total,
@@ -187,8 +184,8 @@ class CheckServicer(internal_pb2_grpc.CheckServiceServicer):
         return self.checker.check(request)
 
 
-class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
-    def __init__(self, node: Node) -> None:
+class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Generic[R]):
+    def __init__(self, node: NodeApi[R]) -> None:
         self.node = node
 
     def StartReconciliation(
@@ -206,13 +203,10 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         return snap.to_proto()
 
     def _snapshot(self, session_id: str) -> Snapshot:
-        p = self.node.board.get(session_id)
-        if p is not None:
-            return p.snapshot()
-        row = self.node.store.session(session_id)
-        if row is None:
+        snap = self.node.session_status(session_id)
+        if snap is None:
             raise UnknownSession(f"no session {session_id[:64]} on node {self.node.province}")
-        return Snapshot.from_row(row)
+        return snap
 
     def GetSession(
         self, request: internal_pb2.WatchSessionRequest, context: grpc.ServicerContext
@@ -235,14 +229,14 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         self, request: internal_pb2.ListSessionsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.ListSessionsResponse:
         return internal_pb2.ListSessionsResponse(
-            sessions=[self._snapshot(r.session_id).to_proto() for r in self.node.store.sessions()]
+            sessions=[self._snapshot(r.session_id).to_proto() for r in self.node.data.sessions()]
         )
 
     def ListPeers(
         self, request: internal_pb2.ListPeersRequest, context: grpc.ServicerContext
     ) -> internal_pb2.ListPeersResponse:
         return internal_pb2.ListPeersResponse(
-            peers=sorted(self.node.peer_addresses),
+            peers=self.node.peers(),
             budgets=[
                 internal_pb2.PeerBudget(
                     peer=b.peer,
@@ -260,7 +254,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
     def GetReceipt(
         self, request: internal_pb2.GetReceiptRequest, context: grpc.ServicerContext
     ) -> internal_pb2.Receipt:
-        store, audit = self.node.store, self.node.audit
+        store, audit = self.node.data, self.node.audit
         rows = list(store.matches(request.session_id, request.record_id))
         if not rows:
             raise UnknownSession("no match of that record in that session on this node")
@@ -293,14 +287,14 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
     def GetMatches(
         self, request: internal_pb2.GetMatchesRequest, context: grpc.ServicerContext
     ) -> Iterator[internal_pb2.MatchBatch]:
-        store = self.node.store
+        store = self.node.data
         if request.session_id:
             row = store.session(request.session_id)
             if row is None or row.state != "COMPLETED":
                 raise UnknownSession(
                     f"no completed session {request.session_id[:64]} on node {self.node.province}"
                 )
-            rows = [row]
+            rows: Sequence[SessionRecord] = [row]
         else:
             rows = store.latest_completed_sessions()
         batch: list[internal_pb2.Match] = []
