@@ -40,7 +40,7 @@ from ispf_server.session.exchange import (
 )
 from ispf_server.session.facts import SyncKind
 from ispf_server.session.lifecycle import Lifecycle, check_declared
-from ispf_server.session.match import Matched, matcher_for
+from ispf_server.session.match import Matched
 from ispf_server.session.plan import Plan, SyncSide, parse_groups, prepare, state_fingerprints
 from ispf_server.session.progress import Progress
 from ispf_server.session.spool import TagSpool
@@ -230,17 +230,7 @@ class Initiator:
             plan.total,
             peer_total,
         )
-        matcher = matcher_for(
-            labelled=f.labelled,
-            counts=True,
-            side=side,
-            plan=plan,
-            peer_groups=peer_groups,
-            peer_sizes=peer_sizes,
-            peer_removed=peer_removed,
-            directory=ctx.store.directory,
-            stage_rows=life.stage_rows,
-        )
+        matcher = life.matcher(plan, side, peer_groups, peer_sizes, peer_removed)
         assert matcher is not None  # (the initiator learns every kind of result)
         # Both directions' tags go to disk as they come (spool.py), and are freed there
         # once matched.

@@ -15,9 +15,10 @@ from ispf.peertext import untrusted
 from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.pool import BlindingPool
-from ispf_server.session.facts import SessionFacts
-from ispf_server.session.match import Matched, Outcome
+from ispf_server.session.facts import INITIATOR, SessionFacts
+from ispf_server.session.match import Matched, Matcher, Outcome, matcher_for
 from ispf_server.session.match.rows import RowSink
+from ispf_server.session.plan import LabelSet, Plan, SyncSide
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard
 from ispf_server.store import Store, utcnow
 
@@ -92,6 +93,28 @@ class Lifecycle:
     def stage_rows(self) -> RowSink:
         """Where result rows go as they are made, ahead of the commit."""
         return partial(self.ctx.store.stage_matches, self.facts.session_id)
+
+    def matcher(
+        self,
+        plan: Plan,
+        side: SyncSide | None,
+        peer_groups: list[LabelSet],
+        peer_sizes: list[int],
+        peer_removed: list[bytes],
+    ) -> Matcher | None:
+        """How this side works out the result (None: it learns none, a count-only
+        session's responder)."""
+        return matcher_for(
+            labelled=self.facts.labelled,
+            counts=self.facts.role == INITIATOR,
+            side=side,
+            plan=plan,
+            peer_groups=peer_groups,
+            peer_sizes=peer_sizes,
+            peer_removed=peer_removed,
+            directory=self.ctx.store.directory,
+            stage_rows=self.stage_rows,
+        )
 
     def stage(self, matched: Matched) -> None:
         """With pair state: the result and new state written ahead, not yet current."""

@@ -43,7 +43,7 @@ from ispf_server.session.exchange import (
 )
 from ispf_server.session.facts import RESPONDER, SessionFacts, SyncKind
 from ispf_server.session.lifecycle import Lifecycle, SessionContext, Stopwatch, check_declared
-from ispf_server.session.match import NOTHING, Matched, Matcher, matcher_for
+from ispf_server.session.match import NOTHING, Matched, Matcher
 from ispf_server.session.plan import (
     LabelSet,
     Plan,
@@ -424,17 +424,7 @@ class Responder:
             peer_sizes=sizes,
             initiator_tags=TagSpool(self.store.directory),
             own_tags=TagSpool(self.store.directory),
-            matcher=matcher_for(
-                labelled=labelled,
-                counts=False,
-                side=side,
-                plan=plan,
-                peer_groups=groups,
-                peer_sizes=sizes,
-                peer_removed=peer_removed,
-                directory=self.store.directory,
-                stage_rows=life.stage_rows,
-            ),
+            matcher=life.matcher(plan, side, groups, sizes, peer_removed),
             side=side,
             pair_lock=lock,
         )
