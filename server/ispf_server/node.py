@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import logging
-import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ispf import files, note
+from ispf import note
 from ispf import roster as roster_mod
 from ispf.errors import (
     ConfigError,
-    IspfError,
     PolicyRefused,
     PreconditionFailed,
     UnknownEpoch,
-    UnknownPeer,
 )
 from ispf.hazmat import backends, curve
 from ispf.hazmat.backends import select as select_backend
-from ispf.keys import ForumSalt, check_private_file
+from ispf.keys import ForumSalt
 from ispf.records import Label
 from ispf.v1 import (
     audit_pb2,
@@ -43,7 +39,9 @@ from ispf_server.audit import AuditLog, load_log_keys, load_log_signer
 from ispf_server.budget import BudgetState, QueryBudget
 from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
+from ispf_server.health import Health, check_node_files
 from ispf_server.metrics import NodeMetrics
+from ispf_server.peers import PeerChannels
 from ispf_server.policy import Policy, PolicyFile
 from ispf_server.pool import BlindingPool
 from ispf_server.probes import Checker, ProbeAnswerer
@@ -63,7 +61,7 @@ from ispf_server.session.plan import check_collections, one_off_plan
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.store import Store, StoredRecord
-from ispf_server.tls import TlsFiles, channel_options
+from ispf_server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 X25519_HEALTH = "ispf.X25519"  # health entry of the X25519 backend's self-checks
@@ -102,9 +100,10 @@ class Node:
         }
         # [peers] in the config, where given, override the roster's addresses.
         self.peer_addresses = roster_peers | {n: p.address for n, p in config.peers.items()}
-        self._channels: dict[str, tuple[int, grpc.Channel]] = {}
+        self.peers_to = PeerChannels(
+            self.province, self.peer_addresses, self.tls, config.max_message_bytes
+        )
         self._pair_locks: dict[str, threading.Lock] = {}
-        self._retired_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.budget = QueryBudget(
@@ -140,7 +139,7 @@ class Node:
             store=self.store,
             policy=self.policy.current,
             audit=self.audit,
-            peers=lambda: sorted(self.peer_addresses),
+            peers=self.peers_to.names,
             stub_for=self.peer_stub,
             salt=lambda: self.current_salt,
             province_digits=config.province_digits,
@@ -169,7 +168,7 @@ class Node:
             "X25519 outputs recomputed with cryptography while serving",
             lambda: float(backends.STATUS.spot_checks),
         )
-        self._health_stop = threading.Event()
+        self.health = Health(config, self.store, self.salts, self.audit, self.metrics)
         fail_interrupted(self.sessions)
         log.info(
             "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
@@ -201,51 +200,9 @@ class Node:
         self.metrics.sessions.labels(snap.role, snap.state.lower(), snap.sync or "none").inc()
         self.metrics.values.inc(snap.own_values + snap.peer_values)
 
-    def readiness(self) -> list[str]:
-        """What keeps the node from serving: store, salt, TLS and log keys, policy."""
-        problems = []
-        try:
-            self.store.ping()
-        except Exception as exc:  # any failure of the store means not ready
-            problems.append(f"store: {type(exc).__name__}")
-        if self.salts.get(self.config.current_epoch) is None:
-            problems.append(f"salt of current epoch {self.config.current_epoch} missing")
-        for path in (self.config.tls.key, self.config.log_key, *_key_files(self.config)):
-            try:
-                check_private_file(path)
-            except IspfError as exc:
-                problems.append(exc.message)
-        policy = self.config.policy_file
-        try:
-            mode = stat.S_IMODE(policy.stat().st_mode)
-        except FileNotFoundError:
-            problems.append(f"policy file {policy} missing")
-        else:
-            if mode & 0o077:
-                problems.append(
-                    f"policy file {policy} is accessible by group or others (mode {mode:04o}); "
-                    f"run: chmod 600 {policy}"
-                )
-        if self.audit.problem:
-            problems.append(self.audit.problem)
-        return problems
-
     def watch_health(self, set_status: Callable[[bool], None], every: float = 5.0) -> None:
         """Report readiness to the health service now and every `every` seconds."""
-
-        def once() -> None:
-            problems = self.readiness()
-            self.metrics.ready.set(0 if problems else 1)
-            if problems:
-                log.error("node %s not ready: %s", self.province, "; ".join(problems))
-            set_status(not problems)
-
-        def loop() -> None:
-            while not self._health_stop.wait(every):
-                once()
-
-        once()
-        threading.Thread(target=loop, name=f"health-{self.province}", daemon=True).start()
+        self.health.watch(set_status, every)
 
     def _record_policy(self, policy: Policy) -> None:
         """Log each policy that takes effect (once per distinct file), with its hash."""
@@ -262,26 +219,7 @@ class Node:
         return salt
 
     def peer_stub(self, peer: str) -> peer_pb2_grpc.PeerServiceStub:
-        """A stub on a channel to the peer, made with the node's current certificate."""
-        material = self.tls.current()
-        with self._lock:
-            address = self.peer_addresses.get(peer)
-            if address is None:
-                raise UnknownPeer(
-                    f"peer '{peer}' is not configured on node {self.province} "
-                    f"(known: {', '.join(sorted(self.peer_addresses)) or 'none'})"
-                )
-            serial, ch = self._channels.get(peer, (None, None))
-            if ch is None or serial != material.serial:
-                if ch is not None:  # rotated: calls in flight finish on the old channel
-                    self._retired_channels.append(ch)
-                ch = grpc.secure_channel(
-                    address,
-                    material.channel_credentials(),
-                    options=channel_options(peer, self.config.max_message_bytes),
-                )
-                self._channels[peer] = (material.serial, ch)
-        return peer_pb2_grpc.PeerServiceStub(ch)
+        return self.peers_to.stub(peer)
 
     # -- what the servicers ask of the node (services.api.NodeApi) -----------
 
@@ -304,7 +242,7 @@ class Node:
         return None if row is None else Snapshot.from_row(row)
 
     def peers(self) -> list[str]:
-        return sorted(self.peer_addresses)
+        return self.peers_to.names()
 
     def budgets(self) -> list[BudgetState]:
         """Each policy peer's query budget with this node in the current epoch."""
@@ -402,7 +340,7 @@ class Node:
         )
 
     def close(self) -> None:
-        self._health_stop.set()
+        self.health.stop()
         self.metrics.close()
         self.checker.close()
         self.probes.log.flush()
@@ -410,26 +348,10 @@ class Node:
             threads = list(self._threads)
         for t in threads:
             t.join(timeout=5)
-        for _, ch in self._channels.values():
-            ch.close()
-        for ch in self._retired_channels:
-            ch.close()
+        self.peers_to.close()
         if self._own_pool:
             self.pool.close()
         self.store.close()
-
-
-def _key_files(config: NodeConfig) -> list[Path]:
-    return [p for p in (config.master_key, config.seal_key) if p is not None and p.exists()]
-
-
-def check_node_files(config: NodeConfig) -> None:
-    """Refuse to start, naming the file and the chmod to run, when the store (or its
-    WAL/SHM) or a key file can be read by others."""
-    for path in (config.tls.key, config.log_key, *_key_files(config)):
-        check_private_file(path)
-    for suffix in ("", "-wal", "-shm"):
-        files.check_private(config.store.with_name(config.store.name + suffix), "store file")
 
 
 def retire_epoch(config: NodeConfig, epoch: int) -> None:
