@@ -99,9 +99,11 @@ class Node:
             if name != self.province
         }
         # [peers] in the config, where given, override the roster's addresses.
-        self.peer_addresses = roster_peers | {n: p.address for n, p in config.peers.items()}
         self.peers_to = PeerChannels(
-            self.province, self.peer_addresses, self.tls, config.max_message_bytes
+            self.province,
+            roster_peers | {n: p.address for n, p in config.peers.items()},
+            self.tls,
+            config.max_message_bytes,
         )
         self._pair_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -217,6 +219,15 @@ class Node:
         if salt is None:
             raise UnknownEpoch(f"the salt of current epoch {self.config.current_epoch} is gone")
         return salt
+
+    @property
+    def peer_addresses(self) -> dict[str, str]:
+        """Each peer's address (tests and the demo set them once the ports are known)."""
+        return self.peers_to.addresses
+
+    @peer_addresses.setter
+    def peer_addresses(self, addresses: dict[str, str]) -> None:
+        self.peers_to.addresses = addresses
 
     def peer_stub(self, peer: str) -> peer_pb2_grpc.PeerServiceStub:
         return self.peers_to.stub(peer)
