@@ -357,7 +357,7 @@ class RunBuilder:
     """A full run's state as sorted runs, from packed columns, one run at a time, in
     memory: the general path's (`pack_runs`), which runs where the packed one
     cannot. Label sets are numbered as they are met (`lsid`), which the packed
-    path (`session.sync`, sorting externally within a memory budget) uses too."""
+    path (`session.match.kept`, sorting externally within a memory budget) uses too."""
 
     def __init__(self) -> None:
         self.texts: dict[str, int] = {}
