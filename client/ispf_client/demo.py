@@ -26,14 +26,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ispf import files
-from ispf.errors import IspfError
+from ispf.errors import AuditFailure, IspfError
 from ispf.hazmat.backends import select as select_backend
 from ispf.identity import KNOWN_PROVINCES
 from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import internal_pb2
 from ispf_client import htmlreport
-from ispf_client.auditor import AuditFailure, AuditProfile, pair, verify
+from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.csvio import RowProblem, read_registry_csv, write_problems
 from ispf_client.forum import (
     ForumLayout,

@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from ispf import files, note, sealing
 from ispf.auditlog import origin_of
-from ispf.errors import ConfigError
+from ispf.errors import ConfigError, NoteError
 from ispf.identity import PROVINCE_RE, ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.keys import MasterKey, write_private_file
 
@@ -97,7 +97,7 @@ class Request:
         if self.role == ROLE_NODE:
             try:
                 v = note.Verifier.parse(self.log_key)
-            except note.NoteError as exc:
+            except NoteError as exc:
                 raise ConfigError(f"{where}: the log key is not a signed-note key") from exc
             if v.name != origin_of(self.name):
                 raise ConfigError(f"{where}: the log key is for {v.name}, not {self.name}")

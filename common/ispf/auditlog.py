@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ispf import merkle, note
-from ispf.errors import IspfError
+from ispf.errors import EntryError, NoteError
 
 ORIGIN_PREFIX = "ispf-match/"
 ENTRY_VERSION = 1
@@ -70,10 +70,6 @@ PAIRED_FIELDS = (
     "initiator_declared",
     "responder_declared",
 )
-
-
-class EntryError(IspfError):
-    """An entry is not valid canonical log data."""
 
 
 def origin_of(province: str) -> str:
@@ -136,13 +132,13 @@ class Checkpoint:
     def parse(cls, text: str) -> Checkpoint:
         lines = text.split("\n")
         if len(lines) < 4 or lines[-1] != "":
-            raise note.NoteError("checkpoint text must be origin, size and root lines")
+            raise NoteError("checkpoint text must be origin, size and root lines")
         origin, size, root = lines[0], lines[1], lines[2]
         if not size.isdigit() or (size != "0" and size.startswith("0")):
-            raise note.NoteError("checkpoint size is not a decimal number")
+            raise NoteError("checkpoint size is not a decimal number")
         raw = unb64(root)
         if len(raw) != merkle.HASH_BYTES:
-            raise note.NoteError("checkpoint root is not a SHA-256 hash")
+            raise NoteError("checkpoint root is not a SHA-256 hash")
         return cls(origin, int(size), raw)
 
 
@@ -159,10 +155,10 @@ def open_checkpoint(
     """Verify a checkpoint signed by `log_key`; cosignatures by known keys are checked too."""
     text, good = note.verify(signed_note, log_key, *cosigners)
     if log_key not in good:
-        raise note.NoteError(f"checkpoint is not signed by {log_key.name}")
+        raise NoteError(f"checkpoint is not signed by {log_key.name}")
     cp = Checkpoint.parse(text)
     if cp.origin != log_key.name:
-        raise note.NoteError(f"checkpoint origin {cp.origin} is not {log_key.name}")
+        raise NoteError(f"checkpoint origin {cp.origin} is not {log_key.name}")
     return SignedCheckpoint(cp, signed_note, [v.name for v in good if v != log_key])
 
 

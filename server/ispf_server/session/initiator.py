@@ -31,6 +31,7 @@ from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.records import TagSpool
 from ispf_server.session.core import (
     PROTOCOL_VERSION,
     Outcome,
@@ -42,7 +43,6 @@ from ispf_server.session.core import (
 )
 from ispf_server.session.plan import Plan, parse_groups
 from ispf_server.session.progress import COMPLETED, FAILED, Progress
-from ispf_server.session.spool import TagSpool
 from ispf_server.session.sync import (
     SyncSide,
     finish,

@@ -32,9 +32,9 @@ from ispf.peertext import untrusted
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
-from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.records import TagSpool, shuffled
 from ispf_server.salts import SaltRing
 from ispf_server.session.core import (
     MAX_CHUNK_VALUES,
@@ -51,7 +51,6 @@ from ispf_server.session.plan import (
     parse_groups,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
-from ispf_server.session.spool import TagSpool
 from ispf_server.session.sync import (
     SyncResult,
     SyncSide,
