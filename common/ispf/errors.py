@@ -17,6 +17,7 @@
     │   ├── UnknownEpoch
     │   ├── VersionMismatch
     │   ├── LogTampered            (this node's own log disagrees with its last checkpoint)
+    │   ├── ForkDetected           (a peer's new checkpoint does not extend the one seen)
     │   └── ConfigError
     │       ├── KeyFileError
     │       ├── SealedFileError    (a sealed salt or backup for another node/epoch, or altered)
@@ -138,6 +139,10 @@ class LogTampered(PreconditionFailed):
     Found by the node's self-check at start-up; it serves no session, probe or
     check until the store is restored (the audit API stays open to auditors).
     """
+
+
+class ForkDetected(PreconditionFailed):
+    """A peer's new checkpoint is not consistent with the one seen before."""
 
 
 class ConfigError(PreconditionFailed):

@@ -28,16 +28,16 @@ from ispf.auditlog import (
 )
 from ispf.errors import (
     ConfigError,
+    ForkDetected,
     LogTampered,
     NoteError,
-    PreconditionFailed,
     ProofError,
     ProtocolViolation,
 )
 from ispf.keys import check_private_file
 from ispf.peertext import MASK, untrusted
+from ispf.protocol import PROTOCOL_VERSION
 from ispf.v1 import common_pb2
-from ispf_server.session.core import PROTOCOL_VERSION
 from ispf_server.store import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ COSIGN_LOOKBACK = 64
 def _printable(text: str, limit: int = 200) -> str:
     """Free text for an entry: printable, short, and with digit runs cut (no ID can slip in)."""
     return re.sub(r"\d{6,}", "#", untrusted(text, limit).replace(MASK, "#"))
-
-
-class ForkDetected(PreconditionFailed):
-    """A peer's new checkpoint is not consistent with the one seen before."""
 
 
 def load_log_signer(path: Path) -> note.Signer:
