@@ -44,10 +44,9 @@ from ispf.errors import (
     ProofError,
     from_rpc_error,
 )
+from ispf.protocol import MAX_LOG_ENTRIES
 from ispf.v1 import audit_pb2, audit_pb2_grpc
 from ispf_client.sdk import ClientProfile, secure_channel
-
-PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,9 @@ class NodeLog:
         while len(out) < size:
             page = self._call(
                 self._stub.GetEntries,
-                audit_pb2.GetEntriesRequest(start=len(out), end=min(size, len(out) + PAGE)),
+                audit_pb2.GetEntriesRequest(
+                    start=len(out), end=min(size, len(out) + MAX_LOG_ENTRIES)
+                ),
             ).entries
             if not page:
                 break

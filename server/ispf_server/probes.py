@@ -36,6 +36,7 @@ from ispf.errors import (
 )
 from ispf.hazmat import curve
 from ispf.nid import canonicalise
+from ispf.protocol import MAX_CHECK_IDS
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.budget import QueryBudget
@@ -46,7 +47,6 @@ from ispf_server.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_CHECK_IDS = 1000
 DEFAULT_DEADLINE_MS = 2000
 FLUSH_SECONDS = 60.0
 SYNC_RETRY_SECONDS = 5.0

@@ -17,6 +17,7 @@ from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
 from ispf.merkle import RootBuilder, leaf_hash
 from ispf.nid import PackedNids
+from ispf.protocol import MAX_CHUNK_VALUES
 from ispf.v1 import peer_pb2
 from ispf_server.records import (
     ExternalSort,
@@ -30,8 +31,6 @@ from ispf_server.records import (
 from ispf_server.session.plan import LabelSet, Plan
 from ispf_server.store import MatchRow, StoredRecord
 
-PROTOCOL_VERSION = 1
-MAX_CHUNK_VALUES = 65_536
 T = TypeVar("T")
 S = TypeVar("S", list[bytes], PackedNids)
 
@@ -320,9 +319,7 @@ def count_common(own_tags: TagSpool, peer_tags: TagSpool, directory: Path | None
 
 
 __all__ = [
-    "MAX_CHUNK_VALUES",
     "POINT_BYTES",
-    "PROTOCOL_VERSION",
     "TAG_BYTES",
     "Outcome",
     "checked_chunks",

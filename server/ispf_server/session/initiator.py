@@ -25,6 +25,7 @@ from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
+from ispf.protocol import PROTOCOL_VERSION
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
@@ -33,7 +34,6 @@ from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.records import TagSpool
 from ispf_server.session.core import (
-    PROTOCOL_VERSION,
     Outcome,
     Stopwatch,
     checked_chunks,

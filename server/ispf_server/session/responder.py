@@ -29,6 +29,7 @@ from ispf.errors import (
 )
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
+from ispf.protocol import MAX_CHUNK_VALUES, PROTOCOL_VERSION
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
@@ -37,8 +38,6 @@ from ispf_server.pool import BlindingPool, pipelined
 from ispf_server.records import TagSpool, shuffled
 from ispf_server.salts import SaltRing
 from ispf_server.session.core import (
-    MAX_CHUNK_VALUES,
-    PROTOCOL_VERSION,
     Outcome,
     Stopwatch,
     checked_chunks,
