@@ -22,7 +22,7 @@ import functools
 import json
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -169,7 +169,7 @@ class OwnGroup:
     """Own IDs added under one label set, and their tags (aligned)."""
 
     labels: str
-    nids: list[str]
+    nids: list[str] = field(repr=False)
     tags: list[bytes]
 
 

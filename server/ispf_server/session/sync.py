@@ -14,7 +14,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ispf.blinding import TAG_BYTES, result_digest
@@ -115,7 +115,7 @@ class SyncSide:
     peer_fp: bytes
     own_records: int  # records that take part in this run's delta
     plan: Plan  # the IDs sent, by label set (plan.owners is not kept: see finish)
-    removed_nids: list[str]
+    removed_nids: list[str] = field(repr=False)
     removed_tags: list[bytes]
     version: int
     state_version: int  # the pair's state this was planned against (-1: none)
