@@ -40,10 +40,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ispf import merkle, note
-from ispf.errors import EntryError, NoteError
+from ispf.errors import ConfigError, EntryError, NoteError
+from ispf.keys import check_private_file
 
 ORIGIN_PREFIX = "ispf-match/"
 ENTRY_VERSION = 1
@@ -197,3 +199,13 @@ def verify_bundle(
             digest,
         )
     return fields
+
+
+def load_log_signer(path: Path) -> note.Signer:
+    """A node's checkpoint signing key (log.key, 0600): the node's, and the tools that
+    renew its certificate request."""
+    check_private_file(path)
+    try:
+        return note.Signer.parse(path.read_text(encoding="ascii"))
+    except (NoteError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"log key {path} is not a signed-note private key") from exc

@@ -34,7 +34,6 @@ from ispf.errors import (
     ProofError,
     ProtocolViolation,
 )
-from ispf.keys import check_private_file
 from ispf.peertext import MASK, untrusted
 from ispf.protocol import PROTOCOL_VERSION
 from ispf.v1 import common_pb2
@@ -47,14 +46,6 @@ COSIGN_LOOKBACK = 64
 def _printable(text: str, limit: int = 200) -> str:
     """Free text for an entry: printable, short, and with digit runs cut (no ID can slip in)."""
     return re.sub(r"\d{6,}", "#", untrusted(text, limit).replace(MASK, "#"))
-
-
-def load_log_signer(path: Path) -> note.Signer:
-    check_private_file(path)
-    try:
-        return note.Signer.parse(path.read_text(encoding="ascii"))
-    except (NoteError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"log key {path} is not a signed-note private key") from exc
 
 
 def load_log_keys(folder: Path) -> dict[str, note.Verifier]:
