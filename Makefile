@@ -51,9 +51,10 @@ test: dev browser valgrind lint typecheck proto-check pytest pytest-portable ## 
 test-slow: dev ## the long X25519 evidence: RFC 7748's 1,000,000 iterations, 10^7 differential pairs
 	ISPF_X25519_SLOW=1 $(BIN)/python -m pytest -q -p no:randomly -m x25519_slow tests/unit/test_x25519_evidence.py
 
-lint: dev ## ruff lint and format check
+lint: dev ## ruff lint and format check; the import contracts (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: dev ## mypy --strict
 	$(BIN)/mypy
