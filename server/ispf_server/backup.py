@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ispf import files, sealing
 from ispf.errors import ConfigError, SealedFileError
-from ispf_server.config import NodeConfig
+from ispf.nodeconfig import NodeConfig
 from ispf_server.store import Store
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from ispf import files
 from ispf.errors import IspfError
 from ispf.keys import check_private_file
+from ispf.nodeconfig import NodeConfig
 from ispf_server.audit import AuditLog
-from ispf_server.config import NodeConfig
 from ispf_server.metrics import NodeMetrics
 from ispf_server.salts import SaltRing
 from ispf_server.store import Store

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -127,8 +127,8 @@ _IN_BATCH = 500  # keys per `IN (...)` query: well under SQLite's parameter limi
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    record_id: str
-    nid: str
+    record_id: str = field(repr=False)  # (raw IDs stay out of reprs, logs and tracebacks)
+    nid: str = field(repr=False)
     label: Label
 
 
@@ -141,7 +141,7 @@ class UpsertCounts:
 
 @dataclass(frozen=True, slots=True)
 class MatchRow:
-    record_id: str
+    record_id: str = field(repr=False)
     label: Label
     peer_label: Label
     tag: bytes = b""

@@ -16,11 +16,10 @@ from ispf.blinding import TAG_BYTES
 from ispf.errors import ProtocolViolation
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.nid import PackedNids
+from ispf.protocol import MAX_CHUNK_VALUES
 from ispf.v1 import peer_pb2
 from ispf_server.pool import BlindingPool, pipelined
 
-PROTOCOL_VERSION = 1
-MAX_CHUNK_VALUES = 65_536
 MAX_REMOVED = 1_000_000
 SESSION_KEY = "ispf-session-id"  # metadata naming the session of a streaming call
 T = TypeVar("T")

@@ -23,11 +23,12 @@ from ispf.auditlog import SignedCheckpoint
 from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
+from ispf.protocol import PROTOCOL_VERSION
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.policy import PeerPolicy
+from ispf_server.records import TagSpool
 from ispf_server.session.exchange import (
-    PROTOCOL_VERSION,
     SESSION_KEY,
     blinded,
     checked_chunks,
@@ -43,7 +44,6 @@ from ispf_server.session.lifecycle import Lifecycle, check_declared
 from ispf_server.session.match import Matched
 from ispf_server.session.plan import Plan, SyncSide, parse_groups, prepare, state_fingerprints
 from ispf_server.session.progress import Progress
-from ispf_server.session.spool import TagSpool
 
 log = logging.getLogger(__name__)
 # Causes a new session may get past: the peer down or restarted (its session lost),

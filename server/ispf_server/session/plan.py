@@ -17,26 +17,35 @@ import hashlib
 import json
 import os
 import random
-import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TypeVar
 
 from ispf.errors import InvalidRecord, PolicyRefused, ProtocolViolation
-from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.nid import NID_BYTES, PackedNids
 from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
 from ispf_server import pairruns
-from ispf_server.extsort import ExternalSort, upper_bound
 from ispf_server.pairruns import NID
 from ispf_server.pairstate import EMPTY_FP, labels_of, labels_text
 from ispf_server.policy import PeerPolicy
+from ispf_server.records import (
+    ExternalSort,
+    SpooledNids,
+    TagSpool,
+    compiled,
+    select_fields,
+    shuffle,
+    shuffle_records,
+    sort_inplace,
+    split_unique,
+    upper_bound,
+    zip_records,
+)
 from ispf_server.session.facts import SyncKind
-from ispf_server.session.spool import SpooledNids, TagSpool
 from ispf_server.store import Store, StoredRecord
 
 LabelSet = tuple[Label, ...]
@@ -50,10 +59,8 @@ def secure_shuffle(items: list[T], rng: random.Random | None = None) -> None:
     `secrets.SystemRandom`. A seeded `rng` is for tests only."""
     if rng is not None:
         rng.shuffle(items)
-    elif native is not None:
-        native.shuffle(items, os.urandom(32))
     else:
-        secrets.SystemRandom().shuffle(items)
+        shuffle(items)
 
 
 def shuffle_packed(
@@ -61,8 +68,8 @@ def shuffle_packed(
 ) -> None:
     """`secure_shuffle` on packed records of `width` bytes (IDs unless told), in place:
     in C, without a Python object per record, where the native module is built."""
-    if rng is None and native is not None:
-        native.shuffle_records(buf, width, os.urandom(32))
+    if rng is None:
+        shuffle_records(buf, width)
         return
     items = [bytes(buf[i : i + width]) for i in range(0, len(buf), width)]
     secure_shuffle(items, rng)
@@ -116,7 +123,7 @@ def build_plan(
     labelled: bool,
     owners_of: OwnerLookup | None = None,
 ) -> Plan:
-    """The plan from record objects: `sync.one_off_plan`'s fallback, where the native
+    """The plan from record objects: `one_off_plan`'s fallback, where the native
     module is not built or its packed pass cannot take the IDs."""
     owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
     for r in records:
@@ -242,7 +249,7 @@ class SyncSide:
     peer_fp: bytes
     own_records: int  # records that take part in this run's delta
     plan: Plan  # the IDs sent, by label set (plan.owners is not kept: see finish)
-    removed_nids: list[str]
+    removed_nids: list[str] = field(repr=False)
     removed_tags: list[bytes]
     version: int
     state_version: int  # the pair's state this was planned against (-1: none)
@@ -271,7 +278,7 @@ def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> l
     """The labels whose records take part, for the coded pass: in the peer's
     collections and, where labelled, ones it may learn. None where the pass
     cannot run (no module, more labels than codes)."""
-    if native is None:
+    if not compiled():
         return None
     allowed = [
         lb
@@ -337,7 +344,6 @@ def spooled_plan(
     allowed = _allowed_labels(store, pp, labelled=labelled)
     if allowed is None:
         return None
-    assert native is not None
     w, directory = SHUFFLE.width, store.directory
     numbers: dict[str, int] = {}
     count = 0
@@ -346,9 +352,7 @@ def spooled_plan(
             for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
                 n = len(nids) // NID
                 number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
-                sorter.add(
-                    native.zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID))
-                )
+                sorter.add(zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID)))
                 count += records
         except NotPacked:
             return None
@@ -361,7 +365,7 @@ def spooled_plan(
                 key = bytes(view[:4])
                 cut = w * upper_bound(view, w, 4, key)
                 first = where.get(key, (met.count, 0))[0]
-                met.append(native.select_fields(view[:cut], w, ((16, NID),)))
+                met.append(select_fields(view[:cut], w, ((16, NID),)))
                 where[key] = (first, met.count)
                 view = view[cut:]
     groups = sorted((labels_of(text), where[n.to_bytes(4, "big")]) for text, n in numbers.items())
@@ -383,14 +387,13 @@ def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int
     other), in batches from SQLite, each sorted and split in C: (IDs held once, by
     code; records of the IDs held several times, sorted). Raises NotPacked where
     the IDs are not all 13 digits (the strings do not split evenly)."""
-    assert native is not None
     for text in store.nid_label_codes(labels):
         buf = bytearray(text.encode("latin-1"))
         del text
         if len(buf) % CODED:
             raise NotPacked
-        native.sort_inplace(buf, CODED)
-        once, repeated = native.split_unique(buf, CODED)
+        sort_inplace(buf, CODED)
+        once, repeated = split_unique(buf, CODED)
         del buf
         if not all(nids.isdigit() for nids in once.values()):
             raise NotPacked  # (misaligned)

@@ -27,14 +27,13 @@ from ispf.errors import (
 )
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
+from ispf.protocol import MAX_CHUNK_VALUES, PROTOCOL_VERSION
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.budget import MAX_DECLARED
-from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
+from ispf_server.records import TagSpool, shuffled
 from ispf_server.salts import SaltRing
 from ispf_server.session.exchange import (
-    MAX_CHUNK_VALUES,
-    PROTOCOL_VERSION,
     blinded,
     checked_chunks,
     in_thread,
@@ -54,7 +53,6 @@ from ispf_server.session.plan import (
     state_fingerprints,
 )
 from ispf_server.session.progress import ProgressBoard
-from ispf_server.session.spool import TagSpool
 
 log = logging.getLogger(__name__)
 

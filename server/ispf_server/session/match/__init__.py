@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from ispf_server.records import TagSpool
 from ispf_server.session.match.count import CountOnly
 from ispf_server.session.match.kept import KeptState
 from ispf_server.session.match.labelled import OneOffLabelled
 from ispf_server.session.match.rows import NOTHING, Matched, Outcome, RowSink
 from ispf_server.session.plan import LabelSet, Plan, SyncSide
-from ispf_server.session.spool import TagSpool
 
 
 class Matcher(Protocol):

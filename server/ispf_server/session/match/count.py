@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ispf.blinding import TAG_BYTES
-from ispf.hazmat.curve import native
-from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted
+from ispf_server.records import ExternalSort, RepeatedKey, TagSpool, compiled, join_sorted
 from ispf_server.session.exchange import split
 from ispf_server.session.match.rows import Matched, Outcome
-from ispf_server.session.spool import TagSpool
 
 
 class CountOnly:
@@ -27,7 +25,7 @@ def count_common(own_tags: TagSpool, peer_tags: TagSpool, directory: Path | None
     side sorted within the memory budget (`ExternalSort`) and joined as they
     stream, in C; a set intersection without the module, or where a side repeats
     a tag."""
-    if native is not None:
+    if compiled():
         try:
             with (
                 ExternalSort(TAG_BYTES, directory) as own,

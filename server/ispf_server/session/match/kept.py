@@ -14,9 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
-from ispf.hazmat.curve import native
 from ispf_server import pairruns
-from ispf_server.extsort import Buffer, ExternalSort, RepeatedKey, join_sorted, written
 from ispf_server.pairruns import (
     LSID,
     MATCHED,
@@ -42,6 +40,17 @@ from ispf_server.pairstate import (
     toggle,
     xor_fp,
 )
+from ispf_server.records import (
+    ExternalSort,
+    RepeatedKey,
+    TagSpool,
+    compiled,
+    join_sorted,
+    select_fields,
+    written,
+    zip_records,
+)
+from ispf_server.records.extsort import Buffer
 from ispf_server.session.exchange import split
 from ispf_server.session.facts import SyncKind
 from ispf_server.session.match.rows import (
@@ -54,7 +63,6 @@ from ispf_server.session.match.rows import (
     named_rows,
 )
 from ispf_server.session.plan import LabelSet, NotPacked, SyncSide, owners_of, policy_key
-from ispf_server.session.spool import TagSpool
 from ispf_server.store import StagedRun
 
 
@@ -118,7 +126,7 @@ def _finish_full(
     the data does not allow it (IDs not 13 digits, a tag twice, no native
     module): the general path then runs (what was staged is dropped by it)."""
     plan = side.plan
-    if native is None:
+    if not compiled():
         return None
     directory = side.store.directory
     runs = RunBuilder()  # (numbers the label sets)
@@ -137,14 +145,14 @@ def _finish_full(
         out = ExternalSort(OWN_TAG.width, directory)
         for lsid, nids, tags in own_groups():
             cols = ((tags, TAG_BYTES), (nids, NID)) if by_tag else ((nids, NID), (tags, TAG_BYTES))
-            out.add(native.zip_records(len(tags) // TAG_BYTES, *cols, (lsid, LSID)))
+            out.add(zip_records(len(tags) // TAG_BYTES, *cols, (lsid, LSID)))
         return out
 
     def peer_sorted() -> ExternalSort:
         out = ExternalSort(PEER_TAG.width, directory)
         lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
         for g, _, tags in peer_added_tags.grouped(peer_sizes):
-            out.add(native.zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
+            out.add(zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
         return out
 
     try:
@@ -169,7 +177,7 @@ def _finish_full(
                 TAG_BYTES,
             ):
                 rows.found(joined, JOINED.width)
-                matched.add(native.select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
+                matched.add(select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
         except RepeatedKey:
             return None
         own_run.close()
