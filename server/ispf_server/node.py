@@ -1,4 +1,5 @@
-"""The node: its store, keys, blinding pool, sessions, and the gRPC server over them."""
+"""The node, put together: its store, keys, pool, policy, sessions and services, wired
+once (`Node`), and the gRPC server over them (`create_server`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The responding side of a session: state kept between the peer's calls."""
+"""The responding side of a session: the answer to each of the peer's calls, the table of
+open sessions, and their expiry."""
 
 from __future__ import annotations
 
