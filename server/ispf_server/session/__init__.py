@@ -1,1 +1,1 @@
-"""The session engine: the mutual labelled protocol and count-only mode."""
+"""The session wing: one session between two nodes, in either role."""
