@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from functools import partial
 from typing import Any
 
 import grpc
@@ -56,10 +54,8 @@ from ispf_server.services.internal import (
     RegistryServicer,
 )
 from ispf_server.services.peer import PeerServicer
-from ispf_server.session.facts import INITIATOR, SessionFacts
-from ispf_server.session.initiator import Initiator, Peer, SessionRequest
-from ispf_server.session.lifecycle import Lifecycle, SessionContext, fail_interrupted
-from ispf_server.session.plan import check_collections, one_off_plan
+from ispf_server.session.initiator import Ask, Initiator, Peer, initiate
+from ispf_server.session.lifecycle import SessionContext, fail_interrupted
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.store import Store, StoredRecord
@@ -269,14 +265,7 @@ class Node:
 
     def sync_with(self, peer: str) -> None:
         """Run a sync session with the peer in this thread (to freshen the check index)."""
-        initiator = self._initiator(
-            peer=peer,
-            purpose="reconciliation",
-            mode=common_pb2.MODE_MUTUAL,
-            collections=frozenset(),
-            peer_collections=frozenset(),
-            full=False,
-        )
+        initiator = self._initiator(Ask(peer, "reconciliation", common_pb2.MODE_MUTUAL))
         initiator.run()
         snap = initiator.progress.snapshot()
         if snap.state != "COMPLETED":
@@ -292,14 +281,7 @@ class Node:
         peer_collections: frozenset[str],
         full: bool = False,
     ) -> Snapshot:
-        initiator = self._initiator(
-            peer=peer,
-            purpose=purpose,
-            mode=mode,
-            collections=collections,
-            peer_collections=peer_collections,
-            full=full,
-        )
+        initiator = self._initiator(Ask(peer, purpose, mode, collections, peer_collections, full))
         sid = initiator.facts.session_id
         t = threading.Thread(target=initiator.run, name=f"session-{sid[:8]}", daemon=True)
         with self._lock:
@@ -307,48 +289,21 @@ class Node:
         t.start()
         return initiator.progress.snapshot()
 
-    def _initiator(
-        self,
-        *,
-        peer: str,
-        purpose: str,
-        mode: int,
-        collections: frozenset[str],
-        peer_collections: frozenset[str],
-        full: bool,
-    ) -> Initiator:
-        if peer == self.province:
+    def _initiator(self, ask: Ask) -> Initiator:
+        if ask.peer == self.province:
             raise PolicyRefused("a node cannot reconcile with itself")
-        stub = self.peer_stub(peer)
-        count_only = mode == common_pb2.MODE_COUNT_ONLY
-        # The node's own policy binds it as initiator too: what the peer may learn.
-        pp = self.policy.current().check_session(peer, purpose, count_only)
-        # Mutual runs over everything the policy allows keep state, for incremental runs
-        # and online checks; filtered or count-only runs are one-offs with fresh keys.
-        sync = not count_only and not collections and not peer_collections
-        planner = None
-        if not sync:  # (collections not open to the peer are refused now, not in the session)
-            check_collections(pp, collections)
-            planner = partial(one_off_plan, self.store, pp, collections, labelled=not count_only)
-        salt = self.current_salt
-        facts = SessionFacts(
-            session_id=str(uuid.uuid4()),
-            province=self.province,
-            peer=peer,
-            role=INITIATOR,
-            purpose=purpose,
-            epoch=salt.epoch,
-            mode=mode,
-        )
-        life = Lifecycle.begin(facts, self.sessions, self.board, phase="handshake")
-        return Initiator(
-            life,
-            SessionRequest(pp, salt, peer_collections, planner, force_full=full),
-            Peer(
+        stub = self.peer_stub(ask.peer)
+        return initiate(
+            self.sessions,
+            self.board,
+            ask,
+            policy=self.policy.current(),
+            salt=self.current_salt,
+            peer=lambda sync: Peer(
                 stub,
                 self.config.call_deadline,
                 self.config.session_deadline,
-                self.pair_lock(peer) if sync else None,
+                self.pair_lock(ask.peer) if sync else None,
             ),
         )
 

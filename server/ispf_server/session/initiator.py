@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -26,7 +28,7 @@ from ispf.keys import BlindingKey, ForumSalt
 from ispf.protocol import PROTOCOL_VERSION
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
-from ispf_server.policy import PeerPolicy
+from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.records import TagSpool
 from ispf_server.session.exchange import (
     SESSION_KEY,
@@ -39,11 +41,19 @@ from ispf_server.session.exchange import (
     reblinded,
     stream_call,
 )
-from ispf_server.session.facts import SyncKind
-from ispf_server.session.lifecycle import Lifecycle, check_declared
+from ispf_server.session.facts import INITIATOR, SessionFacts, SyncKind
+from ispf_server.session.lifecycle import Lifecycle, SessionContext, check_declared
 from ispf_server.session.match import Matched
-from ispf_server.session.plan import Plan, SyncSide, parse_groups, prepare, state_fingerprints
-from ispf_server.session.progress import Progress
+from ispf_server.session.plan import (
+    Plan,
+    SyncSide,
+    check_collections,
+    one_off_plan,
+    parse_groups,
+    prepare,
+    state_fingerprints,
+)
+from ispf_server.session.progress import Progress, ProgressBoard
 
 log = logging.getLogger(__name__)
 # Causes a new session may get past: the peer down or restarted (its session lost),
@@ -56,6 +66,18 @@ RETRIABLE_SESSION = frozenset(
         grpc.StatusCode.NOT_FOUND,
     }
 )
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What the node is asked to run with a peer."""
+
+    peer: str
+    purpose: str
+    mode: int
+    collections: frozenset[str] = frozenset()  # own collections (empty: all the policy allows)
+    peer_collections: frozenset[str] = frozenset()
+    full: bool = False  # a sync session: a full run even where an incremental one would do
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,41 @@ class Peer:
     call_deadline: float
     session_deadline: float
     pair_lock: threading.Lock | None = None
+
+
+def initiate(
+    ctx: SessionContext,
+    board: ProgressBoard,
+    ask: Ask,
+    *,
+    policy: Policy,
+    salt: ForumSalt,
+    peer: Callable[[bool], Peer],
+) -> Initiator:
+    """A session the node starts (its row and status begun), ready to `run`; `peer`
+    gives the peer's end for a sync session (True) or a one-off (False)."""
+    count_only = ask.mode == common_pb2.MODE_COUNT_ONLY
+    # The node's own policy binds it as initiator too: what the peer may learn.
+    pp = policy.check_session(ask.peer, ask.purpose, count_only)
+    # Mutual runs over everything the policy allows keep state, for incremental runs
+    # and online checks; filtered or count-only runs are one-offs with fresh keys.
+    sync = not count_only and not ask.collections and not ask.peer_collections
+    planner = None
+    if not sync:  # (collections not open to the peer are refused now, not in the session)
+        check_collections(pp, ask.collections)
+        planner = partial(one_off_plan, ctx.store, pp, ask.collections, labelled=not count_only)
+    facts = SessionFacts(
+        session_id=str(uuid.uuid4()),
+        province=ctx.province,
+        peer=ask.peer,
+        role=INITIATOR,
+        purpose=ask.purpose,
+        epoch=salt.epoch,
+        mode=ask.mode,
+    )
+    life = Lifecycle.begin(facts, ctx, board, phase="handshake")
+    request = SessionRequest(pp, salt, ask.peer_collections, planner, force_full=ask.full)
+    return Initiator(life, request, peer(sync))
 
 
 class Initiator:
