@@ -101,21 +101,17 @@ class PeerPolicy:
         )
 
     def may_disclose(self, label: Label) -> bool:
-        # Registries have few distinct labels and many records: decide each label once.
-        cache: dict[Label, bool] = self.__dict__.setdefault("_disclose_cache", {})
-        found = cache.get(label)
-        if found is None:
-            text = f"{label.programme}/{label.status}"
-            found = cache[label] = any(fnmatch.fnmatchcase(text, p) for p in self.disclose)
-        return found
+        """Is `label` one the peer may be told (`disclose`'s patterns)?"""
+        text = f"{label.programme}/{label.status}"
+        return any(fnmatch.fnmatchcase(text, p) for p in self.disclose)
 
     def in_collections(self, programme: str) -> bool:
         return not self.collections or programme in self.collections
 
     def may_learn(self, label: Label) -> bool:
         """May the peer learn of a record under `label` (in its collections, a label it
-        may be told)? The one rule for what a labelled session names, decided once
-        per label."""
+        may be told)? The one rule for what a labelled session names. Registries
+        have few distinct labels and many records: each label is decided once."""
         cache: dict[Label, bool] = self.__dict__.setdefault("_learn_cache", {})
         found = cache.get(label)
         if found is None:
