@@ -30,7 +30,7 @@ from ispf.errors import ConfigError, IspfError
 from ispf_server.backup import backup_store, restore_store
 from ispf_server.config import load_config
 from ispf_server.node import Node, create_server, retire_epoch
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 log = logging.getLogger("ispf_server")
 
@@ -83,7 +83,7 @@ def _new_master_main(argv: list[str]) -> int:
         config = load_config(args.config)
         store = Store(config.store, config.master_key)
         try:
-            pairs = store.replace_master_key()
+            pairs = store.pairs.replace_master_key()
         finally:
             store.close()
     except IspfError as exc:

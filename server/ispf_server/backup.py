@@ -15,7 +15,7 @@ from pathlib import Path
 from ispf import files, sealing
 from ispf.errors import ConfigError, SealedFileError
 from ispf_server.config import NodeConfig
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 
 def backup_store(config: NodeConfig, to: Path, public_key: Path) -> int:
@@ -27,7 +27,7 @@ def backup_store(config: NodeConfig, to: Path, public_key: Path) -> int:
         raise ConfigError(f"no store at {config.store} to back up")
     store = Store(config.store, config.master_key)
     try:
-        snapshot = store.snapshot()
+        snapshot = store.db.snapshot()
     finally:
         store.close()
     data = sealing.seal_backup(snapshot, province=config.province, to=key)

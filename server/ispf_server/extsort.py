@@ -26,8 +26,8 @@ from itertools import pairwise
 from pathlib import Path
 
 from ispf.hazmat.curve import native
-from ispf_server.pairruns import merge_sorted, sort_inplace
 from ispf_server.session.spool import TagSpool
+from ispf_server.storage.pairs.runs import merge_sorted, sort_inplace
 
 Buffer = bytes | bytearray | memoryview
 

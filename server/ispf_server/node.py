@@ -60,7 +60,7 @@ from ispf_server.session.plan import check_collections
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.session.sync import one_off_plan
-from ispf_server.store import Store
+from ispf_server.storage import Store
 from ispf_server.tls import TlsFiles, channel_options
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,9 @@ class Node:
             backend=self.backend.name,
         )
         self.metrics.gauge(
-            "ispf_registry_records", "Records in the registry", lambda: float(self.store.stats()[0])
+            "ispf_registry_records",
+            "Records in the registry",
+            lambda: float(self.store.registry.stats()[0]),
         )
         self.metrics.gauge(
             "ispf_audit_log_entries",
@@ -200,7 +202,7 @@ class Node:
         """What keeps the node from serving: store, salt, TLS and log keys, policy."""
         problems = []
         try:
-            self.store.ping()
+            self.store.db.ping()
         except Exception as exc:  # any failure of the store means not ready
             problems.append(f"store: {type(exc).__name__}")
         if self.salts.get(self.config.current_epoch) is None:
@@ -244,14 +246,14 @@ class Node:
 
     def _record_policy(self, policy: Policy) -> None:
         """Log each policy that takes effect (once per distinct file), with its hash."""
-        if self.store.meta("policy_sha256") == policy.digest:
+        if self.store.meta.get("policy_sha256") == policy.digest:
             return
         self.audit.record_policy(version=policy.version, sha256=policy.digest)
-        self.store.set_meta("policy_sha256", policy.digest)
+        self.store.meta.set("policy_sha256", policy.digest)
 
     def _fail_interrupted(self) -> None:
         """Sessions left running by a crash are not results: fail them, with their entries."""
-        for row in self.store.running_sessions():
+        for row in self.store.sessions.running():
             reason = "node restarted during session"
             me, peer = self.province, row.peer
             initiator, responder = (me, peer) if row.role == "initiator" else (peer, me)
@@ -265,7 +267,7 @@ class Node:
                 outcome="failed",
                 reason=reason,
             )
-            self.store.fail_session(row.session_id, reason, entry, retriable=True)
+            self.store.sessions.fail(row.session_id, reason, entry, retriable=True)
             log.warning("session %s with %s: %s", row.session_id, peer, reason)
         self.audit.sign_checkpoint()
 
@@ -373,7 +375,7 @@ class Node:
             planner = partial(one_off_plan, self.store, pp, collections, labelled=not count_only)
         sid = str(uuid.uuid4())
         salt = self.current_salt
-        self.store.begin_session(sid, peer, "initiator", mode, purpose, salt.epoch)
+        self.store.sessions.begin(sid, peer, "initiator", mode, purpose, salt.epoch)
         progress = self.board.open(
             Snapshot(
                 session_id=sid,

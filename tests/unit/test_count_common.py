@@ -14,7 +14,7 @@ from ispf.hazmat.curve import native
 from ispf_server import extsort
 from ispf_server.session import core
 from ispf_server.session.spool import SpooledNids, TagSpool
-from ispf_server.store import MatchRow
+from ispf_server.storage.sessions import MatchRow
 
 
 def spooled(directory: Path, tags: list[bytes], width: int = 16) -> TagSpool:
@@ -67,7 +67,7 @@ def test_intersect_within_the_budget_equals_the_dict_path(
         pytest.skip("the native module is not built here")
     from ispf.records import Label
     from ispf_server.session.plan import Plan, shuffled_plan
-    from ispf_server.store import StoredRecord
+    from ispf_server.storage.registry import StoredRecord
 
     if small:
         monkeypatch.setattr(extsort, "BUDGET", 100)

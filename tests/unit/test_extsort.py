@@ -12,8 +12,9 @@ import pytest
 
 from ispf.errors import StorageFull
 from ispf.hazmat import curve
-from ispf_server import extsort, pairruns
+from ispf_server import extsort
 from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted, shuffled, written
+from ispf_server.storage.pairs import runs as pairruns
 
 
 def chunks_of(data: bytes, width: int, rng: random.Random) -> Iterator[bytes]:

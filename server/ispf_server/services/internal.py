@@ -15,7 +15,7 @@ from ispf.nid import canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
 from ispf_server.session.progress import RUNNING, Snapshot
-from ispf_server.store import StoredRecord, SyncCounts
+from ispf_server.storage.registry import StoredRecord, SyncCounts
 
 if TYPE_CHECKING:
     from ispf_server.node import Node
@@ -39,7 +39,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
                 f"{len(request.records)} records in one request, at most {MAX_BATCH}",
             )
         good, errors = self._validate(request.records)
-        counts = self.node.store.upsert(good.values())
+        counts = self.node.store.registry.upsert(good.values())
         return internal_pb2.UpsertRecordsResponse(
             accepted=len(good),
             inserted=counts.inserted,
@@ -85,7 +85,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
     ) -> internal_pb2.SyncRecordsResponse:
         errors: list[internal_pb2.RowError] = []
         n_rejected = 0
-        with self.node.store.registry_sync() as sync:
+        with self.node.store.registry.sync() as sync:
             last: internal_pb2.SyncRecordsRequest | None = None
             for req in request_iterator:
                 if len(req.records) > MAX_BATCH:
@@ -157,13 +157,13 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
     def DeleteRecords(
         self, request: internal_pb2.DeleteRecordsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.DeleteRecordsResponse:
-        deleted, missing = self.node.store.delete(list(request.record_ids))
+        deleted, missing = self.node.store.registry.delete(list(request.record_ids))
         return internal_pb2.DeleteRecordsResponse(deleted=deleted, not_found=missing)
 
     def GetRegistryStats(
         self, request: internal_pb2.GetRegistryStatsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.RegistryStats:
-        total, distinct, labels = self.node.store.stats()
+        total, distinct, labels = self.node.store.registry.stats()
         return internal_pb2.RegistryStats(
             province=self.node.province,
             records=total,
@@ -209,7 +209,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         p = self.node.board.get(session_id)
         if p is not None:
             return p.snapshot()
-        row = self.node.store.session(session_id)
+        row = self.node.store.sessions.get(session_id)
         if row is None:
             raise UnknownSession(f"no session {session_id[:64]} on node {self.node.province}")
         return Snapshot.from_row(row)
@@ -235,7 +235,9 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         self, request: internal_pb2.ListSessionsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.ListSessionsResponse:
         return internal_pb2.ListSessionsResponse(
-            sessions=[self._snapshot(r.session_id).to_proto() for r in self.node.store.sessions()]
+            sessions=[
+                self._snapshot(r.session_id).to_proto() for r in self.node.store.sessions.all()
+            ]
         )
 
     def ListPeers(
@@ -261,10 +263,10 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
         self, request: internal_pb2.GetReceiptRequest, context: grpc.ServicerContext
     ) -> internal_pb2.Receipt:
         store, audit = self.node.store, self.node.audit
-        rows = list(store.matches(request.session_id, request.record_id))
+        rows = list(store.sessions.matches(request.session_id, request.record_id))
         if not rows:
             raise UnknownSession("no match of that record in that session on this node")
-        tags = sorted(set(store.matched_tags(request.session_id)))
+        tags = sorted(set(store.sessions.matched_tags(request.session_id)))
         tag = rows[0].tag
         if not tag:
             raise UnknownSession(
@@ -272,7 +274,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
                 "no receipt can be made"
             )
         index = tags.index(tag)
-        entry_index = store.log_index(request.session_id)
+        entry_index = store.audit.index_of(request.session_id)
         if entry_index is None:
             raise UnknownSession("the session has no entry in this node's log")
         size = audit.size()
@@ -284,7 +286,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
             tag_index=index,
             match_count=len(tags),
             tag_proof=merkle.inclusion_proof(index, tag_leaves(tags)),
-            entry=store.log_entries(entry_index, entry_index + 1)[0],
+            entry=store.audit.entries(entry_index, entry_index + 1)[0],
             entry_index=entry_index,
             entry_proof=audit.inclusion(entry_index, size),
             checkpoint=audit.latest(),
@@ -295,20 +297,20 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer):
     ) -> Iterator[internal_pb2.MatchBatch]:
         store = self.node.store
         if request.session_id:
-            row = store.session(request.session_id)
+            row = store.sessions.get(request.session_id)
             if row is None or row.state != "COMPLETED":
                 raise UnknownSession(
                     f"no completed session {request.session_id[:64]} on node {self.node.province}"
                 )
             rows = [row]
         else:
-            rows = store.latest_completed_sessions()
+            rows = store.sessions.latest_completed()
         batch: list[internal_pb2.Match] = []
         # Person numbers for this stream only: first person seen is 1 (see Match.person).
         people: dict[str, int] = {}
         for s in rows:
-            holders = store.match_holders(s.session_id)
-            for m in store.matches(s.session_id):
+            holders = store.sessions.match_holders(s.session_id)
+            for m in store.sessions.matches(s.session_id):
                 # A record gone from the registry is a person of its own ("\0" keeps
                 # its key apart from every record id a holder key can be).
                 key = holders.get(m.record_id, "\0" + m.record_id)

@@ -22,7 +22,8 @@ from ispf.v1 import peer_pb2
 from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted
 from ispf_server.session.plan import LabelSet, Plan
 from ispf_server.session.spool import TagSpool
-from ispf_server.store import MatchRow, StoredRecord
+from ispf_server.storage.registry import StoredRecord
+from ispf_server.storage.sessions import MatchRow
 
 PROTOCOL_VERSION = 1
 MAX_CHUNK_VALUES = 65_536

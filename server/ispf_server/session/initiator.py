@@ -50,7 +50,7 @@ from ispf_server.session.sync import (
     prepare,
     state_fingerprints,
 )
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 log = logging.getLogger(__name__)
 # Causes a new session may get past: the peer down or restarted (its session lost),
@@ -183,7 +183,7 @@ class Initiator:
         sid = self.req.session_id
         log.warning("session %s with %s failed: %s", sid, self.req.peer, reason)
         entry = self._entry("failed", reason=reason)
-        if self.store.fail_session(sid, reason, entry, retriable=retriable):
+        if self.store.sessions.fail(sid, reason, entry, retriable=retriable):
             self.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason, retriable=retriable)
         # The peer may be gone or already know; its own idle timeout cleans up then.
@@ -255,7 +255,7 @@ class Initiator:
         clock.lap("prepare")
         groups = plan.to_proto() if self.labelled else [common_pb2.LabelGroup(size=plan.total)]
         # (never below the set sent: the registry may have shrunk since the plan)
-        declared = self.sizes["own_declared"] = max(self.store.distinct_ids(), plan.total)
+        declared = self.sizes["own_declared"] = max(self.store.registry.distinct_ids(), plan.total)
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -281,7 +281,7 @@ class Initiator:
         peer_removed = (
             parse_removed(
                 hs.removed,
-                lambda ts: self.store.peer_labels_for(self.req.peer, self.salt.epoch, ts),
+                lambda ts: self.store.pairs.peer_labels_for(self.req.peer, self.salt.epoch, ts),
                 self.req.peer,
             )
             if side
@@ -378,7 +378,7 @@ class Initiator:
                     peer_sizes,
                     peer_tags,
                     peer_removed,
-                    stage_rows=partial(self.store.stage_matches, sid),
+                    stage_rows=partial(self.store.sessions.stage_matches, sid),
                 )
                 outcome = synced.outcome
             elif self.labelled:
@@ -389,7 +389,7 @@ class Initiator:
                     peer_sizes,
                     peer_tags,
                     directory=self.store.directory,
-                    stage_rows=partial(self.store.stage_matches, sid),
+                    stage_rows=partial(self.store.sessions.stage_matches, sid),
                 )
             else:
                 common = count_common(own_tags, peer_tags, self.store.directory)
@@ -411,7 +411,7 @@ class Initiator:
             f"conclude-{sid[:8]}",
         )
         if synced is not None:  # our result and state, written ahead while the peer concludes
-            self.store.stage_result(
+            self.store.sessions.stage_result(
                 sid, self.req.peer, self.salt.epoch, synced.delta, outcome.matches
             )
         answer = asking.result()
@@ -429,7 +429,7 @@ class Initiator:
         peer_checkpoint = self.audit.accept_peer_checkpoint(
             self.req.peer, answer.checkpoint, list(answer.consistency)
         )
-        self.store.complete_session(
+        self.store.sessions.complete(
             sid,
             own_records=own_records,
             sync=self._sync_kind() if side else "",

@@ -22,7 +22,8 @@ from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.spool import SpooledNids
-from ispf_server.store import Store, StoredRecord
+from ispf_server.storage import Store
+from ispf_server.storage.registry import StoredRecord
 
 LabelSet = tuple[Label, ...]
 MAX_GROUPS = 10_000
@@ -158,7 +159,7 @@ def eligible_records(
     may not learn stay out of labelled sessions altogether.
     """
     check_collections(pp, collections)
-    records = store.records(collections or pp.collections)
+    records = store.registry.records(collections or pp.collections)
     if labelled:
         # Decide each distinct label once (registries: millions of records, few labels).
         allowed = {lb for lb in {r.label for r in records} if pp.may_disclose(lb)}

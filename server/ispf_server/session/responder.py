@@ -61,7 +61,7 @@ from ispf_server.session.sync import (
     prepare,
     state_fingerprints,
 )
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class Responder:
             self._sessions.pop(s.session_id, None)
         s.release()
         entry = self._entry(s, "failed", reason=reason)
-        if self.store.fail_session(s.session_id, reason, entry):
+        if self.store.sessions.fail(s.session_id, reason, entry):
             self.audit.sign_checkpoint()
         s.progress.finish(FAILED, error=reason)
         log.warning("session %s with %s failed: %s", s.session_id, s.peer, reason)
@@ -317,11 +317,11 @@ class Responder:
             side = spec.future.result(timeout=self.idle_timeout)
         except Exception:  # planned afresh below, where an error is reported properly
             return None
-        row = self.store.pair_sync(caller, epoch)
+        row = self.store.pairs.sync_row(caller, epoch)
         current = row.version if row is not None else -1
         if (
             side.pp != pp
-            or side.version != self.store.registry_version()
+            or side.version != self.store.registry.version()
             or side.state_version != current
             or (row is not None and (row.own_fp, row.peer_fp) != (side.own_fp, side.peer_fp))
         ):
@@ -354,7 +354,9 @@ class Responder:
                 self.store, pp, caller, req.epoch, incremental=req.incremental
             )
             removed = parse_removed(
-                req.removed, lambda ts: self.store.peer_labels_for(caller, req.epoch, ts), caller
+                req.removed,
+                lambda ts: self.store.pairs.peer_labels_for(caller, req.epoch, ts),
+                caller,
             )
         except BaseException:
             lock.release()
@@ -393,7 +395,7 @@ class Responder:
             raise ProtocolViolation("session id must be a UUID") from exc
         with self._lock:
             known = req.session_id in self._sessions
-        if known or self.store.session(req.session_id) is not None:
+        if known or self.store.sessions.get(req.session_id) is not None:
             raise ProtocolViolation("session id already used: a replay or a client bug")
         salt = self.salts.get(req.epoch)
         if salt is None:
@@ -441,7 +443,7 @@ class Responder:
             if lock is not None:
                 lock.release()
             raise
-        self.store.begin_session(
+        self.store.sessions.begin(
             req.session_id, caller, "responder", req.mode, req.purpose, req.epoch
         )
         progress = self.board.open(
@@ -480,7 +482,7 @@ class Responder:
             pair_lock=lock,
             clock=clock,
             declared=req.registry_size,
-            own_declared=max(self.store.distinct_ids(), plan.total),
+            own_declared=max(self.store.registry.distinct_ids(), plan.total),
         )
         clock.lap("prepare")
         with self._lock:
@@ -619,7 +621,7 @@ class Responder:
                             s.peer_sizes,
                             s.initiator_tags,
                             directory=self.store.directory,
-                            stage_rows=partial(self.store.stage_matches, s.session_id),
+                            stage_rows=partial(self.store.sessions.stage_matches, s.session_id),
                         ),
                         f"match-{s.session_id[:8]}",
                     )
@@ -635,9 +637,9 @@ class Responder:
                     s.peer_sizes,
                     s.initiator_tags,
                     s.peer_removed,
-                    stage_rows=partial(self.store.stage_matches, s.session_id),
+                    stage_rows=partial(self.store.sessions.stage_matches, s.session_id),
                 )
-                self.store.stage_result(
+                self.store.sessions.stage_result(
                     s.session_id, s.peer, s.salt.epoch, result.delta, result.outcome.matches
                 )
                 return result
@@ -686,7 +688,7 @@ class Responder:
             done = self._concluded.get(req.session_id)
         if done is not None and done[0] == caller:
             return done[2]
-        row = self.store.session(req.session_id)
+        row = self.store.sessions.get(req.session_id)
         if row is not None and row.peer == caller and row.role == "responder" and row.answer:
             # Concluded before this node restarted: the same answer again.
             return peer_pb2.ConcludeResponse.FromString(row.answer)
@@ -732,7 +734,7 @@ class Responder:
                     f"result differs: peer {caller} found {req.match_count} matches, node "
                     f"{self.province} found {outcome.match_count}"
                 )
-            self.store.complete_session(
+            self.store.sessions.complete(
                 s.session_id,
                 own_records=s.side.own_records if s.side else s.plan.own_records,
                 own_values=s.plan.total,
@@ -780,12 +782,12 @@ class Responder:
                 consistency=proof,
                 witnessed_size=self.audit.witnessed_size(caller),
             )
-            self.store.set_answer(s.session_id, answer.SerializeToString())
+            self.store.sessions.set_answer(s.session_id, answer.SerializeToString())
             return answer
 
     def witness(self, req: peer_pb2.WitnessRequest, caller: str) -> peer_pb2.WitnessResponse:
         """Verify and record the initiator's checkpoint; store its cosignature on ours."""
-        row = self.store.session(req.session_id)
+        row = self.store.sessions.get(req.session_id)
         if row is None or row.peer != caller or row.role != "responder":
             raise UnknownSession("unknown session id")
         with self._lock:

@@ -22,7 +22,6 @@ from ispf.errors import ProtocolViolation
 from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
-from ispf_server import pairruns
 from ispf_server.extsort import (
     Buffer,
     ExternalSort,
@@ -30,31 +29,6 @@ from ispf_server.extsort import (
     join_sorted,
     upper_bound,
     written,
-)
-from ispf_server.pairruns import (
-    LSID,
-    MATCHED,
-    NID,
-    NID_LED_LSID,
-    NID_LED_NID,
-    NID_LED_TAG,
-    OWN_NID,
-    OWN_TAG,
-    PEER_TAG,
-)
-from ispf_server.pairstate import (
-    EMPTY_FP,
-    OwnGroup,
-    PairDelta,
-    PeerGroup,
-    RunBuilder,
-    fingerprint,
-    fingerprint_packed,
-    labels_of,
-    labels_text,
-    pack_runs,
-    toggle,
-    xor_fp,
 )
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.core import ROW_BATCH, Outcome, RowBatches, RowSink, split
@@ -69,7 +43,36 @@ from ispf_server.session.plan import (
     shuffled_plan,
 )
 from ispf_server.session.spool import SpooledNids, TagSpool
-from ispf_server.store import MatchRow, StagedRun, Store, StoredRecord
+from ispf_server.storage import Store
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.runs import (
+    LSID,
+    MATCHED,
+    NID,
+    NID_LED_LSID,
+    NID_LED_NID,
+    NID_LED_TAG,
+    OWN_NID,
+    OWN_TAG,
+    PEER_TAG,
+)
+from ispf_server.storage.pairs.staging import StagedRun
+from ispf_server.storage.pairs.state import (
+    EMPTY_FP,
+    OwnGroup,
+    PairDelta,
+    PeerGroup,
+    RunBuilder,
+    fingerprint,
+    fingerprint_packed,
+    labels_of,
+    labels_text,
+    pack_runs,
+    toggle,
+    xor_fp,
+)
+from ispf_server.storage.registry import StoredRecord
+from ispf_server.storage.sessions import MatchRow
 
 MAX_REMOVED = 1_000_000
 
@@ -90,9 +93,9 @@ def state_fingerprints(
     past the policy's `rekey_after_days`: the key is renewed here and that state
     dropped, so both sides, asking this before a run, agree the run is full.
     """
-    if store.rekey_if_due(peer, epoch, pp.rekey_after_days):
+    if store.pairs.rekey_if_due(peer, epoch, pp.rekey_after_days):
         return None
-    row = store.pair_sync(peer, epoch)
+    row = store.pairs.sync_row(peer, epoch)
     if row is None or row.policy != policy_key(pp):
         return None
     return row.own_fp, row.peer_fp
@@ -143,7 +146,7 @@ def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> l
         return None
     allowed = [
         lb
-        for lb in store.distinct_labels()
+        for lb in store.registry.distinct_labels()
         if pp.in_collections(lb.programme) and (not labelled or pp.may_disclose(lb))
     ]
     return None if len(allowed) > 254 else allowed
@@ -252,7 +255,7 @@ def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int
     code; records of the IDs held several times, sorted). Raises _NotPacked where
     the IDs are not all 13 digits (the strings do not split evenly)."""
     assert native is not None
-    for text in store.nid_label_codes(labels):
+    for text in store.registry.nid_label_codes(labels):
         buf = bytearray(text.encode("latin-1"))
         del text
         if len(buf) % CODED:
@@ -293,7 +296,7 @@ def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytear
             text = texts[key] = labels_text(key if isinstance(key, frozenset) else (key,))
         by_text[text] += nid.encode("ascii")
 
-    for nid, prog, status in store.nid_labels():
+    for nid, prog, status in store.registry.nid_labels():
         pair = (prog, status)
         if pair in allowed:
             label = allowed[pair]
@@ -320,16 +323,16 @@ def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytear
 
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
     """What this side sends: IDs whose label set is new or changed, and removed tags."""
-    version = store.registry_version()
+    version = store.registry.version()
     # A pair key older than the policy allows is renewed, and the pair's state goes
     # with it: this run is full (the peer finds fingerprints that do not match).
-    rekeyed = store.rekey_if_due(peer, epoch, pp.rekey_after_days)
-    row = store.pair_sync(peer, epoch) if incremental and not rekeyed else None
+    rekeyed = store.pairs.rekey_if_due(peer, epoch, pp.rekey_after_days)
+    row = store.pairs.sync_row(peer, epoch) if incremental and not rekeyed else None
     plan: Plan | None = None
     if row is not None:
-        nids = store.changed_since(row.version)
-        records = [r for r in store.records_by_nids(sorted(nids)) if eligible(pp, r)]
-        current = store.own_tags_for(peer, epoch, nids)
+        nids = store.registry.changed_since(row.version)
+        records = [r for r in store.registry.records_by_nids(sorted(nids)) if eligible(pp, r)]
+        current = store.pairs.own_tags_for(peer, epoch, nids)
         desired = _label_sets(records)
         changed = {
             n for n in nids if desired.get(n) != (current[n].labels if n in current else None)
@@ -360,7 +363,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         pp=pp,
         peer=peer,
         epoch=epoch,
-        key=store.pair_key(peer, epoch),
+        key=store.pairs.key(peer, epoch),
         incremental=row is not None,
         own_fp=own_fp,
         peer_fp=peer_fp,
@@ -402,7 +405,7 @@ def _matched_rows(side: SyncSide, matches: dict[str, tuple[bytes, str]]) -> list
     rows: list[MatchRow] = []
     allowed: dict[Label, bool] = {}
     pp = side.pp
-    for rid, nid, label in side.store.labelled_records(sorted(matches)):
+    for rid, nid, label in side.store.registry.labelled_records(sorted(matches)):
         ok = allowed.get(label)
         if ok is None:
             ok = allowed[label] = pp.in_collections(label.programme) and pp.may_disclose(label)
@@ -478,7 +481,7 @@ def _finish_full(
         own_by_tag = own_sorted(by_tag=True)
     except _NotPacked:
         return None
-    stager = side.store.run_stager(side.peer, side.epoch)
+    stager = side.store.pairs.run_stager(side.peer, side.epoch)
     rows = RowBatches(stage_rows)
     with (
         own_by_tag,
@@ -551,7 +554,7 @@ def _staged_rows(
                     labels = peer_labels[lsid] = labels_of(names[lsid])
                 found[rec[NID_LED_NID].decode("ascii")] = (rec[NID_LED_TAG], labels)
             rows: list[MatchRow] = []
-            for rid, nid, label in side.store.labelled_records(list(found)):
+            for rid, nid, label in side.store.registry.labelled_records(list(found)):
                 ok = allowed.get(label)
                 if ok is None:
                     ok = allowed[label] = pp.in_collections(label.programme) and pp.may_disclose(
@@ -608,13 +611,13 @@ def finish(
     gone_own, gone_peer = set(side.removed_nids), set(peer_removed)
     matches: dict[str, tuple[bytes, str]] = {}
     if side.incremental:
-        for nid, tag, labels in store.matched_state(peer, epoch):
+        for nid, tag, labels in store.pairs.matched_state(peer, epoch):
             if nid not in gone_own and tag not in gone_peer:
                 matches[nid] = (tag, labels)
-        for tag, nid in store.own_nids_by_tag(peer, epoch, peer_index).items():
+        for tag, nid in store.pairs.own_nids_by_tag(peer, epoch, peer_index).items():
             if nid not in gone_own:  # new peer tags meeting kept own ones
                 matches[nid] = (tag, peer_index[tag])
-        kept_peer = store.peer_labels_for(
+        kept_peer = store.pairs.peer_labels_for(
             peer, epoch, [t for t in own_tags if t not in peer_index and t not in gone_peer]
         )
     else:
@@ -680,7 +683,9 @@ def eligible_owners(
     collections, labels it may learn): a result row each, read when matched."""
     out: dict[bytes, list[StoredRecord]] = defaultdict(list)
     allowed: dict[Label, bool] = {}
-    for rid, nid, label in store.labelled_records(sorted({n.decode("ascii") for n in nids})):
+    for rid, nid, label in store.registry.labelled_records(
+        sorted({n.decode("ascii") for n in nids})
+    ):
         ok = allowed.get(label)
         if ok is None:
             ok = allowed[label] = pp.in_collections(label.programme) and pp.may_disclose(label)
