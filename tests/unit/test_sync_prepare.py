@@ -85,7 +85,9 @@ def test_one_pass_equals_the_record_path(
         store.registry, "nid_labels", functools.partial(store.registry.nid_labels, batch=batch)
     )
     monkeypatch.setattr(
-        store.registry, "nid_label_codes", functools.partial(store.registry.nid_label_codes, batch=batch)
+        store.registry,
+        "nid_label_codes",
+        functools.partial(store.registry.nid_label_codes, batch=batch),
     )
     pass_ = _coded_pass if way == "coded" else sync._all_label_sets_rows
     by_text, count = pass_(store, pp)
@@ -450,7 +452,9 @@ def test_one_off_plan_packed_equals_the_record_path(
     store = Store(tmp_path / "s.sqlite")
     store.registry.upsert(records)
     monkeypatch.setattr(
-        store.registry, "nid_label_codes", functools.partial(store.registry.nid_label_codes, batch=batch)
+        store.registry,
+        "nid_label_codes",
+        functools.partial(store.registry.nid_label_codes, batch=batch),
     )
     got = sync.one_off_plan(store, pp, collections, labelled=labelled)
     monkeypatch.setattr(sync, "native", None)

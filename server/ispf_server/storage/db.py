@@ -190,3 +190,25 @@ class Database:
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+
+def restore_image(image: bytes, path: Path) -> bool:
+    """Write a `Database.snapshot` image as a new store file at `path` (0600, made
+    here); False, and nothing written, where the image holds no store."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        try:
+            mem.deserialize(image)
+            mem.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError:
+            return False
+        files.private_dir(path.parent)
+        files.private_new_file(path)
+        out = sqlite3.connect(path)
+        try:
+            mem.backup(out)
+        finally:
+            out.close()
+    finally:
+        mem.close()
+    return True
