@@ -145,12 +145,13 @@ class Database:
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         with self.lock:
-            row = self.conn.execute(sql, params).fetchone()
-        return None if row is None else tuple(row)
+            row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
+        return row  # (rows are tuples: the connection has no row factory)
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.lock:
-            return [tuple(r) for r in self.conn.execute(sql, params).fetchall()]
+            rows: list[tuple[Any, ...]] = self.conn.execute(sql, params).fetchall()
+        return rows
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
