@@ -29,9 +29,13 @@ CREATE TABLE IF NOT EXISTS records (
 -- million records than through the table).
 CREATE INDEX IF NOT EXISTS records_by_nid ON records(nid, programme, status, record_id);
 DROP INDEX IF EXISTS records_nid;
+-- Which IDs changed at which registry version: an incremental run reads only these.
+CREATE TABLE IF NOT EXISTS registry_changes (
+    version INTEGER NOT NULL,
+    nid     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version);
 """
-# (The change log, `registry_changes`, is created with the pair state that reads it:
-# `pairs.schema`.)
 
 log = logging.getLogger(__name__)
 

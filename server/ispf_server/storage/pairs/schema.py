@@ -45,12 +45,6 @@ CREATE TABLE IF NOT EXISTS pair_sync (
     policy   TEXT NOT NULL,
     PRIMARY KEY (peer, epoch)
 );
--- Which IDs changed at which registry version: an incremental run reads only these.
-CREATE TABLE IF NOT EXISTS registry_changes (
-    version INTEGER NOT NULL,
-    nid     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version);
 -- Base entries (in pair_runs) that later changes replaced or removed.
 CREATE TABLE IF NOT EXISTS own_gone (
     peer  TEXT NOT NULL,
