@@ -13,13 +13,14 @@ help: ## list the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# setup.py builds the optional C module (ispf.hazmat._native) in place; without a
-# C compiler the install still succeeds and the pure-Python code is used.
-$(VENV)/.installed: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN)/python
+# setup.py builds the optional C modules (ispf.hazmat._native, ispf._records) in
+# place; without a C compiler the install still succeeds and the pure-Python code is used.
+NATIVE_SRC := common/ispf/hazmat/_native.c common/ispf/_records.c common/ispf/_blake3.h
+$(VENV)/.installed: pyproject.toml setup.py $(NATIVE_SRC) | $(BIN)/python
 	$(PIP) install -e .
 	@touch $@
 
-$(VENV)/.dev: pyproject.toml setup.py common/ispf/hazmat/_native.c | $(BIN)/python
+$(VENV)/.dev: pyproject.toml setup.py $(NATIVE_SRC) | $(BIN)/python
 	$(PIP) install -e '.[dev]'
 	@touch $@ $(VENV)/.installed
 
@@ -50,9 +51,10 @@ test: dev browser valgrind lint typecheck proto-check pytest pytest-portable ## 
 test-slow: dev ## the long X25519 evidence: RFC 7748's 1,000,000 iterations, 10^7 differential pairs
 	ISPF_X25519_SLOW=1 $(BIN)/python -m pytest -q -p no:randomly -m x25519_slow tests/unit/test_x25519_evidence.py
 
-lint: dev ## ruff lint and format check
+lint: dev ## ruff lint and format check; the import contracts (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: dev ## mypy --strict
 	$(BIN)/mypy
@@ -68,8 +70,9 @@ proto-check: dev ## fail if the committed stubs differ from what proto/ generate
 pytest: dev ## the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Machines without a C compiler run the Python code in place of the native module.
-pytest-portable: dev ## the core tests again, with the native module switched off
+# Machines without a C compiler run the Python code in place of the native modules
+# (ISPF_NATIVE=0 switches off both, the curve's and the record operations').
+pytest-portable: dev ## the core tests again, with the native modules switched off
 	ISPF_NATIVE=0 $(BIN)/python -m pytest -q tests/unit tests/integration/test_reconcile.py \
 	  tests/integration/test_incremental.py tests/integration/test_online_check.py
 
@@ -86,4 +89,4 @@ bench-load: dev ## load test: 32 concurrent online checks for 60 s
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out .bench-venvs build
-	rm -f common/ispf/hazmat/_native.*.so
+	rm -f common/ispf/hazmat/_native.*.so common/ispf/_records.*.so

@@ -22,7 +22,8 @@ import os
 import time
 from concurrent.futures import Future
 
-from ispf.hazmat.backends import SPOT_CHECK_EVERY, BackendUnavailable, IfmaBackend, select
+from ispf.errors import BackendUnavailable
+from ispf.hazmat.backends import SPOT_CHECK_EVERY, IfmaBackend, select
 from ispf.hazmat.curve import hash_to_curve_many
 from ispf.keys import BlindingKey, ForumSalt
 from ispf_server.pool import BlindingPool, pipelined, releases_gil

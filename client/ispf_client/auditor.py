@@ -28,7 +28,6 @@ from ispf import files, merkle, note
 from ispf.auditlog import (
     PAIRED_FIELDS,
     Checkpoint,
-    EntryError,
     SignedCheckpoint,
     b64,
     decode_entry,
@@ -36,21 +35,18 @@ from ispf.auditlog import (
     unb64,
     verify_bundle,
 )
-from ispf.errors import ConfigError, IspfError, from_rpc_error
+from ispf.errors import (
+    AuditFailure,
+    ConfigError,
+    EntryError,
+    IspfError,
+    NoteError,
+    ProofError,
+    from_rpc_error,
+)
+from ispf.protocol import MAX_LOG_ENTRIES
 from ispf.v1 import audit_pb2, audit_pb2_grpc
 from ispf_client.sdk import ClientProfile, secure_channel
-
-PAGE = 1000
-
-
-class AuditFailure(IspfError):
-    """A log failed verification. `kind` names what was found; `evidence` is a file."""
-
-    def __init__(self, node: str, kind: str, message: str, evidence: Path | None = None) -> None:
-        super().__init__(f"{node}: {kind}: {message}")
-        self.node = node
-        self.kind = kind
-        self.evidence = evidence
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class AuditProfile:
             )
         except FileNotFoundError as exc:
             raise ConfigError(f"audit profile or a file it names is missing: {exc}") from exc
-        except (KeyError, tomllib.TOMLDecodeError, note.NoteError) as exc:
+        except (KeyError, tomllib.TOMLDecodeError, NoteError) as exc:
             raise ConfigError(f"audit profile {path} is invalid: {exc}") from exc
 
     def cosigners(self) -> list[note.Verifier]:
@@ -150,7 +146,9 @@ class NodeLog:
         while len(out) < size:
             page = self._call(
                 self._stub.GetEntries,
-                audit_pb2.GetEntriesRequest(start=len(out), end=min(size, len(out) + PAGE)),
+                audit_pb2.GetEntriesRequest(
+                    start=len(out), end=min(size, len(out) + MAX_LOG_ENTRIES)
+                ),
             ).entries
             if not page:
                 break
@@ -281,7 +279,7 @@ def fetch_verified(log: NodeLog, profile: AuditProfile, mirror: list[bytes]) -> 
     raw = log.checkpoint()
     try:
         signed = open_checkpoint(raw, log.ref.key, others)
-    except note.NoteError as exc:
+    except NoteError as exc:
         ev = write_evidence(profile, name, "bad-signature", exc.message, checkpoint=raw)
         raise AuditFailure(name, "bad-signature", exc.message, ev) from None
     cp = signed.checkpoint
@@ -326,7 +324,7 @@ def check_extends(
     name = log.ref.name
     try:
         old = open_checkpoint(trusted_note, log.ref.key).checkpoint
-    except note.NoteError as exc:
+    except NoteError as exc:
         detail = f"{source}: {exc.message}"
         ev = write_evidence(profile, name, "bad-signature", detail, checkpoint=trusted_note)
         raise AuditFailure(name, "bad-signature", detail, ev) from None
@@ -347,7 +345,7 @@ def check_extends(
     proof = log.consistency(old.size, cp.size) if cp.size > old.size else []
     try:
         merkle.verify_consistency(old.size, cp.size, old.root, cp.root, proof)
-    except merkle.ProofError as exc:
+    except ProofError as exc:
         detail = (
             f"checkpoint of size {cp.size} does not extend the one of size {old.size} "
             f"({source}): {exc.message}; both are signed by the same key"

@@ -16,11 +16,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ispf.protocol import MAX_CHECK_IDS  # (the node's limit per request)
 from ispf.v1 import internal_pb2
 from ispf_client.sdk import NodeClient
 
 S = internal_pb2
-MAX_BATCH = 1000  # the node's limit per request
 ANSWERED = frozenset({S.PROVINCE_STATUS_MATCH, S.PROVINCE_STATUS_NO_MATCH})
 MIN_PAUSE = 0.05
 
@@ -126,15 +126,15 @@ def check_paced(
                         limit[a.province] = a.limit_per_minute
         return refused
 
-    for start in range(0, len(nids), MAX_BATCH):
-        ask(list(range(start, min(len(nids), start + MAX_BATCH))), list(provinces or []))
+    for start in range(0, len(nids), MAX_CHECK_IDS):
+        ask(list(range(start, min(len(nids), start + MAX_CHECK_IDS))), list(provinces or []))
 
     give_up_at = clock() + max_wait
     while waiting:
         province = min(waiting, key=lambda p: ready[p])
         queue = waiting[province]
         per_minute = limit.get(province, 0)
-        batch = min(len(queue), per_minute or MAX_BATCH, MAX_BATCH)
+        batch = min(len(queue), per_minute or MAX_CHECK_IDS, MAX_CHECK_IDS)
         # After the first batch, the rest arrives at the province's rate.
         eta = ready[province] + (len(queue) - batch) * 60.0 / per_minute if per_minute else 0.0
         if ready[province] > give_up_at:  # e.g. a daily quota used up

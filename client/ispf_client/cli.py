@@ -36,11 +36,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from ispf import files, logs
-from ispf.errors import ConfigError, DeadlineExceeded, IspfError, PeerUnavailable
+from ispf.errors import AuditFailure, ConfigError, DeadlineExceeded, IspfError, PeerUnavailable
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
 from ispf.v1 import internal_pb2
 from ispf_client import output
-from ispf_client.auditor import AuditFailure, AuditProfile
+from ispf_client.auditor import AuditProfile
 from ispf_client.csvio import ProblemWriter, RowProblem, write_problems
 from ispf_client.loader import BATCH, DEFAULT_MAX_DELETE_PERCENT, LoadReport
 from ispf_client.output import console, emit_json, printable

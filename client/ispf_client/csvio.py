@@ -54,7 +54,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 @dataclass(frozen=True)
 class RowProblem:
     line: int
-    record_id: str
+    record_id: str = field(repr=False)
     code: str
     reason: str
 

@@ -11,40 +11,35 @@ one machine holds every registry) and, for generated data, the planted truth.
 from __future__ import annotations
 
 import csv
-import os
 import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
 from ispf import files
-from ispf.errors import IspfError
-from ispf.hazmat.backends import select as select_backend
+from ispf.errors import AuditFailure, IspfError
 from ispf.identity import KNOWN_PROVINCES
 from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
 from ispf.records import check_label, check_record_id
 from ispf.v1 import internal_pb2
 from ispf_client import htmlreport
-from ispf_client.auditor import AuditFailure, AuditProfile, pair, verify
+from ispf_client.auditor import pair, verify
 from ispf_client.csvio import RowProblem, read_registry_csv, write_problems
+from ispf_client.demo_launch import LocalFederation
 from ispf_client.forum import (
     ForumLayout,
     init_forum,
-    write_audit_profile,
-    write_client_profile,
 )
 from ispf_client.loader import LoadReport, load_csv
 from ispf_client.progress import watch_with_progress
 from ispf_client.report import DEDUP_NOTE, WrittenReport, session_line, write_report
-from ispf_client.sdk import ClientProfile, NodeClient
 from ispf_client.synth import SyntheticFederation, generate
 
 DEFAULT_PROVINCES = ("punjab", "sindh", "kp", "balochistan")
@@ -150,7 +145,7 @@ def run_demo(
                 files.write_private_text(paths[p], fed.csv_text(p))
         files.private_dir(out)
         with LocalFederation(layout, provinces, digits, workers, interceptors) as fedn:
-            con.print(f"X25519 backend: {select_backend('auto').name}")
+            con.print(f"X25519 backend: {fedn.backend_name()}")
             con.print(
                 "[bold]Federation up:[/] "
                 + ", ".join(f"{p} ({fedn.address(p)})" for p in provinces)
@@ -174,71 +169,6 @@ def run_demo(
             con.print(f"[red]FAILED[/] {f}")
         con.print(f"Reports written to {out}/")
     return result
-
-
-class LocalFederation:
-    """Province nodes in this process, each on its own 127.0.0.1 port, one blinding pool."""
-
-    def __init__(
-        self,
-        layout: ForumLayout,
-        provinces: list[str],
-        digits: frozenset[str],
-        workers: int,
-        interceptors: Sequence[Any] = (),
-    ) -> None:
-        from ispf_server.config import load_config
-        from ispf_server.node import Node, create_server
-        from ispf_server.pool import BlindingPool
-
-        self.layout = layout
-        self.pool = BlindingPool(workers or (os.cpu_count() or 1))
-        self.nodes: dict[str, Node] = {}
-        self.servers: dict[str, grpc.Server] = {}
-        self.ports: dict[str, int] = {}
-        self.clients: dict[str, NodeClient] = {}
-        try:
-            for p in provinces:
-                cfg = load_config(layout.node_dir(p) / "node.toml")
-                node = Node(replace(cfg, province_digits=digits), pool=self.pool)
-                self.nodes[p] = node
-                self.servers[p], self.ports[p] = create_server(
-                    node, "127.0.0.1:0", interceptors=interceptors
-                )
-                self.servers[p].start()
-            addresses = {p: self.address(p) for p in provinces}
-            for p, node in self.nodes.items():
-                node.peer_addresses = {q: a for q, a in addresses.items() if q != p}
-                # Profiles on disk name the real ports, for CLI use while serving.
-                write_client_profile(layout, p, addresses[p])
-                self.clients[p] = NodeClient(
-                    ClientProfile.load(layout.client_dir(p) / "profile.toml")
-                )
-            write_audit_profile(layout, "auditor", addresses)
-        except BaseException:
-            self.close()
-            raise
-
-    def address(self, province: str) -> str:
-        return f"127.0.0.1:{self.ports[province]}"
-
-    def audit_profile(self) -> AuditProfile:
-        return AuditProfile.load(self.layout.auditor_dir("auditor") / "audit.toml")
-
-    def close(self) -> None:
-        for c in self.clients.values():
-            c.close()
-        for s in self.servers.values():
-            s.stop(grace=1).wait()
-        for n in self.nodes.values():
-            n.close()
-        self.pool.close()
-
-    def __enter__(self) -> LocalFederation:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def federation_report(

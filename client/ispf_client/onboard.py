@@ -27,10 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from ispf import files, note, sealing
-from ispf.auditlog import origin_of
-from ispf.errors import ConfigError
+from ispf.auditlog import load_log_signer, origin_of
+from ispf.errors import ConfigError, NoteError
 from ispf.identity import PROVINCE_RE, ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
-from ispf.keys import MasterKey, write_private_file
+from ispf.keys import MasterKey, salt_path, write_private_file
+from ispf.nodeconfig import load_config
 
 REQUEST_FORMAT = "ispf-request/v1"
 STEMS = {ROLE_NODE: "node", ROLE_INTERNAL: "client", ROLE_AUDIT: "auditor"}
@@ -97,7 +98,7 @@ class Request:
         if self.role == ROLE_NODE:
             try:
                 v = note.Verifier.parse(self.log_key)
-            except note.NoteError as exc:
+            except NoteError as exc:
                 raise ConfigError(f"{where}: the log key is not a signed-note key") from exc
             if v.name != origin_of(self.name):
                 raise ConfigError(f"{where}: the log key is for {v.name}, not {self.name}")
@@ -166,8 +167,6 @@ def renew_request(
     """Certificate rotation: a new TLS key as ``node.key.new`` (0600) and a new
     ``request.json`` with the node's existing log and sealing public keys (those keys
     stay: the log's origin and the sealed salts do not change)."""
-    from ispf_server.audit import load_log_signer
-
     new_key = folder / "node.key.new"
     if new_key.exists():
         raise ConfigError(f"{new_key} already exists: finish or remove the rotation under way")
@@ -250,9 +249,6 @@ def write_node_config(
 
 def import_salt(config_path: Path, sealed: Path, epoch: int | None = None) -> Path:
     """Open a sealed salt with the node's sealing key, check it, store it 0600."""
-    from ispf_server.config import load_config
-    from ispf_server.salts import salt_path
-
     cfg = load_config(config_path)
     if cfg.seal_key is None:
         raise ConfigError(f"{config_path}: no [keys] seal = ... (the node's sealing key)")

@@ -40,10 +40,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ispf import merkle, note
-from ispf.errors import IspfError
+from ispf.errors import ConfigError, EntryError, NoteError
+from ispf.keys import check_private_file
 
 ORIGIN_PREFIX = "ispf-match/"
 ENTRY_VERSION = 1
@@ -70,10 +72,6 @@ PAIRED_FIELDS = (
     "initiator_declared",
     "responder_declared",
 )
-
-
-class EntryError(IspfError):
-    """An entry is not valid canonical log data."""
 
 
 def origin_of(province: str) -> str:
@@ -136,13 +134,13 @@ class Checkpoint:
     def parse(cls, text: str) -> Checkpoint:
         lines = text.split("\n")
         if len(lines) < 4 or lines[-1] != "":
-            raise note.NoteError("checkpoint text must be origin, size and root lines")
+            raise NoteError("checkpoint text must be origin, size and root lines")
         origin, size, root = lines[0], lines[1], lines[2]
         if not size.isdigit() or (size != "0" and size.startswith("0")):
-            raise note.NoteError("checkpoint size is not a decimal number")
+            raise NoteError("checkpoint size is not a decimal number")
         raw = unb64(root)
         if len(raw) != merkle.HASH_BYTES:
-            raise note.NoteError("checkpoint root is not a SHA-256 hash")
+            raise NoteError("checkpoint root is not a SHA-256 hash")
         return cls(origin, int(size), raw)
 
 
@@ -159,10 +157,10 @@ def open_checkpoint(
     """Verify a checkpoint signed by `log_key`; cosignatures by known keys are checked too."""
     text, good = note.verify(signed_note, log_key, *cosigners)
     if log_key not in good:
-        raise note.NoteError(f"checkpoint is not signed by {log_key.name}")
+        raise NoteError(f"checkpoint is not signed by {log_key.name}")
     cp = Checkpoint.parse(text)
     if cp.origin != log_key.name:
-        raise note.NoteError(f"checkpoint origin {cp.origin} is not {log_key.name}")
+        raise NoteError(f"checkpoint origin {cp.origin} is not {log_key.name}")
     return SignedCheckpoint(cp, signed_note, [v.name for v in good if v != log_key])
 
 
@@ -201,3 +199,13 @@ def verify_bundle(
             digest,
         )
     return fields
+
+
+def load_log_signer(path: Path) -> note.Signer:
+    """A node's checkpoint signing key (log.key, 0600): the node's, and the tools that
+    renew its certificate request."""
+    check_private_file(path)
+    try:
+        return note.Signer.parse(path.read_text(encoding="ascii"))
+    except (NoteError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"log key {path} is not a signed-note private key") from exc

@@ -7,6 +7,7 @@
     │   ├── InvalidNationalId
     │   ├── InvalidRecord
     │   └── InvalidBlindedValue
+    ├── ProofError                 INVALID_ARGUMENT  (a Merkle proof does not verify)
     ├── ProtocolViolation          INVALID_ARGUMENT  (a peer broke the session protocol)
     ├── NotFound                   NOT_FOUND
     │   ├── UnknownSession
@@ -16,9 +17,11 @@
     │   ├── UnknownEpoch
     │   ├── VersionMismatch
     │   ├── LogTampered            (this node's own log disagrees with its last checkpoint)
+    │   ├── ForkDetected           (a peer's new checkpoint does not extend the one seen)
     │   └── ConfigError
     │       ├── KeyFileError
-    │       └── SealedFileError    (a sealed salt or backup for another node/epoch, or altered)
+    │       ├── SealedFileError    (a sealed salt or backup for another node/epoch, or altered)
+    │       └── BackendUnavailable (the X25519 backend asked for cannot run here)
     ├── PermissionDenied           PERMISSION_DENIED
     │   └── PolicyRefused
     ├── Unauthenticated            UNAUTHENTICATED
@@ -31,7 +34,12 @@
     ├── PeerUnavailable            UNAVAILABLE
     │   └── RetryLater             (busy, or state to rebuild: try again shortly)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
-    └── SelfCheckFailed            INTERNAL  (the X25519 backend disagreed with cryptography)
+    ├── SelfCheckFailed            INTERNAL  (the X25519 backend disagreed with cryptography)
+    ├── EntryError                 INTERNAL  (an audit-log entry is not canonical log data)
+    ├── NoteError                  INTERNAL  (a signed note or key is malformed or unverified)
+    ├── AuditFailure               INTERNAL  (an auditor found a log failing verification)
+    └── RepeatedKey                INTERNAL  (a sorted stream holds a key twice: the general
+                                              path runs; caught inside the node, never sent)
 
 The server translates these to gRPC status in one interceptor
 (`ispf_server.guard`); the client turns a status back into the same class in
@@ -40,6 +48,8 @@ a salt or a key: they say what was wrong and where (a position, a field).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 
@@ -85,6 +95,12 @@ class InvalidBlindedValue(InvalidInput):
     pass
 
 
+class ProofError(IspfError):
+    """A Merkle proof does not verify, or cannot be made for the sizes asked."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class ProtocolViolation(IspfError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -125,6 +141,10 @@ class LogTampered(PreconditionFailed):
     """
 
 
+class ForkDetected(PreconditionFailed):
+    """A peer's new checkpoint is not consistent with the one seen before."""
+
+
 class ConfigError(PreconditionFailed):
     pass
 
@@ -136,6 +156,10 @@ class KeyFileError(ConfigError):
 class SealedFileError(ConfigError):
     """A sealed file (salt, backup) that is not for this node, forum or epoch, or that
     does not open: refused, with which of these it is."""
+
+
+class BackendUnavailable(ConfigError):
+    """The requested backend cannot be used here; the message says why."""
 
 
 class PermissionDenied(IspfError):
@@ -205,6 +229,32 @@ class DeadlineExceeded(IspfError):
 class SelfCheckFailed(IspfError):
     """A spot check recomputed an X25519 output with `cryptography` and got another
     value: the batch is not trusted and the backend is marked unhealthy."""
+
+
+class EntryError(IspfError):
+    """An entry is not valid canonical log data."""
+
+
+class NoteError(IspfError):
+    """A note or key is malformed, or no trusted signature verifies."""
+
+
+class AuditFailure(IspfError):
+    """A log failed verification. `kind` names what was found; `evidence` is a file."""
+
+    def __init__(self, node: str, kind: str, message: str, evidence: Path | None = None) -> None:
+        super().__init__(f"{node}: {kind}: {message}")
+        self.node = node
+        self.kind = kind
+        self.evidence = evidence
+
+
+class RepeatedKey(IspfError):
+    """A sorted stream holds a key twice (`ispf_server.records`): the caller's general
+    path runs. Caught inside the node (it never reaches a peer)."""
+
+    def __init__(self, message: str = "a sorted stream holds a key twice") -> None:
+        super().__init__(message)
 
 
 def _all_subclasses(cls: type[IspfError]) -> list[type[IspfError]]:

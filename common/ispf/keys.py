@@ -180,3 +180,8 @@ class MasterKey(_Secret):
     def check_value(self) -> str:
         """A non-secret value the store keeps, to notice a different master key."""
         return blake3.blake3(b"ispf/master-kcv/v1", key=self._raw).hexdigest(length=8)
+
+
+def salt_path(folder: Path, epoch: int) -> Path:
+    """Where a node keeps epoch `epoch`'s salt in its salt folder (0600)."""
+    return folder / f"epoch-{epoch}.salt"

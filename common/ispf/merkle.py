@@ -12,18 +12,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-import grpc
-
-from ispf.errors import IspfError
+from ispf.errors import ProofError
 
 HASH_BYTES = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
-
-
-class ProofError(IspfError):
-    """A Merkle proof does not verify, or cannot be made for the sizes asked."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def leaf_hash(entry: bytes) -> bytes:

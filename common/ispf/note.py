@@ -24,15 +24,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ispf.errors import IspfError
+from ispf.errors import NoteError
 
 ALG_ED25519 = 0x01
 ALG_COSIGNATURE_V1 = 0x04
 DASH = "\u2014"
-
-
-class NoteError(IspfError):
-    """A note or key is malformed, or no trusted signature verifies."""
 
 
 def key_id(name: str, alg: int, public: bytes) -> bytes:

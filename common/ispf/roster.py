@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ispf import note
 from ispf.auditlog import origin_of
-from ispf.errors import ConfigError
+from ispf.errors import ConfigError, NoteError
 from ispf.sealing import forum_id
 
 
@@ -77,7 +77,7 @@ class Roster:
         for name, e in self.nodes.items():
             try:
                 v = e.verifier()
-            except note.NoteError as exc:
+            except NoteError as exc:
                 raise ConfigError(f"roster: the log key of {name} is not a verifier key") from exc
             if v.name != origin_of(name):
                 raise ConfigError(f"roster: the log key of {name} is for {v.name}")

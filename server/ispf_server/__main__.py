@@ -27,8 +27,8 @@ from pathlib import Path
 
 from ispf import logs
 from ispf.errors import ConfigError, IspfError
+from ispf.nodeconfig import load_config
 from ispf_server.backup import backup_store, restore_store
-from ispf_server.config import load_config
 from ispf_server.node import Node, create_server, retire_epoch
 from ispf_server.storage import Store
 

@@ -26,11 +26,17 @@ from ispf.auditlog import (
     open_checkpoint,
     origin_of,
 )
-from ispf.errors import ConfigError, LogTampered, PreconditionFailed, ProtocolViolation
-from ispf.keys import check_private_file
+from ispf.errors import (
+    ConfigError,
+    ForkDetected,
+    LogTampered,
+    NoteError,
+    ProofError,
+    ProtocolViolation,
+)
 from ispf.peertext import MASK, untrusted
+from ispf.protocol import PROTOCOL_VERSION
 from ispf.v1 import common_pb2
-from ispf_server.session.core import PROTOCOL_VERSION
 from ispf_server.storage import Store
 from ispf_server.storage.db import utcnow
 
@@ -43,18 +49,6 @@ def _printable(text: str, limit: int = 200) -> str:
     return re.sub(r"\d{6,}", "#", untrusted(text, limit).replace(MASK, "#"))
 
 
-class ForkDetected(PreconditionFailed):
-    """A peer's new checkpoint is not consistent with the one seen before."""
-
-
-def load_log_signer(path: Path) -> note.Signer:
-    check_private_file(path)
-    try:
-        return note.Signer.parse(path.read_text(encoding="ascii"))
-    except (note.NoteError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"log key {path} is not a signed-note private key") from exc
-
-
 def load_log_keys(folder: Path) -> dict[str, note.Verifier]:
     """Every `<province>.vkey` in the folder: the forum's node log keys."""
     if not folder.is_dir():
@@ -63,7 +57,7 @@ def load_log_keys(folder: Path) -> dict[str, note.Verifier]:
     for f in sorted(folder.glob("*.vkey")):
         try:
             v = note.Verifier.parse(f.read_text(encoding="ascii"))
-        except (note.NoteError, UnicodeDecodeError) as exc:
+        except (NoteError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{f} is not a signed-note verifier key") from exc
         if v.name != origin_of(f.stem):
             raise ConfigError(f"{f} holds the key of {v.name}, not {origin_of(f.stem)}")
@@ -105,7 +99,7 @@ class AuditLog:
         )
         try:
             cp = open_checkpoint(signed, self.signer.verifier()).checkpoint
-        except note.NoteError:
+        except NoteError:
             return (
                 f"audit log self-check failed: the last checkpoint (size {size}) is not "
                 f"signed by this node's log key{advice}"
@@ -331,20 +325,18 @@ class AuditLog:
             raise ConfigError(f"no log key for peer {peer}: add {peer}.vkey to the log key folder")
         try:
             new = open_checkpoint(signed_note, key)
-        except note.NoteError as exc:
+        except NoteError as exc:
             raise ProtocolViolation(f"peer {peer} sent a bad checkpoint: {exc.message}") from exc
         seen = self.store.audit.witnessed().get(peer)
         if seen is not None:
             old = Checkpoint.parse(note.split(seen[1])[0])
             try:
                 if new.checkpoint.size < old.size:
-                    raise merkle.ProofError(
-                        f"log shrank from {old.size} to {new.checkpoint.size} entries"
-                    )
+                    raise ProofError(f"log shrank from {old.size} to {new.checkpoint.size} entries")
                 merkle.verify_consistency(
                     old.size, new.checkpoint.size, old.root, new.checkpoint.root, proof
                 )
-            except merkle.ProofError as exc:
+            except ProofError as exc:
                 log.error(
                     "peer %s log fork: checkpoint of size %d is not consistent with the one "
                     "of size %d seen before (%s)",
@@ -374,7 +366,7 @@ class AuditLog:
         for size, signed in self.store.audit.recent_checkpoints(COSIGN_LOOKBACK):
             try:
                 note.verify(signed + line, cosigner)
-            except note.NoteError:
+            except NoteError:
                 continue
             self.store.audit.add_cosignature(size, peer, line)
             return

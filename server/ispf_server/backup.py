@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ispf import files, sealing
 from ispf.errors import ConfigError, SealedFileError
-from ispf_server.config import NodeConfig
+from ispf.nodeconfig import NodeConfig
 from ispf_server.storage import Store
 from ispf_server.storage.db import restore_image
 

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ispf import files, note
 from ispf import roster as roster_mod
+from ispf.auditlog import load_log_signer
 from ispf.errors import (
     ConfigError,
     IspfError,
@@ -29,6 +30,7 @@ from ispf.errors import (
 from ispf.hazmat import backends, curve
 from ispf.hazmat.backends import select as select_backend
 from ispf.keys import ForumSalt, check_private_file
+from ispf.nodeconfig import NodeConfig
 from ispf.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -38,9 +40,8 @@ from ispf.v1 import (
     peer_pb2,
     peer_pb2_grpc,
 )
-from ispf_server.audit import AuditLog, load_log_keys, load_log_signer
+from ispf_server.audit import AuditLog, load_log_keys
 from ispf_server.budget import BudgetState, QueryBudget
-from ispf_server.config import NodeConfig
 from ispf_server.guard import Guard
 from ispf_server.metrics import NodeMetrics
 from ispf_server.policy import Policy, PolicyFile

@@ -56,7 +56,8 @@ class _InlineExecutor(Executor):
 
 def releases_gil(backend: str) -> bool:
     """Do hashing and blinding with this backend run without the GIL (threads scale)?"""
-    from ispf.hazmat.backends import BackendUnavailable, select
+    from ispf.errors import BackendUnavailable
+    from ispf.hazmat.backends import select
 
     try:
         return curve.native is not None and select(backend).name == "ifma"

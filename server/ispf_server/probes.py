@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from ispf.blinding import POINT_BYTES, TAG_BYTES
+from ispf.blinding import POINT_BYTES, TAG_BYTES, blind_many, reblind_many
 from ispf.errors import (
     InvalidInput,
     InvalidNationalId,
@@ -34,8 +34,8 @@ from ispf.errors import (
     ResourceExhausted,
     from_rpc_error,
 )
-from ispf.hazmat import curve
 from ispf.nid import canonicalise
+from ispf.protocol import MAX_CHECK_IDS
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.budget import QueryBudget
@@ -46,7 +46,6 @@ from ispf_server.storage.pairs.state import labels_of
 
 log = logging.getLogger(__name__)
 
-MAX_CHECK_IDS = 1000
 DEFAULT_DEADLINE_MS = 2000
 FLUSH_SECONDS = 60.0
 SYNC_RETRY_SECONDS = 5.0
@@ -211,7 +210,7 @@ class ProbeAnswerer:
             raise
         self._freshen(caller, req.epoch)
         key = self.store.pairs.key(caller, req.epoch)
-        tags = curve.x25519_many(key.unsafe_raw(), req.values, TAG_BYTES, self.backend)
+        tags = reblind_many(key, req.values, TAG_BYTES, self.backend)
         split = [tags[i : i + TAG_BYTES] for i in range(0, len(tags), TAG_BYTES)]
         found = self.store.pairs.lookup_own_tags(caller, req.epoch, split)
         hits = [
@@ -375,9 +374,7 @@ class Checker:
         self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
     ) -> _Answer:
         key = self.store.pairs.key(peer, salt.epoch)
-        values = curve.hash_and_blind_many(
-            salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend
-        )
+        values = blind_many(key, salt, digits, self.backend)
         try:
             resp = self.stub_for(peer).Probe(
                 peer_pb2.ProbeRequest(epoch=salt.epoch, purpose=purpose, values=values),

@@ -14,14 +14,10 @@ import threading
 from pathlib import Path
 
 from ispf.errors import ConfigError, PreconditionFailed
-from ispf.keys import SALT_BYTES, ForumSalt
+from ispf.keys import SALT_BYTES, ForumSalt, salt_path
 
 log = logging.getLogger(__name__)
 _SALT_FILE = re.compile(r"^epoch-(\d+)\.salt$")
-
-
-def salt_path(folder: Path, epoch: int) -> Path:
-    return folder / f"epoch-{epoch}.salt"
 
 
 class SaltRing:

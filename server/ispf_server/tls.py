@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from ispf.errors import ConfigError
 from ispf.identity import node_hostname
 from ispf.keys import check_private_file
-from ispf_server.config import TlsConfig
+from ispf.nodeconfig import TlsConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ import pytest
 
 from ispf import note
 from ispf.auditlog import Checkpoint, decode_entry, encode_entry
+from ispf.errors import AuditFailure
 from ispf.v1 import internal_pb2
-from ispf_client.auditor import AuditFailure, AuditProfile, pair, verify
+from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.cli import main
 from ispf_client.forum import write_audit_profile, write_client_profile
 from ispf_server.pool import BlindingPool

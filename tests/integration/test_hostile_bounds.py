@@ -19,9 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ispf.nodeconfig import load_config
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_client.forum import write_policy
-from ispf_server.config import load_config
 from ispf_server.node import Node, create_server
 from ispf_server.pool import BlindingPool
 from tests.conftest import Federation, start_federation

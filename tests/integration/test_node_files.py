@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ispf.errors import KeyFileError
+from ispf.nodeconfig import load_config
 from ispf.v1 import internal_pb2
 from ispf_client.cli import main as cli_main
 from ispf_client.forum import init_forum
 from ispf_server.__main__ import main as node_main
-from ispf_server.config import load_config
 from ispf_server.node import Node
 from ispf_server.pool import BlindingPool
 from ispf_server.storage.pairs.schema import STATE_TABLES

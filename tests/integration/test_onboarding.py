@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ispf.nodeconfig import load_config
 from ispf.v1 import internal_pb2
 from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.cli import main
 from ispf_client.forum import write_policy
 from ispf_client.sdk import ClientProfile, NodeClient
-from ispf_server.config import load_config
 from ispf_server.node import Node, create_server
 from ispf_server.pool import BlindingPool
 

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ispf.auditlog import decode_entry
 from ispf.errors import KeyFileError, PolicyRefused, UnknownSession
 from ispf.identity import node_hostname
+from ispf.nodeconfig import load_config
 from ispf.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -27,7 +28,6 @@ from ispf.v1 import (
 )
 from ispf_client.cli import main
 from ispf_client.forum import issue_certificate, new_salt, revoke
-from ispf_server.config import load_config
 from ispf_server.node import Node
 from ispf_server.pool import BlindingPool
 from tests.conftest import Federation

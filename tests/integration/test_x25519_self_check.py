@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ispf.errors import BackendUnavailable
 from ispf.hazmat import backends, curve
 from ispf.identity import node_hostname
 from ispf.v1 import internal_pb2
@@ -49,7 +50,7 @@ class FaultyLadder:
 def faulty(monkeypatch: pytest.MonkeyPatch) -> FaultyLadder:
     try:
         backends.IfmaBackend.load()
-    except backends.BackendUnavailable as exc:
+    except BackendUnavailable as exc:
         pytest.skip(f"ifma backend unavailable here: {exc.message}")
     ladder = FaultyLadder(curve.native, broken=False)  # type: ignore[arg-type]
     monkeypatch.setattr(curve, "native", ladder)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ispf import merkle, note
-from ispf.auditlog import Checkpoint, EntryError, decode_entry, encode_entry, open_checkpoint
+from ispf.auditlog import Checkpoint, decode_entry, encode_entry, open_checkpoint
+from ispf.errors import EntryError
 from ispf.v1 import common_pb2
 from ispf_server.audit import AuditLog
 from ispf_server.storage import Store

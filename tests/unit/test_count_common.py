@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ispf.hazmat.curve import native
-from ispf_server import extsort
+from ispf_server.records import SpooledNids, TagSpool, extsort, ops
 from ispf_server.session import core
-from ispf_server.session.spool import SpooledNids, TagSpool
 from ispf_server.storage.sessions import MatchRow
 
 
@@ -29,8 +27,8 @@ def test_count_common_counts_distinct_shared_tags(
     tmp_path: Path, module: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if module == "python":
-        monkeypatch.setattr(core, "native", None)
-    elif native is None:
+        monkeypatch.setattr(ops, "native", None)
+    elif ops.native is None:
         pytest.skip("the native module is not built here")
     if budget is not None:  # (every side spilled in pieces of seven tags)
         monkeypatch.setattr(extsort, "BUDGET", budget)
@@ -63,7 +61,7 @@ def test_intersect_within_the_budget_equals_the_dict_path(
     the send order (in memory, or on disk as planned now) a window at a time, rows
     staged a batch at a time; or through a dict of every own tag. The same count,
     digest and rows, repeated tags included."""
-    if native is None:
+    if ops.native is None:
         pytest.skip("the native module is not built here")
     from ispf.records import Label
     from ispf_server.session.plan import Plan, shuffled_plan
@@ -112,7 +110,7 @@ def test_intersect_within_the_budget_equals_the_dict_path(
         )
         got = run(stage_rows=functools.partial(_gather, staged))
         with monkeypatch.context() as m:
-            m.setattr(core, "native", None)
+            m.setattr(ops, "native", None)
             want = run()
         assert got.match_count == want.match_count == 90 + sum(t in set(own) for t in extra)
         assert got.digest == want.digest

@@ -11,10 +11,15 @@ from pathlib import Path
 import pytest
 
 from ispf.errors import StorageFull
-from ispf.hazmat import curve
-from ispf_server import extsort
-from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted, shuffled, written
-from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.records import (
+    ExternalSort,
+    RepeatedKey,
+    extsort,
+    join_sorted,
+    ops,
+    shuffled,
+    written,
+)
 
 
 def chunks_of(data: bytes, width: int, rng: random.Random) -> Iterator[bytes]:
@@ -76,16 +81,16 @@ def test_a_sort_that_cannot_spill_is_a_full_store_error(tmp_path: Path) -> None:
 def test_merging_sorted_runs_equals_sorting_them(
     seed: int, native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if native and curve.native is None:
+    if native and ops.native is None:
         pytest.skip("the native module is not built here")
     if not native:
-        monkeypatch.setattr(pairruns, "native", None)
+        monkeypatch.setattr(ops, "native", None)
     rng = random.Random(seed)
     runs = [sorted(rng.randbytes(5) for _ in range(rng.randrange(30))) for _ in range(9)]
     runs[3] = runs[2][:4]  # (equal records in two runs)
-    merged = pairruns.merge_sorted([b"".join(r) for r in runs], 5)
+    merged = ops.merge_sorted([b"".join(r) for r in runs], 5)
     assert merged == b"".join(sorted(x for r in runs for x in r))
-    assert pairruns.merge_sorted([], 5) == b""
+    assert ops.merge_sorted([], 5) == b""
 
 
 def unique_run(rng: random.Random, keys: list[bytes], rest: int) -> bytes:
@@ -97,10 +102,10 @@ def unique_run(rng: random.Random, keys: list[bytes], rest: int) -> bytes:
 def test_joining_streams_equals_joining_whole_runs(
     seed: int, native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if native and curve.native is None:
+    if native and ops.native is None:
         pytest.skip("the native module is not built here")
     if not native:
-        monkeypatch.setattr(extsort, "native", None)
+        monkeypatch.setattr(ops, "native", None)
     rng = random.Random(seed)
     keys = [rng.randbytes(4) for _ in range(3000)]
     left_keys, right_keys = rng.sample(keys, 1200), rng.sample(keys, 900)
@@ -142,11 +147,10 @@ def test_a_key_twice_in_a_stream_is_caught_wherever_it_is(seed: int, where: str)
 def test_shuffled_gives_every_record_once_in_a_fresh_order(
     tmp_path: Path, budget: int, native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if native and curve.native is None:
+    if native and ops.native is None:
         pytest.skip("the native module is not built here")
     if not native:
-        monkeypatch.setattr(extsort, "native", None)
-        monkeypatch.setattr(pairruns, "native", None)
+        monkeypatch.setattr(ops, "native", None)
     monkeypatch.setattr(extsort, "BUDGET", budget)
     monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
     rng = random.Random(4)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ispf import merkle
+from ispf.errors import ProofError
 
 # Copied from the forum's shared/vectors (transparency-dev/merkle, Apache-2.0: see LICENSE).
 SHARED = Path(__file__).resolve().parents[1] / "vectors" / "merkle"
@@ -44,7 +45,7 @@ def test_inclusion_vectors(v: dict[str, Any]) -> None:
         )
 
     if v["wantErr"]:
-        with pytest.raises(merkle.ProofError):
+        with pytest.raises(ProofError):
             run()
     else:
         run()
@@ -62,7 +63,7 @@ def test_consistency_vectors(v: dict[str, Any]) -> None:
         )
 
     if v["wantErr"]:
-        with pytest.raises(merkle.ProofError):
+        with pytest.raises(ProofError):
             run()
     else:
         run()
@@ -102,12 +103,12 @@ def test_changed_history_fails_consistency(entries: list[bytes], data: st.DataOb
     j = data.draw(st.integers(0, m - 1))
     forked = [*leaves]
     forked[j] = merkle.leaf_hash(entries[j] + b"!")
-    with pytest.raises(merkle.ProofError):
+    with pytest.raises(ProofError):
         merkle.verify_consistency(
             m, n, merkle.root(leaves[:m]), merkle.root(forked), merkle.consistency_proof(m, forked)
         )
     wrong = data.draw(st.integers(0, n - 1).filter(lambda x: x != j))
-    with pytest.raises(merkle.ProofError):
+    with pytest.raises(ProofError):
         merkle.verify_inclusion(
             wrong, n, leaves[j], merkle.inclusion_proof(j, leaves), merkle.root(leaves)
         )

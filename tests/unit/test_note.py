@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ispf import note
+from ispf.errors import NoteError
 
 # Copied from the forum's shared/vectors (golang.org/x/mod note_test.go, BSD: see LICENSE).
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "note"
@@ -27,7 +28,7 @@ def test_unknown_signatures_are_ignored_known_ones_checked() -> None:
     text, signed = note.verify(both, mine)
     assert text == VEC["text"] and signed == [mine]
     assert note.verify(both, mine, other)[1] == [mine, other]
-    with pytest.raises(note.NoteError, match="no signature by a trusted key"):
+    with pytest.raises(NoteError, match="no signature by a trusted key"):
         note.verify(VEC["signed_note"], other)
 
 
@@ -38,7 +39,7 @@ def test_any_changed_byte_fails() -> None:
         if signed[i] in "\n—":
             continue
         changed = signed[:i] + ("A" if signed[i] != "A" else "B") + signed[i + 1 :]
-        with pytest.raises(note.NoteError):
+        with pytest.raises(NoteError):
             note.verify(changed, mine)
 
 
@@ -51,14 +52,14 @@ def test_cosignature_v1_round_trip_and_key_ids() -> None:
     assert [v.name for v in signed] == ["ispf-match/punjab", "ispf-match/sindh"]
     assert witness.cosigner().key_id != witness.verifier().key_id
     # A cosignature is not a note signature, and vice versa.
-    with pytest.raises(note.NoteError):
+    with pytest.raises(NoteError):
         note.verify(note.sign(text, log) + witness.cosign_line(text, 1), witness.verifier())
     forged = (
         cosigned.replace(" 3\n", " 4\n")
         if " 3\n" in cosigned
         else cosigned.replace("\n3\n", "\n4\n")
     )
-    with pytest.raises(note.NoteError):
+    with pytest.raises(NoteError):
         note.verify(forged, log.verifier())
 
 
@@ -67,5 +68,5 @@ def test_keys_parse_and_hide() -> None:
     assert note.Signer.parse(s.encode()).public() == s.public()
     assert note.Verifier.parse(s.verifier().encode()) == s.verifier()
     assert s.encode() not in repr(s)
-    with pytest.raises(note.NoteError):
+    with pytest.raises(NoteError):
         note.Verifier.parse("name+00000000+AAAA")

@@ -54,10 +54,10 @@ def test_packed_ids_hash_to_the_same_points_as_a_list() -> None:
 def test_shuffle_packed_is_a_permutation_with_or_without_the_native_module(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from ispf_server.session import plan
+    from ispf_server.records import ops
 
-    for mod in (plan.native, None):
-        monkeypatch.setattr(plan, "native", mod)
+    for mod in (ops.native, None):
+        monkeypatch.setattr(ops, "native", mod)
         buf = bytearray(b"".join(IDS))
         shuffle_packed(buf)
         assert sorted(PackedNids(buf)) == IDS and list(PackedNids(buf)) != IDS
@@ -70,11 +70,11 @@ def test_shuffle_packed_is_a_permutation_with_or_without_the_native_module(
 
 def test_shuffle_packed_takes_any_record_width(monkeypatch: pytest.MonkeyPatch) -> None:
     """The count-only responder shuffles its 16-byte tags this way."""
-    from ispf_server.session import plan
+    from ispf_server.records import ops
 
     tags = [bytes([i]) * 16 for i in range(40)]
-    for mod in (plan.native, None):
-        monkeypatch.setattr(plan, "native", mod)
+    for mod in (ops.native, None):
+        monkeypatch.setattr(ops, "native", mod)
         buf = bytearray(b"".join(tags))
         shuffle_packed(buf, width=16)
         got = [bytes(buf[i : i + 16]) for i in range(0, len(buf), 16)]

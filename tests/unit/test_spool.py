@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from ispf.errors import StorageFull
-from ispf_server.session import spool
-from ispf_server.session.spool import TagSpool
+from ispf_server.records import TagSpool, spool
 
 
 def test_values_come_back_in_order_by_position_and_in_chunks(

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from ispf.hazmat import curve
 from ispf.nid import PackedNids
 from ispf.records import Label
 from ispf_server.policy import PeerPolicy
-from ispf_server.session import spool, sync
+from ispf_server.records import TagSpool, ops, spool
+from ispf_server.session import sync
 from ispf_server.session.plan import eligible_records
-from ispf_server.session.spool import TagSpool
 from ispf_server.storage import Store
 from ispf_server.storage.registry import StoredRecord
 from ispf_server.storage.sessions import MatchRow
@@ -68,9 +67,9 @@ def test_one_pass_equals_the_record_path(
 ) -> None:
     """Both full-run passes (SQLite's coded strings split in C; rows in Python), in
     batches small and large, give what the record-by-record path gives."""
-    from ispf.hazmat import curve
+    from ispf_server.records import ops
 
-    if way == "coded" and curve.native is None:
+    if way == "coded" and ops.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(5)
     nids = [f"35202{i:08d}" for i in range(300)]
@@ -107,12 +106,10 @@ def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
     budget) and kept on disk, holds the same groups in the same order, the same
     IDs in each, and the same record count as the in-memory plan; each group is
     shuffled afresh; closing it leaves nothing in the store directory."""
-    from ispf.hazmat import curve
-    from ispf_server import extsort
+    from ispf_server.records import SpooledNids, extsort, ops
     from ispf_server.session.plan import shuffled_plan
-    from ispf_server.session.spool import SpooledNids
 
-    if curve.native is None:
+    if ops.native is None:
         pytest.skip("the native module is not built here")
     monkeypatch.setattr(extsort, "BUDGET", budget)
     monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
@@ -174,13 +171,12 @@ def test_packed_full_run_equals_the_general_path(
 ) -> None:
     """The C path for a full run (sorted runs joined on the tag) gives the same
     result, fingerprints and stored state as the record-by-record path."""
-    from ispf.hazmat import curve
-    from ispf_server import extsort
+    from ispf_server.records import extsort, ops
     from ispf_server.storage.pairs import deltas, lookups
     from ispf_server.storage.pairs import runs as pairruns
     from ispf_server.storage.pairs.staging import StagedRun
 
-    if curve.native is None:
+    if ops.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(seed)
     nids = [f"35202{i:08d}" for i in range(400)]
@@ -350,11 +346,11 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
 def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     tmp_path: Path,
 ) -> None:
-    from ispf.hazmat import curve
+    from ispf_server.records import ops
     from ispf_server.storage.pairs import lookups
     from ispf_server.storage.pairs import runs as pairruns
 
-    if curve.native is None:
+    if ops.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(9)
     nids = [f"35202{i:08d}" for i in range(300)]
@@ -443,7 +439,7 @@ def test_one_off_plan_packed_equals_the_record_path(
     """A one-off session's plan from SQLite's coded strings (no record objects) holds
     the same IDs in the same label-set groups, and counts the same records, as the
     record path; its owners lookup gives the same records as the record path's."""
-    if curve.native is None:
+    if ops.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(9)
     nids = [f"35202{i:08d}" for i in range(300)]
@@ -457,7 +453,7 @@ def test_one_off_plan_packed_equals_the_record_path(
         functools.partial(store.registry.nid_label_codes, batch=batch),
     )
     got = sync.one_off_plan(store, pp, collections, labelled=labelled)
-    monkeypatch.setattr(sync, "native", None)
+    monkeypatch.setattr(ops, "native", None)
     want = sync.one_off_plan(store, pp, collections, labelled=labelled)
     assert got.groups == want.groups and got.sizes == want.sizes
     assert got.own_records == want.own_records
@@ -480,7 +476,7 @@ def test_one_off_plan_packed_equals_the_record_path(
 def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> None:
     """The coded strings only split evenly for 13-digit IDs; anything else gives the
     packed passes up (None / the rows path) rather than misreading the records."""
-    if curve.native is None:
+    if ops.native is None:
         pytest.skip("the native module is not built here")
     store = Store(tmp_path / "s.sqlite")
     store.registry.upsert(

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ispf.errors import InvalidBlindedValue
+from ispf.errors import BackendUnavailable, InvalidBlindedValue
 from ispf.hazmat.backends import (
-    BackendUnavailable,
     CryptographyBackend,
     IfmaBackend,
     X25519Backend,

@@ -35,15 +35,11 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ispf.errors import ConfigError, InvalidBlindedValue, SelfCheckFailed
+from ispf.errors import BackendUnavailable, ConfigError, InvalidBlindedValue, SelfCheckFailed
 
 log = logging.getLogger(__name__)
 POINT = 32
 SPOT_CHECK_EVERY = 4096  # one output in this many is recomputed with cryptography
-
-
-class BackendUnavailable(ConfigError):
-    """The requested backend cannot be used here; the message says why."""
 
 
 class X25519Backend(Protocol):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import grpc
 
 from ispf.errors import InvalidInput, UnknownSession
+from ispf.protocol import MAX_LOG_ENTRIES
 from ispf.v1 import audit_pb2, audit_pb2_grpc
 from ispf_server.audit import AuditLog
-
-MAX_ENTRIES = 1000
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
@@ -31,7 +30,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         size = len(self.audit.store.audit.entries())  # entries may run ahead of a checkpoint
         if request.start > size:
             raise InvalidInput(f"start {request.start} is beyond the log's {size} entries")
-        end = min(request.end, request.start + MAX_ENTRIES, size)
+        end = min(request.end, request.start + MAX_LOG_ENTRIES, size)
         return audit_pb2.GetEntriesResponse(
             entries=self.audit.store.audit.entries(request.start, end)
         )

@@ -12,6 +12,7 @@ from ispf import merkle
 from ispf.auditlog import tag_leaves
 from ispf.errors import InvalidNationalId, InvalidRecord, UnknownSession
 from ispf.nid import canonicalise
+from ispf.protocol import MAX_RECORDS_PER_MESSAGE
 from ispf.records import check_label, check_record_id
 from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
 from ispf_server.session.progress import RUNNING, Snapshot
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from ispf_server.node import Node
     from ispf_server.probes import Checker
 
-MAX_BATCH = 50_000
 MATCH_BATCH = 2_000
 MAX_SYNC_ERRORS = 10_000
 
@@ -33,10 +33,10 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
     def UpsertRecords(
         self, request: internal_pb2.UpsertRecordsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.UpsertRecordsResponse:
-        if len(request.records) > MAX_BATCH:
+        if len(request.records) > MAX_RECORDS_PER_MESSAGE:
             raise InvalidRecord(
                 "batch.too_large",
-                f"{len(request.records)} records in one request, at most {MAX_BATCH}",
+                f"{len(request.records)} records in one request, at most {MAX_RECORDS_PER_MESSAGE}",
             )
         good, errors = self._validate(request.records)
         counts = self.node.store.registry.upsert(good.values())
@@ -88,10 +88,11 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer):
         with self.node.store.registry.sync() as sync:
             last: internal_pb2.SyncRecordsRequest | None = None
             for req in request_iterator:
-                if len(req.records) > MAX_BATCH:
+                if len(req.records) > MAX_RECORDS_PER_MESSAGE:
                     raise InvalidRecord(
                         "batch.too_large",
-                        f"{len(req.records)} records in one message, at most {MAX_BATCH}",
+                        f"{len(req.records)} records in one message, "
+                        f"at most {MAX_RECORDS_PER_MESSAGE}",
                     )
                 kept: set[str] = set()
                 for rid in req.keep_record_ids:

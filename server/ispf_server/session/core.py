@@ -15,18 +15,23 @@ from typing import TypeVar
 
 from ispf.blinding import POINT_BYTES, TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
-from ispf.hazmat.curve import native
 from ispf.merkle import RootBuilder, leaf_hash
 from ispf.nid import PackedNids
+from ispf.protocol import MAX_CHUNK_VALUES
 from ispf.v1 import peer_pb2
-from ispf_server.extsort import ExternalSort, RepeatedKey, join_sorted
+from ispf_server.records import (
+    ExternalSort,
+    RepeatedKey,
+    TagSpool,
+    compiled,
+    join_sorted,
+    select_fields,
+    zip_records,
+)
 from ispf_server.session.plan import LabelSet, Plan
-from ispf_server.session.spool import TagSpool
 from ispf_server.storage.registry import StoredRecord
 from ispf_server.storage.sessions import MatchRow
 
-PROTOCOL_VERSION = 1
-MAX_CHUNK_VALUES = 65_536
 T = TypeVar("T")
 S = TypeVar("S", list[bytes], PackedNids)
 
@@ -172,7 +177,7 @@ def intersect(
     (else, as in the general path, they come back for the commit)."""
     if plan.owners is None:
         raise ValueError("a labelled one-off plan needs its owners lookup")
-    if native is not None and peer_tags.count == sum(peer_sizes):
+    if compiled() and peer_tags.count == sum(peer_sizes):
         try:
             return _intersect_sorted(
                 plan, own_tags, peer_groups, peer_sizes, peer_tags, directory, stage_rows
@@ -229,7 +234,6 @@ def _intersect_sorted(
     (tag order: the sorted tags it is defined on); the matches are sorted by
     position and named from the send order read a window at a time. RepeatedKey
     where a side repeats a tag."""
-    assert native is not None
     if plan.total >= 1 << 32 or len(peer_sizes) >= 1 << 32:
         raise RepeatedKey  # (positions are 4 bytes: the general path takes it)
     width = TAG_BYTES + 4
@@ -241,17 +245,15 @@ def _intersect_sorted(
     ):
         for _, at, tags in own_tags.grouped([own_tags.count]):
             n = len(tags) // TAG_BYTES
-            own.add(native.zip_records(n, (tags, TAG_BYTES), (_positions(at, n), 4)))
+            own.add(zip_records(n, (tags, TAG_BYTES), (_positions(at, n), 4)))
         for g, _, tags in peer_tags.grouped(peer_sizes):
             n = len(tags) // TAG_BYTES
-            peer.add(native.zip_records(n, (tags, TAG_BYTES), (g.to_bytes(4, "big"), 4)))
+            peer.add(zip_records(n, (tags, TAG_BYTES), (g.to_bytes(4, "big"), 4)))
         # tag | position | group, in tag order
         for joined in join_sorted(own.sorted_chunks(), width, peer.sorted_chunks(), width, 16):
             rows.found(joined, width + 4)
             by_position.add(
-                native.select_fields(
-                    joined, width + 4, ((TAG_BYTES, 4), (0, TAG_BYTES), (width, 4))
-                )
+                select_fields(joined, width + 4, ((TAG_BYTES, 4), (0, TAG_BYTES), (width, 4)))
             )
         _rows_by_position(plan, by_position.sorted_chunks(), peer_groups, rows)
     return rows.outcome()
@@ -297,7 +299,7 @@ def count_common(own_tags: TagSpool, peer_tags: TagSpool, directory: Path | None
     side sorted within the memory budget (`ExternalSort`) and joined as they
     stream, in C; a set intersection without the module, or where a side repeats
     a tag."""
-    if native is not None:
+    if compiled():
         try:
             with (
                 ExternalSort(TAG_BYTES, directory) as own,
@@ -318,9 +320,7 @@ def count_common(own_tags: TagSpool, peer_tags: TagSpool, directory: Path | None
 
 
 __all__ = [
-    "MAX_CHUNK_VALUES",
     "POINT_BYTES",
-    "PROTOCOL_VERSION",
     "TAG_BYTES",
     "Outcome",
     "checked_chunks",

@@ -25,14 +25,15 @@ from ispf.blinding import POINT_BYTES, TAG_BYTES
 from ispf.errors import IspfError, ProtocolViolation, ResultMismatch, from_rpc_error
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
+from ispf.protocol import PROTOCOL_VERSION
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
 from ispf_server.policy import PeerPolicy
 from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.records import TagSpool
 from ispf_server.session.core import (
-    PROTOCOL_VERSION,
     Outcome,
     Stopwatch,
     checked_chunks,
@@ -42,7 +43,6 @@ from ispf_server.session.core import (
 )
 from ispf_server.session.plan import Plan, parse_groups
 from ispf_server.session.progress import COMPLETED, FAILED, Progress
-from ispf_server.session.spool import TagSpool
 from ispf_server.session.sync import (
     SyncSide,
     finish,

@@ -7,21 +7,18 @@ ID back to every record that holds it.
 
 from __future__ import annotations
 
-import os
 import random
-import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from ispf.errors import InvalidRecord, PolicyRefused, ProtocolViolation
-from ispf.hazmat.curve import native
 from ispf.nid import NID_BYTES, PackedNids
 from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
 from ispf_server.policy import PeerPolicy
-from ispf_server.session.spool import SpooledNids
+from ispf_server.records import SpooledNids, shuffle, shuffle_records
 from ispf_server.storage import Store
 from ispf_server.storage.registry import StoredRecord
 
@@ -36,10 +33,8 @@ def secure_shuffle(items: list[T], rng: random.Random | None = None) -> None:
     `secrets.SystemRandom`. A seeded `rng` is for tests only."""
     if rng is not None:
         rng.shuffle(items)
-    elif native is not None:
-        native.shuffle(items, os.urandom(32))
     else:
-        secrets.SystemRandom().shuffle(items)
+        shuffle(items)
 
 
 def shuffle_packed(
@@ -47,8 +42,8 @@ def shuffle_packed(
 ) -> None:
     """`secure_shuffle` on packed records of `width` bytes (IDs unless told), in place:
     in C, without a Python object per record, where the native module is built."""
-    if rng is None and native is not None:
-        native.shuffle_records(buf, width, os.urandom(32))
+    if rng is None:
+        shuffle_records(buf, width)
         return
     items = [bytes(buf[i : i + width]) for i in range(0, len(buf), width)]
     secure_shuffle(items, rng)

@@ -29,16 +29,15 @@ from ispf.errors import (
 )
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
+from ispf.protocol import MAX_CHUNK_VALUES, PROTOCOL_VERSION
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
-from ispf_server.extsort import shuffled
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.records import TagSpool, shuffled
 from ispf_server.salts import SaltRing
 from ispf_server.session.core import (
-    MAX_CHUNK_VALUES,
-    PROTOCOL_VERSION,
     Outcome,
     Stopwatch,
     checked_chunks,
@@ -51,7 +50,6 @@ from ispf_server.session.plan import (
     parse_groups,
 )
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Snapshot
-from ispf_server.session.spool import TagSpool
 from ispf_server.session.sync import (
     SyncResult,
     SyncSide,

@@ -14,23 +14,29 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
-from ispf.hazmat.curve import native
 from ispf.keys import BlindingKey
 from ispf.records import Label
-from ispf_server.extsort import (
-    Buffer,
+from ispf_server.policy import PeerPolicy
+from ispf_server.records import (
     ExternalSort,
     RepeatedKey,
+    SpooledNids,
+    TagSpool,
+    compiled,
     join_sorted,
+    select_fields,
+    sort_inplace,
+    split_unique,
     upper_bound,
     written,
+    zip_records,
 )
-from ispf_server.policy import PeerPolicy
+from ispf_server.records.extsort import Buffer
 from ispf_server.session.core import ROW_BATCH, Outcome, RowBatches, RowSink, split
 from ispf_server.session.plan import (
     LabelSet,
@@ -42,7 +48,6 @@ from ispf_server.session.plan import (
     eligible_records,
     shuffled_plan,
 )
-from ispf_server.session.spool import SpooledNids, TagSpool
 from ispf_server.storage import Store
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.runs import (
@@ -113,7 +118,7 @@ class SyncSide:
     peer_fp: bytes
     own_records: int  # records that take part in this run's delta
     plan: Plan  # the IDs sent, by label set (plan.owners is not kept: see finish)
-    removed_nids: list[str]
+    removed_nids: list[str] = field(repr=False)
     removed_tags: list[bytes]
     version: int
     state_version: int  # the pair's state this was planned against (-1: none)
@@ -142,7 +147,7 @@ def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> l
     """The labels whose records take part, for the coded pass: in the peer's
     collections and, where labelled, ones it may learn. None where the pass
     cannot run (no module, more labels than codes)."""
-    if native is None:
+    if not compiled():
         return None
     allowed = [
         lb
@@ -208,7 +213,6 @@ def spooled_plan(
     allowed = _allowed_labels(store, pp, labelled=labelled)
     if allowed is None:
         return None
-    assert native is not None
     w, directory = SHUFFLE.width, store.directory
     numbers: dict[str, int] = {}
     count = 0
@@ -217,9 +221,7 @@ def spooled_plan(
             for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
                 n = len(nids) // NID
                 number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
-                sorter.add(
-                    native.zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID))
-                )
+                sorter.add(zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID)))
                 count += records
         except _NotPacked:
             return None
@@ -232,7 +234,7 @@ def spooled_plan(
                 key = bytes(view[:4])
                 cut = w * upper_bound(view, w, 4, key)
                 first = where.get(key, (met.count, 0))[0]
-                met.append(native.select_fields(view[:cut], w, ((16, NID),)))
+                met.append(select_fields(view[:cut], w, ((16, NID),)))
                 where[key] = (first, met.count)
                 view = view[cut:]
     groups = sorted((labels_of(text), where[n.to_bytes(4, "big")]) for text, n in numbers.items())
@@ -254,14 +256,13 @@ def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int
     other), in batches from SQLite, each sorted and split in C: (IDs held once, by
     code; records of the IDs held several times, sorted). Raises _NotPacked where
     the IDs are not all 13 digits (the strings do not split evenly)."""
-    assert native is not None
     for text in store.registry.nid_label_codes(labels):
         buf = bytearray(text.encode("latin-1"))
         del text
         if len(buf) % CODED:
             raise _NotPacked
-        native.sort_inplace(buf, CODED)
-        once, repeated = native.split_unique(buf, CODED)
+        sort_inplace(buf, CODED)
+        once, repeated = split_unique(buf, CODED)
         del buf
         if not all(nids.isdigit() for nids in once.values()):
             raise _NotPacked  # (misaligned)
@@ -448,7 +449,7 @@ def _finish_full(
     the data does not allow it (IDs not 13 digits, a tag twice, no native
     module): the general path then runs (what was staged is dropped by it)."""
     plan = side.plan
-    if native is None:
+    if not compiled():
         return None
     directory = side.store.directory
     runs = RunBuilder()  # (numbers the label sets)
@@ -467,14 +468,14 @@ def _finish_full(
         out = ExternalSort(OWN_TAG.width, directory)
         for lsid, nids, tags in own_groups():
             cols = ((tags, TAG_BYTES), (nids, NID)) if by_tag else ((nids, NID), (tags, TAG_BYTES))
-            out.add(native.zip_records(len(tags) // TAG_BYTES, *cols, (lsid, LSID)))
+            out.add(zip_records(len(tags) // TAG_BYTES, *cols, (lsid, LSID)))
         return out
 
     def peer_sorted() -> ExternalSort:
         out = ExternalSort(PEER_TAG.width, directory)
         lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
         for g, _, tags in peer_added_tags.grouped(peer_sizes):
-            out.add(native.zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
+            out.add(zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
         return out
 
     try:
@@ -499,7 +500,7 @@ def _finish_full(
                 TAG_BYTES,
             ):
                 rows.found(joined, JOINED.width)
-                matched.add(native.select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
+                matched.add(select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
         except RepeatedKey:
             return None
         own_run.close()

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ispf.errors import IspfError, RetryLater
 from ispf.records import Label
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    record_id: str
-    nid: str
+    record_id: str = field(repr=False)  # (raw IDs stay out of reprs, logs and tracebacks)
+    nid: str = field(repr=False)
     label: Label
 
 

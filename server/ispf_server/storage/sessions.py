@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ispf.records import Label
 from ispf_server.storage import auditlog
@@ -58,7 +58,7 @@ CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id, record_id);
 
 @dataclass(frozen=True, slots=True)
 class MatchRow:
-    record_id: str
+    record_id: str = field(repr=False)
     label: Label
     peer_label: Label
     tag: bytes = b""

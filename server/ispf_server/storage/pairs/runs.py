@@ -25,13 +25,10 @@ next staging for the pair, or with the epoch.
 
 from __future__ import annotations
 
-import heapq
 import sqlite3
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-from ispf.hazmat.curve import native
 
 NID = 13
 TAG = 16
@@ -96,24 +93,6 @@ def lsid(n: int) -> bytes:
 
 Run = bytes | bytearray | memoryview  # a run's sorted records, packed
 Buffer = Run
-
-
-def sort_inplace(buf: bytearray, width: int) -> None:
-    """Sort a run's fixed-width records in place: a run of millions needs no second
-    copy to sort (in C; Python's sort where the module is not built)."""
-    if native is not None:
-        native.sort_inplace(buf, width)
-    else:
-        buf[:] = b"".join(sorted(buf[i : i + width] for i in range(0, len(buf), width)))
-
-
-def merge_sorted(pieces: Sequence[Buffer], width: int) -> bytes:
-    """Sorted runs of fixed-width records merged into one (in C; `heapq.merge` where
-    the module is not built)."""
-    if native is not None:
-        return bytes(native.merge_sorted(pieces, width))
-    runs = [[bytes(p[i : i + width]) for i in range(0, len(p), width)] for p in pieces]
-    return b"".join(heapq.merge(*runs))
 
 
 def current(db: sqlite3.Connection, peer: str, epoch: int) -> int | None:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ispf.hazmat.curve import native
 from ispf.records import Label
+from ispf_server.records import sort_inplace, xor_fold, zip_into, zip_records
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.runs import MATCHED, OWN_NID, OWN_TAG, PEER_TAG
 
@@ -65,9 +65,8 @@ def fingerprint(tags: Iterable[bytes]) -> bytes:
 
 def fingerprint_packed(packed: bytes) -> bytes:
     """`fingerprint` of 16-byte tags packed end to end (in C where built)."""
-    if native is not None and len(packed) % TAG_LEN == 0:
-        folded: bytes = native.xor_fold(packed, TAG_LEN)
-        return bytes(FP_BYTES - TAG_LEN) + folded
+    if len(packed) % TAG_LEN == 0:
+        return bytes(FP_BYTES - TAG_LEN) + xor_fold(packed, TAG_LEN)
     return fingerprint(packed[i : i + TAG_LEN] for i in range(0, len(packed), TAG_LEN))
 
 
@@ -90,7 +89,7 @@ class OwnGroup:
     """Own IDs added under one label set, and their tags (aligned)."""
 
     labels: str
-    nids: list[str]
+    nids: list[str] = field(repr=False)
     tags: list[bytes]
 
 
@@ -144,23 +143,12 @@ def toggle(fp: bytes, tags: Iterable[bytes]) -> bytes:
 
 def _zip(n: int, *parts: tuple[Buffer, int]) -> bytes:
     """n fixed-width records from columns (a column of one width is a constant)."""
-    if native is not None:
-        return native.zip_records(n, *parts)  # type: ignore[no-any-return]
-    cols = [
-        [bytes(buf)] * n if len(buf) == w else [bytes(buf[i * w : (i + 1) * w]) for i in range(n)]
-        for buf, w in parts
-    ]
-    return b"".join(b"".join(rec) for rec in zip(*cols, strict=True))
+    return zip_records(n, *parts)
 
 
 def _zip_into(dst: bytearray, at: int, n: int, *parts: tuple[Buffer, int]) -> int:
     """`_zip` written into dst from byte `at`; returns the byte after the last record."""
-    width = sum(w for _, w in parts)
-    if native is not None:
-        native.zip_into(dst, at, n, *parts)
-    else:
-        dst[at : at + n * width] = _zip(n, *parts)
-    return at + n * width
+    return zip_into(dst, at, n, *parts)
 
 
 class RunBuilder:
@@ -218,7 +206,7 @@ class RunBuilder:
         at = 0
         for n, cols, labels in todo:
             at = _zip_into(out, at, n, *cols, (self.lsid(labels), pairruns.LSID))
-        pairruns.sort_inplace(out, width)
+        sort_inplace(out, width)
         return out
 
     def matched(self, matches: dict[str, tuple[bytes, str]]) -> bytearray:
@@ -228,7 +216,7 @@ class RunBuilder:
             out += n.encode("ascii")
             out += t
             out += self.lsid(lbl)
-        pairruns.sort_inplace(out, MATCHED.width)
+        sort_inplace(out, MATCHED.width)
         return out
 
     def done(

@@ -6,7 +6,7 @@ one buffer makes a node's memory grow with its registry. `ExternalSort` takes
 records as they come, sorts each budget's worth in place and spills it to an
 unlinked temporary file in the node's own store directory (as a session's tags
 are spooled: nothing is left behind, even after a crash); the sorted runs are
-then merged a block of each at a time, in C. Memory stays at about the budget
+then merged a block of each at a time (in C where built: `ops`). Memory stays at about the budget
 however many records there are; only the temporary disk grows (the records'
 own size, once). (The merge reads at least MIN_BLOCK from each run at a time,
 so past budget * budget / (2 * MIN_BLOCK) bytes of records, 8 GiB at the
@@ -22,21 +22,23 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from itertools import pairwise
 from pathlib import Path
 
-from ispf.hazmat.curve import native
-from ispf_server.session.spool import TagSpool
-from ispf_server.storage.pairs.runs import merge_sorted, sort_inplace
+from ispf.errors import RepeatedKey
+from ispf_server.records.ops import (
+    has_repeat,
+    merge_join,
+    merge_sorted,
+    select_fields,
+    sort_inplace,
+    zip_records,
+)
+from ispf_server.records.spool import TagSpool
 
 Buffer = bytes | bytearray | memoryview
 
 BUDGET = 16 << 20  # bytes one sort holds at a time (its buffer, or its merge's blocks)
 MIN_BLOCK = 64 << 10  # bytes read from each spilled run at a time, at least
-
-
-class RepeatedKey(Exception):
-    """A sorted stream holds a key twice (`ascending`): the caller's general path runs."""
 
 
 class ExternalSort:
@@ -169,17 +171,10 @@ def ascending(chunks: Iterable[Buffer], width: int, key: int) -> Iterator[Buffer
         if not chunk:
             continue
         first = bytes(chunk[:key])
-        if (last is not None and first <= last) or _has_repeat(chunk, width, key):
+        if (last is not None and first <= last) or has_repeat(chunk, width, key):
             raise RepeatedKey
         last = bytes(chunk[len(chunk) - width : len(chunk) - width + key])
         yield chunk
-
-
-def _has_repeat(chunk: Buffer, width: int, key: int) -> bool:
-    if native is not None:
-        return bool(native.has_repeat(chunk, width, key))
-    keys = [bytes(chunk[i : i + key]) for i in range(0, len(chunk), width)]
-    return any(a == b for a, b in pairwise(keys))
 
 
 def join_sorted(
@@ -187,7 +182,7 @@ def join_sorted(
 ) -> Iterator[bytes]:
     """Two streams of records sorted by their first `key` bytes, each key once,
     joined as they come: for each key in both, the left record and the right
-    one's bytes after the key (as `native.merge_join`). Both streams are read to
+    one's bytes after the key (as `ops.merge_join`). Both streams are read to
     their end (their consumers may be writing them out as they pass); a key
     twice in either raises RepeatedKey. Memory: a chunk of each."""
     lit = iter(ascending(left, lw, key))
@@ -205,7 +200,7 @@ def join_sorted(
             bytes(a[len(a) - lw : len(a) - lw + key]), bytes(b[len(b) - rw : len(b) - rw + key])
         )
         ca, cb = lw * upper_bound(a, lw, key, bound), rw * upper_bound(b, rw, key, bound)
-        joined = _merge_join(a[:ca], lw, b[:cb], rw, key)
+        joined = merge_join(a[:ca], lw, b[:cb], rw, key)
         if joined:
             yield joined
         a, b = a[ca:], b[cb:]
@@ -213,21 +208,6 @@ def join_sorted(
         pass
     for _ in rit:
         pass
-
-
-def _merge_join(a: Buffer, lw: int, b: Buffer, rw: int, key: int) -> bytes:
-    if native is not None:
-        out = native.merge_join(a, lw, b, rw, key)
-        if out is None:
-            raise RepeatedKey
-        return bytes(out)
-    right = {bytes(b[j : j + key]): bytes(b[j + key : j + rw]) for j in range(0, len(b), rw)}
-    parts = []
-    for i in range(0, len(a), lw):
-        rest = right.get(bytes(a[i : i + key]))
-        if rest is not None:
-            parts.append(bytes(a[i : i + lw]) + rest)
-    return b"".join(parts)
 
 
 def written(chunks: Iterable[Buffer], write: Callable[[Buffer], None]) -> Iterator[Buffer]:
@@ -244,26 +224,12 @@ def shuffled(chunks: Iterable[Buffer], width: int, directory: Path | None) -> It
     """The records of `chunks` in a random order, within the sort budget: each gets 12
     random bytes from the OS in front and the lot is sorted (an external sort);
     the keys are then cut off. (Two equal keys would keep those two records in
-    byte order.) Without the native module, records are keyed one by one."""
+    byte order.)"""
     w = SHUFFLE_KEY + width
     with ExternalSort(w, directory) as out:
         for chunk in chunks:
             n = len(chunk) // width
             keys = os.urandom(SHUFFLE_KEY * n)
-            if native is not None:
-                out.add(native.zip_records(n, (keys, SHUFFLE_KEY), (chunk, width)))
-            else:
-                out.add(
-                    b"".join(
-                        keys[SHUFFLE_KEY * i : SHUFFLE_KEY * (i + 1)]
-                        + bytes(chunk[width * i : width * (i + 1)])
-                        for i in range(n)
-                    )
-                )
+            out.add(zip_records(n, (keys, SHUFFLE_KEY), (chunk, width)))
         for part in out.sorted_chunks():
-            if native is not None:
-                yield bytes(native.select_fields(part, w, ((SHUFFLE_KEY, width),)))
-            else:
-                yield b"".join(
-                    bytes(part[at + SHUFFLE_KEY : at + w]) for at in range(0, len(part), w)
-                )
+            yield bytes(select_fields(part, w, ((SHUFFLE_KEY, width),)))

@@ -6,7 +6,7 @@ an unlinked temporary file in the node's own store directory (so nothing is
 left behind, even after a crash) and hands them back by position, in bounded
 chunks. Tags are blinded values; `SpooledNids` holds the node's own IDs in send
 order, beside the store that holds them anyway. The salt and keys are never in
-either. The external sorts (`ispf_server.extsort`) spill to such files too.
+either. The external sorts (`extsort`) spill to such files too.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Node configuration: one explicit dataclass, built once from a TOML file.
 
+Read by the node (`ispf-node`) and by the onboarding tools that prepare its
+folder (`ispf node import-salt`), so it lives in the common package.
+
 Paths in the file are relative to the file's folder. Secrets (TLS key, salts)
 are read from the files named here, never from the command line or the
 environment. Example (``ispf forum init`` writes one per node)::
