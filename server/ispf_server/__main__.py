@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             node.close()
             print(f"ispf-node: {exc.message}", file=sys.stderr)
             return 2
-    server.start()
-    log.info("node %s serving on port %d", node.province, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("node %s serving on port %d", node.province, port)
     stop.wait()
     log.info("node %s stopping", node.province)
     server.stop(grace=10).wait()
