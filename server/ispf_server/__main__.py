@@ -30,7 +30,7 @@ from ispf.errors import ConfigError, IspfError
 from ispf.nodeconfig import load_config
 from ispf_server.backup import backup_store, restore_store
 from ispf_server.node import Node, create_server, retire_epoch
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 log = logging.getLogger("ispf_server")
 
@@ -83,7 +83,7 @@ def _new_master_main(argv: list[str]) -> int:
         config = load_config(args.config)
         store = Store(config.store, config.master_key)
         try:
-            pairs = store.replace_master_key()
+            pairs = store.pairs.replace_master_key()
         finally:
             store.close()
     except IspfError as exc:
@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             node.close()
             print(f"ispf-node: {exc.message}", file=sys.stderr)
             return 2
-    server.start()
-    log.info("node %s serving on port %d", node.province, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("node %s serving on port %d", node.province, port)
     stop.wait()
     log.info("node %s stopping", node.province)
     server.stop(grace=10).wait()

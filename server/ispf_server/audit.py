@@ -38,7 +38,8 @@ from ispf.errors import (
 from ispf.peertext import MASK, untrusted
 from ispf.protocol import PROTOCOL_VERSION
 from ispf.v1 import common_pb2
-from ispf_server.store import Store, utcnow
+from ispf_server.storage import Store
+from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
 COSIGN_LOOKBACK = 64
@@ -115,7 +116,7 @@ class AuditLog:
 
     def _self_check(self) -> str | None:
         """Why the stored entries disagree with the last signed checkpoint, or None."""
-        latest = self.store.checkpoint()
+        latest = self.store.audit.checkpoint()
         if latest is None:
             return None
         size, signed = latest
@@ -212,7 +213,7 @@ class AuditLog:
                 "time": utcnow(),
             }
         )
-        self.store.append_entry(session_id, entry)
+        self.store.audit.append(session_id, entry)
         self.sign_checkpoint()
 
     def record_policy(self, *, version: int, sha256: str) -> None:
@@ -258,11 +259,11 @@ class AuditLog:
                 **fields,
             }
         )
-        self.store.append_entry(key, entry)
+        self.store.audit.append(key, entry)
         self.sign_checkpoint()
 
     def peer_checkpoint(self, peer: str) -> dict[str, Any] | None:
-        seen = self.store.witnessed().get(peer)
+        seen = self.store.audit.witnessed().get(peer)
         if seen is None:
             return None
         cp = Checkpoint.parse(note.split(seen[1])[0])
@@ -271,7 +272,7 @@ class AuditLog:
     # -- tree and checkpoints -------------------------------------------------
 
     def leaves(self, size: int | None = None) -> list[bytes]:
-        return [merkle.leaf_hash(e) for e in self.store.log_entries(0, size)]
+        return [merkle.leaf_hash(e) for e in self.store.audit.entries(0, size)]
 
     def sign_checkpoint(self) -> str:
         """Sign a checkpoint over every committed entry (unless one exists); return it.
@@ -279,27 +280,27 @@ class AuditLog:
         Never over a log that failed the self-check: that would sign the tampering.
         """
         if self.problem:
-            latest = self.store.checkpoint()
+            latest = self.store.audit.checkpoint()
             return latest[1] if latest else ""
         with self._lock:
             leaves = self.leaves()
-            latest = self.store.checkpoint()
+            latest = self.store.audit.checkpoint()
             if latest is not None and latest[0] == len(leaves):
                 return latest[1]
             text = Checkpoint(self.origin, len(leaves), merkle.root(leaves)).text()
             signed = note.sign(text, self.signer)
-            self.store.add_checkpoint(len(leaves), signed)
+            self.store.audit.add_checkpoint(len(leaves), signed)
             return signed
 
     def latest(self) -> str:
         """The latest checkpoint with its cosignatures appended."""
-        latest = self.store.checkpoint()
+        latest = self.store.audit.checkpoint()
         signed = latest[1] if latest else self.sign_checkpoint()
         size = latest[0] if latest else 0
-        return signed + "".join(self.store.cosignatures(size))
+        return signed + "".join(self.store.audit.cosignatures(size))
 
     def size(self) -> int:
-        latest = self.store.checkpoint()
+        latest = self.store.audit.checkpoint()
         return latest[0] if latest else 0
 
     def inclusion(self, index: int, size: int) -> list[bytes]:
@@ -319,7 +320,7 @@ class AuditLog:
     # -- witnessing -------------------------------------------------------------
 
     def witnessed_size(self, peer: str) -> int:
-        seen = self.store.witnessed().get(peer)
+        seen = self.store.audit.witnessed().get(peer)
         return seen[0] if seen else 0
 
     def accept_peer_checkpoint(
@@ -333,7 +334,7 @@ class AuditLog:
             new = open_checkpoint(signed_note, key)
         except NoteError as exc:
             raise ProtocolViolation(f"peer {peer} sent a bad checkpoint: {exc.message}") from exc
-        seen = self.store.witnessed().get(peer)
+        seen = self.store.audit.witnessed().get(peer)
         if seen is not None:
             old = Checkpoint.parse(note.split(seen[1])[0])
             try:
@@ -357,7 +358,7 @@ class AuditLog:
                 ) from exc
             if new.checkpoint.size == old.size:
                 return new
-        self.store.set_witnessed(peer, new.checkpoint.size, signed_note)
+        self.store.audit.set_witnessed(peer, new.checkpoint.size, signed_note)
         return new
 
     def cosign(self, signed: SignedCheckpoint) -> str:
@@ -369,11 +370,11 @@ class AuditLog:
         if key is None:
             raise ConfigError(f"no log key for peer {peer}")
         cosigner = note.Verifier(key.name, key.public, note.ALG_COSIGNATURE_V1)
-        for size, signed in self.store.recent_checkpoints(COSIGN_LOOKBACK):
+        for size, signed in self.store.audit.recent_checkpoints(COSIGN_LOOKBACK):
             try:
                 note.verify(signed + line, cosigner)
             except NoteError:
                 continue
-            self.store.add_cosignature(size, peer, line)
+            self.store.audit.add_cosignature(size, peer, line)
             return
         raise ProtocolViolation(f"cosignature from {peer} matches none of our checkpoints")

@@ -9,13 +9,13 @@ the backup private key and writes the store file (0600) only where none is.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from ispf import files, sealing
 from ispf.errors import ConfigError, SealedFileError
 from ispf.nodeconfig import NodeConfig
-from ispf_server.store import Store
+from ispf_server.storage import Store
+from ispf_server.storage.db import restore_image
 
 
 def backup_store(config: NodeConfig, to: Path, public_key: Path) -> int:
@@ -27,7 +27,7 @@ def backup_store(config: NodeConfig, to: Path, public_key: Path) -> int:
         raise ConfigError(f"no store at {config.store} to back up")
     store = Store(config.store, config.master_key)
     try:
-        snapshot = store.snapshot()
+        snapshot = store.db.snapshot()
     finally:
         store.close()
     data = sealing.seal_backup(snapshot, province=config.province, to=key)
@@ -50,19 +50,5 @@ def restore_store(config: NodeConfig, src: Path, private_key: Path) -> None:
     payload = sealing.open_backup(
         data, where=str(src), province=config.province, key=sealing.load_private_key(private_key)
     )
-    mem = sqlite3.connect(":memory:")
-    try:
-        try:
-            mem.deserialize(payload)
-            mem.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise SealedFileError(f"{src} opened but holds no store") from exc
-        files.private_dir(config.store.parent)
-        files.private_new_file(config.store)
-        out = sqlite3.connect(config.store)
-        try:
-            mem.backup(out)
-        finally:
-            out.close()
-    finally:
-        mem.close()
+    if not restore_image(payload, config.store):
+        raise SealedFileError(f"{src} opened but holds no store")

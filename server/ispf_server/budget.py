@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime
 
 from ispf.errors import BudgetExhausted
 from ispf_server.policy import PeerPolicy
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class QueryBudget:
         """Charge `values` submitted by `pp.peer` (for `what`, as said in a refusal);
         raise BudgetExhausted, with the figures, if the budget does not allow them."""
         today = self.today()
-        row = self.store.charge_budget(
+        row = self.store.budgets.charge(
             pp.peer,
             epoch,
             values,
@@ -107,7 +107,7 @@ class QueryBudget:
     def state(self, pp: PeerPolicy, epoch: int) -> BudgetState:
         """The peer's budget in the epoch as it stands (nothing charged)."""
         today = self.today()
-        held = self.store.budget(pp.peer, epoch)
+        held = self.store.budgets.get(pp.peer, epoch)
         declared, used, refused, first = held or (0, 0, 0, today)
         allowance = pp.budget_allowance(declared, _days(first, today))
         return BudgetState(pp.peer, epoch, declared, used, allowance, refused)

@@ -16,7 +16,7 @@ from ispf.nodeconfig import NodeConfig
 from ispf_server.audit import AuditLog
 from ispf_server.metrics import NodeMetrics
 from ispf_server.salts import SaltRing
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Health:
         """What keeps the node from serving: store, salt, TLS and log keys, policy."""
         problems = []
         try:
-            self.store.ping()
+            self.store.db.ping()
         except Exception as exc:  # any failure of the store means not ready
             problems.append(f"store: {type(exc).__name__}")
         if self.salts.get(self.config.current_epoch) is None:

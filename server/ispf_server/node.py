@@ -58,7 +58,10 @@ from ispf_server.session.initiator import Ask, Initiator, Peer, initiate
 from ispf_server.session.lifecycle import SessionContext, fail_interrupted
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
-from ispf_server.store import Store, StoredRecord
+from ispf_server.storage import Store
+from ispf_server.storage.auditlog import AuditLog as StoredLog
+from ispf_server.storage.registry import Registry, StoredRecord
+from ispf_server.storage.sessions import Sessions
 from ispf_server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -146,7 +149,9 @@ class Node:
             backend=self.backend.name,
         )
         self.metrics.gauge(
-            "ispf_registry_records", "Records in the registry", lambda: float(self.store.stats()[0])
+            "ispf_registry_records",
+            "Records in the registry",
+            lambda: float(self.store.registry.stats()[0]),
         )
         self.metrics.gauge(
             "ispf_audit_log_entries",
@@ -206,10 +211,10 @@ class Node:
 
     def _record_policy(self, policy: Policy) -> None:
         """Log each policy that takes effect (once per distinct file), with its hash."""
-        if self.store.meta("policy_sha256") == policy.digest:
+        if self.store.meta.get("policy_sha256") == policy.digest:
             return
         self.audit.record_policy(version=policy.version, sha256=policy.digest)
-        self.store.set_meta("policy_sha256", policy.digest)
+        self.store.meta.set("policy_sha256", policy.digest)
 
     @property
     def current_salt(self) -> ForumSalt:
@@ -237,8 +242,16 @@ class Node:
         return self.config.province_digits
 
     @property
-    def data(self) -> Store:
-        return self.store
+    def registry(self) -> Registry:
+        return self.store.registry
+
+    @property
+    def results(self) -> Sessions:
+        return self.store.sessions
+
+    @property
+    def log_entries(self) -> StoredLog:
+        return self.store.audit
 
     def new_record(self, record_id: str, nid: str, label: Label) -> StoredRecord:
         return StoredRecord(record_id, nid, label)
@@ -247,7 +260,7 @@ class Node:
         progress = self.board.get(session_id)
         if progress is not None:
             return progress.snapshot()
-        row = self.store.session(session_id)
+        row = self.store.sessions.get(session_id)
         return None if row is None else Snapshot.from_row(row)
 
     def peers(self) -> list[str]:

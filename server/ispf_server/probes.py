@@ -39,10 +39,10 @@ from ispf.protocol import MAX_CHECK_IDS
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.budget import QueryBudget
-from ispf_server.pairstate import labels_of
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.session.plan import secure_shuffle
-from ispf_server.store import Store
+from ispf_server.storage import Store
+from ispf_server.storage.pairs.state import labels_of
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class ProbeAnswerer:
             self.log.count(caller, n, refused=n)
             self.on_probe(caller, "refused", n)
             raise
-        if self.store.pair_version(caller, req.epoch) is None:
+        if self.store.pairs.version(caller, req.epoch) is None:
             self.log.count(caller, n, refused=n)
             raise PreconditionFailed(
                 f"no reconciliation between {caller} and this node in epoch {req.epoch} yet: "
@@ -209,10 +209,10 @@ class ProbeAnswerer:
             self.on_probe(caller, "refused", n)
             raise
         self._freshen(caller, req.epoch)
-        key = self.store.pair_key(caller, req.epoch)
+        key = self.store.pairs.key(caller, req.epoch)
         tags = reblind_many(key, req.values, TAG_BYTES, self.backend)
         split = [tags[i : i + TAG_BYTES] for i in range(0, len(tags), TAG_BYTES)]
-        found = self.store.lookup_own_tags(caller, req.epoch, split)
+        found = self.store.pairs.lookup_own_tags(caller, req.epoch, split)
         hits = [
             peer_pb2.ProbeHit(
                 index=i,
@@ -235,8 +235,8 @@ class ProbeAnswerer:
         After a failed attempt, probes are answered from the index as it is for a
         few seconds rather than each trying (and waiting) again.
         """
-        version = self.store.pair_version(caller, epoch)
-        if version is not None and version >= self.store.registry_version():
+        version = self.store.pairs.version(caller, epoch)
+        if version is not None and version >= self.store.registry.version():
             return
         with self._sync_lock:
             if time.monotonic() - self._sync_failed.get(caller, -1e9) < SYNC_RETRY_SECONDS:
@@ -329,7 +329,7 @@ class Checker:
                     f"purpose '{purpose}' not allowed with {peer} by policy",
                 )
                 continue
-            if self.store.pair_version(peer, salt.epoch) is None:
+            if self.store.pairs.version(peer, salt.epoch) is None:
                 answers[peer] = _Answer(
                     S.PROVINCE_STATUS_NOT_SYNCED,
                     None,
@@ -373,7 +373,7 @@ class Checker:
     def _probe(
         self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
     ) -> _Answer:
-        key = self.store.pair_key(peer, salt.epoch)
+        key = self.store.pairs.key(peer, salt.epoch)
         values = blind_many(key, salt, digits, self.backend)
         try:
             resp = self.stub_for(peer).Probe(

@@ -68,8 +68,8 @@ def test_every_log_verifies_cosigned_and_pairs(audited: Federation, tmp_path: Pa
 
 def test_entries_hold_no_id_number(audited: Federation) -> None:
     for node in audited.nodes.values():
-        blob = b"".join(node.store.log_entries())
-        blob += "".join(n for _, n in node.store.recent_checkpoints(100)).encode()
+        blob = b"".join(node.store.audit.entries())
+        blob += "".join(n for _, n in node.store.audit.recent_checkpoints(100)).encode()
         for nid in IDS:
             for form in (nid, f"{nid[:5]}-{nid[5:12]}-{nid[12]}", nid[5:12]):
                 assert form.encode() not in blob
@@ -371,18 +371,18 @@ def test_policy_change_takes_effect_is_logged_and_refusals_are_logged(
         head, punjab = original.split("[peers.punjab]")
         punjab = punjab.replace('"statistics", ', "", 1)
         path.write_text(head.replace("version = 1", "version = 2") + "[peers.punjab]" + punjab)
-        before = len(sindh.store.log_entries())
+        before = len(sindh.store.audit.entries())
         st = audited.client("punjab").start_reconciliation("sindh", purpose="statistics")
         final = audited.client("punjab").wait(st.session_id)
         assert final.state != COMPLETED
         assert "purpose 'statistics' is not allowed for peer punjab by policy version 2" in (
             final.error
         )
-        logged = [decode_entry(e) for e in sindh.store.log_entries()[before:]]
+        logged = [decode_entry(e) for e in sindh.store.audit.entries()[before:]]
         assert [e["type"] for e in logged] == ["policy", "refusal"]
         assert logged[0]["version"] == 2 and len(logged[0]["sha256"]) == 44
         assert logged[1]["reason_code"] == "PolicyRefused" and logged[1]["peer"] == "punjab"
-        mine = [decode_entry(e) for e in audited.nodes["punjab"].store.log_entries()]
+        mine = [decode_entry(e) for e in audited.nodes["punjab"].store.audit.entries()]
         assert mine[-1]["outcome"] == "failed" and mine[-1]["session_id"] == st.session_id
         # A broken policy file is refused; the one in force stays.
         path.write_text("version = 3\n[peers.punjab]\npurposes = 7\n")

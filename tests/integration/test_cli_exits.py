@@ -74,7 +74,7 @@ def refused_by_sindh(fed: Federation) -> int:
 
     sindh = fed.nodes["sindh"]
     sindh.probes.log.flush()
-    entries = [decode_entry(e) for e in sindh.store.log_entries()]
+    entries = [decode_entry(e) for e in sindh.store.audit.entries()]
     return sum(e["refused"] for e in entries if e["type"] == "probes" and e["peer"] == "punjab")
 
 

@@ -78,7 +78,7 @@ def budget_of(fed: Federation, peer: str) -> internal_pb2.PeerBudget:
 def entries(fed: Federation, province: str) -> list[dict[str, object]]:
     from ispf.auditlog import decode_entry
 
-    return [decode_entry(e) for e in fed.nodes[province].store.log_entries()]
+    return [decode_entry(e) for e in fed.nodes[province].store.audit.entries()]
 
 
 def test_budget_stops_a_peer_over_sessions_and_survives_restart(
@@ -283,11 +283,11 @@ def test_abort_and_purpose_carrying_an_id_leave_no_digit_run(
             hello(fed, epoch=int(FOREIGN_ID)),
         )
     deadline = time.monotonic() + 5  # (the stream's failure is recorded as it closes)
-    while (failed := node.store.session(numbered.session_id)) is None or not failed.error:
+    while (failed := node.store.sessions.get(numbered.session_id)) is None or not failed.error:
         assert time.monotonic() < deadline, "the failed stream's session was never failed"
         time.sleep(0.05)
     assert "chunk [digits] arrived" in failed.error
-    row = node.store.session(req.session_id)
+    row = node.store.sessions.get(req.session_id)
     assert row is not None and row.state == "FAILED"
     assert "holder [digits]" in row.error and len(row.error) < 300
     texts = [r.getMessage() for r in all_logs.records]
@@ -315,7 +315,7 @@ def test_repeated_fetch_blinded_is_refused(fed: Federation) -> None:
             peer_pb2.FetchRequest(session_id=req.session_id),
             timeout=5,
         )
-    row = fed.nodes["punjab"].store.session(req.session_id)
+    row = fed.nodes["punjab"].store.sessions.get(req.session_id)
     assert row is not None and row.state == "FAILED" and "already called" in row.error
     st = fed.reconcile("sindh", "punjab")  # an honest session still completes
     assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error

@@ -106,7 +106,7 @@ def test_lost_state_on_one_side_falls_back_to_a_full_run(federation: Federation)
     federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
     assert federation.reconcile("punjab", "sindh").sync == "full"
     # Sindh restored an old backup: its state for punjab is gone.
-    db = federation.nodes["sindh"].store._db
+    db = federation.nodes["sindh"].store.db.conn
     db.execute("DELETE FROM own_tags")
     db.execute("DELETE FROM pair_sync")
     st = federation.reconcile("punjab", "sindh")

@@ -21,8 +21,8 @@ from ispf_client.cli import main as cli_main
 from ispf_client.forum import init_forum
 from ispf_server.__main__ import main as node_main
 from ispf_server.node import Node
-from ispf_server.pairstate import STATE_TABLES
 from ispf_server.pool import BlindingPool
+from ispf_server.storage.pairs.schema import STATE_TABLES
 from tests.conftest import Federation, start_federation
 
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
@@ -130,11 +130,11 @@ def test_store_searched_byte_by_byte_holds_no_blinding_scalar(
         secrets = []
         for p, node in fed.nodes.items():
             peer = "sindh" if p == "punjab" else "punjab"
-            secrets.append(node.store.pair_key(peer, 1).unsafe_raw())
-            secrets.append(node.store._master._raw)
-            assert node.store.rekey_count(peer, 1) == 0  # what the store keeps instead
+            secrets.append(node.store.pairs.key(peer, 1).unsafe_raw())
+            secrets.append(node.store.pairs._master._raw)
+            assert node.store.pairs.rekey_count(peer, 1) == 0  # what the store keeps instead
         for node in fed.nodes.values():
-            node.store._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            node.store.db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             for suffix in ("", "-wal"):
                 f = node.config.store.with_name(node.config.store.name + suffix)
                 blob = f.read_bytes() if f.exists() else b""
@@ -187,7 +187,7 @@ def test_backup_then_restore_gives_identical_registry_log_and_pair_state(
         assert rc == 0
         assert stat.S_IMODE(out.stat().st_mode) == 0o600
         assert b"3520212345671" not in out.read_bytes() and b"BISP" not in out.read_bytes()
-        fed.nodes["punjab"].store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fed.nodes["punjab"].store.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         original = _dump(fed.nodes["punjab"].config.store)
     finally:
         fed.close()
@@ -228,20 +228,20 @@ def test_rekey_after_days_renews_the_pair_key_and_forces_a_full_run(
         assert first.state == COMPLETED and first.sync == "full" and first.match_count == 2
         assert fed.reconcile("punjab", "sindh").sync == "incremental"  # key not yet due
         store = fed.nodes["punjab"].store
-        tags_before = {t for _, t, _ in store.matched_state("sindh", 1)}
-        key_before = store.pair_key("sindh", 1)
-        assert store.rekey_count("sindh", 1) == 0
+        tags_before = {t for _, t, _ in store.pairs.matched_state("sindh", 1)}
+        key_before = store.pairs.key("sindh", 1)
+        assert store.pairs.rekey_count("sindh", 1) == 0
         old = (datetime.now(UTC) - timedelta(days=31)).isoformat()
-        store._db.execute("UPDATE pair_keys SET created_at=? WHERE peer='sindh'", (old,))
+        store.db.conn.execute("UPDATE pair_keys SET created_at=? WHERE peer='sindh'", (old,))
         # Due: whichever side starts, the next run is full under a fresh key.
         again = fed.reconcile("sindh", "punjab")
         assert again.state == COMPLETED and again.sync == "full" and again.match_count == 2
-        assert store.rekey_count("sindh", 1) == 1
-        assert store.pair_key("sindh", 1) != key_before
-        tags_after = {t for _, t, _ in store.matched_state("sindh", 1)}
+        assert store.pairs.rekey_count("sindh", 1) == 1
+        assert store.pairs.key("sindh", 1) != key_before
+        tags_after = {t for _, t, _ in store.pairs.matched_state("sindh", 1)}
         assert tags_after and not tags_after & tags_before  # the peer cannot link them
         assert fed.reconcile("punjab", "sindh").sync == "incremental"
-        assert store.rekey_count("sindh", 1) == 1
+        assert store.pairs.rekey_count("sindh", 1) == 1
     finally:
         fed.close()
 

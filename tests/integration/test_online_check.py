@@ -108,7 +108,7 @@ def test_rate_limit_refuses_the_excess_and_the_log_counts_it(fed: Federation) ->
         assert "3 per minute" in second["kp"].detail
         assert second["sindh"].status == S.PROVINCE_STATUS_NO_MATCH
         kp.probes.log.flush()
-        entries = [decode_entry(e) for e in kp.store.log_entries()]
+        entries = [decode_entry(e) for e in kp.store.audit.entries()]
         probes = [e for e in entries if e["type"] == "probes" and e["peer"] == "punjab"]
         assert sum(e["refused"] for e in probes) >= 1
         assert sum(e["values"] for e in probes) >= 4
@@ -141,11 +141,11 @@ def test_a_stopped_peer_is_unavailable_for_that_province_only(
 
 def test_checks_are_logged_and_carry_no_id(fed: Federation) -> None:
     fed.nodes["punjab"].checker.log.flush()
-    entries = [decode_entry(e) for e in fed.nodes["punjab"].store.log_entries()]
+    entries = [decode_entry(e) for e in fed.nodes["punjab"].store.audit.entries()]
     assert any(
         e["type"] == "checks" and e["peer"] == "sindh" and e["matched"] >= 1 for e in entries
     )
     wire = b"".join(RECORDER.transcript)
     for nid in (ENROLLED_IN_SINDH, "1730155555550", "3520299999999"):
         assert nid.encode() not in wire
-    assert not re.search(rb"\d{13}", b"".join(fed.nodes["punjab"].store.log_entries()))
+    assert not re.search(rb"\d{13}", b"".join(fed.nodes["punjab"].store.audit.entries()))

@@ -222,9 +222,9 @@ def test_epoch_roll_over_and_retirement(federation: Federation) -> None:
     salt1 = (lay.salt_dir / "epoch-1.salt").read_text().strip()
     tags_before = [
         m.tag
-        for s in federation.nodes["sindh"].store.sessions()
+        for s in federation.nodes["sindh"].store.sessions.all()
         if s.epoch == 1
-        for m in federation.nodes["sindh"].store.matches(s.session_id)
+        for m in federation.nodes["sindh"].store.sessions.matches(s.session_id)
     ]
     assert tags_before
     from ispf_server.__main__ import main as node_main
@@ -267,14 +267,14 @@ def test_epoch_roll_over_and_retirement(federation: Federation) -> None:
     assert bytes.fromhex(salt1) not in store_bytes and salt1.encode() not in store_bytes
     # ... and so are its sessions' match tags (the scalars were never stored).
     sindh = federation.nodes["sindh"].store
-    epoch1 = [s.session_id for s in sindh.sessions() if s.epoch == 1 and s.match_count]
-    assert epoch1 and all(m.tag == b"" for sid in epoch1 for m in sindh.matches(sid))
+    epoch1 = [s.session_id for s in sindh.sessions.all() if s.epoch == 1 and s.match_count]
+    assert epoch1 and all(m.tag == b"" for sid in epoch1 for m in sindh.sessions.matches(sid))
     assert all(t not in store_bytes for t in tags_before)
     with pytest.raises(UnknownSession, match="destroyed when its epoch was retired"):
         federation.client("sindh").receipt(
-            epoch1[0], next(iter(sindh.matches(epoch1[0]))).record_id
+            epoch1[0], next(iter(sindh.sessions.matches(epoch1[0]))).record_id
         )
-    logged = [decode_entry(e) for e in federation.nodes["sindh"].store.log_entries()]
+    logged = [decode_entry(e) for e in federation.nodes["sindh"].store.audit.entries()]
     assert [e["type"] for e in logged[-2:]] == ["epoch", "refusal"]
     assert {"type": "epoch", "epoch": 1, "event": "retired"}.items() <= logged[-2].items()
     # The current epoch cannot be retired.

@@ -200,10 +200,10 @@ def test_every_kind_of_session_gives_the_same_result_when_sorts_spill(
     join goes through spilled pieces merged a record at a time, runs are staged in
     parts of two records, rows in batches of three. Full, incremental, filtered and
     count-only sessions still give exactly the true matches."""
-    from ispf_server import pairruns
     from ispf_server.records import extsort
     from ispf_server.session.match import kept, labelled
-    from ispf_server.store import StagedRun
+    from ispf_server.storage.pairs import runs as pairruns
+    from ispf_server.storage.pairs.staging import StagedRun
 
     for module, name, value in (
         (extsort, "BUDGET", 64),

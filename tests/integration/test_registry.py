@@ -90,7 +90,7 @@ def test_a_full_disk_is_reported_and_nothing_is_half_written(federation: Federat
 
     client = federation.client("sindh")
     federation.load("sindh", [(f"S{i}", f"42101{i:08d}", "BISP", "enrolled") for i in range(50)])
-    db = federation.nodes["sindh"].store._db
+    db = federation.nodes["sindh"].store.db.conn
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
     try:

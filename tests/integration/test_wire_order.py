@@ -168,7 +168,7 @@ def test_no_stream_a_peer_receives_follows_id_order(
     # A full run: Punjab's values, under its pair key for Sindh.
     rec.clear()
     run(f)
-    pk, sk = punjab.store.pair_key("sindh", 1), sindh.store.pair_key("punjab", 1)
+    pk, sk = punjab.store.pairs.key("sindh", 1), sindh.store.pairs.key("punjab", 1)
     ids = [nid(i) for i in first]
     rhos["full"] = rho_of(values(rec.sent["FetchBlinded"], POINT_BYTES), by_point(salt, pk, ids))
 

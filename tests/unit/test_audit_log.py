@@ -11,7 +11,9 @@ from ispf.auditlog import Checkpoint, decode_entry, encode_entry, open_checkpoin
 from ispf.errors import EntryError
 from ispf.v1 import common_pb2
 from ispf_server.audit import AuditLog, SessionEntry
-from ispf_server.store import SessionTotals, Store, utcnow
+from ispf_server.storage import Store
+from ispf_server.storage.db import utcnow
+from ispf_server.storage.sessions import SessionTotals
 
 
 def make_log(path: Path, signer: note.Signer) -> AuditLog:
@@ -22,7 +24,7 @@ def test_checkpoint_after_a_crash_covers_exactly_what_is_on_disk(tmp_path: Path)
     signer = note.Signer.generate("ispf-match/punjab")
     log = make_log(tmp_path / "n.sqlite", signer)
     assert log.size() == 0
-    log.store.begin_session("s1", "sindh", "initiator", common_pb2.MODE_MUTUAL, "r", 1)
+    log.store.sessions.begin("s1", "sindh", "initiator", common_pb2.MODE_MUTUAL, "r", 1)
     entry = log.session_entry(
         SessionEntry(
             session_id="s1",
@@ -36,7 +38,7 @@ def test_checkpoint_after_a_crash_covers_exactly_what_is_on_disk(tmp_path: Path)
             match_count=0,
         )
     )
-    log.store.complete_session(
+    log.store.sessions.complete(
         "s1",
         SessionTotals(
             own_records=0,
@@ -58,10 +60,10 @@ def test_checkpoint_after_a_crash_covers_exactly_what_is_on_disk(tmp_path: Path)
 
 def test_a_session_gets_one_entry_even_if_failed_twice(tmp_path: Path) -> None:
     log = make_log(tmp_path / "n.sqlite", note.Signer.generate("ispf-match/punjab"))
-    log.store.begin_session("s2", "kp", "responder", common_pb2.MODE_MUTUAL, "r", 1)
-    assert log.store.fail_session("s2", "peer vanished", b'{"v":1}')
-    assert not log.store.fail_session("s2", "again", b'{"v":1}')
-    assert len(log.store.log_entries()) == 1
+    log.store.sessions.begin("s2", "kp", "responder", common_pb2.MODE_MUTUAL, "r", 1)
+    assert log.store.sessions.fail("s2", "peer vanished", b'{"v":1}')
+    assert not log.store.sessions.fail("s2", "again", b'{"v":1}')
+    assert len(log.store.audit.entries()) == 1
 
 
 def test_entries_refuse_id_like_values_and_non_canonical_bytes() -> None:

@@ -9,7 +9,7 @@ import pytest
 from ispf.errors import BudgetExhausted, ConfigError
 from ispf_server.budget import QueryBudget
 from ispf_server.policy import PeerPolicy, parse_policy
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 
 def test_allowance_grows_daily_and_survives_reopening(tmp_path: Path) -> None:

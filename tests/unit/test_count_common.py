@@ -12,7 +12,7 @@ import pytest
 
 from ispf_server.records import SpooledNids, TagSpool, extsort, ops
 from ispf_server.session.match import count, labelled
-from ispf_server.store import MatchRow
+from ispf_server.storage.sessions import MatchRow
 
 
 def spooled(directory: Path, tags: list[bytes], width: int = 16) -> TagSpool:
@@ -65,7 +65,7 @@ def test_intersect_within_the_budget_equals_the_dict_path(
         pytest.skip("the native module is not built here")
     from ispf.records import Label
     from ispf_server.session.plan import Plan, shuffled_plan
-    from ispf_server.store import StoredRecord
+    from ispf_server.storage.registry import StoredRecord
 
     if small:
         monkeypatch.setattr(extsort, "BUDGET", 100)

@@ -14,10 +14,11 @@ import pytest
 import ispf
 import ispf_client
 import ispf_server
-from ispf_server import records
+from ispf_server import records, storage
+from ispf_server.storage import pairs
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = [ispf, ispf_server, ispf_client, records]
+PACKAGES = [ispf, ispf_server, ispf_client, records, storage, pairs]
 
 
 def public_names(module: ModuleType) -> list[str]:

@@ -14,9 +14,11 @@ import ispf_client
 import ispf_server
 from ispf.records import Label
 from ispf_client.csvio import RowProblem
-from ispf_server.pairstate import OwnGroup
 from ispf_server.session.plan import build_plan
-from ispf_server.store import MatchRow, Store, StoredRecord
+from ispf_server.storage import Store
+from ispf_server.storage.pairs.state import OwnGroup
+from ispf_server.storage.registry import StoredRecord
+from ispf_server.storage.sessions import MatchRow
 
 NID = "3520212345671"
 RECORD_ID = f"BISP-{NID}-2024"  # (record IDs often carry the number too)
@@ -26,12 +28,12 @@ THIRTEEN = re.compile(r"\d{13}")
 
 def test_no_repr_of_a_stored_object_holds_thirteen_digits(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
-    store.upsert([StoredRecord(RECORD_ID, NID, LABEL)])
-    (stored,) = store.records_by_nids([NID])
+    store.registry.upsert([StoredRecord(RECORD_ID, NID, LABEL)])
+    (stored,) = store.registry.records_by_nids([NID])
     assert stored.nid == NID and stored.record_id == RECORD_ID
     objects: list[object] = [
         stored,
-        store.records(),
+        store.registry.records(),
         MatchRow(RECORD_ID, LABEL, LABEL, b"t" * 16),
         OwnGroup("[]", [NID], [b"t" * 16]),
         RowProblem(2, RECORD_ID, "nid.length", "too short"),

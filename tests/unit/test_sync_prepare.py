@@ -17,7 +17,9 @@ from ispf_server.records import TagSpool, ops, spool
 from ispf_server.session import plan as planning
 from ispf_server.session.match import kept
 from ispf_server.session.plan import eligible_records
-from ispf_server.store import MatchRow, SessionTotals, Store, StoredRecord
+from ispf_server.storage import Store
+from ispf_server.storage.registry import StoredRecord
+from ispf_server.storage.sessions import MatchRow, SessionTotals
 
 LABELS = [
     Label("BISP", "enrolled"),
@@ -78,10 +80,14 @@ def test_one_pass_equals_the_record_path(
     # IDs with more records than a small batch holds (batches end on ID boundaries).
     records += [StoredRecord(f"m{i}", nids[i % 2], LABELS[i % 4]) for i in range(30)]
     store = Store(tmp_path / "s.sqlite")
-    store.upsert(records)
-    monkeypatch.setattr(store, "nid_labels", functools.partial(store.nid_labels, batch=batch))
+    store.registry.upsert(records)
     monkeypatch.setattr(
-        store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
+        store.registry, "nid_labels", functools.partial(store.registry.nid_labels, batch=batch)
+    )
+    monkeypatch.setattr(
+        store.registry,
+        "nid_label_codes",
+        functools.partial(store.registry.nid_label_codes, batch=batch),
     )
     pass_ = _coded_pass if way == "coded" else planning._all_label_sets_rows
     by_text, count = pass_(store, pp)
@@ -113,7 +119,7 @@ def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
     records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(LABELS)) for i in range(1500)]
     (tmp_path / "store").mkdir()
     store = Store(tmp_path / "store" / "s.sqlite")
-    store.upsert(records)
+    store.registry.upsert(records)
     before = set((tmp_path / "store").iterdir())
     by_text, count = _coded_pass(store, pp)
     want = shuffled_plan({planning.labels_of(t): m for t, m in by_text.items()}, own_records=count)
@@ -141,7 +147,7 @@ def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
 
 def test_full_prepare_plans_every_id_once_in_label_set_groups(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
-    store.upsert(
+    store.registry.upsert(
         [
             StoredRecord("a", "3520200000001", LABELS[0]),
             StoredRecord("b", "3520200000001", LABELS[2]),
@@ -166,9 +172,10 @@ def test_packed_full_run_equals_the_general_path(
 ) -> None:
     """The C path for a full run (sorted runs joined on the tag) gives the same
     result, fingerprints and stored state as the record-by-record path."""
-    from ispf_server import pairruns, pairstate
     from ispf_server.records import extsort, ops
-    from ispf_server.store import StagedRun
+    from ispf_server.storage.pairs import deltas, lookups
+    from ispf_server.storage.pairs import runs as pairruns
+    from ispf_server.storage.pairs.staging import StagedRun
 
     if ops.native is None:
         pytest.skip("the native module is not built here")
@@ -187,7 +194,7 @@ def test_packed_full_run_equals_the_general_path(
     cases = [(True, spool.CHUNK, False), (True, 7, False), (True, 7, True), (False, 7, False)]
     for packed, chunk, small in cases:
         store = Store(tmp_path / f"{packed}{chunk}{small}.sqlite")
-        store.upsert(records)
+        store.registry.upsert(records)
         side = planning.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         monkeypatch.setattr(spool, "CHUNK", chunk)
@@ -217,15 +224,15 @@ def test_packed_full_run_equals_the_general_path(
         assert (res.delta.runs is not None) == (not packed)
         assert (not res.delta.own_added) == packed
         if packed:
-            assert pairstate.own_by_nids(store._db, "sindh", 1, nids) == {}  # not yet current
-        cur = store._db.cursor()
+            assert lookups.own_by_nids(store.db.conn, "sindh", 1, nids) == {}  # not yet current
+        cur = store.db.conn.cursor()
         cur.execute("BEGIN")
-        pairstate.apply_delta(cur, "sindh", 1, res.delta)
+        deltas.apply_delta(cur, "sindh", 1, res.delta)
         cur.execute("COMMIT")
         state = (
-            pairstate.own_by_nids(store._db, "sindh", 1, nids),
-            pairstate.peer_by_tags(store._db, "sindh", 1, [tag_of[n] for n in nids]),
-            sorted(pairstate.matched_state(store._db, "sindh", 1)),
+            lookups.own_by_nids(store.db.conn, "sindh", 1, nids),
+            lookups.peer_by_tags(store.db.conn, "sindh", 1, [tag_of[n] for n in nids]),
+            sorted(lookups.matched_state(store.db.conn, "sindh", 1)),
         )
         o = res.outcome
         rows = sorted(o.matches, key=repr)
@@ -245,26 +252,26 @@ def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
         StoredRecord(f"r{i}", f"35202{rng.randrange(40):08d}", rng.choice(LABELS))
         for i in range(500)
     ]
-    store.upsert(records)
+    store.registry.upsert(records)
     want = sorted((r.nid, r.label.programme, r.label.status, r.record_id) for r in records)
     for batch in (1, 7, 64, 499, 500, 501):
-        got = list(store.nid_labels(batch=batch))
+        got = list(store.registry.nid_labels(batch=batch))
         assert got == [w[:3] for w in want], batch
 
 
 def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) -> None:
-    from ispf_server.pairstate import EMPTY_FP, PairDelta
-    from ispf_server.store import MatchRow
+    from ispf_server.storage.pairs.state import EMPTY_FP, PairDelta
+    from ispf_server.storage.sessions import MatchRow
 
     store = Store(tmp_path / "s.sqlite")
     rows = [MatchRow("r1", LABELS[0], LABELS[1], b"t" * 16)]
     empty = PairDelta(False, [], [], [], [], 0, EMPTY_FP, EMPTY_FP, "p")
     for sid, completes in (("s-ok", True), ("s-failed", False)):
-        store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
-        store.stage_result(sid, "sindh", 1, empty, rows)
-        assert list(store.matches(sid)) == [] and store.matched_tags(sid) == []
+        store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
+        store.sessions.stage_result(sid, "sindh", 1, empty, rows)
+        assert list(store.sessions.matches(sid)) == [] and store.sessions.matched_tags(sid) == []
         if completes:
-            store.complete_session(
+            store.sessions.complete(
                 sid,
                 SessionTotals(
                     own_records=1,
@@ -277,22 +284,22 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
                 entry=b'{"type":"session"}',
                 matches_staged=True,
             )
-            assert list(store.matches(sid)) == rows  # once, not twice
+            assert list(store.sessions.matches(sid)) == rows  # once, not twice
         else:
-            assert store.fail_session(sid, "peer gone", None)
-            count = store._db.execute(
+            assert store.sessions.fail(sid, "peer gone", None)
+            count = store.db.conn.execute(
                 "SELECT count(*) FROM matches WHERE session_id=?", (sid,)
             ).fetchone()
             assert count == (0,)  # the staged rows are gone with the session
     # A session already failed stages nothing.
-    store.stage_result("s-failed", "sindh", 1, empty, rows)
-    assert store._db.execute("SELECT count(*) FROM matches").fetchone() == (1,)
+    store.sessions.stage_result("s-failed", "sindh", 1, empty, rows)
+    assert store.db.conn.execute("SELECT count(*) FROM matches").fetchone() == (1,)
 
 
 def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
     tmp_path: Path,
 ) -> None:
-    from ispf_server.store import MatchRow
+    from ispf_server.storage.sessions import MatchRow
 
     store = Store(tmp_path / "s.sqlite")
     batches = [
@@ -303,11 +310,11 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
         [MatchRow("r2", LABELS[1], LABELS[1], b"u" * 16)],
     ]
     for sid, completes in (("s-ok", True), ("s-failed", False)):
-        store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
-        assert all(store.stage_matches(sid, b) for b in batches)
-        assert list(store.matches(sid)) == []  # not before the session completes
+        store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
+        assert all(store.sessions.stage_matches(sid, b) for b in batches)
+        assert list(store.sessions.matches(sid)) == []  # not before the session completes
         if completes:
-            store.complete_session(
+            store.sessions.complete(
                 sid,
                 SessionTotals(
                     own_records=2,
@@ -321,19 +328,21 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
                 entry=b'{"type":"session"}',
                 matches_staged=True,
             )
-            assert sorted(store.matches(sid), key=repr) == sorted(batches[0] + batches[1], key=repr)
-            row = store._db.execute(
+            assert sorted(store.sessions.matches(sid), key=repr) == sorted(
+                batches[0] + batches[1], key=repr
+            )
+            row = store.db.conn.execute(
                 "SELECT matched_records FROM sessions WHERE session_id=?", (sid,)
             ).fetchone()
             assert row == (2,)
             # Staged pieces are committed without a sync of their own; every other
             # write still is (synchronous=FULL, 2, is back after each staging).
-            assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+            assert store.db.conn.execute("PRAGMA synchronous").fetchone() == (2,)
         else:
-            assert store.fail_session(sid, "peer gone", None)
+            assert store.sessions.fail(sid, "peer gone", None)
             # The session is gone: later batches are not written, and those staged went.
-            assert not store.stage_matches(sid, batches[0])
-            count = store._db.execute(
+            assert not store.sessions.stage_matches(sid, batches[0])
+            count = store.db.conn.execute(
                 "SELECT count(*) FROM matches WHERE session_id=?", (sid,)
             ).fetchone()
             assert count == (0,)
@@ -342,8 +351,9 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
 def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     tmp_path: Path,
 ) -> None:
-    from ispf_server import pairruns, pairstate
     from ispf_server.records import ops
+    from ispf_server.storage.pairs import lookups
+    from ispf_server.storage.pairs import runs as pairruns
 
     if ops.native is None:
         pytest.skip("the native module is not built here")
@@ -353,10 +363,10 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     tag_of = {n: rng.randbytes(16) for n in nids}
     peer = b"".join(tag_of[n] for n in nids[:100]) + rng.randbytes(16 * 20)
     store = Store(tmp_path / "s.sqlite")
-    store.upsert(records)
+    store.registry.upsert(records)
 
     def staged_run(sid: str) -> kept.Matched:
-        store.begin_session(sid, "sindh", "initiator", 1, "reconciliation", 1)
+        store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
         side = planning.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         return kept.finish(
@@ -364,18 +374,18 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
         )
 
     def generations() -> set[int]:
-        rows = store._db.execute("SELECT DISTINCT gen FROM pair_runs").fetchall()
+        rows = store.db.conn.execute("SELECT DISTINCT gen FROM pair_runs").fetchall()
         return {g for (g,) in rows}
 
     # A failed session leaves neither its rows nor its runs.
     failed = staged_run("s-failed")
     assert failed.delta.staged is not None and generations() == {failed.delta.staged}
-    assert store.fail_session("s-failed", "peer gone", None)
-    assert generations() == set() and pairruns.current(store._db, "sindh", 1) is None
+    assert store.sessions.fail("s-failed", "peer gone", None)
+    assert generations() == set() and pairruns.current(store.db.conn, "sindh", 1) is None
     # A completed one makes its staged runs the pair's state.
     ok = staged_run("s-ok")
-    store.stage_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
-    store.complete_session(
+    store.sessions.stage_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
+    store.sessions.complete(
         "s-ok",
         SessionTotals(
             own_records=300,
@@ -390,35 +400,35 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
         pair_delta=("sindh", 1, ok.delta),
     )
     assert ok.outcome.match_count == 100
-    assert pairruns.current(store._db, "sindh", 1) == ok.delta.staged
-    assert len(pairstate.own_by_nids(store._db, "sindh", 1, nids)) == 300
+    assert pairruns.current(store.db.conn, "sindh", 1) == ok.delta.staged
+    assert len(lookups.own_by_nids(store.db.conn, "sindh", 1, nids)) == 300
 
 
 def test_registry_changes_every_pair_has_seen_are_pruned_in_batches(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     for v in range(3):  # three registry versions, 10 changed IDs each
-        store.upsert(
+        store.registry.upsert(
             [StoredRecord(f"r{v}-{i}", f"35202{v:04d}{i:04d}", LABELS[0]) for i in range(10)]
         )
-    version = store.registry_version()
+    version = store.registry.version()
 
     def count() -> int:
-        return int(store._db.execute("SELECT count(*) FROM registry_changes").fetchone()[0])
+        return int(store.db.conn.execute("SELECT count(*) FROM registry_changes").fetchone()[0])
 
     assert count() == 30
-    with store._lock:
-        store._db.executemany(
+    with store.db.lock:
+        store.db.conn.executemany(
             "INSERT INTO pair_sync VALUES (?,?,?,?,?,?)",
             [("sindh", 1, version, b"", b"", "p"), ("kp", 1, version - 1, b"", b"", "p")],
         )
     # kp has not seen the last version: its changes stay for kp's next incremental run.
-    assert store.prune_changes(batch=4) == 20 and count() == 10
-    assert store.changed_since(version - 1) == {f"35202{2:04d}{i:04d}" for i in range(10)}
-    with store._lock:
-        store._db.execute("UPDATE pair_sync SET version=? WHERE peer='kp'", (version,))
-    assert store.prune_changes(batch=4) == 10 and count() == 0
+    assert store.registry.prune_changes(batch=4) == 20 and count() == 10
+    assert store.registry.changed_since(version - 1) == {f"35202{2:04d}{i:04d}" for i in range(10)}
+    with store.db.lock:
+        store.db.conn.execute("UPDATE pair_sync SET version=? WHERE peer='kp'", (version,))
+    assert store.registry.prune_changes(batch=4) == 10 and count() == 0
     store.close()
-    assert store.prune_changes() == 0  # a closed store (shutdown): nothing, no error
+    assert store.registry.prune_changes() == 0  # a closed store (shutdown): nothing, no error
 
 
 @pytest.mark.parametrize("labelled", [False, True])
@@ -443,9 +453,11 @@ def test_one_off_plan_packed_equals_the_record_path(
     records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(LABELS)) for i in range(900)]
     records += [StoredRecord(f"m{i}", nids[i % 2], LABELS[i % 4]) for i in range(30)]
     store = Store(tmp_path / "s.sqlite")
-    store.upsert(records)
+    store.registry.upsert(records)
     monkeypatch.setattr(
-        store, "nid_label_codes", functools.partial(store.nid_label_codes, batch=batch)
+        store.registry,
+        "nid_label_codes",
+        functools.partial(store.registry.nid_label_codes, batch=batch),
     )
     got = planning.one_off_plan(store, pp, collections, labelled=labelled)
     monkeypatch.setattr(ops, "native", None)
@@ -474,7 +486,7 @@ def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> Non
     if ops.native is None:
         pytest.skip("the native module is not built here")
     store = Store(tmp_path / "s.sqlite")
-    store.upsert(
+    store.registry.upsert(
         [
             StoredRecord("a", "3520212345671", LABELS[0]),
             StoredRecord("b", "352021234567", LABELS[1]),  # 12 digits

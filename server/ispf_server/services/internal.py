@@ -36,7 +36,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer, Generic[R]):
                 f"{len(request.records)} records in one request, at most {MAX_RECORDS_PER_MESSAGE}",
             )
         good, errors = self._validate(request.records)
-        counts = self.node.data.upsert(good.values())
+        counts = self.node.registry.upsert(good.values())
         return internal_pb2.UpsertRecordsResponse(
             accepted=len(good),
             inserted=counts.inserted,
@@ -82,7 +82,7 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer, Generic[R]):
     ) -> internal_pb2.SyncRecordsResponse:
         errors: list[internal_pb2.RowError] = []
         n_rejected = 0
-        with self.node.data.registry_sync() as sync:
+        with self.node.registry.sync() as sync:
             last: internal_pb2.SyncRecordsRequest | None = None
             for req in request_iterator:
                 if len(req.records) > MAX_RECORDS_PER_MESSAGE:
@@ -155,13 +155,13 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer, Generic[R]):
     def DeleteRecords(
         self, request: internal_pb2.DeleteRecordsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.DeleteRecordsResponse:
-        deleted, missing = self.node.data.delete(list(request.record_ids))
+        deleted, missing = self.node.registry.delete(list(request.record_ids))
         return internal_pb2.DeleteRecordsResponse(deleted=deleted, not_found=missing)
 
     def GetRegistryStats(
         self, request: internal_pb2.GetRegistryStatsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.RegistryStats:
-        total, distinct, labels = self.node.data.stats()
+        total, distinct, labels = self.node.registry.stats()
         return internal_pb2.RegistryStats(
             province=self.node.province,
             records=total,
@@ -230,7 +230,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
         self, request: internal_pb2.ListSessionsRequest, context: grpc.ServicerContext
     ) -> internal_pb2.ListSessionsResponse:
         return internal_pb2.ListSessionsResponse(
-            sessions=[self._snapshot(r.session_id).to_proto() for r in self.node.data.sessions()]
+            sessions=[self._snapshot(r.session_id).to_proto() for r in self.node.results.all()]
         )
 
     def ListPeers(
@@ -255,11 +255,11 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
     def GetReceipt(
         self, request: internal_pb2.GetReceiptRequest, context: grpc.ServicerContext
     ) -> internal_pb2.Receipt:
-        store, audit = self.node.data, self.node.audit
-        rows = list(store.matches(request.session_id, request.record_id))
+        results, log, audit = self.node.results, self.node.log_entries, self.node.audit
+        rows = list(results.matches(request.session_id, request.record_id))
         if not rows:
             raise UnknownSession("no match of that record in that session on this node")
-        tags = sorted(set(store.matched_tags(request.session_id)))
+        tags = sorted(set(results.matched_tags(request.session_id)))
         tag = rows[0].tag
         if not tag:
             raise UnknownSession(
@@ -267,7 +267,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
                 "no receipt can be made"
             )
         index = tags.index(tag)
-        entry_index = store.log_index(request.session_id)
+        entry_index = log.index_of(request.session_id)
         if entry_index is None:
             raise UnknownSession("the session has no entry in this node's log")
         size = audit.size()
@@ -279,7 +279,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
             tag_index=index,
             match_count=len(tags),
             tag_proof=merkle.inclusion_proof(index, tag_leaves(tags)),
-            entry=store.log_entries(entry_index, entry_index + 1)[0],
+            entry=log.entries(entry_index, entry_index + 1)[0],
             entry_index=entry_index,
             entry_proof=audit.inclusion(entry_index, size),
             checkpoint=audit.latest(),
@@ -288,22 +288,22 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
     def GetMatches(
         self, request: internal_pb2.GetMatchesRequest, context: grpc.ServicerContext
     ) -> Iterator[internal_pb2.MatchBatch]:
-        store = self.node.data
+        results = self.node.results
         if request.session_id:
-            row = store.session(request.session_id)
+            row = results.get(request.session_id)
             if row is None or row.state != "COMPLETED":
                 raise UnknownSession(
                     f"no completed session {request.session_id[:64]} on node {self.node.province}"
                 )
             rows: Sequence[SessionRecord] = [row]
         else:
-            rows = store.latest_completed_sessions()
+            rows = results.latest_completed()
         batch: list[internal_pb2.Match] = []
         # Person numbers for this stream only: first person seen is 1 (see Match.person).
         people: dict[str, int] = {}
         for s in rows:
-            holders = store.match_holders(s.session_id)
-            for m in store.matches(s.session_id):
+            holders = results.match_holders(s.session_id)
+            for m in results.matches(s.session_id):
                 # A record gone from the registry is a person of its own ("\0" keeps
                 # its key apart from every record id a holder key can be).
                 key = holders.get(m.record_id, "\0" + m.record_id)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ispf.v1 import common_pb2
 from ispf_server.audit import SessionEntry
 from ispf_server.session.progress import Snapshot
-from ispf_server.store import SessionRow, SessionTotals
+from ispf_server.storage.sessions import SessionRow, SessionTotals
 
 if TYPE_CHECKING:
     from ispf_server.session.match.rows import Outcome

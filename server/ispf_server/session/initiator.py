@@ -227,7 +227,7 @@ class Initiator:
         life.clock.lap("prepare")
         groups = plan.to_proto() if f.labelled else [common_pb2.LabelGroup(size=plan.total)]
         # (never below the set sent: the registry may have shrunk since the plan)
-        f.own_declared = max(ctx.store.distinct_ids(), plan.total)
+        f.own_declared = max(ctx.store.registry.distinct_ids(), plan.total)
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -255,7 +255,7 @@ class Initiator:
         peer_removed = (
             parse_removed(
                 hs.removed,
-                lambda ts: ctx.store.peer_labels_for(f.peer, f.epoch, ts),
+                lambda ts: ctx.store.pairs.peer_labels_for(f.peer, f.epoch, ts),
                 f.peer,
             )
             if side

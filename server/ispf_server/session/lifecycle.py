@@ -20,7 +20,8 @@ from ispf_server.session.match import Matched, Matcher, Outcome, matcher_for
 from ispf_server.session.match.rows import RowSink
 from ispf_server.session.plan import LabelSet, Plan, SyncSide
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard
-from ispf_server.store import Store, utcnow
+from ispf_server.storage import Store
+from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Lifecycle:
     ) -> Lifecycle:
         """The session's row (RUNNING) and its status on the board."""
         f = facts
-        ctx.store.begin_session(f.session_id, f.peer, f.role, f.mode, f.purpose, f.epoch)
+        ctx.store.sessions.begin(f.session_id, f.peer, f.role, f.mode, f.purpose, f.epoch)
         return cls(facts, ctx, board.open(facts.snapshot(phase)))
 
     def known(self, phase: str) -> None:
@@ -92,7 +93,7 @@ class Lifecycle:
     @property
     def stage_rows(self) -> RowSink:
         """Where result rows go as they are made, ahead of the commit."""
-        return partial(self.ctx.store.stage_matches, self.facts.session_id)
+        return partial(self.ctx.store.sessions.stage_matches, self.facts.session_id)
 
     def matcher(
         self,
@@ -120,7 +121,7 @@ class Lifecycle:
         """With pair state: the result and new state written ahead, not yet current."""
         if matched.delta is not None:
             f = self.facts
-            self.ctx.store.stage_result(
+            self.ctx.store.sessions.stage_result(
                 f.session_id, f.peer, f.epoch, matched.delta, matched.outcome.matches
             )
 
@@ -138,7 +139,7 @@ class Lifecycle:
     def commit(self, matched: Matched) -> None:
         """Results, the session's row and its entry, in one transaction."""
         f, out = self.facts, matched.outcome
-        self.ctx.store.complete_session(
+        self.ctx.store.sessions.complete(
             f.session_id,
             f.totals(out),
             entry=self.ctx.audit.session_entry(f.entry("completed", at=utcnow(), result=out)),
@@ -170,7 +171,7 @@ class Lifecycle:
         f = self.facts
         log.warning("session %s with %s failed: %s", f.session_id, f.peer, reason)
         entry = self.ctx.audit.session_entry(f.entry("failed", at=utcnow(), reason=reason))
-        if self.ctx.store.fail_session(f.session_id, reason, entry, retriable=retriable):
+        if self.ctx.store.sessions.fail(f.session_id, reason, entry, retriable=retriable):
             self.ctx.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason, retriable=retriable)
         return reason
@@ -179,9 +180,9 @@ class Lifecycle:
 def fail_interrupted(ctx: SessionContext) -> None:
     """Sessions left running by a crash are not results: fail them, with their entries."""
     reason = "node restarted during session"
-    for row in ctx.store.running_sessions():
+    for row in ctx.store.sessions.running():
         facts = SessionFacts.from_row(ctx.province, row)
         entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
-        ctx.store.fail_session(row.session_id, reason, entry, retriable=True)
+        ctx.store.sessions.fail(row.session_id, reason, entry, retriable=True)
         log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
     ctx.audit.sign_checkpoint()

@@ -28,9 +28,6 @@ from ispf.keys import BlindingKey
 from ispf.nid import NID_BYTES, PackedNids
 from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
-from ispf_server import pairruns
-from ispf_server.pairruns import NID
-from ispf_server.pairstate import EMPTY_FP, labels_of, labels_text
 from ispf_server.policy import PeerPolicy
 from ispf_server.records import (
     ExternalSort,
@@ -46,7 +43,11 @@ from ispf_server.records import (
     zip_records,
 )
 from ispf_server.session.facts import SyncKind
-from ispf_server.store import Store, StoredRecord
+from ispf_server.storage import Store
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.runs import NID
+from ispf_server.storage.pairs.state import EMPTY_FP, labels_of, labels_text
+from ispf_server.storage.registry import StoredRecord
 
 LabelSet = tuple[Label, ...]
 MAX_GROUPS = 10_000
@@ -85,7 +86,7 @@ class Plan:
     groups: list[LabelSet]
     sizes: list[int]
     # Distinct canonical IDs in send order, group after group, packed (on disk: a
-    # full run's, `sync.spooled_plan`).
+    # full run's, `spooled_plan`).
     order: PackedNids | SpooledNids
     own_records: int
     # A labelled one-off session's result rows name the matched IDs' records, looked
@@ -180,7 +181,7 @@ def eligible_records(
     may not learn stay out of labelled sessions altogether.
     """
     check_collections(pp, collections)
-    records = store.records(collections or pp.collections)
+    records = store.registry.records(collections or pp.collections)
     if labelled:
         records = [r for r in records if pp.may_learn(r.label)]
     return records
@@ -229,9 +230,9 @@ def state_fingerprints(
     past the policy's `rekey_after_days`: the key is renewed here and that state
     dropped, so both sides, asking this before a run, agree the run is full.
     """
-    if store.rekey_if_due(peer, epoch, pp.rekey_after_days):
+    if store.pairs.rekey_if_due(peer, epoch, pp.rekey_after_days):
         return None
-    row = store.pair_sync(peer, epoch)
+    row = store.pairs.sync_row(peer, epoch)
     if row is None or row.policy != policy_key(pp):
         return None
     return row.own_fp, row.peer_fp
@@ -282,7 +283,7 @@ def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> l
         return None
     allowed = [
         lb
-        for lb in store.distinct_labels()
+        for lb in store.registry.distinct_labels()
         if (pp.may_learn(lb) if labelled else pp.in_collections(lb.programme))
     ]
     return None if len(allowed) > 254 else allowed
@@ -387,7 +388,7 @@ def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int
     other), in batches from SQLite, each sorted and split in C: (IDs held once, by
     code; records of the IDs held several times, sorted). Raises NotPacked where
     the IDs are not all 13 digits (the strings do not split evenly)."""
-    for text in store.nid_label_codes(labels):
+    for text in store.registry.nid_label_codes(labels):
         buf = bytearray(text.encode("latin-1"))
         del text
         if len(buf) % CODED:
@@ -428,7 +429,7 @@ def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytear
             text = texts[key] = labels_text(key if isinstance(key, frozenset) else (key,))
         by_text[text] += nid.encode("ascii")
 
-    for nid, prog, status in store.nid_labels():
+    for nid, prog, status in store.registry.nid_labels():
         pair = (prog, status)
         if pair in labels:
             label = labels[pair]
@@ -453,16 +454,16 @@ def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytear
 
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
     """What this side sends: IDs whose label set is new or changed, and removed tags."""
-    version = store.registry_version()
+    version = store.registry.version()
     # A pair key older than the policy allows is renewed, and the pair's state goes
     # with it: this run is full (the peer finds fingerprints that do not match).
-    rekeyed = store.rekey_if_due(peer, epoch, pp.rekey_after_days)
-    row = store.pair_sync(peer, epoch) if incremental and not rekeyed else None
+    rekeyed = store.pairs.rekey_if_due(peer, epoch, pp.rekey_after_days)
+    row = store.pairs.sync_row(peer, epoch) if incremental and not rekeyed else None
     plan: Plan | None = None
     if row is not None:
-        nids = store.changed_since(row.version)
-        records = [r for r in store.records_by_nids(sorted(nids)) if pp.may_learn(r.label)]
-        current = store.own_tags_for(peer, epoch, nids)
+        nids = store.registry.changed_since(row.version)
+        records = [r for r in store.registry.records_by_nids(sorted(nids)) if pp.may_learn(r.label)]
+        current = store.pairs.own_tags_for(peer, epoch, nids)
         desired = _label_sets(records)
         changed = {
             n for n in nids if desired.get(n) != (current[n].labels if n in current else None)
@@ -493,7 +494,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         pp=pp,
         peer=peer,
         epoch=epoch,
-        key=store.pair_key(peer, epoch),
+        key=store.pairs.key(peer, epoch),
         kind=SyncKind.INCREMENTAL if row is not None else SyncKind.FULL,
         own_fp=own_fp,
         peer_fp=peer_fp,
@@ -535,7 +536,9 @@ def owners_of(
     policy's `may_learn`): a result row each, read when matched. Every way of
     matching names its rows through this lookup (`match.rows.named_rows`)."""
     out: dict[bytes, list[StoredRecord]] = defaultdict(list)
-    for rid, nid, label in store.labelled_records(sorted({n.decode("ascii") for n in nids})):
+    for rid, nid, label in store.registry.labelled_records(
+        sorted({n.decode("ascii") for n in nids})
+    ):
         if pp.may_learn(label):
             out[nid.encode("ascii")].append(StoredRecord(rid, nid, label))
     return out

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ispf.v1 import internal_pb2
-from ispf_server.store import SessionRow, utcnow
+from ispf_server.storage.db import utcnow
+from ispf_server.storage.sessions import SessionRow
 
 RUNNING = "RUNNING"
 COMPLETED = "COMPLETED"

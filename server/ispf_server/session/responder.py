@@ -269,11 +269,11 @@ class Responder:
             side = spec.future.result(timeout=self.idle_timeout)
         except Exception:  # planned afresh below, where an error is reported properly
             return None
-        row = self.store.pair_sync(caller, epoch)
+        row = self.store.pairs.sync_row(caller, epoch)
         current = row.version if row is not None else -1
         if (
             side.pp != pp
-            or side.version != self.store.registry_version()
+            or side.version != self.store.registry.version()
             or side.state_version != current
             or (row is not None and (row.own_fp, row.peer_fp) != (side.own_fp, side.peer_fp))
         ):
@@ -306,7 +306,9 @@ class Responder:
                 self.store, pp, caller, req.epoch, incremental=req.incremental
             )
             removed = parse_removed(
-                req.removed, lambda ts: self.store.peer_labels_for(caller, req.epoch, ts), caller
+                req.removed,
+                lambda ts: self.store.pairs.peer_labels_for(caller, req.epoch, ts),
+                caller,
             )
         except BaseException:
             lock.release()
@@ -345,7 +347,7 @@ class Responder:
             raise ProtocolViolation("session id must be a UUID") from exc
         with self._lock:
             known = req.session_id in self._sessions
-        if known or self.store.session(req.session_id) is not None:
+        if known or self.store.sessions.get(req.session_id) is not None:
             raise ProtocolViolation("session id already used: a replay or a client bug")
         salt = self.salts.get(req.epoch)
         if salt is None:
@@ -409,7 +411,7 @@ class Responder:
             peer_groups=len(groups),
             own_removed=len(side.removed_tags) if side else 0,
             peer_removed=len(peer_removed),
-            own_declared=max(self.store.distinct_ids(), plan.total),
+            own_declared=max(self.store.registry.distinct_ids(), plan.total),
             peer_declared=req.registry_size,
         )
         life = Lifecycle.begin(facts, self.ctx, self.board, phase="exchange")
@@ -592,7 +594,7 @@ class Responder:
             done = self._concluded.get(req.session_id)
         if done is not None and done[0] == caller:
             return done[2]
-        row = self.store.session(req.session_id)
+        row = self.store.sessions.get(req.session_id)
         if row is not None and row.peer == caller and row.role == "responder" and row.answer:
             # Concluded before this node restarted: the same answer again.
             return peer_pb2.ConcludeResponse.FromString(row.answer)
@@ -648,12 +650,12 @@ class Responder:
                 consistency=proof,
                 witnessed_size=self.audit.witnessed_size(caller),
             )
-            self.store.set_answer(s.session_id, answer.SerializeToString())
+            self.store.sessions.set_answer(s.session_id, answer.SerializeToString())
             return answer
 
     def witness(self, req: peer_pb2.WitnessRequest, caller: str) -> peer_pb2.WitnessResponse:
         """Verify and record the initiator's checkpoint; store its cosignature on ours."""
-        row = self.store.session(req.session_id)
+        row = self.store.sessions.get(req.session_id)
         if row is None or row.peer != caller or row.role != "responder":
             raise UnknownSession("unknown session id")
         with self._lock:

@@ -14,32 +14,6 @@ from collections.abc import Iterable, Iterator
 
 from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import ProtocolViolation
-from ispf_server import pairruns
-from ispf_server.pairruns import (
-    LSID,
-    MATCHED,
-    NID,
-    NID_LED_LSID,
-    NID_LED_NID,
-    NID_LED_TAG,
-    OWN_NID,
-    OWN_TAG,
-    PEER_TAG,
-)
-from ispf_server.pairstate import (
-    EMPTY_FP,
-    OwnGroup,
-    PairDelta,
-    PeerGroup,
-    RunBuilder,
-    fingerprint,
-    fingerprint_packed,
-    labels_of,
-    labels_text,
-    pack_runs,
-    toggle,
-    xor_fp,
-)
 from ispf_server.records import (
     ExternalSort,
     RepeatedKey,
@@ -63,7 +37,33 @@ from ispf_server.session.match.rows import (
     named_rows,
 )
 from ispf_server.session.plan import LabelSet, NotPacked, SyncSide, owners_of, policy_key
-from ispf_server.store import StagedRun
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.runs import (
+    LSID,
+    MATCHED,
+    NID,
+    NID_LED_LSID,
+    NID_LED_NID,
+    NID_LED_TAG,
+    OWN_NID,
+    OWN_TAG,
+    PEER_TAG,
+)
+from ispf_server.storage.pairs.staging import StagedRun
+from ispf_server.storage.pairs.state import (
+    EMPTY_FP,
+    OwnGroup,
+    PairDelta,
+    PeerGroup,
+    RunBuilder,
+    fingerprint,
+    fingerprint_packed,
+    labels_of,
+    labels_text,
+    pack_runs,
+    toggle,
+    xor_fp,
+)
 
 
 class KeptState:
@@ -159,7 +159,7 @@ def _finish_full(
         own_by_tag = own_sorted(by_tag=True)
     except NotPacked:
         return None
-    stager = side.store.run_stager(side.peer, side.epoch)
+    stager = side.store.pairs.run_stager(side.peer, side.epoch)
     rows = RowBatches(stage_rows)
     with (
         own_by_tag,
@@ -277,13 +277,13 @@ def finish(
     gone_own, gone_peer = set(side.removed_nids), set(peer_removed)
     matches: dict[str, tuple[bytes, str]] = {}
     if side.kind is SyncKind.INCREMENTAL:
-        for nid, tag, labels in store.matched_state(peer, epoch):
+        for nid, tag, labels in store.pairs.matched_state(peer, epoch):
             if nid not in gone_own and tag not in gone_peer:
                 matches[nid] = (tag, labels)
-        for tag, nid in store.own_nids_by_tag(peer, epoch, peer_index).items():
+        for tag, nid in store.pairs.own_nids_by_tag(peer, epoch, peer_index).items():
             if nid not in gone_own:  # new peer tags meeting kept own ones
                 matches[nid] = (tag, peer_index[tag])
-        kept_peer = store.peer_labels_for(
+        kept_peer = store.pairs.peer_labels_for(
             peer, epoch, [t for t in own_tags if t not in peer_index and t not in gone_peer]
         )
     else:

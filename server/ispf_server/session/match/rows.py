@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 
 from ispf.blinding import TAG_BYTES
 from ispf.merkle import RootBuilder, leaf_hash
-from ispf_server.store import MatchRow, StoredRecord
+from ispf_server.storage.registry import StoredRecord
+from ispf_server.storage.sessions import MatchRow
 
 if TYPE_CHECKING:
-    from ispf_server.pairstate import PairDelta
     from ispf_server.session.plan import LabelSet
+    from ispf_server.storage.pairs.state import PairDelta
 
 ROW_BATCH = 20_000  # matches whose result rows are made (and staged) at a time
 RowSink = Callable[[list[MatchRow]], bool]  # stages some result rows; False: session gone

@@ -9,13 +9,14 @@ import sqlite3
 
 import pytest
 
-from ispf_server import pairruns, pairstate
-from ispf_server.pairstate import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
+from ispf_server.storage.pairs import deltas, lookups, schema, state
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.state import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
 
 
 def db() -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    conn.executescript(pairstate.SCHEMA)
+    conn.executescript(schema.SCHEMA)
     return conn
 
 
@@ -63,7 +64,7 @@ def test_bulk_rows_equal_plain_inserts_for_every_shape_of_key() -> None:
     peer[b"short"] = '["Q/odd"]'
     conn = db()
     d = delta(own_added=own_groups(own), peer_added=[*peer_groups(peer), PeerGroup("[]", [])])
-    pairstate.apply_delta(conn.cursor(), "sindh", 3, d)
+    deltas.apply_delta(conn.cursor(), "sindh", 3, d)
     got_own, got_peer = rows(conn)
     assert got_own == sorted(
         (("sindh", 3, n, o.labels, o.tag) for n, o in own.items()), key=lambda r: r[2]
@@ -79,7 +80,7 @@ def test_incremental_delta_replaces_and_removes() -> None:
         own_added=[OwnGroup('["P/a"]', ["3520200000001", "3520200000002"], [t1, t2])],
         peer_added=[PeerGroup('["Q/b"]', [t3])],
     )
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, first)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, first)
     t4 = os.urandom(16)
     second = delta(
         own_added=[OwnGroup('["P/c"]', ["3520200000002"], [t4])],
@@ -88,7 +89,7 @@ def test_incremental_delta_replaces_and_removes() -> None:
         peer_added=[PeerGroup('["Q/d"]', [t1])],
         version=2,
     )
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, second)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, second)
     own, peer = rows(conn)
     assert own == [("sindh", 1, "3520200000002", '["P/c"]', t4)]
     assert peer == [("sindh", 1, t1, '["Q/d"]')]
@@ -97,25 +98,25 @@ def test_incremental_delta_replaces_and_removes() -> None:
 
 def test_fingerprints_packed_and_not_agree() -> None:
     tags = [os.urandom(16) for _ in range(100)]
-    assert pairstate.fingerprint_packed(b"".join(tags)) == pairstate.fingerprint(tags)
-    assert pairstate.fingerprint_packed(b"") == pairstate.EMPTY_FP
+    assert state.fingerprint_packed(b"".join(tags)) == state.fingerprint(tags)
+    assert state.fingerprint_packed(b"") == state.EMPTY_FP
 
 
 def test_packing_refuses_ids_that_are_not_13_digits() -> None:
     tag = os.urandom(16)
-    assert pairstate.pack_runs([OwnGroup("[]", ["12345"], [tag])], [], {}) is None
-    assert pairstate.pack_runs([OwnGroup("[]", ["35202123456x1"], [tag])], [], {}) is None
-    assert pairstate.pack_runs([], [PeerGroup("[]", [b"short"])], {}) is None
-    runs = pairstate.pack_runs([OwnGroup("[]", ["3520212345671"], [tag])], [], {})
+    assert state.pack_runs([OwnGroup("[]", ["12345"], [tag])], [], {}) is None
+    assert state.pack_runs([OwnGroup("[]", ["35202123456x1"], [tag])], [], {}) is None
+    assert state.pack_runs([], [PeerGroup("[]", [b"short"])], {}) is None
+    runs = state.pack_runs([OwnGroup("[]", ["3520212345671"], [tag])], [], {})
     assert runs is not None and runs.runs["own_nid"] == b"3520212345671" + tag + bytes(4)
 
 
 def test_reset_clears_only_this_pair() -> None:
     conn = db()
     other = delta(own_added=[OwnGroup('["P/a"]', ["3520200000009"], [os.urandom(16)])])
-    pairstate.apply_delta(conn.cursor(), "punjab", 1, other)
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, other)
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, delta(reset=True))
+    deltas.apply_delta(conn.cursor(), "punjab", 1, other)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, other)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, delta(reset=True))
     own, _ = rows(conn)
     assert [r[0] for r in own] == ["punjab"]
 
@@ -132,15 +133,15 @@ class Model:
 
 
 def check_against(conn: sqlite3.Connection, model: Model, probe_nids: list[str]) -> None:
-    own = pairstate.own_by_nids(conn, "sindh", 1, probe_nids)
+    own = lookups.own_by_nids(conn, "sindh", 1, probe_nids)
     assert own == {n: model.own[n] for n in probe_nids if n in model.own}
     all_own_tags = [o.tag for o in model.own.values()] + [os.urandom(16)]
-    by_tag = pairstate.own_by_tags(conn, "sindh", 1, all_own_tags)
+    by_tag = lookups.own_by_tags(conn, "sindh", 1, all_own_tags)
     assert by_tag == {o.tag: (n, o.labels) for n, o in model.own.items()}
     peer_tags = [*model.peer, os.urandom(16)]
-    assert pairstate.peer_by_tags(conn, "sindh", 1, peer_tags) == model.peer
-    got = {n: (t, lb) for n, t, lb in pairstate.matched_state(conn, "sindh", 1)}
-    assert len(got) == len(pairstate.matched_state(conn, "sindh", 1))  # no ID twice
+    assert lookups.peer_by_tags(conn, "sindh", 1, peer_tags) == model.peer
+    got = {n: (t, lb) for n, t, lb in lookups.matched_state(conn, "sindh", 1)}
+    assert len(got) == len(lookups.matched_state(conn, "sindh", 1))  # no ID twice
     assert got == model.matches()
 
 
@@ -165,9 +166,9 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
         reset=True,
         own_added=own,
         peer_added=peer,
-        runs=pairstate.pack_runs(own, peer, model.matches()),
+        runs=state.pack_runs(own, peer, model.matches()),
     )
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, full)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, full)
     assert conn.execute("SELECT count(*) FROM own_tags").fetchone() == (0,)  # all in runs
     check_against(conn, model, rng.sample(nids, 400))
     for _ in range(5):  # incremental runs: add, relabel, remove on both sides
@@ -198,7 +199,7 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
             peer_added=peer_groups(peer_added),
             peer_removed=peer_removed,
         )
-        pairstate.apply_delta(conn.cursor(), "sindh", 1, step)
+        deltas.apply_delta(conn.cursor(), "sindh", 1, step)
         check_against(conn, model, rng.sample(nids, 400))
     # A later full run replaces everything, runs and rows and tombstones alike.
     model = Model()
@@ -209,9 +210,9 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
         reset=True,
         own_added=own,
         peer_added=peer,
-        runs=pairstate.pack_runs(own, peer, model.matches()),
+        runs=state.pack_runs(own, peer, model.matches()),
     )
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, again)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, again)
     check_against(conn, model, nids[:50])
     for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
@@ -223,21 +224,21 @@ def test_a_staged_generation_is_invisible_until_its_commit() -> None:
 
     def full(tag: bytes) -> PairDelta:
         own = [OwnGroup('["P/a"]', ["3520200000001"], [tag])]
-        return delta(reset=True, own_added=own, runs=pairstate.pack_runs(own, [], {}))
+        return delta(reset=True, own_added=own, runs=state.pack_runs(own, [], {}))
 
-    pairstate.apply_delta(conn.cursor(), "sindh", 1, full(t_old))
+    deltas.apply_delta(conn.cursor(), "sindh", 1, full(t_old))
     staged = full(t_new)
     cur = conn.cursor()
     staged.staged = pairruns.stage(cur, "sindh", 1, staged.runs.labelsets, staged.runs.runs)
     staged.runs = None
     # Written, not current: lookups still see the old state.
-    assert pairstate.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_old
+    assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_old
     # A session that failed left it behind: the next staging drops it.
     again = full(t_new)
     gen = pairruns.stage(cur, "sindh", 1, again.runs.labelsets, again.runs.runs)
     gens = {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")}
     assert gens == {pairruns.current(conn, "sindh", 1), gen}
     again.staged, again.runs = gen, None
-    pairstate.apply_delta(cur, "sindh", 1, again)  # the commit flips to it
-    assert pairstate.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_new
+    deltas.apply_delta(cur, "sindh", 1, again)  # the commit flips to it
+    assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_new
     assert {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")} == {gen}

@@ -14,7 +14,7 @@ Record layouts (lsid: the label set's number in `pair_labelsets`, 4 bytes big-en
 * ``matched``:  nid (13) | tag (16) | lsid of the peer's labels — own ⋈ peer
 
 Runs are the base of the state; later incremental changes go to row tables on
-top (see `pairstate`), with tombstones for base entries they replace or remove.
+top (see `state` and `deltas`), with tombstones for base entries they replace or remove.
 
 Runs are written under a generation number and become the pair's state when
 `pair_gen` points at it. A session stages its runs before the peer has agreed

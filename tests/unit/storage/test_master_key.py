@@ -11,7 +11,7 @@ import pytest
 
 from ispf.errors import KeyFileError
 from ispf.keys import MasterKey
-from ispf_server.store import Store
+from ispf_server.storage import Store
 
 OLD_SCALAR = bytes(range(100, 132))
 
@@ -51,10 +51,10 @@ def test_an_old_store_drops_its_scalars_and_pair_state_on_first_start(
     caplog.set_level(logging.WARNING)
     store = Store(path)
     try:
-        assert store.pair_sync("sindh", 1) is None  # the next run is full
-        assert store.rekey_count("sindh", 1) is None
-        key = store.pair_key("sindh", 1)
-        assert store.rekey_count("sindh", 1) == 0
+        assert store.pairs.sync_row("sindh", 1) is None  # the next run is full
+        assert store.pairs.rekey_count("sindh", 1) is None
+        key = store.pairs.key("sindh", 1)
+        assert store.pairs.rekey_count("sindh", 1) == 0
         assert key.unsafe_raw() != OLD_SCALAR
     finally:
         store.close()
@@ -84,12 +84,14 @@ def test_a_store_refuses_a_master_key_it_was_not_keyed_with(tmp_path: Path) -> N
 def test_a_new_master_key_erases_pair_state_and_the_store_accepts_only_it(tmp_path: Path) -> None:
     path = tmp_path / "node.sqlite"
     store = Store(path)
-    old_key = store.pair_key("sindh", 1)
+    old_key = store.pairs.key("sindh", 1)
     old_file = (tmp_path / "master.key").read_bytes()
-    store._db.execute("INSERT INTO pair_sync VALUES ('sindh', 1, 7, ?, ?, 'p')", (b"x" * 32,) * 2)
-    assert store.replace_master_key() == 1
-    assert store.pair_sync("sindh", 1) is None and store.rekey_count("sindh", 1) is None
-    assert store.pair_key("sindh", 1) != old_key
+    store.db.conn.execute(
+        "INSERT INTO pair_sync VALUES ('sindh', 1, 7, ?, ?, 'p')", (b"x" * 32,) * 2
+    )
+    assert store.pairs.replace_master_key() == 1
+    assert store.pairs.sync_row("sindh", 1) is None and store.pairs.rekey_count("sindh", 1) is None
+    assert store.pairs.key("sindh", 1) != old_key
     store.close()
     assert (tmp_path / "master.key").read_bytes() != old_file
     assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,121 @@
+"""`Pairs`: the store's room for pair state (keys, lookups, staging)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ispf.keys import BlindingKey, MasterKey
+from ispf_server.storage.db import Database, storage_errors, utcnow
+from ispf_server.storage.meta import Meta
+from ispf_server.storage.pairs import keys, lookups
+from ispf_server.storage.pairs.schema import STATE_TABLES
+from ispf_server.storage.pairs.staging import RunStager
+from ispf_server.storage.pairs.state import OwnTag, SyncRow
+
+log = logging.getLogger(__name__)
+
+
+class Pairs:
+    """Pair keys, the kept tag state of each pair, and its staging.
+
+    `master_path`: the node's master key file, made on first start if the store
+    was never keyed; pair keys derive from it."""
+
+    def __init__(self, db: Database, meta: Meta, master_path: Path) -> None:
+        self._db, self._meta = db, meta
+        self._master_path = master_path
+        self._master: MasterKey = keys.load_master(db, master_path, db.path)
+
+    @property
+    def master_path(self) -> Path:
+        return self._master_path
+
+    @storage_errors
+    def replace_master_key(self) -> int:
+        """A new master key file (the old one overwritten, then replaced) and all pair
+        state erased, so no pair key of the old master key is used again. Returns how
+        many pairs had keys."""
+        with self._db.transaction() as cur:
+            pairs = int(cur.execute("SELECT count(*) FROM pair_keys").fetchone()[0])
+            for table in STATE_TABLES:
+                cur.execute(f"DELETE FROM {table}")  # noqa: S608
+        new_path = self._master_path.with_name(self._master_path.name + ".new")
+        new_path.unlink(missing_ok=True)
+        key = MasterKey.create_file(new_path)
+        with self._master_path.open("r+b") as fh:  # overwrite the old key's bytes
+            fh.write(b"0" * len(fh.read()))
+        new_path.replace(self._master_path)
+        self._meta.set("master_kcv", key.check_value())
+        self._master = key
+        self._db.compact()
+        return pairs
+
+    def key(self, peer: str, epoch: int) -> BlindingKey:
+        with self._db.transaction() as cur:
+            return keys.pair_key(cur.connection, self._master, peer, epoch, utcnow())
+
+    def rekey_if_due(self, peer: str, epoch: int, days: int) -> bool:
+        """Re-key the pair if its key is `days` old (0: never); True if it did. The
+        pair's state goes with the old key, so the next run with the peer is full."""
+        if days <= 0:
+            return False
+        with self._db.transaction() as cur:
+            done = keys.rekey_due(cur.connection, peer, epoch, datetime.now(UTC), days)
+            if done:
+                keys.rekey(cur, peer, epoch, utcnow())
+        if done:
+            log.info("pair key for %s (epoch %d) renewed after %d days", peer, epoch, days)
+        return done
+
+    def rekey_count(self, peer: str, epoch: int) -> int | None:
+        """The pair's re-key counter (None: no pair key yet)."""
+        row = self._db.fetchone(
+            "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
+        )
+        return int(row[0]) if row else None
+
+    def sync_row(self, peer: str, epoch: int) -> SyncRow | None:
+        row = self._db.fetchone(
+            "SELECT version, own_fp, peer_fp, policy FROM pair_sync WHERE peer=? AND epoch=?",
+            (peer, epoch),
+        )
+        return SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3])) if row else None
+
+    def version(self, peer: str, epoch: int) -> int | None:
+        """The registry version the own tags for this peer reflect; None: no state."""
+        row = self._db.fetchone(
+            "SELECT version FROM pair_sync WHERE peer=? AND epoch=?", (peer, epoch)
+        )
+        return int(row[0]) if row else None
+
+    def own_tags_for(self, peer: str, epoch: int, nids: Iterable[str]) -> dict[str, OwnTag]:
+        with self._db.reading() as conn:
+            return lookups.own_by_nids(conn, peer, epoch, nids)
+
+    def own_nids_by_tag(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
+        with self._db.reading() as conn:
+            found = lookups.own_by_tags(conn, peer, epoch, tags)
+        return {t: nid for t, (nid, _) in found.items()}
+
+    def lookup_own_tags(self, peer: str, epoch: int, tags: list[bytes]) -> dict[bytes, str]:
+        """Labels of this node's IDs whose tag for `peer` is among `tags` (online checks)."""
+        with self._db.reading() as conn:
+            found = lookups.own_by_tags(conn, peer, epoch, tags)
+        return {t: labels for t, (_, labels) in found.items()}
+
+    def peer_labels_for(self, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
+        with self._db.reading() as conn:
+            return lookups.peer_by_tags(conn, peer, epoch, tags)
+
+    def matched_state(self, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
+        """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
+        with self._db.reading() as conn:
+            return lookups.matched_state(conn, peer, epoch)
+
+    def run_stager(self, peer: str, epoch: int) -> RunStager:
+        """Stages a full run's sorted runs piece by piece as they are merged, so no
+        run is ever whole in memory (`RunStager`, `StagedRun`)."""
+        return RunStager(self._db, peer, epoch)

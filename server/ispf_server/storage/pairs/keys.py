@@ -1,0 +1,98 @@
+"""Pair keys: the re-key counter of each (peer, epoch)'s fixed blinding key, and the
+node's master key file they derive from (the keys themselves are never stored).
+
+Also the migration from stores of an older version, which kept the scalars in
+`pair_keys`: those and the state made under them are erased.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ispf.errors import KeyFileError
+from ispf.keys import BlindingKey, MasterKey
+from ispf_server.storage.db import Database
+from ispf_server.storage.pairs.schema import STATE_TABLES
+
+log = logging.getLogger(__name__)
+
+
+def pair_key(
+    db: sqlite3.Connection, master: MasterKey, peer: str, epoch: int, now: str
+) -> BlindingKey:
+    """The node's fixed scalar for this (peer, epoch): derived from the master key over
+    the pair's re-key counter (the row is made, counter 0, on first use)."""
+    db.execute("INSERT OR IGNORE INTO pair_keys VALUES (?,?,0,?)", (peer, epoch, now))
+    row = db.execute(
+        "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
+    ).fetchone()
+    return master.pair_key(peer, epoch, int(row[0]))
+
+
+def rekey_due(db: sqlite3.Connection, peer: str, epoch: int, now: datetime, days: int) -> bool:
+    """Whether the pair key has been in use `days` days or more (0: never due)."""
+    if days <= 0:
+        return False
+    row = db.execute(
+        "SELECT created_at FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
+    ).fetchone()
+    return row is not None and now - datetime.fromisoformat(str(row[0])) >= timedelta(days=days)
+
+
+def rekey(cur: sqlite3.Cursor, peer: str, epoch: int, now: str) -> None:
+    """Bump the pair's re-key counter and drop its state (in the caller's transaction)."""
+    for table in STATE_TABLES:
+        if table != "pair_keys":
+            cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
+    cur.execute(
+        "UPDATE pair_keys SET rekey = rekey + 1, created_at=? WHERE peer=? AND epoch=?",
+        (now, peer, epoch),
+    )
+
+
+def has_stored_scalars(db: Database) -> bool:
+    """A store from before master-key derivation (its pair_keys kept the scalars)."""
+    return "scalar" in db.columns("pair_keys")
+
+
+def drop_stored_scalars(db: Database) -> int:
+    """Migration: a pair_keys table with a scalar column goes, with all pair state
+    (made under those scalars, which are not derivable); the file is vacuumed so
+    the scalars do not linger in free pages. Returns how many pairs had keys.
+    Run before the pair schema is created (which makes the tables anew)."""
+    if not has_stored_scalars(db):
+        return 0
+    with db.transaction() as cur:
+        pairs = int(cur.execute("SELECT count(*) FROM pair_keys").fetchone()[0])
+        for table in STATE_TABLES:
+            if table != "pair_keys":
+                cur.execute(f"DROP TABLE IF EXISTS {table}")  # recreated empty below
+        cur.execute("DROP TABLE pair_keys")
+    db.compact()
+    return pairs
+
+
+def load_master(db: Database, path: Path, store_path: Path) -> MasterKey:
+    """The master key; refuse one that is not the key this store was keyed with."""
+    row = db.fetchone("SELECT value FROM meta WHERE key='master_kcv'")
+    if not path.exists() and row is None:
+        key = MasterKey.create_file(path)
+        log.info("master key created: %s (mode 0600)", path)
+    else:
+        if not path.exists():
+            raise KeyFileError(
+                f"master key {path} is missing, and the store {store_path} was keyed with "
+                "one: restore the node's master key file (the pair keys derive from it)"
+            )
+        key = MasterKey.from_file(path)
+    if row is None:
+        db.write("INSERT INTO meta VALUES ('master_kcv', ?)", (key.check_value(),))
+    elif str(row[0]) != key.check_value():
+        raise KeyFileError(
+            f"master key {path} is not the key the store {store_path} was keyed with: "
+            "restore the right master key file"
+        )
+    return key

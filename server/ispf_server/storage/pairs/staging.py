@@ -1,0 +1,65 @@
+"""Staging a full run's sorted runs as a generation, piece by piece as they are merged,
+so no run is ever whole in memory."""
+
+from __future__ import annotations
+
+from ispf_server.storage.db import Database
+from ispf_server.storage.pairs import runs as pairruns
+
+
+class RunStager:
+    """A staged generation of one pair's sorted runs, each written in pieces as merged.
+
+    The generation is not the pair's state until the session commits
+    (`Sessions.complete` activates `PairDelta.staged`); a session that fails leaves
+    it to be dropped by the pair's next staging. Sessions of a pair never overlap
+    (the node holds a lock per peer), so one pair has one staging at a time."""
+
+    def __init__(self, db: Database, peer: str, epoch: int) -> None:
+        self.db, self.peer, self.epoch = db, peer, epoch
+        with db.transaction(staging=True) as cur:
+            self.gen = pairruns.new_generation(cur, peer, epoch)
+
+    def writer(self, kind: pairruns.Kind) -> StagedRun:
+        """A run written as it is merged, piece by piece (`StagedRun`)."""
+        return StagedRun(self, kind)
+
+    def done(self, labelsets: dict[str, int]) -> int:
+        with self.db.transaction(staging=True) as cur:
+            pairruns.write_labelsets(cur, self.peer, self.epoch, self.gen, labelsets)
+        return self.gen
+
+
+class StagedRun:
+    """One run of a staged generation, appended in sorted pieces as an external sort
+    or a join gives them out. Pieces are gathered to FLUSH bytes of whole parts
+    per transaction (each commit is a sync to disk); `close` writes the rest."""
+
+    FLUSH = 8 << 20
+
+    def __init__(self, stager: RunStager, kind: pairruns.Kind) -> None:
+        self.stager, self.kind = stager, kind
+        self.part = 0
+        self._buf = bytearray()
+
+    def append(self, data: pairruns.Run) -> None:
+        self._buf += data
+        if len(self._buf) >= self.FLUSH:
+            step = pairruns.PART_RECORDS * self.kind.width
+            self._flush(len(self._buf) - len(self._buf) % step)
+
+    def close(self) -> None:
+        self._flush(len(self._buf))
+
+    def _flush(self, size: int) -> None:
+        if not size:
+            return
+        s, data = self.stager, memoryview(self._buf)[:size]
+        try:
+            with s.db.transaction(staging=True) as cur:
+                self.part = pairruns.write_parts(
+                    cur, s.peer, s.epoch, s.gen, self.kind, self.part, data
+                )
+        finally:
+            data.release()
+        del self._buf[:size]

@@ -1,0 +1,474 @@
+"""The registry: the node's records (the only place raw ID numbers are kept), the
+log of which IDs changed at which registry version, and the reads a session's
+planning makes of them (in ID order, in batches, without an object per record).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from ispf.errors import IspfError, RetryLater
+from ispf.records import Label
+from ispf_server.storage.db import IN_BATCH, Database, storage_errors, utcnow
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    record_id  TEXT PRIMARY KEY,
+    nid        TEXT NOT NULL,
+    programme  TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+-- By ID, covering labels and record IDs: a full run reads (nid, programme, status)
+-- in ID order, and its matched records, from the index alone (3x faster at a
+-- million records than through the table).
+CREATE INDEX IF NOT EXISTS records_by_nid ON records(nid, programme, status, record_id);
+DROP INDEX IF EXISTS records_nid;
+-- Which IDs changed at which registry version: an incremental run reads only these.
+CREATE TABLE IF NOT EXISTS registry_changes (
+    version INTEGER NOT NULL,
+    nid     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version);
+"""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    record_id: str = field(repr=False)  # (raw IDs stay out of reprs, logs and tracebacks)
+    nid: str = field(repr=False)
+    label: Label
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertCounts:
+    inserted: int
+    updated: int
+    unchanged: int
+
+
+@dataclass(frozen=True)
+class SyncCounts:
+    before: int
+    inserted: int
+    updated: int
+    unchanged: int
+    deleted: int
+    kept: int
+
+
+def log_changes(cur: sqlite3.Cursor, nids: set[str]) -> None:
+    """Bump the registry version and note which IDs changed (for incremental runs)."""
+    if not nids:
+        return
+    cur.execute(
+        "INSERT INTO meta VALUES ('registry_version', '1') ON CONFLICT(key) DO UPDATE "
+        "SET value = CAST(value AS INTEGER) + 1"
+    )
+    version = int(cur.execute("SELECT value FROM meta WHERE key='registry_version'").fetchone()[0])
+    cur.executemany("INSERT INTO registry_changes VALUES (?,?)", ((version, n) for n in nids))
+
+
+def _prune(cur: sqlite3.Cursor, batch: int) -> int:
+    """Drop up to `batch` registry changes every pair has seen; returns how many."""
+    return int(
+        cur.execute(
+            "DELETE FROM registry_changes WHERE rowid IN (SELECT rowid FROM registry_changes "
+            "WHERE version <= (SELECT MIN(version) FROM pair_sync) LIMIT ?)",
+            (batch,),
+        ).rowcount
+    )
+
+
+class Registry:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pruning = threading.Lock()  # one pruning of registry changes at a time
+        self._syncing = threading.Lock()  # one registry sync at a time
+        self._counting = threading.Lock()  # one background count of distinct IDs at a time
+        self._distinct: tuple[int, int] | None = None
+
+    @storage_errors
+    def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
+        """Insert or update records by record id, all in one transaction."""
+        ins = upd = same = 0
+        now = utcnow()
+        changed: set[str] = set()
+        with self._db.transaction() as cur:
+            for r in records:
+                row = cur.execute(
+                    "SELECT nid, programme, status FROM records WHERE record_id=?",
+                    (r.record_id,),
+                ).fetchone()
+                new = (r.nid, r.label.programme, r.label.status)
+                if row is None:
+                    cur.execute("INSERT INTO records VALUES (?,?,?,?,?)", (r.record_id, *new, now))
+                    ins += 1
+                    changed.add(r.nid)
+                elif tuple(row) != new:
+                    cur.execute(
+                        "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
+                        "WHERE record_id=?",
+                        (*new, now, r.record_id),
+                    )
+                    upd += 1
+                    changed.update((row[0], r.nid))
+                else:
+                    same += 1
+            log_changes(cur, changed)
+        return UpsertCounts(ins, upd, same)
+
+    @storage_errors
+    def delete(self, record_ids: Iterable[str]) -> tuple[int, list[str]]:
+        deleted, missing = 0, []
+        changed: set[str] = set()
+        with self._db.transaction() as cur:
+            for rid in record_ids:
+                row = cur.execute(
+                    "DELETE FROM records WHERE record_id=? RETURNING nid", (rid,)
+                ).fetchone()
+                if row:
+                    deleted += 1
+                    changed.add(row[0])
+                else:
+                    missing.append(rid)
+            log_changes(cur, changed)
+        return deleted, missing
+
+    def sync(self) -> RegistrySync:
+        """Stage a whole registry, then make the store exactly it in one transaction
+        (`RegistrySync`). One at a time: a second raises `RetryLater`."""
+        if not self._syncing.acquire(blocking=False):
+            raise RetryLater("another registry sync is running on this node; try again after it")
+        try:
+            return RegistrySync(self._db, self._syncing.release)
+        except BaseException:
+            self._syncing.release()
+            raise
+
+    def records(self, programmes: frozenset[str] = frozenset()) -> list[StoredRecord]:
+        """Records taking part in a session, ordered by ID (empty filter: all)."""
+        with self._db.lock:
+            rows = self._db.conn.execute(
+                "SELECT record_id, nid, programme, status FROM records ORDER BY nid, record_id"
+            ).fetchall()
+        labels: dict[tuple[str, str], Label] = {}  # one object per distinct label
+        out = []
+        for rid, nid, prog, st in rows:
+            if programmes and prog not in programmes:
+                continue
+            label = labels.get((prog, st))
+            if label is None:
+                label = labels[(prog, st)] = Label(prog, st)
+            out.append(StoredRecord(rid, nid, label))
+        return out
+
+    def stats(self) -> tuple[int, int, list[tuple[Label, int]]]:
+        with self._db.lock:
+            total = self._db.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            distinct = self._db.conn.execute("SELECT COUNT(DISTINCT nid) FROM records").fetchone()[
+                0
+            ]
+            labels = self._db.conn.execute(
+                "SELECT programme, status, COUNT(*) FROM records GROUP BY programme, status "
+                "ORDER BY programme, status"
+            ).fetchall()
+        return total, distinct, [(Label(p, s), n) for p, s, n in labels]
+
+    # -- sessions -----------------------------------------------------------
+
+    def changed_since(self, version: int) -> set[str]:
+        """IDs whose records changed after a registry version."""
+        with self._db.lock:
+            rows = self._db.conn.execute(
+                "SELECT DISTINCT nid FROM registry_changes WHERE version > ?", (version,)
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def records_by_nids(self, nids: Iterable[str]) -> list[StoredRecord]:
+        """The records of these IDs, in the order given (each ID's in index order)."""
+        wanted = list(nids)
+        found: dict[str, list[StoredRecord]] = {}
+        labels: dict[tuple[str, str], Label] = {}
+        with self._db.lock:
+            for at in range(0, len(wanted), IN_BATCH):
+                part = wanted[at : at + IN_BATCH]
+                marks = ",".join("?" * len(part))
+                for rid, n, p, s in self._db.conn.execute(
+                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
+                    f"WHERE nid IN ({marks}) ORDER BY nid, programme, status, record_id",
+                    part,
+                ):
+                    label = labels.get((p, s))
+                    if label is None:
+                        label = labels[(p, s)] = Label(p, s)
+                    found.setdefault(n, []).append(StoredRecord(rid, n, label))
+        return [r for n in dict.fromkeys(wanted) for r in found.get(n, ())]
+
+    def labelled_records(self, nids: list[str]) -> Iterator[tuple[str, str, Label]]:
+        """(record_id, nid, label) of the records of these IDs (sorted, distinct), in
+        index order, read from the covering index in batches: a full run's matched
+        records, without a record object each."""
+        labels: dict[tuple[str, str], Label] = {}
+        for at in range(0, len(nids), IN_BATCH):
+            part = nids[at : at + IN_BATCH]
+            marks = ",".join("?" * len(part))
+            with self._db.lock:
+                rows = self._db.conn.execute(
+                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
+                    f"WHERE nid IN ({marks}) ORDER BY nid, programme, status, record_id",
+                    part,
+                ).fetchall()
+            for rid, n, p, s in rows:
+                label = labels.get((p, s))
+                if label is None:
+                    label = labels[(p, s)] = Label(p, s)
+                yield rid, n, label
+
+    def nid_labels(self, batch: int = 100_000) -> Iterator[tuple[str, str, str]]:
+        """(nid, programme, status) of every record, in ID order: a full run's input,
+        without a Python object per record. Read in batches along the covering
+        index (keyset pagination), the store lock held per batch only, so memory
+        stays flat and online checks are answered in between."""
+        # Batches end on an ID boundary, so the key is the ID alone: record IDs (long
+        # strings) are not read, which halves the cost of the pass.
+        start, op = "", ">="
+        while True:
+            with self._db.lock:
+                rows = self._db.conn.execute(
+                    "SELECT nid, programme, status FROM records "  # noqa: S608 (op is ours)
+                    f"WHERE nid {op} ? ORDER BY nid, programme, status LIMIT ?",
+                    (start, batch),
+                ).fetchall()
+                full = len(rows) == batch
+                if full and rows[0][0] == rows[-1][0]:
+                    # one ID holds a batch of records or more: all of them, then on
+                    start, op = rows[0][0], ">"
+                    rows = self._db.conn.execute(
+                        "SELECT nid, programme, status FROM records WHERE nid = ? "
+                        "ORDER BY programme, status",
+                        (start,),
+                    ).fetchall()
+                elif full:  # the last ID's records may go on: they come next time
+                    start, op = rows[-1][0], ">="
+                    while rows[-1][0] == start:
+                        rows.pop()
+            yield from rows
+            if not full:
+                return
+
+    def distinct_labels(self) -> list[Label]:
+        with self._db.lock:
+            rows = self._db.conn.execute(
+                "SELECT DISTINCT programme, status FROM records"
+            ).fetchall()
+        return sorted(Label(p, s) for p, s in rows)
+
+    def nid_label_codes(self, labels: list[Label], batch: int = 500_000) -> Iterator[str]:
+        """Every record as its ID followed by one character: chr(i + 2) for labels[i]
+        (at most 254), chr(1) for any other label; concatenated by SQLite in batches
+        of about `batch` records that end on an ID boundary, so a full run's pass
+        over millions makes a few strings, not a Python object per record. Only
+        the store lock is held per batch, so online checks are answered in between."""
+        if len(labels) > 254:
+            raise ValueError("at most 254 labels have a one-character code")
+        case = " ".join("WHEN programme=? AND status=? THEN ?" for _ in labels)
+        codes = [x for i, lb in enumerate(labels) for x in (lb.programme, lb.status, chr(i + 2))]
+        query = (
+            f"SELECT group_concat(nid || CASE {case} ELSE ? END, '') FROM records "  # noqa: S608
+            "WHERE nid >= ? AND (? IS NULL OR nid < ?)"
+        )
+        low = ""
+        while True:
+            with self._db.lock:
+                row = self._db.conn.execute(
+                    "SELECT nid FROM records WHERE nid >= ? ORDER BY nid LIMIT 1 OFFSET ?",
+                    (low, batch),
+                ).fetchone()
+                high = None if row is None else str(row[0])
+                if high == low:  # one ID with a batch of records or more: it alone
+                    row = self._db.conn.execute(
+                        "SELECT nid FROM records WHERE nid > ? ORDER BY nid LIMIT 1", (low,)
+                    ).fetchone()
+                    high = None if row is None else str(row[0])
+                (text,) = self._db.conn.execute(query, (*codes, chr(1), low, high, high)).fetchone()
+            if text:
+                yield str(text)
+            if high is None:
+                return
+            low = high
+
+    def version(self) -> int:
+        row = self._db.fetchone("SELECT value FROM meta WHERE key='registry_version'")
+        return int(str(row[0]) if row else 0)
+
+    def distinct_ids(self) -> int:
+        """Distinct IDs in the registry (the size a node declares in a handshake).
+
+        Counted once; after a change the last count is answered at once and a
+        recount runs in the background (a handshake, as for an online check's sync,
+        must not wait for a scan of the registry). Callers declare at least the set
+        they send, so a count behind by a few changes is harmless."""
+        version = self.version()
+        cached = self._distinct
+        if cached is None:
+            self._distinct = (version, self._count_distinct())
+            return self._distinct[1]
+        if cached[0] != version and not self._counting.locked():
+            threading.Thread(target=self._recount, name="count-ids", daemon=True).start()
+        return cached[1]
+
+    def _count_distinct(self) -> int:
+        row = self._db.fetchone("SELECT COUNT(DISTINCT nid) FROM records")
+        return int(row[0]) if row else 0
+
+    def _recount(self) -> None:
+        if not self._counting.acquire(blocking=False):
+            return
+        try:
+            version = self.version()
+            self._distinct = (version, self._count_distinct())
+        except sqlite3.Error:  # (closed meanwhile: the next handshake counts again)
+            pass
+        finally:
+            self._counting.release()
+
+    def prune_changes(self, batch: int = 10_000, pause: float = 0.002) -> int:
+        """Drop the registry changes every pair has synced past, a small batch per
+        transaction with a pause between (the first sync after loading millions has
+        millions to drop, while the session's last calls, the witnessing, and online
+        checks go on). Returns how many were dropped."""
+        if not self._pruning.acquire(blocking=False):
+            return 0  # another sync's pruning is at it
+        dropped = 0
+        try:
+            while True:
+                with self._db.transaction() as cur:
+                    n = _prune(cur, batch)
+                dropped += n
+                if n < batch:
+                    return dropped
+                time.sleep(pause)  # (the store lock is not fair: let waiting writers in)
+        except sqlite3.ProgrammingError:  # the store closed meanwhile (shutdown)
+            return dropped
+        except (sqlite3.OperationalError, IspfError) as exc:  # (busy, full): the next sync retries
+            log.warning("pruning registry changes stopped: %s", exc)
+            return dropped
+        finally:
+            self._pruning.release()
+
+
+class RegistrySync:
+    """A registry sync: rows staged in tables of the store itself (never in
+    memory whole, never in a file outside the store, never read by sessions),
+    then one transaction that inserts, updates and deletes, or nothing at all.
+    Staging tables are emptied at the start and end of every sync, so one left
+    by a node that died mid-sync is never applied.
+
+    `stage(..., kept)`: record ids of rows of the file that were rejected; their
+    stored records (if any) are left as they are, not deleted."""
+
+    def __init__(self, db: Database, release: Callable[[], None]) -> None:
+        self._db, self._release = db, release
+        with db.transaction(staging=True) as cur:
+            self._reset(cur)
+
+    @staticmethod
+    def _reset(cur: sqlite3.Cursor) -> None:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS sync_rows (record_id TEXT PRIMARY KEY, "
+            "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL)"
+        )
+        cur.execute("CREATE TABLE IF NOT EXISTS sync_keep (record_id TEXT PRIMARY KEY)")
+        cur.execute("DELETE FROM sync_rows")
+        cur.execute("DELETE FROM sync_keep")
+
+    def stage(self, records: Iterable[StoredRecord], kept: Iterable[str] = ()) -> None:
+        rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
+        keep = [(k,) for k in kept]
+
+        def step(cur: sqlite3.Cursor) -> None:
+            # A record id repeated in the file: the last row wins, as in a load.
+            cur.executemany("INSERT OR REPLACE INTO sync_rows VALUES (?,?,?,?)", rows)
+            cur.executemany("INSERT OR IGNORE INTO sync_keep VALUES (?)", keep)
+
+        with self._db.transaction(staging=True) as cur:
+            step(cur)
+
+    @storage_errors
+    def apply(self, decide: Callable[[SyncCounts], bool]) -> tuple[SyncCounts, bool]:
+        """Count what the sync changes, ask `decide`, and apply it all if it says so.
+
+        Counting and applying share one write transaction, so nothing can change
+        between them."""
+        gone = (
+            "FROM records WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
+            "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
+        )
+        differs = (
+            "FROM sync_rows s JOIN records r ON r.record_id = s.record_id "
+            "WHERE (r.nid, r.programme, r.status) IS NOT (s.nid, s.programme, s.status)"
+        )
+        new = "FROM sync_rows s WHERE s.record_id NOT IN (SELECT record_id FROM records)"
+        with self._db.transaction() as cur:
+
+            def one(q: str) -> int:
+                return int(cur.execute(q).fetchone()[0])
+
+            staged = one("SELECT count(*) FROM sync_rows")
+            ins = one(f"SELECT count(*) {new}")
+            upd = one(f"SELECT count(*) {differs}")
+            counts = SyncCounts(
+                before=one("SELECT count(*) FROM records"),
+                inserted=ins,
+                updated=upd,
+                unchanged=staged - ins - upd,
+                deleted=one(f"SELECT count(*) {gone}"),
+                kept=one(
+                    "SELECT count(*) FROM records WHERE record_id IN "
+                    "(SELECT record_id FROM sync_keep) AND record_id NOT IN "
+                    "(SELECT record_id FROM sync_rows)"
+                ),
+            )
+            if not decide(counts):
+                cur.execute("ROLLBACK")
+                return counts, False
+            changed = {str(r[0]) for r in cur.execute(f"SELECT nid {gone}")}
+            for old, nid in cur.execute(f"SELECT r.nid, s.nid {differs}").fetchall():
+                changed.update((str(old), str(nid)))
+            changed.update(str(r[0]) for r in cur.execute(f"SELECT s.nid {new}"))
+            cur.execute(f"DELETE {gone}")
+            now = utcnow()
+            cur.execute(
+                "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
+                "updated_at = ? FROM sync_rows s WHERE records.record_id = s.record_id "
+                "AND (records.nid, records.programme, records.status) IS NOT "
+                "(s.nid, s.programme, s.status)",
+                (now,),
+            )
+            cur.execute(
+                "INSERT INTO records SELECT s.record_id, s.nid, s.programme, s.status, ? " + new,
+                (now,),
+            )
+            log_changes(cur, changed)
+        return counts, True
+
+    def close(self) -> None:
+        try:
+            with self._db.transaction(staging=True) as cur:
+                self._reset(cur)
+        finally:
+            self._release()
+
+    def __enter__(self) -> RegistrySync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,329 @@
+"""Sessions and their results: a session's row, from RUNNING to COMPLETED or FAILED,
+and its match rows. A session's results become visible together with its
+COMPLETED state (and its audit entry, and its pair state), in one transaction,
+so partial results are never shown as final."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ispf.records import Label
+from ispf_server.storage import auditlog
+from ispf_server.storage.db import Database, storage_errors, utcnow
+from ispf_server.storage.pairs import deltas
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.state import PairDelta
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id      TEXT PRIMARY KEY,
+    peer            TEXT NOT NULL,
+    role            TEXT NOT NULL,
+    mode            INTEGER NOT NULL,
+    purpose         TEXT NOT NULL,
+    epoch           INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    own_records     INTEGER NOT NULL DEFAULT 0,
+    own_values      INTEGER NOT NULL DEFAULT 0,
+    peer_values     INTEGER NOT NULL DEFAULT 0,
+    match_count     INTEGER NOT NULL DEFAULT 0,
+    matched_records INTEGER NOT NULL DEFAULT 0,
+    result_digest   BLOB,
+    error           TEXT NOT NULL DEFAULT '',
+    started_at      TEXT NOT NULL,
+    finished_at     TEXT NOT NULL DEFAULT '',
+    sync            TEXT NOT NULL DEFAULT '',
+    own_removed     INTEGER NOT NULL DEFAULT 0,
+    peer_removed    INTEGER NOT NULL DEFAULT 0,
+    -- A failure a new session may get past (peer down, restart, busy).
+    retriable       INTEGER NOT NULL DEFAULT 0,
+    -- Responder: its answer to Conclude, for a Conclude repeated after a restart.
+    answer          BLOB
+);
+CREATE TABLE IF NOT EXISTS matches (
+    session_id     TEXT NOT NULL REFERENCES sessions(session_id),
+    record_id      TEXT NOT NULL,
+    programme      TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    peer_programme TEXT NOT NULL,
+    peer_status    TEXT NOT NULL,
+    tag            BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id, record_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRow:
+    record_id: str = field(repr=False)
+    label: Label
+    peer_label: Label
+    tag: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    session_id: str
+    peer: str
+    role: str
+    mode: int
+    purpose: str
+    epoch: int
+    state: str
+    own_records: int
+    own_values: int
+    peer_values: int
+    match_count: int
+    matched_records: int
+    result_digest: bytes
+    error: str
+    started_at: str
+    finished_at: str
+    sync: str = ""
+    own_removed: int = 0
+    peer_removed: int = 0
+    retriable: int = 0
+    answer: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTotals:
+    """What a completed session's row records, besides its state and times."""
+
+    own_records: int
+    own_values: int
+    peer_values: int
+    match_count: int
+    result_digest: bytes
+    matched_records: int | None = None  # (None: count the records `matches` name)
+    sync: str = ""
+    own_removed: int = 0
+    peer_removed: int = 0
+
+
+def _running(cur: sqlite3.Cursor, session_id: str) -> bool:
+    row = cur.execute(
+        "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
+    ).fetchone()
+    return row is not None
+
+
+def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> None:
+    cur.executemany(
+        "INSERT INTO matches VALUES (?,?,?,?,?,?,?)",
+        (
+            (
+                session_id,
+                m.record_id,
+                m.label.programme,
+                m.label.status,
+                m.peer_label.programme,
+                m.peer_label.status,
+                m.tag,
+            )
+            for m in matches
+        ),
+    )
+
+
+def erase_tags(cur: sqlite3.Cursor, epoch: int) -> int:
+    """Erase the match tags of an epoch's sessions (in the caller's transaction);
+    returns how many."""
+    return int(
+        cur.execute(
+            "UPDATE matches SET tag=x'' WHERE length(tag) > 0 AND session_id IN "
+            "(SELECT session_id FROM sessions WHERE epoch=?)",
+            (epoch,),
+        ).rowcount
+    )
+
+
+class Sessions:
+    """`after_pair_commit`: housekeeping started (off the session's path) after a
+    session that changed pair state commits: the registry's change pruning."""
+
+    def __init__(self, db: Database, after_pair_commit: Callable[[], object]) -> None:
+        self._db = db
+        self._after_pair_commit = after_pair_commit
+
+    @storage_errors
+    def begin(
+        self, session_id: str, peer: str, role: str, mode: int, purpose: str, epoch: int
+    ) -> None:
+        self._db.write(
+            "INSERT INTO sessions (session_id, peer, role, mode, purpose, epoch, state, "
+            "started_at) VALUES (?,?,?,?,?,?, 'RUNNING', ?)",
+            (session_id, peer, role, mode, purpose, epoch, utcnow()),
+        )
+
+    @storage_errors
+    def complete(
+        self,
+        session_id: str,
+        totals: SessionTotals,
+        *,
+        entry: bytes,
+        matches: list[MatchRow] | None = None,
+        matches_staged: bool = False,
+        pair_delta: tuple[str, int, PairDelta] | None = None,
+    ) -> int:
+        """Store the results, mark the session COMPLETED and append its audit entry,
+        all in one transaction; returns the entry's index in the log. With
+        `matches_staged`, `stage_result` (or `stage_matches`) wrote the match rows
+        already; `totals.matched_records` counts the records they name (else
+        `matches`)."""
+        matches = matches or []
+        matched_records = totals.matched_records
+        if matched_records is None:
+            matched_records = len({m.record_id for m in matches})
+        with self._db.transaction() as cur:
+            if not matches_staged:
+                _insert_matches(cur, session_id, matches)
+            cur.execute(
+                "UPDATE sessions SET state='COMPLETED', own_records=?, own_values=?, "
+                "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
+                "finished_at=?, sync=?, own_removed=?, peer_removed=? WHERE session_id=?",
+                (
+                    totals.own_records,
+                    totals.own_values,
+                    totals.peer_values,
+                    totals.match_count,
+                    matched_records,
+                    totals.result_digest,
+                    utcnow(),
+                    totals.sync,
+                    totals.own_removed,
+                    totals.peer_removed,
+                    session_id,
+                ),
+            )
+            if pair_delta is not None:
+                deltas.apply_delta(cur, *pair_delta)
+            idx = auditlog.append(cur, session_id, entry)
+        if pair_delta is not None:  # housekeeping, off the session's path
+            threading.Thread(
+                target=self._after_pair_commit, name="prune-changes", daemon=True
+            ).start()
+        return idx
+
+    @storage_errors
+    def stage_result(
+        self,
+        session_id: str,
+        peer: str,
+        epoch: int,
+        delta: PairDelta,
+        matches: list[MatchRow],
+    ) -> None:
+        """Write a sync session's result ahead of its commit, before the peer agrees:
+        the match rows (read only once the session is COMPLETED; `fail` deletes
+        them) and a full run's sorted runs, as a generation that is not yet the
+        pair's state (`complete` makes it so). The commit then writes almost
+        nothing while the peer waits."""
+        with self._db.transaction() as cur:
+            running = _running(cur, session_id)
+            gen = None
+            if running:  # (a session failed meanwhile keeps nothing)
+                _insert_matches(cur, session_id, matches)
+            if running and delta.reset and delta.runs is not None:
+                runs = delta.runs
+                gen = pairruns.stage(cur, peer, epoch, runs.labelsets, runs.runs)
+        if gen is not None:
+            delta.staged, delta.runs = gen, None
+
+    @storage_errors
+    def stage_matches(self, session_id: str, matches: list[MatchRow]) -> bool:
+        """Write some of a running session's match rows ahead of its commit, as they
+        are found (in batches: a registry's matches are never all in memory). Read
+        only once the session is COMPLETED; `fail` deletes them. False (nothing
+        written) where the session is no longer running."""
+        with self._db.transaction(staging=True) as cur:
+            if not _running(cur, session_id):
+                return False
+            _insert_matches(cur, session_id, matches)
+            return True
+
+    @storage_errors
+    def set_answer(self, session_id: str, answer: bytes) -> None:
+        """Keep the responder's answer to Conclude, for a repeat after a restart."""
+        self._db.write("UPDATE sessions SET answer=? WHERE session_id=?", (answer, session_id))
+
+    @storage_errors
+    def fail(
+        self, session_id: str, error: str, entry: bytes | None, *, retriable: bool = False
+    ) -> bool:
+        """Mark a running session FAILED and append its entry, in one transaction.
+
+        Does nothing (returns False) if the session is not running, so a
+        session never gets two entries.
+        """
+        with self._db.transaction() as cur:
+            changed = cur.execute(
+                "UPDATE sessions SET state='FAILED', error=?, finished_at=?, retriable=? "
+                "WHERE session_id=? AND state='RUNNING'",
+                (error, utcnow(), int(retriable), session_id),
+            ).rowcount
+            if changed:  # rows and runs staged ahead of a commit that never came
+                cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
+                peer, epoch = cur.execute(
+                    "SELECT peer, epoch FROM sessions WHERE session_id=?", (session_id,)
+                ).fetchone()
+                pairruns.drop_staged(cur, peer, epoch)
+            if changed and entry is not None:
+                auditlog.append(cur, session_id, entry)
+        return bool(changed)
+
+    def get(self, session_id: str) -> SessionRow | None:
+        row = self._db.fetchone("SELECT * FROM sessions WHERE session_id=?", (session_id,))
+        return SessionRow(*row) if row else None
+
+    def running(self) -> list[SessionRow]:
+        rows = self._db.fetchall("SELECT * FROM sessions WHERE state='RUNNING'")
+        return [SessionRow(*r) for r in rows]
+
+    def all(self) -> list[SessionRow]:
+        rows = self._db.fetchall("SELECT * FROM sessions ORDER BY started_at")
+        return [SessionRow(*r) for r in rows]
+
+    def latest_completed(self) -> list[SessionRow]:
+        """The latest completed session with each peer."""
+        latest: dict[str, SessionRow] = {}
+        for s in self.all():
+            if s.state == "COMPLETED":
+                latest[s.peer] = s
+        return list(latest.values())
+
+    def matches(self, session_id: str, record_id: str | None = None) -> Iterator[MatchRow]:
+        rows = self._db.fetchall(
+            "SELECT record_id, programme, status, peer_programme, peer_status, tag "
+            "FROM matches WHERE session_id=? AND (? IS NULL OR record_id=?) "
+            "AND ? IN (SELECT session_id FROM sessions WHERE state='COMPLETED') "
+            "ORDER BY record_id, peer_programme, peer_status",
+            (session_id, record_id, record_id, session_id),
+        )
+        for rid, p, s, pp, ps, tag in rows:
+            yield MatchRow(rid, Label(p, s), Label(pp, ps), bytes(tag))
+
+    def match_holders(self, session_id: str) -> dict[str, str]:
+        """For each record matched in a session and still in the registry, a key of
+        the person holding it: the lowest record id among the records with the same
+        identity number. Records of one person share the key; it is a record id,
+        never the ID number, so the number does not leave the database."""
+        rows = self._db.fetchall(
+            "SELECT DISTINCT m.record_id, (SELECT MIN(o.record_id) FROM records o "
+            "WHERE o.nid = r.nid) FROM matches m JOIN records r "
+            "ON r.record_id = m.record_id WHERE m.session_id=?",
+            (session_id,),
+        )
+        return {str(rid): str(holder) for rid, holder in rows}
+
+    def matched_tags(self, session_id: str) -> list[bytes]:
+        rows = self._db.fetchall(
+            "SELECT DISTINCT tag FROM matches WHERE session_id=? AND ? IN "
+            "(SELECT session_id FROM sessions WHERE state='COMPLETED')",
+            (session_id, session_id),
+        )
+        return [bytes(r[0]) for r in rows]
