@@ -39,7 +39,6 @@ from ispf.peertext import MASK, untrusted
 from ispf.protocol import PROTOCOL_VERSION
 from ispf.v1 import common_pb2
 from ispf_server.storage import Store
-from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
 COSIGN_LOOKBACK = 64
@@ -195,9 +194,11 @@ class AuditLog:
         purpose: str,
         epoch: int,
         reason_code: str,
+        at: str,
         declared: int = 0,
     ) -> None:
-        """Log a refused handshake (policy, salt, protocol) and sign a checkpoint."""
+        """Log a refused handshake (policy, salt, protocol), at time `at` (the caller's
+        clock), and sign a checkpoint."""
         session_id = _printable(session_id, 64)  # (the peer's text, in entry and index)
         entry = encode_entry(
             {
@@ -210,17 +211,17 @@ class AuditLog:
                 "epoch": epoch,
                 "reason_code": reason_code,
                 "declared": declared,
-                "time": utcnow(),
+                "time": at,
             }
         )
         self.store.audit.append(session_id, entry)
         self.sign_checkpoint()
 
-    def record_policy(self, *, version: int, sha256: str) -> None:
+    def record_policy(self, *, version: int, sha256: str, at: str) -> None:
         """Log that a policy file (by its hash) took effect."""
         # Binary values go in entries as base64 (hex could read as a run of digits).
         self._record(
-            "policy", f"policy-{version}", version=version, sha256=b64(bytes.fromhex(sha256))
+            "policy", f"policy-{version}", at, version=version, sha256=b64(bytes.fromhex(sha256))
         )
 
     def record_probes(
@@ -233,11 +234,13 @@ class AuditLog:
         refused: int,
         since: str,
         until: str,
+        at: str,
     ) -> None:
         """A batch of online-check probes answered (kind "probes") or sent ("checks")."""
         self._record(
             kind,
             f"{kind}-{peer}",
+            at,
             peer=peer,
             values=values,
             matched=matched,
@@ -246,16 +249,17 @@ class AuditLog:
             until=until,
         )
 
-    def record_epoch_retired(self, epoch: int) -> None:
-        self._record("epoch", f"epoch-{epoch}", epoch=epoch, event="retired")
+    def record_epoch_retired(self, epoch: int, *, at: str) -> None:
+        self._record("epoch", f"epoch-{epoch}", at, epoch=epoch, event="retired")
 
-    def _record(self, kind: str, key: str, **fields: Any) -> None:
+    def _record(self, kind: str, key: str, at: str, **fields: Any) -> None:
+        """An entry of `kind` at time `at` (every entry's time is its caller's)."""
         entry = encode_entry(
             {
                 "v": ENTRY_VERSION,
                 "type": kind,
                 "recorder": self.province,
-                "time": utcnow(),
+                "time": at,
                 **fields,
             }
         )

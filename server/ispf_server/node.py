@@ -60,6 +60,7 @@ from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.storage import Store
 from ispf_server.storage.auditlog import AuditLog as StoredLog
+from ispf_server.storage.db import utcnow
 from ispf_server.storage.registry import Registry, StoredRecord
 from ispf_server.storage.sessions import Sessions
 from ispf_server.tls import TlsFiles
@@ -213,7 +214,7 @@ class Node:
         """Log each policy that takes effect (once per distinct file), with its hash."""
         if self.store.meta.get("policy_sha256") == policy.digest:
             return
-        self.audit.record_policy(version=policy.version, sha256=policy.digest)
+        self.audit.record_policy(version=policy.version, sha256=policy.digest, at=utcnow())
         self.store.meta.set("policy_sha256", policy.digest)
 
     @property
@@ -343,7 +344,7 @@ def retire_epoch(config: NodeConfig, epoch: int) -> None:
         erased = store.destroy_epoch(epoch)
         log.info("epoch %d: pair keys and tag state destroyed, %d match tags erased", epoch, erased)
         audit = AuditLog(store, load_log_signer(config.log_key), config.province, {})
-        audit.record_epoch_retired(epoch)
+        audit.record_epoch_retired(epoch, at=utcnow())
     finally:
         store.close()
     log.info("epoch %d retired on node %s", epoch, config.province)

@@ -42,6 +42,7 @@ from ispf_server.budget import QueryBudget
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.session.plan import secure_shuffle
 from ispf_server.storage import Store
+from ispf_server.storage.db import utcnow
 from ispf_server.storage.pairs.state import labels_of
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class ProbeLog:
                 refused=t.refused,
                 since=t.since,
                 until=now,
+                at=utcnow(),
             )
 
 

@@ -54,6 +54,7 @@ from ispf_server.session.plan import (
     state_fingerprints,
 )
 from ispf_server.session.progress import ProgressBoard
+from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ class Responder:
                 # (the peer's numbers, logged only where they cannot be an ID number)
                 epoch=req.epoch if req.epoch < MAX_DECLARED else 0,
                 reason_code=type(exc).__name__,
+                at=utcnow(),
                 declared=req.registry_size if req.registry_size < MAX_DECLARED else 0,
             )
             log.warning("refused a session from %s: %s", caller, untrusted(exc.message, 400))
