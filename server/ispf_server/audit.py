@@ -275,6 +275,18 @@ class AuditLog:
 
     # -- tree and checkpoints -------------------------------------------------
 
+    def entries(self, start: int = 0, end: int | None = None) -> list[bytes]:
+        """Entries as logged (and hashed), by index; they may run ahead of a checkpoint."""
+        return self.store.audit.entries(start, end)
+
+    def index_of(self, session_id: str) -> int | None:
+        """The index of the session's entry (None: no entry)."""
+        return self.store.audit.index_of(session_id)
+
+    def witnessed(self) -> dict[str, tuple[int, str]]:
+        """Each peer's latest checkpoint verified here: (size, signed note)."""
+        return self.store.audit.witnessed()
+
     def leaves(self, size: int | None = None) -> list[bytes]:
         return [merkle.leaf_hash(e) for e in self.store.audit.entries(0, size)]
 

@@ -59,7 +59,6 @@ from ispf_server.session.lifecycle import SessionContext, fail_interrupted
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.storage import Store
-from ispf_server.storage.auditlog import AuditLog as StoredLog
 from ispf_server.storage.db import utcnow
 from ispf_server.storage.registry import Registry, StoredRecord
 from ispf_server.storage.sessions import Sessions
@@ -249,10 +248,6 @@ class Node:
     @property
     def results(self) -> Sessions:
         return self.store.sessions
-
-    @property
-    def log_entries(self) -> StoredLog:
-        return self.store.audit
 
     def new_record(self, record_id: str, nid: str, label: Label) -> StoredRecord:
         return StoredRecord(record_id, nid, label)

@@ -27,13 +27,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.GetEntriesResponse:
         if request.end < request.start:
             raise InvalidInput("end must not be before start")
-        size = len(self.audit.store.audit.entries())  # entries may run ahead of a checkpoint
+        size = len(self.audit.entries())  # entries may run ahead of a checkpoint
         if request.start > size:
             raise InvalidInput(f"start {request.start} is beyond the log's {size} entries")
         end = min(request.end, request.start + MAX_LOG_ENTRIES, size)
-        return audit_pb2.GetEntriesResponse(
-            entries=self.audit.store.audit.entries(request.start, end)
-        )
+        return audit_pb2.GetEntriesResponse(entries=self.audit.entries(request.start, end))
 
     def GetInclusionProof(
         self, request: audit_pb2.GetInclusionProofRequest, context: grpc.ServicerContext
@@ -60,7 +58,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def FindSession(
         self, request: audit_pb2.FindSessionRequest, context: grpc.ServicerContext
     ) -> audit_pb2.FindSessionResponse:
-        idx = self.audit.store.audit.index_of(request.session_id)
+        idx = self.audit.index_of(request.session_id)
         if idx is None:
             raise UnknownSession("no entry for that session id in this log")
         return audit_pb2.FindSessionResponse(index=idx)
@@ -71,6 +69,6 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         return audit_pb2.GetWitnessedResponse(
             checkpoints=[
                 audit_pb2.WitnessedCheckpoint(peer=peer, note=signed)
-                for peer, (_, signed) in sorted(self.audit.store.audit.witnessed().items())
+                for peer, (_, signed) in sorted(self.audit.witnessed().items())
             ]
         )

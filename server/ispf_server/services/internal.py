@@ -255,7 +255,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
     def GetReceipt(
         self, request: internal_pb2.GetReceiptRequest, context: grpc.ServicerContext
     ) -> internal_pb2.Receipt:
-        results, log, audit = self.node.results, self.node.log_entries, self.node.audit
+        results, audit = self.node.results, self.node.audit
         rows = list(results.matches(request.session_id, request.record_id))
         if not rows:
             raise UnknownSession("no match of that record in that session on this node")
@@ -267,7 +267,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
                 "no receipt can be made"
             )
         index = tags.index(tag)
-        entry_index = log.index_of(request.session_id)
+        entry_index = audit.index_of(request.session_id)
         if entry_index is None:
             raise UnknownSession("the session has no entry in this node's log")
         size = audit.size()
@@ -279,7 +279,7 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
             tag_index=index,
             match_count=len(tags),
             tag_proof=merkle.inclusion_proof(index, tag_leaves(tags)),
-            entry=log.entries(entry_index, entry_index + 1)[0],
+            entry=audit.entries(entry_index, entry_index + 1)[0],
             entry_index=entry_index,
             entry_proof=audit.inclusion(entry_index, size),
             checkpoint=audit.latest(),
