@@ -40,7 +40,7 @@ from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.budget import QueryBudget
 from ispf_server.policy import PeerPolicy, Policy
-from ispf_server.session.plan import secure_shuffle
+from ispf_server.records import shuffle
 from ispf_server.storage import Store
 from ispf_server.storage.db import utcnow
 from ispf_server.storage.pairs.state import labels_of
@@ -226,7 +226,7 @@ class ProbeAnswerer:
             for i, t in enumerate(split)
             if t in found
         ]
-        secure_shuffle(hits)  # (each hit names its index: the order says nothing)
+        shuffle(hits)  # (each hit names its index: the order says nothing)
         self.log.count(caller, n, matched=len(hits))
         self.on_probe(caller, "answered", n)
         return peer_pb2.ProbeResponse(hits=hits)
