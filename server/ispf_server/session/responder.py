@@ -23,6 +23,7 @@ from ispf.errors import (
     ResourceExhausted,
     RetryLater,
     SaltMismatch,
+    SessionAborted,
     UnknownSession,
     VersionMismatch,
 )
@@ -86,6 +87,9 @@ class ResponderSession:
     # The result, worked out as soon as both streams are in (while the initiator
     # works out its own), so that Conclude only compares and commits.
     matching: Future[Matched] | None = None
+    # Why the session failed, once it has: a step still running (its spool closed
+    # under it) then reports this reason rather than what the closing did to it.
+    failed: str | None = None
 
     def release(self) -> None:
         self.initiator_tags.close()
@@ -202,6 +206,9 @@ class Responder:
     def _fail(self, s: ResponderSession, reason: str) -> None:
         with self._lock:
             self._sessions.pop(s.session_id, None)
+            if s.failed is not None:
+                return  # failed already, by another step: that reason stands
+            s.failed = reason
         s.release()
         s.life.fail(reason)
 
@@ -696,6 +703,10 @@ class _Step:
         self.s.busy.discard(self.step)
         self.s.last_used = time.monotonic()
         if ev is not None:
+            first = self.s.failed
+            if first is not None and not isinstance(ev, GeneratorExit):
+                # Another step failed the session and closed what this one was using.
+                raise SessionAborted(f"session failed: {first}") from None
             if isinstance(ev, (GeneratorExit, grpc.RpcError)):
                 # The stream was closed under us: cancelled, deadline, or connection lost.
                 msg = "the peer cancelled the stream or the connection broke"
