@@ -110,7 +110,7 @@ class PairDelta:
 
     reset: bool
     own_added: list[OwnGroup]
-    own_removed: list[str]  # nids
+    own_removed: list[str] = field(repr=False)  # nids
     peer_added: list[PeerGroup]
     peer_removed: list[bytes]  # tags
     version: int
@@ -120,14 +120,14 @@ class PairDelta:
     # A full run's state as sorted runs, built before the commit (the CPU-heavy part,
     # done while the peer does the same); once written ahead as a generation
     # (`Sessions.stage_result`), `staged` names it and the commit only makes it current.
-    runs: PackedRuns | None = None
+    runs: PackedRuns | None = field(default=None, repr=False)  # (packed IDs)
     staged: int | None = None
 
 
 @dataclass(frozen=True)
 class PackedRuns:
     labelsets: dict[str, int]  # label set text -> lsid
-    runs: dict[str, Buffer]  # run kind -> sorted records
+    runs: dict[str, Buffer] = field(repr=False)  # run kind -> sorted records (IDs)
 
 
 def xor_fp(a: bytes, b: bytes) -> bytes:
