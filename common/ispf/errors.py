@@ -38,8 +38,10 @@
     ├── EntryError                 INTERNAL  (an audit-log entry is not canonical log data)
     ├── NoteError                  INTERNAL  (a signed note or key is malformed or unverified)
     ├── AuditFailure               INTERNAL  (an auditor found a log failing verification)
-    └── RepeatedKey                INTERNAL  (a sorted stream holds a key twice: the general
-                                              path runs; caught inside the node, never sent)
+    ├── RepeatedKey                INTERNAL  (a sorted stream holds a key twice: the general
+    │                                         path runs; caught inside the node, never sent)
+    └── NotPacked                  INTERNAL  (IDs not all 13 digits: planned from records;
+                                              caught inside the node, never sent)
 
 The server translates these to gRPC status in one interceptor
 (`ispf_server.guard`); the client turns a status back into the same class in
@@ -254,6 +256,14 @@ class RepeatedKey(IspfError):
     path runs. Caught inside the node (it never reaches a peer)."""
 
     def __init__(self, message: str = "a sorted stream holds a key twice") -> None:
+        super().__init__(message)
+
+
+class NotPacked(IspfError):
+    """The coded (packed) pass cannot take these IDs, not all of them 13 digits: the
+    caller plans from records instead. Caught inside the node (it never reaches a peer)."""
+
+    def __init__(self, message: str = "IDs not all 13 digits: the record path runs") -> None:
         super().__init__(message)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ispf.errors import NotPacked
 from ispf.nid import PackedNids
 from ispf.records import Label
 from ispf_server.policy import PeerPolicy
@@ -494,7 +495,7 @@ def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> Non
     )
     assert planning.spooled_plan(store, POLICIES[0]) is None
     assert planning.spooled_plan(store, POLICIES[0], labelled=False) is None
-    with pytest.raises(planning.NotPacked):
+    with pytest.raises(NotPacked):
         list(planning._coded_label_sets(store, LABELS))
     by_text, count = planning._all_label_sets_rows(store, POLICIES[0])  # (what runs instead)
     assert count == 2 and sorted(by_text.values()) == [b"352021234567", b"3520212345671"]

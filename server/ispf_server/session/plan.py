@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TypeVar
 
-from ispf.errors import InvalidRecord, PolicyRefused, ProtocolViolation
+from ispf.errors import InvalidRecord, NotPacked, PolicyRefused, ProtocolViolation
 from ispf.keys import BlindingKey
 from ispf.nid import NID_BYTES, PackedNids
 from ispf.records import Label, check_label
@@ -377,10 +377,6 @@ def spooled_plan(
                 order.append(part)
     sizes = [stop - first for _, (first, stop) in groups]
     return Plan([g for g, _ in groups], sizes, SpooledNids(order), count, owners)
-
-
-class NotPacked(Exception):
-    """The coded pass cannot take these IDs (not all 13 digits): the record path runs."""
 
 
 def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int, bytes], bytes]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from ispf.blinding import TAG_BYTES, result_digest
-from ispf.errors import ProtocolViolation
+from ispf.errors import NotPacked, ProtocolViolation
 from ispf_server.records import (
     ExternalSort,
     RepeatedKey,
@@ -36,7 +36,7 @@ from ispf_server.session.match.rows import (
     RowSink,
     named_rows,
 )
-from ispf_server.session.plan import LabelSet, NotPacked, SyncSide, owners_of, policy_key
+from ispf_server.session.plan import LabelSet, SyncSide, owners_of, policy_key
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.runs import (
     LSID,
