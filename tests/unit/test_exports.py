@@ -15,10 +15,11 @@ import ispf
 import ispf_client
 import ispf_server
 from ispf_server import records, storage
+from ispf_server.session import match
 from ispf_server.storage import pairs
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = [ispf, ispf_server, ispf_client, records, storage, pairs]
+PACKAGES = [ispf, ispf_server, ispf_client, records, storage, pairs, match]
 
 
 def public_names(module: ModuleType) -> list[str]:

@@ -1,21 +1,23 @@
 """Working out a session's result from both directions' tags: one `Matcher` per
 kind of session, chosen in one place (`matcher_for`), the same for both roles."""
 
-from __future__ import annotations
+import typing
 
-from pathlib import Path
-from typing import Protocol
-
-from ispf_server.records import TagSpool
 from ispf_server.session.match.count import CountOnly
 from ispf_server.session.match.kept import KeptState
 from ispf_server.session.match.labelled import OneOffLabelled
-from ispf_server.session.match.rows import NOTHING, Matched, Outcome, RowSink
-from ispf_server.session.plan import LabelSet, Plan, SyncSide
+from ispf_server.session.match.rows import NOTHING, Matched, Outcome
+
+if typing.TYPE_CHECKING:
+    from pathlib import Path
+
+    from ispf_server.records import TagSpool
+    from ispf_server.session.match.rows import RowSink
+    from ispf_server.session.plan import LabelSet, Plan, SyncSide
 
 
-class Matcher(Protocol):
-    def match(self, own_tags: TagSpool, peer_tags: TagSpool) -> Matched:
+class Matcher(typing.Protocol):
+    def match(self, own_tags: "TagSpool", peer_tags: "TagSpool") -> Matched:
         """The result (and, with pair state, the new state) from both sides' tags."""
         ...
 
@@ -24,14 +26,14 @@ def matcher_for(
     *,
     labelled: bool,
     counts: bool,
-    side: SyncSide | None,
-    plan: Plan,
-    peer_groups: list[LabelSet],
+    side: "SyncSide | None",
+    plan: "Plan",
+    peer_groups: "list[LabelSet]",
     peer_sizes: list[int],
     peer_removed: list[bytes],
-    directory: Path | None,
-    stage_rows: RowSink | None,
-) -> Matcher | None:
+    directory: "Path | None",
+    stage_rows: "RowSink | None",
+) -> "Matcher | None":
     """Kept state for a sync session; a one-off labelled session's intersection; a
     count-only session's count where this side learns it (`counts`: the initiator).
     None: this side learns nothing (a count-only session's responder)."""
@@ -44,4 +46,13 @@ def matcher_for(
     return CountOnly(directory) if counts else None
 
 
-__all__ = ["NOTHING", "Matched", "Matcher", "Outcome", "matcher_for"]
+__all__ = [
+    "NOTHING",
+    "CountOnly",
+    "KeptState",
+    "Matched",
+    "Matcher",
+    "OneOffLabelled",
+    "Outcome",
+    "matcher_for",
+]
