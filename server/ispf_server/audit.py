@@ -308,6 +308,14 @@ class AuditLog:
             self.store.audit.add_checkpoint(len(leaves), signed)
             return signed
 
+    def checkpoint_for(self, first: int) -> tuple[str, list[bytes]]:
+        """This log's current checkpoint (signed now if new entries need one) and its
+        consistency proof from `first`, the size the asking peer last verified (0:
+        none). What each end of a session shows the other, so forks are found."""
+        signed = self.sign_checkpoint()
+        size = self.size()
+        return signed, self.consistency(first, size) if 0 < first <= size else []
+
     def latest(self) -> str:
         """The latest checkpoint with its cosignatures appended."""
         latest = self.store.audit.checkpoint()

@@ -15,6 +15,7 @@ from ispf_server.storage.sessions import SessionRow, SessionTotals
 
 if TYPE_CHECKING:
     from ispf_server.session.match.rows import Outcome
+    from ispf_server.session.plan import Plan, SyncSide
 
 INITIATOR = "initiator"
 RESPONDER = "responder"
@@ -59,6 +60,16 @@ class SessionFacts:
     @property
     def labelled(self) -> bool:
         return self.mode == common_pb2.MODE_MUTUAL
+
+    def own_side(self, plan: Plan, side: SyncSide | None, held_ids: int) -> None:
+        """This side's figures, from what it sends (`plan`), its kept state (`side`,
+        sync sessions) and how many distinct IDs its registry holds: both roles alike."""
+        self.sync = side.kind if side else SyncKind.NONE
+        self.own_records = side.own_records if side else plan.own_records
+        self.own_values = plan.total
+        self.own_removed = len(side.removed_tags) if side else 0
+        # (never below the set sent: the registry may have shrunk since the plan)
+        self.own_declared = max(held_ids, plan.total)
 
     @classmethod
     def from_row(cls, province: str, row: SessionRow) -> SessionFacts:

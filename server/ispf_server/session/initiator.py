@@ -215,8 +215,6 @@ class Initiator:
         if self.req.planner is None:
             side = self.side = self._prepare_sync()
             self.key = side.key
-            self.facts.sync = side.kind
-            self.facts.own_removed = len(side.removed_tags)
             return side.plan
         return self.req.planner()
 
@@ -225,9 +223,8 @@ class Initiator:
         plan = self.plan = self._plan()
         side = self.side
         life.clock.lap("prepare")
-        groups = plan.to_proto() if f.labelled else [common_pb2.LabelGroup(size=plan.total)]
-        # (never below the set sent: the registry may have shrunk since the plan)
-        f.own_declared = max(ctx.store.registry.distinct_ids(), plan.total)
+        groups = plan.wire_groups(f.labelled)
+        f.own_side(plan, side, ctx.store.registry.distinct_ids())
         hs = self.stub.Handshake(
             peer_pb2.HandshakeRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -240,7 +237,7 @@ class Initiator:
                 groups=groups,
                 sync=side is not None,
                 incremental=f.sync is SyncKind.INCREMENTAL,
-                removed=b"".join(side.removed_tags) if side else b"",
+                removed=side.removed_wire if side else b"",
                 state=(
                     side.own_fp + side.peer_fp if side and f.sync is SyncKind.INCREMENTAL else b""
                 ),
@@ -265,8 +262,7 @@ class Initiator:
             list(hs.groups), labelled=f.labelled, max_total=self.req.policy.max_set_size
         )
         peer_total = sum(peer_sizes)
-        f.own_records = side.own_records if side else plan.own_records
-        f.own_values, f.peer_values = plan.total, peer_total
+        f.peer_values = peer_total
         f.own_groups, f.peer_groups = len(groups), len(peer_groups)
         f.peer_removed, f.peer_declared = len(peer_removed), hs.registry_size
         # (checked once the sizes are known: the failed session's entry shows them)
@@ -365,10 +361,7 @@ class Initiator:
 
     def _own_checkpoint(self, first: int) -> dict[str, Any]:
         """Our current checkpoint and its proof from the size the peer last verified."""
-        audit = self.ctx.audit
-        signed = audit.sign_checkpoint()
-        size = audit.size()
-        proof = audit.consistency(first, size) if 0 < first <= size else []
+        signed, proof = self.ctx.audit.checkpoint_for(first)
         return {"checkpoint": signed, "consistency": proof}
 
     def _witness(

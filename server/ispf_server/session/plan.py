@@ -107,6 +107,11 @@ class Plan:
         if isinstance(self.order, SpooledNids):
             self.order.close()
 
+    def wire_groups(self, labelled: bool) -> list[common_pb2.LabelGroup]:
+        """The groups as the handshake announces them: by label set where labelled, else
+        one group of the set's size (a count-only session shows no label)."""
+        return self.to_proto() if labelled else [common_pb2.LabelGroup(size=self.total)]
+
     def to_proto(self) -> list[common_pb2.LabelGroup]:
         return [
             common_pb2.LabelGroup(
@@ -254,6 +259,11 @@ class SyncSide:
     removed_tags: list[bytes]
     version: int
     state_version: int  # the pair's state this was planned against (-1: none)
+
+    @property
+    def removed_wire(self) -> bytes:
+        """The tags of this side's removals, as the handshake carries them."""
+        return b"".join(self.removed_tags)
 
 
 def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:

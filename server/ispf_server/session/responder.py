@@ -42,7 +42,7 @@ from ispf_server.session.exchange import (
     parse_removed,
     reblinded,
 )
-from ispf_server.session.facts import RESPONDER, SessionFacts, SyncKind
+from ispf_server.session.facts import RESPONDER, SessionFacts
 from ispf_server.session.lifecycle import Lifecycle, SessionContext, Stopwatch, check_declared
 from ispf_server.session.match import NOTHING, Matched, Matcher
 from ispf_server.session.plan import (
@@ -412,17 +412,13 @@ class Responder:
             purpose=req.purpose,
             epoch=req.epoch,
             mode=req.mode,
-            sync=side.kind if side else SyncKind.NONE,
-            own_records=side.own_records if side else plan.own_records,
-            own_values=plan.total,
             peer_values=sum(sizes),
             own_groups=len(plan.groups),
             peer_groups=len(groups),
-            own_removed=len(side.removed_tags) if side else 0,
             peer_removed=len(peer_removed),
-            own_declared=max(self.store.registry.distinct_ids(), plan.total),
             peer_declared=req.registry_size,
         )
+        facts.own_side(plan, side, self.store.registry.distinct_ids())
         life = Lifecycle.begin(facts, self.ctx, self.board, phase="exchange")
         life.clock = clock
         s = ResponderSession(
@@ -459,18 +455,16 @@ class Responder:
             plan.total,
             sum(sizes),
         )
-        answer_groups = plan.to_proto() if labelled else [common_pb2.LabelGroup(size=plan.total)]
+        answer_groups = plan.wire_groups(labelled)
         # Our current checkpoint, so the initiator can find a fork before either commits.
-        checkpoint = self.audit.sign_checkpoint()
-        size = self.audit.size()
-        first = req.witnessed_size
+        checkpoint, proof = self.audit.checkpoint_for(req.witnessed_size)
         return peer_pb2.HandshakeResponse(
             session_id=s.session_id,
             groups=answer_groups,
             max_chunk_values=MAX_CHUNK_VALUES,
-            removed=b"".join(side.removed_tags) if side else b"",
+            removed=side.removed_wire if side else b"",
             checkpoint=checkpoint,
-            consistency=self.audit.consistency(first, size) if 0 < first <= size else [],
+            consistency=proof,
             witnessed_size=self.audit.witnessed_size(caller),
             registry_size=facts.own_declared,
         )
@@ -640,13 +634,7 @@ class Responder:
             )
             life.commit(matched)
             life.clock.lap("commit")
-            checkpoint = self.audit.sign_checkpoint()
-            size = self.audit.size()
-            proof = (
-                self.audit.consistency(req.witnessed_size, size)
-                if 0 < req.witnessed_size <= size
-                else []
-            )
+            checkpoint, proof = self.audit.checkpoint_for(req.witnessed_size)
             with self._lock:
                 self._sessions.pop(s.session_id, None)
             s.release()
