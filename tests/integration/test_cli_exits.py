@@ -9,14 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from ispf.v1 import internal_pb2
 from ispf_server.pool import BlindingPool
-from ispf_server.probes import RateLimiter
+from ispf_server.probes import RateLimiter, _until_utc_midnight
 from tests.conftest import Federation, start_federation
 from tests.integration.test_cli import write_profile
 
@@ -76,11 +75,6 @@ def refused_by_sindh(fed: Federation) -> int:
     sindh.probes.log.flush()
     entries = [decode_entry(e) for e in sindh.store.audit.entries()]
     return sum(e["refused"] for e in entries if e["type"] == "probes" and e["peer"] == "punjab")
-
-
-def _seconds_to_utc_midnight() -> float:
-    now = datetime.now(UTC)
-    return 86400.0 - (now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6)
 
 
 def ids(n: int) -> str:
@@ -163,10 +157,10 @@ def test_a_used_up_daily_quota_is_said_at_once_exit_4(fed: Federation, profile: 
     # The quota resets at 00:00 UTC, so the node asks to wait until then; close to
     # midnight that wait fits in the default --max-wait and the client rightly waits.
     # Keep --max-wait under the time left today (after midnight if only a minute is left).
-    left = _seconds_to_utc_midnight()
+    left = _until_utc_midnight()
     if left < 90:
         time.sleep(left + 1)
-        left = _seconds_to_utc_midnight()
+        left = _until_utc_midnight()
     max_wait = int(min(300, left - 60))
     original = limit_sindh(fed, 60, per_day=3)
     try:
