@@ -175,7 +175,7 @@ class Node:
         self.health = Health(config, self.store, self.salts, self.audit, self.metrics)
         fail_interrupted(self.sessions)
         log.info(
-            "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
+            "node %s loaded: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
             "X25519 backend %s, hash-to-curve in %s",
             self.province,
             config.current_epoch,
