@@ -376,7 +376,12 @@ class Checker:
         self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
     ) -> _Answer:
         key = self.store.pairs.key(peer, salt.epoch)
-        values = blind_many(key, salt, digits, self.backend)
+        # The values go in a random order, never the caller's (a batch sorted by ID
+        # would let the peer bracket the values it does not hold between its hits);
+        # the hits' positions are mapped back.
+        order = list(range(len(digits)))
+        shuffle(order)
+        values = blind_many(key, salt, [digits[i] for i in order], self.backend)
         try:
             resp = self.stub_for(peer).Probe(
                 peer_pb2.ProbeRequest(epoch=salt.epoch, purpose=purpose, values=values),
@@ -404,4 +409,9 @@ class Checker:
             return _Answer(status, None, err.message)
         except IspfError as exc:
             return _Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)
-        return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, list(resp.hits), "")
+        hits = [
+            peer_pb2.ProbeHit(index=order[h.index], labels=h.labels)
+            for h in resp.hits
+            if h.index < len(order)  # (a position past the values asked names nothing)
+        ]
+        return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, hits, "")

@@ -1,12 +1,13 @@
 """Nothing a peer receives is in an order derived from ID numbers.
 
 Punjab answers a real Sindh node through a second server that records every
-message it sends. For each stream (a full run's values, an incremental run's
-additions and removed tags, a count-only session's values and re-blinded
-answers, a filtered session's values, probe answers) each value on the wire is
-mapped back to its ID with the keys the test can see in-process, and the
-Spearman rank correlation between wire position and ID order, over 10,000
-values, must be indistinguishable from zero.
+message it sends and every message it receives. For each stream, both ways (a
+full run's values, an incremental run's additions and removed tags, a
+count-only session's values and re-blinded answers, a filtered session's
+values, probes and their answers) each value on the wire is mapped back to its
+ID with the keys the test can see in-process, and the Spearman rank
+correlation between wire position and ID order, over 10,000 values, must be
+indistinguishable from zero.
 """
 
 from __future__ import annotations
@@ -43,24 +44,44 @@ def spearman(pairs: list[tuple[int, int]]) -> float:
     return cov / var
 
 
+REQUESTS = {
+    "Handshake": peer_pb2.HandshakeRequest,
+    "Reblind": peer_pb2.BlindedChunk,
+    "Probe": peer_pb2.ProbeRequest,
+}
+
+
 class Recorder(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Keeps every response message of the peer API, by method, in order sent."""
+    """Keeps every message of the peer API, by method, in order: the responses this
+    node sends (`sent`) and the requests it receives from the initiator (`received`)."""
 
     def __init__(self) -> None:
         self.sent: dict[str, list[Any]] = defaultdict(list)
+        self.received: dict[str, list[Any]] = defaultdict(list)
 
     def clear(self) -> None:
         self.sent.clear()
+        self.received.clear()
 
     def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
         h = continuation(details)
         if h is None or "PeerService" not in details.method:
             return h
         name = details.method.rsplit("/", 1)[-1]
-        out = self.sent[name]
+        out, inbox = self.sent[name], self.received[name]
+        # (The node's guard decodes requests itself: here they are still bytes.)
+        kind = REQUESTS.get(name)
 
-        def wrap(fn, stream_out):  # type: ignore[no-untyped-def]
+        def keep(m):  # type: ignore[no-untyped-def]
+            inbox.append(kind.FromString(m) if kind is not None and isinstance(m, bytes) else m)
+            return m
+
+        def wrap(fn, stream_out, stream_in):  # type: ignore[no-untyped-def]
             def run(req, ctx):  # type: ignore[no-untyped-def]
+                if stream_in:
+                    req = (keep(m) for m in req)
+                else:
+                    keep(req)
                 got = fn(req, ctx)
                 if stream_out:
                     return (out.append(m) or m for m in got)
@@ -74,12 +95,12 @@ class Recorder(grpc.ServerInterceptor):  # type: ignore[type-arg]
             "response_serializer": h.response_serializer,
         }
         if h.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(h.unary_unary, False), **kw)
+            return grpc.unary_unary_rpc_method_handler(wrap(h.unary_unary, False, False), **kw)
         if h.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(h.stream_unary, False), **kw)
+            return grpc.stream_unary_rpc_method_handler(wrap(h.stream_unary, False, True), **kw)
         if h.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap(h.unary_stream, True), **kw)
-        return grpc.stream_stream_rpc_method_handler(wrap(h.stream_stream, True), **kw)
+            return grpc.unary_stream_rpc_method_handler(wrap(h.unary_stream, True, False), **kw)
+        return grpc.stream_stream_rpc_method_handler(wrap(h.stream_stream, True, True), **kw)
 
 
 def nid(i: int) -> str:
@@ -171,18 +192,29 @@ def test_no_stream_a_peer_receives_follows_id_order(
     pk, sk = punjab.store.pairs.key("sindh", 1), sindh.store.pairs.key("punjab", 1)
     ids = [nid(i) for i in first]
     rhos["full"] = rho_of(values(rec.sent["FetchBlinded"], POINT_BYTES), by_point(salt, pk, ids))
+    # (and what Punjab receives: Sindh's values, under its pair key for Punjab)
+    rhos["full, received"] = rho_of(
+        values(rec.received["Reblind"], POINT_BYTES), by_point(salt, sk, ids)
+    )
 
-    # An incremental run: all of those removed, as many added.
-    f.client("punjab").delete([f"R{i}" for i in first])
-    f.load("punjab", rows(range(1, 2 * N, 2)))
+    # An incremental run: on both sides, all of those removed, as many added.
+    for province, labels in (("punjab", ("BISP", "PSER")), ("sindh", ("SSPA",))):
+        f.client(province).delete([f"R{i}" for i in first])
+        f.load(province, rows(range(1, 2 * N, 2), labels))
     rec.clear()
     run(f)
     (hs,) = rec.sent["Handshake"]
     removed = [hs.removed[k : k + TAG_BYTES] for k in range(0, len(hs.removed), TAG_BYTES)]
     rhos["incremental removals"] = rho_of(removed, by_tag(salt, pk, sk, ids))
+    (hs_in,) = rec.received["Handshake"]
+    removed_in = [hs_in.removed[k : k + TAG_BYTES] for k in range(0, len(hs_in.removed), TAG_BYTES)]
+    rhos["incremental removals, received"] = rho_of(removed_in, by_tag(salt, sk, pk, ids))
     added = [nid(i) for i in second]
     rhos["incremental additions"] = rho_of(
         values(rec.sent["FetchBlinded"], POINT_BYTES), by_point(salt, pk, added)
+    )
+    rhos["incremental additions, received"] = rho_of(
+        values(rec.received["Reblind"], POINT_BYTES), by_point(salt, sk, added)
     )
 
     # Count-only: Punjab's values and its shuffled answers to Sindh's, under the
@@ -197,7 +229,10 @@ def test_no_stream_a_peer_receives_follows_id_order(
         values(rec.sent["FetchBlinded"], POINT_BYTES), by_point(salt, p_key, added)
     )
     rhos["count-only answers"] = rho_of(
-        values(rec.sent["Reblind"], TAG_BYTES), by_tag(salt, s_key, p_key, ids)
+        values(rec.sent["Reblind"], TAG_BYTES), by_tag(salt, s_key, p_key, added)
+    )
+    rhos["count-only values, received"] = rho_of(
+        values(rec.received["Reblind"], POINT_BYTES), by_point(salt, s_key, added)
     )
 
     # Filtered: one-offs over one of Punjab's programmes (half its IDs each), pooled.
@@ -212,6 +247,11 @@ def test_no_stream_a_peer_receives_follows_id_order(
         assert len(got) == N // 2 and all(v in index for v in got)
         order = {n: r for r, n in enumerate(sorted(index[v] for v in got))}
         pairs_filtered += [(pos, order[index[v]]) for pos, v in enumerate(got)]
+        # (Sindh's whole set comes the other way, under its own fresh key)
+        (s_key,) = [k for k in keys if k is not p_key]
+        rhos[f"filtered {programme}, received"] = rho_of(
+            values(rec.received["Reblind"], POINT_BYTES), by_point(salt, s_key, added)
+        )
     rhos["filtered"] = pooled(pairs_filtered)
 
     # Probes: Sindh checks 10,000 IDs in ID order, 1000 a probe; each answer's hits
@@ -228,14 +268,27 @@ def test_no_stream_a_peer_receives_follows_id_order(
         assert len(answer.hits) == 1000
         pairs_probes += [(pos, hit.index) for pos, hit in enumerate(answer.hits)]
     rhos["probes"] = pooled(pairs_probes)
+    # The probes' values, as Punjab receives them: not in the order Sindh was asked.
+    index = by_point(salt, sk, asked)
+    rank = {n: r for r, n in enumerate(asked)}
+    pairs_asked: list[tuple[int, int]] = []
+    for probe in rec.received["Probe"]:
+        batch = [
+            probe.values[k : k + POINT_BYTES] for k in range(0, len(probe.values), POINT_BYTES)
+        ]
+        assert len(batch) == 1000
+        first_rank = min(rank[index[v]] for v in batch)
+        pairs_asked += [(pos, rank[index[v]] - first_rank) for pos, v in enumerate(batch)]
+    rhos["probes, received"] = pooled(pairs_asked)
 
     assert all(abs(r) < BOUND for r in rhos.values()), rhos
+    assert len(rhos) == 14  # (every stream above, both ways, was measured)
     # Every kind of session and the probes were charged to Sindh's budget here: its
-    # sets of the full run (the incremental one added nothing on its side), the
-    # count-only and the two filtered sessions, and the 10,000 probed values.
+    # sets of the full run and the incremental one's additions, the count-only and
+    # the two filtered sessions, and the 10,000 probed values.
     listing = f.client("punjab")._recon.ListPeers(internal_pb2.ListPeersRequest(), timeout=5)
     (budget,) = listing.budgets
-    assert (budget.peer, budget.used, budget.declared) == ("sindh", 5 * N, N)
+    assert (budget.peer, budget.used, budget.declared) == ("sindh", 6 * N, N)
 
 
 def pooled(pairs: list[tuple[int, int]]) -> float:
