@@ -48,7 +48,7 @@ demo: install ## run four provinces on loopback and reconcile every pair (report
 
 test: dev browser valgrind lint typecheck proto-check pytest pytest-portable ## every check CI runs
 
-test-slow: dev ## the long X25519 evidence: RFC 7748's 1,000,000 iterations, 10^7 differential pairs
+test-slow: dev ## the long X25519 evidence: RFC 7748's 1,000,000 iterations, 1,000,000 differential pairs
 	ISPF_X25519_SLOW=1 $(BIN)/python -m pytest -q -p no:randomly -m x25519_slow tests/unit/test_x25519_evidence.py
 
 lint: dev ## ruff lint and format check; the import contracts (pyproject.toml)

@@ -17,6 +17,7 @@ No private key leaves the folder it was made in.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +141,9 @@ def init_node(folder: Path, province: str, *, address: str, hosts: tuple[str, ..
         raise ConfigError(f"province '{province}' must be a lowercase slug like 'punjab'")
     names = ["node.key", "log.key", "seal.key", "master.key", "request.json"]
     _fresh(folder, names)
-    files.private_dir(folder)
-    files.private_dir(folder / "salts")
+    for d in (folder, folder / "salts"):
+        files.private_dir(d)
+        os.chmod(d, files.DIR_MODE)  # (a folder that existed already is made private too)
     tls = _tls_key(folder / "node.key")
     signer = note.Signer.generate(origin_of(province))
     write_private_file(folder / "log.key", (signer.encode() + "\n").encode("ascii"))
@@ -252,7 +254,15 @@ def import_salt(config_path: Path, sealed: Path, epoch: int | None = None) -> Pa
     cfg = load_config(config_path)
     if cfg.seal_key is None:
         raise ConfigError(f"{config_path}: no [keys] seal = ... (the node's sealing key)")
-    ca = x509.load_pem_x509_certificate(cfg.tls.ca.read_bytes())
+    try:
+        ca = x509.load_pem_x509_certificate(cfg.tls.ca.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{cfg.tls.ca}: no such file: copy the forum's ca.pem into the node's folder first "
+            "(docs/operators.md, section 2); the sealed salt names the forum by it"
+        ) from None
+    except ValueError:
+        raise ConfigError(f"{cfg.tls.ca} is not a PEM certificate") from None
     try:
         data = sealed.read_bytes()
     except FileNotFoundError as exc:

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import grpc
@@ -27,6 +28,20 @@ from ispf.nodeconfig import TlsConfig
 log = logging.getLogger(__name__)
 
 
+def _read(path: Path) -> bytes:
+    """A TLS file's bytes; ConfigError naming it where it is missing or unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file (a node needs the forum's ca.pem and the certificate "
+            "`ispf forum sign` issued for its request, beside node.key: docs/operators.md, "
+            "section 2)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+
+
 @dataclass(frozen=True)
 class TlsMaterial:
     ca: bytes
@@ -37,7 +52,7 @@ class TlsMaterial:
     @classmethod
     def load(cls, cfg: TlsConfig) -> TlsMaterial:
         check_private_file(cfg.key)
-        ca, cert_pem, key_pem = cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes()
+        ca, cert_pem, key_pem = _read(cfg.ca), _read(cfg.cert), _read(cfg.key)
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, password=None)

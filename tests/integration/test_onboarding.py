@@ -257,3 +257,35 @@ def test_certificate_renewal_keeps_the_log_and_sealing_keys_and_updates_the_rost
     assert doc["nodes"]["sindh"]["address"] == "10.0.0.7:1"
     assert doc["version"] == 4  # one per node request: three, then this one
     assert main(args) == 2  # a rotation under way is not started over silently
+
+
+def test_steps_out_of_order_say_what_is_missing_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new province that starts its node, or imports its salt, before copying in
+    what the forum sent is told which file is missing (exit 2), not a traceback;
+    `node init` makes its folder private even where it existed already."""
+    import subprocess
+    import sys
+
+    nd = tmp_path / "node"
+    nd.mkdir(mode=0o755)
+    nd.chmod(0o755)
+    _ok(["node", "init", "--dir", str(nd), "--province", "gb", "--address", "127.0.0.1:0"])
+    assert (nd.stat().st_mode & 0o777, (nd / "salts").stat().st_mode & 0o777) == (0o700, 0o700)
+    started = subprocess.run(
+        [str(Path(sys.executable).parent / "ispf-node"), "--config", str(nd / "node.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 2, started.stderr
+    (line,) = started.stderr.splitlines()
+    assert line.startswith(f"ispf-node: {nd / 'ca.pem'}: no such file (a node needs the forum")
+    sealed = tmp_path / "gb.sealed"
+    sealed.write_bytes(b"x")
+    assert main(["node", "salt", "import", str(sealed), "--config", str(nd / "node.toml")]) != 0
+    err = capsys.readouterr().err
+    assert f"{nd / 'ca.pem'}: no such file: copy the forum's ca.pem into the node's folder" in err
+    assert "Errno" not in err and "Traceback" not in err
