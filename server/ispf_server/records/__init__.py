@@ -3,11 +3,12 @@
 The one place in the node that chooses C (`ispf._records`) or Python for record
 work (`ops`); the rest of the node calls these and never asks which runs.
 
-* `ops`: sort, merge, zip, select, fold, split and shuffle records, each in C where
-  the module is built and in Python else; `compiled()` for paths that pay off
-  only in C.
+* `ops`: sort, merge, join, zip, select, fold, split and shuffle records, each in C
+  where the module is built and in Python else (the same bytes); `compiled()`
+  says which (only the session planner's coded pass still asks).
 * `extsort`: `ExternalSort` (sorting within a memory budget, spilling to disk),
-  `join_sorted`, `ascending`, `shuffled`.
+  `join_sorted` (many to one), `unique` (the last record of each key),
+  `ascending`, `shuffled`.
 * `spool`: `TagSpool` (values on an unlinked temporary file) and `SpooledNids`.
 """
 
@@ -17,6 +18,7 @@ from ispf_server.records.extsort import (
     ascending,
     join_sorted,
     shuffled,
+    unique,
     upper_bound,
     written,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "shuffled",
     "sort_inplace",
     "split_unique",
+    "unique",
     "upper_bound",
     "written",
     "xor_fold",
