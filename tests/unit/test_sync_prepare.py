@@ -311,24 +311,40 @@ def test_a_full_run_gives_the_expected_result_fingerprints_and_state(
             store.close()
 
 
-def test_a_tag_sent_twice_in_groups_of_one_label_set_is_refused(tmp_path: Path) -> None:
-    """Which group's labels a repeated tag keeps is the last group's: where the peer
-    announces one label set in two groups and sends a tag in two, a full run stops
-    (an honest peer sends each label set once); the label set twice alone is fine."""
-    from ispf.errors import ProtocolViolation
+@pytest.mark.parametrize("module", ["native", "python"])
+def test_a_tag_sent_twice_keeps_its_last_group_even_where_label_sets_repeat(
+    tmp_path: Path, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer announcing one label set in two groups (an honest one never does) and
+    sending a tag in two groups: the tag is stored with the labels of the last
+    group that holds it, as where each label set comes once."""
+    from ispf_server.storage.pairs.state import fingerprint, labels_text
 
+    if module == "python":
+        monkeypatch.setattr(ops, "native", None)
+    elif ops.native is None:
+        pytest.skip("the native module is not built here")
     nids = [f"35202{i:08d}" for i in range(40)]
     store = Store(tmp_path / "s.sqlite")
     store.registry.upsert([StoredRecord(f"r{i}", n, LABELS[0]) for i, n in enumerate(nids)])
     tag_of = {n: random.Random(n).randbytes(16) for n in nids}
     groups: list[LabelSet] = [(LABELS[1],), (LABELS[2],), (LABELS[1],)]
-    tags = [tag_of[n] for n in nids[:30]]
-    res, _ = _full_run(store, tag_of, groups, [10, 10, 10], b"".join(tags), None)
+    t = [tag_of[n] for n in nids[:30]]
+    # t[0] in groups 0 and 1 (group 1's labels kept), t[12] in groups 1 and 2 (group 2's),
+    # t[25] twice in group 2.
+    sent = [t[0:10], [*t[10:20], t[0]], [*t[20:30], t[12], t[25]]]
+    peer_text: dict[bytes, str] = {}
+    for group, part in zip(groups, sent, strict=True):
+        peer_text.update(dict.fromkeys(part, labels_text(group)))
+    assert peer_text[t[0]] == labels_text(groups[1]) and peer_text[t[12]] == labels_text(groups[2])
+    sizes = [len(p) for p in sent]
+    res, (_, peer_state, matched) = _full_run(
+        store, tag_of, groups, sizes, b"".join(b"".join(p) for p in sent), None
+    )
     assert res.outcome.match_count == 30
-    with pytest.raises(ProtocolViolation, match="label set"):
-        _full_run(
-            store, tag_of, groups, [10, 11, 10], b"".join(tags[:20] + tags[5:6] + tags[20:]), None
-        )
+    assert peer_state == peer_text
+    assert matched == sorted((n, tag_of[n], peer_text[tag_of[n]]) for n in nids[:30])
+    assert res.state_after[len(res.state_after) // 2 :] == fingerprint(set(peer_text))
 
 
 def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:

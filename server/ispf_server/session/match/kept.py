@@ -134,7 +134,11 @@ def _finish_full(
     runs = RunBuilder()  # (numbers the label sets: the peer's first, in its groups' order)
     peer_lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
     own_lsids = [runs.lsid(labels_text(group)) for group in plan.groups]
-    ordered = len(set(peer_lsids)) == len(peer_lsids)  # (the last group sorts highest)
+    # Sorted by tag and label set, the last group holding a tag sorts highest, unless
+    # the peer announced one label set in two groups (which an honest peer never
+    # does): then by tag and group number, each renumbered after `unique`.
+    ordered = len(set(peer_lsids)) == len(peer_lsids)
+    peer_keys = peer_lsids if ordered else [pairruns.lsid(g) for g in range(len(peer_groups))]
 
     # Each group in chunks of tags and of IDs (each read from disk where spooled),
     # with its label set's number.
@@ -155,15 +159,25 @@ def _finish_full(
     def peer_sorted() -> ExternalSort:
         out = ExternalSort(PEER_TAG.width, directory)
         for g, _, tags in peer_added_tags.grouped(peer_sizes):
-            out.add(zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (peer_lsids[g], LSID)))
+            out.add(zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (peer_keys[g], LSID)))
         return out
+
+    def peer_once(chunks: Iterable[Buffer]) -> Iterator[Buffer]:
+        """The peer's sorted records, each tag once (the last group's), labelled."""
+        once = unique(chunks, PEER_TAG.width, TAG_BYTES, drop)
+        if ordered:
+            yield from once
+            return
+        for chunk in once:  # (group numbers to label sets: record by record)
+            out = bytearray(chunk)
+            for at in range(TAG_BYTES, len(out), PEER_TAG.width):
+                out[at : at + LSID] = peer_lsids[int.from_bytes(out[at : at + LSID], "big")]
+            yield out
 
     repeated = EMPTY_FP  # the tags the peer sent again, XORed: its fingerprint counts each once
 
     def drop(records: bytes) -> None:
         nonlocal repeated
-        if not ordered:
-            raise ProtocolViolation("the peer sent a tag twice, in groups of one label set")
         repeated = xor_fp(
             repeated, fingerprint_packed(select_fields(records, PEER_TAG.width, ((0, TAG_BYTES),)))
         )
@@ -180,10 +194,7 @@ def _finish_full(
         for joined in join_sorted(
             written(own_by_tag.sorted_chunks(), own_run.append),
             OWN_TAG.width,
-            written(
-                unique(peer_by_tag.sorted_chunks(), PEER_TAG.width, TAG_BYTES, drop),
-                peer_run.append,
-            ),
+            written(peer_once(peer_by_tag.sorted_chunks()), peer_run.append),
             PEER_TAG.width,
             TAG_BYTES,
         ):
