@@ -855,7 +855,8 @@ def cmd_receipt(args: argparse.Namespace, con: Console) -> int:
     sid = _session_id(args.session)
     with NodeClient(_profile(args)) as client:
         client.session(sid)  # UnknownSession ("no session ...") before "no match"
-        receipt = client.receipt(sid, args.record)
+        # (as stored: the loader strips a record id, so a pasted "\r" must go too)
+        receipt = client.receipt(sid, args.record.strip())
     bundle = MessageToDict(
         receipt, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -1226,7 +1227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--count-only",
         action="store_true",
-        help="learn only how many IDs are in common; the peer learns nothing",
+        help="learn only how many IDs are in common; the peer learns only how many "
+        "values you sent (no match, no count)",
     )
     p.add_argument(
         "--collection",
@@ -1313,14 +1315,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_profile(
         res.add_parser(
             "export",
-            help="write the matches CSV and summary",
+            help="write the matches CSV, the summary and the HTML report",
             epilog=SIMPLE_EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
     p.add_argument("--session", help="one session id (default: latest with each peer)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--out", default="reports")
+    p.add_argument("--out", default="reports", help="report folder (default: reports)")
     p.set_defaults(func=cmd_export)
     p = with_profile(
         res.add_parser(
@@ -1330,7 +1332,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
-    p.add_argument("--session", required=True)
+    p.add_argument("--session", required=True, help="the session id (from `ispf sessions list`)")
     p.add_argument("--record", required=True, help="the record id")
     p.add_argument("--out", required=True, help="receipt file (JSON)")
     p.set_defaults(func=cmd_receipt)

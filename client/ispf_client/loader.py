@@ -57,15 +57,21 @@ class LoadReport:
     # or beyond the 10,000 a node lists for a sync)
     unlisted: int = 0
     file_problem: RowProblem | None = None
+    # Problems of the file, not of a row (its header, a field that stops the read):
+    # kept and written with the rows' problems, but not counted as rejected rows.
+    file_problems: int = 0
 
     @property
     def rejected(self) -> int:
-        return len(self.problems) + self.unlisted
+        """Rows rejected (a problem of the file itself is not a row)."""
+        return len(self.problems) + self.unlisted - self.file_problems
 
     def keep(self, problems: list[RowProblem]) -> None:
         for p in problems:
-            if self.file_problem is None and p.code.startswith("file."):
-                self.file_problem = p
+            if p.code.startswith("file."):
+                self.file_problems += 1
+                if self.file_problem is None:
+                    self.file_problem = p
         room = max(0, MAX_KEPT_PROBLEMS - len(self.problems))
         self.problems.extend(problems[:room])
         self.unlisted += len(problems) - min(room, len(problems))

@@ -38,6 +38,11 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 
 
 def printable(text: str, limit: int = 200) -> str:
-    """`text` with control characters escaped and cut to `limit` characters."""
+    """`text` with control characters escaped and cut to `limit` characters (at a space
+    where one is near the end, so no word is cut in two)."""
     cleaned = text.translate(_CONTROL)
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+    if len(cleaned) <= limit:
+        return cleaned
+    cut = cleaned[: limit - 1]
+    space = cut.rfind(" ", max(0, limit - 40))
+    return (cut[:space] if space > 0 else cut) + "…"

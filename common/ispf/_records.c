@@ -9,7 +9,7 @@
  *   sort_inplace(buf, width)            the same in place, without scratch memory
  *   zip_records(n, (buf, w), ...)       fixed-width columns interleaved into records
  *   zip_into(dst, at, n, (buf, w), ...) the same, written into a buffer in place
- *   split_unique(data, width)           sorted key+code records: unique keys by code,
+ *   split_unique(data, width[, cb])     sorted key+code records: unique keys by code,
  *                                       and the records of repeated keys
  *   xor_fold(data, width)               the XOR of fixed-width records
  *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys (many to one)
@@ -302,30 +302,39 @@ done:
 static PyObject *py_zip_records(PyObject *self, PyObject *args) { return zip_impl(args, 0); }
 static PyObject *py_zip_into(PyObject *self, PyObject *args) { return zip_impl(args, 1); }
 
-/* split_unique(data, width) -> (dict code -> bytes, bytes): records sorted by
- * their first width-1 bytes (the key), each ending in a one-byte code. Keys that
- * occur once go to their code's bytes (the keys alone, back to back); records
- * whose key occurs more than once come back whole, in order. */
+/* split_unique(data, width[, code_bytes=1]) -> (dict code -> bytes, bytes): records
+ * sorted by their first width-code_bytes bytes (the key), each ending in a code of
+ * one or two bytes (big-endian). Keys that occur once go to their code's bytes (the
+ * keys alone, back to back); records whose key occurs more than once come back
+ * whole, in order. */
 static PyObject *py_split_unique(PyObject *self, PyObject *args) {
     Py_buffer data;
-    Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "y*n", &data, &width)) return NULL;
-    PyObject *ret = NULL, *groups = NULL, *multi = NULL, *parts[256] = {0};
-    if (width < 2 || data.len % width) {
-        PyErr_SetString(PyExc_ValueError, "data must be whole records of a width of 2 or more");
+    Py_ssize_t width, code_bytes = 1;
+    if (!PyArg_ParseTuple(args, "y*n|n", &data, &width, &code_bytes)) return NULL;
+    PyObject *ret = NULL, *groups = NULL, *multi = NULL, **parts = NULL;
+    size_t *count = NULL;
+    char **at = NULL;
+    size_t ncodes = code_bytes == 2 ? 65536 : 256;
+    if ((code_bytes != 1 && code_bytes != 2) || width <= code_bytes || data.len % width) {
+        PyErr_SetString(PyExc_ValueError,
+                        "data must be whole records, each a key and a code of 1 or 2 bytes");
         goto done;
     }
+    parts = PyMem_Calloc(ncodes, sizeof *parts);
+    count = PyMem_Calloc(ncodes, sizeof *count);
+    at = PyMem_Calloc(ncodes, sizeof *at);
+    if (!parts || !count || !at) { PyErr_NoMemory(); goto done; }
     const unsigned char *a = data.buf;
-    size_t w = (size_t)width, k = w - 1, n = (size_t)(data.len / width);
-    size_t count[256] = {0}, nmulti = 0;
+    size_t w = (size_t)width, k = w - (size_t)code_bytes, n = (size_t)(data.len / width);
+    size_t nmulti = 0;
     #define SAME(i, j) (memcmp(a + (i) * w, a + (j) * w, k) == 0)
     #define UNIQUE(i) (!((i) > 0 && SAME(i, (i) - 1)) && !((i) + 1 < n && SAME(i, (i) + 1)))
+    #define CODE(r) (code_bytes == 2 ? ((size_t)(r)[k] << 8) | (r)[k + 1] : (size_t)(r)[k])
     for (size_t i = 0; i < n; i++) {
-        if (UNIQUE(i)) count[a[i * w + k]]++;
+        if (UNIQUE(i)) count[CODE(a + i * w)]++;
         else nmulti++;
     }
-    char *at[256];
-    for (int c = 0; c < 256; c++) {
+    for (size_t c = 0; c < ncodes; c++) {
         if (!count[c]) continue;
         parts[c] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count[c] * k));
         if (!parts[c]) goto done;
@@ -336,22 +345,26 @@ static PyObject *py_split_unique(PyObject *self, PyObject *args) {
     char *m = PyBytes_AS_STRING(multi);
     for (size_t i = 0; i < n; i++) {
         const unsigned char *r = a + i * w;
-        if (UNIQUE(i)) { memcpy(at[r[k]], r, k); at[r[k]] += k; }
+        if (UNIQUE(i)) { size_t c = CODE(r); memcpy(at[c], r, k); at[c] += k; }
         else { memcpy(m, r, w); m += w; }
     }
+    #undef CODE
     #undef UNIQUE
     #undef SAME
     groups = PyDict_New();
     if (!groups) goto done;
-    for (int c = 0; c < 256; c++) {
+    for (size_t c = 0; c < ncodes; c++) {
         if (!parts[c]) continue;
-        PyObject *key = PyLong_FromLong(c);
+        PyObject *key = PyLong_FromSize_t(c);
         if (!key || PyDict_SetItem(groups, key, parts[c]) < 0) { Py_XDECREF(key); goto done; }
         Py_DECREF(key);
     }
     ret = PyTuple_Pack(2, groups, multi);
 done:
-    for (int c = 0; c < 256; c++) Py_XDECREF(parts[c]);
+    if (parts) for (size_t c = 0; c < ncodes; c++) Py_XDECREF(parts[c]);
+    PyMem_Free(parts);
+    PyMem_Free(count);
+    PyMem_Free(at);
     Py_XDECREF(groups);
     Py_XDECREF(multi);
     PyBuffer_Release(&data);
@@ -582,7 +595,8 @@ static PyMethodDef methods[] = {
     {"zip_into", py_zip_into, METH_VARARGS,
      "zip_into(dst, at, n, (buf, width), ...) -> None: zip_records written into dst at byte at."},
     {"split_unique", py_split_unique, METH_VARARGS,
-     "split_unique(data, width) -> (dict code -> keys, bytes): sorted key+code records split\n"
+     "split_unique(data, width[, code_bytes=1]) -> (dict code -> keys, bytes): sorted key+code\n"
+     "records (a code of 1 or 2 bytes) split\n"
      "into keys that occur once (by code) and the records of keys that occur more than once."},
     {"xor_fold", py_xor_fold, METH_VARARGS,
      "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},

@@ -8,6 +8,11 @@
 * `tag_of(value)`: tags are compared on their first 16 bytes.
 * `result_digest(tags)`: what both sides of a session log, identically: a Merkle
   root over the sorted matched tags.
+* The node's X25519 backend, the one way into `ispf.hazmat` outside this module:
+  `select_backend` (once, at start), `backend_status` (for log, health and
+  metrics), `curve_in_c`, `releases_gil`; and, for a blinding pool's worker
+  processes (key objects refuse pickling, so only raw bytes travel there),
+  `raw_hash_and_blind_many` and `raw_reblind_many`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ispf import merkle
-from ispf.hazmat import curve
+from ispf.errors import BackendUnavailable
+from ispf.hazmat import backends, curve
+from ispf.hazmat.backends import BackendStatus, X25519Backend
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.nid import NationalId, PackedNids
 
@@ -64,3 +71,46 @@ def result_digest(tags: Iterable[bytes]) -> bytes:
     a session's result without revealing the others.
     """
     return merkle.root([merkle.leaf_hash(t) for t in sorted(set(tags))])
+
+
+# -- the X25519 backend ---------------------------------------------------------
+
+
+def select_backend(choice: str = "auto") -> X25519Backend:
+    """The X25519 backend for this process, by name or "auto" (`ispf.hazmat.backends`:
+    the project's own must pass its self-checks first, else `cryptography` is used
+    and `backend_status` says why). ConfigError for an unknown or removed name."""
+    return backends.select(choice)
+
+
+def backend_status() -> BackendStatus:
+    """The backend in use and its health: name, healthy, reason, mismatches found and
+    spot checks made (the node's log, health and metrics read it)."""
+    return backends.STATUS
+
+
+def curve_in_c() -> bool:
+    """Whether hash-to-curve and the X25519 batches run in C (the native module)."""
+    return curve.native is not None
+
+
+def releases_gil(choice: str) -> bool:
+    """Do hashing and blinding with this backend run without the GIL (threads scale)?"""
+    try:
+        return curve.native is not None and select_backend(choice).name == "ifma"
+    except BackendUnavailable:
+        return False
+
+
+def raw_hash_and_blind_many(
+    salt: bytes, key: bytes, digits: Sequence[bytes] | PackedNids, backend: str
+) -> bytes:
+    """`blind_many` on the raw bytes of the salt and the key: for a blinding pool's
+    worker processes only, where key objects cannot travel. The bytes never leave
+    the node's own processes."""
+    return curve.hash_and_blind_many(salt, key, digits, backend)
+
+
+def raw_reblind_many(key: bytes, packed: bytes, out_bytes: int, backend: str) -> bytes:
+    """`reblind_many` on the raw bytes of the key: for a blinding pool's workers only."""
+    return curve.x25519_many(key, packed, out_bytes, backend)

@@ -40,8 +40,8 @@
     ├── AuditFailure               INTERNAL  (an auditor found a log failing verification)
     ├── RepeatedKey                INTERNAL  (a sorted stream holds a key twice: the general
     │                                         path runs; caught inside the node, never sent)
-    └── NotPacked                  INTERNAL  (IDs not all 13 digits: planned from records;
-                                              caught inside the node, never sent)
+    └── NotPacked                  INTERNAL  (the registry holds an ID not 13 digits, which
+                                              the loader never stores: a session fails)
 
 The server translates these to gRPC status in one interceptor
 (`ispf_server.guard`); the client turns a status back into the same class in
@@ -260,10 +260,15 @@ class RepeatedKey(IspfError):
 
 
 class NotPacked(IspfError):
-    """The coded (packed) pass cannot take these IDs, not all of them 13 digits: the
-    caller plans from records instead. Caught inside the node (it never reaches a peer)."""
+    """The registry holds an ID that is not 13 digits, so a session cannot plan it: the
+    loader canonicalises every ID it stores, so only a store written around it
+    does. The session fails with this; the message names no ID."""
 
-    def __init__(self, message: str = "IDs not all 13 digits: the record path runs") -> None:
+    def __init__(
+        self,
+        message: str = "the registry holds an ID that is not 13 digits (a store written "
+        "around the loader): reload the registry with `ispf registry sync`",
+    ) -> None:
         super().__init__(message)
 
 

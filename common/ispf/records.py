@@ -63,7 +63,9 @@ def check_name(field: str, value: str) -> str:
     if has_digit_run(v):  # (reads as an ID number: never part of a label)
         raise InvalidRecord(
             f"{field}.digits",
-            f"{field} holds a run of 9 or more digits (an ID number?): {NAME_RULE}",
+            f"{field} holds a run of 9 or more digits (an ID number?): a label holds at most "
+            "8 digits in a row (up to three other characters between two digits still count "
+            "as one run)",
         )
     if not all(_name_char(c, i == 0) for i, c in enumerate(v)):
         raise InvalidRecord(f"{field}.invalid", f"{field} must be {NAME_RULE}")

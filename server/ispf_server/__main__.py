@@ -17,10 +17,12 @@ backup: the master key, TLS, log and sealing keys are backed up on their own.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -114,6 +116,46 @@ def _lock_store(store: Path) -> int:
     return fd
 
 
+def check_listen(address: str) -> None:
+    """Bind the node's address once before anything starts, so a taken or foreign
+    address is one line naming it (ConfigError), not a half-started node and
+    gRPC's own log. Port 0 (any free port) always binds."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(
+            f"listen address {address!r} is not host:port (check `listen` in node.toml)"
+        )
+    host = host.strip("[]")
+    port = int(port_text)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        raise ConfigError(
+            f"cannot listen on {address}: {host!r} is not a name or address this machine "
+            "can resolve (check `listen` in node.toml)"
+        ) from None
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as gRPC binds)
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            why = (
+                "the address is in use by another process"
+                if exc.errno == errno.EADDRINUSE
+                else "it is not an address of this machine"
+                if exc.errno == errno.EADDRNOTAVAIL
+                else exc.strerror or str(exc)
+            )
+            raise ConfigError(
+                f"cannot listen on {address}: {why} (check `listen` in node.toml)"
+            ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("backup", "restore"):
@@ -146,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(args.config)
         _lock_store(config.store)  # (the descriptor stays open, so the lock is held, until exit)
+        check_listen(config.listen)
         node = Node(config)
     except IspfError as exc:
         print(f"ispf-node: {exc.message}", file=sys.stderr)
@@ -167,7 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    log.info("node %s serving on port %d", node.province, port)
+    problems = node.health.readiness()
+    if problems:
+        log.error(
+            "node %s is listening on port %d but NOT ready (health NOT_SERVING) until fixed: %s",
+            node.province,
+            port,
+            "; ".join(problems),
+        )
+    else:
+        log.info("node %s serving on port %d", node.province, port)
     stop.wait()
     log.info("node %s stopping", node.province)
     server.stop(grace=10).wait()

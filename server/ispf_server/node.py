@@ -16,14 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from ispf import note
 from ispf import roster as roster_mod
 from ispf.auditlog import load_log_signer
+from ispf.blinding import backend_status, curve_in_c, select_backend
 from ispf.errors import (
     ConfigError,
     PolicyRefused,
     PreconditionFailed,
     UnknownEpoch,
 )
-from ispf.hazmat import backends, curve
-from ispf.hazmat.backends import select as select_backend
 from ispf.keys import ForumSalt
 from ispf.nodeconfig import NodeConfig
 from ispf.records import Label
@@ -161,22 +160,22 @@ class Node:
         self.metrics.gauge(
             "ispf_x25519_healthy",
             "1 if the X25519 backend passed its self-checks (0: fell back or failed a spot check)",
-            lambda: float(backends.STATUS.healthy),
+            lambda: float(backend_status().healthy),
         )
         self.metrics.gauge(
             "ispf_x25519_mismatches",
             "X25519 outputs a self-check found different from cryptography's",
-            lambda: float(backends.STATUS.mismatches),
+            lambda: float(backend_status().mismatches),
         )
         self.metrics.gauge(
             "ispf_x25519_spot_checks",
             "X25519 outputs recomputed with cryptography while serving",
-            lambda: float(backends.STATUS.spot_checks),
+            lambda: float(backend_status().spot_checks),
         )
         self.health = Health(config, self.store, self.salts, self.audit, self.metrics)
         fail_interrupted(self.sessions)
         log.info(
-            "node %s ready: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
+            "node %s loaded: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
             "X25519 backend %s, hash-to-curve in %s",
             self.province,
             config.current_epoch,
@@ -185,7 +184,7 @@ class Node:
             self.policy.current().version,
             self.pool.describe(),
             self.backend.name,
-            "C" if curve.native is not None else "Python (native module not built)",
+            "C" if curve_in_c() else "Python (native module not built)",
         )
 
     def pinned_certs(self) -> dict[str, str] | None:
@@ -405,7 +404,7 @@ def create_server(
             health_servicer.set(name, status)
         # The X25519 backend's own entry: NOT_SERVING once it failed a self-check
         # (the node then computes X25519 with cryptography and serves on).
-        x25519_ok = ready and backends.STATUS.healthy
+        x25519_ok = ready and backend_status().healthy
         health_servicer.set(
             X25519_HEALTH,
             health_pb2.HealthCheckResponse.SERVING

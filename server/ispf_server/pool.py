@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ispf.hazmat import curve
+from ispf.blinding import raw_hash_and_blind_many, raw_reblind_many, releases_gil
 from ispf.keys import BlindingKey, ForumSalt
 from ispf.nid import PackedNids
 
@@ -52,17 +52,6 @@ class _InlineExecutor(Executor):
         except BaseException as exc:
             fut.set_exception(exc)
         return fut
-
-
-def releases_gil(backend: str) -> bool:
-    """Do hashing and blinding with this backend run without the GIL (threads scale)?"""
-    from ispf.errors import BackendUnavailable
-    from ispf.hazmat.backends import select
-
-    try:
-        return curve.native is not None and select(backend).name == "ifma"
-    except BackendUnavailable:
-        return False
 
 
 class BlindingPool:
@@ -102,12 +91,12 @@ class BlindingPool:
         self, salt: ForumSalt, key: BlindingKey, digits: Sequence[bytes] | PackedNids
     ) -> Future[bytes]:
         return self._executor.submit(
-            curve.hash_and_blind_many, salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend
+            raw_hash_and_blind_many, salt.unsafe_raw(), key.unsafe_raw(), digits, self.backend
         )
 
     def reblind(self, key: BlindingKey, packed: bytes, out_bytes: int) -> Future[bytes]:
         return self._executor.submit(
-            curve.x25519_many, key.unsafe_raw(), packed, out_bytes, self.backend
+            raw_reblind_many, key.unsafe_raw(), packed, out_bytes, self.backend
         )
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -31,8 +32,9 @@ def start_node(cfg: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         lines.append(line)
-        if "serving on port" in line:
-            return proc, int(line.rsplit(" ", 1)[1]), lines
+        found = re.search(r"(?:serving|listening) on port (\d+)", line)
+        if found:
+            return proc, int(found.group(1)), lines
         if not line and proc.poll() is not None:
             break
     proc.kill()
@@ -66,6 +68,9 @@ def test_a_tampered_own_log_is_found_at_start_up_and_the_node_serves_nothing(
         assert problem, "".join(lines)
         assert "do not hash to the root of the last signed checkpoint" in problem[0]
         assert "restore the node from a backup" in problem[0]
+        # The start-up lines say it is not ready: none says "ready" or "serving on".
+        assert not [x for x in lines if re.search(r"node \w+ ready|serving on port", x)], lines
+        assert any("NOT ready (health NOT_SERVING)" in x for x in lines), lines
         prof = ClientProfile.load(fed.layout.client_dir("punjab") / "profile.toml")
         prof = ClientProfile(prof.province, f"127.0.0.1:{port}", prof.ca, prof.cert, prof.key)
         with secure_channel(prof) as ch:

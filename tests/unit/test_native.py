@@ -230,3 +230,25 @@ def test_the_c_ladder_refuses_every_low_order_encoding_by_position() -> None:
         assert bad_at == at
     out, bad_at = mod.x25519_many(b"s" * 32, good, 16)
     assert bad_at == -1 and len(out) == 16 * 600
+
+
+@pytest.mark.parametrize("code_bytes", [1, 2])
+def test_split_unique_in_c_equals_python(code_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sorted key+code records split into the keys held once, by code, and the records
+    of keys held more than once: the same in C and in Python, codes of 1 or 2 bytes."""
+    from ispf_server.records import ops
+
+    if ops.native is None:
+        pytest.skip("the native module is not built here")
+    rng = random.Random(code_bytes)
+    keys = [rng.randbytes(5) for _ in range(300)]
+    recs = [rng.choice(keys) + rng.randbytes(code_bytes) for _ in range(700)]
+    width = 5 + code_bytes
+    data = bytearray(b"".join(sorted(recs)))
+    got = ops.split_unique(data, width, code_bytes)
+    monkeypatch.setattr(ops, "native", None)
+    assert got == ops.split_unique(data, width, code_bytes)
+    once, multi = got
+    assert sum(len(v) for v in once.values()) // 5 + len(multi) // width == len(recs)
+    with pytest.raises(ValueError, match="a code of 1 or 2 bytes"):
+        ops.split_unique(data, width, 3)

@@ -14,7 +14,8 @@ import ispf_client
 import ispf_server
 from ispf.records import Label
 from ispf_client.csvio import RowProblem
-from ispf_server.session.plan import build_plan
+from ispf_server.policy import PeerPolicy
+from ispf_server.session.plan import one_off_plan
 from ispf_server.storage import Store
 from ispf_server.storage.pairs.state import OwnGroup, PackedRuns, PairDelta
 from ispf_server.storage.registry import StoredRecord
@@ -39,7 +40,7 @@ def test_no_repr_of_a_stored_object_holds_thirteen_digits(tmp_path: Path) -> Non
         MatchRow(RECORD_ID, LABEL, LABEL, b"t" * 16),
         OwnGroup("[]", [NID], [b"t" * 16]),
         RowProblem(2, RECORD_ID, "nid.length", "too short"),
-        build_plan([stored], labelled=True),
+        one_off_plan(store, PeerPolicy("sindh", frozenset()), frozenset(), labelled=True),
         PairDelta(
             reset=True,
             own_added=[OwnGroup("[]", [NID], [b"t" * 16])],

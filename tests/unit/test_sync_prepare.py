@@ -17,10 +17,19 @@ from ispf_server.policy import PeerPolicy
 from ispf_server.records import TagSpool, ops, spool
 from ispf_server.session import plan as planning
 from ispf_server.session.match import Matched, kept
-from ispf_server.session.plan import LabelSet, eligible_records
+from ispf_server.session.plan import LabelSet
 from ispf_server.storage import Store
 from ispf_server.storage.registry import StoredRecord
 from ispf_server.storage.sessions import MatchRow, SessionTotals
+
+
+def eligible_records(
+    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
+) -> list[StoredRecord]:
+    """The reference: every own record a session with the peer may include, one by one."""
+    records = store.registry.records(collections or pp.collections)
+    return [r for r in records if pp.may_learn(r.label)] if labelled else records
+
 
 LABELS = [
     Label("BISP", "enrolled"),
@@ -62,16 +71,16 @@ def _gather(into: list[list[MatchRow]], rows: list[MatchRow]) -> bool:
 
 
 @pytest.mark.parametrize("batch", [7, 500_000])
-@pytest.mark.parametrize("way", ["coded", "rows"])
+@pytest.mark.parametrize("module", ["native", "python"])
 @pytest.mark.parametrize("pp", POLICIES)
 def test_one_pass_equals_the_record_path(
-    tmp_path: Path, pp: PeerPolicy, way: str, batch: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pp: PeerPolicy, module: str, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both full-run passes (SQLite's coded strings split in C; rows in Python), in
-    batches small and large, give what the record-by-record path gives."""
-    from ispf_server.records import ops
-
-    if way == "coded" and ops.native is None:
+    """The full-run pass (SQLite's coded strings, sorted and split in C or in Python),
+    in batches small and large, gives what the record-by-record path gives."""
+    if module == "python":
+        monkeypatch.setattr(ops, "native", None)
+    elif ops.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(5)
     nids = [f"35202{i:08d}" for i in range(300)]
@@ -83,20 +92,52 @@ def test_one_pass_equals_the_record_path(
     store = Store(tmp_path / "s.sqlite")
     store.registry.upsert(records)
     monkeypatch.setattr(
-        store.registry, "nid_labels", functools.partial(store.registry.nid_labels, batch=batch)
-    )
-    monkeypatch.setattr(
         store.registry,
         "nid_label_codes",
         functools.partial(store.registry.nid_label_codes, batch=batch),
     )
-    pass_ = _coded_pass if way == "coded" else planning._all_label_sets_rows
-    by_text, count = pass_(store, pp)
+    by_text, count = _coded_pass(store, pp)
     got = {n.decode(): text for text, members in by_text.items() for n in PackedNids(members)}
     eligible = eligible_records(store, pp, frozenset(), labelled=True)
     assert got == planning._label_sets(eligible)
     assert count == len(eligible)
     assert sum(len(PackedNids(m)) for m in by_text.values()) == len(got)  # each ID once
+
+
+@pytest.mark.parametrize("module", ["native", "python"])
+def test_more_labels_than_one_character_codes_take_two(
+    tmp_path: Path, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past 243 labels each label's code takes two characters (none of them a digit
+    or NUL); the pass still gives what the record path gives."""
+    from ispf_server.storage import registry
+
+    if module == "python":
+        monkeypatch.setattr(ops, "native", None)
+    elif ops.native is None:
+        pytest.skip("the native module is not built here")
+    many = [Label(f"P{i:03d}", "enrolled") for i in range(300)]
+    rng = random.Random(6)
+    nids = [f"35202{i:08d}" for i in range(400)]
+    records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(many)) for i in range(1200)]
+    records += [StoredRecord(f"l{i}", rng.choice(nids), lb) for i, lb in enumerate(many)]
+    store = Store(tmp_path / "s.sqlite")
+    store.registry.upsert(records)
+    pp = PeerPolicy("sindh", frozenset(), disclose=tuple(f"P{i:03d}/*" for i in range(250)))
+    allowed = planning._allowed_labels(store, pp)
+    assert len(allowed) == 250 and registry.code_bytes(len(allowed)) == 2
+    by_text, count = _coded_pass(store, pp)
+    got = {n.decode(): text for text, members in by_text.items() for n in PackedNids(members)}
+    eligible = eligible_records(store, pp, frozenset(), labelled=True)
+    assert got == planning._label_sets(eligible) and count == len(eligible)
+    for width in (1, 2):
+        top = registry.MAX_CODED_LABELS + 1 if width == 2 else 244
+        for value in (1, 2, 48, 57, 244, top):
+            code = registry.label_code(value, width).encode("latin-1")
+            assert len(code) == width and not any(c == 0 or 0x30 <= c <= 0x39 for c in code)
+            assert registry.code_value(int.from_bytes(code, "big"), width) == value
+    with pytest.raises(ValueError, match="labels can be coded"):
+        registry.code_bytes(registry.MAX_CODED_LABELS + 1)
 
 
 @pytest.mark.parametrize("budget", [100, 1 << 20])
@@ -108,11 +149,9 @@ def test_a_spooled_plan_is_the_in_memory_plan_shuffled_on_disk(
     budget) and kept on disk, holds the same groups in the same order, the same
     IDs in each, and the same record count as the in-memory plan; each group is
     shuffled afresh; closing it leaves nothing in the store directory."""
-    from ispf_server.records import SpooledNids, extsort, ops
+    from ispf_server.records import SpooledNids, extsort
     from ispf_server.session.plan import shuffled_plan
 
-    if ops.native is None:
-        pytest.skip("the native module is not built here")
     monkeypatch.setattr(extsort, "BUDGET", budget)
     monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
     rng = random.Random(11)
@@ -348,6 +387,8 @@ def test_a_tag_sent_twice_keeps_its_last_group_even_where_label_sets_repeat(
 
 
 def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
+    from ispf_server.storage.registry import code_bytes, code_value
+
     store = Store(tmp_path / "s.sqlite")
     rng = random.Random(3)
     records = [
@@ -355,10 +396,17 @@ def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
         for i in range(500)
     ]
     store.registry.upsert(records)
-    want = sorted((r.nid, r.label.programme, r.label.status, r.record_id) for r in records)
+    asked = LABELS[:3]  # (the fourth is "another label")
+    want = sorted((r.nid, asked.index(r.label) + 2 if r.label in asked else 1) for r in records)
+    cb = code_bytes(len(asked))
     for batch in (1, 7, 64, 499, 500, 501):
-        got = list(store.registry.nid_labels(batch=batch))
-        assert got == [w[:3] for w in want], batch
+        got = []
+        for text in store.registry.nid_label_codes(asked, batch=batch):
+            data = text.encode("latin-1")
+            for at in range(0, len(data), 13 + cb):
+                raw = int.from_bytes(data[at + 13 : at + 13 + cb], "big")
+                got.append((data[at : at + 13].decode(), code_value(raw, cb)))
+        assert sorted(got) == want, batch
 
 
 def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) -> None:
@@ -579,11 +627,9 @@ def test_one_off_plan_packed_equals_the_record_path(
         assert got.owners is None
 
 
-def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> None:
-    """The coded strings only split evenly for 13-digit IDs; anything else gives the
-    packed passes up (None / the rows path) rather than misreading the records."""
-    if ops.native is None:
-        pytest.skip("the native module is not built here")
+def test_ids_that_are_not_13_digits_fail_the_plan_precisely(tmp_path: Path) -> None:
+    """The loader stores only 13-digit IDs; a store written around it that holds
+    another makes planning fail with NotPacked (naming no ID), never misread."""
     store = Store(tmp_path / "s.sqlite")
     store.registry.upsert(
         [
@@ -591,9 +637,9 @@ def test_ids_that_are_not_13_digits_leave_the_packed_pass(tmp_path: Path) -> Non
             StoredRecord("b", "352021234567", LABELS[1]),  # 12 digits
         ]
     )
-    assert planning.spooled_plan(store, POLICIES[0]) is None
-    assert planning.spooled_plan(store, POLICIES[0], labelled=False) is None
+    for labelled in (True, False):
+        with pytest.raises(NotPacked) as caught:
+            planning.spooled_plan(store, POLICIES[0], labelled=labelled)
+        assert "352021234567" not in caught.value.message
     with pytest.raises(NotPacked):
         list(planning._coded_label_sets(store, LABELS))
-    by_text, count = planning._all_label_sets_rows(store, POLICIES[0])  # (what runs instead)
-    assert count == 2 and sorted(by_text.values()) == [b"352021234567", b"3520212345671"]

@@ -4,8 +4,7 @@ The one place in the node that chooses C (`ispf._records`) or Python for record
 work (`ops`); the rest of the node calls these and never asks which runs.
 
 * `ops`: sort, merge, join, zip, select, fold, split and shuffle records, each in C
-  where the module is built and in Python else (the same bytes); `compiled()`
-  says which (only the session planner's coded pass still asks).
+  where the module is built and in Python else (the same bytes).
 * `extsort`: `ExternalSort` (sorting within a memory budget, spilling to disk),
   `join_sorted` (many to one), `unique` (the last record of each key),
   `ascending`, `shuffled`.
@@ -23,7 +22,6 @@ from ispf_server.records.extsort import (
     written,
 )
 from ispf_server.records.ops import (
-    compiled,
     has_repeat,
     merge_join,
     merge_sorted,
@@ -44,7 +42,6 @@ __all__ = [
     "SpooledNids",
     "TagSpool",
     "ascending",
-    "compiled",
     "has_repeat",
     "join_sorted",
     "merge_join",

@@ -3,9 +3,8 @@ not switched off (ISPF_NATIVE=0), else in Python: the same bytes, slower.
 
 This is the one place in the node that chooses between them: callers call these
 functions and never look at the module themselves, and take the same path either
-way (the session planner still asks `compiled()`, until its record path goes).
-Records are packed, fixed-width byte strings (tags, IDs, label-set numbers), never
-a key.
+way. Records are packed, fixed-width byte strings (tags, IDs, label-set numbers),
+never a key.
 """
 
 from __future__ import annotations
@@ -36,11 +35,6 @@ def _load() -> ModuleType | None:
 
 
 native: Any = _load()
-
-
-def compiled() -> bool:
-    """True where the record operations run in C (`plan`'s coded pass still asks)."""
-    return native is not None
 
 
 def sort_inplace(buf: bytearray, width: int) -> None:
@@ -139,13 +133,16 @@ def xor_fold(data: Buffer, width: int) -> bytes:
     return acc.to_bytes(width, "big")
 
 
-def split_unique(data: Buffer, width: int) -> tuple[dict[int, bytes], bytes]:
-    """Records sorted by their key (all but the last byte, a code): the keys that occur
-    once, back to back by code, and the records of keys that occur more than once."""
+def split_unique(data: Buffer, width: int, code_bytes: int = 1) -> tuple[dict[int, bytes], bytes]:
+    """Records sorted by their key (all but the last `code_bytes` bytes, a code of one
+    or two bytes, big-endian): the keys that occur once, back to back by code, and
+    the records of keys that occur more than once."""
     if native is not None:
-        out: tuple[dict[int, bytes], bytes] = native.split_unique(data, width)
+        out: tuple[dict[int, bytes], bytes] = native.split_unique(data, width, code_bytes)
         return out
-    k = width - 1
+    if code_bytes not in (1, 2) or width <= code_bytes or len(data) % width:
+        raise ValueError("data must be whole records, each a key and a code of 1 or 2 bytes")
+    k = width - code_bytes
     recs = [bytes(data[i : i + width]) for i in range(0, len(data), width)]
     once: dict[int, list[bytes]] = {}
     multi: list[bytes] = []
@@ -153,7 +150,7 @@ def split_unique(data: Buffer, width: int) -> tuple[dict[int, bytes], bytes]:
         if (i > 0 and recs[i - 1][:k] == r[:k]) or (i + 1 < len(recs) and recs[i + 1][:k] == r[:k]):
             multi.append(r)
         else:
-            once.setdefault(r[k], []).append(r[:k])
+            once.setdefault(int.from_bytes(r[k:], "big"), []).append(r[:k])
     return {c: b"".join(keys) for c, keys in sorted(once.items())}, b"".join(multi)
 
 

@@ -2,13 +2,14 @@
 every planner is here.
 
 An ID held under several labels goes once, in the group of its label set, so
-the peer learns group sizes and nothing about record order. `owners` maps each
-ID back to every record that holds it. The planners: from SQLite's coded
-strings in C, on disk (`spooled_plan`); from (nid, programme, status) rows
-(`_all_label_sets_rows`); from record objects (`build_plan`). A sync session's
-side (`prepare`) sends only what changed since the pair's kept state, where
-both sides hold the same (`state_fingerprints`); a one-off session
-(`one_off_plan`) sends everything the policy and the collections asked for allow.
+the peer learns group sizes and nothing about record order. A full run or a
+one-off session (`one_off_plan`) sends everything the policy and the
+collections asked for allow: planned from SQLite's coded strings, shuffled by
+an external sort and kept on disk (`spooled_plan`), with the record operations
+of `ispf_server.records` (in C where the module is built, else in Python). An
+incremental run's side (`prepare`) sends only what changed since the pair's
+kept state, where both sides hold the same (`state_fingerprints`): few IDs,
+grouped in memory (`shuffled_plan`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from ispf_server.records import (
     ExternalSort,
     SpooledNids,
     TagSpool,
-    compiled,
     select_fields,
     shuffle,
     shuffle_records,
@@ -47,7 +47,7 @@ from ispf_server.storage import Store
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.runs import NID
 from ispf_server.storage.pairs.state import EMPTY_FP, labels_of, labels_text
-from ispf_server.storage.registry import StoredRecord
+from ispf_server.storage.registry import StoredRecord, code_bytes, code_value
 
 LabelSet = tuple[Label, ...]
 MAX_GROUPS = 10_000
@@ -122,30 +122,6 @@ class Plan:
         ]
 
 
-def build_plan(
-    records: list[StoredRecord],
-    rng: random.Random | None = None,
-    *,
-    labelled: bool,
-    owners_of: OwnerLookup | None = None,
-) -> Plan:
-    """The plan from record objects: `one_off_plan`'s fallback, where the native
-    module is not built or its packed pass cannot take the IDs."""
-    owners: dict[bytes, list[StoredRecord]] = defaultdict(list)
-    for r in records:
-        owners[r.nid.encode("ascii")].append(r)
-    by_group: dict[LabelSet, bytearray] = defaultdict(bytearray)
-    for nid, recs in owners.items():
-        if not labelled:
-            key: LabelSet = ()
-        elif len(recs) == 1:  # the common case: one record per ID
-            key = (recs[0].label,)
-        else:
-            key = tuple(sorted({r.label for r in recs}))
-        by_group[key] += nid
-    return shuffled_plan(by_group, rng, own_records=len(records), owners=owners_of)
-
-
 def shuffled_plan(
     by_group: Mapping[LabelSet, bytearray],
     rng: random.Random | None = None,
@@ -175,21 +151,6 @@ def check_collections(pp: PeerPolicy, collections: frozenset[str]) -> None:
     if collections and pp.collections and not collections <= pp.collections:
         refused = ", ".join(sorted(collections - pp.collections))
         raise PolicyRefused(f"collections not open to {pp.peer} by policy: {refused}")
-
-
-def eligible_records(
-    store: Store, pp: PeerPolicy, collections: frozenset[str], *, labelled: bool
-) -> list[StoredRecord]:
-    """Own records that may take part in a session with a peer, under its policy.
-
-    Collections asked for must be open to the peer; records whose label the peer
-    may not learn stay out of labelled sessions altogether.
-    """
-    check_collections(pp, collections)
-    records = store.registry.records(collections or pp.collections)
-    if labelled:
-        records = [r for r in records if pp.may_learn(r.label)]
-    return records
 
 
 def parse_groups(
@@ -282,21 +243,14 @@ def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
     return out
 
 
-CODED = NID + 1  # an ID and its label's one-byte code
-
-
-def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> list[Label] | None:
+def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> list[Label]:
     """The labels whose records take part, for the coded pass: in the peer's
-    collections and, where labelled, ones it may learn. None where the pass
-    cannot run (no module, more labels than codes)."""
-    if not compiled():
-        return None
-    allowed = [
+    collections and, where labelled, ones it may learn."""
+    return [
         lb
         for lb in store.registry.distinct_labels()
         if (pp.may_learn(lb) if labelled else pp.in_collections(lb.programme))
     ]
-    return None if len(allowed) > 254 else allowed
 
 
 UNLABELLED = labels_text(())  # a count-only session's one group
@@ -313,18 +267,22 @@ def _coded_label_sets(
     NotPacked where the IDs are not all 13 digits."""
     if not allowed:
         return
+    cb = code_bytes(len(allowed))
+    coded = NID + cb  # an ID and its label's code
     single = [labels_text((lb,)) if labelled else UNLABELLED for lb in allowed]
     texts: dict[frozenset[Label], str] = {} if labelled else {frozenset({_ANY}): UNLABELLED}
     for once, repeated in _coded_batches(store, allowed):
-        for code, nids in once.items():
+        for raw, nids in once.items():
+            code = code_value(raw, cb)
             if code >= 2:  # (1: a label the peer may not hold)
                 yield single[code - 2], nids, len(nids) // NID
         by_text: dict[str, bytearray] = defaultdict(bytearray)
         held: set[Label] = set()
         prev = b""
         count = 0
-        for at in range(0, len(repeated), CODED):
-            nid, code = repeated[at : at + NID], repeated[at + NID]
+        for at in range(0, len(repeated), coded):
+            nid = repeated[at : at + NID]
+            code = code_value(int.from_bytes(repeated[at + NID : at + coded], "big"), cb)
             if nid != prev:
                 _add_set(by_text, texts, prev, held)
                 prev, held = nid, set()
@@ -344,29 +302,24 @@ SHUFFLE = pairruns.Kind("shuffle", 4 + 12 + NID, 4)
 
 def spooled_plan(
     store: Store, pp: PeerPolicy, *, labelled: bool = True, owners: OwnerLookup | None = None
-) -> Plan | None:
+) -> Plan:
     """A session's plan, as `shuffled_plan` makes it (groups in label-set order, each
     shuffled with the OS's randomness), within a fixed memory budget: every ID
     goes with its group's number and a random key to an `ExternalSort`, whose
     output is each group shuffled; the groups are then laid out in label-set
     order in a file (`SpooledNids`). Unlabelled (count-only): one group of every
-    ID in the peer's collections. None where the coded pass cannot run: the
-    caller then plans in memory."""
+    ID in the peer's collections. NotPacked where an ID is not 13 digits. The record
+    operations run in C where the module is built, else in Python (`records`)."""
     allowed = _allowed_labels(store, pp, labelled=labelled)
-    if allowed is None:
-        return None
     w, directory = SHUFFLE.width, store.directory
     numbers: dict[str, int] = {}
     count = 0
     with ExternalSort(w, directory) as sorter:
-        try:
-            for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
-                n = len(nids) // NID
-                number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
-                sorter.add(zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID)))
-                count += records
-        except NotPacked:
-            return None
+        for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
+            n = len(nids) // NID
+            number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
+            sorter.add(zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID)))
+            count += records
         # Each group's shuffled IDs, in the order the groups were met.
         met = TagSpool(directory, NID)
         where: dict[bytes, tuple[int, int]] = {}
@@ -390,19 +343,24 @@ def spooled_plan(
 
 
 def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int, bytes], bytes]]:
-    """Every record as its ID and labels' code (chr(i + 2) for labels[i], chr(1) for any
-    other), in batches from SQLite, each sorted and split in C: (IDs held once, by
-    code; records of the IDs held several times, sorted). Raises NotPacked where
-    the IDs are not all 13 digits (the strings do not split evenly)."""
+    """Every record as its ID and its label's code (`storage.registry.label_code`: of
+    i + 2 for labels[i], of 1 for any other), in batches from SQLite, each sorted
+    and split (`records`): (IDs held once, by their code's bytes; records of the
+    IDs held several times, sorted). Raises NotPacked where an ID is not 13 digits
+    (the strings then do not split into IDs: codes are never digits)."""
+    cb = code_bytes(len(labels))
+    coded = NID + cb
     for text in store.registry.nid_label_codes(labels):
         buf = bytearray(text.encode("latin-1"))
         del text
-        if len(buf) % CODED:
+        if len(buf) % coded:
             raise NotPacked
-        sort_inplace(buf, CODED)
-        once, repeated = split_unique(buf, CODED)
+        sort_inplace(buf, coded)
+        once, repeated = split_unique(buf, coded, cb)
         del buf
-        if not all(nids.isdigit() for nids in once.values()):
+        if not all(nids.isdigit() for nids in once.values()) or not (
+            select_fields(repeated, coded, ((0, NID),)).isdigit() or not repeated
+        ):
             raise NotPacked  # (misaligned)
         yield once, repeated
 
@@ -416,46 +374,6 @@ def _add_set(
         if text is None:
             text = texts[key] = labels_text(key)
         by_text[text] += nid
-
-
-def _all_label_sets_rows(store: Store, pp: PeerPolicy) -> tuple[dict[str, bytearray], int]:
-    """Every ID the peer may hold, packed, by label set (as stored), and how many
-    records: one pass over (nid, programme, status) rows in ID order. Where the
-    coded pass cannot run (no module, more labels than codes, IDs not 13 digits)."""
-    labels: dict[tuple[str, str], Label | None] = {}  # (each distinct label decided once)
-    texts: dict[Label | frozenset[Label], str] = {}
-    by_text: dict[str, bytearray] = defaultdict(bytearray)
-    count = 0
-    prev: str | None = None
-    held: Label | frozenset[Label] | None = None
-
-    def flush(nid: str, key: Label | frozenset[Label]) -> None:
-        text = texts.get(key)
-        if text is None:
-            text = texts[key] = labels_text(key if isinstance(key, frozenset) else (key,))
-        by_text[text] += nid.encode("ascii")
-
-    for nid, prog, status in store.registry.nid_labels():
-        pair = (prog, status)
-        if pair in labels:
-            label = labels[pair]
-        else:
-            candidate = Label(prog, status)
-            label = labels[pair] = candidate if pp.may_learn(candidate) else None
-        if label is None:
-            continue
-        count += 1
-        if nid != prev:
-            if prev is not None and held is not None:
-                flush(prev, held)
-            prev, held = nid, label
-        elif isinstance(held, frozenset):
-            held = held | {label}
-        elif held != label:
-            held = frozenset((held, label))  # type: ignore[arg-type]
-    if prev is not None and held is not None:
-        flush(prev, held)
-    return by_text, count
 
 
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
@@ -486,10 +404,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         own_fp, peer_fp, own_records = row.own_fp, row.peer_fp, len(records)
     else:
         plan = spooled_plan(store, pp)
-        if plan is None:
-            by_text, own_records = _all_label_sets_rows(store, pp)
-        else:
-            own_records = plan.own_records
+        own_records = plan.own_records
         removed_nids, removed_tags = [], []
         own_fp, peer_fp = EMPTY_FP, EMPTY_FP
     if plan is None:
@@ -523,16 +438,11 @@ def one_off_plan(
     collections. As a full run's (`spooled_plan`): IDs packed from SQLite's coded
     strings, shuffled by an external sort and kept on disk. A labelled one groups
     them by label set under the policy narrowed to the collections asked for, and
-    looks up the matched IDs' records when matched (`Plan.owners`). Without the
-    module, from record objects (`build_plan`)."""
+    looks up the matched IDs' records when matched (`Plan.owners`)."""
     check_collections(pp, collections)
     narrowed = replace(pp, collections=collections) if collections else pp
     owners = partial(owners_of, store, narrowed) if labelled else None
-    plan = spooled_plan(store, narrowed, labelled=labelled, owners=owners)
-    if plan is not None:
-        return plan
-    records = eligible_records(store, pp, collections, labelled=labelled)
-    return build_plan(records, labelled=labelled, owners_of=owners)
+    return spooled_plan(store, narrowed, labelled=labelled, owners=owners)
 
 
 def owners_of(

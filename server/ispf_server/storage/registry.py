@@ -39,6 +39,37 @@ CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version)
 
 log = logging.getLogger(__name__)
 
+# A label's code in `Registry.nid_label_codes`: characters that are neither NUL nor a
+# digit, so a code can never pass for part of an ID (a misread record shows).
+_SYMBOLS = [c for c in range(1, 256) if not 0x30 <= c <= 0x39]
+_SYMBOL_INDEX = {c: i for i, c in enumerate(_SYMBOLS)}
+_BASE = len(_SYMBOLS)  # 245
+MAX_CODED_LABELS = _BASE * _BASE - 2  # labels a coded pass tells apart (two characters)
+
+
+def code_bytes(labels: int) -> int:
+    """Characters (bytes once encoded as Latin-1) of each label's code in
+    `Registry.nid_label_codes`, for a pass over this many labels."""
+    if labels > MAX_CODED_LABELS:
+        raise ValueError(f"at most {MAX_CODED_LABELS:,} labels can be coded, not {labels:,}")
+    return 1 if labels <= _BASE - 2 else 2
+
+
+def label_code(value: int, width: int) -> str:
+    """The code of `value` (1 for "another label", i + 2 for the i-th label asked
+    for) in `width` characters, none of them NUL or a digit."""
+    if width == 1:
+        return chr(_SYMBOLS[value])
+    high, low = divmod(value, _BASE)
+    return chr(_SYMBOLS[high]) + chr(_SYMBOLS[low])
+
+
+def code_value(raw: int, width: int) -> int:
+    """`label_code`'s value back from its bytes, read as one big-endian number."""
+    if width == 1:
+        return _SYMBOL_INDEX[raw]
+    return _SYMBOL_INDEX[raw >> 8] * _BASE + _SYMBOL_INDEX[raw & 0xFF]
+
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
@@ -232,38 +263,6 @@ class Registry:
                     label = labels[(p, s)] = Label(p, s)
                 yield rid, n, label
 
-    def nid_labels(self, batch: int = 100_000) -> Iterator[tuple[str, str, str]]:
-        """(nid, programme, status) of every record, in ID order: a full run's input,
-        without a Python object per record. Read in batches along the covering
-        index (keyset pagination), the store lock held per batch only, so memory
-        stays flat and online checks are answered in between."""
-        # Batches end on an ID boundary, so the key is the ID alone: record IDs (long
-        # strings) are not read, which halves the cost of the pass.
-        start, op = "", ">="
-        while True:
-            with self._db.lock:
-                rows = self._db.conn.execute(
-                    "SELECT nid, programme, status FROM records "  # noqa: S608 (op is ours)
-                    f"WHERE nid {op} ? ORDER BY nid, programme, status LIMIT ?",
-                    (start, batch),
-                ).fetchall()
-                full = len(rows) == batch
-                if full and rows[0][0] == rows[-1][0]:
-                    # one ID holds a batch of records or more: all of them, then on
-                    start, op = rows[0][0], ">"
-                    rows = self._db.conn.execute(
-                        "SELECT nid, programme, status FROM records WHERE nid = ? "
-                        "ORDER BY programme, status",
-                        (start,),
-                    ).fetchall()
-                elif full:  # the last ID's records may go on: they come next time
-                    start, op = rows[-1][0], ">="
-                    while rows[-1][0] == start:
-                        rows.pop()
-            yield from rows
-            if not full:
-                return
-
     def distinct_labels(self) -> list[Label]:
         with self._db.lock:
             rows = self._db.conn.execute(
@@ -272,15 +271,19 @@ class Registry:
         return sorted(Label(p, s) for p, s in rows)
 
     def nid_label_codes(self, labels: list[Label], batch: int = 500_000) -> Iterator[str]:
-        """Every record as its ID followed by one character: chr(i + 2) for labels[i]
-        (at most 254), chr(1) for any other label; concatenated by SQLite in batches
+        """Every record as its ID followed by its label's code (`label_code`): of
+        i + 2 for labels[i], of 1 for any other label; one character each where
+        there are at most 243 labels, else two. Concatenated by SQLite in batches
         of about `batch` records that end on an ID boundary, so a full run's pass
         over millions makes a few strings, not a Python object per record. Only
         the store lock is held per batch, so online checks are answered in between."""
-        if len(labels) > 254:
-            raise ValueError("at most 254 labels have a one-character code")
+        width = code_bytes(len(labels))
         case = " ".join("WHEN programme=? AND status=? THEN ?" for _ in labels)
-        codes = [x for i, lb in enumerate(labels) for x in (lb.programme, lb.status, chr(i + 2))]
+        codes = [
+            x
+            for i, lb in enumerate(labels)
+            for x in (lb.programme, lb.status, label_code(i + 2, width))
+        ]
         query = (
             f"SELECT group_concat(nid || CASE {case} ELSE ? END, '') FROM records "  # noqa: S608
             "WHERE nid >= ? AND (? IS NULL OR nid < ?)"
@@ -298,7 +301,9 @@ class Registry:
                         "SELECT nid FROM records WHERE nid > ? ORDER BY nid LIMIT 1", (low,)
                     ).fetchone()
                     high = None if row is None else str(row[0])
-                (text,) = self._db.conn.execute(query, (*codes, chr(1), low, high, high)).fetchone()
+                (text,) = self._db.conn.execute(
+                    query, (*codes, label_code(1, width), low, high, high)
+                ).fetchone()
             if text:
                 yield str(text)
             if high is None:
