@@ -12,7 +12,7 @@
  *   split_unique(data, width[, cb])     sorted key+code records: unique keys by code,
  *                                       and the records of repeated keys
  *   xor_fold(data, width)               the XOR of fixed-width records
- *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys
+ *   merge_join(a, wa, b, wb, key)       two sorted runs joined on their keys (many to one)
  *   merge_sorted(pieces, width)         sorted runs merged in order
  *   has_repeat(data, width, key)        neighbouring records of a sorted run share a key
  *   select_fields(data, width, fields)  each record remade from some of its fields
@@ -395,8 +395,9 @@ done:
 }
 
 /* merge_join(a, wa, b, wb, key) -> bytes or None: both runs sorted by their first
- * `key` bytes; for each key in both, the record a_i + b_j[key:]. None if either
- * run holds a key twice (the caller then takes its general path). */
+ * `key` bytes; for each record of a whose key b holds, a_i + b_j[key:]. Records
+ * of a may share a key (many to one: each is joined to b's record of it); None
+ * if b holds a key twice. */
 static PyObject *py_merge_join(PyObject *self, PyObject *args) {
     Py_buffer a, b;
     Py_ssize_t wa, wb, key;
@@ -408,13 +409,12 @@ static PyObject *py_merge_join(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t na = (size_t)(a.len / wa), nb = (size_t)(b.len / wb), k = (size_t)key;
-    size_t wo = (size_t)(wa + wb - key), cap = na < nb ? na : nb, got = 0;
+    size_t wo = (size_t)(wa + wb - key), cap = nb ? na : 0, got = 0;
     buf = PyMem_Malloc(cap * wo + 1);
     if (!buf) { PyErr_NoMemory(); goto done; }
     const unsigned char *pa = a.buf, *pb = b.buf;
     int dup = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 1; i < na && !dup; i++) dup = memcmp(pa + (i - 1) * wa, pa + i * wa, k) == 0;
     for (size_t j = 1; j < nb && !dup; j++) dup = memcmp(pb + (j - 1) * wb, pb + j * wb, k) == 0;
     size_t i = 0, j = 0;
     while (!dup && i < na && j < nb) {
@@ -424,7 +424,7 @@ static PyObject *py_merge_join(PyObject *self, PyObject *args) {
         else {
             memcpy(buf + got * wo, pa + i * wa, (size_t)wa);
             memcpy(buf + got * wo + wa, pb + j * wb + k, (size_t)wb - k);
-            got++; i++; j++;
+            got++; i++; /* (the next record of a may share this key) */
         }
     }
     Py_END_ALLOW_THREADS
@@ -601,7 +601,7 @@ static PyMethodDef methods[] = {
     {"xor_fold", py_xor_fold, METH_VARARGS,
      "xor_fold(data, width) -> bytes: the XOR of all width-byte records."},
     {"merge_join", py_merge_join, METH_VARARGS,
-     "merge_join(a, wa, b, wb, key) -> bytes | None: records of a joined to b on their keys."},
+     "merge_join(a, wa, b, wb, key) -> bytes | None: records of a joined to b's on their keys."},
     {"merge_sorted", py_merge_sorted, METH_VARARGS,
      "merge_sorted(pieces, width) -> bytes: sorted runs of fixed-width records merged in order."},
     {"has_repeat", py_has_repeat, METH_VARARGS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -129,17 +130,93 @@ def test_joining_streams_equals_joining_whole_runs(
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("native", [True, False])
+def test_left_records_that_share_a_key_are_each_joined(
+    seed: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many to one: every left record whose key the right holds is joined to it,
+    repeats included, wherever the chunks of either stream end (within a run of
+    one key too)."""
+    if native and ops.native is None:
+        pytest.skip("the native module is not built here")
+    if not native:
+        monkeypatch.setattr(ops, "native", None)
+    rng = random.Random(seed)
+    keys = [rng.randbytes(2) for _ in range(800)]  # (many keys repeat)
+    left = b"".join(sorted(k + rng.randbytes(3) for k in keys))
+    right_keys = sorted(set(rng.sample(keys, 300)) | {rng.randbytes(2) for _ in range(100)})
+    right = b"".join(k + rng.randbytes(2) for k in right_keys)
+    right_of = {right[j : j + 2]: right[j + 2 : j + 4] for j in range(0, len(right), 4)}
+    want = [
+        left[i : i + 5] + right_of[left[i : i + 2]]
+        for i in range(0, len(left), 5)
+        if left[i : i + 2] in right_of
+    ]
+    assert len(want) > len({w[:2] for w in want}) > 0  # (repeated keys were joined)
+    joined = join_sorted(chunks_of(left, 5, rng), 5, chunks_of(right, 4, rng), 4, 2)
+    assert b"".join(joined) == b"".join(want)
+
+
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("where", ["within", "across", "tail"])
-def test_a_key_twice_in_a_stream_is_caught_wherever_it_is(seed: int, where: str) -> None:
+def test_a_key_twice_on_the_right_is_caught_wherever_it_is(seed: int, where: str) -> None:
     rng = random.Random(seed)
     keys = sorted(rng.sample(range(1000), 200))
-    left = [k.to_bytes(4, "big") + b"L" for k in keys]
-    right = [k.to_bytes(4, "big") + b"R" for k in keys[:20]]  # (it ends first)
+    right = [k.to_bytes(4, "big") + b"R" for k in keys]
+    left = [k.to_bytes(4, "big") + b"L" for k in keys[:20]]  # (it ends first)
     at = {"within": 50, "across": 100, "tail": 180}[where]
-    left.insert(at, left[at])
-    chunks = [b"".join(left[:100]), b"".join(left[100:])]
+    right.insert(at, right[at])
+    chunks = [b"".join(right[:100]), b"".join(right[100:])]
     with pytest.raises(RepeatedKey):
-        list(join_sorted(chunks, 5, [b"".join(right)], 5, 4))
+        list(join_sorted([b"".join(left)], 5, chunks, 5, 4))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_merge_join_in_c_and_in_python_agree(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bytes either way: left repeats each joined, a right repeat refused."""
+    if native and ops.native is None:
+        pytest.skip("the native module is not built here")
+    if not native:
+        monkeypatch.setattr(ops, "native", None)
+    left = b"".join([b"aaL1", b"aaL2", b"bbL3", b"ccL4", b"ccL5", b"ddL6"])
+    right = b"".join([b"aaR1", b"ccR2", b"eeR3"])
+    assert ops.merge_join(left, 4, right, 4, 2) == b"aaL1R1aaL2R1ccL4R2ccL5R2"
+    assert ops.merge_join(b"", 4, right, 4, 2) == b""
+    assert ops.merge_join(left, 4, b"", 4, 2) == b""
+    with pytest.raises(RepeatedKey):
+        ops.merge_join(left, 4, right + b"eeR4", 4, 2)
+    with pytest.raises(ValueError, match="whole records"):
+        ops.merge_join(left[:-1], 4, right, 4, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("native", [True, False])
+def test_unique_keeps_the_last_record_of_each_key(
+    seed: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the chunks (a key's records across several, empty chunks too), each key
+    once, its last (highest) record kept; the others handed to `dropped`; a stream
+    without repeats passes as it is."""
+    if native and ops.native is None:
+        pytest.skip("the native module is not built here")
+    if not native:
+        monkeypatch.setattr(ops, "native", None)
+    rng = random.Random(seed)
+    records = sorted(rng.randbytes(1) + rng.randbytes(2) for _ in range(600))
+    data = b"".join(records)
+    last: dict[bytes, bytes] = {}
+    for r in records:
+        last[r[:1]] = r
+    gone: list[bytes] = []
+    out = b"".join(extsort.unique(chunks_of(data, 3, rng), 3, 1, gone.append))
+    assert out == b"".join(last[k] for k in sorted(last))
+    dropped = b"".join(gone)
+    want_gone = [r for r, nxt in pairwise(records) if nxt[:1] == r[:1]]
+    assert [dropped[i : i + 3] for i in range(0, len(dropped), 3)] == want_gone
+    assert len(want_gone) == len(records) - len(last) > 0
+    distinct = b"".join(sorted(set(last.values())))
+    assert b"".join(extsort.unique(chunks_of(distinct, 3, rng), 3, 1)) == distinct
+    assert list(extsort.unique([b"", b""], 3, 1)) == []
 
 
 @pytest.mark.parametrize("native", [True, False])

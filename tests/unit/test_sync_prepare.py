@@ -16,7 +16,8 @@ from ispf.records import Label
 from ispf_server.policy import PeerPolicy
 from ispf_server.records import TagSpool, ops, spool
 from ispf_server.session import plan as planning
-from ispf_server.session.match import kept
+from ispf_server.session.match import Matched, kept
+from ispf_server.session.plan import LabelSet
 from ispf_server.storage import Store
 from ispf_server.storage.registry import StoredRecord
 from ispf_server.storage.sessions import MatchRow, SessionTotals
@@ -205,83 +206,184 @@ def test_full_prepare_plans_every_id_once_in_label_set_groups(tmp_path: Path) ->
     }
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_packed_full_run_equals_the_general_path(
-    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The C path for a full run (sorted runs joined on the tag) gives the same
-    result, fingerprints and stored state as the record-by-record path."""
-    from ispf_server.records import extsort, ops
+def _row_key(m: MatchRow) -> tuple[str, str]:
+    return m.record_id, repr(m)  # (its repr leaves out the record)
+
+
+def _full_run(
+    store: Store,
+    tag_of: dict[str, bytes],
+    groups: list[LabelSet],
+    sizes: list[int],
+    peer: bytes,
+    stage: list[list[MatchRow]] | None,
+) -> tuple[Matched, tuple[object, ...]]:
+    """A full run's result, and its state as stored once committed."""
     from ispf_server.storage.pairs import deltas, lookups
+
+    side = planning.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
+    own = b"".join(tag_of[n.decode()] for n in side.plan.order)
+    own_in = spooled(store.directory, own[:160], own[160:])
+    res = kept.finish(
+        side,
+        own_in,
+        groups,
+        sizes,
+        spooled(store.directory, peer),
+        [],
+        stage_rows=None if stage is None else functools.partial(_gather, stage),
+    )
+    # The runs are staged in the store as they are built (a generation that is not
+    # current yet); no per-ID groups are kept.
+    assert res.delta is not None and res.delta.staged is not None
+    assert res.delta.runs is None and not res.delta.own_added and not res.delta.peer_added
+    nids = list(tag_of)
+    assert lookups.own_by_nids(store.db.conn, "sindh", 1, nids) == {}  # not yet current
+    cur = store.db.conn.cursor()
+    cur.execute("BEGIN")
+    deltas.apply_delta(cur, "sindh", 1, res.delta)
+    cur.execute("COMMIT")
+    state = (
+        lookups.own_by_nids(store.db.conn, "sindh", 1, nids),
+        lookups.peer_by_tags(
+            store.db.conn,
+            "sindh",
+            1,
+            sorted(set(tag_of.values()) | set(peer[i : i + 16] for i in range(0, len(peer), 16))),
+        ),
+        sorted(lookups.matched_state(store.db.conn, "sindh", 1)),
+    )
+    return res, state
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("module", ["native", "python"])
+def test_a_full_run_gives_the_expected_result_fingerprints_and_state(
+    tmp_path: Path, seed: int, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full run (sorted runs joined on the tag, within the sort budget, with or
+    without the C module) gives the result, fingerprints and stored state worked out
+    here from the records and the tags: a tag the peer sent twice is stored once,
+    with the labels of the last group holding it, and counts once in its
+    fingerprint."""
+    from ispf.blinding import result_digest
+    from ispf_server.records import extsort
     from ispf_server.storage.pairs import runs as pairruns
     from ispf_server.storage.pairs.staging import StagedRun
+    from ispf_server.storage.pairs.state import OwnTag, fingerprint, labels_of, labels_text
 
-    if ops.native is None:
+    if module == "python":
+        monkeypatch.setattr(ops, "native", None)
+    elif ops.native is None:
         pytest.skip("the native module is not built here")
     rng = random.Random(seed)
     nids = [f"35202{i:08d}" for i in range(400)]
     records = [StoredRecord(f"r{i}", rng.choice(nids), rng.choice(LABELS)) for i in range(700)]
     tag_of = {n: random.Random(n).randbytes(16) for n in nids}
     peer_ids = rng.sample(nids, 250)
-    peer = b"".join(tag_of[n] for n in peer_ids) + rng.randbytes(16 * 50)
+    fresh = [tag_of[n] for n in peer_ids] + [rng.randbytes(16) for _ in range(50)]
     groups = [(LABELS[1],), (LABELS[0], LABELS[3])]
-    results = []
-    # The packed path reading the spooled tags back in large chunks and in small ones
-    # (which cross the groups' edges); again with a sort budget of a few records (every
-    # run spilled in pieces and merged a record of each at a time, runs staged in
-    # parts of a few records) and its rows staged in batches as found; the general path.
-    cases = [(True, spool.CHUNK, False), (True, 7, False), (True, 7, True), (False, 7, False)]
-    for packed, chunk, small in cases:
-        store = Store(tmp_path / f"{packed}{chunk}{small}.sqlite")
-        store.registry.upsert(records)
-        side = planning.prepare(store, POLICIES[2], "sindh", 1, incremental=False)
-        own = b"".join(tag_of[n.decode()] for n in side.plan.order)
-        monkeypatch.setattr(spool, "CHUNK", chunk)
-        if small:
-            monkeypatch.setattr(extsort, "BUDGET", 100)
-            monkeypatch.setattr(extsort, "MIN_BLOCK", 1)
-            monkeypatch.setattr(kept, "ROW_BATCH", 3)
-            monkeypatch.setattr(StagedRun, "FLUSH", 1)
-            monkeypatch.setattr(pairruns, "PART_RECORDS", 2)
-        own_in = spooled(tmp_path, own[:160], own[160:])
-        staged: list[list[MatchRow]] = []
-        res = kept.finish(
-            side,
-            own_in,
-            groups,
-            [120, 180],
-            spooled(tmp_path, peer),
-            [],
-            packed=packed,
-            stage_rows=functools.partial(_gather, staged) if small else None,
+    pp = POLICIES[2]
+    # The peer sending tags again: some of its first group's in its second (the second's
+    # labels are kept), some of the second's twice more.
+    again = fresh[:7] + fresh[200:203] * 2
+    for peer_tags in (fresh, fresh + again):
+        sizes = [120, len(peer_tags) - 120]
+        # What to expect, from the records and the tags.
+        own_labels: dict[str, list[Label]] = defaultdict(list)
+        for r in records:
+            if pp.may_learn(r.label):
+                own_labels[r.nid].append(r.label)
+        own_state = {
+            n: OwnTag(labels_text(tuple(sorted(set(v)))), tag_of[n]) for n, v in own_labels.items()
+        }
+        peer_text: dict[bytes, str] = {}
+        pos = 0
+        for group, size in zip(groups, sizes, strict=True):
+            for t in peer_tags[pos : pos + size]:
+                peer_text[t] = labels_text(group)
+            pos += size
+        matched = sorted(
+            (n, tag_of[n], peer_text[tag_of[n]]) for n in own_labels if tag_of[n] in peer_text
         )
-        monkeypatch.setattr(pairruns, "PART_RECORDS", 256)
-        # The C path stages its runs in the store as it builds them (a generation
-        # that is not current yet) and keeps no per-ID groups; the general path
-        # hands its runs to the commit.
-        assert (res.delta.staged is not None) == packed
-        assert (res.delta.runs is not None) == (not packed)
-        assert (not res.delta.own_added) == packed
-        if packed:
-            assert lookups.own_by_nids(store.db.conn, "sindh", 1, nids) == {}  # not yet current
-        cur = store.db.conn.cursor()
-        cur.execute("BEGIN")
-        deltas.apply_delta(cur, "sindh", 1, res.delta)
-        cur.execute("COMMIT")
-        state = (
-            lookups.own_by_nids(store.db.conn, "sindh", 1, nids),
-            lookups.peer_by_tags(store.db.conn, "sindh", 1, [tag_of[n] for n in nids]),
-            sorted(lookups.matched_state(store.db.conn, "sindh", 1)),
+        want_rows = sorted(
+            (
+                MatchRow(r.record_id, r.label, pl, tag_of[r.nid])
+                for r in records
+                if r.nid in own_labels and tag_of[r.nid] in peer_text and pp.may_learn(r.label)
+                for pl in labels_of(peer_text[tag_of[r.nid]])
+            ),
+            key=_row_key,
         )
-        o = res.outcome
-        rows = sorted(o.matches, key=repr)
-        if small:  # the rows went to the store as found, a batch at a time
-            assert o.matches == [] and len(staged) > 1
-            rows = sorted((m for batch in staged for m in batch), key=repr)
-            assert o.matched_records == len({m.record_id for m in rows})
-        results.append((o.match_count, o.digest, rows, res.state_after, state))
-    assert results[0][0] > 0
-    assert results[0] == results[1] == results[2] == results[3]
+        want_fps = fingerprint({tag_of[n] for n in own_labels}) + fingerprint(set(peer_text))
+        assert len(matched) > 0
+        # The spooled tags read back in large chunks and in small ones (which cross the
+        # groups' edges); again with a sort budget of a few records (every run spilled
+        # in pieces and merged a record of each at a time, runs staged in parts of a
+        # few records) and its rows staged in batches as found.
+        for chunk, small in [(spool.CHUNK, False), (7, False), (7, True)]:
+            store = Store(tmp_path / f"{len(peer_tags)}-{chunk}{small}.sqlite")
+            store.registry.upsert(records)
+            with monkeypatch.context() as m:
+                m.setattr(spool, "CHUNK", chunk)
+                if small:
+                    m.setattr(extsort, "BUDGET", 100)
+                    m.setattr(extsort, "MIN_BLOCK", 1)
+                    m.setattr(kept, "ROW_BATCH", 3)
+                    m.setattr(StagedRun, "FLUSH", 1)
+                    m.setattr(pairruns, "PART_RECORDS", 2)
+                staged: list[list[MatchRow]] = []
+                res, state = _full_run(
+                    store, tag_of, groups, sizes, b"".join(peer_tags), staged if small else None
+                )
+            o = res.outcome
+            rows = sorted(o.matches, key=_row_key)
+            if small:  # the rows went to the store as found, a batch at a time
+                assert o.matches == [] and len(staged) > 1
+                rows = sorted((m for batch in staged for m in batch), key=_row_key)
+                assert o.matched_records == len({m.record_id for m in rows})
+            assert o.match_count == len(matched)
+            assert o.digest == result_digest([t for _, t, _ in matched])
+            assert rows == want_rows
+            assert res.state_after == want_fps
+            assert state == (own_state, {t: peer_text[t] for t in sorted(peer_text)}, matched)
+            store.close()
+
+
+@pytest.mark.parametrize("module", ["native", "python"])
+def test_a_tag_sent_twice_keeps_its_last_group_even_where_label_sets_repeat(
+    tmp_path: Path, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer announcing one label set in two groups (an honest one never does) and
+    sending a tag in two groups: the tag is stored with the labels of the last
+    group that holds it, as where each label set comes once."""
+    from ispf_server.storage.pairs.state import fingerprint, labels_text
+
+    if module == "python":
+        monkeypatch.setattr(ops, "native", None)
+    elif ops.native is None:
+        pytest.skip("the native module is not built here")
+    nids = [f"35202{i:08d}" for i in range(40)]
+    store = Store(tmp_path / "s.sqlite")
+    store.registry.upsert([StoredRecord(f"r{i}", n, LABELS[0]) for i, n in enumerate(nids)])
+    tag_of = {n: random.Random(n).randbytes(16) for n in nids}
+    groups: list[LabelSet] = [(LABELS[1],), (LABELS[2],), (LABELS[1],)]
+    t = [tag_of[n] for n in nids[:30]]
+    # t[0] in groups 0 and 1 (group 1's labels kept), t[12] in groups 1 and 2 (group 2's),
+    # t[25] twice in group 2.
+    sent = [t[0:10], [*t[10:20], t[0]], [*t[20:30], t[12], t[25]]]
+    peer_text: dict[bytes, str] = {}
+    for group, part in zip(groups, sent, strict=True):
+        peer_text.update(dict.fromkeys(part, labels_text(group)))
+    assert peer_text[t[0]] == labels_text(groups[1]) and peer_text[t[12]] == labels_text(groups[2])
+    sizes = [len(p) for p in sent]
+    res, (_, peer_state, matched) = _full_run(
+        store, tag_of, groups, sizes, b"".join(b"".join(p) for p in sent), None
+    )
+    assert res.outcome.match_count == 30
+    assert peer_state == peer_text
+    assert matched == sorted((n, tag_of[n], peer_text[tag_of[n]]) for n in nids[:30])
+    assert res.state_after[len(res.state_after) // 2 :] == fingerprint(set(peer_text))
 
 
 def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
@@ -399,12 +501,9 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
 def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     tmp_path: Path,
 ) -> None:
-    from ispf_server.records import ops
     from ispf_server.storage.pairs import lookups
     from ispf_server.storage.pairs import runs as pairruns
 
-    if ops.native is None:
-        pytest.skip("the native module is not built here")
     rng = random.Random(9)
     nids = [f"35202{i:08d}" for i in range(300)]
     records = [StoredRecord(f"r{i}", n, LABELS[1]) for i, n in enumerate(nids)]

@@ -3,11 +3,11 @@
 The one place in the node that chooses C (`ispf._records`) or Python for record
 work (`ops`); the rest of the node calls these and never asks which runs.
 
-* `ops`: sort, merge, zip, select, fold, split and shuffle records, each in C where
-  the module is built and in Python else; `compiled()` for paths that pay off
-  only in C.
+* `ops`: sort, merge, join, zip, select, fold, split and shuffle records, each in C
+  where the module is built and in Python else (the same bytes).
 * `extsort`: `ExternalSort` (sorting within a memory budget, spilling to disk),
-  `join_sorted`, `ascending`, `shuffled`.
+  `join_sorted` (many to one), `unique` (the last record of each key),
+  `ascending`, `shuffled`.
 * `spool`: `TagSpool` (values on an unlinked temporary file) and `SpooledNids`.
 """
 
@@ -17,11 +17,11 @@ from ispf_server.records.extsort import (
     ascending,
     join_sorted,
     shuffled,
+    unique,
     upper_bound,
     written,
 )
 from ispf_server.records.ops import (
-    compiled,
     has_repeat,
     merge_join,
     merge_sorted,
@@ -42,7 +42,6 @@ __all__ = [
     "SpooledNids",
     "TagSpool",
     "ascending",
-    "compiled",
     "has_repeat",
     "join_sorted",
     "merge_join",
@@ -53,6 +52,7 @@ __all__ = [
     "shuffled",
     "sort_inplace",
     "split_unique",
+    "unique",
     "upper_bound",
     "written",
     "xor_fold",

@@ -12,15 +12,18 @@ own size, once). (The merge reads at least MIN_BLOCK from each run at a time,
 so past budget * budget / (2 * MIN_BLOCK) bytes of records, 8 GiB at the
 defaults, its blocks outgrow the budget: 64 KiB per budget's worth.)
 
-`join_sorted` joins two such sorted streams on their key as they come, and
-`ascending` checks that a stream holds no key twice, across its chunks too.
+`join_sorted` joins two such sorted streams on their key as they come (many to
+one: the left may repeat a key, the right holds each once), `unique` keeps the
+last record of each key of a stream, and `ascending` checks that a stream holds
+no key twice, across its chunks too. They run the same with or without the C
+module (`ops` chooses), so the session code has one path.
 The records are tags, IDs and label-set numbers, never the salt or a key.
 """
 
 from __future__ import annotations
 
 import os
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -177,15 +180,74 @@ def ascending(chunks: Iterable[Buffer], width: int, key: int) -> Iterator[Buffer
         yield chunk
 
 
+def lower_bound(data: Buffer, width: int, key: int, bound: bytes) -> int:
+    """How many records of the sorted `data` have a key (first `key` bytes) < bound."""
+    return bisect_left(
+        range(len(data) // width), bound, key=lambda i: bytes(data[i * width : i * width + key])
+    )
+
+
+def unique(
+    chunks: Iterable[Buffer],
+    width: int,
+    key: int,
+    dropped: Callable[[bytes], None] | None = None,
+) -> Iterator[Buffer]:
+    """The records of a sorted stream, each key once: of records that share a key
+    (first `key` bytes), the last, which sorts highest, is kept, within a chunk
+    and across chunks alike. The records left out go to `dropped`, if given.
+
+    A chunk without a repeat (`has_repeat`) passes as it is, less its last record,
+    held back until the next chunk's first key is seen: then it is given out alone,
+    or dropped where that key is the same. Only a chunk with a repeat (a peer that
+    sends a tag twice) is read record by record."""
+    held = b""  # the last record so far, not given out yet
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if not view:
+            continue
+        if held:
+            if bytes(view[:key]) == held[:key]:
+                if dropped is not None:
+                    dropped(held)
+            else:
+                yield held
+        if has_repeat(view, width, key):
+            kept, gone = _last_of_each(view, width, key)
+            if dropped is not None:
+                dropped(gone)
+            view = memoryview(kept)
+        held = bytes(view[len(view) - width :])
+        if len(view) > width:
+            yield view[: len(view) - width]
+    if held:
+        yield held
+
+
+def _last_of_each(view: memoryview, width: int, key: int) -> tuple[bytes, bytes]:
+    """A sorted chunk's records split: the last of each key, and the others."""
+    kept, gone = bytearray(), bytearray()
+    n = len(view)
+    for at in range(0, n, width):
+        nxt = at + width
+        rec = view[at:nxt]
+        if nxt < n and view[nxt : nxt + key] == view[at : at + key]:
+            gone += rec
+        else:
+            kept += rec
+    return bytes(kept), bytes(gone)
+
+
 def join_sorted(
     left: Iterable[Buffer], lw: int, right: Iterable[Buffer], rw: int, key: int
 ) -> Iterator[bytes]:
-    """Two streams of records sorted by their first `key` bytes, each key once,
-    joined as they come: for each key in both, the left record and the right
-    one's bytes after the key (as `ops.merge_join`). Both streams are read to
-    their end (their consumers may be writing them out as they pass); a key
-    twice in either raises RepeatedKey. Memory: a chunk of each."""
-    lit = iter(ascending(left, lw, key))
+    """Two streams of records sorted by their first `key` bytes joined as they come,
+    many to one: for each left record whose key the right holds, that record and
+    the right one's bytes after the key (as `ops.merge_join`). Left records may
+    share a key (each is joined); a key twice on the right raises RepeatedKey
+    (`unique` first, where it may). Both streams are read to their end (their
+    consumers may be writing them out as they pass). Memory: a chunk of each."""
+    lit = iter(chunk for chunk in left if len(chunk))
     rit = iter(ascending(right, rw, key))
     a = b = memoryview(b"")
     while True:
@@ -195,14 +257,16 @@ def join_sorted(
             b = memoryview(next(rit, b"")).cast("B")
         if not a or not b:
             break  # one stream is done: nothing more can match
-        # Every later record of either stream has a key above its pending chunk's last.
-        bound = min(
-            bytes(a[len(a) - lw : len(a) - lw + key]), bytes(b[len(b) - rw : len(b) - rw + key])
-        )
+        # Every later right record has a key above its pending chunk's last, and every
+        # later left record a key at least its pending chunk's last.
+        last_a = bytes(a[len(a) - lw : len(a) - lw + key])
+        bound = min(last_a, bytes(b[len(b) - rw : len(b) - rw + key]))
         ca, cb = lw * upper_bound(a, lw, key, bound), rw * upper_bound(b, rw, key, bound)
         joined = merge_join(a[:ca], lw, b[:cb], rw, key)
         if joined:
             yield joined
+        if bound == last_a:  # (the right record of that key, if any, waits for more left)
+            cb = rw * lower_bound(b, rw, key, bound)
         a, b = a[ca:], b[cb:]
     for _ in lit:
         pass

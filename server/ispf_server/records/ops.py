@@ -2,9 +2,9 @@
 not switched off (ISPF_NATIVE=0), else in Python: the same bytes, slower.
 
 This is the one place in the node that chooses between them: callers call these
-functions and never look at the module themselves. Paths that only pay off in C
-(the packed, streaming ones) ask `compiled()` before they start. Records are
-packed, fixed-width byte strings (tags, IDs, label-set numbers), never a key.
+functions and never look at the module themselves, and take the same path either
+way. Records are packed, fixed-width byte strings (tags, IDs, label-set numbers),
+never a key.
 """
 
 from __future__ import annotations
@@ -37,12 +37,6 @@ def _load() -> ModuleType | None:
 native: Any = _load()
 
 
-def compiled() -> bool:
-    """True where the record operations run in C: the packed, streaming paths (which
-    need no Python object per record) are taken only then."""
-    return native is not None
-
-
 def sort_inplace(buf: bytearray, width: int) -> None:
     """Sort fixed-width records in place: a run of millions needs no second copy to
     sort (in C; Python's sort where the module is not built)."""
@@ -70,15 +64,20 @@ def has_repeat(chunk: Buffer, width: int, key: int) -> bool:
 
 
 def merge_join(a: Buffer, lw: int, b: Buffer, rw: int, key: int) -> bytes:
-    """Two runs sorted by their first `key` bytes joined: for each key in both, the
-    record of `a` and the bytes after the key of `b`'s. RepeatedKey where a key
-    appears twice in a run."""
+    """Two runs sorted by their first `key` bytes joined, many to one: for each record
+    of `a` whose key `b` holds, that record and the bytes after the key of `b`'s.
+    Records of `a` may share a key (each is joined); RepeatedKey where `b` holds a
+    key twice."""
     if native is not None:
         out = native.merge_join(a, lw, b, rw, key)
         if out is None:
             raise RepeatedKey
         return bytes(out)
+    if len(a) % lw or len(b) % rw or not 0 < key <= min(lw, rw):
+        raise ValueError("runs must be whole records; key within both widths")
     right = {bytes(b[j : j + key]): bytes(b[j + key : j + rw]) for j in range(0, len(b), rw)}
+    if len(right) != len(b) // rw:
+        raise RepeatedKey
     parts = []
     for i in range(0, len(a), lw):
         rest = right.get(bytes(a[i : i + key]))

@@ -4,8 +4,9 @@ Each side sends only the IDs added (or relabelled) since the pair last synced
 and the tags of those it removed; matches are the kept matches adjusted by both
 deltas, so an incremental run gives exactly what a full run would, at a cost in
 proportion to the changes (and the matches), not to the registry. A full run
-is the same from empty state: everything is added, and the state replaced.
-(Its side is planned in `plan.prepare`.)
+is the same from empty state: everything is added, and the state replaced, on
+packed runs sorted within a memory budget (`_finish_full`, with or without the C
+module: `records` chooses). (Its side is planned in `plan.prepare`.)
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from ispf.blinding import TAG_BYTES, result_digest
 from ispf.errors import NotPacked, ProtocolViolation
 from ispf_server.records import (
     ExternalSort,
-    RepeatedKey,
     TagSpool,
-    compiled,
     join_sorted,
     select_fields,
+    unique,
     written,
     zip_records,
 )
@@ -60,7 +60,6 @@ from ispf_server.storage.pairs.state import (
     fingerprint_packed,
     labels_of,
     labels_text,
-    pack_runs,
     toggle,
     xor_fp,
 )
@@ -113,33 +112,42 @@ def _finish_full(
     peer_groups: list[LabelSet],
     peer_sizes: list[int],
     peer_added_tags: TagSpool,
+    peer_removed: list[bytes],
     stage_rows: RowSink | None,
-) -> Matched | None:
+) -> Matched:
     """A full run on packed data, within a fixed memory budget however large the
-    registry. Each run of the new state is sorted externally (`ExternalSort`:
-    budget-sized sorted pieces spilled to the store's directory, then merged) and
-    staged piece by piece as it is merged; the own and peer runs are joined on
-    the tag as they stream past; the matches go to a sort of their own and, in
-    ID order, to the matched run and to the result rows, staged a batch at a time
-    (`stage_rows`; without it, as here in tests, rows are gathered). No Python
-    object is made per record, and only a batch of them per match. None where
-    the data does not allow it (IDs not 13 digits, a tag twice, no native
-    module): the general path then runs (what was staged is dropped by it)."""
+    registry, with or without the C module (`records` chooses). Each run of the
+    new state is sorted externally (`ExternalSort`: budget-sized sorted pieces
+    spilled to the store's directory, then merged) and staged piece by piece as it
+    is merged; the own and peer runs are joined on the tag as they stream past;
+    the matches go to a sort of their own and, in ID order, to the matched run and
+    to the result rows, staged a batch at a time (`stage_rows`; without it, as
+    here in tests, rows are gathered). In C, no Python object is made per record,
+    and only a batch of them per match.
+
+    A tag the peer sent twice is stored once, with the labels of the last group
+    that holds it (`unique`: the peer's label sets are numbered in its groups'
+    order first, so the last group's sorts highest), and counts once in the
+    peer's fingerprint."""
     plan = side.plan
-    if not compiled():
-        return None
     directory = side.store.directory
-    runs = RunBuilder()  # (numbers the label sets)
+    runs = RunBuilder()  # (numbers the label sets: the peer's first, in its groups' order)
+    peer_lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
+    own_lsids = [runs.lsid(labels_text(group)) for group in plan.groups]
+    # Sorted by tag and label set, the last group holding a tag sorts highest, unless
+    # the peer announced one label set in two groups (which an honest peer never
+    # does): then by tag and group number, each renumbered after `unique`.
+    ordered = len(set(peer_lsids)) == len(peer_lsids)
+    peer_keys = peer_lsids if ordered else [pairruns.lsid(g) for g in range(len(peer_groups))]
 
     # Each group in chunks of tags and of IDs (each read from disk where spooled),
     # with its label set's number.
     def own_groups() -> Iterator[tuple[bytes, Buffer, bytes]]:
-        lsids = [runs.lsid(labels_text(group)) for group in plan.groups]
         for g, at, tags in own_added_tags.grouped(plan.sizes):
             nids = plan.order[at : at + len(tags) // TAG_BYTES].data
-            if not bytes(nids).isdigit():
-                raise NotPacked  # (IDs not 13 digits: planned from records)
-            yield lsids[g], nids, tags
+            if not bytes(nids).isdigit():  # (IDs are made 13 digits as they are loaded)
+                raise NotPacked(f"IDs of own group {g} are not all 13 digits: cannot sync")
+            yield own_lsids[g], nids, tags
 
     def own_sorted(by_tag: bool) -> ExternalSort:
         out = ExternalSort(OWN_TAG.width, directory)
@@ -150,36 +158,48 @@ def _finish_full(
 
     def peer_sorted() -> ExternalSort:
         out = ExternalSort(PEER_TAG.width, directory)
-        lsids = [runs.lsid(labels_text(group)) for group in peer_groups]
         for g, _, tags in peer_added_tags.grouped(peer_sizes):
-            out.add(zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (lsids[g], LSID)))
+            out.add(zip_records(len(tags) // TAG_BYTES, (tags, TAG_BYTES), (peer_keys[g], LSID)))
         return out
 
-    try:
-        own_by_tag = own_sorted(by_tag=True)
-    except NotPacked:
-        return None
+    def peer_once(chunks: Iterable[Buffer]) -> Iterator[Buffer]:
+        """The peer's sorted records, each tag once (the last group's), labelled."""
+        once = unique(chunks, PEER_TAG.width, TAG_BYTES, drop)
+        if ordered:
+            yield from once
+            return
+        for chunk in once:  # (group numbers to label sets: record by record)
+            out = bytearray(chunk)
+            for at in range(TAG_BYTES, len(out), PEER_TAG.width):
+                out[at : at + LSID] = peer_lsids[int.from_bytes(out[at : at + LSID], "big")]
+            yield out
+
+    repeated = EMPTY_FP  # the tags the peer sent again, XORed: its fingerprint counts each once
+
+    def drop(records: bytes) -> None:
+        nonlocal repeated
+        repeated = xor_fp(
+            repeated, fingerprint_packed(select_fields(records, PEER_TAG.width, ((0, TAG_BYTES),)))
+        )
+
     stager = side.store.pairs.run_stager(side.peer, side.epoch)
     rows = RowBatches(stage_rows)
     with (
-        own_by_tag,
+        own_sorted(by_tag=True) as own_by_tag,
         peer_sorted() as peer_by_tag,
         ExternalSort(MATCHED.width, directory) as matched,
     ):
         own_run, peer_run = stager.writer(OWN_TAG), stager.writer(PEER_TAG)
-        try:
-            # tag | nid | own lsid | peer lsid, for every tag on both sides, in tag order
-            for joined in join_sorted(
-                written(own_by_tag.sorted_chunks(), own_run.append),
-                OWN_TAG.width,
-                written(peer_by_tag.sorted_chunks(), peer_run.append),
-                PEER_TAG.width,
-                TAG_BYTES,
-            ):
-                rows.found(joined, JOINED.width)
-                matched.add(select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
-        except RepeatedKey:
-            return None
+        # tag | nid | own lsid | peer lsid, for every tag on both sides, in tag order
+        for joined in join_sorted(
+            written(own_by_tag.sorted_chunks(), own_run.append),
+            OWN_TAG.width,
+            written(peer_once(peer_by_tag.sorted_chunks()), peer_run.append),
+            PEER_TAG.width,
+            TAG_BYTES,
+        ):
+            rows.found(joined, JOINED.width)
+            matched.add(select_fields(joined, JOINED.width, JOINED_TO_MATCHED))
         own_run.close()
         peer_run.close()
         names = {pairruns.lsid(n): text for text, n in runs.texts.items()}
@@ -190,13 +210,15 @@ def _finish_full(
             own_nid_run.append(chunk)
         own_nid_run.close()
     staged = stager.done(runs.texts)
-    own_fp, peer_fp = _fingerprint(own_added_tags), _fingerprint(peer_added_tags)
+    own_fp = xor_fp(toggle(side.own_fp, side.removed_tags), _fingerprint(own_added_tags))
+    added_fp = xor_fp(_fingerprint(peer_added_tags), repeated)
+    peer_fp = xor_fp(toggle(side.peer_fp, peer_removed), added_fp)
     delta = PairDelta(
         reset=True,
         own_added=[],  # (the runs hold them)
-        own_removed=[],
+        own_removed=side.removed_nids,
         peer_added=[],
-        peer_removed=[],
+        peer_removed=peer_removed,
         version=side.version,
         own_fp=own_fp,
         peer_fp=peer_fp,
@@ -241,21 +263,20 @@ def finish(
     peer_tags_in: TagSpool,
     peer_removed: list[bytes],
     *,
-    packed: bool = True,
     stage_rows: RowSink | None = None,
 ) -> Matched:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
 
     Each direction's tags are spooled to disk: a full run reads them back in
-    chunks; the general path reads them whole. `packed=False` forces the general
-    path for a full run (tests compare the two)."""
+    chunks (`_finish_full`); an incremental one reads them whole."""
     store, peer, epoch, plan = side.store, side.peer, side.epoch, side.plan
     if own_tags_in.count != plan.total:
         raise ProtocolViolation(f"{own_tags_in.count} tags for {plan.total} values sent")
-    if packed and side.kind is SyncKind.FULL and not peer_removed:
-        fast = _finish_full(side, own_tags_in, peer_groups, peer_sizes, peer_tags_in, stage_rows)
-        if fast is not None:
-            return fast
+    if side.kind is SyncKind.FULL:
+        return _finish_full(
+            side, own_tags_in, peer_groups, peer_sizes, peer_tags_in, peer_removed, stage_rows
+        )
+    # An incremental run: the deltas are small, read whole.
     own_added_tags, peer_added_tags = own_tags_in.getvalue(), peer_tags_in.getvalue()
     own_tags = split(own_added_tags, TAG_BYTES)
     own_added: list[OwnGroup] = []
@@ -276,18 +297,15 @@ def finish(
         pos += size
     gone_own, gone_peer = set(side.removed_nids), set(peer_removed)
     matches: dict[str, tuple[bytes, str]] = {}
-    if side.kind is SyncKind.INCREMENTAL:
-        for nid, tag, labels in store.pairs.matched_state(peer, epoch):
-            if nid not in gone_own and tag not in gone_peer:
-                matches[nid] = (tag, labels)
-        for tag, nid in store.pairs.own_nids_by_tag(peer, epoch, peer_index).items():
-            if nid not in gone_own:  # new peer tags meeting kept own ones
-                matches[nid] = (tag, peer_index[tag])
-        kept_peer = store.pairs.peer_labels_for(
-            peer, epoch, [t for t in own_tags if t not in peer_index and t not in gone_peer]
-        )
-    else:
-        kept_peer = {}
+    for nid, tag, labels in store.pairs.matched_state(peer, epoch):
+        if nid not in gone_own and tag not in gone_peer:
+            matches[nid] = (tag, labels)
+    for tag, nid in store.pairs.own_nids_by_tag(peer, epoch, peer_index).items():
+        if nid not in gone_own:  # new peer tags meeting kept own ones
+            matches[nid] = (tag, peer_index[tag])
+    kept_peer = store.pairs.peer_labels_for(
+        peer, epoch, [t for t in own_tags if t not in peer_index and t not in gone_peer]
+    )
     for g in own_added:
         for nid, tag in zip(g.nids, g.tags, strict=True):
             found = peer_index.get(tag)
@@ -313,7 +331,7 @@ def finish(
     )
     peer_fp = xor_fp(toggle(side.peer_fp, peer_removed), added_fp)
     delta = PairDelta(
-        reset=side.kind is SyncKind.FULL,
+        reset=False,
         own_added=own_added,
         own_removed=side.removed_nids,
         peer_added=peer_added,
@@ -322,9 +340,6 @@ def finish(
         own_fp=own_fp,
         peer_fp=peer_fp,
         policy=policy_key(side.pp),
-        runs=None
-        if side.kind is SyncKind.INCREMENTAL
-        else pack_runs(own_added, peer_added, matches),
     )
     matched = [t for t, _ in matches.values()]
     return Matched(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)

@@ -8,18 +8,17 @@ from array import array
 from collections.abc import Iterable
 from pathlib import Path
 
-from ispf.blinding import TAG_BYTES, result_digest
+from ispf.blinding import TAG_BYTES
+from ispf.errors import ProtocolViolation
 from ispf.nid import PackedNids
 from ispf_server.records import (
     ExternalSort,
-    RepeatedKey,
     TagSpool,
-    compiled,
     join_sorted,
     select_fields,
+    unique,
     zip_records,
 )
-from ispf_server.session.exchange import split
 from ispf_server.session.match.rows import (
     ROW_BATCH,
     Found,
@@ -36,11 +35,11 @@ WINDOW = 1 << 16  # IDs of the send order read at a time, to name matches by pos
 
 class OneOffLabelled:
     """The matcher of a labelled session without pair state (both roles): own records
-    whose tag the peer also holds, with the peer's labels for each. Within a fixed
-    memory budget (`_sorted`) where the module is built; the matched IDs' records
-    are looked up once matched (`plan.owners`), so the plan holds no record objects.
-    With `stage_rows`, rows go to the store a batch at a time as they are made
-    (else, as in the general path, they come back for the commit)."""
+    whose tag the peer also holds, with the peer's labels for each, within a fixed
+    memory budget, with or without the C module (`records` chooses). The matched
+    IDs' records are looked up once matched (`plan.owners`), so the plan holds no
+    record objects. With `stage_rows`, rows go to the store a batch at a time as
+    they are made (else they come back for the commit)."""
 
     def __init__(
         self,
@@ -58,38 +57,22 @@ class OneOffLabelled:
         self.directory, self.stage_rows = directory, stage_rows
 
     def match(self, own_tags: TagSpool, peer_tags: TagSpool) -> Matched:
-        if compiled() and peer_tags.count == sum(self.peer_sizes):
-            try:
-                return Matched(self._sorted(own_tags, peer_tags))
-            except RepeatedKey:
-                pass  # (a side repeats a tag: the general path counts each)
-        found = self._found(own_tags.getvalue(), peer_tags.getvalue())
-        rows = named_rows(found, self.owners([nid for _, nid, _ in found]))
-        return Matched(Outcome(len(found), result_digest([t for t, _, _ in found]), rows))
-
-    def _found(self, own_tags: bytes, peer_tags: bytes) -> list[Found]:
-        """(tag, ID, peer labels) for each peer tag that is also ours, in the peer's order."""
-        index = {t: i for i, t in enumerate(split(own_tags, TAG_BYTES))}
-        found: list[Found] = []
-        tags = split(peer_tags, TAG_BYTES)
-        pos = 0
-        for labels, size in zip(self.peer_groups, self.peer_sizes, strict=True):
-            for t in tags[pos : pos + size]:
-                i = index.get(t)
-                if i is not None:
-                    found.append((t, self.plan.order[i], labels))
-            pos += size
-        return found
-
-    def _sorted(self, own_tags: TagSpool, peer_tags: TagSpool) -> Outcome:
-        """The match without an object per tag: each side's tags with a 4-byte
-        position (ours) or group number (theirs) sorted externally and joined as
-        they stream; the digest is built as the join goes (tag order: the sorted
-        tags it is defined on); the matches are sorted by position and named from
-        the send order read a window at a time. RepeatedKey where a side repeats a
-        tag."""
+        """Each side's tags with a 4-byte group number (theirs) or position (ours)
+        sorted externally and joined as they stream, many to one: every peer tag
+        that is also ours is a match, a tag the peer sent twice two (each with its
+        group's labels), one leaf of the digest (built as the join goes, in tag
+        order: the sorted distinct tags it is defined on). Of an own tag held twice
+        (two IDs with one tag) the last position is kept (`unique`). The matches are
+        sorted by position and named from the send order read a window at a time."""
+        if peer_tags.count != sum(self.peer_sizes):
+            raise ProtocolViolation(
+                f"{peer_tags.count} peer tags for {sum(self.peer_sizes)} announced"
+            )
         if self.plan.total >= 1 << 32 or len(self.peer_sizes) >= 1 << 32:
-            raise RepeatedKey  # (positions are 4 bytes: the general path takes it)
+            raise ValueError(
+                f"{self.plan.total} own values or {len(self.peer_sizes)} peer groups: "
+                "a labelled one-off match numbers them in 4 bytes (under 2^32 each)"
+            )
         width, directory = TAG_BYTES + 4, self.directory
         rows = RowBatches(self.stage_rows)
         with (
@@ -103,35 +86,48 @@ class OneOffLabelled:
             for g, _, tags in peer_tags.grouped(self.peer_sizes):
                 n = len(tags) // TAG_BYTES
                 peer.add(zip_records(n, (tags, TAG_BYTES), (g.to_bytes(4, "big"), 4)))
-            # tag | position | group, in tag order
-            for joined in join_sorted(own.sorted_chunks(), width, peer.sorted_chunks(), width, 16):
+            # tag | group | position, in tag order
+            for joined in join_sorted(
+                peer.sorted_chunks(),
+                width,
+                unique(own.sorted_chunks(), width, TAG_BYTES),
+                width,
+                TAG_BYTES,
+            ):
                 rows.found(joined, width + 4)
                 by_position.add(
-                    select_fields(joined, width + 4, ((TAG_BYTES, 4), (0, TAG_BYTES), (width, 4)))
+                    select_fields(joined, width + 4, ((width, 4), (0, TAG_BYTES), (TAG_BYTES, 4)))
                 )
             self._rows_by_position(by_position.sorted_chunks(), rows)
-        return rows.outcome()
+        return Matched(rows.outcome())
 
     def _rows_by_position(
         self, matches: Iterable[bytes | bytearray | memoryview], out: RowBatches
     ) -> None:
-        """Result rows from matches (position | tag | group) in position order, a batch
-        at a time, to `out`."""
+        """Result rows from matches (position | tag | group) in position order, about a
+        batch at a time, to `out`; the matches of one position (a tag the peer sent
+        twice) in one batch."""
         width = 4 + TAG_BYTES + 4
         start, window = 0, PackedNids()
+        found: list[Found] = []
+        last = -1
         for chunk in matches:
             for at in range(0, len(chunk), width * ROW_BATCH):
                 part = bytes(chunk[at : at + width * ROW_BATCH])
-                found: list[Found] = []
                 for i in range(0, len(part), width):
                     p = int.from_bytes(part[i : i + 4], "big")
+                    if len(found) >= ROW_BATCH and p != last:
+                        out.add(named_rows(found, self.owners([nid for _, nid, _ in found])))
+                        found = []
+                    last = p
                     if not start <= p < start + len(window):
                         start, window = p, self.plan.order[p : p + WINDOW]
                     g = int.from_bytes(part[i + 4 + TAG_BYTES : i + width], "big")
                     found.append(
                         (part[i + 4 : i + 4 + TAG_BYTES], window[p - start], self.peer_groups[g])
                     )
-                out.add(named_rows(found, self.owners([nid for _, nid, _ in found])))
+        if found:
+            out.add(named_rows(found, self.owners([nid for _, nid, _ in found])))
 
 
 def intersect(

@@ -62,22 +62,30 @@ def named_rows(
 
 
 class RowBatches:
-    """A session's result as its join finds it: the digest, leaf by leaf in tag
-    order (`found`), and the rows, a batch of matched IDs at a time (each ID in
-    one batch only; `add`), staged to the store with `stage` (then only how many
-    records they name is kept), else gathered for the commit."""
+    """A session's result as its join finds it: the count and the digest, leaf by
+    leaf in tag order, each distinct tag once (`found`), and the rows, a batch of
+    matched IDs at a time (each ID in one batch only; `add`), staged to the store
+    with `stage` (then only how many records they name is kept), else gathered for
+    the commit."""
 
     def __init__(self, stage: RowSink | None) -> None:
         self.stage = stage
         self.gathered: list[MatchRow] = []
         self.named = 0
+        self.count = 0
         self.digest = RootBuilder()
+        self._last = b""  # the last tag given a leaf
         self._open = True
 
     def found(self, joined: bytes, width: int) -> None:
-        """Matches from a join: records of `width` bytes led by their tag, in tag order."""
+        """Matches from a join: records of `width` bytes led by their tag, in tag order
+        (a tag the peer sent twice is two matches, and one leaf)."""
+        self.count += len(joined) // width
         for at in range(0, len(joined), width):
-            self.digest.add(leaf_hash(joined[at : at + TAG_BYTES]))
+            tag = joined[at : at + TAG_BYTES]
+            if tag != self._last:
+                self.digest.add(leaf_hash(tag))
+                self._last = tag
 
     def add(self, rows: list[MatchRow]) -> None:
         self.named += len({r.record_id for r in rows})
@@ -88,4 +96,4 @@ class RowBatches:
 
     def outcome(self) -> Outcome:
         staged = None if self.stage is None else self.named
-        return Outcome(self.digest.size, self.digest.root(), self.gathered, staged)
+        return Outcome(self.count, self.digest.root(), self.gathered, staged)

@@ -153,9 +153,9 @@ def _zip_into(dst: bytearray, at: int, n: int, *parts: tuple[Buffer, int]) -> in
 
 class RunBuilder:
     """A full run's state as sorted runs, from packed columns, one run at a time, in
-    memory: the general path's (`pack_runs`), which runs where the packed one
-    cannot. Label sets are numbered as they are met (`lsid`), which the packed
-    path (`session.match.kept`, sorting externally within a memory budget) uses too."""
+    memory (`pack_runs`: how the storage tests write runs). Label sets are numbered
+    as they are met (`lsid`), which a session's full run (`session.match.kept`,
+    sorting externally within a memory budget) uses too."""
 
     def __init__(self) -> None:
         self.texts: dict[str, int] = {}
