@@ -38,7 +38,7 @@ def test_checkpoint_after_a_crash_covers_exactly_what_is_on_disk(tmp_path: Path)
             match_count=0,
         )
     )
-    log.store.sessions.complete(
+    log.store.complete_session(
         "s1",
         SessionTotals(
             own_records=0,
@@ -61,8 +61,8 @@ def test_checkpoint_after_a_crash_covers_exactly_what_is_on_disk(tmp_path: Path)
 def test_a_session_gets_one_entry_even_if_failed_twice(tmp_path: Path) -> None:
     log = make_log(tmp_path / "n.sqlite", note.Signer.generate("ispf-match/punjab"))
     log.store.sessions.begin("s2", "kp", "responder", common_pb2.MODE_MUTUAL, "r", 1)
-    assert log.store.sessions.fail("s2", "peer vanished", b'{"v":1}')
-    assert not log.store.sessions.fail("s2", "again", b'{"v":1}')
+    assert log.store.fail_session("s2", "peer vanished", b'{"v":1}')
+    assert not log.store.fail_session("s2", "again", b'{"v":1}')
     assert len(log.store.audit.entries()) == 1
 
 

@@ -418,10 +418,10 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
     empty = PairDelta(False, [], [], [], [], 0, EMPTY_FP, EMPTY_FP, "p")
     for sid, completes in (("s-ok", True), ("s-failed", False)):
         store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
-        store.sessions.stage_result(sid, "sindh", 1, empty, rows)
+        store.stage_session_result(sid, "sindh", 1, empty, rows)
         assert list(store.sessions.matches(sid)) == [] and store.sessions.matched_tags(sid) == []
         if completes:
-            store.sessions.complete(
+            store.complete_session(
                 sid,
                 SessionTotals(
                     own_records=1,
@@ -436,13 +436,13 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
             )
             assert list(store.sessions.matches(sid)) == rows  # once, not twice
         else:
-            assert store.sessions.fail(sid, "peer gone", None)
+            assert store.fail_session(sid, "peer gone", None)
             count = store.db.conn.execute(
                 "SELECT count(*) FROM matches WHERE session_id=?", (sid,)
             ).fetchone()
             assert count == (0,)  # the staged rows are gone with the session
     # A session already failed stages nothing.
-    store.sessions.stage_result("s-failed", "sindh", 1, empty, rows)
+    store.stage_session_result("s-failed", "sindh", 1, empty, rows)
     assert store.db.conn.execute("SELECT count(*) FROM matches").fetchone() == (1,)
 
 
@@ -464,7 +464,7 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
         assert all(store.sessions.stage_matches(sid, b) for b in batches)
         assert list(store.sessions.matches(sid)) == []  # not before the session completes
         if completes:
-            store.sessions.complete(
+            store.complete_session(
                 sid,
                 SessionTotals(
                     own_records=2,
@@ -489,7 +489,7 @@ def test_match_rows_staged_in_batches_as_found_count_once_and_go_with_a_failure(
             # write still is (synchronous=FULL, 2, is back after each staging).
             assert store.db.conn.execute("PRAGMA synchronous").fetchone() == (2,)
         else:
-            assert store.sessions.fail(sid, "peer gone", None)
+            assert store.fail_session(sid, "peer gone", None)
             # The session is gone: later batches are not written, and those staged went.
             assert not store.sessions.stage_matches(sid, batches[0])
             count = store.db.conn.execute(
@@ -527,12 +527,12 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     # A failed session leaves neither its rows nor its runs.
     failed = staged_run("s-failed")
     assert failed.delta.staged is not None and generations() == {failed.delta.staged}
-    assert store.sessions.fail("s-failed", "peer gone", None)
+    assert store.fail_session("s-failed", "peer gone", None)
     assert generations() == set() and pairruns.current(store.db.conn, "sindh", 1) is None
     # A completed one makes its staged runs the pair's state.
     ok = staged_run("s-ok")
-    store.sessions.stage_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
-    store.sessions.complete(
+    store.stage_session_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
+    store.complete_session(
         "s-ok",
         SessionTotals(
             own_records=300,
@@ -569,13 +569,15 @@ def test_registry_changes_every_pair_has_seen_are_pruned_in_batches(tmp_path: Pa
             [("sindh", 1, version, b"", b"", "p"), ("kp", 1, version - 1, b"", b"", "p")],
         )
     # kp has not seen the last version: its changes stay for kp's next incremental run.
-    assert store.registry.prune_changes(batch=4) == 20 and count() == 10
+    assert store.pairs.oldest_synced_version() == version - 1
+    assert store.registry.prune_changes(version - 1, batch=4) == 20 and count() == 10
+    assert store.registry.prune_changes(None) == 0  # (no pair holds state: none)
     assert store.registry.changed_since(version - 1) == {f"35202{2:04d}{i:04d}" for i in range(10)}
     with store.db.lock:
         store.db.conn.execute("UPDATE pair_sync SET version=? WHERE peer='kp'", (version,))
-    assert store.registry.prune_changes(batch=4) == 10 and count() == 0
+    assert store.prune_changes() == 10 and count() == 0
     store.close()
-    assert store.registry.prune_changes() == 0  # a closed store (shutdown): nothing, no error
+    assert store.registry.prune_changes(version) == 0  # a closed store (shutdown): no error
 
 
 @pytest.mark.parametrize("labelled", [False, True])

@@ -121,7 +121,7 @@ class Lifecycle:
         """With pair state: the result and new state written ahead, not yet current."""
         if matched.delta is not None:
             f = self.facts
-            self.ctx.store.sessions.stage_result(
+            self.ctx.store.stage_session_result(
                 f.session_id, f.peer, f.epoch, matched.delta, matched.outcome.matches
             )
 
@@ -139,7 +139,7 @@ class Lifecycle:
     def commit(self, matched: Matched) -> None:
         """Results, the session's row and its entry, in one transaction."""
         f, out = self.facts, matched.outcome
-        self.ctx.store.sessions.complete(
+        self.ctx.store.complete_session(
             f.session_id,
             f.totals(out),
             entry=self.ctx.audit.session_entry(f.entry("completed", at=utcnow(), result=out)),
@@ -171,7 +171,7 @@ class Lifecycle:
         f = self.facts
         log.warning("session %s with %s failed: %s", f.session_id, f.peer, reason)
         entry = self.ctx.audit.session_entry(f.entry("failed", at=utcnow(), reason=reason))
-        if self.ctx.store.sessions.fail(f.session_id, reason, entry, retriable=retriable):
+        if self.ctx.store.fail_session(f.session_id, reason, entry, retriable=retriable):
             self.ctx.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason, retriable=retriable)
         return reason
@@ -183,6 +183,6 @@ def fail_interrupted(ctx: SessionContext) -> None:
     for row in ctx.store.sessions.running():
         facts = SessionFacts.from_row(ctx.province, row)
         entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
-        ctx.store.sessions.fail(row.session_id, reason, entry, retriable=True)
+        ctx.store.fail_session(row.session_id, reason, entry, retriable=True)
         log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
     ctx.audit.sign_checkpoint()

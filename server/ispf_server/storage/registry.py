@@ -107,13 +107,13 @@ def log_changes(cur: sqlite3.Cursor, nids: set[str]) -> None:
     cur.executemany("INSERT INTO registry_changes VALUES (?,?)", ((version, n) for n in nids))
 
 
-def _prune(cur: sqlite3.Cursor, batch: int) -> int:
-    """Drop up to `batch` registry changes every pair has seen; returns how many."""
+def _prune(cur: sqlite3.Cursor, upto: int, batch: int) -> int:
+    """Drop up to `batch` registry changes of versions up to `upto`; returns how many."""
     return int(
         cur.execute(
             "DELETE FROM registry_changes WHERE rowid IN (SELECT rowid FROM registry_changes "
-            "WHERE version <= (SELECT MIN(version) FROM pair_sync) LIMIT ?)",
-            (batch,),
+            "WHERE version <= ? LIMIT ?)",
+            (upto, batch),
         ).rowcount
     )
 
@@ -345,18 +345,21 @@ class Registry:
         finally:
             self._counting.release()
 
-    def prune_changes(self, batch: int = 10_000, pause: float = 0.002) -> int:
-        """Drop the registry changes every pair has synced past, a small batch per
+    def prune_changes(self, upto: int | None, batch: int = 10_000, pause: float = 0.002) -> int:
+        """Drop the registry changes of versions up to `upto` (those every pair has
+        synced past: `Store.prune_changes`; None: none), a small batch per
         transaction with a pause between (the first sync after loading millions has
         millions to drop, while the session's last calls, the witnessing, and online
         checks go on). Returns how many were dropped."""
+        if upto is None:
+            return 0
         if not self._pruning.acquire(blocking=False):
             return 0  # another sync's pruning is at it
         dropped = 0
         try:
             while True:
                 with self._db.transaction() as cur:
-                    n = _prune(cur, batch)
+                    n = _prune(cur, upto, batch)
                 dropped += n
                 if n < batch:
                     return dropped

@@ -6,16 +6,11 @@ so partial results are never shown as final."""
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ispf.records import Label
-from ispf_server.storage import auditlog
 from ispf_server.storage.db import Database, storage_errors, utcnow
-from ispf_server.storage.pairs import deltas
-from ispf_server.storage.pairs import runs as pairruns
-from ispf_server.storage.pairs.state import PairDelta
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -129,6 +124,67 @@ def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow
     )
 
 
+def complete_in(
+    cur: sqlite3.Cursor,
+    session_id: str,
+    totals: SessionTotals,
+    matches: list[MatchRow] | None,
+) -> None:
+    """Mark a session COMPLETED with its totals, and write its match rows unless they
+    were staged (None), in the caller's transaction (`Store.complete_session`)."""
+    matched_records = totals.matched_records
+    if matches is not None:
+        _insert_matches(cur, session_id, matches)
+        if matched_records is None:
+            matched_records = len({m.record_id for m in matches})
+    cur.execute(
+        "UPDATE sessions SET state='COMPLETED', own_records=?, own_values=?, "
+        "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
+        "finished_at=?, sync=?, own_removed=?, peer_removed=? WHERE session_id=?",
+        (
+            totals.own_records,
+            totals.own_values,
+            totals.peer_values,
+            totals.match_count,
+            matched_records or 0,
+            totals.result_digest,
+            utcnow(),
+            totals.sync,
+            totals.own_removed,
+            totals.peer_removed,
+            session_id,
+        ),
+    )
+
+
+def stage_in(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> bool:
+    """A running session's match rows written ahead of its commit, in the caller's
+    transaction; False (nothing written) where it is no longer running."""
+    if not _running(cur, session_id):
+        return False
+    _insert_matches(cur, session_id, matches)
+    return True
+
+
+def fail_in(
+    cur: sqlite3.Cursor, session_id: str, error: str, *, retriable: bool
+) -> tuple[str, int] | None:
+    """Mark a running session FAILED and drop the match rows staged for it, in the
+    caller's transaction; its (peer, epoch), or None where it was not running."""
+    changed = cur.execute(
+        "UPDATE sessions SET state='FAILED', error=?, finished_at=?, retriable=? "
+        "WHERE session_id=? AND state='RUNNING'",
+        (error, utcnow(), int(retriable), session_id),
+    ).rowcount
+    if not changed:
+        return None
+    cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
+    peer, epoch = cur.execute(
+        "SELECT peer, epoch FROM sessions WHERE session_id=?", (session_id,)
+    ).fetchone()
+    return str(peer), int(epoch)
+
+
 def erase_tags(cur: sqlite3.Cursor, epoch: int) -> int:
     """Erase the match tags of an epoch's sessions (in the caller's transaction);
     returns how many."""
@@ -142,12 +198,12 @@ def erase_tags(cur: sqlite3.Cursor, epoch: int) -> int:
 
 
 class Sessions:
-    """`after_pair_commit`: housekeeping started (off the session's path) after a
-    session that changed pair state commits: the registry's change pruning."""
+    """The sessions and their match rows. A session's commit and failure, which also
+    write pair state and the audit log, are the store's (`Store.complete_session`,
+    `Store.fail_session`): they use this room's cursor functions."""
 
-    def __init__(self, db: Database, after_pair_commit: Callable[[], object]) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._after_pair_commit = after_pair_commit
 
     @storage_errors
     def begin(
@@ -160,121 +216,18 @@ class Sessions:
         )
 
     @storage_errors
-    def complete(
-        self,
-        session_id: str,
-        totals: SessionTotals,
-        *,
-        entry: bytes,
-        matches: list[MatchRow] | None = None,
-        matches_staged: bool = False,
-        pair_delta: tuple[str, int, PairDelta] | None = None,
-    ) -> int:
-        """Store the results, mark the session COMPLETED and append its audit entry,
-        all in one transaction; returns the entry's index in the log. With
-        `matches_staged`, `stage_result` (or `stage_matches`) wrote the match rows
-        already; `totals.matched_records` counts the records they name (else
-        `matches`)."""
-        matches = matches or []
-        matched_records = totals.matched_records
-        if matched_records is None:
-            matched_records = len({m.record_id for m in matches})
-        with self._db.transaction() as cur:
-            if not matches_staged:
-                _insert_matches(cur, session_id, matches)
-            cur.execute(
-                "UPDATE sessions SET state='COMPLETED', own_records=?, own_values=?, "
-                "peer_values=?, match_count=?, matched_records=?, result_digest=?, "
-                "finished_at=?, sync=?, own_removed=?, peer_removed=? WHERE session_id=?",
-                (
-                    totals.own_records,
-                    totals.own_values,
-                    totals.peer_values,
-                    totals.match_count,
-                    matched_records,
-                    totals.result_digest,
-                    utcnow(),
-                    totals.sync,
-                    totals.own_removed,
-                    totals.peer_removed,
-                    session_id,
-                ),
-            )
-            if pair_delta is not None:
-                deltas.apply_delta(cur, *pair_delta)
-            idx = auditlog.append(cur, session_id, entry)
-        if pair_delta is not None:  # housekeeping, off the session's path
-            threading.Thread(
-                target=self._after_pair_commit, name="prune-changes", daemon=True
-            ).start()
-        return idx
-
-    @storage_errors
-    def stage_result(
-        self,
-        session_id: str,
-        peer: str,
-        epoch: int,
-        delta: PairDelta,
-        matches: list[MatchRow],
-    ) -> None:
-        """Write a sync session's result ahead of its commit, before the peer agrees:
-        the match rows (read only once the session is COMPLETED; `fail` deletes
-        them) and a full run's sorted runs, as a generation that is not yet the
-        pair's state (`complete` makes it so). The commit then writes almost
-        nothing while the peer waits."""
-        with self._db.transaction() as cur:
-            running = _running(cur, session_id)
-            gen = None
-            if running:  # (a session failed meanwhile keeps nothing)
-                _insert_matches(cur, session_id, matches)
-            if running and delta.reset and delta.runs is not None:
-                runs = delta.runs
-                gen = pairruns.stage(cur, peer, epoch, runs.labelsets, runs.runs)
-        if gen is not None:
-            delta.staged, delta.runs = gen, None
-
-    @storage_errors
     def stage_matches(self, session_id: str, matches: list[MatchRow]) -> bool:
         """Write some of a running session's match rows ahead of its commit, as they
         are found (in batches: a registry's matches are never all in memory). Read
-        only once the session is COMPLETED; `fail` deletes them. False (nothing
+        only once the session is COMPLETED; a failure deletes them. False (nothing
         written) where the session is no longer running."""
         with self._db.transaction(staging=True) as cur:
-            if not _running(cur, session_id):
-                return False
-            _insert_matches(cur, session_id, matches)
-            return True
+            return stage_in(cur, session_id, matches)
 
     @storage_errors
     def set_answer(self, session_id: str, answer: bytes) -> None:
         """Keep the responder's answer to Conclude, for a repeat after a restart."""
         self._db.write("UPDATE sessions SET answer=? WHERE session_id=?", (answer, session_id))
-
-    @storage_errors
-    def fail(
-        self, session_id: str, error: str, entry: bytes | None, *, retriable: bool = False
-    ) -> bool:
-        """Mark a running session FAILED and append its entry, in one transaction.
-
-        Does nothing (returns False) if the session is not running, so a
-        session never gets two entries.
-        """
-        with self._db.transaction() as cur:
-            changed = cur.execute(
-                "UPDATE sessions SET state='FAILED', error=?, finished_at=?, retriable=? "
-                "WHERE session_id=? AND state='RUNNING'",
-                (error, utcnow(), int(retriable), session_id),
-            ).rowcount
-            if changed:  # rows and runs staged ahead of a commit that never came
-                cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
-                peer, epoch = cur.execute(
-                    "SELECT peer, epoch FROM sessions WHERE session_id=?", (session_id,)
-                ).fetchone()
-                pairruns.drop_staged(cur, peer, epoch)
-            if changed and entry is not None:
-                auditlog.append(cur, session_id, entry)
-        return bool(changed)
 
     def get(self, session_id: str) -> SessionRow | None:
         row = self._db.fetchone("SELECT * FROM sessions WHERE session_id=?", (session_id,))

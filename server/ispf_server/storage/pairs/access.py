@@ -29,6 +29,12 @@ class Pairs:
         self._master_path = master_path
         self._master: MasterKey = keys.load_master(db, master_path, db.path)
 
+    def oldest_synced_version(self) -> int | None:
+        """The oldest registry version any pair's state was synced at (None: no pair
+        holds state): registry changes up to it are seen by every pair."""
+        row = self._db.fetchone("SELECT MIN(version) FROM pair_sync")
+        return None if row is None or row[0] is None else int(row[0])
+
     @property
     def master_path(self) -> Path:
         return self._master_path

@@ -128,4 +128,4 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         "INSERT OR REPLACE INTO pair_sync VALUES (?,?,?,?,?,?)",
         (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),
     )
-    # (Changes every pair has seen are dropped after the commit: `Registry.prune_changes`.)
+    # (Changes every pair has seen are dropped after the commit: `Store.prune_changes`.)

@@ -119,7 +119,7 @@ class PairDelta:
     policy: str
     # A full run's state as sorted runs, built before the commit (the CPU-heavy part,
     # done while the peer does the same); once written ahead as a generation
-    # (`Sessions.stage_result`), `staged` names it and the commit only makes it current.
+    # (`Store.stage_session_result`), `staged` names it and the commit only makes it current.
     runs: PackedRuns | None = field(default=None, repr=False)  # (packed IDs)
     staged: int | None = None
 
