@@ -4,7 +4,6 @@ once (`Node`), and the gRPC server over them (`create_server`)."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -19,8 +18,6 @@ from ispf.auditlog import load_log_signer
 from ispf.blinding import backend_status, curve_in_c, select_backend
 from ispf.errors import (
     ConfigError,
-    PolicyRefused,
-    PreconditionFailed,
     UnknownEpoch,
 )
 from ispf.keys import ForumSalt
@@ -29,7 +26,6 @@ from ispf.records import Label
 from ispf.v1 import (
     audit_pb2,
     audit_pb2_grpc,
-    common_pb2,
     internal_pb2,
     internal_pb2_grpc,
     peer_pb2,
@@ -53,7 +49,8 @@ from ispf_server.services.internal import (
     RegistryServicer,
 )
 from ispf_server.services.peer import PeerServicer
-from ispf_server.session.initiator import Ask, Initiator, Peer, initiate
+from ispf_server.session.initiator import Ask
+from ispf_server.session.launch import Launcher
 from ispf_server.session.lifecycle import SessionContext, fail_interrupted
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
@@ -105,9 +102,6 @@ class Node:
             self.tls,
             config.max_message_bytes,
         )
-        self._pair_locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
         self.budget = QueryBudget(
             self.store, on_refused=lambda peer: self.metrics.budget_refused.labels(peer).inc()
         )
@@ -119,19 +113,28 @@ class Node:
             budget=self.budget,
             chunk_values=config.chunk_values,
         )
+        self.launcher = Launcher(
+            self.sessions,
+            self.board,
+            policy=self.policy.current,
+            salt=lambda: self.current_salt,
+            stub=self.peer_stub,
+            call_deadline=config.call_deadline,
+            session_deadline=config.session_deadline,
+        )
         self.responder = Responder(
             self.sessions,
             salts=self.salts,
             board=self.board,
             policy=self.policy.current,
             idle_timeout=config.session_idle_timeout,
-            pair_lock=self.pair_lock,
+            pair_lock=self.launcher.pair_lock,
         )
         self.probes = ProbeAnswerer(
             store=self.store,
             policy=self.policy.current,
             audit=self.audit,
-            sync_with=self.sync_with,
+            sync_with=self.launcher.sync_with,
             on_probe=lambda peer, result, n: self.metrics.probes.labels(peer, result).inc(n),
             backend=self.backend.name,
             budget=self.budget,
@@ -266,19 +269,6 @@ class Node:
         policy, epoch = self.policy.current(), self.config.current_epoch
         return [self.budget.state(policy.peers[p], epoch) for p in sorted(policy.peers)]
 
-    def pair_lock(self, peer: str) -> threading.Lock:
-        """One session at a time per pair, whichever side started it (sync state)."""
-        with self._lock:
-            return self._pair_locks.setdefault(peer, threading.Lock())
-
-    def sync_with(self, peer: str) -> None:
-        """Run a sync session with the peer in this thread (to freshen the check index)."""
-        initiator = self._initiator(Ask(peer, "reconciliation", common_pb2.MODE_MUTUAL))
-        initiator.run()
-        snap = initiator.progress.snapshot()
-        if snap.state != "COMPLETED":
-            raise PreconditionFailed(f"sync with {peer} failed: {snap.error}")
-
     def start_session(
         self,
         *,
@@ -289,41 +279,14 @@ class Node:
         peer_collections: frozenset[str],
         full: bool = False,
     ) -> Snapshot:
-        initiator = self._initiator(Ask(peer, purpose, mode, collections, peer_collections, full))
-        sid = initiator.facts.session_id
-        t = threading.Thread(target=initiator.run, name=f"session-{sid[:8]}", daemon=True)
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
-        return initiator.progress.snapshot()
-
-    def _initiator(self, ask: Ask) -> Initiator:
-        if ask.peer == self.province:
-            raise PolicyRefused("a node cannot reconcile with itself")
-        stub = self.peer_stub(ask.peer)
-        return initiate(
-            self.sessions,
-            self.board,
-            ask,
-            policy=self.policy.current(),
-            salt=self.current_salt,
-            peer=lambda sync: Peer(
-                stub,
-                self.config.call_deadline,
-                self.config.session_deadline,
-                self.pair_lock(ask.peer) if sync else None,
-            ),
-        )
+        return self.launcher.start(Ask(peer, purpose, mode, collections, peer_collections, full))
 
     def close(self) -> None:
         self.health.stop()
         self.metrics.close()
         self.checker.close()
         self.probes.log.flush()
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(timeout=5)
+        self.launcher.join(timeout=5)
         self.peers_to.close()
         if self._own_pool:
             self.pool.close()

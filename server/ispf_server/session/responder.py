@@ -343,8 +343,34 @@ class Responder:
             raise
 
     def _handshake(self, req: peer_pb2.HandshakeRequest, caller: str) -> peer_pb2.HandshakeResponse:
+        """Admit the session (`_admit`), plan this side (`_plan`), open it (`_open`),
+        and answer with this side's groups and the log's checkpoint."""
         clock = Stopwatch()
         self._expire()
+        salt, pp, groups, sizes = self._admit(req, caller)
+        plan, side, peer_removed, lock = self._plan(req, caller, pp)
+        s = self._open(req, caller, pp, salt, plan, side, (groups, sizes, peer_removed), lock)
+        s.life.clock = clock
+        clock.lap("prepare")
+        # Our current checkpoint, so the initiator can find a fork before either commits.
+        checkpoint, proof = self.audit.checkpoint_for(req.witnessed_size)
+        return peer_pb2.HandshakeResponse(
+            session_id=s.session_id,
+            groups=plan.wire_groups(s.labelled),
+            max_chunk_values=MAX_CHUNK_VALUES,
+            removed=side.removed_wire if side else b"",
+            checkpoint=checkpoint,
+            consistency=proof,
+            witnessed_size=self.audit.witnessed_size(caller),
+            registry_size=s.life.facts.own_declared,
+        )
+
+    def _admit(
+        self, req: peer_pb2.HandshakeRequest, caller: str
+    ) -> tuple[ForumSalt, PeerPolicy, list[LabelSet], list[int]]:
+        """The checks before any work: protocol version, a fresh session id, the same
+        salt, the mode, the policy's purpose and size limits, the announced groups
+        and the call bounds. Returns the salt, the peer's policy and its groups."""
         if req.protocol_version != PROTOCOL_VERSION:
             raise VersionMismatch(
                 f"protocol version {req.protocol_version} not supported; this node speaks "
@@ -381,6 +407,15 @@ class Responder:
             )
         groups, sizes = parse_groups(list(req.groups), labelled=labelled, max_total=announced)
         self._check_bounds(req, caller, pp, announced)
+        return salt, pp, groups, sizes
+
+    def _plan(
+        self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy
+    ) -> tuple[Plan, SyncSide | None, list[bytes], threading.Lock | None]:
+        """This side's plan (a sync session's under the pair's lock), and the peer's
+        set charged to its query budget, last: a session refused for another reason
+        costs no budget. Returns the plan, the sync side, the peer's removed tags and
+        the pair lock held (None for a one-off session)."""
         side: SyncSide | None = None
         peer_removed: list[bytes] = []
         lock: threading.Lock | None = None
@@ -389,13 +424,16 @@ class Responder:
             plan = side.plan
         else:
             plan = one_off_plan(
-                self.store, pp, frozenset(req.responder_collections), labelled=labelled
+                self.store,
+                pp,
+                frozenset(req.responder_collections),
+                labelled=req.mode == common_pb2.MODE_MUTUAL,
             )
-        try:  # (last: a session refused for another reason costs no budget)
+        try:
             self.budget.charge(
                 pp,
                 req.epoch,
-                announced,
+                sum(g.size for g in req.groups),
                 declared=req.registry_size,
                 what=f"session's set ({'sync' if req.sync else 'one-off'})",
             )
@@ -404,6 +442,22 @@ class Responder:
             if lock is not None:
                 lock.release()
             raise
+        return plan, side, peer_removed, lock
+
+    def _open(
+        self,
+        req: peer_pb2.HandshakeRequest,
+        caller: str,
+        pp: PeerPolicy,
+        salt: ForumSalt,
+        plan: Plan,
+        side: SyncSide | None,
+        peer: tuple[list[LabelSet], list[int], list[bytes]],
+        lock: threading.Lock | None,
+    ) -> ResponderSession:
+        """The session begun (its facts, its running row) and held open, unless the
+        peer already holds as many open sessions as its policy allows."""
+        groups, sizes, peer_removed = peer
         facts = SessionFacts(
             session_id=req.session_id,
             province=self.province,
@@ -420,7 +474,6 @@ class Responder:
         )
         facts.own_side(plan, side, self.store.registry.distinct_ids())
         life = Lifecycle.begin(facts, self.ctx, self.board, phase="exchange")
-        life.clock = clock
         s = ResponderSession(
             life=life,
             salt=salt,
@@ -434,7 +487,6 @@ class Responder:
             side=side,
             pair_lock=lock,
         )
-        clock.lap("prepare")
         with self._lock:
             crowded = sum(1 for o in self._sessions.values() if o.peer == caller)
             if crowded < pp.max_open_sessions:
@@ -449,25 +501,13 @@ class Responder:
             "session %s: %s opened a %s session (epoch %d, purpose %s): %d own, %d peer values",
             s.session_id,
             caller,
-            "mutual" if labelled else "count-only",
+            "mutual" if s.labelled else "count-only",
             req.epoch,
             req.purpose,
             plan.total,
             sum(sizes),
         )
-        answer_groups = plan.wire_groups(labelled)
-        # Our current checkpoint, so the initiator can find a fork before either commits.
-        checkpoint, proof = self.audit.checkpoint_for(req.witnessed_size)
-        return peer_pb2.HandshakeResponse(
-            session_id=s.session_id,
-            groups=answer_groups,
-            max_chunk_values=MAX_CHUNK_VALUES,
-            removed=side.removed_wire if side else b"",
-            checkpoint=checkpoint,
-            consistency=proof,
-            witnessed_size=self.audit.witnessed_size(caller),
-            registry_size=facts.own_declared,
-        )
+        return s
 
     def _check_bounds(
         self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy, announced: int
