@@ -17,7 +17,7 @@ from ispf_client.csvio import RowProblem
 from ispf_server.policy import PeerPolicy
 from ispf_server.session.plan import one_off_plan
 from ispf_server.storage import Store
-from ispf_server.storage.pairs.state import OwnGroup, PackedRuns, PairDelta
+from ispf_server.storage.pairs.state import OwnGroup, PairDelta
 from ispf_server.storage.registry import StoredRecord
 from ispf_server.storage.sessions import MatchRow
 
@@ -51,9 +51,7 @@ def test_no_repr_of_a_stored_object_holds_thirteen_digits(tmp_path: Path) -> Non
             own_fp=b"",
             peer_fp=b"",
             policy="",
-            runs=PackedRuns({"[]": 1}, {"own": NID.encode() + b"t" * 16}),
         ),
-        PackedRuns({"[]": 1}, {"own": NID.encode()}),
     ]
     for obj in objects:
         assert not THIRTEEN.search(repr(obj)), type(obj).__name__

@@ -236,7 +236,7 @@ def _full_run(
     # The runs are staged in the store as they are built (a generation that is not
     # current yet); no per-ID groups are kept.
     assert res.delta is not None and res.delta.staged is not None
-    assert res.delta.runs is None and not res.delta.own_added and not res.delta.peer_added
+    assert not res.delta.own_added and not res.delta.peer_added
     nids = list(tag_of)
     assert lookups.own_by_nids(store.db.conn, "sindh", 1, nids) == {}  # not yet current
     cur = store.db.conn.cursor()
@@ -410,15 +410,13 @@ def test_reading_in_batches_misses_and_repeats_nothing(tmp_path: Path) -> None:
 
 
 def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) -> None:
-    from ispf_server.storage.pairs.state import EMPTY_FP, PairDelta
     from ispf_server.storage.sessions import MatchRow
 
     store = Store(tmp_path / "s.sqlite")
     rows = [MatchRow("r1", LABELS[0], LABELS[1], b"t" * 16)]
-    empty = PairDelta(False, [], [], [], [], 0, EMPTY_FP, EMPTY_FP, "p")
     for sid, completes in (("s-ok", True), ("s-failed", False)):
         store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
-        store.stage_session_result(sid, "sindh", 1, empty, rows)
+        store.sessions.stage_matches(sid, rows)
         assert list(store.sessions.matches(sid)) == [] and store.sessions.matched_tags(sid) == []
         if completes:
             store.complete_session(
@@ -442,7 +440,7 @@ def test_staged_match_rows_show_only_once_the_session_completes(tmp_path: Path) 
             ).fetchone()
             assert count == (0,)  # the staged rows are gone with the session
     # A session already failed stages nothing.
-    store.stage_session_result("s-failed", "sindh", 1, empty, rows)
+    store.sessions.stage_matches("s-failed", rows)
     assert store.db.conn.execute("SELECT count(*) FROM matches").fetchone() == (1,)
 
 
@@ -531,7 +529,7 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
     assert generations() == set() and pairruns.current(store.db.conn, "sindh", 1) is None
     # A completed one makes its staged runs the pair's state.
     ok = staged_run("s-ok")
-    store.stage_session_result("s-ok", "sindh", 1, ok.delta, ok.outcome.matches)
+    store.sessions.stage_matches("s-ok", ok.outcome.matches)
     store.complete_session(
         "s-ok",
         SessionTotals(

@@ -118,12 +118,10 @@ class Lifecycle:
         )
 
     def stage(self, matched: Matched) -> None:
-        """With pair state: the result and new state written ahead, not yet current."""
+        """With pair state: the result rows written ahead, not yet read (a full run's
+        new state was staged as it was built)."""
         if matched.delta is not None:
-            f = self.facts
-            self.ctx.store.stage_session_result(
-                f.session_id, f.peer, f.epoch, matched.delta, matched.outcome.matches
-            )
+            self.ctx.store.sessions.stage_matches(self.facts.session_id, matched.outcome.matches)
 
     def agree(self, mine: Outcome, count: int, digest: bytes, *, also: bool = True) -> None:
         """Both sides must have found the same result (`also`: and whatever else they

@@ -1,7 +1,7 @@
 """`Store`: the store file opened, its schema made, and its rooms composed; and the
-writes that span rooms, each one transaction: a session's staged result, commit
-and failure (its row and matches, the pair's state, its audit entry), and an
-epoch's retirement."""
+writes that span rooms, each one transaction: a session's commit and failure
+(its row and matches, the pair's state, its audit entry), the pruning of
+changes every pair has seen, and an epoch's retirement."""
 
 from __future__ import annotations
 
@@ -54,24 +54,6 @@ class Store:
             )
 
     @storage_errors
-    def stage_session_result(
-        self, session_id: str, peer: str, epoch: int, delta: PairDelta, matches: list[MatchRow]
-    ) -> None:
-        """Write a sync session's result ahead of its commit, before the peer agrees:
-        the match rows (read only once the session is COMPLETED; a failure deletes
-        them) and a full run's sorted runs, as a generation that is not yet the
-        pair's state (`complete_session` makes it so). The commit then writes
-        almost nothing while the peer waits."""
-        with self.db.transaction() as cur:
-            running = sessions.stage_in(cur, session_id, matches)
-            gen = None
-            if running and delta.reset and delta.runs is not None:
-                runs = delta.runs
-                gen = pairruns.stage(cur, peer, epoch, runs.labelsets, runs.runs)
-        if gen is not None:
-            delta.staged, delta.runs = gen, None
-
-    @storage_errors
     def complete_session(
         self,
         session_id: str,
@@ -85,7 +67,7 @@ class Store:
         """Store the results, mark the session COMPLETED, make its pair state current
         and append its audit entry, all in one transaction; returns the entry's
         index in the log. With `matches_staged`, the match rows were written ahead
-        (`stage_session_result`, `Sessions.stage_matches`); `totals.matched_records`
+        (`Sessions.stage_matches`); `totals.matched_records`
         counts the records they name (else `matches`)."""
         with self.db.transaction() as cur:
             sessions.complete_in(

@@ -12,6 +12,7 @@ import pytest
 from ispf_server.storage.pairs import deltas, lookups, schema, state
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.state import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
+from tests.unit.storage import packing
 
 
 def db() -> sqlite3.Connection:
@@ -104,11 +105,11 @@ def test_fingerprints_packed_and_not_agree() -> None:
 
 def test_packing_refuses_ids_that_are_not_13_digits() -> None:
     tag = os.urandom(16)
-    assert state.pack_runs([OwnGroup("[]", ["12345"], [tag])], [], {}) is None
-    assert state.pack_runs([OwnGroup("[]", ["35202123456x1"], [tag])], [], {}) is None
-    assert state.pack_runs([], [PeerGroup("[]", [b"short"])], {}) is None
-    runs = state.pack_runs([OwnGroup("[]", ["3520212345671"], [tag])], [], {})
-    assert runs is not None and runs.runs["own_nid"] == b"3520212345671" + tag + bytes(4)
+    assert packing.pack_runs([OwnGroup("[]", ["12345"], [tag])], [], {}) is None
+    assert packing.pack_runs([OwnGroup("[]", ["35202123456x1"], [tag])], [], {}) is None
+    assert packing.pack_runs([], [PeerGroup("[]", [b"short"])], {}) is None
+    packed = packing.pack_runs([OwnGroup("[]", ["3520212345671"], [tag])], [], {})
+    assert packed is not None and packed[1]["own_nid"] == b"3520212345671" + tag + bytes(4)
 
 
 def test_reset_clears_only_this_pair() -> None:
@@ -166,7 +167,7 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
         reset=True,
         own_added=own,
         peer_added=peer,
-        runs=state.pack_runs(own, peer, model.matches()),
+        staged=packing.staged(conn, "sindh", 1, own, peer, model.matches()),
     )
     deltas.apply_delta(conn.cursor(), "sindh", 1, full)
     assert conn.execute("SELECT count(*) FROM own_tags").fetchone() == (0,)  # all in runs
@@ -210,7 +211,7 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
         reset=True,
         own_added=own,
         peer_added=peer,
-        runs=state.pack_runs(own, peer, model.matches()),
+        staged=packing.staged(conn, "sindh", 1, own, peer, model.matches()),
     )
     deltas.apply_delta(conn.cursor(), "sindh", 1, again)
     check_against(conn, model, nids[:50])
@@ -224,21 +225,20 @@ def test_a_staged_generation_is_invisible_until_its_commit() -> None:
 
     def full(tag: bytes) -> PairDelta:
         own = [OwnGroup('["P/a"]', ["3520200000001"], [tag])]
-        return delta(reset=True, own_added=own, runs=state.pack_runs(own, [], {}))
+        return delta(
+            reset=True, own_added=own, staged=packing.staged(conn, "sindh", 1, own, [], {})
+        )
 
     deltas.apply_delta(conn.cursor(), "sindh", 1, full(t_old))
-    staged = full(t_new)
+    full(t_new)  # staged by a session that then failed
     cur = conn.cursor()
-    staged.staged = pairruns.stage(cur, "sindh", 1, staged.runs.labelsets, staged.runs.runs)
-    staged.runs = None
     # Written, not current: lookups still see the old state.
     assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_old
     # A session that failed left it behind: the next staging drops it.
     again = full(t_new)
-    gen = pairruns.stage(cur, "sindh", 1, again.runs.labelsets, again.runs.runs)
+    gen = again.staged
     gens = {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")}
     assert gens == {pairruns.current(conn, "sindh", 1), gen}
-    again.staged, again.runs = gen, None
     deltas.apply_delta(cur, "sindh", 1, again)  # the commit flips to it
     assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_new
     assert {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")} == {gen}

@@ -82,7 +82,7 @@ def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGro
 def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
     """Write a session's changes to the pair state (inside the session's transaction).
 
-    A full run replaces the state: as sorted runs where the IDs are canonical,
+    A full run replaces the state: with the sorted runs it staged (`d.staged`),
     else as rows. An incremental run writes rows on top, and tombstones the
     run entries it replaces or removes."""
     if d.reset:
@@ -90,9 +90,6 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
             cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
         if d.staged is not None:
             pairruns.activate(cur, peer, epoch, d.staged)
-        elif d.runs is not None:
-            gen = pairruns.stage(cur, peer, epoch, d.runs.labelsets, d.runs.runs)
-            pairruns.activate(cur, peer, epoch, gen)
         else:
             pairruns.clear(cur, peer, epoch)
             _insert_own(cur, peer, epoch, d.own_added)

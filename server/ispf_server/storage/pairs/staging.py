@@ -11,7 +11,7 @@ class RunStager:
     """A staged generation of one pair's sorted runs, each written in pieces as merged.
 
     The generation is not the pair's state until the session commits
-    (`Sessions.complete` activates `PairDelta.staged`); a session that fails leaves
+    (`Store.complete_session` activates `PairDelta.staged`); a session that fails leaves
     it to be dropped by the pair's next staging. Sessions of a pair never overlap
     (the node holds a lock per peer), so one pair has one staging at a time."""
 

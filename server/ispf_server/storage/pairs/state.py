@@ -16,8 +16,9 @@ both sides mean an incremental run is possible; otherwise the run is full and
 both sides replace their state for the pair.
 
 This module holds the state's values (fingerprints, label sets, the delta a
-session commits, a full run's sorted runs built in memory); `deltas` writes
-them, `lookups` reads them, `keys` keeps the pair keys' counters.
+session commits, the numbering of label sets in a full run's sorted runs);
+`staging` writes a full run's runs ahead of its commit, `deltas` writes the
+commit, `lookups` reads the state, `keys` keeps the pair keys' counters.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ispf.records import Label
-from ispf_server.records import sort_inplace, xor_fold, zip_into, zip_records
+from ispf_server.records import xor_fold
 from ispf_server.storage.pairs import runs as pairruns
-from ispf_server.storage.pairs.runs import MATCHED, OWN_NID, OWN_TAG, PEER_TAG
 
 FP_BYTES = 32
 EMPTY_FP = bytes(FP_BYTES)
@@ -117,17 +117,10 @@ class PairDelta:
     own_fp: bytes
     peer_fp: bytes
     policy: str
-    # A full run's state as sorted runs, built before the commit (the CPU-heavy part,
-    # done while the peer does the same); once written ahead as a generation
-    # (`Store.stage_session_result`), `staged` names it and the commit only makes it current.
-    runs: PackedRuns | None = field(default=None, repr=False)  # (packed IDs)
+    # A full run's state as sorted runs, staged piece by piece before the commit
+    # (`pairs.staging`, while the peer does the same): `staged` names the generation,
+    # and the commit only makes it current.
     staged: int | None = None
-
-
-@dataclass(frozen=True)
-class PackedRuns:
-    labelsets: dict[str, int]  # label set text -> lsid
-    runs: dict[str, Buffer] = field(repr=False)  # run kind -> sorted records (IDs)
 
 
 def xor_fp(a: bytes, b: bytes) -> bytes:
@@ -141,117 +134,13 @@ def toggle(fp: bytes, tags: Iterable[bytes]) -> bytes:
     )
 
 
-def _zip(n: int, *parts: tuple[Buffer, int]) -> bytes:
-    """n fixed-width records from columns (a column of one width is a constant)."""
-    return zip_records(n, *parts)
-
-
-def _zip_into(dst: bytearray, at: int, n: int, *parts: tuple[Buffer, int]) -> int:
-    """`_zip` written into dst from byte `at`; returns the byte after the last record."""
-    return zip_into(dst, at, n, *parts)
-
-
 class RunBuilder:
-    """A full run's state as sorted runs, from packed columns, one run at a time, in
-    memory (`pack_runs`: how the storage tests write runs). Label sets are numbered
-    as they are met (`lsid`), which a session's full run (`session.match.kept`,
-    sorting externally within a memory budget) uses too."""
+    """Label sets numbered as a full run meets them (`lsid`): the numbers its sorted
+    runs carry (`session.match.kept`, which sorts within a memory budget), and
+    `texts`, each set's text by number, which the runs' staging stores."""
 
     def __init__(self) -> None:
         self.texts: dict[str, int] = {}
 
     def lsid(self, text: str) -> bytes:
         return pairruns.lsid(self.texts.setdefault(text, len(self.texts)))
-
-    def own(
-        self,
-        groups: Iterable[tuple[str, Buffer, Buffer]],
-        *,
-        by_tag: bool,
-    ) -> bytearray:
-        """From (label set, 13-byte IDs, 16-byte tags) per group: own_tag or own_nid."""
-        return self._run(
-            (
-                (
-                    len(tags) // TAG_LEN,
-                    ((tags, TAG_LEN), (nids, NID_BYTES))
-                    if by_tag
-                    else ((nids, NID_BYTES), (tags, TAG_LEN)),
-                    labels,
-                )
-                for labels, nids, tags in groups
-            ),
-            TAG_LEN + NID_BYTES,
-        )
-
-    def peer(self, groups: Iterable[tuple[str, Buffer]]) -> bytearray:
-        """From (label set, 16-byte tags) per group: peer_tag."""
-        return self._run(
-            ((len(tags) // TAG_LEN, ((tags, TAG_LEN),), labels) for labels, tags in groups),
-            TAG_LEN,
-        )
-
-    def _run(
-        self,
-        groups: Iterable[tuple[int, tuple[tuple[Buffer, int], ...], str]],
-        columns: int,
-    ) -> bytearray:
-        """Each group's columns (`columns` bytes a value) zipped with its label set's id,
-        one group at a time into one buffer, then sorted in place: the run itself is
-        the only full-size copy (the groups' columns are views: nothing copied)."""
-        todo = list(groups)
-        total = sum(n for n, _, _ in todo)
-        width = columns + pairruns.LSID
-        out = bytearray(width * total)
-        at = 0
-        for n, cols, labels in todo:
-            at = _zip_into(out, at, n, *cols, (self.lsid(labels), pairruns.LSID))
-        sort_inplace(out, width)
-        return out
-
-    def matched(self, matches: dict[str, tuple[bytes, str]]) -> bytearray:
-        """From nid -> (tag, peer labels): matched."""
-        out = bytearray()
-        for n, (t, lbl) in matches.items():
-            out += n.encode("ascii")
-            out += t
-            out += self.lsid(lbl)
-        sort_inplace(out, MATCHED.width)
-        return out
-
-    def done(
-        self, own_nid: Buffer, own_tag: Buffer, peer_tag: Buffer, matched: Buffer
-    ) -> PackedRuns:
-        return PackedRuns(
-            self.texts,
-            {
-                OWN_NID.name: own_nid,
-                OWN_TAG.name: own_tag,
-                PEER_TAG.name: peer_tag,
-                MATCHED.name: matched,
-            },
-        )
-
-
-def _canonical_nids(nids: list[str]) -> bool:
-    joined = "".join(nids)
-    return joined.isascii() and joined.isdigit() and all(map(NID_BYTES.__eq__, map(len, nids)))
-
-
-def pack_runs(
-    own_added: list[OwnGroup],
-    peer_added: list[PeerGroup],
-    matched: dict[str, tuple[bytes, str]],
-) -> PackedRuns | None:
-    """A full run's state as sorted runs; None where IDs or tags are not canonical
-    (then the state is written as rows)."""
-    tag_lists = [g.tags for g in own_added] + [g.tags for g in peer_added]
-    if not all(_canonical_nids(g.nids) for g in own_added) or not all(
-        all(map(TAG_LEN.__eq__, map(len, tags))) for tags in tag_lists
-    ):
-        return None
-    own = [(g.labels, "".join(g.nids).encode("ascii"), b"".join(g.tags)) for g in own_added]
-    b = RunBuilder()
-    own_tag = b.own(own, by_tag=True)
-    peer_tag = b.peer((g.labels, b"".join(g.tags)) for g in peer_added)
-    return b.done(b.own(own, by_tag=False), own_tag, peer_tag, b.matched(matched))
