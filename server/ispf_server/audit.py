@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,8 +384,10 @@ class AuditLog:
         self.store.audit.set_witnessed(peer, new.checkpoint.size, signed_note)
         return new
 
-    def cosign(self, signed: SignedCheckpoint) -> str:
-        return self.signer.cosign_line(signed.checkpoint.text(), int(time.time()))
+    def cosign(self, signed: SignedCheckpoint, *, at: int) -> str:
+        """Our cosignature on a peer's checkpoint, timestamped `at` (Unix seconds,
+        from the caller: as every entry's time, the log takes it, never reads it)."""
+        return self.signer.cosign_line(signed.checkpoint.text(), at)
 
     def add_cosignature(self, peer: str, line: str) -> None:
         """Store a peer's cosignature on one of our recent checkpoints (after checking it)."""

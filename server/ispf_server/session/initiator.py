@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -373,7 +374,7 @@ class Initiator:
             resp = self.stub.Witness(
                 peer_pb2.WitnessRequest(
                     session_id=f.session_id,
-                    cosignature=audit.cosign(peer_checkpoint),
+                    cosignature=audit.cosign(peer_checkpoint, at=int(time.time())),
                     **self._own_checkpoint(answer.witnessed_size),
                 ),
                 timeout=self.peer.call_deadline,

@@ -707,7 +707,7 @@ class Responder:
         seen = self.audit.accept_peer_checkpoint(caller, req.checkpoint, list(req.consistency))
         if req.cosignature:
             self.audit.add_cosignature(caller, req.cosignature)
-        return peer_pb2.WitnessResponse(cosignature=self.audit.cosign(seen))
+        return peer_pb2.WitnessResponse(cosignature=self.audit.cosign(seen, at=int(time.time())))
 
     def abort(self, req: peer_pb2.AbortRequest, caller: str) -> peer_pb2.AbortResponse:
         s = self._get(req.session_id, caller)
