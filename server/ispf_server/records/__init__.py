@@ -13,6 +13,7 @@ work (`ops`); the rest of the node calls these and never asks which runs.
 
 from ispf.errors import RepeatedKey
 from ispf_server.records.extsort import (
+    SHUFFLE_KEY,
     ExternalSort,
     ascending,
     join_sorted,
@@ -37,6 +38,7 @@ from ispf_server.records.ops import (
 from ispf_server.records.spool import SpooledNids, TagSpool
 
 __all__ = [
+    "SHUFFLE_KEY",
     "ExternalSort",
     "RepeatedKey",
     "SpooledNids",

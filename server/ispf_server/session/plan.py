@@ -31,6 +31,7 @@ from ispf.records import Label, check_label
 from ispf.v1 import common_pb2
 from ispf_server.policy import PeerPolicy
 from ispf_server.records import (
+    SHUFFLE_KEY,
     ExternalSort,
     SpooledNids,
     TagSpool,
@@ -227,20 +228,21 @@ class SyncSide:
         return b"".join(self.removed_tags)
 
 
+class _SetTexts(dict[frozenset[Label], str]):
+    """Each distinct label set's text as stored (JSON), encoded once, when first asked."""
+
+    def __missing__(self, key: frozenset[Label]) -> str:
+        text = self[key] = labels_text(key)
+        return text
+
+
 def _label_sets(records: Iterable[StoredRecord]) -> dict[str, str]:
     """nid -> its label set as stored (JSON), each distinct set encoded once."""
     by_nid: dict[str, set[Label]] = defaultdict(set)
     for r in records:
         by_nid[r.nid].add(r.label)
-    texts: dict[frozenset[Label], str] = {}
-    out: dict[str, str] = {}
-    for nid, lbs in by_nid.items():
-        key = frozenset(lbs)
-        text = texts.get(key)
-        if text is None:
-            text = texts[key] = labels_text(lbs)
-        out[nid] = text
-    return out
+    texts = _SetTexts()
+    return {nid: texts[frozenset(lbs)] for nid, lbs in by_nid.items()}
 
 
 def _allowed_labels(store: Store, pp: PeerPolicy, *, labelled: bool = True) -> list[Label]:
@@ -270,7 +272,7 @@ def _coded_label_sets(
     cb = code_bytes(len(allowed))
     coded = NID + cb  # an ID and its label's code
     single = [labels_text((lb,)) if labelled else UNLABELLED for lb in allowed]
-    texts: dict[frozenset[Label], str] = {} if labelled else {frozenset({_ANY}): UNLABELLED}
+    texts = _SetTexts() if labelled else _SetTexts({frozenset({_ANY}): UNLABELLED})
     for once, repeated in _coded_batches(store, allowed):
         for raw, nids in once.items():
             code = code_value(raw, cb)
@@ -297,7 +299,7 @@ def _coded_label_sets(
 
 # A full run's plan is shuffled by sorting: label set's number (as met) | 12 random
 # bytes | ID. Equal random keys (about n^2 / 2^97 likely) would order by ID.
-SHUFFLE = pairruns.Kind("shuffle", 4 + 12 + NID, 4)
+SHUFFLE = pairruns.Kind("shuffle", 4 + SHUFFLE_KEY + NID, 4)
 
 
 def spooled_plan(
@@ -318,7 +320,8 @@ def spooled_plan(
         for text, nids, records in _coded_label_sets(store, allowed, labelled=labelled):
             n = len(nids) // NID
             number = numbers.setdefault(text, len(numbers)).to_bytes(4, "big")
-            sorter.add(zip_records(n, (number, 4), (os.urandom(12 * n), 12), (nids, NID)))
+            keys = os.urandom(SHUFFLE_KEY * n)
+            sorter.add(zip_records(n, (number, 4), (keys, SHUFFLE_KEY), (nids, NID)))
             count += records
         # Each group's shuffled IDs, in the order the groups were met.
         met = TagSpool(directory, NID)
@@ -329,7 +332,7 @@ def spooled_plan(
                 key = bytes(view[:4])
                 cut = w * upper_bound(view, w, 4, key)
                 first = where.get(key, (met.count, 0))[0]
-                met.append(select_fields(view[:cut], w, ((16, NID),)))
+                met.append(select_fields(view[:cut], w, ((4 + SHUFFLE_KEY, NID),)))
                 where[key] = (first, met.count)
                 view = view[cut:]
     groups = sorted((labels_of(text), where[n.to_bytes(4, "big")]) for text, n in numbers.items())
@@ -365,15 +368,9 @@ def _coded_batches(store: Store, labels: list[Label]) -> Iterator[tuple[dict[int
         yield once, repeated
 
 
-def _add_set(
-    by_text: dict[str, bytearray], texts: dict[frozenset[Label], str], nid: bytes, held: set[Label]
-) -> None:
+def _add_set(by_text: dict[str, bytearray], texts: _SetTexts, nid: bytes, held: set[Label]) -> None:
     if held:
-        key = frozenset(held)
-        text = texts.get(key)
-        if text is None:
-            text = texts[key] = labels_text(key)
-        by_text[text] += nid
+        by_text[texts[frozenset(held)]] += nid
 
 
 def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental: bool) -> SyncSide:
@@ -386,7 +383,9 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
     plan: Plan | None = None
     if row is not None:
         nids = store.registry.changed_since(row.version)
-        records = [r for r in store.registry.records_by_nids(sorted(nids)) if pp.may_learn(r.label)]
+        records = [
+            r for rs in owners_of(store, pp, (n.encode() for n in nids)).values() for r in rs
+        ]
         current = store.pairs.own_tags_for(peer, epoch, nids)
         desired = _label_sets(records)
         changed = {
@@ -452,9 +451,7 @@ def owners_of(
     policy's `may_learn`): a result row each, read when matched. Every way of
     matching names its rows through this lookup (`match.rows.named_rows`)."""
     out: dict[bytes, list[StoredRecord]] = defaultdict(list)
-    for rid, nid, label in store.registry.labelled_records(
-        sorted({n.decode("ascii") for n in nids})
-    ):
-        if pp.may_learn(label):
-            out[nid.encode("ascii")].append(StoredRecord(rid, nid, label))
+    for r in store.registry.records_by_nids(n.decode("ascii") for n in nids):
+        if pp.may_learn(r.label):
+            out[r.nid.encode("ascii")].append(r)
     return out

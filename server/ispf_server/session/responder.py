@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -58,6 +59,27 @@ from ispf_server.session.progress import ProgressBoard
 from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
+
+
+class _Recent(Generic[V]):
+    """What this node answered in the last hour, by session id: a step repeated after
+    a lost reply is answered the same (or refused), and old answers are dropped as
+    new ones come. Its users hold the responder's lock."""
+
+    def __init__(self, keep: float = 3600.0) -> None:
+        self._keep = keep
+        self._items: dict[str, tuple[float, V]] = {}
+
+    def get(self, key: str) -> V | None:
+        now = time.monotonic()
+        for k in [k for k, (t, _) in self._items.items() if now - t > self._keep]:
+            del self._items[k]
+        got = self._items.get(key)
+        return None if got is None else got[1]
+
+    def put(self, key: str, value: V) -> None:
+        self._items[key] = (time.monotonic(), value)
 
 
 @dataclass
@@ -155,10 +177,10 @@ class Responder:
         self._sessions: dict[str, ResponderSession] = {}
         # Answers to Conclude, kept a while so a retried Conclude (answer lost on the
         # way) gets the same answer rather than "unknown session".
-        self._concluded: dict[str, tuple[str, float, peer_pb2.ConcludeResponse]] = {}
+        self._concluded: _Recent[tuple[str, peer_pb2.ConcludeResponse]] = _Recent()
         self._speculative: dict[tuple[str, int], _Speculation] = {}
         # Sessions whose Witness was answered (it is one-shot too), with when.
-        self._witnessed: dict[str, float] = {}
+        self._witnessed: _Recent[bool] = _Recent()
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -488,15 +510,12 @@ class Responder:
             pair_lock=lock,
         )
         with self._lock:
-            crowded = sum(1 for o in self._sessions.values() if o.peer == caller)
+            crowded = self._open_with(caller)
             if crowded < pp.max_open_sessions:
                 self._sessions[s.session_id] = s
         if crowded >= pp.max_open_sessions:  # (another handshake got in meanwhile)
             self._fail(s, "too many open sessions at once")
-            raise ResourceExhausted(
-                f"{caller} already holds {crowded} open sessions with {self.province}, at "
-                f"most {pp.max_open_sessions} by policy: finish or abort one first"
-            )
+            raise self._too_many(caller, pp, crowded)
         log.info(
             "session %s: %s opened a %s session (epoch %d, purpose %s): %d own, %d peer values",
             s.session_id,
@@ -524,13 +543,20 @@ class Responder:
                 "membership of single IDs"
             )
         with self._lock:
-            open_now = sum(1 for s in self._sessions.values() if s.peer == caller)
+            open_now = self._open_with(caller)
         if open_now >= pp.max_open_sessions:
-            raise ResourceExhausted(
-                f"{caller} already holds {open_now} open sessions with {self.province}, at "
-                f"most {pp.max_open_sessions} by policy: finish or abort one first (idle "
-                f"ones end after {min(self.idle_timeout, pp.session_idle_seconds):g} s)"
-            )
+            raise self._too_many(caller, pp, open_now)
+
+    def _open_with(self, caller: str) -> int:
+        """Sessions this peer holds open here now (the caller holds `_lock`)."""
+        return sum(1 for s in self._sessions.values() if s.peer == caller)
+
+    def _too_many(self, caller: str, pp: PeerPolicy, held: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"{caller} already holds {held} open sessions with {self.province}, at "
+            f"most {pp.max_open_sessions} by policy: finish or abort one first (idle "
+            f"ones end after {min(self.idle_timeout, pp.session_idle_seconds):g} s)"
+        )
 
     def reblind(
         self, chunks: Iterator[peer_pb2.BlindedChunk], session_id: str, caller: str
@@ -631,19 +657,16 @@ class Responder:
 
     def conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
         with self._lock:
-            now = time.monotonic()
-            for sid in [k for k, (_, t, _) in self._concluded.items() if now - t > 3600]:
-                del self._concluded[sid]
             done = self._concluded.get(req.session_id)
         if done is not None and done[0] == caller:
-            return done[2]
+            return done[1]
         row = self.store.sessions.get(req.session_id)
         if row is not None and row.peer == caller and row.role == "responder" and row.answer:
             # Concluded before this node restarted: the same answer again.
             return peer_pb2.ConcludeResponse.FromString(row.answer)
         answer = self._conclude(req, caller)
         with self._lock:
-            self._concluded[req.session_id] = (caller, time.monotonic(), answer)
+            self._concluded.put(req.session_id, (caller, answer))
         return answer
 
     def _conclude(self, req: peer_pb2.ConcludeRequest, caller: str) -> peer_pb2.ConcludeResponse:
@@ -696,14 +719,11 @@ class Responder:
         if row is None or row.peer != caller or row.role != "responder":
             raise UnknownSession("unknown session id")
         with self._lock:
-            now = time.monotonic()
-            for sid in [k for k, t in self._witnessed.items() if now - t > 3600]:
-                del self._witnessed[sid]
-            if req.session_id in self._witnessed:
+            if self._witnessed.get(req.session_id):
                 raise PreconditionFailed(
                     "Witness was already called in this session: each step answers once"
                 )
-            self._witnessed[req.session_id] = now
+            self._witnessed.put(req.session_id, True)
         seen = self.audit.accept_peer_checkpoint(caller, req.checkpoint, list(req.consistency))
         if req.cosignature:
             self.audit.add_cosignature(caller, req.cosignature)

@@ -223,45 +223,25 @@ class Registry:
             ).fetchall()
         return {str(r[0]) for r in rows}
 
-    def records_by_nids(self, nids: Iterable[str]) -> list[StoredRecord]:
-        """The records of these IDs, in the order given (each ID's in index order)."""
-        wanted = list(nids)
-        found: dict[str, list[StoredRecord]] = {}
+    def records_by_nids(self, nids: Iterable[str]) -> Iterator[StoredRecord]:
+        """The records of these IDs (each once, however often given), in index order
+        (by ID, label, record id), read from the covering index in batches, the
+        store lock held per batch only."""
+        wanted = sorted(set(nids))
         labels: dict[tuple[str, str], Label] = {}
-        with self._db.lock:
-            for at in range(0, len(wanted), IN_BATCH):
-                part = wanted[at : at + IN_BATCH]
-                marks = ",".join("?" * len(part))
-                for rid, n, p, s in self._db.conn.execute(
-                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
-                    f"WHERE nid IN ({marks}) ORDER BY nid, programme, status, record_id",
-                    part,
-                ):
-                    label = labels.get((p, s))
-                    if label is None:
-                        label = labels[(p, s)] = Label(p, s)
-                    found.setdefault(n, []).append(StoredRecord(rid, n, label))
-        return [r for n in dict.fromkeys(wanted) for r in found.get(n, ())]
-
-    def labelled_records(self, nids: list[str]) -> Iterator[tuple[str, str, Label]]:
-        """(record_id, nid, label) of the records of these IDs (sorted, distinct), in
-        index order, read from the covering index in batches: a full run's matched
-        records, without a record object each."""
-        labels: dict[tuple[str, str], Label] = {}
-        for at in range(0, len(nids), IN_BATCH):
-            part = nids[at : at + IN_BATCH]
+        for at in range(0, len(wanted), IN_BATCH):
+            part = wanted[at : at + IN_BATCH]
             marks = ",".join("?" * len(part))
-            with self._db.lock:
-                rows = self._db.conn.execute(
-                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
-                    f"WHERE nid IN ({marks}) ORDER BY nid, programme, status, record_id",
-                    part,
-                ).fetchall()
+            rows = self._db.fetchall(
+                "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
+                f"WHERE nid IN ({marks}) ORDER BY nid, programme, status, record_id",
+                part,
+            )
             for rid, n, p, s in rows:
                 label = labels.get((p, s))
                 if label is None:
                     label = labels[(p, s)] = Label(p, s)
-                yield rid, n, label
+                yield StoredRecord(rid, n, label)
 
     def distinct_labels(self) -> list[Label]:
         with self._db.lock:
