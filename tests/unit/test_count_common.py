@@ -137,15 +137,14 @@ def test_intersect_within_the_budget_equals_the_dict_result(
         assert len(found) >= 90 + sum(t in index for t in extra)
         for stage in (True, False):
             staged: list[MatchRow] = []
-            got = labelled.intersect(
+            matcher = labelled.OneOffLabelled(
                 plan,
-                spooled(tmp_path, own),
                 peer_groups,
                 sizes_now,
-                spooled(tmp_path, tags),
                 directory=tmp_path,
                 stage_rows=functools.partial(_gather, staged) if stage else None,
             )
+            got = matcher.match(spooled(tmp_path, own), spooled(tmp_path, tags)).outcome
             assert got.match_count == len(found)
             assert got.digest == result_digest([t for t, _, _ in found])
             if stage:  # rows staged as made, in batches

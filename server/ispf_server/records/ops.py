@@ -37,6 +37,12 @@ def _load() -> ModuleType | None:
 native: Any = _load()
 
 
+def split_records(data: Buffer, width: int) -> list[bytes]:
+    """Fixed-width records as a list of byte strings (for paths that need an object
+    per record: incremental runs' few changes, a probe's values)."""
+    return [bytes(data[i : i + width]) for i in range(0, len(data), width)]
+
+
 def sort_inplace(buf: bytearray, width: int) -> None:
     """Sort fixed-width records in place: a run of millions needs no second copy to
     sort (in C; Python's sort where the module is not built)."""

@@ -19,6 +19,7 @@ from ispf.nid import PackedNids
 from ispf.protocol import MAX_CHUNK_VALUES
 from ispf.v1 import peer_pb2
 from ispf_server.pool import BlindingPool, pipelined
+from ispf_server.records import split_records
 
 MAX_REMOVED = 1_000_000
 SESSION_KEY = "ispf-session-id"  # metadata naming the session of a streaming call
@@ -30,10 +31,6 @@ def chunked(items: S, size: int) -> Iterator[S]:
     """Consecutive slices of at most `size` (a list's, or packed IDs' without a copy)."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def split(packed: bytes, width: int) -> list[bytes]:
-    return [packed[i : i + width] for i in range(0, len(packed), width)]
 
 
 def checked_chunks(
@@ -93,7 +90,7 @@ def parse_removed(
     """The peer's removed tags (a sync session's): each must be one we hold for it."""
     if len(packed) % TAG_BYTES:
         raise ProtocolViolation(f"removed tags of {who} are not whole 16-byte tags")
-    tags = split(packed, TAG_BYTES)
+    tags = split_records(packed, TAG_BYTES)
     if len(tags) > MAX_REMOVED:
         raise ProtocolViolation(f"{len(tags)} removed tags, at most {MAX_REMOVED}")
     if len(set(tags)) != len(tags):

@@ -168,19 +168,24 @@ class Lifecycle:
         reason = untrusted(reason, 300)
         f = self.facts
         log.warning("session %s with %s failed: %s", f.session_id, f.peer, reason)
-        entry = self.ctx.audit.session_entry(f.entry("failed", at=utcnow(), reason=reason))
-        if self.ctx.store.fail_session(f.session_id, reason, entry, retriable=retriable):
+        if _record_failure(self.ctx, f, reason, retriable=retriable):
             self.ctx.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason, retriable=retriable)
         return reason
+
+
+def _record_failure(
+    ctx: SessionContext, facts: SessionFacts, reason: str, *, retriable: bool
+) -> bool:
+    """The session FAILED in the store, with its entry, once (False: it was not running)."""
+    entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
+    return ctx.store.fail_session(facts.session_id, reason, entry, retriable=retriable)
 
 
 def fail_interrupted(ctx: SessionContext) -> None:
     """Sessions left running by a crash are not results: fail them, with their entries."""
     reason = "node restarted during session"
     for row in ctx.store.sessions.running():
-        facts = SessionFacts.from_row(ctx.province, row)
-        entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
-        ctx.store.fail_session(row.session_id, reason, entry, retriable=True)
+        _record_failure(ctx, SessionFacts.from_row(ctx.province, row), reason, retriable=True)
         log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
     ctx.audit.sign_checkpoint()

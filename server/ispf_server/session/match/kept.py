@@ -20,12 +20,12 @@ from ispf_server.records import (
     TagSpool,
     join_sorted,
     select_fields,
+    split_records,
     unique,
     written,
     zip_records,
 )
 from ispf_server.records.extsort import Buffer
-from ispf_server.session.exchange import split
 from ispf_server.session.facts import SyncKind
 from ispf_server.session.match.rows import (
     ROW_BATCH,
@@ -278,7 +278,7 @@ def finish(
         )
     # An incremental run: the deltas are small, read whole.
     own_added_tags, peer_added_tags = own_tags_in.getvalue(), peer_tags_in.getvalue()
-    own_tags = split(own_added_tags, TAG_BYTES)
+    own_tags = split_records(own_added_tags, TAG_BYTES)
     own_added: list[OwnGroup] = []
     pos = 0
     for group, size in zip(plan.groups, plan.sizes, strict=True):
@@ -287,7 +287,7 @@ def finish(
         pos += size
     peer_added: list[PeerGroup] = []
     peer_index: dict[bytes, str] = {}  # tag -> labels, of the peer's additions
-    tags = split(peer_added_tags, TAG_BYTES)
+    tags = split_records(peer_added_tags, TAG_BYTES)
     pos = 0
     for group, size in zip(peer_groups, peer_sizes, strict=True):
         text = labels_text(group)

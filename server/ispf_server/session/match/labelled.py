@@ -23,7 +23,6 @@ from ispf_server.session.match.rows import (
     ROW_BATCH,
     Found,
     Matched,
-    Outcome,
     RowBatches,
     RowSink,
     named_rows,
@@ -128,23 +127,6 @@ class OneOffLabelled:
                     )
         if found:
             out.add(named_rows(found, self.owners([nid for _, nid, _ in found])))
-
-
-def intersect(
-    plan: Plan,
-    own_tags: TagSpool,
-    peer_groups: list[LabelSet],
-    peer_sizes: list[int],
-    peer_tags: TagSpool,
-    *,
-    directory: Path | None,
-    stage_rows: RowSink | None = None,
-) -> Outcome:
-    """`OneOffLabelled`'s outcome, in one call."""
-    matcher = OneOffLabelled(
-        plan, peer_groups, peer_sizes, directory=directory, stage_rows=stage_rows
-    )
-    return matcher.match(own_tags, peer_tags).outcome
 
 
 def _positions(first: int, n: int) -> bytes:
