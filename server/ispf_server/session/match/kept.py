@@ -209,23 +209,44 @@ def _finish_full(
         for chunk in own_by_nid.sorted_chunks():
             own_nid_run.append(chunk)
         own_nid_run.close()
-    staged = stager.done(runs.texts)
-    own_fp = xor_fp(toggle(side.own_fp, side.removed_tags), _fingerprint(own_added_tags))
-    added_fp = xor_fp(_fingerprint(peer_added_tags), repeated)
-    peer_fp = xor_fp(toggle(side.peer_fp, peer_removed), added_fp)
-    delta = PairDelta(
+    delta = _new_state(
+        side,
+        peer_removed,
+        _fingerprint(own_added_tags),
+        xor_fp(_fingerprint(peer_added_tags), repeated),
         reset=True,
         own_added=[],  # (the runs hold them)
-        own_removed=side.removed_nids,
         peer_added=[],
+        staged=stager.done(runs.texts),
+    )
+    return Matched(rows.outcome(), delta, delta.own_fp + delta.peer_fp)
+
+
+def _new_state(
+    side: SyncSide,
+    peer_removed: list[bytes],
+    own_added_fp: bytes,
+    peer_added_fp: bytes,
+    *,
+    reset: bool,
+    own_added: list[OwnGroup],
+    peer_added: list[PeerGroup],
+    staged: int | None = None,
+) -> PairDelta:
+    """The pair's changes, with its new fingerprints: the kept sets' less what each
+    side removed, with what it added (XOR: removing is adding again)."""
+    return PairDelta(
+        reset=reset,
+        own_added=own_added,
+        own_removed=side.removed_nids,
+        peer_added=peer_added,
         peer_removed=peer_removed,
         version=side.version,
-        own_fp=own_fp,
-        peer_fp=peer_fp,
+        own_fp=xor_fp(toggle(side.own_fp, side.removed_tags), own_added_fp),
+        peer_fp=xor_fp(toggle(side.peer_fp, peer_removed), peer_added_fp),
         policy=policy_key(side.pp),
         staged=staged,
     )
-    return Matched(rows.outcome(), delta, own_fp + peer_fp)
 
 
 def _staged_rows(
@@ -322,24 +343,18 @@ def finish(
             peer_set = peer_labels[text] = labels_of(text)
         named.append((tag, nid.encode("ascii"), peer_set))
     rows = named_rows(named, owners_of(store, side.pp, [n for _, n, _ in named]))
-    own_fp = xor_fp(toggle(side.own_fp, side.removed_tags), fingerprint_packed(own_added_tags))
     # (A tag the peer sent twice counts once, as it is stored once.)
-    added_fp = (
+    delta = _new_state(
+        side,
+        peer_removed,
+        fingerprint_packed(own_added_tags),
         fingerprint_packed(peer_added_tags)
         if len(peer_index) == len(tags)
-        else fingerprint(peer_index)
-    )
-    peer_fp = xor_fp(toggle(side.peer_fp, peer_removed), added_fp)
-    delta = PairDelta(
+        else fingerprint(peer_index),
         reset=False,
         own_added=own_added,
-        own_removed=side.removed_nids,
         peer_added=peer_added,
-        peer_removed=peer_removed,
-        version=side.version,
-        own_fp=own_fp,
-        peer_fp=peer_fp,
-        policy=policy_key(side.pp),
     )
     matched = [t for t, _ in matches.values()]
-    return Matched(Outcome(len(matched), result_digest(matched), rows), delta, own_fp + peer_fp)
+    outcome = Outcome(len(matched), result_digest(matched), rows)
+    return Matched(outcome, delta, delta.own_fp + delta.peer_fp)
