@@ -186,10 +186,9 @@ class Registry:
 
     def records(self, programmes: frozenset[str] = frozenset()) -> list[StoredRecord]:
         """Records taking part in a session, ordered by ID (empty filter: all)."""
-        with self._db.lock:
-            rows = self._db.conn.execute(
-                "SELECT record_id, nid, programme, status FROM records ORDER BY nid, record_id"
-            ).fetchall()
+        rows = self._db.fetchall(
+            "SELECT record_id, nid, programme, status FROM records ORDER BY nid, record_id"
+        )
         labels: dict[tuple[str, str], Label] = {}  # one object per distinct label
         out = []
         for rid, nid, prog, st in rows:
@@ -202,12 +201,10 @@ class Registry:
         return out
 
     def stats(self) -> tuple[int, int, list[tuple[Label, int]]]:
-        with self._db.lock:
-            total = self._db.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-            distinct = self._db.conn.execute("SELECT COUNT(DISTINCT nid) FROM records").fetchone()[
-                0
-            ]
-            labels = self._db.conn.execute(
+        with self._db.reading() as conn:  # (one consistent view of the three)
+            total = conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            distinct = conn.execute("SELECT COUNT(DISTINCT nid) FROM records").fetchone()[0]
+            labels = conn.execute(
                 "SELECT programme, status, COUNT(*) FROM records GROUP BY programme, status "
                 "ORDER BY programme, status"
             ).fetchall()
@@ -217,10 +214,9 @@ class Registry:
 
     def changed_since(self, version: int) -> set[str]:
         """IDs whose records changed after a registry version."""
-        with self._db.lock:
-            rows = self._db.conn.execute(
-                "SELECT DISTINCT nid FROM registry_changes WHERE version > ?", (version,)
-            ).fetchall()
+        rows = self._db.fetchall(
+            "SELECT DISTINCT nid FROM registry_changes WHERE version > ?", (version,)
+        )
         return {str(r[0]) for r in rows}
 
     def records_by_nids(self, nids: Iterable[str]) -> Iterator[StoredRecord]:
@@ -244,10 +240,7 @@ class Registry:
                 yield StoredRecord(rid, n, label)
 
     def distinct_labels(self) -> list[Label]:
-        with self._db.lock:
-            rows = self._db.conn.execute(
-                "SELECT DISTINCT programme, status FROM records"
-            ).fetchall()
+        rows = self._db.fetchall("SELECT DISTINCT programme, status FROM records")
         return sorted(Label(p, s) for p, s in rows)
 
     def nid_label_codes(self, labels: list[Label], batch: int = 500_000) -> Iterator[str]:
@@ -270,18 +263,18 @@ class Registry:
         )
         low = ""
         while True:
-            with self._db.lock:
-                row = self._db.conn.execute(
+            with self._db.reading() as conn:
+                row = conn.execute(
                     "SELECT nid FROM records WHERE nid >= ? ORDER BY nid LIMIT 1 OFFSET ?",
                     (low, batch),
                 ).fetchone()
                 high = None if row is None else str(row[0])
                 if high == low:  # one ID with a batch of records or more: it alone
-                    row = self._db.conn.execute(
+                    row = conn.execute(
                         "SELECT nid FROM records WHERE nid > ? ORDER BY nid LIMIT 1", (low,)
                     ).fetchone()
                     high = None if row is None else str(row[0])
-                (text,) = self._db.conn.execute(
+                (text,) = conn.execute(
                     query, (*codes, label_code(1, width), low, high, high)
                 ).fetchone()
             if text:
