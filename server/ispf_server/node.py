@@ -33,6 +33,7 @@ from ispf.v1 import (
 )
 from ispf_server.audit import AuditLog, load_log_keys
 from ispf_server.budget import BudgetState, QueryBudget
+from ispf_server.clock import utcnow
 from ispf_server.guard import Guard
 from ispf_server.health import Health, check_node_files
 from ispf_server.metrics import NodeMetrics
@@ -55,7 +56,6 @@ from ispf_server.session.lifecycle import SessionContext, fail_interrupted
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.storage import Store
-from ispf_server.storage.db import utcnow
 from ispf_server.storage.registry import Registry, StoredRecord
 from ispf_server.storage.sessions import Sessions
 from ispf_server.tls import TlsFiles

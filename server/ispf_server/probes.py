@@ -39,10 +39,10 @@ from ispf.protocol import MAX_CHECK_IDS
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.budget import QueryBudget
+from ispf_server.clock import utcnow
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.records import shuffle
 from ispf_server.storage import Store
-from ispf_server.storage.db import utcnow
 from ispf_server.storage.pairs.state import labels_of
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from ispf.auditlog import Checkpoint, decode_entry, encode_entry, open_checkpoin
 from ispf.errors import EntryError
 from ispf.v1 import common_pb2
 from ispf_server.audit import AuditLog, SessionEntry
+from ispf_server.clock import utcnow
 from ispf_server.storage import Store
-from ispf_server.storage.db import utcnow
 from ispf_server.storage.sessions import SessionTotals
 
 

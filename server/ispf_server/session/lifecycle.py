@@ -14,6 +14,7 @@ from ispf.errors import ProtocolViolation, ResultMismatch
 from ispf.peertext import untrusted
 from ispf_server.audit import AuditLog
 from ispf_server.budget import MAX_DECLARED, QueryBudget
+from ispf_server.clock import utcnow
 from ispf_server.pool import BlindingPool
 from ispf_server.session.facts import INITIATOR, SessionFacts
 from ispf_server.session.match import Matched, Matcher, Outcome, matcher_for
@@ -21,7 +22,6 @@ from ispf_server.session.match.rows import RowSink
 from ispf_server.session.plan import LabelSet, Plan, SyncSide
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard
 from ispf_server.storage import Store
-from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
 

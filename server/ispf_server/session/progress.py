@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ispf.v1 import internal_pb2
-from ispf_server.storage.db import utcnow
+from ispf_server.clock import utcnow
 from ispf_server.storage.sessions import SessionRow
 
 RUNNING = "RUNNING"

@@ -33,6 +33,7 @@ from ispf.peertext import untrusted
 from ispf.protocol import MAX_CHUNK_VALUES, PROTOCOL_VERSION
 from ispf.v1 import common_pb2, peer_pb2
 from ispf_server.budget import MAX_DECLARED
+from ispf_server.clock import utcnow
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.records import TagSpool, shuffled
 from ispf_server.salts import SaltRing
@@ -56,7 +57,6 @@ from ispf_server.session.plan import (
     state_fingerprints,
 )
 from ispf_server.session.progress import ProgressBoard
-from ispf_server.storage.db import utcnow
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")

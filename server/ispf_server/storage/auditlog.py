@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from ispf_server.storage.db import Database, storage_errors, utcnow
+from ispf_server.clock import utcnow
+from ispf_server.storage.db import Database, storage_errors
 
 SCHEMA = """
 -- The audit log: entries exactly as hashed, and signed checkpoints over them.

@@ -16,7 +16,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -28,10 +27,6 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 IN_BATCH = 500  # keys per `IN (...)` query: well under SQLite's parameter limit
-
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _translate(exc: sqlite3.OperationalError) -> Exception | None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from ispf.errors import IspfError, RetryLater
 from ispf.records import Label
-from ispf_server.storage.db import IN_BATCH, Database, storage_errors, utcnow
+from ispf_server.clock import utcnow
+from ispf_server.storage.db import IN_BATCH, Database, storage_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (

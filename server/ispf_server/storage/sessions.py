@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ispf.records import Label
-from ispf_server.storage.db import Database, storage_errors, utcnow
+from ispf_server.clock import utcnow
+from ispf_server.storage.db import Database, storage_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ispf.keys import BlindingKey, MasterKey
-from ispf_server.storage.db import Database, storage_errors, utcnow
+from ispf_server.clock import utcnow
+from ispf_server.storage.db import Database, storage_errors
 from ispf_server.storage.meta import Meta
 from ispf_server.storage.pairs import keys, lookups
 from ispf_server.storage.pairs.schema import STATE_TABLES
