@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from ispf.errors import BudgetExhausted
+from ispf.errors import BudgetExhausted, ProtocolViolation
 from ispf_server.policy import PeerPolicy
 from ispf_server.storage import Store
 
@@ -111,3 +111,17 @@ class QueryBudget:
         declared, used, refused, first = held or (0, 0, 0, today)
         allowance = pp.budget_allowance(declared, _days(first, today))
         return BudgetState(pp.peer, epoch, declared, used, allowance, refused)
+
+
+def check_declared(who: str, announced: int, declared: int) -> None:
+    """A peer's set may not be larger than the registry it declares (nor that
+    registry implausibly large): ProtocolViolation."""
+    if declared >= MAX_DECLARED:
+        raise ProtocolViolation(
+            f"the registry size {who} declares is not plausible (a billion or more)"
+        )
+    if declared and announced > declared:
+        raise ProtocolViolation(
+            f"the set of {announced} values is larger than the registry of "
+            f"{declared} IDs {who} declares"
+        )

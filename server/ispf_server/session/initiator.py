@@ -29,6 +29,7 @@ from ispf.keys import BlindingKey, ForumSalt
 from ispf.protocol import PROTOCOL_VERSION
 from ispf.retry import retrying
 from ispf.v1 import common_pb2, peer_pb2, peer_pb2_grpc
+from ispf_server.budget import check_declared
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.records import TagSpool
 from ispf_server.session.exchange import (
@@ -43,7 +44,7 @@ from ispf_server.session.exchange import (
     stream_call,
 )
 from ispf_server.session.facts import INITIATOR, SessionFacts, SyncKind
-from ispf_server.session.lifecycle import Lifecycle, SessionContext, check_declared
+from ispf_server.session.lifecycle import Lifecycle, SessionContext
 from ispf_server.session.match import Matched
 from ispf_server.session.plan import (
     Plan,

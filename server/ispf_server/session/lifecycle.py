@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from dataclasses import dataclass
 from functools import partial
 
-from ispf.errors import ProtocolViolation, ResultMismatch
+from ispf.errors import ResultMismatch
 from ispf.peertext import untrusted
 from ispf_server.audit import AuditLog
-from ispf_server.budget import MAX_DECLARED, QueryBudget
+from ispf_server.budget import QueryBudget
 from ispf_server.clock import utcnow
 from ispf_server.pool import BlindingPool
 from ispf_server.session.facts import INITIATOR, SessionFacts
 from ispf_server.session.match import Matched, Matcher, Outcome, matcher_for
 from ispf_server.session.match.rows import RowSink
 from ispf_server.session.plan import LabelSet, Plan, SyncSide
-from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard
+from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Stopwatch
 from ispf_server.storage import Store
 
 log = logging.getLogger(__name__)
@@ -36,36 +35,6 @@ class SessionContext:
     pool: BlindingPool
     budget: QueryBudget
     chunk_values: int  # values per chunk this node sends
-
-
-class Stopwatch:
-    """Seconds spent in each phase of a session, for its completion log line."""
-
-    def __init__(self) -> None:
-        self._at = time.monotonic()
-        self.phases: list[tuple[str, float]] = []
-
-    def lap(self, phase: str) -> None:
-        now = time.monotonic()
-        self.phases.append((phase, now - self._at))
-        self._at = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name} {secs:.2f} s" for name, secs in self.phases)
-
-
-def check_declared(who: str, announced: int, declared: int) -> None:
-    """A peer's set may not be larger than the registry it declares (nor that
-    registry implausibly large): ProtocolViolation."""
-    if declared >= MAX_DECLARED:
-        raise ProtocolViolation(
-            f"the registry size {who} declares is not plausible (a billion or more)"
-        )
-    if declared and announced > declared:
-        raise ProtocolViolation(
-            f"the set of {announced} values is larger than the registry of "
-            f"{declared} IDs {who} declares"
-        )
 
 
 class Lifecycle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -169,3 +170,19 @@ class ProgressBoard:
         with self._cond:
             self._cond.wait_for(lambda: progress.snapshot().version != version, timeout=timeout)
             return progress.snapshot()
+
+
+class Stopwatch:
+    """Seconds spent in each phase of a session, for its completion log line."""
+
+    def __init__(self) -> None:
+        self._at = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self._at))
+        self._at = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {secs:.2f} s" for name, secs in self.phases)

@@ -32,7 +32,7 @@ from ispf.keys import BlindingKey, ForumSalt
 from ispf.peertext import untrusted
 from ispf.protocol import MAX_CHUNK_VALUES, PROTOCOL_VERSION
 from ispf.v1 import common_pb2, peer_pb2
-from ispf_server.budget import MAX_DECLARED
+from ispf_server.budget import MAX_DECLARED, check_declared
 from ispf_server.clock import utcnow
 from ispf_server.policy import PeerPolicy, Policy
 from ispf_server.records import TagSpool, shuffled
@@ -45,7 +45,7 @@ from ispf_server.session.exchange import (
     reblinded,
 )
 from ispf_server.session.facts import RESPONDER, SessionFacts
-from ispf_server.session.lifecycle import Lifecycle, SessionContext, Stopwatch, check_declared
+from ispf_server.session.lifecycle import Lifecycle, SessionContext
 from ispf_server.session.match import NOTHING, Matched, Matcher
 from ispf_server.session.plan import (
     LabelSet,
@@ -56,7 +56,7 @@ from ispf_server.session.plan import (
     prepare,
     state_fingerprints,
 )
-from ispf_server.session.progress import ProgressBoard
+from ispf_server.session.progress import ProgressBoard, Stopwatch
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
