@@ -23,6 +23,8 @@ PACKAGES = [ispf, ispf_server, ispf_client, records, storage, pairs, match]
 
 
 def public_names(module: ModuleType) -> list[str]:
+    for name in module.__all__:  # (a package may load some of them on first use)
+        getattr(module, name, None)
     return sorted(
         name
         for name, value in vars(module).items()
