@@ -128,31 +128,60 @@ class Registry:
 
     @storage_errors
     def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
-        """Insert or update records by record id, all in one transaction."""
+        """Insert or update records by record id, all in one transaction.
+
+        The stored rows of the batch are read with a few `IN (...)` queries, the
+        rows compared here, and only the new and the changed written (one
+        `executemany` each); counted as if the rows were applied one by one in
+        order (a record id repeated in the batch: its first row inserts, the
+        next update or leave it)."""
         ins = upd = same = 0
         now = utcnow()
+        rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
         changed: set[str] = set()
         with self._db.transaction() as cur:
-            for r in records:
-                row = cur.execute(
-                    "SELECT nid, programme, status FROM records WHERE record_id=?",
-                    (r.record_id,),
-                ).fetchone()
-                new = (r.nid, r.label.programme, r.label.status)
-                if row is None:
-                    cur.execute("INSERT INTO records VALUES (?,?,?,?,?)", (r.record_id, *new, now))
+            stored: dict[str, tuple[str, str, str]] = {}
+            ids = list(dict.fromkeys(r[0] for r in rows))
+            for at in range(0, len(ids), IN_BATCH):
+                part = ids[at : at + IN_BATCH]
+                marks = ",".join("?" * len(part))
+                for rid, nid, prog, st in cur.execute(
+                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
+                    f"WHERE record_id IN ({marks})",
+                    part,
+                ):
+                    stored[rid] = (nid, prog, st)
+            current = dict(stored)
+            new_ids: set[str] = set()
+            touched: set[str] = set()
+            for rid, nid, prog, st in rows:
+                new = (nid, prog, st)
+                old = current.get(rid)
+                if old is None:
                     ins += 1
-                    changed.add(r.nid)
-                elif tuple(row) != new:
-                    cur.execute(
-                        "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
-                        "WHERE record_id=?",
-                        (*new, now, r.record_id),
-                    )
+                    changed.add(nid)
+                    new_ids.add(rid)
+                elif old != new:
                     upd += 1
-                    changed.update((row[0], r.nid))
+                    changed.add(old[0])
+                    changed.add(nid)
+                    touched.add(rid)
                 else:
                     same += 1
+                    continue
+                current[rid] = new
+            if new_ids:
+                cur.executemany(
+                    "INSERT INTO records VALUES (?,?,?,?,?)",
+                    [(rid, *current[rid], now) for rid in ids if rid in new_ids],
+                )
+            touched -= new_ids
+            if touched:
+                cur.executemany(
+                    "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
+                    "WHERE record_id=?",
+                    [(*current[rid], now, rid) for rid in ids if rid in touched],
+                )
             log_changes(cur, changed)
         return UpsertCounts(ins, upd, same)
 
