@@ -29,6 +29,7 @@ import os
 import pstats
 import random
 import sqlite3
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -109,9 +110,7 @@ def plain_upsert(path: Path, rows: list[tuple[str, str, str, str]]) -> float:
         conn.executemany(
             "INSERT INTO registry_changes VALUES (?,?)", [(version, r[1]) for r in part]
         )
-        conn.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('registry_version', ?)", (str(version),)
-        )
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('registry_version', ?)", (str(version),))
         conn.execute("COMMIT")
     dt = time.perf_counter() - t
     conn.close()
@@ -120,10 +119,7 @@ def plain_upsert(path: Path, rows: list[tuple[str, str, str, str]]) -> float:
 
 def timed(fn: Callable[[], Any], profile: cProfile.Profile | None = None) -> tuple[float, Any]:
     t = time.perf_counter()
-    if profile is None:
-        out = fn()
-    else:
-        out = profile.runcall(fn)
+    out = fn() if profile is None else profile.runcall(fn)
     return time.perf_counter() - t, out
 
 
@@ -131,7 +127,78 @@ def show_profile(title: str, prof: cProfile.Profile, top: int = 25) -> None:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     print(f"\n--- profile: {title} (by own time; the node's threads are not in it) ---")
-    print("\n".join(buf.getvalue().splitlines()[:top + 12]))
+    print("\n".join(buf.getvalue().splitlines()[: top + 12]))
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def one_round(
+    work: Path,
+    r: int,
+    src: Path,
+    alt: Path,
+    n: int,
+    digits: frozenset[str],
+    prof: cProfile.Profile | None,
+) -> dict[str, float]:
+    """A fresh node: load, load again, sync the same file, sync the changed one."""
+    layout = init_forum(work / f"forum{r}", PROVINCES, base_port=0)
+    out: dict[str, float] = {}
+    with LocalFederation(layout, PROVINCES[:1], digits, 1) as fed:
+        client = fed.clients["punjab"]
+        out["load"], rep = timed(lambda: load_csv(client, src), prof)
+        assert rep.accepted == n, (rep.accepted, rep.stopped)
+        out["reload"], rep = timed(lambda: load_csv(client, src))
+        assert rep.unchanged == n, rep.unchanged
+
+        def sync(path: Path) -> Any:
+            return sync_csv(client, path, max_rejected=lambda rows: 0, allow_deletes=n)
+
+        out["sync_same"], srep = timed(lambda: sync(src))
+        assert srep.applied, srep.refused
+        assert srep.unchanged == n, srep.unchanged
+        out["sync_changed"], srep = timed(lambda: sync(alt))
+        assert srep.applied, srep.refused
+    return out
+
+
+def phases(work: Path, src: Path, n: int, digits: frozenset[str]) -> list[tuple[str, float]]:
+    """Each stage of a load alone: the client's read, the node's checks, the store."""
+    from ispf.records import Label
+    from ispf_server.services.internal import RegistryServicer
+    from ispf_server.storage.registry import StoredRecord
+
+    class _Node:  # (what the servicer's checks ask of a node)
+        province_digits = digits
+
+        @staticmethod
+        def new_record(rid: str, nid: str, label: Label) -> StoredRecord:
+            return StoredRecord(rid, nid, label)
+
+    out = [("client: read the CSV", timed(lambda: list(read_registry_csv(src)))[0])]
+    records = list(read_registry_csv(src))
+    svc: Any = RegistryServicer(_Node())  # type: ignore[arg-type]
+    batches = [records[i : i + BATCH] for i in range(0, n, BATCH)]
+    out.append(("node: validate", timed(lambda: [svc._validate(b) for b in batches])[0]))
+    goods = [svc._validate(b)[0] for b in batches]
+    store = Store(work / "phase.db")
+    try:
+        out.append(
+            (
+                "node: store upsert",
+                timed(lambda: [store.registry.upsert(g.values()) for g in goods])[0],
+            )
+        )
+    finally:
+        store.close()
+    return out
 
 
 def main() -> None:
@@ -140,7 +207,8 @@ def main() -> None:
     )
     ap.add_argument("--n", type=int, default=200_000, help="rows in the registry file")
     ap.add_argument("--change", type=float, default=0.01, help="share of rows a sync changes")
-    ap.add_argument("--profile", action="store_true", help="cProfile the load (client side)")
+    ap.add_argument("--rounds", type=int, default=2, help="plain then node, this many times")
+    ap.add_argument("--profile", action="store_true", help="cProfile the first load (client side)")
     ap.add_argument("--phases", action="store_true", help="time each stage of a load alone")
     args = ap.parse_args()
     rng = random.Random(11)
@@ -150,93 +218,57 @@ def main() -> None:
         (r, canonicalise(n, province_digits=digits).digits, p, s.lower()) for r, n, p, s in rows
     ]
     n = len(rows)
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    ) if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    print(f"{n:,} rows, batches of {BATCH:,}, {os.cpu_count()} cores, {cpu}")
+    print(f"{n:,} rows, batches of {BATCH:,}, {os.cpu_count()} cores, {cpu_model()}")
+    print(f"{args.rounds} rounds, each a plain upsert then a fresh node; ratios within a round")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src, alt = work / "registry.csv", work / "changed.csv"
         write_csv(src, rows)
         alt_rows, n_changed = changed(rows, args.change, rng)
         write_csv(alt, alt_rows)
-
-        plain_s = plain_upsert(work / "plain.db", canon)
-
-        layout = init_forum(work / "forum", PROVINCES, base_port=0)
         prof = cProfile.Profile() if args.profile else None
-        with LocalFederation(layout, PROVINCES[:1], digits, 1) as fed:
-            client = fed.clients["punjab"]
-            load_s, rep = timed(lambda: load_csv(client, src), prof)
-            assert rep.accepted == n and not rep.stopped, (rep.accepted, rep.stopped)
-            reload_s, rep2 = timed(lambda: load_csv(client, src))
-            assert rep2.unchanged == n, rep2.unchanged
+        rounds = []
+        for r in range(args.rounds):
+            got = {"plain": plain_upsert(work / f"plain{r}.db", canon)}
+            got.update(one_round(work, r, src, alt, n, digits, prof if r == 0 else None))
+            rounds.append(got)
+        stages = phases(work, src, n, digits) if args.phases else []
 
-            def sync(path: Path) -> Any:
-                return sync_csv(client, path, max_rejected=lambda rows: 0, allow_deletes=n)
+    def med(key: str) -> float:
+        return statistics.median(g[key] for g in rounds)
 
-            same_s, srep = timed(lambda: sync(src))
-            assert srep.applied and srep.unchanged == n, (srep.applied, srep.refused)
-            alt_s, arep = timed(lambda: sync(alt))
-            assert arep.applied, arep.refused
-            node = fed.nodes["punjab"]
+    def ratio(key: str) -> float:  # (median of the rounds' own ratios)
+        return statistics.median(g["plain"] / g[key] for g in rounds)
 
-            phases: list[tuple[str, float]] = []
-            if args.phases:
-                records = list(read_registry_csv(src))
-                phases.append(("client: read the CSV", timed(lambda: list(read_registry_csv(src)))[0]))
-                svc = _servicer(node)
-                phases.append(
-                    (
-                        "node: validate",
-                        timed(
-                            lambda: [
-                                svc._validate(records[i : i + BATCH])
-                                for i in range(0, n, BATCH)
-                            ]
-                        )[0],
-                    )
-                )
-                store = Store(work / "phase.db")
-                goods = [svc._validate(records[i : i + BATCH])[0] for i in range(0, n, BATCH)]
-                phases.append(
-                    ("node: store upsert", timed(lambda: [store.registry.upsert(g.values()) for g in goods])[0])
-                )
-                store.close()
-
-        print()
-        print(f"{'':44} {'seconds':>8} {'rows/s':>10} {'x plain':>8}")
-
-        def line(what: str, s: float, rows_: int = n) -> None:
-            print(f"{what:44} {s:>8.2f} {rows_ / s:>10,.0f} {plain_s / s * rows_ / n:>8.2f}")
-
-        line("(a) plain SQLite upsert", plain_s)
-        line("(b) registry load (new rows)", load_s)
-        line("    registry load again (all unchanged)", reload_s)
-        line("(c) registry sync, nothing changed", same_s)
-        line(f"    registry sync, {args.change:.0%} changed ({n_changed:,} rows)", alt_s)
-        print(
-            f"\nload / plain = {plain_s / load_s:.2f}; sync (same) / plain = {plain_s / same_s:.2f}; "
-            f"sync ({args.change:.0%} changed) / plain = {plain_s / alt_s:.2f}; "
-            f"sync {args.change:.0%} / full load = {alt_s / load_s:.2f}"
+    print()
+    print(f"{'median of the rounds':48} {'seconds':>8} {'rows/s':>10} {'x plain':>8}")
+    what = {
+        "plain": "(a) plain SQLite upsert",
+        "load": "(b) registry load (new rows)",
+        "reload": "    registry load again (all unchanged)",
+        "sync_same": "(c) registry sync, nothing changed",
+        "sync_changed": f"    registry sync, {args.change:.0%} changed ({n_changed:,} rows)",
+    }
+    for key, label in what.items():
+        print(f"{label:48} {med(key):>8.2f} {n / med(key):>10,.0f} {ratio(key):>8.2f}")
+    print(
+        "\nper round (x plain): "
+        + "; ".join(
+            ", ".join(f"{k} {g['plain'] / g[k]:.2f}" for k in what if k != "plain") for g in rounds
         )
-        if phases:
-            print("\nwhere a load's time goes (each stage alone, this run):")
-            for what, s in phases:
-                print(f"  {what:42} {s:>8.2f} s {n / s:>10,.0f} rows/s  {s / load_s:>5.0%} of (b)")
-        if prof is not None:
-            show_profile("registry load", prof)
-
-
-def _servicer(node: Any) -> Any:
-    from ispf_server.services.internal import RegistryServicer
-
-    return RegistryServicer(node)
+    )
+    print(
+        f"load / plain = {ratio('load'):.2f}; sync (nothing changed) / plain = "
+        f"{ratio('sync_same'):.2f}; sync ({args.change:.0%} changed) / plain = "
+        f"{ratio('sync_changed'):.2f}; sync ({args.change:.0%} changed) / full load = "
+        f"{statistics.median(g['sync_changed'] / g['load'] for g in rounds):.2f}"
+    )
+    if stages:
+        print("\nwhere a load's time goes (each stage alone, after the rounds):")
+        for label, sec in stages:
+            print(f"  {label:42} {sec:>8.2f} s {n / sec:>10,.0f} rows/s")
+    if prof is not None:
+        show_profile("first registry load", prof)
 
 
 if __name__ == "__main__":
