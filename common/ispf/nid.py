@@ -72,9 +72,7 @@ def canonicalise(
     return NationalId(canonical_digits(raw, province_digits=province_digits))
 
 
-def canonical_digits(
-    raw: str, *, province_digits: Iterable[str] = DEFAULT_PROVINCE_DIGITS
-) -> str:
+def canonical_digits(raw: str, *, province_digits: Iterable[str] = DEFAULT_PROVINCE_DIGITS) -> str:
     """`canonicalise`'s 13 digits, without the `NationalId` (a registry load's path:
     the two common spellings are recognised first, then everything else as there)."""
     allowed = province_digits if isinstance(province_digits, frozenset) else None
@@ -133,7 +131,6 @@ def _canonical_slow(stripped: str, province_digits: Iterable[str]) -> str:
             f"{', '.join(sorted(allowed))})",
         )
     return digits
-
 
 
 NID_BYTES = 13
