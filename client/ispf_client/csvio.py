@@ -25,7 +25,7 @@ import contextlib
 import csv
 import io
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -179,7 +179,7 @@ def _stop(line: int, why: str) -> list[RowProblem]:
     ]
 
 
-def read_registry_csv(path: Path) -> Iterator[internal_pb2.Record | RowProblem]:
+def read_registry_csv(path: Path) -> Generator[internal_pb2.Record | RowProblem, None, None]:
     """Yield a Record per good row and a RowProblem per unreadable row, in file order.
 
     A problem whose code starts with ``file.`` means the file (or the rest of

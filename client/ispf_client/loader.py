@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ _END = object()
 Item = internal_pb2.Record | RowProblem
 
 
-def read_ahead(path: Path) -> Iterator[Item]:
+def read_ahead(path: Path) -> Generator[Item, None, None]:
     """`read_registry_csv`'s items, in order, read by a thread of their own up to
     two batches ahead of the caller. Nothing else changes: what the caller takes
     is what it would have read itself (a failure to read is raised here, at the
