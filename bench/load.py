@@ -23,25 +23,30 @@ Asserts nothing: figures, not pass/fail.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
 import pstats
 import random
+import socket
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ispf.errors import InvalidNationalId
+from ispf.errors import InvalidNationalId, IspfError
 from ispf.nid import DEFAULT_PROVINCE_DIGITS, canonicalise
 from ispf_client.csvio import read_registry_csv
 from ispf_client.demo import LocalFederation
 from ispf_client.forum import init_forum
 from ispf_client.loader import BATCH, load_csv, sync_csv
+from ispf_client.sdk import ClientProfile, NodeClient
 from ispf_client.synth import generate
 from ispf_server.storage import db, meta, registry
 from ispf_server.storage.db import utcnow
@@ -144,6 +149,47 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def node_client(work: Path, r: int, how: str, digits: frozenset[str]) -> Iterator[NodeClient]:
+    """A fresh Punjab node and a client of it: `ispf-node` in a process of its own
+    (as `ispf registry load` meets it), or in this process (`thread`: one GIL)."""
+    port = free_port()
+    layout = init_forum(work / f"forum{r}", PROVINCES, base_port=port)
+    if how == "thread":
+        with LocalFederation(layout, PROVINCES[:1], digits, 1) as fed:
+            yield fed.clients["punjab"]
+        return
+    cfg = layout.node_dir("punjab") / "node.toml"
+    cfg.write_text(cfg.read_text().replace("workers = 0", "workers = 1"))
+    node = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ispf-node"), "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        profile = ClientProfile.load(layout.client_dir("punjab") / "profile.toml")
+        with NodeClient(profile) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.stats()
+                    break
+                except IspfError:
+                    if time.monotonic() > deadline or node.poll() is not None:
+                        raise
+                    time.sleep(0.1)
+            yield client
+    finally:
+        node.terminate()
+        node.wait(30)
+
+
 def one_round(
     work: Path,
     r: int,
@@ -151,13 +197,12 @@ def one_round(
     alt: Path,
     n: int,
     digits: frozenset[str],
+    how: str,
     prof: cProfile.Profile | None,
 ) -> dict[str, float]:
-    """A fresh node: load, load again, sync the same file, sync the changed one."""
-    layout = init_forum(work / f"forum{r}", PROVINCES, base_port=0)
+    """A fresh node: load, sync the same file, sync the changed one."""
     out: dict[str, float] = {}
-    with LocalFederation(layout, PROVINCES[:1], digits, 1) as fed:
-        client = fed.clients["punjab"]
+    with node_client(work, r, how, digits) as client:
         out["load"], rep = timed(lambda: load_csv(client, src), prof)
         assert rep.accepted == n, (rep.accepted, rep.stopped)
 
@@ -211,6 +256,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000, help="rows in the registry file")
     ap.add_argument("--change", type=float, default=0.01, help="share of rows a sync changes")
     ap.add_argument("--rounds", type=int, default=2, help="plain then node, this many times")
+    ap.add_argument(
+        "--node",
+        choices=("process", "thread"),
+        default="process",
+        help="ispf-node in a process of its own (as in use), or in the bench's",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the first load (client side)")
     ap.add_argument("--phases", action="store_true", help="time each stage of a load alone")
     args = ap.parse_args()
@@ -222,7 +273,10 @@ def main() -> None:
     ]
     n = len(rows)
     print(f"{n:,} rows, batches of {BATCH:,}, {os.cpu_count()} cores, {cpu_model()}")
-    print(f"{args.rounds} rounds, each a plain upsert then a fresh node; ratios within a round")
+    print(
+        f"{args.rounds} rounds, each the plain upserts then a fresh node ({args.node}); "
+        "ratios within a round"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src, alt = work / "registry.csv", work / "changed.csv"
@@ -234,7 +288,7 @@ def main() -> None:
         for r in range(args.rounds):
             got = {"plain": plain_upsert(work / f"plain{r}.db", canon)}
             got["tuned"] = plain_upsert(work / f"tuned{r}.db", canon, tuned=True)
-            got.update(one_round(work, r, src, alt, n, digits, prof if r == 0 else None))
+            got.update(one_round(work, r, src, alt, n, digits, args.node, prof if r == 0 else None))
             rounds.append(got)
         stages = phases(work, src, n, digits) if args.phases else []
 
