@@ -432,8 +432,15 @@ class RegistrySync:
             "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL) WITHOUT ROWID"
         )
         cur.execute("CREATE TABLE IF NOT EXISTS sync_keep (record_id TEXT PRIMARY KEY)")
+        # What the sync changes (`apply`): in the store too, not a TEMP table (which
+        # SQLite may spill to a file outside the store's folder: these hold IDs).
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS sync_diff (kind INTEGER NOT NULL, "
+            "rec INTEGER, record_id TEXT NOT NULL, old_nid TEXT, new_nid TEXT)"
+        )
         cur.execute("DELETE FROM sync_rows")
         cur.execute("DELETE FROM sync_keep")
+        cur.execute("DELETE FROM sync_diff")
 
     def stage(self, records: Iterable[StoredRecord], kept: Iterable[str] = ()) -> None:
         rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
@@ -454,35 +461,32 @@ class RegistrySync:
         Counting and applying share one write transaction, so nothing can change
         between them. What differs is found once (two passes: the stored records
         absent from the file, the staged rows new or changed), noted in a
-        temporary table (`sync_diff`: kind 0 gone, 1 changed, 2 new), and counted,
+        table of the store (`sync_diff`: kind 0 gone, 1 changed, 2 new), and counted,
         logged and applied from there."""
         with self._db.transaction() as cur:
 
             def one(q: str) -> int:
                 return int(cur.execute(q).fetchone()[0])
 
+            cur.execute("DELETE FROM sync_diff")
             cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS sync_diff (kind INTEGER NOT NULL, "
-                "rec INTEGER, record_id TEXT NOT NULL, old_nid TEXT, new_nid TEXT)"
-            )
-            cur.execute("DELETE FROM temp.sync_diff")
-            cur.execute(
-                "INSERT INTO temp.sync_diff SELECT 0, rowid, record_id, nid, NULL FROM records "
+                "INSERT INTO sync_diff SELECT 0, rowid, record_id, nid, NULL FROM records "
                 "WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
                 "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
             )
             cur.execute(
-                "INSERT INTO temp.sync_diff SELECT iif(r.rowid IS NULL, 2, 1), r.rowid, "
+                "INSERT INTO sync_diff SELECT iif(r.rowid IS NULL, 2, 1), r.rowid, "
                 "s.record_id, r.nid, s.nid FROM sync_rows s "
                 "LEFT JOIN records r ON r.record_id = s.record_id "
                 "WHERE r.rowid IS NULL OR (r.nid, r.programme, r.status) IS NOT "
                 "(s.nid, s.programme, s.status)"
             )
-            kinds = dict.fromkeys(range(3), 0)
-            for kind, count in cur.execute(
-                "SELECT kind, count(*) FROM temp.sync_diff GROUP BY kind"
-            ):
-                kinds[int(kind)] = int(count)
+            kinds = [
+                int(k or 0)
+                for k in cur.execute(
+                    "SELECT sum(kind = 0), sum(kind = 1), sum(kind = 2) FROM sync_diff"
+                ).fetchone()
+            ]
             staged = one("SELECT count(*) FROM sync_rows")
             counts = SyncCounts(
                 before=one("SELECT count(*) FROM records"),
@@ -500,29 +504,28 @@ class RegistrySync:
                 cur.execute("ROLLBACK")
                 return counts, False
             changed = {
-                str(n)
-                for (n,) in cur.execute(
-                    "SELECT old_nid FROM temp.sync_diff WHERE kind < 2 UNION "
-                    "SELECT new_nid FROM temp.sync_diff WHERE kind > 0"
-                )
+                str(n) for (n,) in cur.execute("SELECT old_nid FROM sync_diff WHERE kind < 2")
             }
+            changed.update(
+                str(n) for (n,) in cur.execute("SELECT new_nid FROM sync_diff WHERE kind > 0")
+            )
             cur.execute(
-                "DELETE FROM records WHERE rowid IN (SELECT rec FROM temp.sync_diff WHERE kind = 0)"
+                "DELETE FROM records WHERE rowid IN (SELECT rec FROM sync_diff WHERE kind = 0)"
             )
             now = utcnow()
             cur.execute(
                 "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
-                "updated_at = ? FROM temp.sync_diff d JOIN sync_rows s "
+                "updated_at = ? FROM sync_diff d JOIN sync_rows s "
                 "ON s.record_id = d.record_id WHERE d.kind = 1 AND records.rowid = d.rec",
                 (now,),
             )
             cur.execute(
                 "INSERT INTO records SELECT s.record_id, s.nid, s.programme, s.status, ? "
-                "FROM temp.sync_diff d JOIN sync_rows s ON s.record_id = d.record_id "
+                "FROM sync_diff d JOIN sync_rows s ON s.record_id = d.record_id "
                 "WHERE d.kind = 2",
                 (now,),
             )
-            cur.execute("DELETE FROM temp.sync_diff")
+            cur.execute("DELETE FROM sync_diff")
             log_changes(cur, changed)
         return counts, True
 
