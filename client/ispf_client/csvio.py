@@ -24,7 +24,8 @@ import codecs
 import contextlib
 import csv
 import io
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,8 +68,12 @@ class ParsedCsv:
     problems: list[RowProblem] = field(default_factory=list)
 
 
+# The characters `surrogateescape` reads undecodable bytes as.
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return _SURROGATE.search(text) is not None
 
 
 class _TooLong(Exception):
@@ -174,7 +179,7 @@ def _stop(line: int, why: str) -> list[RowProblem]:
     ]
 
 
-def read_registry_csv(path: Path) -> Iterator[internal_pb2.Record | RowProblem]:
+def read_registry_csv(path: Path) -> Generator[internal_pb2.Record | RowProblem, None, None]:
     """Yield a Record per good row and a RowProblem per unreadable row, in file order.
 
     A problem whose code starts with ``file.`` means the file (or the rest of
@@ -205,7 +210,8 @@ def read_registry_csv(path: Path) -> Iterator[internal_pb2.Record | RowProblem]:
         if bad is not None:
             yield bad
             return
-        idx = {c: names.index(c) for c in REQUIRED}
+        i_rid, i_nid, i_prog, i_st = (names.index(c) for c in REQUIRED)
+        width = len(names)
         while True:
             line = reader.line_num + 1
             lines.fed = 0
@@ -224,25 +230,26 @@ def read_registry_csv(path: Path) -> Iterator[internal_pb2.Record | RowProblem]:
                     reason = f"a field is longer than {MAX_FIELD} characters"
                 yield from _stop(line, f"row is unreadable: {reason}")
                 return
-            if not row or all(not c.strip() for c in row):
+            joined = "".join(row)
+            if not joined.strip():  # (no cell holds more than whitespace)
                 continue
-            rid = row[idx["record_id"]].strip() if len(row) > idx["record_id"] else ""
-            if len(row) != len(names):
+            if len(row) != width:
+                rid = row[i_rid].strip() if len(row) > i_rid else ""
                 yield RowProblem(
                     line,
                     _safe(rid),
                     "row.fields",
-                    f"row has {len(row)} fields, the header has {len(names)}",
+                    f"row has {len(row)} fields, the header has {width}",
                 )
                 continue
-            if any(_has_surrogates(c) for c in row):
+            if _has_surrogates(joined):
                 yield RowProblem(line, "", "row.encoding", "row is not valid UTF-8")
                 continue
             yield internal_pb2.Record(
-                record_id=rid,
-                nid=row[idx["cnic"]],
-                programme=row[idx["programme"]],
-                status=row[idx["status"]],
+                record_id=row[i_rid].strip(),
+                nid=row[i_nid],
+                programme=row[i_prog],
+                status=row[i_st],
                 position=line,
             )
 

@@ -10,7 +10,10 @@ change: nothing of it is stored unless all of it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,64 @@ MAX_KEPT_PROBLEMS = 100_000
 # Deletions a sync may make without --allow-deletes, as a share of the registry.
 DEFAULT_MAX_DELETE_PERCENT = 10.0
 _MAYBE_STORED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+# The file is read this far ahead of the batch being sent (`read_ahead`): the next
+# batch is parsed while the node stores the last.
+_CHUNK = 1_000
+_AHEAD_CHUNKS = 2 * BATCH // _CHUNK
+_END = object()
+
+Item = internal_pb2.Record | RowProblem
+
+
+def read_ahead(path: Path) -> Generator[Item, None, None]:
+    """`read_registry_csv`'s items, in order, read by a thread of their own up to
+    two batches ahead of the caller. Nothing else changes: what the caller takes
+    is what it would have read itself (a failure to read is raised here, at the
+    point of the file where it happened), and a caller that stops (an interrupt,
+    a failed batch) stops the reader too."""
+    chunks: queue.Queue[object] = queue.Queue(maxsize=_AHEAD_CHUNKS)
+    stop = threading.Event()
+
+    def put(x: object) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            with contextlib.closing(read_registry_csv(path)) as items:
+                chunk: list[Item] = []
+                for item in items:
+                    chunk.append(item)
+                    if len(chunk) >= _CHUNK:
+                        if not put(chunk):
+                            return
+                        chunk = []
+                if chunk and not put(chunk):
+                    return
+            put(_END)
+        except BaseException as exc:  # (handed to the caller, raised there)
+            put(exc)
+
+    reader = threading.Thread(target=read, name="csv-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            got = chunks.get()
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield from got  # type: ignore[misc]
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # (a reader blocked on a full queue sees the stop at once)
+                chunks.get_nowait()
 
 
 @dataclass
@@ -146,17 +207,18 @@ def load_csv(
     next_line = 2  # the line after the last one read (line 1 is the header)
     try:
         try:
-            for item in read_registry_csv(path):
-                if isinstance(item, RowProblem):
-                    pending.append(item)
-                    report.rows += not item.code.startswith("file.")
-                    next_line = max(next_line, item.line + 1)
-                    continue
-                report.rows += 1
-                batch.append(item)
-                next_line = int(item.position) + 1
-                if len(batch) >= BATCH:
-                    flush()
+            with contextlib.closing(read_ahead(path)) as items:
+                for item in items:
+                    if isinstance(item, RowProblem):
+                        pending.append(item)
+                        report.rows += not item.code.startswith("file.")
+                        next_line = max(next_line, item.line + 1)
+                        continue
+                    report.rows += 1
+                    batch.append(item)
+                    next_line = int(item.position) + 1
+                    if len(batch) >= BATCH:
+                        flush()
         except KeyboardInterrupt:
             # Between batches, everything read so far was stored (or reported).
             report.stopped, report.interrupted = "interrupted", True

@@ -35,6 +35,7 @@ _TO_ASCII = {
 }
 _SCIENTIFIC = re.compile(r"[0-9]+(?:[.,][0-9]*)?[eE][+]?[0-9]+")
 _DASHED_LEN = 15
+_DASHED = re.compile(r"[0-9]{5}-[0-9]{7}-[0-9]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,27 @@ def canonicalise(
     raw: str, *, province_digits: Iterable[str] = DEFAULT_PROVINCE_DIGITS
 ) -> NationalId:
     """Validate `raw` and return its canonical form, or raise `InvalidNationalId`."""
-    text = raw.strip().translate(_TO_ASCII)
+    return NationalId(canonical_digits(raw, province_digits=province_digits))
+
+
+def canonical_digits(raw: str, *, province_digits: Iterable[str] = DEFAULT_PROVINCE_DIGITS) -> str:
+    """`canonicalise`'s 13 digits, without the `NationalId` (a registry load's path:
+    the two common spellings are recognised first, then everything else as there)."""
+    allowed = province_digits if isinstance(province_digits, frozenset) else None
+    text = raw.strip()
+    if allowed is not None and text.isascii():
+        if len(text) == 13 and text.isdigit():
+            if text[0] in allowed:
+                return text
+        elif len(text) == _DASHED_LEN and _DASHED.fullmatch(text):
+            digits = text[:5] + text[6:13] + text[14]
+            if digits[0] in allowed:
+                return digits
+    return _canonical_slow(text, province_digits)
+
+
+def _canonical_slow(stripped: str, province_digits: Iterable[str]) -> str:
+    text = stripped.translate(_TO_ASCII)
     if not text:
         raise InvalidNationalId("nid.empty", "identity number is empty")
     if _SCIENTIFIC.fullmatch(text):
@@ -109,7 +130,7 @@ def canonicalise(
             "identity number starts with an unknown province digit (allowed: "
             f"{', '.join(sorted(allowed))})",
         )
-    return NationalId(digits)
+    return digits
 
 
 NID_BYTES = 13

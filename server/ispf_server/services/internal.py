@@ -11,9 +11,9 @@ import grpc
 from ispf import merkle
 from ispf.auditlog import tag_leaves
 from ispf.errors import InvalidNationalId, InvalidRecord, UnknownSession
-from ispf.nid import canonicalise
+from ispf.nid import canonical_digits
 from ispf.protocol import MAX_RECORDS_PER_MESSAGE
-from ispf.records import check_label, check_record_id
+from ispf.records import Label, check_label, check_record_id
 from ispf.v1 import common_pb2, internal_pb2, internal_pb2_grpc
 from ispf_server.probes import Checker
 from ispf_server.services.api import NodeApi, R, SessionRecord, SyncCounts
@@ -53,26 +53,38 @@ class RegistryServicer(internal_pb2_grpc.RegistryServiceServicer, Generic[R]):
         good: dict[str, R] = {}
         errors: list[internal_pb2.RowError] = []
         digits = self.node.province_digits
+        new_record = self.node.new_record
+        # A label's check (NFC, the name rule) once per distinct pair in the request:
+        # its Label, or the (code, reason) of its rejection.
+        labels: dict[tuple[str, str], Label | tuple[str, str]] = {}
         for i, rec in enumerate(records):
-            position = rec.position or i + 1
+            raw_rid = rec.record_id
             try:
-                rid = check_record_id(rec.record_id)
-                label = check_label(rec.programme, rec.status)
-                nid = canonicalise(rec.nid, province_digits=digits)
+                rid = check_record_id(raw_rid)
+                key = (rec.programme, rec.status)
+                label = labels.get(key)
+                if label is None:
+                    try:
+                        label = labels[key] = check_label(*key)
+                    except InvalidRecord as exc:
+                        label = labels[key] = (exc.reason_code, exc.message)
+                if not isinstance(label, Label):
+                    raise InvalidRecord(*label)
+                nid = canonical_digits(rec.nid, province_digits=digits)
             except (InvalidNationalId, InvalidRecord) as exc:
                 errors.append(
                     internal_pb2.RowError(
-                        position=position,
-                        record_id=rec.record_id[:128],
+                        position=rec.position or i + 1,
+                        record_id=raw_rid[:128],
                         code=exc.reason_code,
                         reason=exc.message,
                     )
                 )
                 if kept is not None:
                     with contextlib.suppress(InvalidRecord):
-                        kept.add(check_record_id(rec.record_id))
+                        kept.add(check_record_id(raw_rid))
                 continue
-            good[rid] = self.node.new_record(rid, nid.digits, label)
+            good[rid] = new_record(rid, nid, label)
         return good, errors
 
     def SyncRecords(

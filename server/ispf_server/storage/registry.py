@@ -129,31 +129,60 @@ class Registry:
 
     @storage_errors
     def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
-        """Insert or update records by record id, all in one transaction."""
+        """Insert or update records by record id, all in one transaction.
+
+        The stored rows of the batch are read with a few `IN (...)` queries, the
+        rows compared here, and only the new and the changed written (one
+        `executemany` each); counted as if the rows were applied one by one in
+        order (a record id repeated in the batch: its first row inserts, the
+        next update or leave it)."""
         ins = upd = same = 0
         now = utcnow()
+        rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
         changed: set[str] = set()
         with self._db.transaction() as cur:
-            for r in records:
-                row = cur.execute(
-                    "SELECT nid, programme, status FROM records WHERE record_id=?",
-                    (r.record_id,),
-                ).fetchone()
-                new = (r.nid, r.label.programme, r.label.status)
-                if row is None:
-                    cur.execute("INSERT INTO records VALUES (?,?,?,?,?)", (r.record_id, *new, now))
+            stored: dict[str, tuple[str, str, str]] = {}
+            ids = list(dict.fromkeys(r[0] for r in rows))
+            for at in range(0, len(ids), IN_BATCH):
+                part = ids[at : at + IN_BATCH]
+                marks = ",".join("?" * len(part))
+                for rid, nid, prog, st in cur.execute(
+                    "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
+                    f"WHERE record_id IN ({marks})",
+                    part,
+                ):
+                    stored[rid] = (nid, prog, st)
+            current = dict(stored)
+            new_ids: set[str] = set()
+            touched: set[str] = set()
+            for rid, nid, prog, st in rows:
+                new = (nid, prog, st)
+                old = current.get(rid)
+                if old is None:
                     ins += 1
-                    changed.add(r.nid)
-                elif tuple(row) != new:
-                    cur.execute(
-                        "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
-                        "WHERE record_id=?",
-                        (*new, now, r.record_id),
-                    )
+                    changed.add(nid)
+                    new_ids.add(rid)
+                elif old != new:
                     upd += 1
-                    changed.update((row[0], r.nid))
+                    changed.add(old[0])
+                    changed.add(nid)
+                    touched.add(rid)
                 else:
                     same += 1
+                    continue
+                current[rid] = new
+            if new_ids:
+                cur.executemany(
+                    "INSERT INTO records VALUES (?,?,?,?,?)",
+                    [(rid, *current[rid], now) for rid in ids if rid in new_ids],
+                )
+            touched -= new_ids
+            if touched:
+                cur.executemany(
+                    "UPDATE records SET nid=?, programme=?, status=?, updated_at=? "
+                    "WHERE record_id=?",
+                    [(*current[rid], now, rid) for rid in ids if rid in touched],
+                )
             log_changes(cur, changed)
         return UpsertCounts(ins, upd, same)
 
@@ -364,13 +393,28 @@ class RegistrySync:
 
     @staticmethod
     def _reset(cur: sqlite3.Cursor) -> None:
+        # WITHOUT ROWID: the staged rows are one B-tree by record id (a rowid table
+        # with a text key is two), half the work to stage and to join. A store
+        # made before that has the old shape: dropped and made again (empty anyway).
+        shape = cur.execute(
+            "SELECT sql FROM sqlite_master WHERE type='table' AND name='sync_rows'"
+        ).fetchone()
+        if shape is not None and "WITHOUT ROWID" not in str(shape[0]).upper():
+            cur.execute("DROP TABLE sync_rows")
         cur.execute(
             "CREATE TABLE IF NOT EXISTS sync_rows (record_id TEXT PRIMARY KEY, "
-            "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL)"
+            "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL) WITHOUT ROWID"
         )
         cur.execute("CREATE TABLE IF NOT EXISTS sync_keep (record_id TEXT PRIMARY KEY)")
+        # What the sync changes (`apply`): in the store too, not a TEMP table (which
+        # SQLite may spill to a file outside the store's folder: these hold IDs).
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS sync_diff (kind INTEGER NOT NULL, "
+            "rec INTEGER, record_id TEXT NOT NULL, old_nid TEXT, new_nid TEXT)"
+        )
         cur.execute("DELETE FROM sync_rows")
         cur.execute("DELETE FROM sync_keep")
+        cur.execute("DELETE FROM sync_diff")
 
     def stage(self, records: Iterable[StoredRecord], kept: Iterable[str] = ()) -> None:
         rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
@@ -389,30 +433,41 @@ class RegistrySync:
         """Count what the sync changes, ask `decide`, and apply it all if it says so.
 
         Counting and applying share one write transaction, so nothing can change
-        between them."""
-        gone = (
-            "FROM records WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
-            "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
-        )
-        differs = (
-            "FROM sync_rows s JOIN records r ON r.record_id = s.record_id "
-            "WHERE (r.nid, r.programme, r.status) IS NOT (s.nid, s.programme, s.status)"
-        )
-        new = "FROM sync_rows s WHERE s.record_id NOT IN (SELECT record_id FROM records)"
+        between them. What differs is found once (two passes: the stored records
+        absent from the file, the staged rows new or changed), noted in a
+        table of the store (`sync_diff`: kind 0 gone, 1 changed, 2 new), and counted,
+        logged and applied from there."""
         with self._db.transaction() as cur:
 
             def one(q: str) -> int:
                 return int(cur.execute(q).fetchone()[0])
 
+            cur.execute("DELETE FROM sync_diff")
+            cur.execute(
+                "INSERT INTO sync_diff SELECT 0, rowid, record_id, nid, NULL FROM records "
+                "WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
+                "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
+            )
+            cur.execute(
+                "INSERT INTO sync_diff SELECT iif(r.rowid IS NULL, 2, 1), r.rowid, "
+                "s.record_id, r.nid, s.nid FROM sync_rows s "
+                "LEFT JOIN records r ON r.record_id = s.record_id "
+                "WHERE r.rowid IS NULL OR (r.nid, r.programme, r.status) IS NOT "
+                "(s.nid, s.programme, s.status)"
+            )
+            kinds = [
+                int(k or 0)
+                for k in cur.execute(
+                    "SELECT sum(kind = 0), sum(kind = 1), sum(kind = 2) FROM sync_diff"
+                ).fetchone()
+            ]
             staged = one("SELECT count(*) FROM sync_rows")
-            ins = one(f"SELECT count(*) {new}")
-            upd = one(f"SELECT count(*) {differs}")
             counts = SyncCounts(
                 before=one("SELECT count(*) FROM records"),
-                inserted=ins,
-                updated=upd,
-                unchanged=staged - ins - upd,
-                deleted=one(f"SELECT count(*) {gone}"),
+                inserted=kinds[2],
+                updated=kinds[1],
+                unchanged=staged - kinds[2] - kinds[1],
+                deleted=kinds[0],
                 kept=one(
                     "SELECT count(*) FROM records WHERE record_id IN "
                     "(SELECT record_id FROM sync_keep) AND record_id NOT IN "
@@ -422,23 +477,29 @@ class RegistrySync:
             if not decide(counts):
                 cur.execute("ROLLBACK")
                 return counts, False
-            changed = {str(r[0]) for r in cur.execute(f"SELECT nid {gone}")}
-            for old, nid in cur.execute(f"SELECT r.nid, s.nid {differs}").fetchall():
-                changed.update((str(old), str(nid)))
-            changed.update(str(r[0]) for r in cur.execute(f"SELECT s.nid {new}"))
-            cur.execute(f"DELETE {gone}")
+            changed = {
+                str(n) for (n,) in cur.execute("SELECT old_nid FROM sync_diff WHERE kind < 2")
+            }
+            changed.update(
+                str(n) for (n,) in cur.execute("SELECT new_nid FROM sync_diff WHERE kind > 0")
+            )
+            cur.execute(
+                "DELETE FROM records WHERE rowid IN (SELECT rec FROM sync_diff WHERE kind = 0)"
+            )
             now = utcnow()
             cur.execute(
                 "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
-                "updated_at = ? FROM sync_rows s WHERE records.record_id = s.record_id "
-                "AND (records.nid, records.programme, records.status) IS NOT "
-                "(s.nid, s.programme, s.status)",
+                "updated_at = ? FROM sync_diff d JOIN sync_rows s "
+                "ON s.record_id = d.record_id WHERE d.kind = 1 AND records.rowid = d.rec",
                 (now,),
             )
             cur.execute(
-                "INSERT INTO records SELECT s.record_id, s.nid, s.programme, s.status, ? " + new,
+                "INSERT INTO records SELECT s.record_id, s.nid, s.programme, s.status, ? "
+                "FROM sync_diff d JOIN sync_rows s ON s.record_id = d.record_id "
+                "WHERE d.kind = 2",
                 (now,),
             )
+            cur.execute("DELETE FROM sync_diff")
             log_changes(cur, changed)
         return counts, True
 
