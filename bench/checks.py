@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,6 +72,20 @@ def tree_cpu(root: int) -> float:
         total += cpu.get(pid, 0.0)
         todo.extend(p for p, pp in parents.items() if pp == pid)
     return total
+
+
+def batching(metrics_port: int) -> tuple[float, float, float, float]:
+    """A node's online-check batching so far, from its metrics: probes blinded and
+    their batches (asking), probes re-blinded and theirs (answering); NaN where the
+    node has no such metrics (before batching)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    got = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        got[name] = float(value) if value and not line.startswith("#") else 0.0
+    names = ("blind_calls", "blind_batches", "reblind_calls", "reblind_batches")
+    return tuple(got.get(f"ispf_online_{n}", float("nan")) for n in names)  # type: ignore[return-value]
 
 
 def start_node(cfg: Path, log_level: str) -> subprocess.Popen[bytes]:
@@ -138,11 +153,13 @@ def run_level(
     seconds: float,
     client_procs: int,
     nodes: dict[str, subprocess.Popen[bytes]],
+    metrics: dict[str, int],
 ) -> dict[str, object]:
     procs = max(1, min(client_procs, callers))
     per = [callers // procs + (1 if i < callers % procs else 0) for i in range(procs)]
     with ProcessPoolExecutor(procs) as ex:
         cpu0 = {p: tree_cpu(proc.pid) for p, proc in nodes.items()}
+        batch0 = {p: batching(port) for p, port in metrics.items()}
         t = time.perf_counter()
         futures = [
             ex.submit(callers_in_process, str(profile), ids, k, seconds, i)
@@ -151,6 +168,10 @@ def run_level(
         results = [f.result() for f in futures]
         wall = time.perf_counter() - t
         cpu = {p: tree_cpu(proc.pid) - cpu0[p] for p, proc in nodes.items()}
+        batch = {
+            p: [a - b for a, b in zip(batching(port), batch0[p], strict=True)]
+            for p, port in metrics.items()
+        }
     lat = sorted(x for r in results for x in r[0])
     return {
         "callers": callers,
@@ -162,6 +183,7 @@ def run_level(
         "failed": sum(r[2] for r in results),
         "cpu": cpu,
         "wall": wall,
+        "batch": batch,
     }
 
 
@@ -191,6 +213,7 @@ def main() -> None:
         work = Path(tmp)
         layout = init_forum(work / "forum", provinces, base_port=0)
         ports = {p: free_port() for p in provinces}
+        metrics = {p: free_port() for p in provinces}
         for p in provinces:
             cfg = layout.node_dir(p) / "node.toml"
             text = cfg.read_text().replace(
@@ -204,7 +227,7 @@ def main() -> None:
             text = text.replace(
                 "workers = 0", f'workers = {args.workers}\nbackend = "{args.backend}"'
             )
-            cfg.write_text(text)
+            cfg.write_text(text + f'\n[metrics]\nlisten = "127.0.0.1:{metrics[p]}"\n')
             pol = layout.node_dir(p) / "policy.toml"  # room for the bench's probes
             pol.write_text(
                 pol.read_text()
@@ -256,7 +279,8 @@ def main() -> None:
             print(
                 f"{'callers':>7} {'checks':>7} {'p50 ms':>7} {'p99 ms':>7} {'checks/s':>9} "
                 f"{'errors':>6} | node CPU s ({', '.join(provinces)}) | "
-                "checks/s per node core (asker first)"
+                "checks/s per node core (asker first) | probes per X25519 call "
+                "(asker blind, peers reblind)"
             )
             for callers in (int(c) for c in args.callers.split(",") if c):
                 r = run_level(
@@ -266,6 +290,7 @@ def main() -> None:
                     args.seconds,
                     args.client_procs,
                     nodes,
+                    metrics,
                 )
                 cpu: dict[str, float] = r["cpu"]  # type: ignore[assignment]
                 checks: int = r["checks"]  # type: ignore[assignment]
@@ -275,7 +300,16 @@ def main() -> None:
                     f"{r['rate']:>9.0f} {r['errors'] + r['failed']:>6} | "  # type: ignore[operator]
                     + " ".join(f"{cpu[p]:.1f}" for p in provinces)
                     + " | "
-                    + " ".join(f"{x:.0f}" for x in per_core),
+                    + " ".join(f"{x:.0f}" for x in per_core)
+                    + " | "
+                    + " ".join(
+                        f"{b[0] / b[1]:.1f}"
+                        if p == asker and b[1]
+                        else f"{b[2] / b[3]:.1f}"
+                        if p != asker and b[3]
+                        else "-"
+                        for p, b in r["batch"].items()  # type: ignore[attr-defined]
+                    ),
                     flush=True,
                 )
         finally:
