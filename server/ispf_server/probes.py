@@ -8,6 +8,12 @@ changed since it last synced with the asker syncs first, so a record loaded a
 moment ago is found. Peers rate-limit probes (per minute and per day, from the
 policy) and count every probe, answered or refused, in their audit log; the
 asker counts its checks too.
+
+Concurrent checks share X25519 calls (`batching.Coalescer`): the asker blinds
+the IDs of checks that arrive while a blinding for the same peer runs in one
+call, and the peer re-blinds probes that arrive together in one, each under the
+pair key of (peer, epoch) only. Each probe is admitted, rate-limited, charged
+and counted on its own, as before; only the curve arithmetic is shared.
 """
 
 from __future__ import annotations
