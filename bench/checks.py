@@ -11,8 +11,11 @@ own Python is not one GIL. Half the IDs asked are enrolled with a peer.
 Prints, per level: p50 and p99 latency, checks/s, errors (any province answer
 other than match / no match), each node process's CPU seconds (the process and
 its children, from /proc/<pid>/stat) and checks/s per node core (checks per CPU
-second of that node: the asker's is the figure the target names). Asserts
-nothing.
+second of that node: the asker's is the figure the target names), and how
+many probes shared each X25519 call (the nodes' metrics). First, in this
+process, the coalescer where the ladder is the bottleneck: 32 threads each
+re-blinding one value under one key, alone and through `batching.Coalescer`.
+Asserts nothing.
 
     python bench/checks.py [--nodes 3] [--n 100000] [--seconds 15] [--callers 1,32]
 """
@@ -30,13 +33,17 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+from ispf import blinding
+from ispf.keys import BlindingKey
 from ispf.v1 import internal_pb2
 from ispf_client.forum import init_forum, write_client_profile
 from ispf_client.loader import load_csv
 from ispf_client.sdk import ClientProfile, NodeClient
+from ispf_server.batching import Coalescer
 
 PROVINCES = ["punjab", "sindh", "kp", "balochistan"]
 OK = (internal_pb2.PROVINCE_STATUS_MATCH, internal_pb2.PROVINCE_STATUS_NO_MATCH)
@@ -86,6 +93,52 @@ def batching(metrics_port: int) -> tuple[float, float, float, float]:
         got[name] = float(value) if value and not line.startswith("#") else 0.0
     names = ("blind_calls", "blind_batches", "reblind_calls", "reblind_batches")
     return tuple(got.get(f"ispf_online_{n}", float("nan")) for n in names)  # type: ignore[return-value]
+
+
+def ladder_bound(backend: str, seconds: float = 3.0, threads: int = 32) -> str:
+    """Re-blinds per second (and per CPU second) of `threads` threads, one value
+    each, alone and through a coalescer: the case where X25519 is all the work."""
+    key = BlindingKey.generate()
+    base = bytes.fromhex("09" + "00" * 31)
+    point = blinding.reblind_many(BlindingKey.generate(), base, 32, "cryptography")
+    want = blinding.reblind_many(key, point, 16, "cryptography")
+
+    def batch(jobs: list[bytes]) -> list[bytes]:
+        out = blinding.reblind_many(key, b"".join(jobs), 16, backend)
+        return [out[16 * i : 16 * (i + 1)] for i in range(len(jobs))]
+
+    coalescer: Coalescer[bytes, bytes] = Coalescer(batch, cap=32)
+
+    def rate(fn: Callable[[bytes], bytes]) -> tuple[float, float]:
+        fn(point)  # (the backend loaded and self-checked before the clock starts)
+        done = [0]
+        lock = threading.Lock()
+        stop = time.monotonic() + seconds
+
+        def work() -> None:
+            k = 0
+            while time.monotonic() < stop:
+                assert fn(point) == want
+                k += 1
+            with lock:
+                done[0] += k
+
+        ts = [threading.Thread(target=work) for _ in range(threads)]
+        cpu = time.process_time()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return done[0] / seconds, done[0] / (time.process_time() - cpu)
+
+    alone = rate(lambda v: batch([v])[0])
+    shared = rate(lambda v: coalescer.submit("key", v))
+    per_call = coalescer.stats.values / max(1, coalescer.stats.batches)
+    return (
+        f"ladder-bound ({threads} threads, 1 value each, {backend}): alone {alone[0]:,.0f} "
+        f"re-blinds/s ({alone[1]:,.0f} per CPU s); coalesced {shared[0]:,.0f}/s "
+        f"({shared[1]:,.0f} per CPU s), {per_call:.1f} values per X25519 call"
+    )
 
 
 def start_node(cfg: Path, log_level: str) -> subprocess.Popen[bytes]:
@@ -209,6 +262,7 @@ def main() -> None:
         ),
         "?",
     )
+    print(ladder_bound(blinding.select_backend(args.backend).name), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         layout = init_forum(work / "forum", provinces, base_port=0)
@@ -268,7 +322,8 @@ def main() -> None:
                 assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
             setup = time.perf_counter() - t
             rng = random.Random(5)
-            ids = [x for q in peers for x in rng.sample(data[q][args.n // 10 :], 2000)]
+            own = args.n - args.n // 10
+            ids = [x for q in peers for x in rng.sample(data[q][args.n // 10 :], min(2000, own))]
             ids += [f"35202{rng.randrange(10**8):08d}" for _ in range(len(ids))]
             print(
                 f"online checks, nodes in separate processes: {len(provinces)} nodes "
