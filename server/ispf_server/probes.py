@@ -82,7 +82,7 @@ class _Reblind:
     """One probe's values to re-blind under the pair key (one coalescer job)."""
 
     key: BlindingKey
-    values: bytes
+    values: bytes = field(repr=False)
 
     def __len__(self) -> int:
         return len(self.values) // POINT_BYTES
@@ -94,7 +94,7 @@ class _Blind:
 
     key: BlindingKey
     salt: Any
-    digits: list[bytes]
+    digits: list[bytes] = field(repr=False)  # (ID numbers: never in a repr)
 
     def __len__(self) -> int:
         return len(self.digits)
