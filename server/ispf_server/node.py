@@ -32,6 +32,7 @@ from ispf.v1 import (
     peer_pb2_grpc,
 )
 from ispf_server.audit import AuditLog, load_log_keys
+from ispf_server.batching import CoalescerStats
 from ispf_server.budget import BudgetState, QueryBudget
 from ispf_server.clock import utcnow
 from ispf_server.guard import Guard
@@ -150,6 +151,21 @@ class Node:
             province_digits=config.province_digits,
             backend=self.backend.name,
         )
+        # Online checks: how far concurrent probes share ladder calls (asker, peer).
+        for side, stats in (
+            ("blind", self.checker.blinder.stats),
+            ("reblind", self.probes.reblinder.stats),
+        ):
+            self.metrics.gauge(
+                f"ispf_online_{side}_calls",
+                f"Online-check probes whose values this node {side}ed",
+                _counted(stats, "calls"),
+            )
+            self.metrics.gauge(
+                f"ispf_online_{side}_batches",
+                f"X25519 batches those probes' values were {side}ed in (shared)",
+                _counted(stats, "batches"),
+            )
         self.metrics.gauge(
             "ispf_registry_records",
             "Records in the registry",
@@ -305,6 +321,10 @@ def retire_epoch(config: NodeConfig, epoch: int) -> None:
     finally:
         store.close()
     log.info("epoch %d retired on node %s", epoch, config.province)
+
+
+def _counted(stats: CoalescerStats, what: str) -> Callable[[], float]:
+    return lambda: float(getattr(stats, what))
 
 
 def create_server(

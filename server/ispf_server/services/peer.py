@@ -72,7 +72,9 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def Probe(
         self, request: peer_pb2.ProbeRequest, context: grpc.ServicerContext
     ) -> peer_pb2.ProbeResponse:
-        return self.probes.probe(request, caller_identity(context).province)
+        return self.probes.probe(
+            request, caller_identity(context).province, context.time_remaining()
+        )
 
     def Abort(
         self, request: peer_pb2.AbortRequest, context: grpc.ServicerContext
