@@ -8,7 +8,8 @@
 * `pairs`: pair keys, kept tag state, sorted runs and their staging, lookups, deltas
 
 `Store` opens the file and composes the rooms (``store.registry``,
-``store.sessions``, ...). This is the only place raw ID numbers are kept. Every
+``store.sessions``, ...). This is the only place raw ID numbers are kept: in the
+registry, its change log and the pair state, nowhere outside the store. Every
 write is one transaction: a batch of records lands whole or not at all, and a
 session's results become visible together with its COMPLETED state, so partial
 results are never shown as final. Nothing above this package sees SQL, a

@@ -1,4 +1,5 @@
-"""The registry: the node's records (the only place raw ID numbers are kept), the
+"""The registry: the node's records (with their raw ID numbers, which the store also
+keeps in the change log and in the pair state, for incremental runs and checks), the
 log of which IDs changed at which registry version, and the reads a session's
 planning makes of them (in ID order, in batches, without an object per record).
 """
