@@ -224,6 +224,11 @@ class RetryLater(PeerUnavailable):
     """Not now: the pair is busy with another session, or its state must be rebuilt."""
 
 
+class StoreUnavailable(RetryLater):
+    """The node's database (PostgreSQL) cannot be reached: nothing of the request was
+    stored; another replica, or this one once the database is back, can answer it."""
+
+
 class DeadlineExceeded(IspfError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

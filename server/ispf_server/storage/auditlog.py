@@ -3,10 +3,8 @@ witnesses' cosignatures, and the latest checkpoint verified from each peer."""
 
 from __future__ import annotations
 
-import sqlite3
-
 from ispf_server.clock import utcnow
-from ispf_server.storage.db import Database, storage_errors
+from ispf_server.storage.db import Cursor, Database, storage_errors, upsert_sql
 
 SCHEMA = """
 -- The audit log: entries exactly as hashed, and signed checkpoints over them.
@@ -37,7 +35,7 @@ CREATE TABLE IF NOT EXISTS witnessed (
 """
 
 
-def append(cur: sqlite3.Cursor, session_id: str, entry: bytes) -> int:
+def append(cur: Cursor, session_id: str, entry: bytes) -> int:
     """Append an entry in the caller's transaction; returns its index in the log."""
     row = cur.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_entries").fetchone()
     idx = int(row[0])
@@ -70,7 +68,9 @@ class AuditLog:
 
     @storage_errors
     def add_checkpoint(self, size: int, note: str) -> None:
-        self._db.write("INSERT OR IGNORE INTO checkpoints VALUES (?,?,?)", (size, note, utcnow()))
+        self._db.write(
+            "INSERT INTO checkpoints VALUES (?,?,?) ON CONFLICT DO NOTHING", (size, note, utcnow())
+        )
 
     def checkpoint(self, size: int | None = None) -> tuple[int, str] | None:
         """The checkpoint of a size, or the latest one."""
@@ -88,7 +88,10 @@ class AuditLog:
 
     @storage_errors
     def add_cosignature(self, size: int, witness: str, line: str) -> None:
-        self._db.write("INSERT OR REPLACE INTO cosignatures VALUES (?,?,?)", (size, witness, line))
+        self._db.write(
+            upsert_sql("cosignatures", ("size", "witness", "line"), ("size", "witness")),
+            (size, witness, line),
+        )
 
     def cosignatures(self, size: int) -> list[str]:
         rows = self._db.fetchall(
@@ -99,7 +102,8 @@ class AuditLog:
     @storage_errors
     def set_witnessed(self, peer: str, size: int, note: str) -> None:
         self._db.write(
-            "INSERT OR REPLACE INTO witnessed VALUES (?,?,?,?)", (peer, size, note, utcnow())
+            upsert_sql("witnessed", ("peer", "size", "note", "updated_at"), ("peer",)),
+            (peer, size, note, utcnow()),
         )
 
     def witnessed(self) -> dict[str, tuple[int, str]]:

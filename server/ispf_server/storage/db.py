@@ -1,11 +1,20 @@
-"""The store's database: one SQLite file per node, its connection and lock, its
-pragmas, schema creation, and the one way to write: ``with db.transaction() as cur``.
+"""The store's database, as the rooms of `storage` see it: `Database`, with one way
+to write (``with db.transaction() as cur``), reads, schema creation, and the
+cursor protocol (`Cursor`) both backends' cursors meet. Two backends:
+`SqliteDatabase` here (one file per node, the embedded default) and
+`postgres.PostgresDatabase` (one PostgreSQL database, shared by a node's replicas).
+`open_database` picks by location. Nothing above `storage` sees a connection or a
+cursor, or knows which backend it has.
 
-Everything SQLite-specific that the rooms of `storage` share lives here: how a
-transaction is begun (``BEGIN IMMEDIATE``, so a writer never upgrades a read
-lock and deadlocks), how a full disk or a busy file is reported (as
-`StorageFull` and `RetryLater`, in `ispf.errors`' tree), and how the file is
-compacted and copied. Nothing above `storage` sees a connection or a cursor.
+SQL in `storage` is written once, in the dialect both accept (SQLite >= 3.24 and
+PostgreSQL: ``INSERT ... ON CONFLICT``, ``CASE``, row values compared with ``<>``,
+``?`` placeholders, which the PostgreSQL cursor rewrites); the few statements
+that differ ask `is_postgres`.
+
+Everything SQLite-specific lives in `SqliteDatabase`: how a transaction is begun
+(``BEGIN IMMEDIATE``, so a writer never upgrades a read lock and deadlocks), how a
+full disk or a busy file is reported (as `StorageFull` and `RetryLater`, in
+`ispf.errors`' tree), and how the file is compacted and copied.
 """
 
 from __future__ import annotations
@@ -14,10 +23,10 @@ import functools
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from ispf import files
 from ispf.errors import RetryLater, StorageFull
@@ -36,7 +45,77 @@ CACHE_KIB = 64 * 1024
 WAL_PAGES = 10_000
 
 
-def _translate(exc: sqlite3.OperationalError) -> Exception | None:
+class Cursor(Protocol):
+    """What `storage` uses of a cursor: `sqlite3.Cursor` is one, and so is the
+    PostgreSQL backend's (`postgres.PgCursor`)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    @property
+    def connection(self) -> Connection: ...
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Cursor: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """A connection inside a read (`Database.reading`) or a write (`Cursor.connection`)."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+def is_postgres(cur: Cursor | Connection) -> bool:
+    """Whether a cursor (or connection) is the PostgreSQL backend's: for the few
+    statements written twice."""
+    return bool(getattr(cur, "postgres", False))
+
+
+def upsert_sql(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE`` of every other column (both dialects)."""
+    rest = [c for c in columns if c not in key]
+    marks = ",".join("?" * len(columns))
+    action = (
+        "DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in rest) if rest else "DO NOTHING"
+    )
+    return (
+        f"INSERT INTO {table} ({','.join(columns)}) VALUES ({marks}) "  # noqa: S608
+        f"ON CONFLICT ({','.join(key)}) {action}"
+    )
+
+
+def insert_rows(
+    cur: Cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Insert many rows (which break no constraint) in the cursor's transaction:
+    ``executemany`` in SQLite, COPY in PostgreSQL (`postgres.PgCursor.copy_rows`)."""
+    copy = getattr(cur, "copy_rows", None)
+    if copy is not None:
+        copy(table, columns, rows)
+        return
+    marks = ",".join("?" * len(columns))
+    cur.executemany(f"INSERT INTO {table} ({','.join(columns)}) VALUES ({marks})", rows)  # noqa: S608
+
+
+# Translators of a backend's exceptions into `ispf.errors` (a full disk, a busy or
+# unreachable store), or None for an exception they do not know. The PostgreSQL
+# backend adds its own when it is imported.
+TRANSLATORS: list[Callable[[BaseException], Exception | None]] = []
+
+
+def _translate_sqlite(exc: BaseException) -> Exception | None:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
     text = str(exc)
     if "full" in text:
         log.error("store: %s", text)
@@ -49,10 +128,22 @@ def _translate(exc: sqlite3.OperationalError) -> Exception | None:
     return None
 
 
-def storage_errors(fn: F) -> F:
-    """Report a full disk (or a database that cannot be written) as such, not as a crash.
+TRANSLATORS.append(_translate_sqlite)
 
-    Every write is one transaction that SQLite rolls back on such an error, so
+
+def translate(exc: BaseException) -> Exception | None:
+    for t in TRANSLATORS:
+        mapped = t(exc)
+        if mapped is not None:
+            return mapped
+    return None
+
+
+def storage_errors(fn: F) -> F:
+    """Report a full disk, a busy store or a database that cannot be reached as such,
+    not as a crash.
+
+    Every write is one transaction that the database rolls back on such an error, so
     nothing half-written is left behind.
     """
 
@@ -60,13 +151,68 @@ def storage_errors(fn: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
-            mapped = _translate(exc)
+        except Exception as exc:
+            mapped = translate(exc)
             if mapped is None:
                 raise
             raise mapped from exc
 
     return cast(F, run)
+
+
+class Database:
+    """The store's database: what both backends provide."""
+
+    dialect = ""
+    # Where the store is, for messages (a file, or a URL without its password).
+    location = ""
+
+    def create(self, *schemas: str) -> None:
+        """Create what the schemas create that does not exist yet (each `IF NOT EXISTS`)."""
+        raise NotImplementedError
+
+    def columns(self, table: str) -> set[str]:
+        """The columns a table has (none where it does not exist): for migrations."""
+        raise NotImplementedError
+
+    def transaction(self, *, staging: bool = False) -> AbstractContextManager[Cursor]:
+        """One write transaction: committed when the block ends (unless the block
+        rolled back itself), rolled back when it raises. Write transactions are
+        one at a time, across every process sharing the store."""
+        raise NotImplementedError
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement in a transaction of its own; returns the rows it changed."""
+        with self.transaction() as cur:
+            return int(cur.execute(sql, params).rowcount)
+
+    def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        raise NotImplementedError
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def reading(self) -> AbstractContextManager[Connection]:
+        """A connection with one consistent view, for reads of several statements."""
+        raise NotImplementedError
+
+    def compact(self, *, checkpoint_first: bool = False) -> None:
+        """Give erased bytes back, so they do not linger in free pages."""
+        raise NotImplementedError
+
+    def snapshot(self) -> bytes:
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raise if the store cannot be read and written (for the health check)."""
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 def _rollback(cur: sqlite3.Cursor) -> None:
@@ -75,19 +221,23 @@ def _rollback(cur: sqlite3.Cursor) -> None:
         cur.execute("ROLLBACK")
 
 
-class Database:
+class SqliteDatabase(Database):
     """The connection to a store file, with the lock every use of it holds.
 
     One connection, shared by the node's threads (`check_same_thread=False`),
     in autocommit mode (`isolation_level=None`): transactions are begun only by
     `transaction`."""
 
+    dialect = "sqlite"
+
     def __init__(self, path: Path) -> None:
         files.private_dir(path.parent)
         files.private_new_file(path)  # SQLite gives -wal and -shm the store's mode
         self.path = path
+        self.location = str(path)
         self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.lock = threading.Lock()
+        self._closed = False
         with self.lock:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
@@ -96,20 +246,17 @@ class Database:
             self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
 
     def create(self, *schemas: str) -> None:
-        """Create what the schemas create that does not exist yet (each `IF NOT EXISTS`)."""
         with self.lock:
             for script in schemas:
                 self.conn.executescript(script)
 
     def columns(self, table: str) -> set[str]:
-        """The columns a table has (none where it does not exist): for migrations."""
         with self.lock:
             return {str(r[1]) for r in self.conn.execute(f"PRAGMA table_info({table})")}
 
     @contextmanager
-    def transaction(self, *, staging: bool = False) -> Iterator[sqlite3.Cursor]:
-        """One write transaction, under the store lock: committed when the block
-        ends (unless the block rolled back itself), rolled back when it raises.
+    def transaction(self, *, staging: bool = False) -> Iterator[Cursor]:
+        """Under the store lock, begun with ``BEGIN IMMEDIATE``.
 
         `staging`: what a session writes ahead of its commit (staged runs, match
         rows), which nothing reads unless that commit comes. Such a transaction
@@ -127,7 +274,7 @@ class Database:
                 try:
                     cur.execute("BEGIN IMMEDIATE")
                     try:
-                        yield cur
+                        yield cast(Cursor, cur)
                         if cur.connection.in_transaction:
                             cur.execute("COMMIT")
                     except BaseException:
@@ -137,15 +284,10 @@ class Database:
                     if staging:
                         self.conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.OperationalError as exc:
-            mapped = _translate(exc)
+            mapped = _translate_sqlite(exc)
             if mapped is None:
                 raise
             raise mapped from exc
-
-    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """One statement in a transaction of its own; returns the rows it changed."""
-        with self.transaction() as cur:
-            return int(cur.execute(sql, params).rowcount)
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         with self.lock:
@@ -158,10 +300,10 @@ class Database:
         return rows
 
     @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection under the store lock, for reads of several statements."""
+    def reading(self) -> Iterator[Connection]:
+        """The connection under the store lock (so no write comes in between)."""
         with self.lock:
-            yield self.conn
+            yield cast(Connection, self.conn)
 
     def compact(self, *, checkpoint_first: bool = False) -> None:
         """Vacuum the file, so erased bytes do not linger in free pages, and truncate
@@ -187,14 +329,31 @@ class Database:
         return bytes(image)
 
     def ping(self) -> None:
-        """Raise if the store cannot be read and written (for the health check)."""
         with self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("ROLLBACK")
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self.lock:
+            self._closed = True
             self.conn.close()
+
+
+def is_url(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def open_database(location: str | Path) -> Database:
+    """A store file (SQLite) or a ``postgresql://`` URL."""
+    if is_url(location):
+        from ispf_server.storage.postgres import PostgresDatabase
+
+        return PostgresDatabase(str(location))
+    return SqliteDatabase(Path(location))
 
 
 def restore_image(image: bytes, path: Path) -> bool:

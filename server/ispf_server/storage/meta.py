@@ -3,7 +3,7 @@ value, the registry version, a log key's fingerprint."""
 
 from __future__ import annotations
 
-from ispf_server.storage.db import Database, storage_errors
+from ispf_server.storage.db import Database, storage_errors, upsert_sql
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -23,4 +23,4 @@ class Meta:
 
     @storage_errors
     def set(self, key: str, value: str) -> None:
-        self._db.write("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+        self._db.write(upsert_sql("meta", ("key", "value"), ("key",)), (key, value))

@@ -7,7 +7,6 @@ planning makes of them (in ID order, in batches, without an object per record).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +15,16 @@ from dataclasses import dataclass, field
 from ispf.errors import IspfError, RetryLater
 from ispf.records import Label
 from ispf_server.clock import utcnow
-from ispf_server.storage.db import IN_BATCH, Database, storage_errors
+from ispf_server.storage.db import (
+    IN_BATCH,
+    Cursor,
+    Database,
+    insert_rows,
+    is_postgres,
+    storage_errors,
+    translate,
+    upsert_sql,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -40,6 +48,8 @@ CREATE INDEX IF NOT EXISTS registry_changes_version ON registry_changes(version)
 """
 
 log = logging.getLogger(__name__)
+
+RECORD_COLUMNS = ("record_id", "nid", "programme", "status", "updated_at")
 
 # A label's code in `Registry.nid_label_codes`: characters that are neither NUL nor a
 # digit, so a code can never pass for part of an ID (a misread record shows).
@@ -97,7 +107,7 @@ class SyncCounts:
     kept: int
 
 
-def log_changes(cur: sqlite3.Cursor, nids: set[str]) -> None:
+def log_changes(cur: Cursor, nids: set[str]) -> None:
     """Bump the registry version and note which IDs changed (for incremental runs)."""
     if not nids:
         return
@@ -106,10 +116,38 @@ def log_changes(cur: sqlite3.Cursor, nids: set[str]) -> None:
         "SET value = CAST(value AS INTEGER) + 1"
     )
     version = int(cur.execute("SELECT value FROM meta WHERE key='registry_version'").fetchone()[0])
-    cur.executemany("INSERT INTO registry_changes VALUES (?,?)", ((version, n) for n in nids))
+    insert_rows(cur, "registry_changes", ("version", "nid"), ((version, n) for n in nids))
 
 
-def _prune(cur: sqlite3.Cursor, upto: int, batch: int) -> int:
+def _stage_copied(
+    cur: Cursor, rows: list[tuple[str, str, str, str]], keep: list[tuple[str]]
+) -> None:
+    """PostgreSQL: a sync's batch COPYed into a table of the connection's own
+    (emptied at commit), then into the staged rows, the last row of a record id
+    winning, in one statement."""
+    cur.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS sync_batch (ord BIGINT NOT NULL, "
+        'record_id TEXT COLLATE "C" NOT NULL, nid TEXT COLLATE "C" NOT NULL, '
+        'programme TEXT COLLATE "C" NOT NULL, status TEXT COLLATE "C" NOT NULL) '
+        "ON COMMIT DELETE ROWS"
+    )
+    insert_rows(
+        cur,
+        "sync_batch",
+        ("ord", "record_id", "nid", "programme", "status"),
+        ((i, *r) for i, r in enumerate(rows)),
+    )
+    cur.execute(
+        "INSERT INTO sync_rows SELECT DISTINCT ON (record_id) record_id, nid, programme, "
+        "status FROM sync_batch ORDER BY record_id, ord DESC ON CONFLICT (record_id) DO UPDATE "
+        "SET nid = excluded.nid, programme = excluded.programme, status = excluded.status"
+    )
+    cur.execute("DELETE FROM sync_batch")
+    if keep:
+        cur.executemany("INSERT INTO sync_keep VALUES (?) ON CONFLICT DO NOTHING", keep)
+
+
+def _prune(cur: Cursor, upto: int, batch: int) -> int:
     """Drop up to `batch` registry changes of versions up to `upto`; returns how many."""
     return int(
         cur.execute(
@@ -127,6 +165,10 @@ class Registry:
         self._syncing = threading.Lock()  # one registry sync at a time
         self._counting = threading.Lock()  # one background count of distinct IDs at a time
         self._distinct: tuple[int, int] | None = None
+        # Concatenating in ID order (`nid_label_codes`): SQLite's group_concat follows
+        # the index it scans; PostgreSQL's string_agg is told.
+        pg = db.dialect == "postgresql"
+        self._concat, self._by_nid = ("string_agg", " ORDER BY nid") if pg else ("group_concat", "")
 
     @storage_errors
     def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
@@ -173,8 +215,10 @@ class Registry:
                     continue
                 current[rid] = new
             if new_ids:
-                cur.executemany(
-                    "INSERT INTO records VALUES (?,?,?,?,?)",
+                insert_rows(
+                    cur,
+                    "records",
+                    RECORD_COLUMNS,
                     [(rid, *current[rid], now) for rid in ids if rid in new_ids],
                 )
             touched -= new_ids
@@ -289,8 +333,8 @@ class Registry:
             for x in (lb.programme, lb.status, label_code(i + 2, width))
         ]
         query = (
-            f"SELECT group_concat(nid || CASE {case} ELSE ? END, '') FROM records "  # noqa: S608
-            "WHERE nid >= ? AND (? IS NULL OR nid < ?)"
+            f"SELECT {self._concat}(nid || CASE {case} ELSE ? END, ''{self._by_nid}) "  # noqa: S608
+            "FROM records WHERE nid >= ? AND (CAST(? AS TEXT) IS NULL OR nid < ?)"
         )
         low = ""
         while True:
@@ -344,8 +388,8 @@ class Registry:
         try:
             version = self.version()
             self._distinct = (version, self._count_distinct())
-        except sqlite3.Error:  # (closed meanwhile: the next handshake counts again)
-            pass
+        except Exception:  # (closed meanwhile: the next handshake counts again)
+            log.debug("counting distinct IDs stopped", exc_info=True)
         finally:
             self._counting.release()
 
@@ -368,10 +412,13 @@ class Registry:
                 if n < batch:
                     return dropped
                 time.sleep(pause)  # (the store lock is not fair: let waiting writers in)
-        except sqlite3.ProgrammingError:  # the store closed meanwhile (shutdown)
-            return dropped
-        except (sqlite3.OperationalError, IspfError) as exc:  # (busy, full): the next sync retries
-            log.warning("pruning registry changes stopped: %s", exc)
+        except Exception as exc:
+            if self._db.closed:  # the store closed meanwhile (shutdown)
+                return dropped
+            mapped = translate(exc) if not isinstance(exc, IspfError) else exc
+            if mapped is None:
+                raise
+            log.warning("pruning registry changes stopped: %s", mapped)  # (busy, full, gone)
             return dropped
         finally:
             self._pruning.release()
@@ -393,15 +440,16 @@ class RegistrySync:
             self._reset(cur)
 
     @staticmethod
-    def _reset(cur: sqlite3.Cursor) -> None:
+    def _reset(cur: Cursor) -> None:
         # WITHOUT ROWID: the staged rows are one B-tree by record id (a rowid table
         # with a text key is two), half the work to stage and to join. A store
         # made before that has the old shape: dropped and made again (empty anyway).
-        shape = cur.execute(
-            "SELECT sql FROM sqlite_master WHERE type='table' AND name='sync_rows'"
-        ).fetchone()
-        if shape is not None and "WITHOUT ROWID" not in str(shape[0]).upper():
-            cur.execute("DROP TABLE sync_rows")
+        if not is_postgres(cur):
+            shape = cur.execute(
+                "SELECT sql FROM sqlite_master WHERE type='table' AND name='sync_rows'"
+            ).fetchone()
+            if shape is not None and "WITHOUT ROWID" not in str(shape[0]).upper():
+                cur.execute("DROP TABLE sync_rows")
         cur.execute(
             "CREATE TABLE IF NOT EXISTS sync_rows (record_id TEXT PRIMARY KEY, "
             "nid TEXT NOT NULL, programme TEXT NOT NULL, status TEXT NOT NULL) WITHOUT ROWID"
@@ -421,13 +469,18 @@ class RegistrySync:
         rows = [(r.record_id, r.nid, r.label.programme, r.label.status) for r in records]
         keep = [(k,) for k in kept]
 
-        def step(cur: sqlite3.Cursor) -> None:
-            # A record id repeated in the file: the last row wins, as in a load.
-            cur.executemany("INSERT OR REPLACE INTO sync_rows VALUES (?,?,?,?)", rows)
-            cur.executemany("INSERT OR IGNORE INTO sync_keep VALUES (?)", keep)
-
         with self._db.transaction(staging=True) as cur:
-            step(cur)
+            # A record id repeated in the file: the last row wins, as in a load.
+            if is_postgres(cur):
+                _stage_copied(cur, rows, keep)
+                return
+            cur.executemany(
+                upsert_sql(
+                    "sync_rows", ("record_id", "nid", "programme", "status"), ("record_id",)
+                ),
+                rows,
+            )
+            cur.executemany("INSERT INTO sync_keep VALUES (?) ON CONFLICT DO NOTHING", keep)
 
     @storage_errors
     def apply(self, decide: Callable[[SyncCounts], bool]) -> tuple[SyncCounts, bool]:
@@ -443,23 +496,28 @@ class RegistrySync:
             def one(q: str) -> int:
                 return int(cur.execute(q).fetchone()[0])
 
+            # (SQLite: by rowid, its fastest key; PostgreSQL has no stable one: by record id.)
+            rec = "NULL" if is_postgres(cur) else "rowid"
+            rrec = "NULL" if is_postgres(cur) else "r.rowid"
             cur.execute("DELETE FROM sync_diff")
             cur.execute(
-                "INSERT INTO sync_diff SELECT 0, rowid, record_id, nid, NULL FROM records "
-                "WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
+                f"INSERT INTO sync_diff SELECT 0, {rec}, record_id, nid, NULL "  # noqa: S608
+                "FROM records WHERE record_id NOT IN (SELECT record_id FROM sync_rows) "
                 "AND record_id NOT IN (SELECT record_id FROM sync_keep)"
             )
             cur.execute(
-                "INSERT INTO sync_diff SELECT iif(r.rowid IS NULL, 2, 1), r.rowid, "
-                "s.record_id, r.nid, s.nid FROM sync_rows s "
+                "INSERT INTO sync_diff SELECT CASE WHEN r.record_id IS NULL THEN 2 ELSE 1 END, "  # noqa: S608
+                f"{rrec}, s.record_id, r.nid, s.nid FROM sync_rows s "
                 "LEFT JOIN records r ON r.record_id = s.record_id "
-                "WHERE r.rowid IS NULL OR (r.nid, r.programme, r.status) IS NOT "
+                "WHERE r.record_id IS NULL OR (r.nid, r.programme, r.status) <> "
                 "(s.nid, s.programme, s.status)"
             )
             kinds = [
                 int(k or 0)
                 for k in cur.execute(
-                    "SELECT sum(kind = 0), sum(kind = 1), sum(kind = 2) FROM sync_diff"
+                    "SELECT sum(CASE WHEN kind = 0 THEN 1 ELSE 0 END), "
+                    "sum(CASE WHEN kind = 1 THEN 1 ELSE 0 END), "
+                    "sum(CASE WHEN kind = 2 THEN 1 ELSE 0 END) FROM sync_diff"
                 ).fetchone()
             ]
             staged = one("SELECT count(*) FROM sync_rows")
@@ -484,14 +542,16 @@ class RegistrySync:
             changed.update(
                 str(n) for (n,) in cur.execute("SELECT new_nid FROM sync_diff WHERE kind > 0")
             )
+            key, dkey = ("record_id", "record_id") if is_postgres(cur) else ("rowid", "rec")
             cur.execute(
-                "DELETE FROM records WHERE rowid IN (SELECT rec FROM sync_diff WHERE kind = 0)"
+                f"DELETE FROM records WHERE {key} IN "  # noqa: S608
+                f"(SELECT {dkey} FROM sync_diff WHERE kind = 0)"
             )
             now = utcnow()
             cur.execute(
-                "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "
+                "UPDATE records SET nid = s.nid, programme = s.programme, status = s.status, "  # noqa: S608
                 "updated_at = ? FROM sync_diff d JOIN sync_rows s "
-                "ON s.record_id = d.record_id WHERE d.kind = 1 AND records.rowid = d.rec",
+                f"ON s.record_id = d.record_id WHERE d.kind = 1 AND records.{key} = d.{dkey}",
                 (now,),
             )
             cur.execute(

@@ -5,13 +5,12 @@ so partial results are never shown as final."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ispf.records import Label
 from ispf_server.clock import utcnow
-from ispf_server.storage.db import Database, storage_errors
+from ispf_server.storage.db import Cursor, Database, insert_rows, storage_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -50,6 +49,17 @@ CREATE TABLE IF NOT EXISTS matches (
 );
 CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id, record_id);
 """
+
+
+MATCH_COLUMNS = (
+    "session_id",
+    "record_id",
+    "programme",
+    "status",
+    "peer_programme",
+    "peer_status",
+    "tag",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +110,18 @@ class SessionTotals:
     peer_removed: int = 0
 
 
-def _running(cur: sqlite3.Cursor, session_id: str) -> bool:
+def _running(cur: Cursor, session_id: str) -> bool:
     row = cur.execute(
         "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
     ).fetchone()
     return row is not None
 
 
-def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> None:
-    cur.executemany(
-        "INSERT INTO matches VALUES (?,?,?,?,?,?,?)",
+def _insert_matches(cur: Cursor, session_id: str, matches: list[MatchRow]) -> None:
+    insert_rows(
+        cur,
+        "matches",
+        MATCH_COLUMNS,
         (
             (
                 session_id,
@@ -126,7 +138,7 @@ def _insert_matches(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow
 
 
 def complete_in(
-    cur: sqlite3.Cursor,
+    cur: Cursor,
     session_id: str,
     totals: SessionTotals,
     matches: list[MatchRow] | None,
@@ -158,7 +170,7 @@ def complete_in(
     )
 
 
-def stage_in(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> bool:
+def stage_in(cur: Cursor, session_id: str, matches: list[MatchRow]) -> bool:
     """A running session's match rows written ahead of its commit, in the caller's
     transaction; False (nothing written) where it is no longer running."""
     if not _running(cur, session_id):
@@ -167,9 +179,7 @@ def stage_in(cur: sqlite3.Cursor, session_id: str, matches: list[MatchRow]) -> b
     return True
 
 
-def fail_in(
-    cur: sqlite3.Cursor, session_id: str, error: str, *, retriable: bool
-) -> tuple[str, int] | None:
+def fail_in(cur: Cursor, session_id: str, error: str, *, retriable: bool) -> tuple[str, int] | None:
     """Mark a running session FAILED and drop the match rows staged for it, in the
     caller's transaction; its (peer, epoch), or None where it was not running."""
     changed = cur.execute(
@@ -186,14 +196,14 @@ def fail_in(
     return str(peer), int(epoch)
 
 
-def erase_tags(cur: sqlite3.Cursor, epoch: int) -> int:
+def erase_tags(cur: Cursor, epoch: int) -> int:
     """Erase the match tags of an epoch's sessions (in the caller's transaction);
     returns how many."""
     return int(
         cur.execute(
-            "UPDATE matches SET tag=x'' WHERE length(tag) > 0 AND session_id IN "
+            "UPDATE matches SET tag=? WHERE length(tag) > 0 AND session_id IN "
             "(SELECT session_id FROM sessions WHERE epoch=?)",
-            (epoch,),
+            (b"", epoch),
         ).rowcount
     )
 
@@ -253,7 +263,7 @@ class Sessions:
     def matches(self, session_id: str, record_id: str | None = None) -> Iterator[MatchRow]:
         rows = self._db.fetchall(
             "SELECT record_id, programme, status, peer_programme, peer_status, tag "
-            "FROM matches WHERE session_id=? AND (? IS NULL OR record_id=?) "
+            "FROM matches WHERE session_id=? AND (CAST(? AS TEXT) IS NULL OR record_id=?) "
             "AND ? IN (SELECT session_id FROM sessions WHERE state='COMPLETED') "
             "ORDER BY record_id, peer_programme, peer_status",
             (session_id, record_id, record_id, session_id),

@@ -9,10 +9,11 @@ import logging
 import threading
 from pathlib import Path
 
+from ispf.errors import ConfigError
 from ispf_server.storage import auditlog, budgets, meta, registry, sessions
 from ispf_server.storage.auditlog import AuditLog
 from ispf_server.storage.budgets import Budgets
-from ispf_server.storage.db import Database, storage_errors
+from ispf_server.storage.db import Database, open_database, storage_errors
 from ispf_server.storage.meta import Meta
 from ispf_server.storage.pairs import Pairs, deltas, keys
 from ispf_server.storage.pairs import runs as pairruns
@@ -24,19 +25,66 @@ from ispf_server.storage.sessions import MatchRow, Sessions, SessionTotals
 
 log = logging.getLogger(__name__)
 
+# The schema's version, kept in `meta` ('schema_version'). Each migration takes a
+# store from the version before it to its own; a store newer than this node knows
+# is refused (its tables may mean what this code does not know).
+SCHEMA_VERSION = 1
+
+
+def _to_v1(db: Database) -> int:
+    """Version 1: every table of this layout (each `IF NOT EXISTS`, so a store made
+    before versions were kept gets what it lacks); returns how many pairs' keys an
+    older store kept as scalars (erased with their state: `keys.drop_stored_scalars`)."""
+    db.create(registry.SCHEMA, sessions.SCHEMA, auditlog.SCHEMA, meta.SCHEMA, budgets.SCHEMA)
+    migrated = keys.drop_stored_scalars(db)
+    db.create(PAIR_SCHEMA)
+    return migrated
+
+
+def schema_version(db: Database) -> int:
+    if "value" not in db.columns("meta"):
+        return 0
+    row = db.fetchone("SELECT value FROM meta WHERE key='schema_version'")
+    return int(str(row[0])) if row else 0
+
+
+def migrate(db: Database) -> int:
+    """Bring a store to `SCHEMA_VERSION` (refusing one newer); returns how many pairs'
+    stored scalars a migration erased."""
+    found = schema_version(db)
+    if found > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the store {db.location} has schema version {found}, newer than this node "
+            f"knows ({SCHEMA_VERSION}): run the ispf-node that wrote it (or a later one); "
+            "this one would misread it"
+        )
+    migrated = _to_v1(db)  # (idempotent: also how a store of version 0 gets version 1)
+    if found < SCHEMA_VERSION:
+        db.write(
+            "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key) "
+            "DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+    return migrated
+
 
 class Store:
-    """`master_key`: the node's master key file (default: ``master.key`` beside the
-    store), made on first start if the store was never keyed; pair keys derive from it.
+    """`path`: the store file (SQLite); with `url` (``postgresql://...``), the store is
+    that database and `path` only names this node's folder for local files (its
+    parent). `master_key`: the node's master key file (default: ``master.key`` in
+    that folder), made on first start if the store was never keyed; pair keys
+    derive from it.
     """
 
-    def __init__(self, path: Path, master_key: Path | None = None) -> None:
+    def __init__(self, path: Path, master_key: Path | None = None, *, url: str = "") -> None:
         self.path = path
         self.directory = path.parent  # (also where sessions spool their tags)
-        self.db = db = Database(path)
-        db.create(registry.SCHEMA, sessions.SCHEMA, auditlog.SCHEMA, meta.SCHEMA, budgets.SCHEMA)
-        migrated = keys.drop_stored_scalars(db)
-        db.create(PAIR_SCHEMA)
+        self.db = db = open_database(url or path)
+        try:
+            migrated = migrate(db)
+        except BaseException:
+            db.close()
+            raise
         self.meta = Meta(db)
         self.registry = Registry(db)
         self.sessions = Sessions(db)
@@ -48,7 +96,7 @@ class Store:
                 "store %s: pair keys were kept in the store by an older version; they and "
                 "the pair state made under them (%d pairs) are erased, so the next run with "
                 "each peer is full under keys derived from %s",
-                path.name,
+                db.location,
                 migrated,
                 self.pairs.master_path.name,
             )

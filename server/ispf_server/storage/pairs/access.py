@@ -28,7 +28,7 @@ class Pairs:
     def __init__(self, db: Database, meta: Meta, master_path: Path) -> None:
         self._db, self._meta = db, meta
         self._master_path = master_path
-        self._master: MasterKey = keys.load_master(db, master_path, db.path)
+        self._master: MasterKey = keys.load_master(db, master_path, db.location)
 
     def oldest_synced_version(self) -> int | None:
         """The oldest registry version any pair's state was synced at (None: no pair

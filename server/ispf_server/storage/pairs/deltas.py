@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite3
-
+from ispf_server.storage.db import Cursor, is_postgres, upsert_sql
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.state import (
     NID_BYTES,
@@ -13,9 +12,15 @@ from ispf_server.storage.pairs.state import (
     PeerGroup,
 )
 
-# Bulk inserts run inside SQLite: the tags (and 13-digit IDs) of one label set go in
-# as packed blobs and a recursive CTE cuts them into rows, sorted by the key, so
-# Python does not bind a million parameter tuples (about twice as fast).
+_OWN_ROW = upsert_sql(
+    "own_tags", ("peer", "epoch", "nid", "labels", "tag"), ("peer", "epoch", "nid")
+)
+_PEER_ROW = upsert_sql("peer_tags", ("peer", "epoch", "tag", "labels"), ("peer", "epoch", "tag"))
+
+# Bulk inserts run inside SQLite (PostgreSQL takes the rows pipelined): the tags
+# (and 13-digit IDs) of one label set go in as packed blobs and a recursive CTE cuts
+# them into rows, sorted by the key, so Python does not bind a million parameter
+# tuples (about twice as fast).
 _OWN_BULK = (
     "WITH RECURSIVE i(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM i WHERE k + 1 < :n) "
     "INSERT OR REPLACE INTO own_tags "
@@ -29,13 +34,14 @@ _PEER_BULK = (
 )
 
 
-def _insert_own(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[OwnGroup]) -> None:
+def _insert_own(cur: Cursor, peer: str, epoch: int, added: list[OwnGroup]) -> None:
     for g in added:
         if not g.tags:  # the CTE always yields its first row: never run it for none
             continue
         packed_nids = "".join(g.nids)
         if (
-            packed_nids.isascii()
+            not is_postgres(cur)
+            and packed_nids.isascii()
             and all(len(n) == NID_BYTES for n in g.nids)
             and all(len(t) == TAG_LEN for t in g.tags)
         ):
@@ -50,18 +56,18 @@ def _insert_own(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[OwnGroup
                     "tags": b"".join(g.tags),
                 },
             )
-        else:  # IDs not in canonical form (older stores, tests): row by row
+        else:  # PostgreSQL, or IDs not in canonical form (older stores, tests): row by row
             cur.executemany(
-                "INSERT OR REPLACE INTO own_tags VALUES (?,?,?,?,?)",
+                _OWN_ROW,
                 ((peer, epoch, n, g.labels, t) for n, t in zip(g.nids, g.tags, strict=True)),
             )
 
 
-def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGroup]) -> None:
+def _insert_peer(cur: Cursor, peer: str, epoch: int, added: list[PeerGroup]) -> None:
     for g in added:
         if not g.tags:
             continue
-        if all(len(t) == TAG_LEN for t in g.tags):
+        if not is_postgres(cur) and all(len(t) == TAG_LEN for t in g.tags):
             cur.execute(
                 _PEER_BULK,
                 {
@@ -74,12 +80,12 @@ def _insert_peer(cur: sqlite3.Cursor, peer: str, epoch: int, added: list[PeerGro
             )
         else:
             cur.executemany(
-                "INSERT OR REPLACE INTO peer_tags VALUES (?,?,?,?)",
+                _PEER_ROW,
                 ((peer, epoch, t, g.labels) for t in g.tags),
             )
 
 
-def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> None:
+def apply_delta(cur: Cursor, peer: str, epoch: int, d: PairDelta) -> None:
     """Write a session's changes to the pair state (inside the session's transaction).
 
     A full run replaces the state: with the sorted runs it staged (`d.staged`),
@@ -98,14 +104,14 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         if pairruns.held(cur.connection, peer, epoch):
             # Harmless where the run holds no such entry: lookups only consult it there.
             cur.executemany(
-                "INSERT OR IGNORE INTO own_gone VALUES (?,?,?)",
+                "INSERT INTO own_gone VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 (
                     (peer, epoch, n)
                     for n in [*d.own_removed, *(n for g in d.own_added for n in g.nids)]
                 ),
             )
             cur.executemany(
-                "INSERT OR IGNORE INTO peer_gone VALUES (?,?,?)",
+                "INSERT INTO peer_gone VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 (
                     (peer, epoch, t)
                     for t in [*d.peer_removed, *(t for g in d.peer_added for t in g.tags)]
@@ -122,7 +128,11 @@ def apply_delta(cur: sqlite3.Cursor, peer: str, epoch: int, d: PairDelta) -> Non
         )
         _insert_peer(cur, peer, epoch, d.peer_added)
     cur.execute(
-        "INSERT OR REPLACE INTO pair_sync VALUES (?,?,?,?,?,?)",
+        upsert_sql(
+            "pair_sync",
+            ("peer", "epoch", "version", "own_fp", "peer_fp", "policy"),
+            ("peer", "epoch"),
+        ),
         (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),
     )
     # (Changes every pair has seen are dropped after the commit: `Store.prune_changes`.)

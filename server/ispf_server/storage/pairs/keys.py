@@ -8,31 +8,28 @@ Also the migration from stores of an older version, which kept the scalars in
 from __future__ import annotations
 
 import logging
-import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from ispf.errors import KeyFileError
 from ispf.keys import BlindingKey, MasterKey
-from ispf_server.storage.db import Database
+from ispf_server.storage.db import Connection, Cursor, Database
 from ispf_server.storage.pairs.schema import STATE_TABLES
 
 log = logging.getLogger(__name__)
 
 
-def pair_key(
-    db: sqlite3.Connection, master: MasterKey, peer: str, epoch: int, now: str
-) -> BlindingKey:
+def pair_key(db: Connection, master: MasterKey, peer: str, epoch: int, now: str) -> BlindingKey:
     """The node's fixed scalar for this (peer, epoch): derived from the master key over
     the pair's re-key counter (the row is made, counter 0, on first use)."""
-    db.execute("INSERT OR IGNORE INTO pair_keys VALUES (?,?,0,?)", (peer, epoch, now))
+    db.execute("INSERT INTO pair_keys VALUES (?,?,0,?) ON CONFLICT DO NOTHING", (peer, epoch, now))
     row = db.execute(
         "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
     ).fetchone()
     return master.pair_key(peer, epoch, int(row[0]))
 
 
-def rekey_due(db: sqlite3.Connection, peer: str, epoch: int, now: datetime, days: int) -> bool:
+def rekey_due(db: Connection, peer: str, epoch: int, now: datetime, days: int) -> bool:
     """Whether the pair key has been in use `days` days or more (0: never due)."""
     if days <= 0:
         return False
@@ -42,7 +39,7 @@ def rekey_due(db: sqlite3.Connection, peer: str, epoch: int, now: datetime, days
     return row is not None and now - datetime.fromisoformat(str(row[0])) >= timedelta(days=days)
 
 
-def rekey(cur: sqlite3.Cursor, peer: str, epoch: int, now: str) -> None:
+def rekey(cur: Cursor, peer: str, epoch: int, now: str) -> None:
     """Bump the pair's re-key counter and drop its state (in the caller's transaction)."""
     for table in STATE_TABLES:
         if table != "pair_keys":
@@ -75,7 +72,7 @@ def drop_stored_scalars(db: Database) -> int:
     return pairs
 
 
-def load_master(db: Database, path: Path, store_path: Path) -> MasterKey:
+def load_master(db: Database, path: Path, store_path: str) -> MasterKey:
     """The master key; refuse one that is not the key this store was keyed with."""
     row = db.fetchone("SELECT value FROM meta WHERE key='master_kcv'")
     if not path.exists() and row is None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from ispf_server.storage.db import IN_BATCH
+from ispf_server.storage.db import IN_BATCH, Connection
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.runs import (
     MATCHED,
@@ -26,7 +25,7 @@ K = TypeVar("K")
 
 
 def _gone(
-    db: sqlite3.Connection, table: str, column: str, peer: str, epoch: int, keys: list[Any]
+    db: Connection, table: str, column: str, peer: str, epoch: int, keys: list[Any]
 ) -> set[Any]:
     found: set[Any] = set()
     for at in range(0, len(keys), IN_BATCH):
@@ -43,7 +42,7 @@ def _gone(
 
 
 def _rows(
-    db: sqlite3.Connection, sql: str, peer: str, epoch: int, keys: Iterable[K]
+    db: Connection, sql: str, peer: str, epoch: int, keys: Iterable[K]
 ) -> dict[K, tuple[Any, ...]]:
     out: dict[K, tuple[Any, ...]] = {}
     for key in keys:
@@ -53,9 +52,7 @@ def _rows(
     return out
 
 
-def own_by_nids(
-    db: sqlite3.Connection, peer: str, epoch: int, nids: Iterable[str]
-) -> dict[str, OwnTag]:
+def own_by_nids(db: Connection, peer: str, epoch: int, nids: Iterable[str]) -> dict[str, OwnTag]:
     wanted = list(nids)
     rows = _rows(
         db,
@@ -79,7 +76,7 @@ def own_by_nids(
 
 
 def own_by_tags(
-    db: sqlite3.Connection, peer: str, epoch: int, tags: Iterable[bytes]
+    db: Connection, peer: str, epoch: int, tags: Iterable[bytes]
 ) -> dict[bytes, tuple[str, str]]:
     """tag -> (nid, labels) of this node's IDs holding these tags for the peer."""
     wanted = list(tags)
@@ -103,9 +100,7 @@ def own_by_tags(
     return out
 
 
-def peer_by_tags(
-    db: sqlite3.Connection, peer: str, epoch: int, tags: Iterable[bytes]
-) -> dict[bytes, str]:
+def peer_by_tags(db: Connection, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
     """tag -> the peer's labels, for the peer tags held among these."""
     wanted = list(tags)
     rows = _rows(
@@ -123,7 +118,7 @@ def peer_by_tags(
     return out
 
 
-def matched_state(db: sqlite3.Connection, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
+def matched_state(db: Connection, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
     """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
     out: list[tuple[str, bytes, str]] = []
     pair = (peer, epoch)

@@ -25,10 +25,11 @@ next staging for the pair, or with the epoch.
 
 from __future__ import annotations
 
-import sqlite3
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from ispf_server.storage.db import Connection, Cursor, upsert_sql
 
 NID = 13
 TAG = 16
@@ -95,24 +96,24 @@ Run = bytes | bytearray | memoryview  # a run's sorted records, packed
 Buffer = Run
 
 
-def current(db: sqlite3.Connection, peer: str, epoch: int) -> int | None:
+def current(db: Connection, peer: str, epoch: int) -> int | None:
     """The generation that is the pair's state; None: the pair has no runs."""
     row = db.execute("SELECT gen FROM pair_gen WHERE peer=? AND epoch=?", (peer, epoch)).fetchone()
     return int(row[0]) if row else None
 
 
-def held(db: sqlite3.Connection, peer: str, epoch: int) -> bool:
+def held(db: Connection, peer: str, epoch: int) -> bool:
     return current(db, peer, epoch) is not None
 
 
-def write_run(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
+def write_run(cur: Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
     """Store the sorted records of `kind` in parts, under generation `gen` (written
     once per generation)."""
     write_parts(cur, peer, epoch, gen, kind, 0, data)
 
 
 def write_parts(
-    cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, kind: Kind, first: int, data: Run
+    cur: Cursor, peer: str, epoch: int, gen: int, kind: Kind, first: int, data: Run
 ) -> int:
     """Store sorted records of `kind` as parts numbered from `first` (a run written
     in pieces as it is merged: every piece but the last whole parts); returns the
@@ -134,7 +135,7 @@ def write_parts(
 
 
 def stage(
-    cur: sqlite3.Cursor,
+    cur: Cursor,
     peer: str,
     epoch: int,
     labelsets: dict[str, int],
@@ -149,26 +150,25 @@ def stage(
     return gen
 
 
-def new_generation(cur: sqlite3.Cursor, peer: str, epoch: int) -> int:
+def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
     """A generation to stage runs under, after the current one; stale stagings (any
     generation but the current) are dropped first. Nothing reads it until `activate`."""
     return (drop_staged(cur, peer, epoch) or 0) + 1
 
 
-def drop_staged(cur: sqlite3.Cursor, peer: str, epoch: int) -> int | None:
+def drop_staged(cur: Cursor, peer: str, epoch: int) -> int | None:
     """Drop every generation of the pair but the current one; returns the current."""
     now = current(cur.connection, peer, epoch)
-    cur.execute(
-        "DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
-    )
-    cur.execute(
-        "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen IS NOT ?", (peer, epoch, now)
-    )
+    for table in ("pair_runs", "pair_labelsets"):
+        cur.execute(
+            f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen <> ?",  # noqa: S608
+            (peer, epoch, -1 if now is None else now),
+        )
     return now
 
 
 def write_labelsets(
-    cur: sqlite3.Cursor, peer: str, epoch: int, gen: int, labelsets: dict[str, int]
+    cur: Cursor, peer: str, epoch: int, gen: int, labelsets: dict[str, int]
 ) -> None:
     cur.executemany(
         "INSERT INTO pair_labelsets VALUES (?,?,?,?,?)",
@@ -176,21 +176,23 @@ def write_labelsets(
     )
 
 
-def activate(cur: sqlite3.Cursor, peer: str, epoch: int, gen: int) -> None:
+def activate(cur: Cursor, peer: str, epoch: int, gen: int) -> None:
     """Make a staged generation the pair's state and drop every other one."""
     cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen))
     cur.execute(
         "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen)
     )
-    cur.execute("INSERT OR REPLACE INTO pair_gen VALUES (?,?,?)", (peer, epoch, gen))
+    cur.execute(
+        upsert_sql("pair_gen", ("peer", "epoch", "gen"), ("peer", "epoch")), (peer, epoch, gen)
+    )
 
 
-def clear(cur: sqlite3.Cursor, peer: str, epoch: int) -> None:
+def clear(cur: Cursor, peer: str, epoch: int) -> None:
     for table in ("pair_runs", "pair_labelsets", "pair_gen"):
         cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
 
 
-def labelsets(db: sqlite3.Connection, peer: str, epoch: int) -> dict[bytes, str]:
+def labelsets(db: Connection, peer: str, epoch: int) -> dict[bytes, str]:
     """lsid bytes -> label set text, for this pair's current runs."""
     return {
         lsid(int(n)): str(text)
@@ -204,7 +206,7 @@ def labelsets(db: sqlite3.Connection, peer: str, epoch: int) -> dict[bytes, str]
 
 
 def lookup(
-    db: sqlite3.Connection, peer: str, epoch: int, kind: Kind, keys: Iterable[bytes]
+    db: Connection, peer: str, epoch: int, kind: Kind, keys: Iterable[bytes]
 ) -> dict[bytes, bytes]:
     """key -> its record, for the keys present in the pair's current run of `kind`."""
     out: dict[bytes, bytes] = {}
@@ -233,7 +235,7 @@ def lookup(
     return out
 
 
-def scan(db: sqlite3.Connection, peer: str, epoch: int, kind: Kind) -> Iterator[bytes]:
+def scan(db: Connection, peer: str, epoch: int, kind: Kind) -> Iterator[bytes]:
     """Every record of the pair's current run of `kind`, in key order."""
     gen = current(db, peer, epoch)
     rows = db.execute(
