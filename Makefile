@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev browser valgrind demo test test-slow lint typecheck proto proto-check pytest pytest-portable bench bench-compare bench-load clean
+.PHONY: help install dev browser valgrind postgres demo test test-slow lint typecheck proto proto-check pytest pytest-portable bench bench-compare bench-load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -43,10 +43,19 @@ valgrind: ## install valgrind for the X25519 constant-time check if it is missin
 	    >/dev/null 2>&1 && echo "valgrind: installed" || \
 	    echo "valgrind: could not install valgrind; the X25519 constant-time check will be skipped"; }
 
+# The PostgreSQL-backend tests start a throw-away server of their own (tests/pgserver.py:
+# initdb in a temporary folder, a Unix socket only) from Debian's package, as root;
+# without it those tests are skipped and say why.
+postgres: ## install PostgreSQL for the PostgreSQL-backend tests if it is missing
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) \
+	    >/dev/null 2>&1 && echo "postgres: installed" || \
+	    echo "postgres: could not install postgresql; the PostgreSQL-backend tests will be skipped"; }
+
 demo: install ## run four provinces on loopback and reconcile every pair (reports in demo-out/)
 	$(BIN)/ispf demo $(DEMO_ARGS)
 
-test: dev browser valgrind lint typecheck proto-check pytest pytest-portable ## every check CI runs
+test: dev browser valgrind postgres lint typecheck proto-check pytest pytest-portable ## every check CI runs
 
 test-slow: dev ## the long X25519 evidence: RFC 7748's 1,000,000 iterations, 1,000,000 differential pairs
 	ISPF_X25519_SLOW=1 $(BIN)/python -m pytest -q -p no:randomly -m x25519_slow tests/unit/test_x25519_evidence.py

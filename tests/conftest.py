@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from ispf_client.forum import ForumLayout, init_forum, write_policy
 from ispf_client.sdk import ClientProfile, NodeClient
 from ispf_server.node import Node, create_server
 from ispf_server.pool import BlindingPool
+from tests.pgserver import PgServer, find_bin
 
 
 @dataclass
@@ -110,3 +112,28 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixt
     """Capture every log record of the run at DEBUG, for leak checks."""
     caplog.set_level(logging.DEBUG)
     yield caplog
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """One real PostgreSQL server for the whole session (tests/pgserver.py): initdb in
+    a temporary folder, a Unix socket only, stopped at the end. Skips where Debian's
+    postgresql package is not installed."""
+    if find_bin() is None:
+        pytest.skip(
+            "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin"
+            " or on PATH; `make postgres` installs Debian's postgresql package):"
+            " the PostgreSQL-backend tests are skipped"
+        )
+    server = PgServer.start(tmp_path_factory.mktemp("pgserver"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, uniquely named database on the session's server; its libpq URL.
+    Dropped after the test (with whatever connections are left on it)."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield pg_server.create_database(name)
+    pg_server.drop_database(name)
