@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -60,6 +61,11 @@ class Federation:
             n.close()
 
 
+# The PostgreSQL databases of the federations started over that backend, by forum
+# folder: a forum started again (`reuse`) keeps its nodes' databases.
+_STORE_URLS: dict[Path, dict[str, str]] = {}
+
+
 def start_federation(
     root: Path,
     provinces: list[str],
@@ -67,12 +73,18 @@ def start_federation(
     interceptors: tuple[object, ...] = (),
     reuse: ForumLayout | None = None,
     policy: dict[str, int] | None = None,
+    store_urls: dict[str, str] | None = None,
     **overrides: object,
 ) -> Federation:
-    """`reuse`: an existing forum (its nodes start again on their files). `policy`:
-    settings for every peer in every node's policy. Tests run tiny sets, so
-    `min_set_size` is 1 unless told (the tests of that bound set it)."""
+    """`reuse`: an existing forum (its nodes start again on their files, or on their
+    databases). `policy`: settings for every peer in every node's policy. Tests run
+    tiny sets, so `min_set_size` is 1 unless told (the tests of that bound set it).
+    `store_urls`: a PostgreSQL database for each province's store (`store_urls`
+    fixture); none: each node's SQLite file."""
     fed = Federation(reuse or init_forum(root / "forum", provinces, base_port=0))
+    if store_urls:
+        _STORE_URLS[fed.layout.root] = dict(store_urls)
+    urls = store_urls or _STORE_URLS.get(fed.layout.root, {})
     for p in provinces:
         if reuse is not None and policy is None:
             break  # (a forum started again keeps its policies as they are)
@@ -84,6 +96,8 @@ def start_federation(
     for p in provinces:
         cfg = load_config(fed.layout.node_dir(p) / "node.toml")
         cfg = replace(cfg, chunk_values=64, **overrides)  # type: ignore[arg-type]
+        if p in urls:
+            cfg = replace(cfg, store_url=urls[p], store=cfg.store.parent / "postgresql")
         node = Node(cfg, pool=pool)
         server, port = create_server(node, "127.0.0.1:0", interceptors=interceptors)  # type: ignore[arg-type]
         server.start()
@@ -100,9 +114,103 @@ def inline_pool() -> Iterator[BlindingPool]:
     pool.close()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that use the `backend` fixture (through `federation` or `store_urls`) run
+    once per store backend their module names in `BACKENDS` (default: SQLite only)."""
+    if "backend" in metafunc.fixturenames:
+        backends = getattr(metafunc.module, "BACKENDS", ("sqlite",))
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
 @pytest.fixture
-def federation(tmp_path: Path, inline_pool: BlindingPool) -> Iterator[Federation]:
-    fed = start_federation(tmp_path, ["punjab", "sindh", "kp"], inline_pool)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backend of this test's nodes: "sqlite" or "postgresql"."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+StoreUrls = Callable[[list[str]], dict[str, str]]
+
+
+@pytest.fixture
+def store_urls(backend: str, request: pytest.FixtureRequest) -> Iterator[StoreUrls]:
+    """A function giving each province a fresh PostgreSQL database (on the session's
+    server), or nothing where the backend is SQLite; the databases are dropped after."""
+    if backend == "sqlite":
+        yield lambda provinces: {}
+        return
+    server: PgServer = request.getfixturevalue("pg_server")  # (skips where none)
+    made: list[str] = []
+
+    def make(provinces: list[str]) -> dict[str, str]:
+        urls = {}
+        for p in provinces:
+            name = f"t_{uuid.uuid4().hex[:12]}_{p}"
+            urls[p] = server.create_database(name)
+            made.append(name)
+        return urls
+
+    yield make
+    for name in made:
+        server.drop_database(name)
+
+
+def backend_store_urls(request: pytest.FixtureRequest, provinces: list[str]) -> dict[str, str]:
+    """For a fixture parametrised over backends (``params=BACKENDS``, any scope): a
+    fresh PostgreSQL database per province where its param is "postgresql" (dropped
+    when the fixture ends), else nothing (SQLite files)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {}
+    server: PgServer = request.getfixturevalue("pg_server")
+    urls = {}
+    for p in provinces:
+        name = f"t_{uuid.uuid4().hex[:12]}_{p}"
+        urls[p] = server.create_database(name)
+        request.addfinalizer(lambda n=name: server.drop_database(n))  # type: ignore[misc]
+    return urls
+
+
+class RawStore:
+    """A raw connection to a node's store, either backend, taking SQLite-style ``?``
+    statements: for tests that tamper with what the node wrote."""
+
+    def __init__(self, node: Node) -> None:
+        cfg = node.config
+        if cfg.store_url:
+            import psycopg
+
+            from ispf_server.storage.postgres import PgConnection
+
+            self._pg = PgConnection(psycopg.connect(cfg.store_url, autocommit=True))
+            self._sqlite = None
+        else:
+            import sqlite3
+
+            self._sqlite = sqlite3.connect(cfg.store, isolation_level=None)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> Any:
+        if self._sqlite is not None:
+            return self._sqlite.execute(sql, params)
+        return self._pg.execute(sql, params)
+
+    def executemany(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        if self._sqlite is not None:
+            self._sqlite.executemany(sql, rows)
+        else:
+            self._pg.cursor().executemany(sql, rows)
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        else:
+            self._pg.raw.close()
+
+
+@pytest.fixture
+def federation(
+    tmp_path: Path, inline_pool: BlindingPool, store_urls: StoreUrls
+) -> Iterator[Federation]:
+    provinces = ["punjab", "sindh", "kp"]
+    fed = start_federation(tmp_path, provinces, inline_pool, store_urls=store_urls(provinces))
     yield fed
     fed.close()
 

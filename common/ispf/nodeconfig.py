@@ -38,18 +38,25 @@ environment. Example (``ispf forum init`` writes one per node)::
     chunk_values = 4096
     backend = "auto"             # auto | ifma | cryptography
 
-
     [metrics]
     listen = "127.0.0.1:9464"    # Prometheus /metrics; omit to serve none
 
     [peers.sindh]
     address = "127.0.0.1:50052"
+
+A node run as replicas over PostgreSQL names the database in place of the file
+(``store = ...`` then goes; see docs/operations.md, "Replicas")::
+
+    [store]
+    url = "postgresql:///ispf_punjab?host=/run/postgresql"  # no password here: PGPASSFILE
+    local = "."                  # this replica's folder for spooled tags
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +116,9 @@ class NodeConfig:
     seal_key: Path | None = None
     # The forum's signed roster (peers' addresses, log verifier keys); None: [peers], [log].
     roster: Path | None = None
+    # [store] url: a postgresql:// URL (the store is that database, shared by the
+    # node's replicas; `store` then only names this replica's folder for local files).
+    store_url: str = ""
 
     def blinding_workers(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
@@ -126,6 +136,26 @@ def _no_log_keys(roster: dict[str, Any], where: str) -> Path | None:
     return None
 
 
+def _store(value: Any, p: Callable[[str], Path], where: str) -> tuple[Path, str]:
+    """`store = "node.sqlite"` (the embedded store), or a [store] table with `url`, a
+    postgresql:// URL, and `local`, this replica's folder for spools (default: the
+    config file's folder)."""
+    if isinstance(value, str):
+        return p(value), ""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'store' must be a file name or a [store] table")
+    url = str(_req(value, "url", f"{where} [store]"))
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            f"{where} [store]: url must be a postgresql:// URL (the embedded SQLite store "
+            'is given as store = "node.sqlite")'
+        )
+    unknown = set(value) - {"url", "local"}
+    if unknown:
+        raise ConfigError(f"{where} [store]: unknown settings {', '.join(sorted(unknown))}")
+    return p(str(value.get("local", "."))) / "postgresql", url
+
+
 def load_config(path: Path) -> NodeConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -139,6 +169,7 @@ def load_config(path: Path) -> NodeConfig:
     def p(v: str) -> Path:
         return (base / v).resolve()
 
+    store, store_url = _store(_req(data, "store", where), p, where)
     province = str(_req(data, "province", where))
     if not PROVINCE_RE.match(province):
         raise ConfigError(f"{where}: province '{province}' must be a lowercase slug")
@@ -155,7 +186,8 @@ def load_config(path: Path) -> NodeConfig:
     return NodeConfig(
         province=province,
         listen=str(data.get("listen", "127.0.0.1:50051")),
-        store=p(str(_req(data, "store", where))),
+        store=store,
+        store_url=store_url,
         tls=TlsConfig(
             ca=p(_req(tls, "ca", f"{where} [tls]")),
             cert=p(_req(tls, "cert", f"{where} [tls]")),

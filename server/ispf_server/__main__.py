@@ -83,7 +83,7 @@ def _new_master_main(argv: list[str]) -> int:
     logs.configure("WARNING", "text")
     try:
         config = load_config(args.config)
-        store = Store(config.store, config.master_key)
+        store = Store(config.store, config.master_key, url=config.store_url)
         try:
             pairs = store.pairs.replace_master_key()
         finally:
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ispf-node: epoch {args.retire_epoch} retired: its salt is destroyed")
             return 0
         config = load_config(args.config)
-        _lock_store(config.store)  # (the descriptor stays open, so the lock is held, until exit)
+        if not config.store_url:  # (replicas of a PostgreSQL store coordinate in it)
+            _lock_store(config.store)  # (the descriptor stays open: the lock is held until exit)
         check_listen(config.listen)
         node = Node(config)
     except IspfError as exc:

@@ -18,14 +18,25 @@ from ispf_server.storage import Store
 from ispf_server.storage.db import restore_image
 
 
+def _refuse_postgres(config: NodeConfig) -> None:
+    if config.store_url:
+        raise ConfigError(
+            "this node's store is a PostgreSQL database: back it up and restore it with "
+            "PostgreSQL's own tools (pg_dump and pg_restore, or pg_basebackup with WAL "
+            "archiving; see docs/operations.md, Replicas), and keep the node's key files "
+            "(master.key, the salts, log.key) with it"
+        )
+
+
 def backup_store(config: NodeConfig, to: Path, public_key: Path) -> int:
     """Write the sealed backup; returns its size in bytes."""
+    _refuse_postgres(config)
     if to.exists():
         raise ConfigError(f"{to} already exists: choose a new backup file")
     key = sealing.load_public_key(public_key)
     if not config.store.exists():
         raise ConfigError(f"no store at {config.store} to back up")
-    store = Store(config.store, config.master_key)
+    store = Store(config.store, config.master_key, url=config.store_url)
     try:
         snapshot = store.db.snapshot()
     finally:
@@ -37,6 +48,7 @@ def backup_store(config: NodeConfig, to: Path, public_key: Path) -> int:
 
 def restore_store(config: NodeConfig, src: Path, private_key: Path) -> None:
     """Write the backup's store to the configured path (there must be none)."""
+    _refuse_postgres(config)
     for suffix in ("", "-wal", "-shm"):
         p = config.store.with_name(config.store.name + suffix)
         if p.exists():

@@ -96,5 +96,7 @@ def check_node_files(config: NodeConfig) -> None:
     WAL/SHM) or a key file can be read by others."""
     for path in (config.tls.key, config.log_key, *_key_files(config)):
         check_private_file(path)
+    if config.store_url:
+        return  # (the store is a PostgreSQL database: its files are the server's)
     for suffix in ("", "-wal", "-shm"):
         files.check_private(config.store.with_name(config.store.name + suffix), "store file")

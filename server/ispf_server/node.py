@@ -81,7 +81,7 @@ class Node:
         self.roster = (
             roster_mod.load(config.roster, config.tls.ca) if config.roster is not None else None
         )
-        self.store = Store(config.store, config.master_key)
+        self.store = Store(config.store, config.master_key, url=config.store_url)
         self.audit = AuditLog(
             self.store, load_log_signer(config.log_key), config.province, self._log_keys()
         )
@@ -312,7 +312,7 @@ class Node:
 def retire_epoch(config: NodeConfig, epoch: int) -> None:
     """Destroy an epoch's salt on this node and log it (the node may be running)."""
     SaltRing(config.salt_dir).retire(epoch, current=config.current_epoch)
-    store = Store(config.store, config.master_key)
+    store = Store(config.store, config.master_key, url=config.store_url)
     try:
         erased = store.destroy_epoch(epoch)
         log.info("epoch %d: pair keys and tag state destroyed, %d match tags erased", epoch, erased)

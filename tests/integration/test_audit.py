@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +19,24 @@ from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.cli import main
 from ispf_client.forum import write_audit_profile, write_client_profile
 from ispf_server.pool import BlindingPool
-from tests.conftest import Federation, start_federation
+from tests.conftest import Federation, RawStore, backend_store_urls, start_federation
 
 IDS = ["3520212345671", "4210198765432", "1730155555550", "3520200000001", "5440012345678"]
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
 
+# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
+BACKENDS = ("sqlite", "postgresql")
 
-@pytest.fixture(scope="module")
-def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def audited(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Federation]:
     """Three provinces that reconciled every pair (twice for one pair)."""
     root = tmp_path_factory.mktemp("audit")
     pool = BlindingPool(0)
-    fed = start_federation(root, ["punjab", "sindh", "kp"], pool)
+    provinces = ["punjab", "sindh", "kp"]
+    fed = start_federation(root, provinces, pool, store_urls=backend_store_urls(request, provinces))
     fed.load("punjab", [(f"P{i}", n, "BISP", "enrolled") for i, n in enumerate(IDS)])
     fed.load("sindh", [(f"S{i}", n, "SSPA", "eligible") for i, n in enumerate(IDS[1:4])])
     fed.load("kp", [(f"K{i}", n, "SEHAT", "enrolled") for i, n in enumerate(IDS[2:])])
@@ -79,14 +84,11 @@ def test_entries_hold_no_id_number(audited: Federation) -> None:
 
 
 @pytest.fixture
-def tamper(
-    audited: Federation, tmp_path: Path
-) -> Iterator[tuple[sqlite3.Connection, AuditProfile]]:
+def tamper(audited: Federation, tmp_path: Path) -> Iterator[tuple[RawStore, AuditProfile]]:
     """Trust punjab's log as it is, hand the test a raw connection to its store, undo after."""
     prof = profile_for(audited, tmp_path)
     verify(prof, ["punjab"])
-    path = audited.nodes["punjab"].config.store
-    db = sqlite3.connect(path, isolation_level=None)
+    db = RawStore(audited.nodes["punjab"])
     saved = {
         t: db.execute(f"SELECT * FROM {t}").fetchall()
         for t in ("log_entries", "checkpoints", "cosignatures")
@@ -100,18 +102,18 @@ def tamper(
     db.close()
 
 
-def entries(db: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
+def entries(db: RawStore) -> list[tuple[int, str, bytes]]:
     return db.execute("SELECT idx, session_id, entry FROM log_entries ORDER BY idx").fetchall()
 
 
-def rewrite(db: sqlite3.Connection, rows: list[tuple[str, bytes]]) -> None:
+def rewrite(db: RawStore, rows: list[tuple[str, bytes]]) -> None:
     db.execute("DELETE FROM log_entries")
     db.executemany(
         "INSERT INTO log_entries VALUES (?,?,?)", [(i, sid, e) for i, (sid, e) in enumerate(rows)]
     )
 
 
-def resign(audited: Federation, db: sqlite3.Connection) -> None:
+def resign(audited: Federation, db: RawStore) -> None:
     """What a dishonest node can do: sign a checkpoint over its rewritten log."""
     from ispf import merkle
 
@@ -137,7 +139,7 @@ def expect(prof: AuditProfile, kind: str) -> AuditFailure:
     return info.value
 
 
-def test_flipped_bit_is_named_modified(tamper: tuple[sqlite3.Connection, AuditProfile]) -> None:
+def test_flipped_bit_is_named_modified(tamper: tuple[RawStore, AuditProfile]) -> None:
     db, prof = tamper
     idx, _, e = entries(db)[1]
     flipped = bytearray(e)
@@ -146,14 +148,14 @@ def test_flipped_bit_is_named_modified(tamper: tuple[sqlite3.Connection, AuditPr
     assert "entry 1 was modified" in expect(prof, "modified").message
 
 
-def test_deleted_entry_is_named(tamper: tuple[sqlite3.Connection, AuditProfile]) -> None:
+def test_deleted_entry_is_named(tamper: tuple[RawStore, AuditProfile]) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
     rewrite(db, rows[:1] + rows[2:])
     assert "entry 1" in expect(prof, "deleted").message
 
 
-def test_inserted_entry_is_named(tamper: tuple[sqlite3.Connection, AuditProfile]) -> None:
+def test_inserted_entry_is_named(tamper: tuple[RawStore, AuditProfile]) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
     forged = decode_entry(rows[0][1])
@@ -162,7 +164,7 @@ def test_inserted_entry_is_named(tamper: tuple[sqlite3.Connection, AuditProfile]
     assert "inserted at index 1" in expect(prof, "inserted").message
 
 
-def test_reordered_entries_are_named(tamper: tuple[sqlite3.Connection, AuditProfile]) -> None:
+def test_reordered_entries_are_named(tamper: tuple[RawStore, AuditProfile]) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
     rewrite(db, [rows[1], rows[0], *rows[2:]])
@@ -171,7 +173,7 @@ def test_reordered_entries_are_named(tamper: tuple[sqlite3.Connection, AuditProf
 
 def test_truncate_and_resign_is_a_rollback_with_evidence(
     audited: Federation,
-    tamper: tuple[sqlite3.Connection, AuditProfile],
+    tamper: tuple[RawStore, AuditProfile],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -204,7 +206,7 @@ def test_truncate_and_resign_is_a_rollback_with_evidence(
 
 
 def test_fork_with_the_same_key_is_detected_with_evidence(
-    audited: Federation, tamper: tuple[sqlite3.Connection, AuditProfile]
+    audited: Federation, tamper: tuple[RawStore, AuditProfile]
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
@@ -223,7 +225,7 @@ def test_fork_with_the_same_key_is_detected_with_evidence(
 
 
 def test_fork_is_caught_by_a_fresh_auditor_through_the_peers_view(
-    audited: Federation, tamper: tuple[sqlite3.Connection, AuditProfile], tmp_path: Path
+    audited: Federation, tamper: tuple[RawStore, AuditProfile], tmp_path: Path
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
@@ -242,7 +244,7 @@ def test_fork_is_caught_by_a_fresh_auditor_through_the_peers_view(
 
 
 def test_checkpoint_signed_by_another_key_is_refused(
-    tamper: tuple[sqlite3.Connection, AuditProfile],
+    tamper: tuple[RawStore, AuditProfile],
 ) -> None:
     db, prof = tamper
     size, signed = db.execute("SELECT size, note FROM checkpoints ORDER BY size DESC").fetchone()
@@ -253,7 +255,7 @@ def test_checkpoint_signed_by_another_key_is_refused(
 
 
 def test_pair_lists_a_session_only_one_side_logged(
-    audited: Federation, tamper: tuple[sqlite3.Connection, AuditProfile], tmp_path: Path
+    audited: Federation, tamper: tuple[RawStore, AuditProfile], tmp_path: Path
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
@@ -412,7 +414,7 @@ def ispf(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_auditor_reports_every_node_when_one_fails_with_evidence(
-    audited: Federation, tamper: tuple[sqlite3.Connection, AuditProfile], tmp_path: Path
+    audited: Federation, tamper: tuple[RawStore, AuditProfile], tmp_path: Path
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
@@ -438,7 +440,7 @@ def test_the_auditor_reports_every_node_when_one_fails_with_evidence(
 
 
 def test_a_swap_of_the_last_two_entries_is_reordered_not_deleted(
-    tamper: tuple[sqlite3.Connection, AuditProfile],
+    tamper: tuple[RawStore, AuditProfile],
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
@@ -449,7 +451,7 @@ def test_a_swap_of_the_last_two_entries_is_reordered_not_deleted(
 
 
 def test_a_truncated_tail_is_a_rollback_with_evidence(
-    tamper: tuple[sqlite3.Connection, AuditProfile],
+    tamper: tuple[RawStore, AuditProfile],
 ) -> None:
     db, prof = tamper
     rows = [(s, e) for _, s, e in entries(db)]
@@ -460,7 +462,7 @@ def test_a_truncated_tail_is_a_rollback_with_evidence(
     assert json.loads(failure.evidence.read_text())["kind"] == "rollback"
 
 
-def test_a_modified_entry_keeps_evidence(tamper: tuple[sqlite3.Connection, AuditProfile]) -> None:
+def test_a_modified_entry_keeps_evidence(tamper: tuple[RawStore, AuditProfile]) -> None:
     db, prof = tamper
     idx, _, e = entries(db)[-1]
     flipped = bytearray(e)
@@ -472,7 +474,7 @@ def test_a_modified_entry_keeps_evidence(tamper: tuple[sqlite3.Connection, Audit
 
 
 def test_a_fresh_auditor_names_a_deleted_entry_deleted(
-    tamper: tuple[sqlite3.Connection, AuditProfile], tmp_path: Path
+    tamper: tuple[RawStore, AuditProfile], tmp_path: Path
 ) -> None:
     from dataclasses import replace
 

@@ -8,12 +8,15 @@ from collections import defaultdict
 import pytest
 
 from ispf.v1 import internal_pb2
-from tests.conftest import Federation
+from tests.conftest import Federation, RawStore
 
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
 PROGS = ["BISP", "PSER", "SEHAT"]
 STATS = ["enrolled", "eligible", "suspended", "exited"]
 Registry = dict[str, tuple[str, str, str]]  # record_id -> (nid, programme, status)
+
+# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
+BACKENDS = ("sqlite", "postgresql")
 
 
 def reference(own: Registry, peer: Registry) -> set[tuple[str, str, str]]:
@@ -106,9 +109,10 @@ def test_lost_state_on_one_side_falls_back_to_a_full_run(federation: Federation)
     federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
     assert federation.reconcile("punjab", "sindh").sync == "full"
     # Sindh restored an old backup: its state for punjab is gone.
-    db = federation.nodes["sindh"].store.db.conn
+    db = RawStore(federation.nodes["sindh"])
     db.execute("DELETE FROM own_tags")
     db.execute("DELETE FROM pair_sync")
+    db.close()
     st = federation.reconcile("punjab", "sindh")
     assert st.state == COMPLETED and st.sync == "full" and st.match_count == 1
     assert federation.reconcile("punjab", "sindh").sync == "incremental"

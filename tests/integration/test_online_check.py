@@ -12,7 +12,7 @@ from ispf.auditlog import decode_entry
 from ispf.v1 import internal_pb2
 from ispf_server.pool import BlindingPool
 from ispf_server.probes import RateLimiter
-from tests.conftest import Federation, start_federation
+from tests.conftest import Federation, backend_store_urls, start_federation
 from tests.integration.test_security import Recorder
 
 S = internal_pb2
@@ -20,12 +20,22 @@ PEERS = ["sindh", "kp", "balochistan"]
 ENROLLED_IN_SINDH = "4210176543212"
 RECORDER = Recorder()
 
+# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
+BACKENDS = ("sqlite", "postgresql")
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def fed(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Federation]:
     pool = BlindingPool(0)
+    provinces = ["punjab", *PEERS]
     f = start_federation(
-        tmp_path_factory.mktemp("check"), ["punjab", *PEERS], pool, interceptors=(RECORDER,)
+        tmp_path_factory.mktemp("check"),
+        provinces,
+        pool,
+        interceptors=(RECORDER,),
+        store_urls=backend_store_urls(request, provinces),
     )
     f.load("punjab", [("P1", "3520212345671", "BISP", "enrolled")])
     f.load(

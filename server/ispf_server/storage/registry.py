@@ -113,7 +113,7 @@ def log_changes(cur: Cursor, nids: set[str]) -> None:
         return
     cur.execute(
         "INSERT INTO meta VALUES ('registry_version', '1') ON CONFLICT(key) DO UPDATE "
-        "SET value = CAST(value AS INTEGER) + 1"
+        "SET value = CAST(meta.value AS INTEGER) + 1"
     )
     version = int(cur.execute("SELECT value FROM meta WHERE key='registry_version'").fetchone()[0])
     insert_rows(cur, "registry_changes", ("version", "nid"), ((version, n) for n in nids))

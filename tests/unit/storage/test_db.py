@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ispf.errors import RetryLater, StorageFull
-from ispf_server.storage.db import Database, restore_image
+from ispf_server.storage.db import SqliteDatabase as Database
+from ispf_server.storage.db import restore_image
 
 
 def test_transaction_commits_or_rolls_back(tmp_path: Path) -> None:
