@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -14,11 +16,35 @@ from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.state import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
 from tests.unit.storage import packing
 
+# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
+BACKENDS = ("sqlite", "postgresql")
+Conn = Any  # a sqlite3 connection, or the PostgreSQL backend's (both take `?` statements)
 
-def db() -> sqlite3.Connection:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    conn.executescript(schema.SCHEMA)
-    return conn
+
+@pytest.fixture
+def db(backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[[], Conn]]:
+    """Makes an empty pair schema in memory (SQLite) or in a fresh database of the
+    suite's PostgreSQL server, and gives a connection to it in autocommit mode."""
+    made: list[Any] = []
+
+    def make() -> Conn:
+        if backend == "sqlite":
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            conn.executescript(schema.SCHEMA)
+            return conn
+        import psycopg
+
+        from ispf_server.storage.postgres import PgConnection, ddl
+
+        url = request.getfixturevalue("pg_url")
+        raw = psycopg.connect(url, autocommit=True)
+        made.append(raw)
+        raw.execute(ddl(schema.SCHEMA))
+        return PgConnection(raw)
+
+    yield make
+    for raw in made:
+        raw.close()
 
 
 def delta(**kw: object) -> PairDelta:
@@ -52,13 +78,13 @@ def peer_groups(peer: dict[bytes, str]) -> list[PeerGroup]:
     return list(by.values())
 
 
-def rows(conn: sqlite3.Connection) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+def rows(conn: Conn) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     own = conn.execute("SELECT peer, epoch, nid, labels, tag FROM own_tags ORDER BY nid").fetchall()
     peer = conn.execute("SELECT peer, epoch, tag, labels FROM peer_tags ORDER BY tag").fetchall()
     return own, peer
 
 
-def test_bulk_rows_equal_plain_inserts_for_every_shape_of_key() -> None:
+def test_bulk_rows_equal_plain_inserts_for_every_shape_of_key(db: Callable[[], Conn]) -> None:
     own = {f"35202{i:08d}": OwnTag(f'["P/s{i % 3}"]', os.urandom(16)) for i in range(500)}
     own["12345"] = OwnTag('["P/odd"]', os.urandom(16))  # not 13 digits: the row path
     peer = {os.urandom(16): f'["Q/e{i % 2}"]' for i in range(400)}
@@ -74,7 +100,7 @@ def test_bulk_rows_equal_plain_inserts_for_every_shape_of_key() -> None:
     assert all(isinstance(r[2], str) for r in got_own)  # IDs stay text, as the lookups expect
 
 
-def test_incremental_delta_replaces_and_removes() -> None:
+def test_incremental_delta_replaces_and_removes(db: Callable[[], Conn]) -> None:
     conn = db()
     t1, t2, t3 = os.urandom(16), os.urandom(16), os.urandom(16)
     first = delta(
@@ -112,7 +138,7 @@ def test_packing_refuses_ids_that_are_not_13_digits() -> None:
     assert packed is not None and packed[1]["own_nid"] == b"3520212345671" + tag + bytes(4)
 
 
-def test_reset_clears_only_this_pair() -> None:
+def test_reset_clears_only_this_pair(db: Callable[[], Conn]) -> None:
     conn = db()
     other = delta(own_added=[OwnGroup('["P/a"]', ["3520200000009"], [os.urandom(16)])])
     deltas.apply_delta(conn.cursor(), "punjab", 1, other)
@@ -133,7 +159,7 @@ class Model:
         return {n: (o.tag, self.peer[o.tag]) for n, o in self.own.items() if o.tag in self.peer}
 
 
-def check_against(conn: sqlite3.Connection, model: Model, probe_nids: list[str]) -> None:
+def check_against(conn: Conn, model: Model, probe_nids: list[str]) -> None:
     own = lookups.own_by_nids(conn, "sindh", 1, probe_nids)
     assert own == {n: model.own[n] for n in probe_nids if n in model.own}
     all_own_tags = [o.tag for o in model.own.values()] + [os.urandom(16)]
@@ -147,7 +173,9 @@ def check_against(conn: sqlite3.Connection, model: Model, probe_nids: list[str])
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> None:
+def test_runs_plus_rows_answer_like_the_model_after_random_deltas(
+    seed: int, db: Callable[[], Conn]
+) -> None:
     """A full run writes sorted runs; incremental deltas go on top as rows and
     tombstones. Every lookup must equal a plain model of the state, throughout."""
     rng = random.Random(seed)
@@ -219,7 +247,7 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(seed: int) -> 
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
 
 
-def test_a_staged_generation_is_invisible_until_its_commit() -> None:
+def test_a_staged_generation_is_invisible_until_its_commit(db: Callable[[], Conn]) -> None:
     conn = db()
     t_old, t_new = os.urandom(16), os.urandom(16)
 

@@ -1,0 +1,206 @@
+"""The store's rooms behave the same on both backends (the `backend` fixture): the
+registry's writes, reads and syncs, sessions and their matches, the audit log,
+budgets and meta, schema versions; and, on PostgreSQL, that write transactions
+are one at a time across connections (so the log never forks)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ispf.errors import ConfigError
+from ispf.records import Label
+from ispf_server.storage import Store
+from ispf_server.storage.registry import StoredRecord, code_bytes, label_code
+from ispf_server.storage.sessions import MatchRow, SessionTotals
+from ispf_server.storage.store import SCHEMA_VERSION
+from tests.conftest import StoreUrls
+
+BACKENDS = ("sqlite", "postgresql")
+
+A, B = Label("BISP", "enrolled"), Label("SSPA", "eligible")
+
+
+def rec(rid: str, nid: str, label: Label = A) -> StoredRecord:
+    return StoredRecord(rid, nid, label)
+
+
+def open_store(tmp_path: Path, url: str) -> Store:
+    if url:
+        return Store(tmp_path / "postgresql", tmp_path / "master.key", url=url)
+    return Store(tmp_path / "node.sqlite", tmp_path / "master.key")
+
+
+@pytest.fixture
+def url(store_urls: StoreUrls) -> str:
+    return store_urls(["punjab"]).get("punjab", "")
+
+
+@pytest.fixture
+def store(tmp_path: Path, url: str) -> Iterator[Store]:
+    s = open_store(tmp_path, url)
+    yield s
+    s.close()
+
+
+def test_registry_writes_and_reads(store: Store) -> None:
+    reg = store.registry
+    counts = reg.upsert(
+        [rec("r1", "3520200000001"), rec("r2", "3520200000002"), rec("r1", "3520200000001", B)]
+    )
+    assert (counts.inserted, counts.updated, counts.unchanged) == (2, 1, 0)
+    v = reg.version()
+    assert reg.upsert([rec("r2", "3520200000002")]).unchanged == 1 and reg.version() == v
+    reg.upsert([rec("r3", "3520200000003", B), rec("R0", "3520200000001")])
+    total, distinct, labels = reg.stats()
+    assert (total, distinct) == (4, 3) and dict(labels) == {A: 2, B: 2}
+    assert reg.changed_since(v) == {"3520200000003", "3520200000001"}
+    got = list(reg.records_by_nids(["3520200000001", "3520200000001", "9"]))
+    # By ID, label, record id; text compares by bytes on both ("R0" < "r1").
+    assert [(r.record_id, r.label) for r in got] == [("R0", A), ("r1", B)]
+    assert reg.distinct_labels() == sorted([A, B])
+    deleted, missing = reg.delete(["r2", "nope"])
+    assert (deleted, missing) == (1, ["nope"])
+    assert reg.distinct_ids() == 2
+
+
+def test_label_codes_concatenate_in_id_order_in_batches(store: Store) -> None:
+    nids = [f"35202{i:08d}" for i in range(50)]
+    store.registry.upsert(
+        [rec(f"r{i}", n, A if i % 2 else B) for i, n in enumerate(reversed(nids))]
+    )
+    w = code_bytes(1)
+    text = "".join(store.registry.nid_label_codes([A], batch=7))
+    want = "".join(n + label_code(2 if int(n[-2:]) % 2 != 49 % 2 else 1, w) for n in nids)
+    assert len(text) == 50 * 14
+    assert [text[i : i + 13] for i in range(0, len(text), 14)] == nids
+    assert sorted(text) == sorted(want)
+
+
+def test_sync_makes_the_registry_exactly_the_file(store: Store) -> None:
+    reg = store.registry
+    reg.upsert([rec("a", "3520200000001"), rec("b", "3520200000002"), rec("c", "3520200000003")])
+    with reg.sync() as sync:
+        sync.stage(
+            [rec("a", "3520200000001"), rec("b", "3520200000009"), rec("d", "3520200000004")]
+        )
+        sync.stage([rec("d", "3520200000005", B)], kept=["c"])  # (repeated id: the last wins)
+        counts, applied = sync.apply(lambda c: True)
+    assert applied
+    assert (counts.before, counts.inserted, counts.updated, counts.unchanged) == (3, 1, 1, 1)
+    assert (counts.deleted, counts.kept) == (0, 1)
+    got = sorted((r.record_id, r.nid, r.label) for r in reg.records())
+    assert got == [
+        ("a", "3520200000001", A),
+        ("b", "3520200000009", A),
+        ("c", "3520200000003", A),
+        ("d", "3520200000005", B),
+    ]
+    with reg.sync() as sync:
+        sync.stage([rec("a", "3520200000001")])
+        counts, applied = sync.apply(lambda c: False)  # refused: nothing changes
+    assert not applied and counts.deleted == 3 and len(reg.records()) == 4
+    with reg.sync() as sync:
+        sync.stage([rec("a", "3520200000001")])
+        counts, applied = sync.apply(lambda c: True)
+    assert applied and [r.record_id for r in reg.records()] == ["a"]
+    assert store.registry.prune_changes(reg.version()) > 0
+
+
+def test_sessions_matches_and_the_log_commit_together(store: Store) -> None:
+    store.registry.upsert([rec("r1", "3520200000001"), rec("r2", "3520200000001", B)])
+    ses = store.sessions
+    ses.begin("s1", "sindh", "initiator", 1, "dedup", 1)
+    assert ses.stage_matches("s1", [MatchRow("r1", A, B, b"\x01" * 16)])
+    assert list(ses.matches("s1")) == []  # not shown until the commit
+    totals = SessionTotals(2, 1, 3, 1, b"\x07" * 32, matched_records=1)
+    idx = store.complete_session("s1", totals, entry=b"entry-1", matches_staged=True)
+    assert idx == 0 and store.audit.index_of("s1") == 0
+    row = ses.get("s1")
+    assert row is not None and row.state == "COMPLETED" and row.result_digest == b"\x07" * 32
+    assert [(m.record_id, m.tag) for m in ses.matches("s1", "r1")] == [("r1", b"\x01" * 16)]
+    assert list(ses.matches("s1", "r2")) == []
+    assert ses.match_holders("s1") == {"r1": "r1"}
+    assert ses.matched_tags("s1") == [b"\x01" * 16]
+    ses.begin("s2", "kp", "responder", 1, "dedup", 1)
+    assert ses.stage_matches("s2", [MatchRow("r2", B, A, b"\x02" * 16)])
+    assert store.fail_session("s2", "peer gone", b"entry-2", retriable=True)
+    assert not store.fail_session("s2", "again", b"entry-3")  # one entry per session
+    failed = ses.get("s2")
+    assert failed is not None and failed.state == "FAILED" and failed.retriable == 1
+    assert store.audit.entries() == [b"entry-1", b"entry-2"]
+    assert [s.session_id for s in ses.latest_completed()] == ["s1"]
+    assert ses.running() == []
+
+
+def test_checkpoints_cosignatures_witnessed_budgets_meta(store: Store) -> None:
+    log = store.audit
+    log.add_checkpoint(1, "note-1")
+    log.add_checkpoint(1, "other")  # (the first stays)
+    log.add_checkpoint(2, "note-2")
+    assert log.checkpoint() == (2, "note-2") and log.checkpoint(1) == (1, "note-1")
+    assert log.recent_checkpoints(5) == [(2, "note-2"), (1, "note-1")]
+    log.add_cosignature(2, "sindh", "line-a")
+    log.add_cosignature(2, "sindh", "line-b")
+    assert log.cosignatures(2) == ["line-b"]
+    log.set_witnessed("kp", 3, "n3")
+    log.set_witnessed("kp", 4, "n4")
+    assert log.witnessed() == {"kp": (4, "n4")}
+    row = store.budgets.charge("sindh", 1, 5, 100, "2026-12-01", lambda size, day: size // 10)
+    assert row.charged and row.used == 5
+    row = store.budgets.charge("sindh", 1, 6, 999, "2026-12-02", lambda size, day: size // 10)
+    assert not row.charged and row.declared == 100 and row.refused == 1
+    assert store.budgets.get("sindh", 1) == (100, 5, 1, "2026-12-01")
+    store.meta.set("k", "v1")
+    store.meta.set("k", "v2")
+    assert store.meta.get("k") == "v2" and store.meta.get("none") is None
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path, url: str) -> None:
+    s = open_store(tmp_path, url)
+    assert s.meta.get("schema_version") == str(SCHEMA_VERSION)
+    s.meta.set("schema_version", str(SCHEMA_VERSION + 1))
+    s.close()
+    with pytest.raises(ConfigError, match="newer than this node knows"):
+        open_store(tmp_path, url)
+
+
+def test_the_master_key_must_be_the_stores(tmp_path: Path, url: str) -> None:
+    from ispf.errors import KeyFileError
+
+    open_store(tmp_path, url).close()
+    (tmp_path / "master.key").rename(tmp_path / "old.key")
+    with pytest.raises(KeyFileError):
+        open_store(tmp_path, url)
+    (tmp_path / "old.key").rename(tmp_path / "master.key")
+    open_store(tmp_path, url).close()
+
+
+def test_concurrent_appends_never_fork_the_log(tmp_path: Path, url: str) -> None:
+    """Two stores over one database (two replicas' worth; on SQLite, two connections to
+    one file) append at once: every index is used exactly once."""
+    first = open_store(tmp_path, url)
+    second = open_store(tmp_path, url)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def append(s: Store, who: str) -> None:
+        for i in range(40):
+            idx = s.audit.append(f"{who}{i}", f"{who}{i}".encode())
+            with lock:
+                got.append(idx)
+
+    threads = [
+        threading.Thread(target=append, args=(s, w)) for s, w in ((first, "a"), (second, "b"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(80))
+    assert len(first.audit.entries()) == 80
+    first.close()
+    second.close()
