@@ -115,15 +115,16 @@ def inline_pool() -> Iterator[BlindingPool]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests that use the `backend` fixture (through `federation` or `store_urls`) run
-    once per store backend their module names in `BACKENDS` (default: SQLite only)."""
-    if "backend" in metafunc.fixturenames:
-        backends = getattr(metafunc.module, "BACKENDS", ("sqlite",))
-        metafunc.parametrize("backend", backends, indirect=True)
+    """Tests that use the `store_backend` fixture (through `federation` or `store_urls`)
+    run once per store backend their module names in `STORE_BACKENDS` (default:
+    SQLite only)."""
+    if "store_backend" in metafunc.fixturenames:
+        backends = getattr(metafunc.module, "STORE_BACKENDS", ("sqlite",))
+        metafunc.parametrize("store_backend", backends, indirect=True)
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest) -> str:
+def store_backend(request: pytest.FixtureRequest) -> str:
     """The store backend of this test's nodes: "sqlite" or "postgresql"."""
     return str(getattr(request, "param", "sqlite"))
 
@@ -132,10 +133,10 @@ StoreUrls = Callable[[list[str]], dict[str, str]]
 
 
 @pytest.fixture
-def store_urls(backend: str, request: pytest.FixtureRequest) -> Iterator[StoreUrls]:
+def store_urls(store_backend: str, request: pytest.FixtureRequest) -> Iterator[StoreUrls]:
     """A function giving each province a fresh PostgreSQL database (on the session's
     server), or nothing where the backend is SQLite; the databases are dropped after."""
-    if backend == "sqlite":
+    if store_backend == "sqlite":
         yield lambda provinces: {}
         return
     server: PgServer = request.getfixturevalue("pg_server")  # (skips where none)
@@ -155,7 +156,7 @@ def store_urls(backend: str, request: pytest.FixtureRequest) -> Iterator[StoreUr
 
 
 def backend_store_urls(request: pytest.FixtureRequest, provinces: list[str]) -> dict[str, str]:
-    """For a fixture parametrised over backends (``params=BACKENDS``, any scope): a
+    """For a fixture parametrised over backends (``params=STORE_BACKENDS``, any scope): a
     fresh PostgreSQL database per province where its param is "postgresql" (dropped
     when the fixture ends), else nothing (SQLite files)."""
     if getattr(request, "param", "sqlite") == "sqlite":

@@ -33,6 +33,7 @@
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
     │   └── RetryLater             (busy, or state to rebuild: try again shortly)
+    │       └── StoreUnavailable   (the node's PostgreSQL database cannot be reached)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── SelfCheckFailed            INTERNAL  (the X25519 backend disagreed with cryptography)
     ├── EntryError                 INTERNAL  (an audit-log entry is not canonical log data)

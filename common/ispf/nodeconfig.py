@@ -207,6 +207,7 @@ def load_config(path: Path) -> NodeConfig:
         session_idle_timeout=float(data.get("session_idle_timeout", 600.0)),
         session_deadline=float(data.get("session_deadline", 3600.0)),
         call_deadline=float(data.get("call_deadline", 30.0)),
+        health_interval=float(data.get("health_interval", 5.0)),
         metrics_listen=str(data.get("metrics", {}).get("listen", "")),
         master_key=p(str(keys.get("master", "master.key"))),
         seal_key=p(str(keys["seal"])) if "seal" in keys else None,

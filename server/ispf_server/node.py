@@ -4,6 +4,7 @@ once (`Node`), and the gRPC server over them (`create_server`)."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -193,6 +194,9 @@ class Node:
         )
         self.health = Health(config, self.store, self.salts, self.audit, self.metrics)
         fail_interrupted(self.sessions)
+        self._sweeping = threading.Event()
+        if self.store.shared:  # (replicas: fail the sessions of one that died)
+            threading.Thread(target=self._sweep, name="replica-sweep", daemon=True).start()
         log.info(
             "node %s loaded: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
             "X25519 backend %s, hash-to-curve in %s",
@@ -297,7 +301,15 @@ class Node:
     ) -> Snapshot:
         return self.launcher.start(Ask(peer, purpose, mode, collections, peer_collections, full))
 
+    def _sweep(self) -> None:
+        while not self._sweeping.wait(self.config.health_interval):
+            try:
+                fail_interrupted(self.sessions, at_start=False)
+            except Exception as exc:  # (the database away: the next sweep tries again)
+                log.warning("failing the sessions of stopped replicas: %s", type(exc).__name__)
+
     def close(self) -> None:
+        self._sweeping.set()
         self.health.stop()
         self.metrics.close()
         self.checker.close()

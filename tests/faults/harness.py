@@ -20,10 +20,16 @@ from pathlib import Path
 
 
 class TcpProxy:
+    """One address in front of a node; with `replicas`, a TCP load balancer in front of
+    several (each new connection to the next that accepts it, round robin: a gRPC
+    channel is one connection, so a peer's session stays on one replica)."""
+
     def __init__(self) -> None:
         self._listen = socket.create_server(("127.0.0.1", 0))
         self.port = self._listen.getsockname()[1]
         self.target: int | None = None
+        self.replicas: list[int] = []
+        self._next = 0
         self.delay = 0.0
         self.drop_after: int | None = None  # bytes per connection before it is cut
         self._conns: set[socket.socket] = set()
@@ -41,12 +47,8 @@ class TcpProxy:
                 client, _ = self._listen.accept()
             except OSError:
                 return
-            if self.target is None:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
+            upstream = self._connect()
+            if upstream is None:
                 client.close()
                 continue
             with self._lock:
@@ -54,6 +56,19 @@ class TcpProxy:
             budget = [self.drop_after]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b, budget), daemon=True).start()
+
+    def _connect(self) -> socket.socket | None:
+        with self._lock:
+            targets = list(self.replicas) or ([self.target] if self.target is not None else [])
+            start, self._next = self._next, self._next + 1
+        for i in range(len(targets)):
+            try:
+                return socket.create_connection(
+                    ("127.0.0.1", targets[(start + i) % len(targets)]), timeout=5
+                )
+            except OSError:
+                continue
+        return None
 
     def _pump(self, src: socket.socket, dst: socket.socket, budget: list[int | None]) -> None:
         try:
@@ -133,6 +148,10 @@ class NodeProcess:
         self.proxy.target = None
         self.proxy.cut_all()
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None or self.proc.poll() is not None else self.proc.pid
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -140,3 +159,25 @@ class NodeProcess:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class ReplicaProcess(NodeProcess):
+    """One replica of a node behind the proxy's balancer: started, it joins the
+    balancer's targets; killed, it leaves them (and only its own connections drop)."""
+
+    port: int | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        before = self.proxy.target
+        super().start(timeout)
+        self.port, self.proxy.target = self.proxy.target, before
+        with self.proxy._lock:
+            self.proxy.replicas.append(int(self.port or 0))
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        with self.proxy._lock:
+            if self.port in self.proxy.replicas:
+                self.proxy.replicas.remove(self.port)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)

@@ -24,11 +24,11 @@ from tests.conftest import Federation, RawStore, backend_store_urls, start_feder
 IDS = ["3520212345671", "4210198765432", "1730155555550", "3520200000001", "5440012345678"]
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
 
-# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
-BACKENDS = ("sqlite", "postgresql")
+# The store backends these tests run on (the `store_backend` fixture, tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=STORE_BACKENDS)
 def audited(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Federation]:

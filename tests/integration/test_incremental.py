@@ -15,8 +15,8 @@ PROGS = ["BISP", "PSER", "SEHAT"]
 STATS = ["enrolled", "eligible", "suspended", "exited"]
 Registry = dict[str, tuple[str, str, str]]  # record_id -> (nid, programme, status)
 
-# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
-BACKENDS = ("sqlite", "postgresql")
+# The store backends these tests run on (the `store_backend` fixture, tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
 def reference(own: Registry, peer: Registry) -> set[tuple[str, str, str]]:

@@ -20,11 +20,11 @@ PEERS = ["sindh", "kp", "balochistan"]
 ENROLLED_IN_SINDH = "4210176543212"
 RECORDER = Recorder()
 
-# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
-BACKENDS = ("sqlite", "postgresql")
+# The store backends these tests run on (the `store_backend` fixture, tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=STORE_BACKENDS)
 def fed(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Federation]:

@@ -16,8 +16,8 @@ Row = tuple[str, str, str, str]
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
 FAILED = internal_pb2.SESSION_STATE_FAILED
 
-# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
-BACKENDS = ("sqlite", "postgresql")
+# The store backends these tests run on (the `store_backend` fixture, tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
 def random_registries(seed: int, n: int) -> tuple[list[Row], list[Row]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Generic
 
@@ -232,9 +233,16 @@ class ReconciliationServicer(internal_pb2_grpc.ReconciliationServiceServicer, Ge
         snap = self._snapshot(request.session_id)
         yield snap.to_proto()
         progress = self.node.board.get(request.session_id)
-        while progress is not None and snap.state == RUNNING and context.is_active():
-            new = self.node.board.wait_for_change(progress, snap.version, timeout=0.5)
-            if new.version != snap.version:
+        pause = threading.Event()
+        while snap.state == RUNNING and context.is_active():
+            if progress is not None:
+                new = self.node.board.wait_for_change(progress, snap.version, timeout=0.5)
+            else:
+                # Run by another replica of a shared store (or left by a crash, until
+                # it is failed): followed in the store until it ends.
+                pause.wait(0.5)
+                new = self._snapshot(request.session_id)
+            if new.version != snap.version or new.state != snap.state:
                 snap = new
                 yield snap.to_proto()
 

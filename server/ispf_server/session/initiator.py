@@ -56,6 +56,7 @@ from ispf_server.session.plan import (
     state_fingerprints,
 )
 from ispf_server.session.progress import Progress, ProgressBoard
+from ispf_server.storage.store import PairLock
 
 log = logging.getLogger(__name__)
 # Causes a new session may get past: the peer down or restarted (its session lost),
@@ -102,7 +103,7 @@ class Peer:
     stub: peer_pb2_grpc.PeerServiceStub
     call_deadline: float
     session_deadline: float
-    pair_lock: threading.Lock | None = None
+    pair_lock: PairLock | None = None
 
 
 def initiate(

@@ -17,6 +17,7 @@ from ispf_server.policy import Policy
 from ispf_server.session.initiator import Ask, Initiator, Peer, initiate
 from ispf_server.session.lifecycle import SessionContext
 from ispf_server.session.progress import ProgressBoard, Snapshot
+from ispf_server.storage.store import PairLock
 
 
 class Launcher:
@@ -38,13 +39,12 @@ class Launcher:
         self._policy, self._salt, self._stub = policy, salt, stub
         self._call_deadline, self._session_deadline = call_deadline, session_deadline
         self._lock = threading.Lock()
-        self._pair_locks: dict[str, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
 
-    def pair_lock(self, peer: str) -> threading.Lock:
-        """One session at a time per pair, whichever side started it (sync state)."""
-        with self._lock:
-            return self._pair_locks.setdefault(peer, threading.Lock())
+    def pair_lock(self, peer: str) -> PairLock:
+        """One session at a time per pair, whichever side started it (sync state), and
+        whichever replica of a shared store runs it."""
+        return self.ctx.store.pair_lock(peer)
 
     def start(self, ask: Ask) -> Snapshot:
         """Begin a session with `ask.peer` in a thread of its own; its first status."""

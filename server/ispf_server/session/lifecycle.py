@@ -151,10 +151,20 @@ def _record_failure(
     return ctx.store.fail_session(facts.session_id, reason, entry, retriable=retriable)
 
 
-def fail_interrupted(ctx: SessionContext) -> None:
-    """Sessions left running by a crash are not results: fail them, with their entries."""
-    reason = "node restarted during session"
-    for row in ctx.store.sessions.running():
-        _record_failure(ctx, SessionFacts.from_row(ctx.province, row), reason, retriable=True)
-        log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
-    ctx.audit.sign_checkpoint()
+def fail_interrupted(ctx: SessionContext, *, at_start: bool = True) -> int:
+    """Sessions left running by a crash are not results: fail them, with their entries.
+
+    At a node's start (SQLite: every running session; a replica of a PostgreSQL
+    store: those of replicas that are gone), and for a shared store again and again
+    while serving (`at_start=False`), so a killed replica's sessions fail on a
+    surviving one, where their retries can then run. Returns how many it failed."""
+    reason = "node restarted during session" if at_start else "the replica running it stopped"
+    failed = 0
+    for row in ctx.store.orphaned_sessions():
+        facts = SessionFacts.from_row(ctx.province, row)
+        if _record_failure(ctx, facts, reason, retriable=True):
+            failed += 1
+            log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
+    if at_start or failed:
+        ctx.audit.sign_checkpoint()
+    return failed

@@ -57,6 +57,7 @@ from ispf_server.session.plan import (
     state_fingerprints,
 )
 from ispf_server.session.progress import ProgressBoard, Stopwatch
+from ispf_server.storage.store import PairLock
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -105,7 +106,7 @@ class ResponderSession:
     busy: set[str] = field(default_factory=set)
     # Sync sessions: this side's delta, the pair lock held.
     side: SyncSide | None = None
-    pair_lock: threading.Lock | None = None
+    pair_lock: PairLock | None = None
     # The result, worked out as soon as both streams are in (while the initiator
     # works out its own), so that Conclude only compares and commits.
     matching: Future[Matched] | None = None
@@ -159,7 +160,7 @@ class Responder:
         board: ProgressBoard,
         policy: Callable[[], Policy],
         idle_timeout: float,
-        pair_lock: Callable[[str], threading.Lock],
+        pair_lock: Callable[[str], PairLock],
     ) -> None:
         self.ctx = ctx
         self.province = ctx.province
@@ -250,7 +251,7 @@ class Responder:
         own, peer = fps
         return peer_pb2.SyncState(held=True, initiator_set=peer, responder_set=own)
 
-    def _supersede(self, caller: str, lock: threading.Lock) -> bool:
+    def _supersede(self, caller: str, lock: PairLock) -> bool:
         """A new sync from a peer ends its previous one still open here.
 
         An initiator never runs two sessions with the same peer at once, so an open
@@ -312,7 +313,7 @@ class Responder:
 
     def _prepare_sync(
         self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy
-    ) -> tuple[SyncSide, list[bytes], threading.Lock]:
+    ) -> tuple[SyncSide, list[bytes], PairLock]:
         if req.mode != common_pb2.MODE_MUTUAL or req.responder_collections:
             raise ProtocolViolation("a sync session is mutual and covers every collection")
         lock = self.pair_lock(caller)
@@ -433,14 +434,14 @@ class Responder:
 
     def _plan(
         self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy
-    ) -> tuple[Plan, SyncSide | None, list[bytes], threading.Lock | None]:
+    ) -> tuple[Plan, SyncSide | None, list[bytes], PairLock | None]:
         """This side's plan (a sync session's under the pair's lock), and the peer's
         set charged to its query budget, last: a session refused for another reason
         costs no budget. Returns the plan, the sync side, the peer's removed tags and
         the pair lock held (None for a one-off session)."""
         side: SyncSide | None = None
         peer_removed: list[bytes] = []
-        lock: threading.Lock | None = None
+        lock: PairLock | None = None
         if req.sync:
             side, peer_removed, lock = self._prepare_sync(req, caller, pp)
             plan = side.plan
@@ -475,7 +476,7 @@ class Responder:
         plan: Plan,
         side: SyncSide | None,
         peer: tuple[list[LabelSet], list[int], list[bytes]],
-        lock: threading.Lock | None,
+        lock: PairLock | None,
     ) -> ResponderSession:
         """The session begun (its facts, its running row) and held open, unless the
         peer already holds as many open sessions as its policy allows."""

@@ -207,6 +207,20 @@ class Database:
         """Raise if the store cannot be read and written (for the health check)."""
         raise NotImplementedError
 
+    # -- locks held across transactions (replicas); in SQLite one process has the
+    # store (`ispf-node` takes a file lock), so its in-process locks are enough.
+
+    def try_hold(self, space: int, name: str) -> bool:
+        """Hold the lock (space, name) until `release`; False where another holds it."""
+        return True
+
+    def release(self, space: int, name: str) -> None:
+        """Let go of a lock `try_hold` took."""
+
+    def is_held_elsewhere(self, space: int, name: str) -> bool:
+        """Whether any process holds (space, name) now."""
+        return False
+
     @property
     def closed(self) -> bool:
         raise NotImplementedError

@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 # Advisory lock keys (two 32-bit halves: a namespace of this node's, then an object).
 LOCK_SPACE = 0x15F0  # "ISPF"
 WRITE_LOCK = 1  # every write transaction
-REPLICA_SPACE = 0x15F1  # a replica's liveness, by replica id
-PEER_SPACE = 0x15F2  # a batch session with a peer, by the peer's name
 
 POOL_MAX = 12  # connections per replica: sessions, online checks, background work
 CONNECT_TIMEOUT = 15.0  # seconds to wait for the database at start

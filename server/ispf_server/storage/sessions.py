@@ -93,6 +93,7 @@ class SessionRow:
     peer_removed: int = 0
     retriable: int = 0
     answer: bytes | None = None
+    owner: str = ""  # the replica running it (a PostgreSQL store's; "": the node's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +214,9 @@ class Sessions:
     write pair state and the audit log, are the store's (`Store.complete_session`,
     `Store.fail_session`): they use this room's cursor functions."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, owner: str = "") -> None:
         self._db = db
+        self._owner = owner
 
     @storage_errors
     def begin(
@@ -222,8 +224,8 @@ class Sessions:
     ) -> None:
         self._db.write(
             "INSERT INTO sessions (session_id, peer, role, mode, purpose, epoch, state, "
-            "started_at) VALUES (?,?,?,?,?,?, 'RUNNING', ?)",
-            (session_id, peer, role, mode, purpose, epoch, utcnow()),
+            "started_at, owner) VALUES (?,?,?,?,?,?, 'RUNNING', ?, ?)",
+            (session_id, peer, role, mode, purpose, epoch, utcnow(), self._owner),
         )
 
     @storage_errors

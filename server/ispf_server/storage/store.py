@@ -6,7 +6,12 @@ changes every pair has seen, and an epoch's retirement."""
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ispf.errors import ConfigError
@@ -21,14 +26,54 @@ from ispf_server.storage.pairs.schema import SCHEMA as PAIR_SCHEMA
 from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.pairs.state import PairDelta
 from ispf_server.storage.registry import Registry
-from ispf_server.storage.sessions import MatchRow, Sessions, SessionTotals
+from ispf_server.storage.sessions import MatchRow, SessionRow, Sessions, SessionTotals
+
+REPLICA_SPACE = 0x15F1  # advisory lock space: a replica's liveness, by replica id
+PEER_SPACE = 0x15F2  # advisory lock space: a batch session with a peer, by its name
+
+
+class PairLock:
+    """`threading.Lock`'s acquire and release, held in this process and, where the
+    store is shared by replicas, in the database too (a session-level advisory lock,
+    which PostgreSQL drops with the holder's connection: a killed replica lets go)."""
+
+    POLL = 0.2  # seconds between tries of the database lock while waiting
+
+    def __init__(self, db: Database, peer: str) -> None:
+        self._db, self._peer = db, peer
+        self._local = threading.Lock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        if not self._local.acquire(blocking, timeout if blocking else -1):
+            return False
+        try:
+            while not self._db.try_hold(PEER_SPACE, self._peer):
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    self._local.release()
+                    return False
+                time.sleep(self.POLL)
+        except BaseException:
+            self._local.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        try:
+            self._db.release(PEER_SPACE, self._peer)
+        finally:
+            self._local.release()
+
+    def locked(self) -> bool:
+        return self._local.locked()
+
 
 log = logging.getLogger(__name__)
 
 # The schema's version, kept in `meta` ('schema_version'). Each migration takes a
 # store from the version before it to its own; a store newer than this node knows
 # is refused (its tables may mean what this code does not know).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _to_v1(db: Database) -> int:
@@ -39,6 +84,17 @@ def _to_v1(db: Database) -> int:
     migrated = keys.drop_stored_scalars(db)
     db.create(PAIR_SCHEMA)
     return migrated
+
+
+def _to_v2(db: Database) -> None:
+    """Version 2: sessions name the replica running them (`owner`), so a replica
+    fails only the sessions of replicas that are gone, never a live one's."""
+    if "owner" not in db.columns("sessions"):
+        with db.transaction() as cur:
+            cur.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2}
 
 
 def schema_version(db: Database) -> int:
@@ -59,6 +115,9 @@ def migrate(db: Database) -> int:
             "this one would misread it"
         )
     migrated = _to_v1(db)  # (idempotent: also how a store of version 0 gets version 1)
+    for version in range(max(found, 1) + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[version](db)
+        log.info("store %s: migrated to schema version %d", db.location, version)
     if found < SCHEMA_VERSION:
         db.write(
             "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key) "
@@ -85,12 +144,20 @@ class Store:
         except BaseException:
             db.close()
             raise
+        # This process's name among the replicas of a shared store, held as a lock in
+        # the database while it runs (PostgreSQL lets go when the process dies).
+        self.replica = ""
+        if db.dialect == "postgresql":
+            self.replica = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+            db.try_hold(REPLICA_SPACE, self.replica)
         self.meta = Meta(db)
         self.registry = Registry(db)
-        self.sessions = Sessions(db)
+        self.sessions = Sessions(db, self.replica)
         self.audit = AuditLog(db)
         self.budgets = Budgets(db)
         self.pairs = Pairs(db, self.meta, master_key or path.parent / "master.key")
+        self._locks_lock = threading.Lock()
+        self._pair_locks: dict[str, PairLock] = {}
         if migrated:
             log.warning(
                 "store %s: pair keys were kept in the store by an older version; they and "
@@ -142,6 +209,37 @@ class Store:
                 if entry is not None:
                     auditlog.append(cur, session_id, entry)
         return failed is not None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas may run over this store (PostgreSQL)."""
+        return bool(self.replica)
+
+    def orphaned_sessions(self) -> list[SessionRow]:
+        """Running sessions whose replica is gone: at a node's start in SQLite, every
+        running session (one process has the store); in PostgreSQL, those whose owner
+        no longer holds its replica lock (never this replica's own, nor a live one's)."""
+        rows = self.sessions.running()
+        if not self.shared:
+            return rows
+        alive: dict[str, bool] = {self.replica: True}
+        out = []
+        for row in rows:
+            if row.owner not in alive:
+                alive[row.owner] = bool(row.owner) and self.db.is_held_elsewhere(
+                    REPLICA_SPACE, row.owner
+                )
+            if not alive[row.owner]:
+                out.append(row)
+        return out
+
+    def pair_lock(self, peer: str) -> PairLock:
+        """One batch session with `peer` at a time, across this store's replicas."""
+        with self._locks_lock:
+            lock = self._pair_locks.get(peer)
+            if lock is None:
+                lock = self._pair_locks[peer] = PairLock(self.db, peer)
+            return lock
 
     def prune_changes(self) -> int:
         """Drop the registry changes every pair has synced past (`Registry.prune_changes`

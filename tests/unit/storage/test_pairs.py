@@ -16,19 +16,19 @@ from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.state import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
 from tests.unit.storage import packing
 
-# The store backends these tests run on (the `backend` fixture, tests/conftest.py).
-BACKENDS = ("sqlite", "postgresql")
+# The store backends these tests run on (the `store_backend` fixture, tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
 Conn = Any  # a sqlite3 connection, or the PostgreSQL backend's (both take `?` statements)
 
 
 @pytest.fixture
-def db(backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[[], Conn]]:
+def db(store_backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[[], Conn]]:
     """Makes an empty pair schema in memory (SQLite) or in a fresh database of the
     suite's PostgreSQL server, and gives a connection to it in autocommit mode."""
     made: list[Any] = []
 
     def make() -> Conn:
-        if backend == "sqlite":
+        if store_backend == "sqlite":
             conn = sqlite3.connect(":memory:", isolation_level=None)
             conn.executescript(schema.SCHEMA)
             return conn

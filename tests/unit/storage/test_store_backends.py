@@ -19,7 +19,7 @@ from ispf_server.storage.sessions import MatchRow, SessionTotals
 from ispf_server.storage.store import SCHEMA_VERSION
 from tests.conftest import StoreUrls
 
-BACKENDS = ("sqlite", "postgresql")
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 A, B = Label("BISP", "enrolled"), Label("SSPA", "eligible")
 
