@@ -76,6 +76,58 @@ def _backup_main(argv: list[str]) -> int:
     return 0
 
 
+def _migrate_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="ispf-node migrate",
+        description="Move a node's store (registry, sessions, matches, pair state, audit "
+        "log) from its SQLite file into an empty PostgreSQL database, and check the copy "
+        "(row counts, the log's Merkle root against its latest signed checkpoint). The "
+        "node must be stopped; the SQLite file is left as it was.",
+    )
+    ap.add_argument("--from", dest="src", required=True, type=Path, help="the node's store file")
+    ap.add_argument("--to", dest="dst", required=True, help="postgresql://... of an empty database")
+    args = ap.parse_args(argv[1:])
+    logs.configure("WARNING", "text")
+    from ispf_server.storage.db import SqliteDatabase, is_url, open_database
+    from ispf_server.storage.transfer import copy_store
+
+    try:
+        if not args.src.is_file():
+            raise ConfigError(f"no store file at {args.src}")
+        if not is_url(args.dst):
+            raise ConfigError("--to must be a postgresql:// URL of an empty database")
+        lock = _lock_store(args.src)  # (a running node would go on writing the file)
+        src = SqliteDatabase(args.src)
+        try:
+            dst = open_database(args.dst)
+            try:
+                done = copy_store(src, dst)
+                where = dst.location
+            finally:
+                dst.close()
+        finally:
+            src.close()
+            os.close(lock)
+    except IspfError as exc:
+        print(f"ispf-node: {exc.message}", file=sys.stderr)
+        return 2
+    checkpoint = (
+        f"its latest signed checkpoint (size {done.checkpoint_size}) verified"
+        if done.checkpoint_size is not None
+        else "no checkpoint signed yet"
+    )
+    print(
+        f"ispf-node: store moved to {where}: {done.rows['records']} records, "
+        f"{done.rows['sessions']} sessions, {done.rows['matches']} match rows, "
+        f"{sum(done.rows.values())} rows in all; audit log of {done.log_size} entries, "
+        f"root {done.log_root.hex()[:16]}..., {checkpoint}.\n"
+        "Next: in node.toml, replace `store = ...` with [store] url = ... (see "
+        "docs/operations.md, Replicas); keep master.key, the salts and log.key; "
+        f"keep {args.src} until the node has run on the database."
+    )
+    return 0
+
+
 def _new_master_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ispf-node new-master-key")
     ap.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
@@ -162,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return _backup_main(argv)
     if argv and argv[0] == "new-master-key":
         return _new_master_main(argv)
+    if argv and argv[0] == "migrate":
+        return _migrate_main(argv)
     ap = argparse.ArgumentParser(
         prog="ispf-node",
         description="Run an ISPF Match province node.",

@@ -141,6 +141,13 @@ class PgCursor:
     def connection(self) -> PgConnection:
         return self._conn
 
+    @property
+    def description(self) -> Any:
+        return self.raw.description
+
+    def fetchmany(self, size: int) -> list[Any]:
+        return self.raw.fetchmany(size) if self.raw.description is not None else []
+
     def execute(self, sql: str, parameters: Any = (), /) -> PgCursor:
         if parameters:
             self.raw.execute(to_pg(sql, True), parameters)
