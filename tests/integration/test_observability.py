@@ -12,14 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ispf import logs
+from ispf.errors import IspfError
 from ispf.identity import node_hostname
 from ispf.v1 import internal_pb2
 from ispf_server.pool import BlindingPool
 from tests.conftest import Federation, start_federation
+from tests.pgserver import PgServer
 
 
 @pytest.fixture
@@ -126,3 +129,47 @@ def test_health_follows_key_and_salt_readiness(fed: Federation) -> None:
 def test_request_ids_never_look_like_an_id_number() -> None:
     for _ in range(2000):
         assert not re.search(r"\d{13}", logs.new_request_id())
+
+
+def test_a_replica_that_loses_its_database_is_not_serving_until_it_is_back(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """PostgreSQL store: the database refuses the node's connections (as when it is
+    down or fenced off): health turns NOT_SERVING, so a load balancer sends the node's
+    callers to another replica; SERVING again once the database is back."""
+    pool = BlindingPool(0)
+    name = "health_punjab"
+    url = pg_server.create_database(name)
+    fed = start_federation(
+        tmp_path, ["punjab"], pool, store_urls={"punjab": url}, health_interval=0.2
+    )
+    admin = pg_server.url("postgres")
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    try:
+        wait_for(lambda: health(fed, "punjab"), serving)
+        with psycopg.connect(admin, autocommit=True) as db:
+            db.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        wait_for(lambda: health(fed, "punjab"), not_serving, seconds=20)
+        with pytest.raises(IspfError) as info:  # a call that needs the store: retriable
+            fed.client("punjab").upsert(
+                [
+                    internal_pb2.Record(
+                        record_id="r", nid="3520212345671", programme="B", status="e", position=1
+                    )
+                ]
+            )
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
+        with psycopg.connect(admin, autocommit=True) as db:
+            db.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        wait_for(lambda: health(fed, "punjab"), serving, seconds=20)
+    finally:
+        fed.close()
+        pool.close()
+        pg_server.drop_database(name)

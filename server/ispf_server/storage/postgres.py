@@ -52,7 +52,8 @@ WRITE_LOCK = 1  # every write transaction
 
 POOL_MAX = 12  # connections per replica: sessions, online checks, background work
 CONNECT_TIMEOUT = 15.0  # seconds to wait for the database at start
-BORROW_TIMEOUT = 30.0  # seconds a request waits for a free connection
+BORROW_TIMEOUT = 8.0  # seconds a request waits for a connection (past it: UNAVAILABLE)
+PING_TIMEOUT = 3.0  # seconds the health check waits: past it, the replica is NOT_SERVING
 
 
 def redact(url: str) -> str:
@@ -244,9 +245,9 @@ class PostgresDatabase(Database):
             )
 
     @contextmanager
-    def _conn(self) -> Iterator[PgConnection]:
+    def _conn(self, timeout: float | None = None) -> Iterator[PgConnection]:
         try:
-            with self.pool.connection() as raw:
+            with self.pool.connection(timeout=timeout) as raw:
                 yield PgConnection(raw)
         except psycopg_pool.PoolClosed:
             raise
@@ -330,7 +331,7 @@ class PostgresDatabase(Database):
     def ping(self) -> None:
         """One round trip on a pooled connection; raises `StoreUnavailable` where the
         database cannot be reached or is read-only (a standby after a failover)."""
-        with self._conn() as conn:
+        with self._conn(timeout=PING_TIMEOUT) as conn:
             row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
         if row is not None and bool(row[0]):
             raise StoreUnavailable(
