@@ -1,6 +1,8 @@
-"""The node's own store: one SQLite file per node, in rooms that each own their tables.
+"""The node's own store: one SQLite file per node (the default), or one PostgreSQL
+database shared by the node's replicas; in rooms that each own their tables.
 
-* `db`: the connection, its lock, pragmas, schema creation, ``with db.transaction()``
+* `db`: the database interface, ``with db.transaction()``, and the SQLite backend;
+  `postgres`: the PostgreSQL backend; `transfer`: moving a store between them
 * `registry`: records, the change log and registry version, planning's reads
 * `sessions`: sessions and their match rows
 * `auditlog`: log entries, checkpoints, cosignatures, witnessed checkpoints
