@@ -11,6 +11,13 @@ SecretFlow ECDH run --repeat times (default 3), taking turns; rows show medians.
     python bench/psi_compare.py [--n 1000000] [--backend auto] [--peers secretflow,openmined]
                                 [--repeat 3] [--session full|count-only|filtered]
 
+--store postgresql runs ISPF twice per repeat, taking turns: on SQLite (the
+default store) and on PostgreSQL (a throw-away server started here in a
+temporary folder, Debian's postgresql package, as the tests do; or the databases
+of --store-url), and prints PostgreSQL's reconciliation and registry-load times
+as ratios of SQLite's in the same run, with each node's peak memory (the
+database server's own memory is not the node's, and is not counted).
+
 --session count-only runs ISPF's count-only sessions instead (the initiator learns
 how many IDs are shared, nothing else), and filtered labelled sessions limited to
 a collection; neither keeps pair state.
@@ -31,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,6 +146,7 @@ def run_ours(
     chunk: int = 4096,
     log_level: str = "WARNING",
     session: str = "full",
+    store_urls: dict[str, str] | None = None,
 ) -> dict[str, float]:
     layout = init_forum(work / "forum", ["punjab", "sindh"], base_port=0)
     ports = {"punjab": free_port(), "sindh": free_port()}
@@ -150,6 +159,9 @@ def run_ours(
             f'[peers.{q}]\naddress = "127.0.0.1:0"', f'[peers.{q}]\naddress = "{addr}"'
         )
         text = text.replace("chunk_values = 4096", f'chunk_values = {chunk}\nbackend = "{backend}"')
+        if store_urls:  # the node's store is a PostgreSQL database
+            text = text.replace('store = "node.sqlite"\n', "")
+            text += f'\n[store]\nurl = "{store_urls[p]}"\n'
         cfg.write_text(text.replace("max_set_size = 50000000", "max_set_size = 500000000"))
         write_client_profile(layout, p, f"127.0.0.1:{ports[p]}")
     procs = {
@@ -182,9 +194,11 @@ def run_ours(
 
         # Both registries load at once (each node is its own process); a failed load
         # raises here.
+        t_load = time.perf_counter()
         with ThreadPoolExecutor(2) as ex:
             for done in [ex.submit(load, "punjab", a), ex.submit(load, "sindh", b)]:
                 done.result()
+        load_seconds = time.perf_counter() - t_load
         samplers = {p: TreeSampler(procs[p].pid) for p in procs}
         cpu0 = {p: s.cpu() for p, s in samplers.items()}
         work0 = {p: s.cpu(workers_only=True) for p, s in samplers.items()}
@@ -206,6 +220,7 @@ def run_ours(
         }
         return {
             "seconds": wall,
+            "load_seconds": load_seconds,
             "cpu": cpu,
             "cpu_workers": workers,
             "matches": st.match_count,
@@ -298,7 +313,23 @@ def main() -> None:
     ap.add_argument(
         "--node-log-level", default="WARNING", help="INFO shows each session's phase timings"
     )
+    ap.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="postgresql: ISPF on SQLite and on PostgreSQL, taking turns, with ratios",
+    )
+    ap.add_argument(
+        "--store-url",
+        default="",
+        help="with --store postgresql: a server to use instead of a throw-away one, as a "
+        "libpq URL without the database (postgresql:///?host=/run/postgresql); the bench "
+        "creates and drops its databases there",
+    )
     args = ap.parse_args()
+    if args.store == "postgresql":
+        compare_stores(args)
+        return
     if args.session != "full" and args.write:
         ap.error("--write records the full (labelled mutual) comparison only")
     peers = [p for p in args.peers.split(",") if p]
@@ -460,6 +491,92 @@ def main() -> None:
         section = "## Against other PSI systems (`bench/psi_compare.py`)\n\n" + text + "\n"
         body = re.sub(r"## Against other PSI systems.*", "", body, flags=re.S).rstrip() + "\n\n"
         doc.write_text(body + section)
+
+
+@contextlib.contextmanager
+def pg_databases(url: str, count: int) -> Iterator[list[dict[str, str]]]:
+    """`count` pairs of fresh databases (punjab, sindh), on `url`'s server or on a
+    throw-away one; dropped at the end."""
+    import psycopg
+
+    sys.path.insert(0, str(HERE.parent))
+    from tests.pgserver import PgServer, find_bin
+
+    server = None
+    if not url:
+        if find_bin() is None:
+            sys.exit("--store postgresql: PostgreSQL is not installed (make postgres)")
+        server = PgServer.start(Path(tempfile.mkdtemp(prefix="ispf-bench-pg-")))
+    names = [f"bench_{os.getpid()}_{i}_{p}" for i in range(count) for p in ("punjab", "sindh")]
+
+    def at(name: str) -> str:
+        if server is not None:
+            return server.url(name)
+        base, _, query = url.partition("?")
+        return base.rstrip("/").rsplit("/", 1)[0] + "/" + name + ("?" + query if query else "")
+
+    admin = server.url("postgres") if server is not None else at("postgres")
+    try:
+        with psycopg.connect(admin, autocommit=True) as db:
+            for n in names:
+                db.execute(f"CREATE DATABASE {n} LOCALE 'C' TEMPLATE template0")
+        yield [{"punjab": at(names[2 * i]), "sindh": at(names[2 * i + 1])} for i in range(count)]
+    finally:
+        with psycopg.connect(admin, autocommit=True) as db:
+            for n in names:
+                db.execute(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
+        if server is not None:
+            server.stop()
+
+
+def compare_stores(args: argparse.Namespace) -> None:
+    """ISPF on SQLite and on PostgreSQL, --repeat times each, taking turns."""
+    a, b = data(args.n)
+    runs: dict[str, list[dict[str, float]]] = {"sqlite": [], "postgresql": []}
+    with tempfile.TemporaryDirectory() as tmp, pg_databases(args.store_url, args.repeat) as dbs:
+        work = Path(tmp)
+        for i in range(args.repeat):
+            for store in ("sqlite", "postgresql"):
+                runs[store].append(
+                    run_ours(
+                        work / f"{store}{i}",
+                        a,
+                        b,
+                        args.backend,
+                        args.chunk,
+                        args.node_log_level,
+                        session=args.session,
+                        store_urls=dbs[i] if store == "postgresql" else None,
+                    )
+                )
+    med = {s: median_run(r) for s, r in runs.items()}
+    loads = {s: sorted(r["load_seconds"] for r in runs[s])[len(runs[s]) // 2] for s in runs}
+    lines = [
+        f"{args.n:,} x {args.n:,} records, 10% in common, {SESSIONS[args.session]}, "
+        f"{args.repeat} runs each taking turns (medians).",
+        "",
+        "| store | load both registries s | reconcile s | peak RSS MiB (each node) | found |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for s in ("sqlite", "postgresql"):
+        m = med[s]
+        lines.append(
+            f"| {s} | {loads[s]:.1f} | {m['seconds']:.1f} | "
+            f"{m['rss_a']:.0f} / {m['rss_b']:.0f} | {m['matches']:,.0f} |"
+        )
+    ratio = med["postgresql"]["seconds"] / med["sqlite"]["seconds"]
+    lines += [
+        "",
+        f"PostgreSQL / SQLite: reconciliation {ratio:.2f}x "
+        f"the time (target at most 1.5x); registry load through COPY "
+        f"{loads['sqlite'] / loads['postgresql']:.2f}x SQLite's rate (target at least 1x).",
+        "Each run, in seconds (load, reconcile): "
+        + "; ".join(
+            f"{s} " + ", ".join(f"{r['load_seconds']:.1f}/{r['seconds']:.1f}" for r in runs[s])
+            for s in runs
+        ),
+    ]
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

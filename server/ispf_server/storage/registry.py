@@ -186,7 +186,14 @@ class Registry:
         with self._db.transaction() as cur:
             stored: dict[str, tuple[str, str, str]] = {}
             ids = list(dict.fromkeys(r[0] for r in rows))
-            for at in range(0, len(ids), IN_BATCH):
+            if is_postgres(cur):  # (one round trip: the ids as one array)
+                for rid, nid, prog, st in cur.execute(
+                    "SELECT record_id, nid, programme, status FROM records "
+                    "WHERE record_id = ANY(?)",
+                    (ids,),
+                ):
+                    stored[rid] = (nid, prog, st)
+            for at in range(0, len(ids) if not is_postgres(cur) else 0, IN_BATCH):
                 part = ids[at : at + IN_BATCH]
                 marks = ",".join("?" * len(part))
                 for rid, nid, prog, st in cur.execute(
