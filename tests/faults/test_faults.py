@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from ispf.auditlog import decode_entry
@@ -21,6 +22,7 @@ from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.forum import init_forum, write_audit_profile, write_client_profile
 from ispf_client.loader import load_csv
 from ispf_client.sdk import ClientProfile, NodeClient
+from tests.conftest import backend_store_urls
 from tests.faults.harness import NodeProcess, TcpProxy
 
 PROVINCES = ["punjab", "sindh", "kp"]
@@ -35,6 +37,18 @@ class Cluster:
     nodes: dict[str, NodeProcess]
     proxies: dict[str, TcpProxy]
     data: dict[str, list[tuple[str, str, str, str]]]
+    urls: dict[str, str]  # each node's PostgreSQL database (none: its SQLite file)
+
+    def query(self, p: str, sql: str) -> list[tuple[object, ...]]:
+        """A read of a node's store, straight from its database (either backend)."""
+        if self.urls:
+            with psycopg.connect(self.urls[p]) as pg:
+                return pg.execute(sql).fetchall()
+        db = sqlite3.connect(self.root / "forum" / "nodes" / p / "node.sqlite")
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
 
     def client(self, p: str) -> NodeClient:
         return NodeClient(ClientProfile.load(self.root / "forum" / "clients" / p / "profile.toml"))
@@ -46,8 +60,15 @@ class Cluster:
         return {(rid, p, s) for rid, nid, _, _ in self.data[own] for p, s in labels.get(nid, ())}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+# The store backends these tests run on (tests/conftest.py, `backend_store_urls`).
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="module", params=STORE_BACKENDS)
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
+    urls = backend_store_urls(request, PROVINCES)
     root = tmp_path_factory.mktemp("faults")
     layout = init_forum(root / "forum", PROVINCES, base_port=0)
     proxies = {p: TcpProxy() for p in PROVINCES}
@@ -59,7 +80,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 f'[peers.{q}]\naddress = "127.0.0.1:0"',
                 f'[peers.{q}]\naddress = "{proxies[q].address}"',
             )
-        cfg.write_text(text + "\nsession_idle_timeout = 20\n")
+        if urls:
+            text = text.replace('store = "node.sqlite"\n', "") + f'\n[store]\nurl = "{urls[p]}"\n'
+        cfg.write_text(text.replace("\n[", "\nsession_idle_timeout = 20\n\n[", 1))
         write_client_profile(layout, p, proxies[p].address)
     write_audit_profile(layout, "auditor", {p: proxies[p].address for p in PROVINCES})
     nodes = {
@@ -75,7 +98,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             (f"{p}-{k}", nid, rng.choice(["BISP", "PSER"]), rng.choice(["enrolled", "eligible"]))
             for k, nid in enumerate(own + shared)
         ]
-    c = Cluster(root, nodes, proxies, data)
+    c = Cluster(root, nodes, proxies, data, urls)
     try:
         for p in PROVINCES:
             nodes[p].start()
@@ -135,13 +158,11 @@ def check_outcome(
     report = pair(prof)
     assert not report.mismatched and not report.one_sided, report
     for p in (a, b):  # exactly one entry per session in each log
-        db = sqlite3.connect(c.root / "forum" / "nodes" / p / "node.sqlite")
         ids = [
-            decode_entry(bytes(r[0]))["session_id"]
-            for r in db.execute("SELECT entry FROM log_entries")
-            if decode_entry(bytes(r[0]))["type"] == "session"
+            decode_entry(bytes(r[0]))["session_id"]  # type: ignore[arg-type]
+            for r in c.query(p, "SELECT entry FROM log_entries")
+            if decode_entry(bytes(r[0]))["type"] == "session"  # type: ignore[arg-type]
         ]
-        db.close()
         assert len(ids) == len(set(ids))
 
 
@@ -228,9 +249,7 @@ def test_killing_a_node_during_a_load_never_leaves_a_mixed_batch(
     node.kill()
     done.wait(30)
     node.start()
-    db = sqlite3.connect(cluster.root / "forum" / "nodes" / "kp" / "node.sqlite")
-    status = dict(db.execute("SELECT record_id, status FROM records").fetchall())
-    db.close()
+    status = dict(cluster.query("kp", "SELECT record_id, status FROM records"))
     # Batches of 5,000 rows: each is wholly the new version or wholly the old one.
     for k in range(0, len(rows), 5000):
         got = {status.get(r[0]) == marker for r in rows[k : k + 5000]}
