@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ispf import files
 from ispf.errors import ConfigError
 from ispf_server.storage import auditlog, budgets, meta, registry, sessions
 from ispf_server.storage.auditlog import AuditLog
@@ -138,6 +139,8 @@ class Store:
     def __init__(self, path: Path, master_key: Path | None = None, *, url: str = "") -> None:
         self.path = path
         self.directory = path.parent  # (also where sessions spool their tags)
+        if url:  # (SQLite's own file makes its folder private; a replica's spools too)
+            files.private_dir(self.directory)
         self.db = db = open_database(url or path)
         try:
             migrated = migrate(db)
