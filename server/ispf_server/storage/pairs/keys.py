@@ -85,11 +85,16 @@ def load_master(db: Database, path: Path, store_path: str) -> MasterKey:
                 "one: restore the node's master key file (the pair keys derive from it)"
             )
         key = MasterKey.from_file(path)
-    if row is None:
-        db.write("INSERT INTO meta VALUES ('master_kcv', ?)", (key.check_value(),))
-    elif str(row[0]) != key.check_value():
+    if row is None:  # (two replicas' first starts at once: the first to write it wins)
+        db.write(
+            "INSERT INTO meta VALUES ('master_kcv', ?) ON CONFLICT DO NOTHING",
+            (key.check_value(),),
+        )
+        row = db.fetchone("SELECT value FROM meta WHERE key='master_kcv'")
+    if row is not None and str(row[0]) != key.check_value():
         raise KeyFileError(
             f"master key {path} is not the key the store {store_path} was keyed with: "
-            "restore the right master key file"
+            "restore the right master key file (a replica of a shared store: copy the "
+            "node's master.key from the replica that made it)"
         )
     return key
