@@ -12,6 +12,8 @@ key and erases all pair state (after a leak of the key).
 `ispf-node restore --config node.toml --from FILE --key backup.key` puts it back
 (the node stopped, no store at the configured path). Key files are not in the
 backup: the master key, TLS, log and sealing keys are backed up on their own.
+`ispf-node migrate --from node.sqlite --to postgresql://...` moves a stopped node's
+store into an empty PostgreSQL database (for replicas: docs/operations.md).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ NODE_EPILOG = """other commands (each with its own --help):
   ispf-node restore --config node.toml --from FILE --key backup.key
                      put a backup back (node stopped, no store there)
   ispf-node new-master-key --config node.toml
-                     replace the master key and erase all pair state (node stopped)
+                     replace the master key and erase all pair state (node stopped;
+                     every replica stopped, for a PostgreSQL store)
+  ispf-node migrate --from node.sqlite --to postgresql://...
+                     move the store into an empty PostgreSQL database, checked
+                     (node stopped; the file is only read)
 
 exit codes:
   0    stopped cleanly (SIGTERM/SIGINT), or the command's work was done
@@ -89,15 +95,16 @@ def _migrate_main(argv: list[str]) -> int:
     args = ap.parse_args(argv[1:])
     logs.configure("WARNING", "text")
     from ispf_server.storage.db import SqliteDatabase, is_url, open_database
-    from ispf_server.storage.transfer import copy_store
+    from ispf_server.storage.transfer import check_store_file, copy_store
 
     try:
         if not args.src.is_file():
             raise ConfigError(f"no store file at {args.src}")
         if not is_url(args.dst):
             raise ConfigError("--to must be a postgresql:// URL of an empty database")
+        check_store_file(args.src)
         lock = _lock_store(args.src)  # (a running node would go on writing the file)
-        src = SqliteDatabase(args.src)
+        src = SqliteDatabase(args.src, read_only=True)
         try:
             dst = open_database(args.dst)
             try:
@@ -112,7 +119,8 @@ def _migrate_main(argv: list[str]) -> int:
         print(f"ispf-node: {exc.message}", file=sys.stderr)
         return 2
     checkpoint = (
-        f"its latest signed checkpoint (size {done.checkpoint_size}) verified"
+        f"the root its latest checkpoint (size {done.checkpoint_size}) signed, recomputed "
+        "and equal (the signature itself is the auditor's to check: ispf audit verify)"
         if done.checkpoint_size is not None
         else "no checkpoint signed yet"
     )
@@ -121,8 +129,9 @@ def _migrate_main(argv: list[str]) -> int:
         f"{done.rows['sessions']} sessions, {done.rows['matches']} match rows, "
         f"{sum(done.rows.values())} rows in all; audit log of {done.log_size} entries, "
         f"root {done.log_root.hex()[:16]}..., {checkpoint}.\n"
-        "Next: in node.toml, replace `store = ...` with [store] url = ... (see "
-        "docs/operations.md, Replicas); keep master.key, the salts and log.key; "
+        "Next: in node.toml, delete the `store = ...` line and add a [store] table with "
+        "url = ... at the end of the file (see docs/operations.md, Replicas); keep "
+        "master.key, the salts and log.key; "
         f"keep {args.src} until the node has run on the database."
     )
     return 0
@@ -137,6 +146,13 @@ def _new_master_main(argv: list[str]) -> int:
         config = load_config(args.config)
         store = Store(config.store, config.master_key, url=config.store_url)
         try:
+            if store.other_replicas():
+                raise ConfigError(
+                    f"{store.other_replicas()} replicas of this node are running over its "
+                    "store: stop every replica first (they hold the old master key in "
+                    "memory), then replace the key, copy the new master.key to every "
+                    "replica's folder, and start them"
+                )
             pairs = store.pairs.replace_master_key()
         finally:
             store.close()

@@ -23,8 +23,8 @@ def _refuse_postgres(config: NodeConfig) -> None:
         raise ConfigError(
             "this node's store is a PostgreSQL database: back it up and restore it with "
             "PostgreSQL's own tools (pg_dump and pg_restore, or pg_basebackup with WAL "
-            "archiving; see docs/operations.md, Replicas), and keep the node's key files "
-            "(master.key, the salts, log.key) with it"
+            "archiving; see docs/operations.md, Replicas); back up the node's key files "
+            "(master.key, the salts, log.key) separately, never beside the database's backups"
         )
 
 

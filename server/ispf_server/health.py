@@ -69,11 +69,16 @@ class Health:
     def watch(self, set_status: Callable[[bool], None], every: float = 5.0) -> None:
         """Report readiness to the health service now and every `every` seconds."""
 
+        was_ready = [True]
+
         def once() -> None:
             problems = self.readiness()
             self.metrics.ready.set(0 if problems else 1)
             if problems:
                 log.error("node %s not ready: %s", self.config.province, "; ".join(problems))
+            elif not was_ready[0]:
+                log.warning("node %s ready again", self.config.province)
+            was_ready[0] = not problems
             set_status(not problems)
 
         def loop() -> None:

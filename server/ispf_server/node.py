@@ -199,7 +199,7 @@ class Node:
             threading.Thread(target=self._sweep, name="replica-sweep", daemon=True).start()
         log.info(
             "node %s loaded: epoch %d (salt %s), %d peers, policy version %d, %s blinding, "
-            "X25519 backend %s, hash-to-curve in %s",
+            "X25519 backend %s, hash-to-curve in %s; store %s",
             self.province,
             config.current_epoch,
             self.current_salt.fingerprint(),
@@ -208,6 +208,8 @@ class Node:
             self.pool.describe(),
             self.backend.name,
             "C" if curve_in_c() else "Python (native module not built)",
+            self.store.db.location
+            + (f" (replica {self.store.replica})" if self.store.shared else ""),
         )
 
     def pinned_certs(self) -> dict[str, str] | None:
@@ -304,6 +306,7 @@ class Node:
     def _sweep(self) -> None:
         while not self._sweeping.wait(self.config.health_interval):
             try:
+                self.store.keep_alive()  # (first: our own locks, then others' sessions)
                 fail_interrupted(self.sessions, at_start=False)
             except Exception as exc:  # (the database away: the next sweep tries again)
                 log.warning("failing the sessions of stopped replicas: %s", type(exc).__name__)

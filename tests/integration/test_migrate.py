@@ -44,9 +44,11 @@ def test_a_migrated_node_serves_on_from_postgresql(
     store = fed.nodes["punjab"].config.store
     url = pg_server.create_database("migrated_punjab")
 
+    before_bytes = store.read_bytes()
     assert main(["migrate", "--from", str(store), "--to", url]) == 0
     out = capsys.readouterr().out
-    assert "4 records" in out and "verified" in out
+    assert "4 records" in out and "recomputed and equal" in out
+    assert store.read_bytes() == before_bytes  # the source is only read
     # Into a database that holds data: refused, and it says so.
     assert main(["migrate", "--from", str(store), "--to", url]) == 2
     assert "already holds data" in capsys.readouterr().err
@@ -95,7 +97,26 @@ def test_an_altered_log_is_not_migrated(
         with psycopg.connect(url) as db:  # nothing was copied
             assert db.execute("SELECT count(*) FROM records").fetchone() == (0,)
             assert db.execute("SELECT count(*) FROM log_entries").fetchone() == (0,)
+        check_refusals(tmp_path, store, url, capsys)
     finally:
         pg_server.drop_database("altered_punjab")
+
+
+def check_refusals(
+    tmp_path: Path, store: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What is not a store of this version is refused, and left untouched."""
     assert main(["migrate", "--from", str(tmp_path / "none.sqlite"), "--to", url]) == 2
     assert "no store file" in capsys.readouterr().err
+    for name, content in (("empty.sqlite", b""), ("text.sqlite", b"not a database" * 100)):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["migrate", "--from", str(path), "--to", url]) == 2
+        assert "is not a node store" in capsys.readouterr().err
+        assert path.read_bytes() == content
+    old = tmp_path / "old.sqlite"
+    old.write_bytes(store.read_bytes())
+    with sqlite3.connect(old) as db:
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    assert main(["migrate", "--from", str(old), "--to", url]) == 2
+    assert "start the node on it once with this version" in capsys.readouterr().err

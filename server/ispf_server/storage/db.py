@@ -217,6 +217,14 @@ class Database:
     def release(self, space: int, name: str) -> None:
         """Let go of a lock `try_hold` took."""
 
+    def refresh_holds(self) -> list[tuple[int, int]]:
+        """Take again held locks lost with their connection; returns those lost for good."""
+        return []
+
+    def holders(self, space: int) -> int:
+        """How many locks of `space` are held now."""
+        return 0
+
     def is_held_elsewhere(self, space: int, name: str) -> bool:
         """Whether any process holds (space, name) now."""
         return False
@@ -244,14 +252,24 @@ class SqliteDatabase(Database):
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path) -> None:
-        files.private_dir(path.parent)
-        files.private_new_file(path)  # SQLite gives -wal and -shm the store's mode
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only`: open an existing store only to read it, changing nothing in
+        the file (`ispf-node migrate`'s source)."""
         self.path = path
         self.location = str(path)
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.lock = threading.Lock()
         self._closed = False
+        if read_only:
+            self.conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+            return
+        files.private_dir(path.parent)
+        files.private_new_file(path)  # SQLite gives -wal and -shm the store's mode
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         with self.lock:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")

@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ispf.errors import ConfigError, PreconditionFailed, RetryLater, StorageFull, StoreUnavailable
 from ispf_server.storage import db as dbmod
@@ -57,13 +57,18 @@ PING_TIMEOUT = 3.0  # seconds the health check waits: past it, the replica is NO
 
 
 def redact(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its password, in the user part or the query (for messages and
+    logs); the rest as written."""
+    netloc = urlsplit(url).netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    out = url
+    if at and ":" in userinfo:
+        out = out.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{hostport}", 1)
+    return re.sub(r"(?i)([?&]password)=[^&]*", r"\1=***", out)
+
+
+def has_password(url: str) -> bool:
+    return redact(url) != url
 
 
 def object_key(name: str) -> int:
@@ -91,7 +96,7 @@ def ddl(script: str) -> str:
 def to_pg(sql: str, with_params: bool) -> str:
     """A statement of `storage` as PostgreSQL takes it: placeholders, and the row
     address SQLite calls rowid (only ever used within one statement)."""
-    if sql.lstrip().upper().startswith("CREATE TABLE"):
+    if sql.lstrip().upper().startswith(("CREATE TABLE", "ALTER TABLE")):
         sql = ddl(sql)
     sql = re.sub(r"\browid\b", "ctid", sql)
     if with_params:
@@ -99,7 +104,18 @@ def to_pg(sql: str, with_params: bool) -> str:
     return sql
 
 
+def _first_line(exc: BaseException) -> str:
+    """libpq's reason (it never holds the password), on one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+
+
 def _translate_pg(exc: BaseException) -> Exception | None:
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return ConfigError(
+            "the store's database refused this node's user "
+            f"({exc.diag.message_primary or 'permission denied'}): make the user the "
+            "database's owner (createdb -O <user> <database>), see docs/operations.md"
+        )
     if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.OutOfMemory):
         log.error("store: %s", type(exc).__name__)
         return StorageFull(
@@ -209,6 +225,24 @@ class PostgresDatabase(Database):
         self.url = url
         self.location = redact(url)
         self._closed = False
+        try:  # (one try first: a wrong URL, user or password is told at once)
+            psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)).close()
+        except (psycopg.ProgrammingError, ValueError) as exc:
+            raise ConfigError(
+                f"[store] url {self.location} is not a PostgreSQL URL libpq takes: "
+                f"{_first_line(exc)}"
+            ) from None
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(
+                f"cannot connect to the store's database {self.location}: {_first_line(exc)} "
+                "(check that PostgreSQL runs there, and the URL, user and password or "
+                "PGPASSFILE in [store])"
+            ) from None
+        if has_password(url):
+            log.warning(
+                "store: the [store] url holds a password; keep it in a PGPASSFILE (0600) "
+                "instead, and out of node.toml"
+            )
         self.pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
             psycopg_pool.ConnectionPool(
                 url,
@@ -367,6 +401,42 @@ class PostgresDatabase(Database):
             self._held[key] = raw
             return True
 
+    def refresh_holds(self) -> list[tuple[int, int]]:
+        """Take again the locks whose connection broke (the database restarted, or a
+        firewall dropped an idle connection: PostgreSQL let go of them). Returns the
+        keys that could not be taken again (another now holds them, or the database
+        is still away)."""
+        with self._held_lock:
+            held = list(self._held.items())
+        lost = []
+        for key, raw in held:
+            try:
+                if raw.closed:
+                    raise psycopg.OperationalError("closed")
+                raw.execute("SELECT 1")
+                continue
+            except psycopg.Error:
+                raw.close()
+            try:
+                fresh = psycopg.Connection.connect(
+                    self.url, autocommit=True, application_name="ispf-node-lock"
+                )
+                row = fresh.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
+            except psycopg.Error:
+                lost.append(key)
+                continue
+            if row is None or not row[0]:
+                fresh.close()
+                lost.append(key)
+                continue
+            with self._held_lock:
+                if self._held.get(key) is raw:
+                    self._held[key] = fresh
+                    log.warning("store: a lock lost with its connection was taken again")
+                    continue
+            fresh.close()  # (released meanwhile)
+        return lost
+
     def release(self, space: int, name: str) -> None:
         key = (space, object_key(name))
         with self._held_lock:
@@ -374,10 +444,21 @@ class PostgresDatabase(Database):
         if raw is not None:
             raw.close()  # (the lock goes with the connection)
 
+    def holders(self, space: int) -> int:
+        """How many locks of `space` are held now, in this database (this process's too)."""
+        row = self.fetchone(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND classid::bigint = ? AND objsubid = 2",
+            (space & 0xFFFFFFFF,),
+        )
+        return int(row[0]) if row else 0
+
     def is_held_elsewhere(self, space: int, name: str) -> bool:
         """Whether some connection holds (space, name) now (this process's too)."""
         row = self.fetchone(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 2",
             (space & 0xFFFFFFFF, object_key(name) & 0xFFFFFFFF),
         )

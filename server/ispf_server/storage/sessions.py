@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ispf.errors import RetryLater
 from ispf.records import Label
 from ispf_server.clock import utcnow
 from ispf_server.storage.db import Cursor, Database, insert_rows, storage_errors
@@ -146,6 +147,14 @@ def complete_in(
 ) -> None:
     """Mark a session COMPLETED with its totals, and write its match rows unless they
     were staged (None), in the caller's transaction (`Store.complete_session`)."""
+    if not _running(cur, session_id):
+        # Failed meanwhile: by another replica, which took this one for stopped (its
+        # liveness lock was lost with the database), or by a restart. A result is never
+        # committed over a failure: the caller's transaction rolls back whole.
+        raise RetryLater(
+            "the session was failed meanwhile (another replica of this node took the one "
+            "running it for stopped): nothing of it was kept; run it again"
+        )
     matched_records = totals.matched_records
     if matches is not None:
         _insert_matches(cur, session_id, matches)

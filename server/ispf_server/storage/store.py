@@ -19,7 +19,7 @@ from ispf.errors import ConfigError
 from ispf_server.storage import auditlog, budgets, meta, registry, sessions
 from ispf_server.storage.auditlog import AuditLog
 from ispf_server.storage.budgets import Budgets
-from ispf_server.storage.db import Database, open_database, storage_errors
+from ispf_server.storage.db import Database, open_database, storage_errors, translate
 from ispf_server.storage.meta import Meta
 from ispf_server.storage.pairs import Pairs, deltas, keys
 from ispf_server.storage.pairs import runs as pairruns
@@ -144,9 +144,12 @@ class Store:
         self.db = db = open_database(url or path)
         try:
             migrated = migrate(db)
-        except BaseException:
+        except BaseException as exc:
             db.close()
-            raise
+            mapped = translate(exc) if isinstance(exc, Exception) else None
+            if mapped is None:
+                raise
+            raise mapped from exc
         # This process's name among the replicas of a shared store, held as a lock in
         # the database while it runs (PostgreSQL lets go when the process dies).
         self.replica = ""
@@ -217,6 +220,23 @@ class Store:
     def shared(self) -> bool:
         """Whether other replicas may run over this store (PostgreSQL)."""
         return bool(self.replica)
+
+    def other_replicas(self) -> int:
+        """Replicas running over this store now, besides this process (0 for SQLite,
+        where `ispf-node` takes the file's lock)."""
+        return max(0, self.db.holders(REPLICA_SPACE) - 1) if self.shared else 0
+
+    def keep_alive(self) -> None:
+        """Hold this replica's locks again where the database dropped them (it restarted,
+        or a firewall cut an idle connection): before other replicas take this one for
+        stopped. (Any session of this replica they failed meanwhile cannot complete:
+        `sessions.complete_in` refuses a session no longer running.)"""
+        if self.shared and self.db.refresh_holds():
+            log.error(
+                "store %s: this replica could not take its locks again; until it does, "
+                "other replicas may fail its sessions",
+                self.db.location,
+            )
 
     def orphaned_sessions(self) -> list[SessionRow]:
         """Running sessions whose replica is gone: at a node's start in SQLite, every

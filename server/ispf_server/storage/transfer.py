@@ -12,8 +12,11 @@ so a registry of millions moves in fixed memory.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ispf import merkle, note
@@ -21,7 +24,7 @@ from ispf.auditlog import Checkpoint
 from ispf.errors import ConfigError, LogTampered
 from ispf_server.storage.db import Cursor, Database, insert_rows
 from ispf_server.storage.pairs.schema import STATE_TABLES
-from ispf_server.storage.store import migrate
+from ispf_server.storage.store import SCHEMA_VERSION, migrate, schema_version
 
 # Every table that holds the node's data (the sync staging tables hold nothing
 # between syncs and are not copied). Parents before children (matches -> sessions).
@@ -47,6 +50,19 @@ class Transfer:
     log_size: int
     log_root: bytes
     checkpoint_size: int | None  # the latest signed checkpoint's size (None: none yet)
+
+
+def check_store_file(path: Path) -> None:
+    """Refuse a file that is not a node's SQLite store, touching nothing in it."""
+    try:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            tables = {str(r[0]) for r in rows}
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{path} is not a node store ({exc})") from None
+    if not {"records", "sessions", "log_entries"} <= tables:
+        raise ConfigError(f"{path} is not a node store (it has no registry or log tables)")
 
 
 def _columns(db: Database, table: str) -> list[str]:
@@ -104,11 +120,18 @@ def _is_empty(db: Database) -> bool:
 
 def copy_store(src: Database, dst: Database) -> Transfer:
     """Copy every table of `src` into `dst` (which must hold no data), and check the
-    copy before it is committed. Both are brought to this version's schema first.
+    copy before it is committed. `src` is only read, and must be of this version's
+    schema (a node upgrades its store when it starts); `dst` is brought to it.
     Raises `ConfigError` where `dst` holds data, and `LogTampered` where the log's
     root is not what its latest checkpoint signed (in the source, or as copied);
     then nothing is copied."""
-    migrate(src)
+    found = schema_version(src)
+    if found != SCHEMA_VERSION or "record_id" not in src.columns("records"):
+        raise ConfigError(
+            f"{src.location} is not a node store of this version (schema {found}, this "
+            f"version's is {SCHEMA_VERSION}): start the node on it once with this version "
+            "(it upgrades its store), stop it, then migrate; nothing was copied"
+        )
     migrate(dst)
     if not _is_empty(dst):
         raise ConfigError(

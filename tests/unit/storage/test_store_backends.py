@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ispf.errors import ConfigError
+from ispf.errors import ConfigError, RetryLater, StoreUnavailable
 from ispf.records import Label
 from ispf_server.storage import Store
 from ispf_server.storage.registry import StoredRecord, code_bytes, label_code
@@ -204,3 +204,69 @@ def test_concurrent_appends_never_fork_the_log(tmp_path: Path, url: str) -> None
     assert len(first.audit.entries()) == 80
     first.close()
     second.close()
+
+
+def test_a_replica_that_lost_its_lock_cannot_complete_a_session_failed_meanwhile(
+    tmp_path: Path, url: str
+) -> None:
+    """The database restarted (or dropped an idle connection): replica A's liveness
+    lock is gone, so B takes A for stopped and fails A's session. A, still running,
+    must not then commit a result over that failure (no matches, no second entry);
+    A's next keep-alive takes its lock again, and B then leaves A's sessions alone."""
+    if not url:
+        pytest.skip("replicas share a PostgreSQL store only")
+    a, b = open_store(tmp_path, url), open_store(tmp_path, url)
+    try:
+        assert a.other_replicas() == 1 and b.other_replicas() == 1
+        a.registry.upsert([rec("r1", "3520200000001")])
+        a.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
+        assert b.orphaned_sessions() == []  # A is alive
+        for raw in list(a.db._held.values()):  # type: ignore[attr-defined]
+            raw.close()  # (what a restart of the database does to A's lock)
+        assert [s.session_id for s in b.orphaned_sessions()] == ["s1"]
+        assert b.fail_session("s1", "the replica running it stopped", b"failed-entry")
+        totals = SessionTotals(1, 1, 1, 1, b"\x07" * 32)
+        with pytest.raises(RetryLater, match="failed meanwhile"):
+            a.complete_session(
+                "s1", totals, entry=b"completed-entry", matches=[MatchRow("r1", A, B, b"t")]
+            )
+        row = a.sessions.get("s1")
+        assert row is not None and row.state == "FAILED"
+        assert list(a.sessions.matches("s1")) == [] and a.audit.entries() == [b"failed-entry"]
+        a.keep_alive()  # (the lock taken again)
+        a.sessions.begin("s2", "kp", "initiator", 1, "reconciliation", 1)
+        assert b.orphaned_sessions() == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_store_url_is_shown_without_its_password() -> None:
+    from ispf_server.storage.postgres import redact
+
+    assert redact("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert redact("postgresql:///x?host=/run&password=s3cret&user=u") == (
+        "postgresql:///x?host=/run&password=***&user=u"
+    )
+    assert (
+        redact("postgresql://u:s@[::1]:5/x?PASSWORD=s")
+        == "postgresql://u:***@[::1]:5/x?PASSWORD=***"
+    )
+    assert redact("postgresql:///x?host=/run") == "postgresql:///x?host=/run"
+
+
+def test_a_database_user_without_rights_is_told_what_to_do(
+    tmp_path: Path, pg_server: object, url: str
+) -> None:
+    if not url:
+        pytest.skip("PostgreSQL only")
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP ROLE IF EXISTS ispf_lowpriv")
+        db.execute("CREATE ROLE ispf_lowpriv LOGIN")
+    low = url.replace("user=ispf", "user=ispf_lowpriv")
+    with pytest.raises(ConfigError, match="refused this node's user"):
+        open_store(tmp_path, low)
+    with pytest.raises(StoreUnavailable, match='invalid integer value "notaport"'):
+        open_store(tmp_path, url + "&port=notaport")
