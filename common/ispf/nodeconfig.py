@@ -162,7 +162,12 @@ def load_config(path: Path) -> NodeConfig:
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        hint = (
+            " (is `store` given twice? a [store] table replaces the `store = ...` line)"
+            if "overwrite a value" in str(exc)
+            else ""
+        )
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}{hint}") from exc
     base = path.parent
     where = str(path)
 

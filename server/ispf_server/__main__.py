@@ -146,10 +146,10 @@ def _new_master_main(argv: list[str]) -> int:
         config = load_config(args.config)
         store = Store(config.store, config.master_key, url=config.store_url)
         try:
-            if store.other_replicas():
+            if n := store.other_replicas():
                 raise ConfigError(
-                    f"{store.other_replicas()} replicas of this node are running over its "
-                    "store: stop every replica first (they hold the old master key in "
+                    f"other replicas of this node are running over its store ({n}): "
+                    "stop every replica first (they hold the old master key in "
                     "memory), then replace the key, copy the new master.key to every "
                     "replica's folder, and start them"
                 )

@@ -6,6 +6,7 @@ are one at a time across connections (so the log never forks)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,6 +224,10 @@ def test_a_replica_that_lost_its_lock_cannot_complete_a_session_failed_meanwhile
         assert b.orphaned_sessions() == []  # A is alive
         for raw in list(a.db._held.values()):  # type: ignore[attr-defined]
             raw.close()  # (what a restart of the database does to A's lock)
+        deadline = time.monotonic() + 10  # (the server lets go once its backend has exited)
+        while not b.orphaned_sessions():
+            assert time.monotonic() < deadline, "A's lock was never released"
+            time.sleep(0.02)
         assert [s.session_id for s in b.orphaned_sessions()] == ["s1"]
         assert b.fail_session("s1", "the replica running it stopped", b"failed-entry")
         totals = SessionTotals(1, 1, 1, 1, b"\x07" * 32)
