@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -16,7 +17,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+from ispf.auditlog import decode_entry
+from ispf.retry import Backoff
+from ispf.v1 import internal_pb2
+from ispf_client.auditor import AuditProfile, pair, verify
+from ispf_client.loader import load_csv
+from ispf_client.sdk import NodeClient
 
 
 class TcpProxy:
@@ -181,3 +193,128 @@ class ReplicaProcess(NodeProcess):
                 self.proxy.replicas.remove(self.port)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+
+# -- what both fault suites share: the data, the run under a fault, the outcome ------
+
+Row = tuple[str, str, str, str]  # record id, ID number, programme, status
+FAST_RETRY = Backoff(attempts=10, base=0.3, cap=3.0)
+
+
+def registries(provinces: list[str], n: int, seed: int) -> dict[str, list[Row]]:
+    """`n` records per province, a quarter of the IDs shared by all."""
+    rng = random.Random(seed)
+    shared = [f"35202{rng.randrange(10**8):08d}" for _ in range(n // 4)]
+    data: dict[str, list[Row]] = {}
+    for i, p in enumerate(provinces):
+        own = [f"{i + 1}{rng.randrange(10**12):012d}" for _ in range(n - len(shared))]
+        data[p] = [
+            (f"{p}-{k}", nid, rng.choice(["BISP", "PSER"]), rng.choice(["enrolled", "eligible"]))
+            for k, nid in enumerate(own + shared)
+        ]
+    return data
+
+
+def expected(data: dict[str, list[Row]], own: str, peer: str) -> set[tuple[str, str, str]]:
+    """The true matches of `own`'s records in `peer`'s registry."""
+    labels: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for _, nid, prog, st in data[peer]:
+        labels[nid].add((prog, st))
+    return {(rid, p, s) for rid, nid, _, _ in data[own] for p, s in labels.get(nid, ())}
+
+
+def load_registries(
+    client_of: Callable[[str], NodeClient], root: Path, data: dict[str, list[Row]]
+) -> None:
+    for p, rows in data.items():
+        csv = root / f"{p}.csv"
+        csv.write_text(
+            "record_id,cnic,programme,status\n" + "".join(",".join(r) + "\n" for r in rows)
+        )
+        with client_of(p) as client:
+            assert load_csv(client, csv).rejected == 0
+
+
+def reconcile_through(
+    client_of: Callable[[str], NodeClient],
+    a: str,
+    b: str,
+    fault: Callable[[], object],
+    **kw: Any,
+) -> internal_pb2.SessionStatus:
+    """Run a (full) reconciliation while `fault()` strikes; return its final status."""
+    out: dict[str, internal_pb2.SessionStatus | BaseException] = {}
+
+    def run() -> None:
+        try:
+            with client_of(a) as client:
+                out["st"] = client.reconcile(
+                    b, full=True, attempts=10, backoff=FAST_RETRY, node_wait=60, **kw
+                )
+        except BaseException as exc:
+            out["st"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    fault()
+    t.join(timeout=240)
+    assert not t.is_alive(), "the reconciliation never finished"
+    st = out["st"]
+    assert isinstance(st, internal_pb2.SessionStatus), st
+    return st
+
+
+def check_matches_and_logs(
+    client_of: Callable[[str], NodeClient],
+    root: Path,
+    data: dict[str, list[Row]],
+    a: str,
+    b: str,
+    st: internal_pb2.SessionStatus,
+    tmp: Path,
+) -> None:
+    """The run completed with exactly the true matches on both sides, every node's log
+    verifies and both logged every session alike."""
+    assert st.state == internal_pb2.SESSION_STATE_COMPLETED, st.error
+    for side, other in ((a, b), (b, a)):
+        with client_of(side) as client:
+            got = {
+                (m.record_id, m.peer_programme, m.peer_status)
+                for m in client.matches(st.session_id)
+            }
+        assert got == expected(data, side, other), f"{side}'s matches differ from the truth"
+    prof = AuditProfile.load(root / "forum" / "auditors" / "auditor" / "audit.toml")
+    prof = replace(prof, state=tmp / "audit-state.json", evidence=tmp / "evidence")
+    assert {r.node for r in verify(prof)} == set(data)
+    report = pair(prof)
+    assert not report.mismatched and not report.one_sided, report
+
+
+def session_entries(entries: list[bytes]) -> list[str]:
+    """The session ids of a log's session entries, in log order."""
+    return [
+        str(e["session_id"])
+        for e in (decode_entry(raw) for raw in entries)
+        if e["type"] == "session"
+    ]
+
+
+def fault_config(
+    text: str,
+    proxies: dict[str, TcpProxy],
+    *,
+    store_url: str = "",
+    settings: str = "session_idle_timeout = 20",
+) -> str:
+    """A node.toml made for the fault suites: one blinding worker, peers reached
+    through their proxies, `settings` at the top level, and the store in `store_url`'s
+    PostgreSQL database where given."""
+    text = text.replace("workers = 0", "workers = 1")
+    for q, proxy in proxies.items():
+        text = text.replace(
+            f'[peers.{q}]\naddress = "127.0.0.1:0"', f'[peers.{q}]\naddress = "{proxy.address}"'
+        )
+    text = text.replace("\n[", f"\n{settings}\n\n[", 1)
+    if store_url:
+        text = text.replace('store = "node.sqlite"\n', "") + f'\n[store]\nurl = "{store_url}"\n'
+    return text

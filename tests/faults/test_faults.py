@@ -7,28 +7,35 @@ import random
 import sqlite3
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from ispf.auditlog import decode_entry
-from ispf.retry import Backoff
 from ispf.v1 import internal_pb2
-from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.forum import init_forum, write_audit_profile, write_client_profile
 from ispf_client.loader import load_csv
 from ispf_client.sdk import ClientProfile, NodeClient
 from tests.conftest import backend_store_urls
-from tests.faults.harness import NodeProcess, TcpProxy
+from tests.faults.harness import (
+    FAST_RETRY,
+    NodeProcess,
+    Row,
+    TcpProxy,
+    check_matches_and_logs,
+    fault_config,
+    load_registries,
+    registries,
+    session_entries,
+)
+from tests.faults.harness import reconcile_through as harness_reconcile
 
 PROVINCES = ["punjab", "sindh", "kp"]
 N = 6000
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
-FAST_RETRY = Backoff(attempts=8, base=0.3, cap=3.0)
 
 
 @dataclass
@@ -36,10 +43,10 @@ class Cluster:
     root: Path
     nodes: dict[str, NodeProcess]
     proxies: dict[str, TcpProxy]
-    data: dict[str, list[tuple[str, str, str, str]]]
+    data: dict[str, list[Row]]
     urls: dict[str, str]  # each node's PostgreSQL database (none: its SQLite file)
 
-    def query(self, p: str, sql: str) -> list[tuple[object, ...]]:
+    def query(self, p: str, sql: str) -> list[tuple[Any, ...]]:
         """A read of a node's store, straight from its database (either backend)."""
         if self.urls:
             with psycopg.connect(self.urls[p]) as pg:
@@ -52,12 +59,6 @@ class Cluster:
 
     def client(self, p: str) -> NodeClient:
         return NodeClient(ClientProfile.load(self.root / "forum" / "clients" / p / "profile.toml"))
-
-    def expected(self, own: str, peer: str) -> set[tuple[str, str, str]]:
-        labels: dict[str, set[tuple[str, str]]] = defaultdict(set)
-        for _, nid, prog, st in self.data[peer]:
-            labels[nid].add((prog, st))
-        return {(rid, p, s) for rid, nid, _, _ in self.data[own] for p, s in labels.get(nid, ())}
 
 
 # The store backends these tests run on (tests/conftest.py, `backend_store_urls`).
@@ -74,40 +75,19 @@ def cluster(
     proxies = {p: TcpProxy() for p in PROVINCES}
     for p in PROVINCES:
         cfg = layout.node_dir(p) / "node.toml"
-        text = cfg.read_text().replace("workers = 0", "workers = 1")
-        for q in PROVINCES:
-            text = text.replace(
-                f'[peers.{q}]\naddress = "127.0.0.1:0"',
-                f'[peers.{q}]\naddress = "{proxies[q].address}"',
-            )
-        if urls:
-            text = text.replace('store = "node.sqlite"\n', "") + f'\n[store]\nurl = "{urls[p]}"\n'
-        cfg.write_text(text.replace("\n[", "\nsession_idle_timeout = 20\n\n[", 1))
+        cfg.write_text(fault_config(cfg.read_text(), proxies, store_url=urls.get(p, "")))
         write_client_profile(layout, p, proxies[p].address)
     write_audit_profile(layout, "auditor", {p: proxies[p].address for p in PROVINCES})
     nodes = {
         p: NodeProcess(layout.node_dir(p) / "node.toml", proxies[p], root / f"{p}.log")
         for p in PROVINCES
     }
-    rng = random.Random(5)
-    shared = [f"35202{rng.randrange(10**8):08d}" for _ in range(N // 4)]
-    data: dict[str, list[tuple[str, str, str, str]]] = {}
-    for i, p in enumerate(PROVINCES):
-        own = [f"{i + 1}{rng.randrange(10**12):012d}" for _ in range(N - len(shared))]
-        data[p] = [
-            (f"{p}-{k}", nid, rng.choice(["BISP", "PSER"]), rng.choice(["enrolled", "eligible"]))
-            for k, nid in enumerate(own + shared)
-        ]
+    data = registries(PROVINCES, N, seed=5)
     c = Cluster(root, nodes, proxies, data, urls)
     try:
         for p in PROVINCES:
             nodes[p].start()
-            csv = root / f"{p}.csv"
-            csv.write_text(
-                "record_id,cnic,programme,status\n" + "".join(",".join(r) + "\n" for r in data[p])
-            )
-            with c.client(p) as client:
-                assert load_csv(client, csv).rejected == 0
+        load_registries(c.client, root, data)
         yield c
     finally:
         for n in nodes.values():
@@ -117,52 +97,17 @@ def cluster(
 
 
 def reconcile_through(
-    c: Cluster, a: str, b: str, fault: object, **kw: object
+    c: Cluster, a: str, b: str, fault: Callable[[], object], **kw: object
 ) -> internal_pb2.SessionStatus:
-    """Run a (full) reconciliation while `fault()` strikes; return its final status."""
-    out: dict[str, internal_pb2.SessionStatus | BaseException] = {}
-
-    def run() -> None:
-        try:
-            with c.client(a) as client:
-                out["st"] = client.reconcile(
-                    b, full=True, attempts=8, backoff=FAST_RETRY, node_wait=60, **kw
-                )  # type: ignore[arg-type]
-        except BaseException as exc:
-            out["st"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    fault()  # type: ignore[operator]
-    t.join(timeout=240)
-    assert not t.is_alive(), "the reconciliation never finished"
-    st = out["st"]
-    assert isinstance(st, internal_pb2.SessionStatus), st
-    return st
+    return harness_reconcile(c.client, a, b, fault, **kw)
 
 
 def check_outcome(
     c: Cluster, a: str, b: str, st: internal_pb2.SessionStatus, tmp_path: Path
 ) -> None:
-    assert st.state == COMPLETED, st.error
-    for side, other in ((a, b), (b, a)):
-        with c.client(side) as client:
-            got = {
-                (m.record_id, m.peer_programme, m.peer_status)
-                for m in client.matches(st.session_id)
-            }
-        assert got == c.expected(side, other), f"{side}'s matches differ from the truth"
-    prof = AuditProfile.load(c.root / "forum" / "auditors" / "auditor" / "audit.toml")
-    prof = replace(prof, state=tmp_path / "audit-state.json", evidence=tmp_path / "evidence")
-    assert {r.node for r in verify(prof)} == set(PROVINCES)
-    report = pair(prof)
-    assert not report.mismatched and not report.one_sided, report
+    check_matches_and_logs(c.client, c.root, c.data, a, b, st, tmp_path)
     for p in (a, b):  # exactly one entry per session in each log
-        ids = [
-            decode_entry(bytes(r[0]))["session_id"]  # type: ignore[arg-type]
-            for r in c.query(p, "SELECT entry FROM log_entries")
-            if decode_entry(bytes(r[0]))["type"] == "session"  # type: ignore[arg-type]
-        ]
+        ids = session_entries([bytes(r[0]) for r in c.query(p, "SELECT entry FROM log_entries")])
         assert len(ids) == len(set(ids))
 
 

@@ -11,35 +11,42 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from ispf.auditlog import decode_entry
 from ispf.errors import IspfError
-from ispf.retry import Backoff
 from ispf.v1 import internal_pb2
 from ispf.v1.internal_pb2 import ProvinceStatus
-from ispf_client.auditor import AuditProfile, pair, verify
 from ispf_client.forum import (
     init_forum,
     write_audit_profile,
     write_client_profile,
     write_policy,
 )
-from ispf_client.loader import load_csv
 from ispf_client.sdk import ClientProfile, NodeClient
-from tests.faults.harness import NodeProcess, ReplicaProcess, TcpProxy
+from tests.faults.harness import (
+    FAST_RETRY,
+    NodeProcess,
+    ReplicaProcess,
+    Row,
+    TcpProxy,
+    check_matches_and_logs,
+    fault_config,
+    load_registries,
+    reconcile_through,
+    registries,
+    session_entries,
+)
 from tests.pgserver import PgServer
 
 PROVINCES = ["punjab", "sindh"]
 N = 3000
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
-FAST_RETRY = Backoff(attempts=10, base=0.5, cap=3.0)
 
 
 @dataclass
@@ -49,18 +56,12 @@ class Replicated:
     replicas: list[ReplicaProcess]  # punjab's
     sindh: NodeProcess
     proxies: dict[str, TcpProxy]
-    data: dict[str, list[tuple[str, str, str, str]]]
+    data: dict[str, list[Row]]
 
     def client(self, p: str) -> NodeClient:
         return NodeClient(ClientProfile.load(self.root / "forum" / "clients" / p / "profile.toml"))
 
-    def expected(self, own: str, peer: str) -> set[tuple[str, str, str]]:
-        labels: dict[str, set[tuple[str, str]]] = defaultdict(set)
-        for _, nid, prog, st in self.data[peer]:
-            labels[nid].add((prog, st))
-        return {(rid, p, s) for rid, nid, _, _ in self.data[own] for p, s in labels.get(nid, ())}
-
-    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url, autocommit=True) as conn:
             return conn.execute(sql, params).fetchall()
 
@@ -93,15 +94,13 @@ def replicated(
     proxies = {p: TcpProxy() for p in PROVINCES}
     for p in PROVINCES:
         cfg = layout.node_dir(p) / "node.toml"
-        text = cfg.read_text().replace("workers = 0", "workers = 1")
-        for q in PROVINCES:
-            text = text.replace(
-                f'[peers.{q}]\naddress = "127.0.0.1:0"',
-                f'[peers.{q}]\naddress = "{proxies[q].address}"',
-            )
-        text = text.replace("\n[", "\nsession_idle_timeout = 20\nhealth_interval = 1\n\n[", 1)
-        if p == "punjab":  # the replicated node: its store is the database
-            text = text.replace('store = "node.sqlite"\n', "") + f'\n[store]\nurl = "{url}"\n'
+        # (the replicated node, punjab: its store is the database)
+        text = fault_config(
+            cfg.read_text(),
+            proxies,
+            store_url=url if p == "punjab" else "",
+            settings="session_idle_timeout = 20\nhealth_interval = 1",
+        )
         cfg.write_text(text)
         write_client_profile(layout, p, proxies[p].address)
         write_policy(  # (checks as fast as the test asks, not a desk's pace)
@@ -115,27 +114,13 @@ def replicated(
         ReplicaProcess(punjab_cfg, proxies["punjab"], root / f"punjab-{i}.log") for i in range(2)
     ]
     sindh = NodeProcess(layout.node_dir("sindh") / "node.toml", proxies["sindh"], root / "s.log")
-    rng = random.Random(11)
-    shared = [f"35202{rng.randrange(10**8):08d}" for _ in range(N // 4)]
-    data: dict[str, list[tuple[str, str, str, str]]] = {}
-    for i, p in enumerate(PROVINCES):
-        own = [f"{i + 1}{rng.randrange(10**12):012d}" for _ in range(N - len(shared))]
-        data[p] = [
-            (f"{p}-{k}", nid, rng.choice(["BISP", "PSER"]), rng.choice(["enrolled", "eligible"]))
-            for k, nid in enumerate(own + shared)
-        ]
+    data = registries(PROVINCES, N, seed=11)
     c = Replicated(root, url, replicas, sindh, proxies, data)
     try:
         replicas[0].start()  # (the first start keys the store and makes its master key)
         replicas[1].start()
         sindh.start()
-        for p in PROVINCES:
-            csv = root / f"{p}.csv"
-            csv.write_text(
-                "record_id,cnic,programme,status\n" + "".join(",".join(r) + "\n" for r in data[p])
-            )
-            with c.client(p) as client:
-                assert load_csv(client, csv).rejected == 0
+        load_registries(c.client, root, data)
         yield c
     finally:
         for r in replicas:
@@ -146,54 +131,15 @@ def replicated(
         pg_server.drop_database("replicas_punjab")
 
 
-def reconcile_through(c: Replicated, a: str, b: str, fault: object) -> internal_pb2.SessionStatus:
-    out: dict[str, internal_pb2.SessionStatus | BaseException] = {}
-
-    def run() -> None:
-        try:
-            with c.client(a) as client:
-                out["st"] = client.reconcile(
-                    b, full=True, attempts=10, backoff=FAST_RETRY, node_wait=60
-                )
-        except BaseException as exc:
-            out["st"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    fault()  # type: ignore[operator]
-    t.join(timeout=240)
-    assert not t.is_alive(), "the reconciliation never finished"
-    st = out["st"]
-    assert isinstance(st, internal_pb2.SessionStatus), st
-    return st
-
-
-def punjab_log_sessions(c: Replicated) -> list[tuple[int, str, str]]:
+def punjab_log_sessions(c: Replicated) -> list[str]:
     rows = c.query("SELECT idx, entry FROM log_entries ORDER BY idx")
     assert [int(str(r[0])) for r in rows] == list(range(len(rows)))  # no gap, no fork
-    out = []
-    for idx, entry in rows:
-        e = decode_entry(bytes(entry))  # type: ignore[arg-type]
-        if e["type"] == "session":
-            out.append((int(str(idx)), str(e["session_id"]), str(e.get("outcome", ""))))
-    return out
+    return session_entries([bytes(r[1]) for r in rows])
 
 
 def check_outcome(c: Replicated, a: str, b: str, st: internal_pb2.SessionStatus, tmp: Path) -> None:
-    assert st.state == COMPLETED, st.error
-    for side, other in ((a, b), (b, a)):
-        with c.client(side) as client:
-            got = {
-                (m.record_id, m.peer_programme, m.peer_status)
-                for m in client.matches(st.session_id)
-            }
-        assert got == c.expected(side, other), f"{side}'s matches differ from the truth"
-    prof = AuditProfile.load(c.root / "forum" / "auditors" / "auditor" / "audit.toml")
-    prof = replace(prof, state=tmp / "audit-state.json", evidence=tmp / "evidence")
-    assert {r.node for r in verify(prof)} == set(PROVINCES)
-    report = pair(prof)
-    assert not report.mismatched and not report.one_sided, report
-    ids = [sid for _, sid, _ in punjab_log_sessions(c)]
+    check_matches_and_logs(c.client, c.root, c.data, a, b, st, tmp)
+    ids = punjab_log_sessions(c)
     assert len(ids) == len(set(ids)), "a session has two entries in punjab's log"
     completed = {
         str(r[0]) for r in c.query("SELECT session_id FROM sessions WHERE state='COMPLETED'")
@@ -238,7 +184,7 @@ def test_a_replica_killed_mid_session_and_the_run_completes(
 
     swept = "SELECT count(*) FROM sessions WHERE error = 'the replica running it stopped'"
     before = int(str(c.query(swept)[0][0]))
-    st = reconcile_through(c, a, b, fault)
+    st = reconcile_through(c.client, a, b, fault)
     check_outcome(c, a, b, st, tmp_path)
     wait_swept(c)
     after = int(str(c.query(swept)[0][0]))
