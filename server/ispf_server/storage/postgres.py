@@ -11,7 +11,7 @@ across a node's threads: each takes a transaction-level advisory lock
 appending transaction, never forks, and every invariant the rooms of `storage`
 keep under SQLite's single writer holds here too. Reads take no lock.
 
-Held across transactions, on connections of their own (`hold`): session-level
+Held across transactions, on connections of their own (`try_hold`): session-level
 advisory locks, which PostgreSQL releases when the holder's connection ends (a
 replica killed with SIGKILL too): a replica's liveness lock, and the lock on a
 peer while a batch session with it runs.
@@ -266,11 +266,9 @@ class PostgresDatabase(Database):
             ) from exc
         self._held: dict[tuple[int, int], psycopg.Connection[Any]] = {}
         self._held_lock = threading.Lock()
-        self._check_collation()
+        self._check_version()
 
-    def _check_collation(self) -> None:
-        # Columns are made with the "C" collation whatever the database's; the
-        # server's version is told, for the operator.
+    def _check_version(self) -> None:
         row = self.fetchone("SELECT current_setting('server_version_num')::int")
         if row is not None and int(row[0]) < 120000:
             raise ConfigError(
@@ -384,22 +382,29 @@ class PostgresDatabase(Database):
             if key in self._held:
                 return False
             try:
-                raw = psycopg.Connection.connect(
-                    self.url, autocommit=True, application_name="ispf-node-lock"
-                )
+                raw = self._lock_connection(key)
             except psycopg.Error as exc:
                 mapped = dbmod.translate(exc)
                 raise (mapped or exc) from exc
-            try:
-                row = raw.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
-            except BaseException:
-                raw.close()
-                raise
-            if row is None or not row[0]:
-                raw.close()
+            if raw is None:
                 return False
             self._held[key] = raw
             return True
+
+    def _lock_connection(self, key: tuple[int, int]) -> psycopg.Connection[Any] | None:
+        """A new connection holding the advisory lock `key`; None where another holds it."""
+        raw = psycopg.Connection.connect(
+            self.url, autocommit=True, application_name="ispf-node-lock"
+        )
+        try:
+            row = raw.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
+        except BaseException:
+            raw.close()
+            raise
+        if row is None or not row[0]:
+            raw.close()
+            return None
+        return raw
 
     def refresh_holds(self) -> list[tuple[int, int]]:
         """Take again the locks whose connection broke (the database restarted, or a
@@ -418,15 +423,10 @@ class PostgresDatabase(Database):
             except psycopg.Error:
                 raw.close()
             try:
-                fresh = psycopg.Connection.connect(
-                    self.url, autocommit=True, application_name="ispf-node-lock"
-                )
-                row = fresh.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
+                fresh = self._lock_connection(key)
             except psycopg.Error:
-                lost.append(key)
-                continue
-            if row is None or not row[0]:
-                fresh.close()
+                fresh = None
+            if fresh is None:
                 lost.append(key)
                 continue
             with self._held_lock:
@@ -444,25 +444,26 @@ class PostgresDatabase(Database):
         if raw is not None:
             raw.close()  # (the lock goes with the connection)
 
-    def holders(self, space: int) -> int:
-        """How many locks of `space` are held now, in this database (this process's too)."""
-        row = self.fetchone(
+    def _granted(self, space: int, name: str | None = None) -> int:
+        """Advisory locks of `space` (on `name` only, where given) granted now in this
+        database, to any connection (this process's too)."""
+        sql = (
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND classid::bigint = ? AND objsubid = 2",
-            (space & 0xFFFFFFFF,),
+            "AND classid::bigint = ? AND objsubid = 2"
         )
+        params: tuple[int, ...] = (space & 0xFFFFFFFF,)
+        if name is not None:
+            sql += " AND objid::bigint = ?"
+            params += (object_key(name) & 0xFFFFFFFF,)
+        row = self.fetchone(sql, params)
         return int(row[0]) if row else 0
 
+    def holders(self, space: int) -> int:
+        return self._granted(space)
+
     def is_held_elsewhere(self, space: int, name: str) -> bool:
-        """Whether some connection holds (space, name) now (this process's too)."""
-        row = self.fetchone(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 2",
-            (space & 0xFFFFFFFF, object_key(name) & 0xFFFFFFFF),
-        )
-        return row is not None and int(row[0]) > 0
+        return self._granted(space, name) > 0
 
     @property
     def closed(self) -> bool:

@@ -142,7 +142,6 @@ def _stage_copied(
         "status FROM sync_batch ORDER BY record_id, ord DESC ON CONFLICT (record_id) DO UPDATE "
         "SET nid = excluded.nid, programme = excluded.programme, status = excluded.status"
     )
-    cur.execute("DELETE FROM sync_batch")
     if keep:
         cur.executemany("INSERT INTO sync_keep VALUES (?) ON CONFLICT DO NOTHING", keep)
 
@@ -165,10 +164,6 @@ class Registry:
         self._syncing = threading.Lock()  # one registry sync at a time
         self._counting = threading.Lock()  # one background count of distinct IDs at a time
         self._distinct: tuple[int, int] | None = None
-        # Concatenating in ID order (`nid_label_codes`): SQLite's group_concat follows
-        # the index it scans; PostgreSQL's string_agg is told.
-        pg = db.dialect == "postgresql"
-        self._concat, self._by_nid = ("string_agg", " ORDER BY nid") if pg else ("group_concat", "")
 
     @storage_errors
     def upsert(self, records: Iterable[StoredRecord]) -> UpsertCounts:
@@ -186,20 +181,20 @@ class Registry:
         with self._db.transaction() as cur:
             stored: dict[str, tuple[str, str, str]] = {}
             ids = list(dict.fromkeys(r[0] for r in rows))
-            if is_postgres(cur):  # (one round trip: the ids as one array)
-                for rid, nid, prog, st in cur.execute(
-                    "SELECT record_id, nid, programme, status FROM records "
-                    "WHERE record_id = ANY(?)",
-                    (ids,),
-                ):
-                    stored[rid] = (nid, prog, st)
-            for at in range(0, len(ids) if not is_postgres(cur) else 0, IN_BATCH):
-                part = ids[at : at + IN_BATCH]
-                marks = ",".join("?" * len(part))
+            # (PostgreSQL: one round trip, the ids as one array; SQLite: batches)
+            batches = (
+                [("= ANY(?)", [ids])]
+                if is_postgres(cur)
+                else [
+                    (f"IN ({','.join('?' * len(part))})", part)
+                    for part in (ids[at : at + IN_BATCH] for at in range(0, len(ids), IN_BATCH))
+                ]
+            )
+            for where, params in batches:
                 for rid, nid, prog, st in cur.execute(
                     "SELECT record_id, nid, programme, status FROM records "  # noqa: S608
-                    f"WHERE record_id IN ({marks})",
-                    part,
+                    f"WHERE record_id {where}",
+                    params,
                 ):
                     stored[rid] = (nid, prog, st)
             current = dict(stored)
@@ -339,8 +334,12 @@ class Registry:
             for i, lb in enumerate(labels)
             for x in (lb.programme, lb.status, label_code(i + 2, width))
         ]
+        # In ID order: SQLite's group_concat follows the index it scans; PostgreSQL's
+        # string_agg is told.
+        pg = self._db.dialect == "postgresql"
+        concat, by_nid = ("string_agg", " ORDER BY nid") if pg else ("group_concat", "")
         query = (
-            f"SELECT {self._concat}(nid || CASE {case} ELSE ? END, ''{self._by_nid}) "  # noqa: S608
+            f"SELECT {concat}(nid || CASE {case} ELSE ? END, ''{by_nid}) "  # noqa: S608
             "FROM records WHERE nid >= ? AND (CAST(? AS TEXT) IS NULL OR nid < ?)"
         )
         low = ""

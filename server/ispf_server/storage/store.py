@@ -65,9 +65,6 @@ class PairLock:
         finally:
             self._local.release()
 
-    def locked(self) -> bool:
-        return self._local.locked()
-
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 from ispf import merkle, note
 from ispf.auditlog import Checkpoint
 from ispf.errors import ConfigError, LogTampered
-from ispf_server.storage.db import Cursor, Database, insert_rows
+from ispf_server.storage.db import Connection, Cursor, Database, insert_rows
 from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.store import SCHEMA_VERSION, migrate, schema_version
 
@@ -79,20 +79,15 @@ def _stream(db: Database, table: str, columns: list[str]) -> Iterator[tuple[Any,
             yield from batch
 
 
-def _count(db: Database | Cursor, table: str) -> int:
-    q = f"SELECT count(*) FROM {table}"  # noqa: S608
-    row = db.execute(q).fetchone() if not isinstance(db, Database) else db.fetchone(q)
+def _count(db: Connection | Cursor, table: str) -> int:
+    row = db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
     return int(row[0]) if row else 0
 
 
-def _log_root(db: Database | Cursor) -> tuple[int, bytes, tuple[int, str] | None]:
+def _log_root(db: Connection | Cursor) -> tuple[int, bytes, tuple[int, str] | None]:
     """The log's size and Merkle root, and its latest checkpoint (size, signed note)."""
-    entries = "SELECT entry FROM log_entries ORDER BY idx"
-    latest = "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
-    if isinstance(db, Database):
-        rows, row = db.fetchall(entries), db.fetchone(latest)
-    else:
-        rows, row = db.execute(entries).fetchall(), db.execute(latest).fetchone()
+    rows = db.execute("SELECT entry FROM log_entries ORDER BY idx").fetchall()
+    row = db.execute("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
     leaves = [merkle.leaf_hash(bytes(r[0])) for r in rows]
     checkpoint = None if row is None else (int(row[0]), str(row[1]))
     if checkpoint is not None:
@@ -107,10 +102,10 @@ def _log_root(db: Database | Cursor) -> tuple[int, bytes, tuple[int, str] | None
     return len(leaves), merkle.root(leaves), checkpoint
 
 
-def _is_empty(db: Database) -> bool:
+def _is_empty(db: Connection) -> bool:
     for table in TABLES:
         if table == "meta":
-            row = db.fetchone("SELECT count(*) FROM meta WHERE key <> 'schema_version'")
+            row = db.execute("SELECT count(*) FROM meta WHERE key <> 'schema_version'").fetchone()
             if row is not None and int(row[0]):
                 return False
         elif _count(db, table):
@@ -126,19 +121,22 @@ def copy_store(src: Database, dst: Database) -> Transfer:
     root is not what its latest checkpoint signed (in the source, or as copied);
     then nothing is copied."""
     found = schema_version(src)
-    if found != SCHEMA_VERSION or "record_id" not in src.columns("records"):
+    if found != SCHEMA_VERSION:
         raise ConfigError(
             f"{src.location} is not a node store of this version (schema {found}, this "
             f"version's is {SCHEMA_VERSION}): start the node on it once with this version "
             "(it upgrades its store), stop it, then migrate; nothing was copied"
         )
     migrate(dst)
-    if not _is_empty(dst):
-        raise ConfigError(
-            f"the target store {dst.location} already holds data: migrate into a new, "
-            "empty database (nothing was copied)"
-        )
-    size, root, checkpoint = _log_root(src)
+    with dst.reading() as conn:
+        if not _is_empty(conn):
+            raise ConfigError(
+                f"the target store {dst.location} already holds data: migrate into a new, "
+                "empty database (nothing was copied)"
+            )
+    with src.reading() as conn:
+        size, root, checkpoint = _log_root(conn)
+        want = {table: _count(conn, table) for table in TABLES}
     plan = []
     for table in TABLES:
         cols = _columns(src, table)
@@ -151,9 +149,9 @@ def copy_store(src: Database, dst: Database) -> Transfer:
             insert_rows(cur, table, cols, _stream(src, table, cols))
         copied = {table: _count(cur, table) for table, _ in plan}
         for table, n in copied.items():
-            if n != _count(src, table):
+            if n != want[table]:
                 raise ConfigError(
-                    f"table {table}: {n} rows copied of {_count(src, table)}: nothing was copied"
+                    f"table {table}: {n} rows copied of {want[table]}: nothing was copied"
                 )
         if _log_root(cur)[:2] != (size, root):
             raise LogTampered("the copied audit log's root differs from the source's")
