@@ -5,6 +5,7 @@ that already holds data, is refused with nothing copied."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -12,11 +13,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from ispf.errors import ConfigError
+from ispf.nodeconfig import load_config
 from ispf.v1 import internal_pb2
 from ispf_client.auditor import AuditProfile, verify
-from ispf_client.forum import write_audit_profile
+from ispf_client.forum import init_forum, write_audit_profile
 from ispf_server.__main__ import main
 from ispf_server.pool import BlindingPool
+from ispf_server.storage import Store
 from tests.conftest import Federation, start_federation
 from tests.pgserver import PgServer
 
@@ -120,3 +124,50 @@ def check_refusals(
         db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     assert main(["migrate", "--from", str(old), "--to", url]) == 2
     assert "start the node on it once with this version" in capsys.readouterr().err
+
+
+def node_on(tmp_path: Path, url: str) -> Path:
+    """A forum node whose node.toml names `url` as its store, as the docs say to."""
+    layout = init_forum(tmp_path / "forum", ["punjab", "sindh"], base_port=0)
+    cfg = layout.node_dir("punjab") / "node.toml"
+    text = cfg.read_text().replace('store = "node.sqlite"\n', "")
+    cfg.write_text(text + f'\n[store]\nurl = "{url}"\nlocal = "."\n')
+    return cfg
+
+
+def test_store_settings_are_read_and_checked(tmp_path: Path) -> None:
+    cfg = node_on(tmp_path, "postgresql:///ispf_punjab?host=/run/postgresql")
+    config = load_config(cfg)
+    assert config.store_url == "postgresql:///ispf_punjab?host=/run/postgresql"
+    assert config.store.parent == cfg.parent  # (this replica's local folder)
+    text = cfg.read_text()
+    for bad, said in (
+        (text.replace('url = "postgresql', 'url = "sqlite'), "must be a postgresql:// URL"),
+        (text.replace('local = "."', "pool = 3"), "unknown settings pool"),
+        ('store = "node.sqlite"\n' + text, "is `store` given twice?"),
+    ):
+        cfg.write_text(bad)
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(cfg)
+
+
+def test_new_master_key_is_refused_while_another_replica_runs(
+    tmp_path: Path, pg_server: PgServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = pg_server.create_database("rekey_punjab")
+    cfg = node_on(tmp_path, url)
+    config = load_config(cfg)
+    try:
+        other = Store(config.store, config.master_key, url=url)  # a running replica
+        assert config.master_key is not None
+        key = config.master_key.read_bytes()
+        try:
+            assert main(["new-master-key", "--config", str(cfg)]) == 2
+            assert "stop every replica first" in capsys.readouterr().err
+            assert config.master_key.read_bytes() == key
+        finally:
+            other.close()
+        assert main(["new-master-key", "--config", str(cfg)]) == 0  # none left: done
+        assert config.master_key.read_bytes() != key
+    finally:
+        pg_server.drop_database("rekey_punjab")

@@ -132,7 +132,7 @@ def test_request_ids_never_look_like_an_id_number() -> None:
 
 
 def test_a_replica_that_loses_its_database_is_not_serving_until_it_is_back(
-    tmp_path: Path, pg_server: PgServer
+    tmp_path: Path, pg_server: PgServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """PostgreSQL store: the database refuses the node's connections (as when it is
     down or fenced off): health turns NOT_SERVING, so a load balancer sends the node's
@@ -169,6 +169,9 @@ def test_a_replica_that_loses_its_database_is_not_serving_until_it_is_back(
         with psycopg.connect(admin, autocommit=True) as db:
             db.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         wait_for(lambda: health(fed, "punjab"), serving, seconds=20)
+        said = [r.getMessage() for r in caplog.records if r.name == "ispf_server.health"]
+        assert any("not ready: store: StoreUnavailable" in m for m in said), said
+        assert any("ready again" in m for m in said), said
     finally:
         fed.close()
         pool.close()
