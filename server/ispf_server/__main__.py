@@ -41,7 +41,8 @@ log = logging.getLogger("ispf_server")
 NODE_EPILOG = """other commands (each with its own --help):
   ispf-node backup --config node.toml --to FILE --key backup.pub
                      a consistent online copy of the store, sealed to the
-                     operator's backup key (0600)
+                     operator's backup key (0600); a SQLite store only (a
+                     PostgreSQL one is backed up with pg_dump or pg_basebackup)
   ispf-node restore --config node.toml --from FILE --key backup.key
                      put a backup back (node stopped, no store there)
   ispf-node new-master-key --config node.toml
