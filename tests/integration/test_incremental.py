@@ -173,3 +173,81 @@ def test_a_plan_started_early_is_used_only_while_still_valid(federation: Federat
     speculate(True)
     federation.reconcile("kp", "sindh")  # another pair's session leaves this one's plan valid
     assert responder._speculated("punjab", 1, pp, incremental=True) is not None
+
+
+def test_an_incremental_run_names_again_only_the_ids_that_changed(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result rows of matches neither side touched are carried over from the run
+    before (in the store); only changed IDs' records are read back and named, and the
+    result is still exactly the full one: a second record of a matched ID under the
+    same labels (its label set unchanged, so no tag moves), a record deleted from a
+    matched ID, the peer relabelling and removing, and a new match."""
+    from ispf_server.session.match import kept
+
+    nids = [f"35202{i:08d}" for i in range(20)]
+    punjab: Registry = {f"P{i}": (n, "BISP", "enrolled") for i, n in enumerate(nids)}
+    punjab["P0b"] = (nids[0], "PSER", "eligible")  # two records of one matched ID
+    sindh: Registry = {f"S{i}": (n, "SEHAT", "eligible") for i, n in enumerate(nids[:15])}
+    federation.load("punjab", [(r, *v) for r, v in punjab.items()])
+    federation.load("sindh", [(r, *v) for r, v in sindh.items()])
+    assert federation.reconcile("punjab", "sindh").sync == "full"
+
+    asked: list[set[bytes]] = []
+    real = kept.owners_of
+
+    def spy(store, pp, wanted):  # type: ignore[no-untyped-def]
+        wanted = list(wanted)
+        asked.append(set(wanted))
+        return real(store, pp, wanted)
+
+    monkeypatch.setattr(kept, "owners_of", spy)
+    changes = {
+        "P1x": (nids[1], "BISP", "enrolled"),  # a second record, same labels as P1's
+        "P16": (nids[16], "BISP", "enrolled"),  # unchanged: not matched yet
+    }
+    federation.load("punjab", [(r, *v) for r, v in changes.items()])
+    punjab.update(changes)
+    assert federation.client("punjab").delete(["P0b"]).deleted == 1  # P0 stays matched
+    del punjab["P0b"]
+    federation.load(
+        "sindh", [("S2", nids[2], "SEHAT", "exited"), ("S16", nids[16], "SEHAT", "eligible")]
+    )
+    sindh.update({"S2": (nids[2], "SEHAT", "exited"), "S16": (nids[16], "SEHAT", "eligible")})
+    assert federation.client("sindh").delete(["S3"]).deleted == 1
+    del sindh["S3"]
+
+    for a, b in (("punjab", "sindh"), ("sindh", "punjab")):
+        asked.clear()
+        inc = federation.reconcile(a, b)
+        assert (inc.state, inc.sync) == (COMPLETED, "incremental"), inc.error
+        for side, other in (("punjab", "sindh"), ("sindh", "punjab")):
+            assert got(federation, side, inc.session_id) == reference(
+                {"punjab": punjab, "sindh": sindh}[side], {"punjab": punjab, "sindh": sindh}[other]
+            )
+        named = set().union(*asked)
+        # Each side read back only IDs that changed on either side, never all 16 matched.
+        assert named and len(named) <= 5, sorted(named)
+        assert full_equals(federation, a, b, inc)
+        # The next run changes nothing, and carries everything.
+        asked.clear()
+        again = federation.reconcile(b, a)
+        assert again.sync == "incremental" and again.match_count == inc.match_count
+        assert set().union(*asked) == set()
+        assert got(federation, "punjab", again.session_id) == got(
+            federation, "punjab", inc.session_id
+        )
+        changes = {"P5": (nids[5], "PSER", "suspended")}  # a matched ID relabelled
+        federation.load("punjab", [(r, *v) for r, v in changes.items()])
+        punjab.update(changes)
+
+
+def full_equals(fed: Federation, a: str, b: str, inc: internal_pb2.SessionStatus) -> bool:
+    """A full run now finds what the incremental one did, row for row, on both sides."""
+    full = fed.reconcile(a, b, full=True)
+    assert full.sync == "full" and full.state == COMPLETED
+    same = (full.match_count, full.result_digest) == (inc.match_count, inc.result_digest)
+    return same and all(
+        got(fed, side, full.session_id) == got(fed, side, inc.session_id)
+        for side in ("punjab", "sindh")
+    )

@@ -563,7 +563,8 @@ def test_registry_changes_every_pair_has_seen_are_pruned_in_batches(tmp_path: Pa
     assert count() == 30
     with store.db.lock:
         store.db.conn.executemany(
-            "INSERT INTO pair_sync VALUES (?,?,?,?,?,?)",
+            "INSERT INTO pair_sync (peer, epoch, version, own_fp, peer_fp, policy) "
+            "VALUES (?,?,?,?,?,?)",
             [("sindh", 1, version, b"", b"", "p"), ("kp", 1, version - 1, b"", b"", "p")],
         )
     # kp has not seen the last version: its changes stay for kp's next incremental run.

@@ -17,7 +17,7 @@ from ispf_server.clock import utcnow
 from ispf_server.pool import BlindingPool
 from ispf_server.session.facts import INITIATOR, SessionFacts
 from ispf_server.session.match import Matched, Matcher, Outcome, matcher_for
-from ispf_server.session.match.rows import RowSink
+from ispf_server.session.match.rows import RowCarry, RowSink
 from ispf_server.session.plan import LabelSet, Plan, SyncSide
 from ispf_server.session.progress import COMPLETED, FAILED, Progress, ProgressBoard, Stopwatch
 from ispf_server.storage import Store
@@ -64,6 +64,11 @@ class Lifecycle:
         """Where result rows go as they are made, ahead of the commit."""
         return partial(self.ctx.store.sessions.stage_matches, self.facts.session_id)
 
+    @property
+    def carry_rows(self) -> RowCarry:
+        """How an incremental run keeps the result rows of the session before it."""
+        return partial(self.ctx.store.sessions.carry_matches, self.facts.session_id)
+
     def matcher(
         self,
         plan: Plan,
@@ -84,6 +89,7 @@ class Lifecycle:
             peer_removed=peer_removed,
             directory=self.ctx.store.directory,
             stage_rows=self.stage_rows,
+            carry_rows=self.carry_rows,
         )
 
     def stage(self, matched: Matched) -> None:

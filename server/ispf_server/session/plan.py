@@ -221,6 +221,11 @@ class SyncSide:
     removed_tags: list[bytes]
     version: int
     state_version: int  # the pair's state this was planned against (-1: none)
+    # An incremental run's: every own ID whose records changed since the pair's state,
+    # whether or not its label set did (their result rows are made again), and the
+    # session whose rows are the pair's current result ("": none known).
+    touched_nids: list[str] = field(default_factory=list, repr=False)
+    base_session: str = ""
 
     @property
     def removed_wire(self) -> bytes:
@@ -383,6 +388,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
     plan: Plan | None = None
     if row is not None:
         nids = store.registry.changed_since(row.version)
+        touched = sorted(nids)
         records = [
             r for rs in owners_of(store, pp, (n.encode() for n in nids)).values() for r in rs
         ]
@@ -404,7 +410,7 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
     else:
         plan = spooled_plan(store, pp)
         own_records = plan.own_records
-        removed_nids, removed_tags = [], []
+        removed_nids, removed_tags, touched = [], [], []
         own_fp, peer_fp = EMPTY_FP, EMPTY_FP
     if plan is None:
         by_group = {labels_of(text): members for text, members in by_text.items()}
@@ -424,6 +430,8 @@ def prepare(store: Store, pp: PeerPolicy, peer: str, epoch: int, *, incremental:
         removed_tags=removed_tags,
         version=version,
         state_version=row.version if row is not None else -1,
+        touched_nids=touched,
+        base_session=row.session_id if row is not None else "",
     )
 
 

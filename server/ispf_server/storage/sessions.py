@@ -5,7 +5,7 @@ so partial results are never shown as final."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ispf.errors import RetryLater
@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS matches (
     tag            BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS matches_session ON matches(session_id, record_id);
+-- Tags whose rows a running session does not carry over from the session before it
+-- (`carry_in`): written and emptied in the one transaction that copies the rest.
+CREATE TABLE IF NOT EXISTS carry_drop (
+    session_id TEXT NOT NULL,
+    tag        BLOB NOT NULL,
+    PRIMARY KEY (session_id, tag)
+);
 """
 
 
@@ -189,6 +196,25 @@ def stage_in(cur: Cursor, session_id: str, matches: list[MatchRow]) -> bool:
     return True
 
 
+def carry_in(cur: Cursor, session_id: str, base: str, drop: Iterable[bytes]) -> bool:
+    """A running session's match rows carried over from a completed session of the
+    same pair (`base`), but for the rows of the tags in `drop`, in the caller's
+    transaction: one copy inside the database, however many matches. False
+    (nothing written) where the session is no longer running."""
+    if not _running(cur, session_id):
+        return False
+    insert_rows(cur, "carry_drop", ("session_id", "tag"), ((session_id, t) for t in set(drop)))
+    cur.execute(
+        f"INSERT INTO matches ({', '.join(MATCH_COLUMNS)}) "  # noqa: S608
+        f"SELECT CAST(? AS TEXT), {', '.join(MATCH_COLUMNS[1:])} FROM matches m "
+        "WHERE m.session_id=? AND NOT EXISTS "
+        "(SELECT 1 FROM carry_drop d WHERE d.session_id=? AND d.tag=m.tag)",
+        (session_id, base, session_id),
+    )
+    cur.execute("DELETE FROM carry_drop WHERE session_id=?", (session_id,))
+    return True
+
+
 def fail_in(cur: Cursor, session_id: str, error: str, *, retriable: bool) -> tuple[str, int] | None:
     """Mark a running session FAILED and drop the match rows staged for it, in the
     caller's transaction; its (peer, epoch), or None where it was not running."""
@@ -247,6 +273,24 @@ class Sessions:
             return stage_in(cur, session_id, matches)
 
     @storage_errors
+    def carry_matches(self, session_id: str, base: str, drop: Iterable[bytes]) -> int | None:
+        """Carry a completed session's match rows over to a running one, but for the
+        rows of the tags in `drop` (`carry_in`): what an incremental run keeps of
+        the result before it. Returns how many distinct records the running
+        session's rows now name; None (nothing written) where it is no longer
+        running, or `base` is not a completed session."""
+        with self._db.transaction(staging=True) as cur:
+            done = cur.execute(
+                "SELECT 1 FROM sessions WHERE session_id=? AND state='COMPLETED'", (base,)
+            ).fetchone()
+            if done is None or not carry_in(cur, session_id, base, drop):
+                return None
+            row = cur.execute(
+                "SELECT COUNT(DISTINCT record_id) FROM matches WHERE session_id=?", (session_id,)
+            ).fetchone()
+            return int(row[0])
+
+    @storage_errors
     def set_answer(self, session_id: str, answer: bytes) -> None:
         """Keep the responder's answer to Conclude, for a repeat after a restart."""
         self._db.write("UPDATE sessions SET answer=? WHERE session_id=?", (answer, session_id))
@@ -254,6 +298,12 @@ class Sessions:
     def get(self, session_id: str) -> SessionRow | None:
         row = self._db.fetchone("SELECT * FROM sessions WHERE session_id=?", (session_id,))
         return SessionRow(*row) if row else None
+
+    def is_completed(self, session_id: str) -> bool:
+        row = self._db.fetchone(
+            "SELECT 1 FROM sessions WHERE session_id=? AND state='COMPLETED'", (session_id,)
+        )
+        return row is not None
 
     def running(self) -> list[SessionRow]:
         rows = self._db.fetchall("SELECT * FROM sessions WHERE state='RUNNING'")

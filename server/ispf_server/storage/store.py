@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 # The schema's version, kept in `meta` ('schema_version'). Each migration takes a
 # store from the version before it to its own; a store newer than this node knows
 # is refused (its tables may mean what this code does not know).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _to_v1(db: Database) -> int:
@@ -92,7 +92,17 @@ def _to_v2(db: Database) -> None:
             cur.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2}
+def _to_v3(db: Database) -> None:
+    """Version 3: a pair's sync row names the session whose match rows are the pair's
+    current result (`pair_sync.session_id`), so an incremental run carries those rows
+    over instead of making every one again. A pair synced before it has none: its
+    next incremental run makes its rows whole, once."""
+    if "session_id" not in db.columns("pair_sync"):
+        with db.transaction() as cur:
+            cur.execute("ALTER TABLE pair_sync ADD COLUMN session_id TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2, 3: _to_v3}
 
 
 def schema_version(db: Database) -> int:
@@ -192,7 +202,7 @@ class Store:
                 cur, session_id, totals, None if matches_staged else (matches or [])
             )
             if pair_delta is not None:
-                deltas.apply_delta(cur, *pair_delta)
+                deltas.apply_delta(cur, *pair_delta, session_id=session_id)
             idx = auditlog.append(cur, session_id, entry)
         if pair_delta is not None:  # housekeeping, off the session's path
             threading.Thread(target=self.prune_changes, name="prune-changes", daemon=True).start()

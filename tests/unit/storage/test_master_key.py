@@ -27,7 +27,11 @@ def old_store(path: Path) -> None:
         "scalar BLOB NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (peer, epoch));"
     )
     db.execute("INSERT INTO pair_keys VALUES ('sindh', 1, ?, '2026-01-01')", (OLD_SCALAR,))
-    db.execute("INSERT INTO pair_sync VALUES ('sindh', 1, 7, ?, ?, 'p')", (b"x" * 32, b"y" * 32))
+    db.execute(
+        "INSERT INTO pair_sync (peer, epoch, version, own_fp, peer_fp, policy) "
+        "VALUES ('sindh', 1, 7, ?, ?, 'p')",
+        (b"x" * 32, b"y" * 32),
+    )
     db.commit()
     db.close()
 
@@ -87,7 +91,9 @@ def test_a_new_master_key_erases_pair_state_and_the_store_accepts_only_it(tmp_pa
     old_key = store.pairs.key("sindh", 1)
     old_file = (tmp_path / "master.key").read_bytes()
     store.db.conn.execute(
-        "INSERT INTO pair_sync VALUES ('sindh', 1, 7, ?, ?, 'p')", (b"x" * 32,) * 2
+        "INSERT INTO pair_sync (peer, epoch, version, own_fp, peer_fp, policy) "
+        "VALUES ('sindh', 1, 7, ?, ?, 'p')",
+        (b"x" * 32,) * 2,
     )
     assert store.pairs.replace_master_key() == 1
     assert store.pairs.sync_row("sindh", 1) is None and store.pairs.rekey_count("sindh", 1) is None

@@ -12,7 +12,7 @@ if typing.TYPE_CHECKING:
     from pathlib import Path
 
     from ispf_server.records import TagSpool
-    from ispf_server.session.match.rows import RowSink
+    from ispf_server.session.match.rows import RowCarry, RowSink
     from ispf_server.session.plan import LabelSet, Plan, SyncSide
 
 
@@ -33,12 +33,20 @@ def matcher_for(
     peer_removed: list[bytes],
     directory: "Path | None",
     stage_rows: "RowSink | None",
+    carry_rows: "RowCarry | None" = None,
 ) -> "Matcher | None":
     """Kept state for a sync session; a one-off labelled session's intersection; a
     count-only session's count where this side learns it (`counts`: the initiator).
     None: this side learns nothing (a count-only session's responder)."""
     if side is not None:
-        return KeptState(side, peer_groups, peer_sizes, peer_removed, stage_rows=stage_rows)
+        return KeptState(
+            side,
+            peer_groups,
+            peer_sizes,
+            peer_removed,
+            stage_rows=stage_rows,
+            carry_rows=carry_rows,
+        )
     if labelled:
         return OneOffLabelled(
             plan, peer_groups, peer_sizes, directory=directory, stage_rows=stage_rows

@@ -33,6 +33,7 @@ from ispf_server.session.match.rows import (
     Matched,
     Outcome,
     RowBatches,
+    RowCarry,
     RowSink,
     named_rows,
 )
@@ -76,9 +77,10 @@ class KeptState:
         peer_removed: list[bytes],
         *,
         stage_rows: RowSink | None,
+        carry_rows: RowCarry | None = None,
     ) -> None:
         self.side, self.peer_groups, self.peer_sizes = side, peer_groups, peer_sizes
-        self.peer_removed, self.stage_rows = peer_removed, stage_rows
+        self.peer_removed, self.stage_rows, self.carry_rows = peer_removed, stage_rows, carry_rows
 
     def match(self, own_tags: TagSpool, peer_tags: TagSpool) -> Matched:
         return finish(
@@ -89,6 +91,7 @@ class KeptState:
             peer_tags,
             self.peer_removed,
             stage_rows=self.stage_rows,
+            carry_rows=self.carry_rows,
         )
 
 
@@ -285,6 +288,7 @@ def finish(
     peer_removed: list[bytes],
     *,
     stage_rows: RowSink | None = None,
+    carry_rows: RowCarry | None = None,
 ) -> Matched:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
 
@@ -321,7 +325,8 @@ def finish(
     for nid, tag, labels in store.pairs.matched_state(peer, epoch):
         if nid not in gone_own and tag not in gone_peer:
             matches[nid] = (tag, labels)
-    for tag, nid in store.pairs.own_nids_by_tag(peer, epoch, peer_index).items():
+    met = store.pairs.own_nids_by_tag(peer, epoch, peer_index)
+    for tag, nid in met.items():
         if nid not in gone_own:  # new peer tags meeting kept own ones
             matches[nid] = (tag, peer_index[tag])
     kept_peer = store.pairs.peer_labels_for(
@@ -334,15 +339,39 @@ def finish(
                 found = kept_peer.get(tag)
             if found is not None:
                 matches[nid] = (tag, found)
-    # The result rows: only matched IDs' records are read back (a tenth, typically).
+    # The result rows. Carried over (`carry_rows`): the rows of the session that made the
+    # pair's state, in the store, but for the tags this run may change, whose IDs'
+    # records are read back and named again: the IDs either side changed, and those
+    # the peer's changes meet. Else every matched ID's records are read back.
+    base = side.base_session
+    carried = (
+        carry_rows is not None
+        and stage_rows is not None
+        and bool(base)
+        and store.sessions.is_completed(base)
+    )
+    if carried:
+        redo = set(side.touched_nids) | {n for g in own_added for n in g.nids}
+        redo.update(met.values())
+        drop = {*side.removed_tags, *gone_peer, *peer_index}
+        drop.update(matches[n][0] for n in redo if n in matches)
+        chosen = sorted((n, matches[n]) for n in redo if n in matches)
+    else:
+        chosen = sorted(matches.items())
     peer_labels: dict[str, LabelSet] = {}
     named: list[Found] = []
-    for nid, (tag, text) in sorted(matches.items()):
+    for nid, (tag, text) in chosen:
         peer_set = peer_labels.get(text)
         if peer_set is None:
             peer_set = peer_labels[text] = labels_of(text)
         named.append((tag, nid.encode("ascii"), peer_set))
     rows = named_rows(named, owners_of(store, side.pp, [n for _, n, _ in named]))
+    staged: int | None = None
+    if carried and carry_rows is not None and stage_rows is not None:
+        staged = 0
+        if stage_rows(rows):
+            staged = carry_rows(base, drop) or 0  # (None: the session failed meanwhile)
+        rows = []
     # (A tag the peer sent twice counts once, as it is stored once.)
     delta = _new_state(
         side,
@@ -356,5 +385,5 @@ def finish(
         peer_added=peer_added,
     )
     matched = [t for t, _ in matches.values()]
-    outcome = Outcome(len(matched), result_digest(matched), rows)
+    outcome = Outcome(len(matched), result_digest(matched), rows, staged)
     return Matched(outcome, delta, delta.own_fp + delta.peer_fp)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 ROW_BATCH = 20_000  # matches whose result rows are made (and staged) at a time
 RowSink = Callable[[list[MatchRow]], bool]  # stages some result rows; False: session gone
+# Carries a completed session's rows over, but for some tags (an incremental run's
+# `kept.finish`); the records the rows now name, or None: the session is gone.
+RowCarry = Callable[[str, set[bytes]], "int | None"]
 # A match: (tag, the own ID it is the tag of, the peer's labels for it).
 Found = tuple[bytes, bytes, "LabelSet"]
 

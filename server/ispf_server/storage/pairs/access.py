@@ -86,10 +86,13 @@ class Pairs:
 
     def sync_row(self, peer: str, epoch: int) -> SyncRow | None:
         row = self._db.fetchone(
-            "SELECT version, own_fp, peer_fp, policy FROM pair_sync WHERE peer=? AND epoch=?",
+            "SELECT version, own_fp, peer_fp, policy, session_id FROM pair_sync "
+            "WHERE peer=? AND epoch=?",
             (peer, epoch),
         )
-        return SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3])) if row else None
+        if row is None:
+            return None
+        return SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3]), str(row[4]))
 
     def version(self, peer: str, epoch: int) -> int | None:
         """The registry version the own tags for this peer reflect; None: no state."""

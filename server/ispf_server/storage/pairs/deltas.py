@@ -85,8 +85,10 @@ def _insert_peer(cur: Cursor, peer: str, epoch: int, added: list[PeerGroup]) -> 
             )
 
 
-def apply_delta(cur: Cursor, peer: str, epoch: int, d: PairDelta) -> None:
-    """Write a session's changes to the pair state (inside the session's transaction).
+def apply_delta(cur: Cursor, peer: str, epoch: int, d: PairDelta, session_id: str = "") -> None:
+    """Write a session's changes to the pair state (inside the session's transaction);
+    `session_id`: the session committing them, whose match rows become the pair's
+    current result.
 
     A full run replaces the state: with the sorted runs it staged (`d.staged`),
     else as rows. An incremental run writes rows on top, and tombstones the
@@ -130,9 +132,9 @@ def apply_delta(cur: Cursor, peer: str, epoch: int, d: PairDelta) -> None:
     cur.execute(
         upsert_sql(
             "pair_sync",
-            ("peer", "epoch", "version", "own_fp", "peer_fp", "policy"),
+            ("peer", "epoch", "version", "own_fp", "peer_fp", "policy", "session_id"),
             ("peer", "epoch"),
         ),
-        (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy),
+        (peer, epoch, d.version, d.own_fp, d.peer_fp, d.policy, session_id),
     )
     # (Changes every pair has seen are dropped after the commit: `Store.prune_changes`.)

@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS pair_sync (
     peer_fp  BLOB NOT NULL,
     -- The policy (for this peer) the own tags were chosen under; a change forces a full run.
     policy   TEXT NOT NULL,
+    -- The session whose commit made this state: its match rows are the pair's
+    -- current result, which the next incremental run carries over in part.
+    session_id TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (peer, epoch)
 );
 -- Base entries (in pair_runs) that later changes replaced or removed.

@@ -82,6 +82,7 @@ class SyncRow:
     own_fp: bytes
     peer_fp: bytes
     policy: str
+    session_id: str = ""  # the session that made this state ("": not known)
 
 
 @dataclass(frozen=True)
