@@ -183,6 +183,7 @@ def test_an_incremental_run_names_again_only_the_ids_that_changed(
     result is still exactly the full one: a second record of a matched ID under the
     same labels (its label set unchanged, so no tag moves), a record deleted from a
     matched ID, the peer relabelling and removing, and a new match."""
+    from ispf_server.session import plan
     from ispf_server.session.match import kept
 
     nids = [f"35202{i:08d}" for i in range(20)]
@@ -194,7 +195,7 @@ def test_an_incremental_run_names_again_only_the_ids_that_changed(
     assert federation.reconcile("punjab", "sindh").sync == "full"
 
     asked: list[set[bytes]] = []
-    real = kept.owners_of
+    real = plan.owners_of
 
     def spy(store, pp, wanted):  # type: ignore[no-untyped-def]
         wanted = list(wanted)
