@@ -42,25 +42,34 @@ def _gone(
 
 
 def _rows(
-    db: Connection, sql: str, peer: str, epoch: int, keys: Iterable[K]
+    db: Connection, table: str, key: str, columns: str, peer: str, epoch: int, keys: Iterable[K]
 ) -> dict[K, tuple[Any, ...]]:
+    """key -> `columns` of the pair's rows in `table` holding these keys, a batch of
+    keys per query (`IN`, on the table's index)."""
     out: dict[K, tuple[Any, ...]] = {}
-    for key in keys:
-        row = db.execute(sql, (peer, epoch, key)).fetchone()
-        if row:
-            out[key] = tuple(row)
+    wanted = list(dict.fromkeys(keys))
+    for at in range(0, len(wanted), IN_BATCH):
+        part = wanted[at : at + IN_BATCH]
+        given: dict[object, K] = {_plain(k): k for k in part}
+        for row in db.execute(
+            f"SELECT {key}, {columns} FROM {table} WHERE peer=? AND epoch=? "  # noqa: S608
+            f"AND {key} IN ({','.join('?' * len(part))})",
+            (peer, epoch, *part),
+        ):
+            found = given.get(_plain(row[0]))
+            if found is not None:
+                out[found] = tuple(row[1:])
     return out
+
+
+def _plain(value: object) -> object:
+    """A key as compared: a blob column's value (bytes or a view of them) as bytes."""
+    return bytes(value) if isinstance(value, bytearray | memoryview) else value
 
 
 def own_by_nids(db: Connection, peer: str, epoch: int, nids: Iterable[str]) -> dict[str, OwnTag]:
     wanted = list(nids)
-    rows = _rows(
-        db,
-        "SELECT labels, tag FROM own_tags WHERE peer=? AND epoch=? AND nid=?",
-        peer,
-        epoch,
-        wanted,
-    )
+    rows = _rows(db, "own_tags", "nid", "labels, tag", peer, epoch, wanted)
     out = {n: OwnTag(str(r[0]), bytes(r[1])) for n, r in rows.items()}
     rest = [n for n in wanted if n not in out and len(n) == NID_BYTES and n.isascii()]
     # The runs, then (only for what they hold) tombstones and label sets: a lookup
@@ -80,13 +89,7 @@ def own_by_tags(
 ) -> dict[bytes, tuple[str, str]]:
     """tag -> (nid, labels) of this node's IDs holding these tags for the peer."""
     wanted = list(tags)
-    rows = _rows(
-        db,
-        "SELECT nid, labels FROM own_tags WHERE peer=? AND epoch=? AND tag=?",
-        peer,
-        epoch,
-        wanted,
-    )
+    rows = _rows(db, "own_tags", "tag", "nid, labels", peer, epoch, wanted)
     out = {t: (str(r[0]), str(r[1])) for t, r in rows.items()}
     rest = [t for t in wanted if t not in out]
     found = pairruns.lookup(db, peer, epoch, OWN_TAG, rest)
@@ -103,9 +106,7 @@ def own_by_tags(
 def peer_by_tags(db: Connection, peer: str, epoch: int, tags: Iterable[bytes]) -> dict[bytes, str]:
     """tag -> the peer's labels, for the peer tags held among these."""
     wanted = list(tags)
-    rows = _rows(
-        db, "SELECT labels FROM peer_tags WHERE peer=? AND epoch=? AND tag=?", peer, epoch, wanted
-    )
+    rows = _rows(db, "peer_tags", "tag", "labels", peer, epoch, wanted)
     out = {t: str(r[0]) for t, r in rows.items()}
     rest = [t for t in wanted if t not in out]
     found = pairruns.lookup(db, peer, epoch, PEER_TAG, rest)
