@@ -96,10 +96,16 @@ def _to_v3(db: Database) -> None:
     """Version 3: a pair's sync row names the session whose match rows are the pair's
     current result (`pair_sync.session_id`), so an incremental run carries those rows
     over instead of making every one again. A pair synced before it has none: its
-    next incremental run makes its rows whole, once."""
-    if "session_id" not in db.columns("pair_sync"):
-        with db.transaction() as cur:
+    next incremental run makes its rows whole, once.
+
+    The runs' index on their parts' last keys also holds the part numbers, so a
+    lookup of many keys finds their parts in one index-only read."""
+    added = "session_id" in db.columns("pair_sync")
+    with db.transaction() as cur:
+        if not added:
             cur.execute("ALTER TABLE pair_sync ADD COLUMN session_id TEXT NOT NULL DEFAULT ''")
+        cur.execute("DROP INDEX IF EXISTS pair_runs_last")
+        cur.execute("CREATE INDEX pair_runs_last ON pair_runs(peer, epoch, gen, kind, last, part)")
 
 
 MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2, 3: _to_v3}

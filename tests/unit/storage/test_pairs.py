@@ -270,3 +270,44 @@ def test_a_staged_generation_is_invisible_until_its_commit(db: Callable[[], Conn
     deltas.apply_delta(cur, "sindh", 1, again)  # the commit flips to it
     assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_new
     assert {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")} == {gen}
+
+
+def test_a_lookup_of_many_keys_finds_what_one_key_at_a_time_finds(
+    db: Callable[[], Conn],
+) -> None:
+    """Many keys are looked up from the parts' last keys read at once and the parts
+    fetched in batches (`runs.MANY_KEYS`); a few, one query per part. Both find the
+    same records: keys present, absent, before the first and after the last, and
+    keys at a part's end."""
+    rng = random.Random(5)
+    conn = db()
+    nids = sorted(f"35202{rng.randrange(10**8):08d}" for _ in range(2000))
+    own = {n: OwnTag('["P/a"]', rng.randbytes(16)) for n in nids}
+    peer = {rng.randbytes(16): '["Q/b"]' for _ in range(1500)}
+    groups_own, groups_peer = own_groups(own), peer_groups(peer)
+    full = delta(
+        reset=True,
+        own_added=groups_own,
+        peer_added=groups_peer,
+        staged=packing.staged(conn, "sindh", 1, groups_own, groups_peer, {}),
+    )
+    deltas.apply_delta(conn.cursor(), "sindh", 1, full)
+    at_ends = nids[pairruns.PART_RECORDS - 1 :: pairruns.PART_RECORDS]
+    probes = {
+        pairruns.OWN_NID: [
+            n.encode() for n in [*rng.sample(nids, 400), *at_ends, "0" * 13, "9" * 13]
+        ]
+        + [f"35202{rng.randrange(10**8):08d}".encode() for _ in range(200)],
+        pairruns.PEER_TAG: [*rng.sample(sorted(peer), 400), bytes(16), b"\xff" * 16]
+        + [rng.randbytes(16) for _ in range(200)],
+        pairruns.OWN_TAG: [*[o.tag for o in own.values()][:500], rng.randbytes(16)],
+    }
+    for kind, keys in probes.items():
+        assert len(set(keys)) >= pairruns.MANY_KEYS
+        many = pairruns.lookup(conn, "sindh", 1, kind, keys)
+        one_by_one: dict[bytes, bytes] = {}
+        for key in keys:
+            one_by_one.update(pairruns.lookup(conn, "sindh", 1, kind, [key]))
+        assert many == one_by_one and many
+    found = pairruns.lookup(conn, "sindh", 1, pairruns.OWN_NID, probes[pairruns.OWN_NID])
+    assert set(found) == {k for k in probes[pairruns.OWN_NID] if k.decode() in own}

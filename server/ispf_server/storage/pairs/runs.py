@@ -29,7 +29,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ispf_server.storage.db import Connection, Cursor, upsert_sql
+from ispf_server.storage.db import IN_BATCH, Connection, Cursor, upsert_sql
 
 NID = 13
 TAG = 16
@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS pair_runs (
     data  BLOB NOT NULL,   -- sorted fixed-width records
     PRIMARY KEY (peer, epoch, gen, kind, part)
 );
-CREATE INDEX IF NOT EXISTS pair_runs_last ON pair_runs(peer, epoch, gen, kind, last);
+CREATE INDEX IF NOT EXISTS pair_runs_last ON pair_runs(peer, epoch, gen, kind, last, part);
 CREATE TABLE IF NOT EXISTS pair_labelsets (
     peer   TEXT NOT NULL,
     epoch  INTEGER NOT NULL,
@@ -205,6 +205,57 @@ def labelsets(db: Connection, peer: str, epoch: int) -> dict[bytes, str]:
     }
 
 
+# From this many keys on, a lookup finds their parts from the run's last keys, read
+# at once from the index, and fetches the parts a batch at a time; below it, one
+# indexed query per part.
+MANY_KEYS = 256
+
+
+def _find(data: bytes, kind: Kind, key: bytes) -> bytes | None:
+    """The record of `key` in one part's sorted records, if there."""
+    w, k = kind.width, kind.key
+    n = len(data) // w
+    i = bisect_left(range(n), key, key=lambda j: data[j * w : j * w + k])
+    if i < n and data[i * w : i * w + k] == key:
+        return data[i * w : (i + 1) * w]
+    return None
+
+
+def _lookup_many(
+    db: Connection, peer: str, epoch: int, gen: int, kind: Kind, keys: list[bytes]
+) -> dict[bytes, bytes]:
+    """`lookup` of many sorted keys: the parts' last keys in one index-only read (a
+    sixteenth of a percent of the run's bytes), then the parts that may hold a key,
+    a batch per query."""
+    pair = (peer, epoch, gen, kind.name)
+    index = db.execute(
+        "SELECT last, part FROM pair_runs WHERE peer=? AND epoch=? AND gen=? AND kind=? "
+        "ORDER BY last, part",
+        pair,
+    ).fetchall()
+    lasts = [bytes(r[0]) for r in index]
+    by_part: dict[int, list[bytes]] = {}
+    for key in keys:
+        i = bisect_left(lasts, key)
+        if i < len(lasts):
+            by_part.setdefault(int(index[i][1]), []).append(key)
+    out: dict[bytes, bytes] = {}
+    parts = sorted(by_part)
+    for at in range(0, len(parts), IN_BATCH):
+        batch = parts[at : at + IN_BATCH]
+        for part, data in db.execute(
+            "SELECT part, data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "  # noqa: S608
+            f"AND kind=? AND part IN ({','.join('?' * len(batch))})",
+            (*pair, *batch),
+        ):
+            blob = bytes(data)
+            for key in by_part[int(part)]:
+                rec = _find(blob, kind, key)
+                if rec is not None:
+                    out[key] = rec
+    return out
+
+
 def lookup(
     db: Connection, peer: str, epoch: int, kind: Kind, keys: Iterable[bytes]
 ) -> dict[bytes, bytes]:
@@ -216,8 +267,9 @@ def lookup(
     gen = current(db, peer, epoch)
     if gen is None:
         return out
+    if len(keys) >= MANY_KEYS:
+        return _lookup_many(db, peer, epoch, gen, kind, keys)
     data, last = b"", b""
-    w, k = kind.width, kind.key
     for key in keys:
         if not data or key > last:
             row = db.execute(
@@ -228,10 +280,9 @@ def lookup(
             if row is None:
                 break  # past the end of the run: no later key is in it either
             last, data = bytes(row[0]), bytes(row[1])
-        n = len(data) // w
-        i = bisect_left(range(n), key, key=lambda j: data[j * w : j * w + k])
-        if i < n and data[i * w : i * w + k] == key:
-            out[key] = data[i * w : (i + 1) * w]
+        rec = _find(data, kind, key)
+        if rec is not None:
+            out[key] = rec
     return out
 
 
