@@ -171,9 +171,17 @@ def test_a_replica_killed_mid_session_and_the_run_completes(
     def fault() -> None:
         running = c.running_replica()
         target = running if victim == "running" else next(r for r in c.replicas if r is not running)
-        time.sleep(delay)
-        pid = target.pid
-        target.kill()
+        # (a slow link while the fault strikes, so the kill lands inside the session
+        # however fast a run of N records has become; the retry runs at full speed)
+        for pr in c.proxies.values():
+            pr.delay = 0.05
+        try:
+            time.sleep(delay)
+            pid = target.pid
+            target.kill()
+        finally:
+            for pr in c.proxies.values():
+                pr.delay = 0.0
         killed.append(target)
         # (what the dead replica had RUNNING stays so until the survivor fails it)
         orphaned.extend(
