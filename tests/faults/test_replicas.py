@@ -174,7 +174,7 @@ def test_a_replica_killed_mid_session_and_the_run_completes(
         # (a slow link while the fault strikes, so the kill lands inside the session
         # however fast a run of N records has become; the retry runs at full speed)
         for pr in c.proxies.values():
-            pr.delay = 0.05
+            pr.delay = 0.15
         try:
             time.sleep(delay)
             pid = target.pid
