@@ -29,6 +29,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -326,8 +327,9 @@ def cmd_registry_load(args: argparse.Namespace, con: Console) -> int:
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(NodeClient(_profile(args)))
         errors = stack.enter_context(ProblemWriter(Path(args.errors))) if args.errors else None
-        stack.enter_context(_sigterm_interrupts())
-        rep = load_csv(client, path, sink=errors.write if errors is not None else None)
+        stop = threading.Event()
+        stack.enter_context(_signals_stop(stop))
+        rep = load_csv(client, path, sink=errors.write if errors is not None else None, stop=stop)
     allowed = limit(rep.rows)
     refused = rep.file_refused
     stored = rep.accepted
@@ -470,21 +472,29 @@ def cmd_registry_sync(args: argparse.Namespace, con: Console) -> int:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a cron timeout, systemd stop) ends a load like Ctrl-C: with its count."""
+def _signals_stop(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM (a cron timeout, systemd stop) or Ctrl-C ends a load with its count.
+
+    The first sets `stop`: the load finishes the batch the node is storing and sends no
+    more, so the count it prints is exact (an exception raised inside a call to the
+    node could leave that batch in doubt, and gRPC's channel is not safe to close
+    from there). A second signal interrupts at once."""
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
 
     try:
-        old = signal.signal(signal.SIGTERM, interrupt)
+        old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def cmd_registry_stats(args: argparse.Namespace, con: Console) -> int:

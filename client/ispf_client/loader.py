@@ -4,7 +4,9 @@ the node's registry to it (`sync_csv`: the file is the whole registry).
 A load sends batches of `BATCH` rows, each stored whole or not at all. If the
 node fails, times out or the load is interrupted part-way, the report says how
 many rows were stored before that (`LoadReport.stopped`, `unconfirmed`): a load
-is safe to run again, as rows already stored come back unchanged. A sync is one
+is safe to run again, as rows already stored come back unchanged. A load asked
+to stop (`stop`, set by a signal handler) finishes the batch the node is storing
+and sends no more, so what it reports as stored is exact. A sync is one
 change: nothing of it is stored unless all of it is.
 """
 
@@ -157,8 +159,12 @@ def load_csv(
     *,
     on_batch: Callable[[LoadReport], None] | None = None,
     sink: Callable[[list[RowProblem]], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadReport:
     """Send every good row; collect every bad one (from the file or the node) by line.
+
+    With `stop`, the load ends (`LoadReport.interrupted`) before the next batch once
+    it is set: never inside a call to the node, so nothing is left in doubt.
 
     Problems are kept in line order (the first `MAX_KEPT_PROBLEMS`; the rest
     counted) and, with `sink`, handed over batch by batch in line order. A
@@ -205,10 +211,20 @@ def load_csv(
             on_batch(report)
 
     next_line = 2  # the line after the last one read (line 1 is the header)
+
+    def stopping() -> None:
+        # Asked to stop: nothing of `batch` was sent; everything before it was stored
+        # (or reported).
+        report.stopped, report.interrupted = "interrupted", True
+        report.stopped_at = int(batch[0].position) if batch else next_line
+        raise _Stop
+
     try:
         try:
             with contextlib.closing(read_ahead(path)) as items:
                 for item in items:
+                    if stop is not None and stop.is_set():
+                        stopping()
                     if isinstance(item, RowProblem):
                         pending.append(item)
                         report.rows += not item.code.startswith("file.")
@@ -218,12 +234,16 @@ def load_csv(
                     batch.append(item)
                     next_line = int(item.position) + 1
                     if len(batch) >= BATCH:
+                        if stop is not None and stop.is_set():
+                            stopping()
                         flush()
         except KeyboardInterrupt:
             # Between batches, everything read so far was stored (or reported).
             report.stopped, report.interrupted = "interrupted", True
             report.stopped_at = int(batch[0].position) if batch else next_line
             raise _Stop from None
+        if stop is not None and stop.is_set():
+            stopping()
         flush()
     except _Stop:
         pass

@@ -1,7 +1,9 @@
-"""Where a load says it stopped when it is interrupted between two batches."""
+"""Where a load says it stopped when it is interrupted between two batches, or asked
+to stop (a signal) while one is being stored."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,3 +42,38 @@ def test_an_interrupt_between_batches_names_the_first_line_not_stored(
     assert rep.interrupted and rep.stopped == "interrupted"
     assert node.stored == rep.accepted == BATCH * batches
     assert rep.stopped_at == rep.accepted + 2  # header on line 1, rows from line 2
+
+
+@pytest.mark.parametrize("rows", [BATCH * 3, BATCH * 2 + 17])
+@pytest.mark.parametrize("batches", [0, 1, 2])
+def test_a_load_asked_to_stop_sends_no_more_batches_and_its_count_is_exact(
+    tmp_path: Path, batches: int, rows: int
+) -> None:
+    f = tmp_path / "r.csv"
+    lines = ["record_id,cnic,programme,status"]
+    lines += [f"r{i},35202{i:07d}1,BISP,enrolled" for i in range(rows)]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    node = _Node()
+    stop = threading.Event()
+    if batches == 0:
+        stop.set()  # (asked to stop before the first batch was sent)
+
+    def after_batch(rep: LoadReport) -> None:
+        if rep.accepted >= BATCH * batches:
+            stop.set()  # (the signal came while this batch was being stored)
+
+    rep = load_csv(node, f, on_batch=after_batch, stop=stop)  # type: ignore[arg-type]
+    assert rep.interrupted and rep.stopped == "interrupted"
+    assert node.stored == rep.accepted == BATCH * batches
+    assert rep.unconfirmed == 0
+    assert rep.stopped_at == rep.accepted + 2
+
+
+def test_a_stop_never_set_loads_everything(tmp_path: Path) -> None:
+    f = tmp_path / "r.csv"
+    lines = ["record_id,cnic,programme,status"]
+    lines += [f"r{i},35202{i:07d}1,BISP,enrolled" for i in range(BATCH + 3)]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    node = _Node()
+    rep = load_csv(node, f, stop=threading.Event())  # type: ignore[arg-type]
+    assert not rep.interrupted and node.stored == rep.accepted == BATCH + 3
