@@ -175,6 +175,56 @@ def test_a_plan_started_early_is_used_only_while_still_valid(federation: Federat
     assert responder._speculated("punjab", 1, pp, incremental=True) is not None
 
 
+def test_a_plan_made_before_a_relabel_only_session_of_the_pair_carries_no_stale_rows(
+    federation: Federation,
+) -> None:
+    """Sindh plans its side early for Punjab; before Punjab's run takes that plan, a
+    session Sindh starts learns that Punjab relabelled a match. Nothing Sindh holds
+    moved (its registry, the pair's version and fingerprints are as they were), but
+    that session's rows are now the pair's result: the early plan is not used, and
+    Punjab's run lists Punjab's new labels, not those of the result before."""
+    punjab: Registry = {f"P{i}": (f"35202{i:08d}", "BISP", "enrolled") for i in range(5)}
+    sindh: Registry = {f"S{i}": (f"35202{i:08d}", "SEHAT", "eligible") for i in range(5)}
+    federation.load("punjab", [(r, *v) for r, v in punjab.items()])
+    federation.load("sindh", [(r, *v) for r, v in sindh.items()])
+    assert federation.reconcile("punjab", "sindh").sync == "full"
+    responder = federation.nodes["sindh"].responder
+    pp = federation.nodes["sindh"].policy.current().for_peer("punjab")
+    responder._speculate("punjab", 1, pp, incremental=True)
+    responder._speculative[("punjab", 1)].future.result(timeout=10)
+    punjab["P2"] = (punjab["P2"][0], "PSER", "suspended")
+    federation.load("punjab", [("P2", *punjab["P2"])])
+    z = federation.reconcile("sindh", "punjab")  # (Sindh's own run learns the relabel)
+    assert z.sync == "incremental" and got(federation, "sindh", z.session_id) == reference(
+        sindh, punjab
+    )
+    st = federation.reconcile("punjab", "sindh")
+    assert st.sync == "incremental" and st.state == COMPLETED
+    assert got(federation, "sindh", st.session_id) == reference(sindh, punjab)
+    assert got(federation, "punjab", st.session_id) == reference(punjab, sindh)
+    assert full_equals(federation, "punjab", "sindh", st)
+
+
+def test_a_carry_from_a_result_the_pair_no_longer_has_is_refused(federation: Federation) -> None:
+    """The carry itself checks, in its transaction, that the rows it copies are the
+    pair's result now; if not, it writes nothing and the session fails, rather than
+    commit another state's rows."""
+    from ispf.errors import SessionAborted
+
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    first = federation.reconcile("punjab", "sindh")
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "exited")])
+    second = federation.reconcile("punjab", "sindh")
+    assert second.sync == "incremental"
+    store = federation.nodes["punjab"].store
+    sid = "carry-check"
+    store.sessions.begin(sid, "sindh", "initiator", 0, "test", 1)
+    assert store.sessions.carry_matches(sid, second.session_id, []) == 1
+    with pytest.raises(SessionAborted):
+        store.sessions.carry_matches(sid, first.session_id, [])  # (a result replaced)
+
+
 def test_an_incremental_run_names_again_only_the_ids_that_changed(
     federation: Federation, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -307,6 +307,9 @@ class Responder:
             or side.version != self.store.registry.version()
             or side.state_version != current
             or (row is not None and (row.own_fp, row.peer_fp) != (side.own_fp, side.peer_fp))
+            # (a session of the pair that changed only labels leaves the version and
+            # fingerprints as they were, but its rows are the pair's result now)
+            or side.base_session != (row.session_id if row is not None else "")
         ):
             return None
         return side

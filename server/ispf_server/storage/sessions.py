@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ispf.errors import RetryLater
+from ispf.errors import RetryLater, SessionAborted
 from ispf.records import Label
 from ispf_server.clock import utcnow
 from ispf_server.storage.db import Cursor, Database, insert_rows, storage_errors
@@ -120,10 +120,17 @@ class SessionTotals:
 
 
 def _running(cur: Cursor, session_id: str) -> bool:
-    row = cur.execute(
-        "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
-    ).fetchone()
-    return row is not None
+    """Whether the session is still running, its row held by this transaction from here
+    on: an update, not a read, so that on PostgreSQL another replica failing it
+    (`fail_in`) waits for this transaction and then deletes what it wrote, or, having
+    failed it first, is seen here (a plain read under READ COMMITTED would see neither
+    and leave rows written for a failed session)."""
+    return bool(
+        cur.execute(
+            "UPDATE sessions SET state=state WHERE session_id=? AND state='RUNNING'",
+            (session_id,),
+        ).rowcount
+    )
 
 
 def _insert_matches(cur: Cursor, session_id: str, matches: list[MatchRow]) -> None:
@@ -278,12 +285,24 @@ class Sessions:
         rows of the tags in `drop` (`carry_in`): what an incremental run keeps of
         the result before it. Returns how many distinct records the running
         session's rows now name; None (nothing written) where it is no longer
-        running, or `base` is not a completed session."""
+        running. Raises `SessionAborted` (nothing written) where `base` is not the
+        completed session whose rows are the pair's result now: the rows carried
+        would be another state's."""
         with self._db.transaction(staging=True) as cur:
             done = cur.execute(
-                "SELECT 1 FROM sessions WHERE session_id=? AND state='COMPLETED'", (base,)
+                "SELECT 1 FROM sessions b "
+                "JOIN sessions s ON s.peer=b.peer AND s.epoch=b.epoch "
+                "JOIN pair_sync p ON p.peer=s.peer AND p.epoch=s.epoch "
+                "AND p.session_id=b.session_id "
+                "WHERE b.session_id=? AND b.state='COMPLETED' AND s.session_id=?",
+                (base, session_id),
             ).fetchone()
-            if done is None or not carry_in(cur, session_id, base, drop):
+            if done is None:
+                raise SessionAborted(
+                    "the result this run would keep rows of is no longer the pair's; "
+                    "run the reconciliation again"
+                )
+            if not carry_in(cur, session_id, base, drop):
                 return None
             row = cur.execute(
                 "SELECT COUNT(DISTINCT record_id) FROM matches WHERE session_id=?", (session_id,)

@@ -128,6 +128,15 @@ def migrate(db: Database) -> int:
             f"knows ({SCHEMA_VERSION}): run the ispf-node that wrote it (or a later one); "
             "this one would misread it"
         )
+    if 0 < found < SCHEMA_VERSION and (n := db.holders(REPLICA_SPACE)):
+        # (A replica of the older version reads the version only when it starts: it
+        # would go on writing the old tables' way under the new schema.)
+        raise ConfigError(
+            f"the store {db.location} has schema version {found} and {n} replica(s) of "
+            f"an older ispf-node are running over it: stop every replica, start this "
+            f"version on one (it brings the store to version {SCHEMA_VERSION}), then the "
+            "others"
+        )
     migrated = _to_v1(db)  # (idempotent: also how a store of version 0 gets version 1)
     for version in range(max(found, 1) + 1, SCHEMA_VERSION + 1):
         MIGRATIONS[version](db)

@@ -169,6 +169,24 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path, url: str) -> None:
         open_store(tmp_path, url)
 
 
+def test_a_store_is_not_migrated_under_running_replicas_of_an_older_version(
+    tmp_path: Path, url: str
+) -> None:
+    """A replica reads the schema version only when it starts: one of an older version
+    still running would write the old tables' way under the new schema. Another
+    replica starting a newer version refuses to migrate until every replica stops."""
+    if not url:
+        pytest.skip("replicas share a PostgreSQL store only")
+    old = open_store(tmp_path, url)
+    old.meta.set("schema_version", str(SCHEMA_VERSION - 1))  # (as an older one left it)
+    with pytest.raises(ConfigError, match=r"1 replica\(s\) of an older ispf-node"):
+        open_store(tmp_path, url)
+    old.close()
+    new = open_store(tmp_path, url)  # (none running: migrated)
+    assert new.meta.get("schema_version") == str(SCHEMA_VERSION)
+    new.close()
+
+
 def test_the_master_key_must_be_the_stores(tmp_path: Path, url: str) -> None:
     from ispf.errors import KeyFileError
 

@@ -343,11 +343,16 @@ def finish(
     # pair's state, in the store, but for the tags this run may change, whose IDs'
     # records are read back and named again: the IDs either side changed, and those
     # the peer's changes meet. Else every matched ID's records are read back.
+    # (Only from the session whose rows are the pair's result now: a plan made early
+    # may name one that another session of the pair has since replaced.)
     base = side.base_session
+    now = store.pairs.sync_row(peer, epoch)
     carried = (
         carry_rows is not None
         and stage_rows is not None
         and bool(base)
+        and now is not None
+        and now.session_id == base
         and store.sessions.is_completed(base)
     )
     if carried:
@@ -370,7 +375,8 @@ def finish(
     if carried and carry_rows is not None and stage_rows is not None:
         staged = 0
         if stage_rows(rows):
-            staged = carry_rows(base, drop) or 0  # (None: the session failed meanwhile)
+            staged = carry_rows(base, drop) or 0  # (None: the session failed meanwhile,
+            # and its commit is refused)
         rows = []
     # (A tag the peer sent twice counts once, as it is stored once.)
     delta = _new_state(
