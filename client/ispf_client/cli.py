@@ -480,13 +480,25 @@ def _signals_stop(stop: threading.Event) -> Iterator[None]:
     node could leave that batch in doubt, and gRPC's channel is not safe to close
     from there). A second signal interrupts at once."""
 
+    fired = False
+
     def interrupt(signum: int, frame: object) -> None:
-        if stop.is_set():
+        # (a plain flag first: a second signal can land inside Event.set(), whose lock
+        # the nested handler would wait on for ever)
+        nonlocal fired
+        if fired:
             raise KeyboardInterrupt
+        fired = True
         stop.set()
 
     try:
-        old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # (a signal ignored where the load was started, as `cmd &` from a script
+        # leaves SIGINT, stays ignored)
+        old = {
+            sig: signal.signal(sig, interrupt)
+            for sig in (signal.SIGTERM, signal.SIGINT)
+            if signal.getsignal(sig) is not signal.SIG_IGN
+        }
     except ValueError:  # not the main thread
         yield
         return

@@ -242,7 +242,7 @@ def load_csv(
             report.stopped, report.interrupted = "interrupted", True
             report.stopped_at = int(batch[0].position) if batch else next_line
             raise _Stop from None
-        if stop is not None and stop.is_set():
+        if stop is not None and stop.is_set() and batch:  # (else everything was stored)
             stopping()
         flush()
     except _Stop:

@@ -207,9 +207,10 @@ def test_a_plan_made_before_a_relabel_only_session_of_the_pair_carries_no_stale_
 
 def test_a_carry_from_a_result_the_pair_no_longer_has_is_refused(federation: Federation) -> None:
     """The carry itself checks, in its transaction, that the rows it copies are the
-    pair's result now; if not, it writes nothing and the session fails, rather than
-    commit another state's rows."""
-    from ispf.errors import SessionAborted
+    pair's result now; if not, it writes nothing and the session fails (retriable: a
+    new one plans from the pair's state as it is), rather than commit another state's
+    rows."""
+    from ispf.errors import RetryLater
 
     federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
     federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
@@ -221,7 +222,7 @@ def test_a_carry_from_a_result_the_pair_no_longer_has_is_refused(federation: Fed
     sid = "carry-check"
     store.sessions.begin(sid, "sindh", "initiator", 0, "test", 1)
     assert store.sessions.carry_matches(sid, second.session_id, []) == 1
-    with pytest.raises(SessionAborted):
+    with pytest.raises(RetryLater):
         store.sessions.carry_matches(sid, first.session_id, [])  # (a result replaced)
 
 

@@ -77,3 +77,22 @@ def test_a_stop_never_set_loads_everything(tmp_path: Path) -> None:
     node = _Node()
     rep = load_csv(node, f, stop=threading.Event())  # type: ignore[arg-type]
     assert not rep.interrupted and node.stored == rep.accepted == BATCH + 3
+
+
+def test_a_stop_asked_during_the_last_batch_is_a_load_done(tmp_path: Path) -> None:
+    """The file ends on a whole batch, and the signal comes while the node stores it:
+    every row was stored, so the load is done (exit 0), not interrupted."""
+    f = tmp_path / "r.csv"
+    lines = ["record_id,cnic,programme,status"]
+    lines += [f"r{i},35202{i:07d}1,BISP,enrolled" for i in range(BATCH * 2)]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    node = _Node()
+    stop = threading.Event()
+
+    def after_batch(rep: LoadReport) -> None:
+        if rep.accepted == BATCH * 2:
+            stop.set()
+
+    rep = load_csv(node, f, on_batch=after_batch, stop=stop)  # type: ignore[arg-type]
+    assert not rep.interrupted and not rep.stopped
+    assert node.stored == rep.accepted == BATCH * 2

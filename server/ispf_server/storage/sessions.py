@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ispf.errors import RetryLater, SessionAborted
+from ispf.errors import RetryLater
 from ispf.records import Label
 from ispf_server.clock import utcnow
 from ispf_server.storage.db import Cursor, Database, insert_rows, storage_errors
@@ -120,17 +120,12 @@ class SessionTotals:
 
 
 def _running(cur: Cursor, session_id: str) -> bool:
-    """Whether the session is still running, its row held by this transaction from here
-    on: an update, not a read, so that on PostgreSQL another replica failing it
-    (`fail_in`) waits for this transaction and then deletes what it wrote, or, having
-    failed it first, is seen here (a plain read under READ COMMITTED would see neither
-    and leave rows written for a failed session)."""
-    return bool(
-        cur.execute(
-            "UPDATE sessions SET state=state WHERE session_id=? AND state='RUNNING'",
-            (session_id,),
-        ).rowcount
-    )
+    # (Every write transaction holds the store's write lock, so another replica cannot
+    # fail the session between this read and the caller's writes.)
+    row = cur.execute(
+        "SELECT 1 FROM sessions WHERE session_id=? AND state='RUNNING'", (session_id,)
+    ).fetchone()
+    return row is not None
 
 
 def _insert_matches(cur: Cursor, session_id: str, matches: list[MatchRow]) -> None:
@@ -285,9 +280,9 @@ class Sessions:
         rows of the tags in `drop` (`carry_in`): what an incremental run keeps of
         the result before it. Returns how many distinct records the running
         session's rows now name; None (nothing written) where it is no longer
-        running. Raises `SessionAborted` (nothing written) where `base` is not the
-        completed session whose rows are the pair's result now: the rows carried
-        would be another state's."""
+        running. Raises `RetryLater` (nothing written; the session fails, and a new
+        one plans from the pair's state as it is) where `base` is not the completed
+        session whose rows are the pair's result now: they would be another state's."""
         with self._db.transaction(staging=True) as cur:
             done = cur.execute(
                 "SELECT 1 FROM sessions b "
@@ -298,9 +293,9 @@ class Sessions:
                 (base, session_id),
             ).fetchone()
             if done is None:
-                raise SessionAborted(
-                    "the result this run would keep rows of is no longer the pair's; "
-                    "run the reconciliation again"
+                raise RetryLater(
+                    "another session of this pair replaced the result this run would "
+                    "keep rows of; run the reconciliation again"
                 )
             if not carry_in(cur, session_id, base, drop):
                 return None

@@ -130,7 +130,10 @@ def migrate(db: Database) -> int:
         )
     if 0 < found < SCHEMA_VERSION and (n := db.holders(REPLICA_SPACE)):
         # (A replica of the older version reads the version only when it starts: it
-        # would go on writing the old tables' way under the new schema.)
+        # would go on writing the old tables' way under the new schema. Replicas of
+        # this version started a moment apart: the first has migrated meanwhile.)
+        if schema_version(db) == SCHEMA_VERSION:
+            return 0
         raise ConfigError(
             f"the store {db.location} has schema version {found} and {n} replica(s) of "
             f"an older ispf-node are running over it: stop every replica, start this "
