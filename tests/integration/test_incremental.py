@@ -118,6 +118,43 @@ def test_lost_state_on_one_side_falls_back_to_a_full_run(federation: Federation)
     assert federation.reconcile("punjab", "sindh").sync == "incremental"
 
 
+def test_pair_state_from_before_schema_3_gives_whole_rows_then_carries(
+    federation: Federation,
+) -> None:
+    """A pair synced by a node before schema 3 has no session named as its result
+    (`pair_sync.session_id` empty): its next incremental run names every matched ID's
+    rows, then names that session, and the run after it carries from it; both equal
+    a full run."""
+    punjab: Registry = {f"P{i}": (f"35202{i:08d}", "BISP", "enrolled") for i in range(8)}
+    sindh: Registry = {f"S{i}": (f"35202{i:08d}", "SEHAT", "eligible") for i in range(6)}
+    federation.load("punjab", [(r, *v) for r, v in punjab.items()])
+    federation.load("sindh", [(r, *v) for r, v in sindh.items()])
+    assert federation.reconcile("punjab", "sindh").sync == "full"
+    for p in ("punjab", "sindh"):  # (as a schema-2 node left it)
+        db = RawStore(federation.nodes[p])
+        db.execute("UPDATE pair_sync SET session_id=''")
+        db.close()
+    punjab["P1"] = (punjab["P1"][0], "PSER", "suspended")
+    federation.load("punjab", [("P1", *punjab["P1"])])
+    first = federation.reconcile("punjab", "sindh")
+    assert first.sync == "incremental" and first.state == COMPLETED
+    assert got(federation, "punjab", first.session_id) == reference(punjab, sindh)
+    assert got(federation, "sindh", first.session_id) == reference(sindh, punjab)
+    for p in ("punjab", "sindh"):  # (that run's rows are the pair's result now)
+        db = RawStore(federation.nodes[p])
+        assert [str(r[0]) for r in db.execute("SELECT session_id FROM pair_sync")] == [
+            first.session_id
+        ]
+        db.close()
+    sindh["S2"] = (sindh["S2"][0], "SEHAT", "exited")
+    federation.load("sindh", [("S2", *sindh["S2"])])
+    second = federation.reconcile("punjab", "sindh")
+    assert second.sync == "incremental"
+    assert got(federation, "punjab", second.session_id) == reference(punjab, sindh)
+    assert got(federation, "sindh", second.session_id) == reference(sindh, punjab)
+    assert full_equals(federation, "punjab", "sindh", second)
+
+
 def test_a_policy_change_forces_a_full_run_with_the_new_disclosure(
     federation: Federation,
 ) -> None:
