@@ -211,10 +211,11 @@ def load_csv(
             on_batch(report)
 
     next_line = 2  # the line after the last one read (line 1 is the header)
+    asked = stop.is_set if stop is not None else lambda: False
 
     def stopping() -> None:
-        # Asked to stop: nothing of `batch` was sent; everything before it was stored
-        # (or reported).
+        # Interrupted or asked to stop between batches: nothing of `batch` was sent;
+        # everything before it was stored (or reported).
         report.stopped, report.interrupted = "interrupted", True
         report.stopped_at = int(batch[0].position) if batch else next_line
         raise _Stop
@@ -223,7 +224,7 @@ def load_csv(
         try:
             with contextlib.closing(read_ahead(path)) as items:
                 for item in items:
-                    if stop is not None and stop.is_set():
+                    if asked():
                         stopping()
                     if isinstance(item, RowProblem):
                         pending.append(item)
@@ -234,15 +235,12 @@ def load_csv(
                     batch.append(item)
                     next_line = int(item.position) + 1
                     if len(batch) >= BATCH:
-                        if stop is not None and stop.is_set():
+                        if asked():
                             stopping()
                         flush()
         except KeyboardInterrupt:
-            # Between batches, everything read so far was stored (or reported).
-            report.stopped, report.interrupted = "interrupted", True
-            report.stopped_at = int(batch[0].position) if batch else next_line
-            raise _Stop from None
-        if stop is not None and stop.is_set() and batch:  # (else everything was stored)
+            stopping()
+        if asked() and batch:  # (else everything was stored)
             stopping()
         flush()
     except _Stop:

@@ -346,12 +346,11 @@ def finish(
     # (Only from the session whose rows are the pair's result now: a plan made early
     # may name one that another session of the pair has since replaced.)
     base = side.base_session
-    now = store.pairs.sync_row(peer, epoch)
     carried = (
         carry_rows is not None
         and stage_rows is not None
         and bool(base)
-        and now is not None
+        and (now := store.pairs.sync_row(peer, epoch)) is not None
         and now.session_id == base
         and store.sessions.is_completed(base)
     )
