@@ -7,6 +7,11 @@ concurrent callers run single-ID online checks against the three peers.
 Prints figures and ratios; asserts nothing.
 
     python bench/online_incremental.py [--n 100000] [--change 0.01] [--seconds 10]
+                                       [--nights 1]
+
+`--nights N`: N rounds of "change, then reconcile incremental", as night after
+night; between them each node's background compaction of pair state (when due)
+is let finish, as a day between runs would, and its time printed on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ispf_client.forum import init_forum
 from ispf_client.loader import load_csv
 from ispf_client.sdk import NodeClient
 from ispf_client.synth import generate
+from ispf_server.storage.pairs.compaction import Compacted
 
 PROVINCES = ["punjab", "sindh", "kp", "balochistan"]
 
@@ -78,6 +84,18 @@ def change(
     return touched
 
 
+def settle(fed: LocalFederation) -> list[Compacted]:
+    """Wait for the nodes' background compactions (as the day between runs would);
+    the ones that ran since the last call."""
+    done: list[Compacted] = []
+    for node in fed.nodes.values():
+        compactor = node.store.compactor
+        compactor.wait()
+        done.extend(compactor.finished)
+        compactor.finished.clear()
+    return done
+
+
 def check_load(
     fed: LocalFederation, ids: list[str], callers: int, seconds: float
 ) -> tuple[list[float], int]:
@@ -123,6 +141,7 @@ def main() -> None:
     ap.add_argument("--change", type=float, default=0.01, help="share of records changed")
     ap.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     ap.add_argument("--workers", type=int, default=0, help="blinding processes (0: all cores)")
+    ap.add_argument("--nights", type=int, default=1, help="rounds of change + incremental run")
     args = ap.parse_args()
     rng = random.Random(7)
     digits = frozenset(DEFAULT_PROVINCE_DIGITS | {KNOWN_PROVINCES[p] for p in PROVINCES})
@@ -155,21 +174,34 @@ def main() -> None:
                 path.write_text(syn.csv_text(p))
                 load_csv(fed.clients[p], path)
             full_s, full = reconcile_all(fed, full=True)
-            touched = change(fed, data, args.change, rng)
-            inc_s, inc = reconcile_all(fed, full=False)
-            assert all(s.sync == "incremental" for s in inc)
+            nights = []
+            for _ in range(args.nights):
+                touched = change(fed, data, args.change, rng)
+                inc_s, inc = reconcile_all(fed, full=False)
+                assert all(s.sync == "incremental" for s in inc)
+                nights.append((inc_s, inc, touched, settle(fed)))
             print()
             print(f"{'reconciliation, punjab with 3 peers':40} {'seconds':>9} {'values sent':>12}")
             sent_full = sum(s.own_values + s.peer_values for s in full)
-            sent_inc = sum(s.own_values + s.peer_values for s in inc)
             print(f"{'full (cold)':40} {full_s:>9.2f} {sent_full:>12,}")
-            print(
-                f"{f'incremental after {args.change:.0%} changed':40} {inc_s:>9.2f} {sent_inc:>12,}"
-            )
+            for night, (inc_s, inc, _, _) in enumerate(nights, 1):
+                sent_inc = sum(s.own_values + s.peer_values for s in inc)
+                label = f"incremental after {args.change:.0%} changed" + (
+                    f", night {night}" if args.nights > 1 else ""
+                )
+                print(f"{label:40} {inc_s:>9.2f} {sent_inc:>12,}   {full_s / inc_s:.1f}x")
+            inc_s, _, touched, _ = nights[0]
             print(
                 f"incremental is {full_s / inc_s:.1f}x faster "
                 f"({touched:,} records changed across the 4 registries)"
             )
+            for night, (_, _, _, done) in enumerate(nights, 1):
+                if done:
+                    print(
+                        f"after night {night}: {len(done)} pair states compacted in the "
+                        f"background, {sum(c.seconds for c in done):.2f} s in all, "
+                        f"{sum(c.overlay for c in done):,} overlay rows merged"
+                    )
             ids = [r[1] for p in PROVINCES[1:] for r in data[p][:2000]]
             ids += [f"35202{rng.randrange(10**8):08d}" for _ in range(2000)]
             print()

@@ -33,6 +33,7 @@
     │   └── ResultMismatch
     ├── PeerUnavailable            UNAVAILABLE
     │   └── RetryLater             (busy, or state to rebuild: try again shortly)
+    │       ├── CompactionAbandoned (a pair's compaction given up: changed, or stopping)
     │       └── StoreUnavailable   (the node's PostgreSQL database cannot be reached)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── SelfCheckFailed            INTERNAL  (the X25519 backend disagreed with cryptography)
@@ -223,6 +224,11 @@ class PeerUnavailable(IspfError):
 
 class RetryLater(PeerUnavailable):
     """Not now: the pair is busy with another session, or its state must be rebuilt."""
+
+
+class CompactionAbandoned(RetryLater):
+    """A pair's compaction given up (the pair changed under it, or the node is
+    stopping): its state is left as it was, and a later run compacts it."""
 
 
 class StoreUnavailable(RetryLater):

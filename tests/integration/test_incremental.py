@@ -8,6 +8,7 @@ from collections import defaultdict
 import pytest
 
 from ispf.v1 import internal_pb2
+from ispf_server.storage.pairs import compaction
 from tests.conftest import Federation, RawStore
 
 COMPLETED = internal_pb2.SESSION_STATE_COMPLETED
@@ -89,6 +90,38 @@ def test_incremental_equals_full_over_random_changes(federation: Federation, see
                 assert got(federation, side, full.session_id) == got(
                     federation, side, inc.session_id
                 )
+
+
+def test_incremental_runs_over_compacted_state_equal_full_runs(federation: Federation) -> None:
+    """Both nodes compact the pair's state after every incremental run (the threshold
+    set to nothing): runs then keep answering on the compacted runs, the overlay is
+    empty after each compaction, and every result equals the full one."""
+    rng = random.Random(21)
+    pool = [f"3520{rng.randrange(10**9):09d}" for _ in range(60)]
+    regs: dict[str, Registry] = {"punjab": {}, "sindh": {}}
+    for p in regs:
+        federation.nodes[p].store.compactor.share = 0.0
+        federation.nodes[p].store.compactor.minimum = 1
+        mutate(rng, federation, p, regs[p], pool, p[:1])
+    assert federation.reconcile("punjab", "sindh").sync == "full"
+    gens: dict[str, int] = {}
+    for step in range(5):
+        for p in regs:
+            mutate(rng, federation, p, regs[p], pool, f"{p[:1]}{step}")
+        a, b = ("punjab", "sindh") if step % 2 == 0 else ("sindh", "punjab")
+        inc = federation.reconcile(a, b)
+        assert (inc.state, inc.sync) == (COMPLETED, "incremental"), inc.error
+        for p in regs:
+            store = federation.nodes[p].store
+            store.compactor.wait(60)
+            gen = store.db.fetchone("SELECT gen FROM pair_gen")
+            assert gen is not None and gen[0] > gens.get(p, 0)  # compacted: new runs
+            gens[p] = gen[0]
+            for table in compaction.OVERLAY:
+                assert store.db.fetchone(f"SELECT count(*) FROM {table}") == (0,)
+        for side, other in (("punjab", "sindh"), ("sindh", "punjab")):
+            assert got(federation, side, inc.session_id) == reference(regs[side], regs[other])
+    assert full_equals(federation, "punjab", "sindh", inc)
 
 
 def test_an_unchanged_registry_sends_nothing(federation: Federation) -> None:

@@ -23,6 +23,7 @@ from ispf_server.storage.db import Database, open_database, storage_errors, tran
 from ispf_server.storage.meta import Meta
 from ispf_server.storage.pairs import Pairs, deltas, keys
 from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.compaction import Compactor
 from ispf_server.storage.pairs.schema import SCHEMA as PAIR_SCHEMA
 from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.pairs.state import PairDelta
@@ -189,6 +190,8 @@ class Store:
         self.pairs = Pairs(db, self.meta, master_key or path.parent / "master.key")
         self._locks_lock = threading.Lock()
         self._pair_locks: dict[str, PairLock] = {}
+        # Pair state merged back into sorted runs after incremental runs, when due.
+        self.compactor = Compactor(db, self.pair_lock)
         if migrated:
             log.warning(
                 "store %s: pair keys were kept in the store by an older version; they and "
@@ -224,6 +227,9 @@ class Store:
             idx = auditlog.append(cur, session_id, entry)
         if pair_delta is not None:  # housekeeping, off the session's path
             threading.Thread(target=self.prune_changes, name="prune-changes", daemon=True).start()
+            peer, epoch, delta = pair_delta
+            if not delta.reset:  # (a full run leaves nothing on top of its runs)
+                self.compactor.after_session(peer, epoch)
         return idx
 
     @storage_errors
@@ -309,4 +315,5 @@ class Store:
         return erased
 
     def close(self) -> None:
+        self.compactor.stop()  # (a compaction running is given up at its next read)
         self.db.close()

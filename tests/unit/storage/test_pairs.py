@@ -13,8 +13,17 @@ import pytest
 
 from ispf_server.storage.pairs import deltas, lookups, schema, state
 from ispf_server.storage.pairs import runs as pairruns
-from ispf_server.storage.pairs.state import EMPTY_FP, OwnGroup, OwnTag, PairDelta, PeerGroup
+from ispf_server.storage.pairs.state import OwnGroup, OwnTag, PairDelta, PeerGroup
 from tests.unit.storage import packing
+from tests.unit.storage.pairmodel import (
+    LABELS,
+    Model,
+    check_against,
+    delta,
+    own_groups,
+    peer_groups,
+    random_step,
+)
 
 # The store backends these tests run on (the `store_backend` fixture, tests/conftest.py).
 STORE_BACKENDS = ("sqlite", "postgresql")
@@ -45,37 +54,6 @@ def db(store_backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[
     yield make
     for raw in made:
         raw.close()
-
-
-def delta(**kw: object) -> PairDelta:
-    base: dict[str, object] = {
-        "reset": False,
-        "own_added": [],
-        "own_removed": [],
-        "peer_added": [],
-        "peer_removed": [],
-        "version": 1,
-        "own_fp": EMPTY_FP,
-        "peer_fp": EMPTY_FP,
-        "policy": "p",
-    }
-    base.update(kw)
-    return PairDelta(**base)  # type: ignore[arg-type]
-
-
-def own_groups(own: dict[str, OwnTag]) -> list[OwnGroup]:
-    by: dict[str, OwnGroup] = {}
-    for nid, o in own.items():
-        by.setdefault(o.labels, OwnGroup(o.labels, [], [])).nids.append(nid)
-        by[o.labels].tags.append(o.tag)
-    return list(by.values())
-
-
-def peer_groups(peer: dict[bytes, str]) -> list[PeerGroup]:
-    by: dict[str, PeerGroup] = {}
-    for tag, labels in peer.items():
-        by.setdefault(labels, PeerGroup(labels, [])).tags.append(tag)
-    return list(by.values())
 
 
 def rows(conn: Conn) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
@@ -148,30 +126,6 @@ def test_reset_clears_only_this_pair(db: Callable[[], Conn]) -> None:
     assert [r[0] for r in own] == ["punjab"]
 
 
-class Model:
-    """The pair state as plain dicts: what the store must answer after any deltas."""
-
-    def __init__(self) -> None:
-        self.own: dict[str, OwnTag] = {}
-        self.peer: dict[bytes, str] = {}
-
-    def matches(self) -> dict[str, tuple[bytes, str]]:
-        return {n: (o.tag, self.peer[o.tag]) for n, o in self.own.items() if o.tag in self.peer}
-
-
-def check_against(conn: Conn, model: Model, probe_nids: list[str]) -> None:
-    own = lookups.own_by_nids(conn, "sindh", 1, probe_nids)
-    assert own == {n: model.own[n] for n in probe_nids if n in model.own}
-    all_own_tags = [o.tag for o in model.own.values()] + [os.urandom(16)]
-    by_tag = lookups.own_by_tags(conn, "sindh", 1, all_own_tags)
-    assert by_tag == {o.tag: (n, o.labels) for n, o in model.own.items()}
-    peer_tags = [*model.peer, os.urandom(16)]
-    assert lookups.peer_by_tags(conn, "sindh", 1, peer_tags) == model.peer
-    got = {n: (t, lb) for n, t, lb in lookups.matched_state(conn, "sindh", 1)}
-    assert len(got) == len(lookups.matched_state(conn, "sindh", 1))  # no ID twice
-    assert got == model.matches()
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_runs_plus_rows_answer_like_the_model_after_random_deltas(
     seed: int, db: Callable[[], Conn]
@@ -179,7 +133,7 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(
     """A full run writes sorted runs; incremental deltas go on top as rows and
     tombstones. Every lookup must equal a plain model of the state, throughout."""
     rng = random.Random(seed)
-    labels = ['["P/a"]', '["P/b"]', '["P/a","Q/c"]']
+    labels = LABELS
     nids = [f"35202{i:08d}" for i in range(3000)]
     tag_of = {n: rng.randbytes(16) for n in nids}  # fixed keys: an ID's tag never changes
     conn = db()
@@ -201,34 +155,7 @@ def test_runs_plus_rows_answer_like_the_model_after_random_deltas(
     assert conn.execute("SELECT count(*) FROM own_tags").fetchone() == (0,)  # all in runs
     check_against(conn, model, rng.sample(nids, 400))
     for _ in range(5):  # incremental runs: add, relabel, remove on both sides
-        own_added: dict[str, OwnTag] = {}
-        own_removed: list[str] = []
-        for n in rng.sample(nids, 200):
-            if n in model.own and rng.random() < 0.4:
-                own_removed.append(n)
-                del model.own[n]
-            else:
-                if n in model.own:
-                    own_removed.append(n)  # a relabel removes and adds
-                model.own[n] = own_added[n] = OwnTag(rng.choice(labels), tag_of[n])
-        peer_added: dict[bytes, str] = {}
-        peer_removed: list[bytes] = []
-        for n in rng.sample(nids, 150):
-            t = tag_of[n]
-            if t in model.peer and rng.random() < 0.5:
-                peer_removed.append(t)
-                del model.peer[t]
-            else:
-                if t in model.peer:
-                    peer_removed.append(t)
-                model.peer[t] = peer_added[t] = rng.choice(labels)
-        step = delta(
-            own_added=own_groups(own_added),
-            own_removed=own_removed,
-            peer_added=peer_groups(peer_added),
-            peer_removed=peer_removed,
-        )
-        deltas.apply_delta(conn.cursor(), "sindh", 1, step)
+        deltas.apply_delta(conn.cursor(), "sindh", 1, random_step(rng, model, nids, tag_of))
         check_against(conn, model, rng.sample(nids, 400))
     # A later full run replaces everything, runs and rows and tombstones alike.
     model = Model()

@@ -123,8 +123,7 @@ def matched_state(db: Connection, peer: str, epoch: int) -> list[tuple[str, byte
     """(nid, tag, peer labels) of own IDs whose tag the peer also holds: the matches."""
     out: list[tuple[str, bytes, str]] = []
     pair = (peer, epoch)
-    held = pairruns.held(db, peer, epoch)
-    if held:
+    if pairruns.held(db, peer, epoch):
         own_gone = {
             str(r[0]) for r in db.execute("SELECT nid FROM own_gone WHERE peer=? AND epoch=?", pair)
         }
@@ -137,15 +136,22 @@ def matched_state(db: Connection, peer: str, epoch: int) -> list[tuple[str, byte
             nid, tag = rec[NID_LED_NID].decode("ascii"), rec[NID_LED_TAG]
             if nid not in own_gone and tag not in peer_gone:
                 out.append((nid, tag, ls[rec[NID_LED_LSID]]))
-    # Own rows (changed since the run) against the peer's current tags.
+    out.extend(overlay_matches(db, peer, epoch))
+    return out
+
+
+def overlay_matches(db: Connection, peer: str, epoch: int) -> list[tuple[str, bytes, str]]:
+    """The matches the rows make (`matched_state` less the matched run's entries
+    not tombstoned): own rows against the peer's current tags, and the peer's rows
+    against own IDs as the runs hold them. (What a compaction adds to the run.)"""
+    pair = (peer, epoch)
     own_rows = [
         (str(n), bytes(t))
         for n, t in db.execute("SELECT nid, tag FROM own_tags WHERE peer=? AND epoch=?", pair)
     ]
     theirs = peer_by_tags(db, peer, epoch, [t for _, t in own_rows])
-    out.extend((n, t, theirs[t]) for n, t in own_rows if t in theirs)
-    # The peer's rows against own IDs still as the run holds them.
-    if held:
+    out = [(n, t, theirs[t]) for n, t in own_rows if t in theirs]
+    if pairruns.held(db, peer, epoch):
         peer_rows = {
             bytes(t): str(lb)
             for t, lb in db.execute(

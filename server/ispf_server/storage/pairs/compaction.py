@@ -1,0 +1,414 @@
+"""Compaction: a pair's overlay merged back into its sorted runs.
+
+A full run writes the pair's state as sorted runs (`runs`). Each incremental run
+writes only what changed, as rows on top (`own_tags`, `peer_tags`) with
+tombstones for the run entries they replace or remove (`own_gone`, `peer_gone`).
+Lookups merge the two, and every incremental run reads the whole overlay once
+(`lookups.overlay_matches`), so as nights pass the overlay adds to the cost of
+each run. Once it passes a share of the base (`Size.due`), the node rewrites the
+runs from the merged state and clears the overlay (`compact`), in the background
+after the session that made it due, under the pair's lock.
+
+The pair's state does not change, only how it is kept: the same entries, the
+same fingerprints and sync row, the same result rows. The new generation is
+staged piece by piece like a full run's (`RunStager`), reading the old runs a
+batch of parts at a time (no store lock held for long, and no run whole in
+memory: only the overlay, which `due` bounds), and becomes current in one
+transaction that also clears the overlay, and only if the pair is still as the
+compaction found it (same generation, same sync row, every part staged);
+otherwise the staging is dropped and the state is left as it was. A node killed
+while compacting leaves a staged generation that nothing reads, dropped by the
+pair's next staging.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ispf.errors import CompactionAbandoned as Abandoned
+from ispf_server.records import ascending, merge_sorted
+from ispf_server.storage.db import Connection, Database
+from ispf_server.storage.pairs import lookups
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.runs import (
+    MATCHED,
+    NID_LED_TAG,
+    OWN_NID,
+    OWN_TAG,
+    PEER_TAG,
+    TAG_LED_NID,
+    Kind,
+)
+from ispf_server.storage.pairs.staging import RunStager
+from ispf_server.storage.pairs.state import SyncRow
+
+log = logging.getLogger(__name__)
+
+# A compaction is due when the overlay (rows and tombstones) holds this share of the
+# base's entries (own IDs and peer tags in the runs), and at least MINIMUM rows: a
+# small pair's overlay costs little to read, and rewriting its runs after every run
+# would gain nothing.
+SHARE = 0.05
+MINIMUM = 4096
+PARTS_PER_READ = 64  # parts of a run read per query (and per hold of the store's lock)
+OVERLAY = ("own_tags", "peer_tags", "own_gone", "peer_gone")
+
+
+@dataclass(frozen=True)
+class Size:
+    overlay: int  # rows and tombstones on top of the runs
+    base: int  # own IDs and peer tags in the runs (whole parts, an upper bound)
+
+    def due(self, share: float = SHARE, minimum: int = MINIMUM) -> bool:
+        return self.overlay > 0 and self.overlay >= max(minimum, share * self.base)
+
+
+@dataclass(frozen=True)
+class Compacted:
+    overlay: int  # rows and tombstones merged away
+    records: int  # entries of the new runs (own IDs, own tags, peer tags, matches)
+    seconds: float
+
+
+def size(db: Connection, peer: str, epoch: int) -> Size:
+    """How large the pair's overlay is against its base: index-only counts."""
+    pair = (peer, epoch)
+    overlay = sum(
+        int(db.execute(f"SELECT count(*) FROM {t} WHERE peer=? AND epoch=?", pair).fetchone()[0])  # noqa: S608
+        for t in OVERLAY
+    )
+    gen = pairruns.current(db, peer, epoch)
+    parts = 0
+    if gen is not None:
+        parts = int(
+            db.execute(
+                "SELECT count(*) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
+                "AND kind IN (?, ?)",
+                (*pair, gen, OWN_NID.name, PEER_TAG.name),
+            ).fetchone()[0]
+        )
+    return Size(overlay, parts * pairruns.PART_RECORDS)
+
+
+def _sync_row(db: Connection, peer: str, epoch: int) -> SyncRow | None:
+    row = db.execute(
+        "SELECT version, own_fp, peer_fp, policy, session_id FROM pair_sync "
+        "WHERE peer=? AND epoch=?",
+        (peer, epoch),
+    ).fetchone()
+    if row is None:
+        return None
+    return SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3]), str(row[4]))
+
+
+@dataclass
+class _Overlay:
+    """The overlay as the new runs' records, each list sorted, and the keys of the
+    base's entries to leave out, by run."""
+
+    add: dict[str, list[bytes]]
+    drop: dict[str, list[bytes]]
+    labelsets: dict[str, int]  # label set text -> number, the base's and the rows'
+    rows: int
+
+
+def _read_overlay(db: Database, peer: str, epoch: int, gen: int | None) -> _Overlay:
+    pair = (peer, epoch)
+    with db.reading() as conn:
+        own = [
+            (str(n), str(lb), bytes(t))
+            for n, lb, t in conn.execute(
+                "SELECT nid, labels, tag FROM own_tags WHERE peer=? AND epoch=?", pair
+            )
+        ]
+        peer_rows = [
+            (bytes(t), str(lb))
+            for t, lb in conn.execute(
+                "SELECT tag, labels FROM peer_tags WHERE peer=? AND epoch=?", pair
+            )
+        ]
+        own_gone = sorted(
+            str(r[0])
+            for r in conn.execute("SELECT nid FROM own_gone WHERE peer=? AND epoch=?", pair)
+        )
+        peer_gone = sorted(
+            bytes(r[0])
+            for r in conn.execute("SELECT tag FROM peer_gone WHERE peer=? AND epoch=?", pair)
+        )
+        base_ls = pairruns.labelsets(conn, peer, epoch) if gen is not None else {}
+    with db.reading() as conn:
+        matched = lookups.overlay_matches(conn, peer, epoch)
+    # The base's entries the tombstones remove, in every run: an own ID's entry by
+    # tag too (its tag in the base), and a match by the own ID holding the peer tag
+    # that went.
+    gone_nids = [n.encode("ascii") for n in own_gone if n.isascii() and len(n) == pairruns.NID]
+    with db.reading() as conn:
+        own_base = pairruns.lookup(conn, peer, epoch, OWN_NID, gone_nids) if gen is not None else {}
+    with db.reading() as conn:
+        owners = pairruns.lookup(conn, peer, epoch, OWN_TAG, peer_gone) if gen is not None else {}
+    labelsets: dict[str, int] = {}
+    for key, text in sorted(base_ls.items()):
+        labelsets.setdefault(text, int.from_bytes(key, "big"))
+
+    def lsid(text: str) -> bytes:
+        n = labelsets.get(text)
+        if n is None:
+            n = labelsets[text] = max(labelsets.values(), default=-1) + 1
+        return pairruns.lsid(n)
+
+    def ascii_nid(nid: str) -> bytes:
+        raw = nid.encode("ascii", "replace")
+        if len(raw) != pairruns.NID or not raw.isdigit():
+            raise Abandoned(f"an own ID of the pair with {peer} is not 13 digits: not packed")
+        return raw
+
+    add = {
+        OWN_NID.name: [ascii_nid(n) + t + lsid(lb) for n, lb, t in own],
+        OWN_TAG.name: [t + ascii_nid(n) + lsid(lb) for n, lb, t in own],
+        PEER_TAG.name: [t + lsid(lb) for t, lb in peer_rows],
+        MATCHED.name: [ascii_nid(n) + t + lsid(lb) for n, t, lb in matched],
+    }
+    for recs in add.values():
+        recs.sort()
+    matched_drop = set(gone_nids) | {rec[TAG_LED_NID] for rec in owners.values()}
+    drop = {
+        OWN_NID.name: sorted(own_base),
+        OWN_TAG.name: sorted(rec[NID_LED_TAG] for rec in own_base.values()),
+        PEER_TAG.name: sorted(peer_gone),
+        MATCHED.name: sorted(matched_drop),
+    }
+    rows = len(own) + len(peer_rows) + len(own_gone) + len(peer_gone)
+    return _Overlay(add, drop, labelsets, rows)
+
+
+def _parts(
+    db: Database, peer: str, epoch: int, gen: int, kind: Kind, stopping: Callable[[], bool]
+) -> Iterator[tuple[bytes, bytes]]:
+    """(last key, records) of each part of a run, in order, a batch per read."""
+    at = 0
+    while True:
+        if stopping():
+            raise Abandoned("the node is stopping")
+        with db.reading() as conn:
+            rows = conn.execute(
+                "SELECT part, last, data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
+                "AND kind=? AND part >= ? ORDER BY part LIMIT ?",
+                (peer, epoch, gen, kind.name, at, PARTS_PER_READ),
+            ).fetchall()
+        if not rows:
+            return
+        for _, last, data in rows:
+            yield bytes(last), bytes(data)
+        at = int(rows[-1][0]) + 1
+
+
+def _without(data: bytes, kind: Kind, keys: list[bytes]) -> bytes:
+    """A part's sorted records less those whose key is among `keys` (sorted)."""
+    w, k = kind.width, kind.key
+    n = len(data) // w
+    cut: list[int] = []
+    lo = 0
+    for key in keys:
+        i = bisect_left(range(n), key, lo=lo, key=lambda j: data[j * w : j * w + k])
+        if i < n and data[i * w : i * w + k] == key:
+            cut.append(i)
+        lo = i
+    if not cut:
+        return data
+    out, start = bytearray(), 0
+    for i in cut:
+        out += data[start * w : i * w]
+        start = i + 1
+    out += data[start * w :]
+    return bytes(out)
+
+
+def merged(
+    base: Iterator[tuple[bytes, bytes]], kind: Kind, drop: list[bytes], add: list[bytes]
+) -> Iterator[bytes]:
+    """A run's sorted records: the base's parts less the dropped keys, with the added
+    records (sorted) merged in where they fall."""
+    add_keys = [rec[: kind.key] for rec in add]
+    d = a = 0
+    for last, data in base:
+        d_end = bisect_right(drop, last, lo=d)
+        if d_end > d:
+            data = _without(data, kind, drop[d:d_end])
+            d = d_end
+        a_end = bisect_right(add_keys, last, lo=a)
+        if a_end > a:
+            data = merge_sorted([data, b"".join(add[a:a_end])], kind.width)
+            a = a_end
+        if data:
+            yield data
+    if a < len(add):
+        yield b"".join(add[a:])
+
+
+def compact(
+    db: Database, peer: str, epoch: int, stopping: Callable[[], bool] = lambda: False
+) -> Compacted | None:
+    """Rewrite the pair's runs from its merged state and clear its overlay (see the
+    module's notes). The caller holds the pair's lock. None: the pair has no state;
+    `Abandoned` where the pair changed meanwhile or `stopping()` became true (its
+    state then left as it was)."""
+    t0 = time.perf_counter()
+    with db.reading() as conn:
+        start = _sync_row(conn, peer, epoch)
+        gen = pairruns.current(conn, peer, epoch)
+    if start is None:
+        return None
+    overlay = _read_overlay(db, peer, epoch, gen)
+    stager = RunStager(db, peer, epoch)
+    written: dict[str, int] = {}
+    records = 0
+    try:
+        for kind in pairruns.KINDS:
+            base: Iterator[tuple[bytes, bytes]] = (
+                iter(()) if gen is None else _parts(db, peer, epoch, gen, kind, stopping)
+            )
+            run = stager.writer(kind)
+            size = 0
+            for chunk in ascending(
+                merged(base, kind, overlay.drop[kind.name], overlay.add[kind.name]),
+                kind.width,
+                kind.key,
+            ):
+                run.append(chunk)
+                size += len(chunk)
+            run.close()
+            written[kind.name] = -(-size // (pairruns.PART_RECORDS * kind.width))
+            records += size // kind.width
+        new = stager.done(overlay.labelsets)
+        with db.transaction() as cur:
+            conn = cur.connection
+            staged = dict(
+                conn.execute(
+                    "SELECT kind, count(*) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
+                    "GROUP BY kind",
+                    (peer, epoch, new),
+                ).fetchall()
+            )
+            parts = {k: v for k, v in written.items() if v}
+            whole = {k: int(v) for k, v in staged.items()} == parts
+            same = (
+                _sync_row(conn, peer, epoch) == start
+                and pairruns.current(conn, peer, epoch) == gen
+                and whole
+            )
+            if not same:
+                raise Abandoned(f"the pair state with {peer} changed while it was compacted")
+            pairruns.activate(cur, peer, epoch, new)
+            for table in OVERLAY:
+                cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
+    except BaseException:
+        if not db.closed:
+            with contextlib.suppress(Exception), db.transaction() as cur:
+                pairruns.drop_staged(cur, peer, epoch)
+        raise
+    return Compacted(overlay.rows, records, time.perf_counter() - t0)
+
+
+class Lock(Protocol):
+    """What a compaction uses of a pair's lock (`PairLock`, or `threading.Lock`)."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class Compactor:
+    """Compactions after sessions, one thread each, and their end at shutdown.
+
+    `after_session`: a pair whose incremental run just committed is compacted if due
+    (`Size.due`), in a thread of its own that waits for the pair's lock (the session
+    holds it until it ends), so the next session with the peer waits for it in turn.
+    `stop`: the compactions running are given up at their next read, and waited for."""
+
+    LOCK_WAIT = 600.0  # seconds a compaction waits for the pair's lock before giving up
+
+    def __init__(
+        self,
+        db: Database,
+        pair_lock: Callable[[str], Lock],
+        *,
+        share: float = SHARE,
+        minimum: int = MINIMUM,
+    ) -> None:
+        self._db, self._pair_lock = db, pair_lock
+        self.share, self.minimum = share, minimum
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.finished: collections.deque[Compacted] = collections.deque(maxlen=100)
+        self._guard = threading.Lock()
+
+    def after_session(self, peer: str, epoch: int) -> None:
+        if self._stopping.is_set():
+            return
+        t = threading.Thread(
+            target=self._run, args=(peer, epoch), name=f"compact-{peer}", daemon=True
+        )
+        with self._guard:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def run_now(self, peer: str, epoch: int) -> Compacted | None:
+        """Compact the pair if due, in this thread (waits for the pair's lock)."""
+        lock = self._pair_lock(peer)
+        if not lock.acquire(timeout=self.LOCK_WAIT):
+            log.warning("pair state with %s not compacted: its lock stayed busy", peer)
+            return None
+        try:
+            if self._stopping.is_set():
+                return None
+            with self._db.reading() as conn:
+                due = size(conn, peer, epoch).due(self.share, self.minimum)
+            if not due:
+                return None
+            done = compact(self._db, peer, epoch, self._stopping.is_set)
+        finally:
+            lock.release()
+        if done is not None:
+            self.finished.append(done)
+            log.info(
+                "pair state with %s (epoch %d) compacted: %d overlay rows merged into "
+                "%d run records in %.1f s",
+                peer,
+                epoch,
+                done.overlay,
+                done.records,
+                done.seconds,
+            )
+        return done
+
+    def _run(self, peer: str, epoch: int) -> None:
+        try:
+            self.run_now(peer, epoch)
+        except Abandoned as exc:
+            log.info("pair state with %s not compacted: %s", peer, exc.message)
+        except Exception as exc:  # housekeeping: the state stays as it was, and correct
+            if not self._db.closed:
+                log.warning(
+                    "pair state with %s not compacted (%s); the next run will try again",
+                    peer,
+                    type(exc).__name__,
+                )
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the compactions started so far to end."""
+        with self._guard:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self.wait(timeout)

@@ -1,0 +1,205 @@
+"""Compaction merges a pair's overlay (rows and tombstones over its sorted runs) into
+a new generation of runs: every lookup answers as before, the overlay is empty
+after, and a compaction that the pair changed under, or that was stopped,
+leaves the state as it was. On both store backends."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ispf.errors import CompactionAbandoned, RepeatedKey
+from ispf_server.storage import Store
+from ispf_server.storage.pairs import compaction, deltas
+from ispf_server.storage.pairs.compaction import Compactor, Size
+from ispf_server.storage.pairs.staging import RunStager
+from ispf_server.storage.pairs.state import OwnTag, PairDelta
+from tests.conftest import StoreUrls
+from tests.unit.storage import packing
+from tests.unit.storage.pairmodel import (
+    LABELS,
+    Model,
+    check_against,
+    delta,
+    own_groups,
+    peer_groups,
+    random_step,
+)
+
+STORE_BACKENDS = ("sqlite", "postgresql")
+PEER, EPOCH = "sindh", 1
+
+
+@pytest.fixture
+def store(tmp_path: Path, store_urls: StoreUrls) -> Iterator[Store]:
+    url = store_urls(["punjab"]).get("punjab", "")
+    if url:
+        s = Store(tmp_path / "postgresql", tmp_path / "master.key", url=url)
+    else:
+        s = Store(tmp_path / "node.sqlite", tmp_path / "master.key")
+    yield s
+    s.close()
+
+
+def apply(store: Store, d: PairDelta) -> None:
+    with store.db.transaction() as cur:
+        deltas.apply_delta(cur, PEER, EPOCH, d)
+
+
+def full_run(store: Store, model: Model) -> None:
+    own, peer = own_groups(model.own), peer_groups(model.peer)
+    with store.db.transaction() as cur:
+        staged = packing.staged(cur.connection, PEER, EPOCH, own, peer, model.matches())
+    apply(store, delta(reset=True, staged=staged))
+
+
+def check(store: Store, model: Model, rng: random.Random, nids: list[str]) -> None:
+    with store.db.reading() as conn:
+        check_against(conn, model, rng.sample(nids, 400))
+
+
+def overlay(store: Store) -> int:
+    with store.db.reading() as conn:
+        return compaction.size(conn, PEER, EPOCH).overlay
+
+
+def generations(store: Store) -> set[int]:
+    return {int(r[0]) for r in store.db.fetchall("SELECT DISTINCT gen FROM pair_runs")}
+
+
+def sync_row(store: Store) -> tuple[object, ...] | None:
+    return store.db.fetchone("SELECT * FROM pair_sync")
+
+
+def setup(seed: int, store: Store) -> tuple[random.Random, Model, list[str], dict[str, bytes]]:
+    """A full run's state: half of 3000 IDs own, a peer holding some of their tags."""
+    rng = random.Random(seed)
+    nids = [f"35202{i:08d}" for i in range(3000)]
+    tag_of = {n: rng.randbytes(16) for n in nids}  # fixed keys: an ID's tag never changes
+    model = Model()
+    for n in rng.sample(nids, 1500):
+        model.own[n] = OwnTag(rng.choice(LABELS), tag_of[n])
+    for n in rng.sample(nids, 1200):
+        model.peer[tag_of[n]] = rng.choice(LABELS)
+    model.peer.update({rng.randbytes(16): LABELS[0] for _ in range(300)})
+    full_run(store, model)
+    return rng, model, nids, tag_of
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_compacted_state_answers_like_the_model_and_keeps_no_overlay(
+    seed: int, store: Store
+) -> None:
+    rng, model, nids, tag_of = setup(seed, store)
+    for night in range(6):
+        apply(store, random_step(rng, model, nids, tag_of))
+        check(store, model, rng, nids)
+        if night % 2:  # compacted after every other night: runs, then rows on compacted runs
+            before = sync_row(store)
+            done = compaction.compact(store.db, PEER, EPOCH)
+            assert done is not None and done.overlay > 0
+            assert overlay(store) == 0
+            assert sync_row(store) == before  # the state is the same: fingerprints, session
+            assert len(generations(store)) == 1  # the old runs went with the overlay
+            check(store, model, rng, nids)
+
+
+def test_rows_without_runs_become_runs(store: Store) -> None:
+    rng = random.Random(4)
+    nids = [f"35202{i:08d}" for i in range(600)]
+    tag_of = {n: rng.randbytes(16) for n in nids}
+    model = Model()
+    apply(store, random_step(rng, model, nids, tag_of))  # a pair whose state is rows only
+    apply(store, random_step(rng, model, nids, tag_of))
+    assert generations(store) == set()
+    assert compaction.compact(store.db, PEER, EPOCH) is not None
+    assert overlay(store) == 0 and len(generations(store)) == 1
+    check(store, model, rng, nids)
+    apply(store, random_step(rng, model, nids, tag_of))  # rows and tombstones on top again
+    check(store, model, rng, nids)
+
+
+def test_a_pair_without_state_is_left_alone(store: Store) -> None:
+    assert compaction.compact(store.db, PEER, EPOCH) is None
+    assert generations(store) == set()
+
+
+def test_a_change_made_while_compacting_abandons_it_and_loses_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pair's lock keeps sessions out while a compaction runs; should anything
+    change the pair's state meanwhile (an epoch retired, a session's commit), the
+    compaction must not clear rows it never merged."""
+    rng, model, nids, tag_of = setup(7, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    late = random_step(rng, model, nids, tag_of)
+    late.version = 2  # (a session's commit writes a new sync row)
+    done = RunStager.done
+
+    def commit_first(self: RunStager, labelsets: dict[str, int]) -> int:
+        apply(store, late)
+        return done(self, labelsets)
+
+    monkeypatch.setattr(RunStager, "done", commit_first)
+    with pytest.raises(CompactionAbandoned):
+        compaction.compact(store.db, PEER, EPOCH)
+    monkeypatch.undo()
+    check(store, model, rng, nids)
+    assert len(generations(store)) == 1  # the staging was dropped
+    assert compaction.compact(store.db, PEER, EPOCH) is not None  # and the next one works
+    check(store, model, rng, nids)
+
+
+def test_a_stopped_compaction_leaves_the_state_as_it_was(store: Store) -> None:
+    rng, model, nids, tag_of = setup(8, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    rows = overlay(store)
+    reads = iter(range(3))
+    with pytest.raises(CompactionAbandoned):
+        compaction.compact(store.db, PEER, EPOCH, stopping=lambda: next(reads, 99) == 99)
+    assert overlay(store) == rows and len(generations(store)) == 1
+    check(store, model, rng, nids)
+
+
+def test_a_broken_invariant_fails_the_compaction_not_the_state(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overlay entry that a tombstone does not cover would put a key in a run twice:
+    the merged runs are checked to ascend, and the compaction fails instead."""
+    rng, model, nids, tag_of = setup(9, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    store.db.write("DELETE FROM peer_gone")  # (what no delta ever leaves)
+    with pytest.raises(RepeatedKey):
+        compaction.compact(store.db, PEER, EPOCH)
+    assert len(generations(store)) == 1 and overlay(store) > 0
+
+
+def test_due_when_the_overlay_passes_its_share_of_the_base() -> None:
+    assert not Size(0, 0).due()
+    assert not Size(compaction.MINIMUM - 1, 0).due()
+    assert Size(compaction.MINIMUM, 0).due()
+    assert not Size(49_999, 1_000_000).due()
+    assert Size(50_000, 1_000_000).due()
+    assert Size(1, 10).due(share=0.05, minimum=1)
+
+
+def test_after_a_session_the_compaction_waits_for_the_pairs_lock(store: Store) -> None:
+    rng, model, nids, tag_of = setup(10, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1)
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)  # the session that committed still holds it
+    compactor.after_session(PEER, EPOCH)
+    threading.Event().wait(0.3)
+    assert overlay(store) > 0
+    lock.release()
+    compactor.wait(30)
+    assert overlay(store) == 0
+    check(store, model, rng, nids)
+    compactor.after_session(PEER, EPOCH)  # nothing due: nothing done
+    compactor.wait(30)
+    assert len(generations(store)) == 1
