@@ -85,9 +85,10 @@ pytest-portable: dev ## the core tests again, with the native modules switched o
 	ISPF_NATIVE=0 $(BIN)/python -m pytest -q tests/unit tests/integration/test_reconcile.py \
 	  tests/integration/test_incremental.py tests/integration/test_online_check.py
 
-bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full vs incremental; checks (nodes in their own processes); registry load vs plain SQLite; 1M x 1M vs SecretFlow and OpenMined
+bench: dev ## benchmarks (figures, not pass/fail): blinding vs raw X25519; full vs incremental; pair-state overlay vs compacted; checks (nodes in their own processes); registry load vs plain SQLite; 1M x 1M vs SecretFlow and OpenMined
 	$(BIN)/python bench/blinding.py
 	$(BIN)/python bench/online_incremental.py $(BENCH_ARGS)
+	$(BIN)/python bench/compaction.py
 	$(BIN)/python bench/checks.py $(CHECKS_ARGS)
 	$(BIN)/python bench/load.py $(LOAD_BENCH_ARGS)
 	$(BIN)/python bench/psi_compare.py --write $(COMPARE_ARGS)

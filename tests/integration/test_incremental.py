@@ -102,6 +102,7 @@ def test_incremental_runs_over_compacted_state_equal_full_runs(federation: Feder
     for p in regs:
         federation.nodes[p].store.compactor.share = 0.0
         federation.nodes[p].store.compactor.minimum = 1
+        federation.nodes[p].store.compactor.quiet = 0.0
         mutate(rng, federation, p, regs[p], pool, p[:1])
     assert federation.reconcile("punjab", "sindh").sync == "full"
     gens: dict[str, int] = {}

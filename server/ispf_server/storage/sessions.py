@@ -326,6 +326,10 @@ class Sessions:
         rows = self._db.fetchall("SELECT * FROM sessions WHERE state='RUNNING'")
         return [SessionRow(*r) for r in rows]
 
+    def any_running(self) -> bool:
+        """Whether a session is running over this store (any replica's)."""
+        return self._db.fetchone("SELECT 1 FROM sessions WHERE state='RUNNING' LIMIT 1") is not None
+
     def all(self) -> list[SessionRow]:
         rows = self._db.fetchall("SELECT * FROM sessions ORDER BY started_at")
         return [SessionRow(*r) for r in rows]

@@ -191,7 +191,7 @@ class Store:
         self._locks_lock = threading.Lock()
         self._pair_locks: dict[str, PairLock] = {}
         # Pair state merged back into sorted runs after incremental runs, when due.
-        self.compactor = Compactor(db, self.pair_lock)
+        self.compactor = Compactor(db, self.pair_lock, self.sessions.any_running)
         if migrated:
             log.warning(
                 "store %s: pair keys were kept in the store by an older version; they and "

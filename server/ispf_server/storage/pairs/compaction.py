@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 # base's entries (own IDs and peer tags in the runs), and at least MINIMUM rows: a
 # small pair's overlay costs little to read, and rewriting its runs after every run
 # would gain nothing.
-SHARE = 0.05
+SHARE = 0.02
 MINIMUM = 4096
 PARTS_PER_READ = 64  # parts of a run read per query (and per hold of the store's lock)
 OVERLAY = ("own_tags", "peer_tags", "own_gone", "peer_gone")
@@ -326,39 +326,59 @@ class Lock(Protocol):
 
 
 class Compactor:
-    """Compactions after sessions, one thread each, and their end at shutdown.
+    """Compactions after sessions, in the background, and their end at shutdown.
 
     `after_session`: a pair whose incremental run just committed is compacted if due
-    (`Size.due`), in a thread of its own that waits for the pair's lock (the session
-    holds it until it ends), so the next session with the peer waits for it in turn.
-    `stop`: the compactions running are given up at their next read, and waited for."""
+    (`Size.due`), in a thread of its own, once the node is quiet: no batch session
+    running and none ended for `quiet` seconds (a nightly job's runs with its peers
+    follow each other; its compactions then wait until the last has ended, and take
+    no CPU from them), or after `LONGEST_WAIT` regardless. It holds the pair's lock
+    while it runs, so a session with that peer waits for it. One compaction per
+    pair is pending at a time. `stop`: compactions waiting or running are given up
+    (a running one at its next read), and waited for."""
 
     LOCK_WAIT = 600.0  # seconds a compaction waits for the pair's lock before giving up
+    QUIET = 15.0  # seconds without a batch session on the node before compacting
+    LONGEST_WAIT = 3600.0  # a node never quiet this long compacts anyway
 
     def __init__(
         self,
         db: Database,
         pair_lock: Callable[[str], Lock],
+        busy: Callable[[], bool] = lambda: False,
         *,
         share: float = SHARE,
         minimum: int = MINIMUM,
+        quiet: float = QUIET,
     ) -> None:
-        self._db, self._pair_lock = db, pair_lock
-        self.share, self.minimum = share, minimum
+        self._db, self._pair_lock, self._busy = db, pair_lock, busy
+        self.share, self.minimum, self.quiet = share, minimum, quiet
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.finished: collections.deque[Compacted] = collections.deque(maxlen=100)
+        self._pending: set[tuple[str, int]] = set()
+        self._last_session = time.monotonic()
         self._guard = threading.Lock()
+        self.finished: collections.deque[Compacted] = collections.deque(maxlen=100)
 
     def after_session(self, peer: str, epoch: int) -> None:
-        if self._stopping.is_set():
-            return
-        t = threading.Thread(
-            target=self._run, args=(peer, epoch), name=f"compact-{peer}", daemon=True
-        )
+        self._last_session = time.monotonic()
         with self._guard:
+            if self._stopping.is_set() or (peer, epoch) in self._pending:
+                return
+            self._pending.add((peer, epoch))
+            t = threading.Thread(
+                target=self._run, args=(peer, epoch), name=f"compact-{peer}", daemon=True
+            )
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
+
+    def _wait_for_quiet(self) -> None:
+        deadline = time.monotonic() + self.LONGEST_WAIT
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            idle = time.monotonic() - self._last_session
+            if idle >= self.quiet and not self._busy():
+                return
+            self._stopping.wait(min(1.0, max(0.05, self.quiet - idle)))
 
     def run_now(self, peer: str, epoch: int) -> Compacted | None:
         """Compact the pair if due, in this thread (waits for the pair's lock)."""
@@ -391,6 +411,11 @@ class Compactor:
 
     def _run(self, peer: str, epoch: int) -> None:
         try:
+            try:
+                self._wait_for_quiet()
+            finally:
+                with self._guard:
+                    self._pending.discard((peer, epoch))  # (a later run's comes after this)
             self.run_now(peer, epoch)
         except Abandoned as exc:
             log.info("pair state with %s not compacted: %s", peer, exc.message)

@@ -1,0 +1,116 @@
+"""What a pair's incremental overlay costs each run, and what compacting it gives back.
+
+One store (SQLite, a temporary folder), one pair: a full run's state of N own IDs
+and N peer tags (a tenth of them shared) written as sorted runs, then night after
+night 1% of each side changed as an incremental run leaves it (rows on top of the
+runs, tombstones for what they replace). After each night, the state reads an
+incremental run makes (the pair's whole matched state, and lookups of 1% of the
+IDs and tags) are timed, best of three; then the overlay is compacted and the
+same reads timed again. Prints seconds and the ratios, measured in this run.
+Asserts nothing: figures, not pass/fail.
+
+    python bench/compaction.py [--n 300000] [--nights 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ispf_server.storage import Store
+from ispf_server.storage.pairs import compaction, deltas, lookups
+from ispf_server.storage.pairs.state import OwnTag
+from tests.unit.storage import packing  # (a full run's runs, built in memory)
+from tests.unit.storage.pairmodel import (
+    LABELS,
+    Model,
+    delta,
+    own_groups,
+    peer_groups,
+    random_step,
+)
+
+PEER, EPOCH = "sindh", 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=300_000, help="own IDs and peer tags")
+    ap.add_argument("--nights", type=int, default=5, help="nights of 1%% changes")
+    args = ap.parse_args()
+    n = args.n
+    rng = random.Random(1)
+    nids = [f"35202{i:08d}" for i in range(int(n * 1.3))]
+    tag_of = {x: rng.randbytes(16) for x in nids}
+    model = Model()
+    for x in rng.sample(nids, n):
+        model.own[x] = OwnTag(rng.choice(LABELS), tag_of[x])
+    for x in rng.sample(nids, n // 10):
+        model.peer[tag_of[x]] = rng.choice(LABELS)
+    model.peer.update({rng.randbytes(16): LABELS[0] for _ in range(n - n // 10)})
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "node.sqlite", Path(tmp) / "master.key")
+        own, peer = own_groups(model.own), peer_groups(model.peer)
+        with store.db.transaction() as cur:
+            staged = packing.staged(cur.connection, PEER, EPOCH, own, peer, model.matches())
+            deltas.apply_delta(cur, PEER, EPOCH, delta(reset=True, staged=staged))
+
+        def reads() -> tuple[float, float]:
+            probe = rng.sample(nids, n // 100)
+            tags = [tag_of[x] for x in rng.sample(nids, n // 100)]
+            best = (float("inf"), float("inf"))
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with store.db.reading() as conn:
+                    lookups.matched_state(conn, PEER, EPOCH)
+                t1 = time.perf_counter()
+                with store.db.reading() as conn:
+                    lookups.own_by_nids(conn, PEER, EPOCH, probe)
+                    lookups.own_by_tags(conn, PEER, EPOCH, tags)
+                    lookups.peer_by_tags(conn, PEER, EPOCH, tags)
+                t2 = time.perf_counter()
+                best = (min(best[0], t1 - t0), min(best[1], t2 - t1))
+            return best
+
+        fresh = reads()
+        print(f"one pair, {n:,} own IDs and {len(model.peer):,} peer tags; SQLite")
+        print(f"{'':32} {'matched state s':>16} {'lookups s':>10} {'overlay rows':>13}")
+        print(f"{'after the full run':32} {fresh[0]:>16.3f} {fresh[1]:>10.3f} {0:>13,}")
+        last = fresh
+        for night in range(1, args.nights + 1):
+            step = random_step(rng, model, nids, tag_of, n // 100, n // 100)
+            with store.db.transaction() as cur:
+                deltas.apply_delta(cur, PEER, EPOCH, step)
+            last = reads()
+            with store.db.reading() as conn:
+                rows = compaction.size(conn, PEER, EPOCH).overlay
+            label = f"night {night}, not compacted"
+            print(f"{label:32} {last[0]:>16.3f} {last[1]:>10.3f} {rows:>13,}")
+        t0 = time.perf_counter()
+        done = compaction.compact(store.db, PEER, EPOCH)
+        took = time.perf_counter() - t0
+        after = reads()
+        print(f"{'compacted':32} {after[0]:>16.3f} {after[1]:>10.3f} {0:>13,}")
+        print()
+        merged = done.overlay if done else 0
+        records = done.records if done else 0
+        print(f"compaction: {took:.2f} s, {merged:,} overlay rows into {records:,} run records")
+        print(
+            f"after {args.nights} nights the reads cost "
+            f"{(last[0] + last[1]) / (after[0] + after[1]):.1f}x the compacted state's "
+            f"(the matched state alone {last[0] / after[0]:.1f}x), and "
+            f"{(last[0] + last[1]) / (fresh[0] + fresh[1]):.1f}x the full run's"
+        )
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
