@@ -182,8 +182,8 @@ def test_due_when_the_overlay_passes_its_share_of_the_base() -> None:
     assert not Size(0, 0).due()
     assert not Size(compaction.MINIMUM - 1, 0).due()
     assert Size(compaction.MINIMUM, 0).due()
-    assert not Size(19_999, 1_000_000).due()
-    assert Size(20_000, 1_000_000).due()
+    assert not Size(9_999, 1_000_000).due()
+    assert Size(10_000, 1_000_000).due()
     assert Size(1, 10).due(share=0.05, minimum=1)
 
 

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 # base's entries (own IDs and peer tags in the runs), and at least MINIMUM rows: a
 # small pair's overlay costs little to read, and rewriting its runs after every run
 # would gain nothing.
-SHARE = 0.02
+SHARE = 0.01
 MINIMUM = 4096
 PARTS_PER_READ = 64  # parts of a run read per query (and per hold of the store's lock)
 OVERLAY = ("own_tags", "peer_tags", "own_gone", "peer_gone")
