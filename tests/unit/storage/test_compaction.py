@@ -234,3 +234,32 @@ def test_a_stopping_node_gives_up_waiting_compactions(store: Store) -> None:
     compactor.after_session(PEER, EPOCH)
     compactor.stop(timeout=5)
     assert overlay(store) > 0 and not compactor.finished
+
+
+def test_a_compaction_killed_before_its_commit_leaves_a_staging_nothing_reads(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node killed mid-compaction never reaches its cleanup: the staged generation
+    stays in the store, unread, until the pair's next staging drops it."""
+
+    class Killed(BaseException):
+        pass
+
+    rng, model, nids, tag_of = setup(13, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+
+    def killed(self: RunStager, labelsets: dict[str, int]) -> int:
+        raise Killed
+
+    monkeypatch.setattr(RunStager, "done", killed)
+    monkeypatch.setattr(compaction, "_drop_staging", lambda *a: None)  # (no cleanup)
+    with pytest.raises(Killed):
+        compaction.compact(store.db, PEER, EPOCH)
+    monkeypatch.undo()
+    assert len(generations(store)) == 2  # the half-written one is left behind
+    check(store, model, rng, nids)  # and never read
+    apply(store, random_step(rng, model, nids, tag_of))  # the next run writes on top
+    check(store, model, rng, nids)
+    assert compaction.compact(store.db, PEER, EPOCH) is not None
+    assert len(generations(store)) == 1 and overlay(store) == 0
+    check(store, model, rng, nids)

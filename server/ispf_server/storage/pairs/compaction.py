@@ -310,11 +310,17 @@ def compact(
             for table in OVERLAY:
                 cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
     except BaseException:
-        if not db.closed:
-            with contextlib.suppress(Exception), db.transaction() as cur:
-                pairruns.drop_staged(cur, peer, epoch)
+        _drop_staging(db, peer, epoch)
         raise
     return Compacted(overlay.rows, records, time.perf_counter() - t0)
+
+
+def _drop_staging(db: Database, peer: str, epoch: int) -> None:
+    """A compaction's staged generation dropped as it fails (a node killed leaves it
+    to the pair's next staging, which drops every generation but the current)."""
+    if not db.closed:
+        with contextlib.suppress(Exception), db.transaction() as cur:
+            pairruns.drop_staged(cur, peer, epoch)
 
 
 class Lock(Protocol):
