@@ -16,7 +16,7 @@ from ispf.errors import CompactionAbandoned, RepeatedKey
 from ispf_server.storage import Store
 from ispf_server.storage.pairs import compaction, deltas
 from ispf_server.storage.pairs.compaction import Compactor, Size
-from ispf_server.storage.pairs.staging import RunStager
+from ispf_server.storage.pairs.staging import RunStager, StagedRun
 from ispf_server.storage.pairs.state import OwnTag, PairDelta
 from tests.conftest import StoreUrls
 from tests.unit.storage import packing
@@ -92,9 +92,30 @@ def setup(seed: int, store: Store) -> tuple[random.Random, Model, list[str], dic
 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_compacted_state_answers_like_the_model_and_keeps_no_overlay(
-    seed: int, store: Store
+    seed: int, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Reading two parts at a time and staging in small pieces, so the paging of the
+    old runs and of the new ones is exercised at this size; another pair, and this
+    pair in another epoch, keep their overlays untouched."""
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
+    monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     rng, model, nids, tag_of = setup(seed, store)
+    others = [("kp", EPOCH), (PEER, EPOCH + 1)]
+    for peer, epoch in others:
+        with store.db.transaction() as cur:
+            deltas.apply_delta(
+                cur, peer, epoch, random_step(random.Random(seed), Model(), nids, tag_of)
+            )
+
+    def other_rows() -> list[object]:
+        return [
+            store.db.fetchall(
+                f"SELECT * FROM {t} WHERE NOT (peer=? AND epoch=?) ORDER BY 1, 2, 3", (PEER, EPOCH)
+            )
+            for t in compaction.OVERLAY
+        ]
+
+    before_others = other_rows()
     for night in range(6):
         apply(store, random_step(rng, model, nids, tag_of))
         check(store, model, rng, nids)
@@ -106,6 +127,7 @@ def test_a_compacted_state_answers_like_the_model_and_keeps_no_overlay(
             assert sync_row(store) == before  # the state is the same: fingerprints, session
             assert len(generations(store)) == 1  # the old runs went with the overlay
             check(store, model, rng, nids)
+    assert other_rows() == before_others
 
 
 def test_rows_without_runs_become_runs(store: Store) -> None:

@@ -13,12 +13,12 @@ The pair's state does not change, only how it is kept: the same entries, the
 same fingerprints and sync row, the same result rows. The new generation is
 staged piece by piece like a full run's (`RunStager`), reading the old runs a
 batch of parts at a time (no store lock held for long, and no run whole in
-memory: only the overlay, which `due` bounds), and becomes current in one
-transaction that also clears the overlay, and only if the pair is still as the
-compaction found it (same generation, same sync row, every part staged);
-otherwise the staging is dropped and the state is left as it was. A node killed
-while compacting leaves a staged generation that nothing reads, dropped by the
-pair's next staging.
+memory: only the overlay, which compacting at a share of the base keeps small),
+and becomes current in one transaction that also clears the overlay, and only if
+the pair is still as the compaction found it (same generation, same sync row,
+every part staged); otherwise the staging is dropped and the state is left as it
+was. A node killed while compacting leaves a staged generation that nothing
+reads, dropped by the pair's next staging.
 """
 
 from __future__ import annotations
@@ -170,6 +170,10 @@ def _read_overlay(db: Database, peer: str, epoch: int, gen: int | None) -> _Over
             raise Abandoned(f"an own ID of the pair with {peer} is not 13 digits: not packed")
         return raw
 
+    if any(len(t) != pairruns.TAG for _, _, t in own) or any(
+        len(t) != pairruns.TAG for t, _ in peer_rows
+    ):
+        raise Abandoned(f"a tag of the pair with {peer} is not {pairruns.TAG} bytes: not packed")
     add = {
         OWN_NID.name: [ascii_nid(n) + t + lsid(lb) for n, lb, t in own],
         OWN_TAG.name: [t + ascii_nid(n) + lsid(lb) for n, lb, t in own],
@@ -310,17 +314,22 @@ def compact(
             for table in OVERLAY:
                 cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
     except BaseException:
-        _drop_staging(db, peer, epoch)
+        _drop_staging(db, peer, epoch, stager.gen)
         raise
     return Compacted(overlay.rows, records, time.perf_counter() - t0)
 
 
-def _drop_staging(db: Database, peer: str, epoch: int) -> None:
-    """A compaction's staged generation dropped as it fails (a node killed leaves it
-    to the pair's next staging, which drops every generation but the current)."""
+def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
+    """A compaction's own staged generation dropped as it fails, never another's (a
+    node killed leaves it to the pair's next staging, which drops every generation
+    but the current)."""
     if not db.closed:
         with contextlib.suppress(Exception), db.transaction() as cur:
-            pairruns.drop_staged(cur, peer, epoch)
+            for table in ("pair_runs", "pair_labelsets"):
+                cur.execute(
+                    f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=?",  # noqa: S608
+                    (peer, epoch, gen),
+                )
 
 
 class Lock(Protocol):
@@ -388,6 +397,8 @@ class Compactor:
 
     def run_now(self, peer: str, epoch: int) -> Compacted | None:
         """Compact the pair if due, in this thread (waits for the pair's lock)."""
+        if self._stopping.is_set():
+            return None
         lock = self._pair_lock(peer)
         if not lock.acquire(timeout=self.LOCK_WAIT):
             log.warning("pair state with %s not compacted: its lock stayed busy", peer)
@@ -441,5 +452,10 @@ class Compactor:
             t.join(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Give up the compactions waiting or running; wait `timeout` s for them in all."""
         self._stopping.set()
-        self.wait(timeout)
+        deadline = time.monotonic() + timeout
+        with self._guard:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
