@@ -85,14 +85,7 @@ class Pairs:
         return int(row[0]) if row else None
 
     def sync_row(self, peer: str, epoch: int) -> SyncRow | None:
-        row = self._db.fetchone(
-            "SELECT version, own_fp, peer_fp, policy, session_id FROM pair_sync "
-            "WHERE peer=? AND epoch=?",
-            (peer, epoch),
-        )
-        if row is None:
-            return None
-        return SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3]), str(row[4]))
+        return SyncRow.of(self._db.fetchone(SyncRow.SELECT, (peer, epoch)))
 
     def version(self, peer: str, epoch: int) -> int | None:
         """The registry version the own tags for this peer reflect; None: no state."""

@@ -99,14 +99,7 @@ def size(db: Connection, peer: str, epoch: int) -> Size:
 
 
 def _sync_row(db: Connection, peer: str, epoch: int) -> SyncRow | None:
-    row = db.execute(
-        "SELECT version, own_fp, peer_fp, policy, session_id FROM pair_sync "
-        "WHERE peer=? AND epoch=?",
-        (peer, epoch),
-    ).fetchone()
-    if row is None:
-        return None
-    return SyncRow(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3]), str(row[4]))
+    return SyncRow.of(db.execute(SyncRow.SELECT, (peer, epoch)).fetchone())
 
 
 @dataclass
@@ -289,7 +282,7 @@ def compact(
                 run.append(chunk)
                 size += len(chunk)
             run.close()
-            written[kind.name] = -(-size // (pairruns.PART_RECORDS * kind.width))
+            written[kind.name] = run.part  # (the parts it wrote)
             records += size // kind.width
         new = stager.done(overlay.labelsets)
         with db.transaction() as cur:
@@ -445,17 +438,14 @@ class Compactor:
                 )
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for the compactions started so far to end."""
+        """Wait for the compactions started so far to end (`timeout` s in all)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._guard:
             threads = list(self._threads)
         for t in threads:
-            t.join(timeout)
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Give up the compactions waiting or running; wait `timeout` s for them in all."""
         self._stopping.set()
-        deadline = time.monotonic() + timeout
-        with self._guard:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        self.wait(timeout)

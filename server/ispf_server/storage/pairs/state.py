@@ -27,6 +27,7 @@ import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ispf.records import Label
 from ispf_server.records import xor_fold
@@ -83,6 +84,18 @@ class SyncRow:
     peer_fp: bytes
     policy: str
     session_id: str = ""  # the session that made this state ("": not known)
+
+    SELECT: ClassVar[str] = (
+        "SELECT version, own_fp, peer_fp, policy, session_id FROM pair_sync "
+        "WHERE peer=? AND epoch=?"
+    )
+
+    @classmethod
+    def of(cls, row: tuple[Any, ...] | None) -> SyncRow | None:
+        """The sync row from `SELECT`'s result (None: the pair has none)."""
+        if row is None:
+            return None
+        return cls(int(row[0]), bytes(row[1]), bytes(row[2]), str(row[3]), str(row[4]))
 
 
 @dataclass(frozen=True)
