@@ -58,6 +58,7 @@ def main() -> None:
     model.peer.update({rng.randbytes(16): LABELS[0] for _ in range(n - n // 10)})
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "node.sqlite", Path(tmp) / "master.key")
+        store.pairs.key(PEER, EPOCH)  # (pair state is written only under the pair's key)
         own, peer = own_groups(model.own), peer_groups(model.peer)
         with store.db.transaction() as cur:
             staged = packing.staged(cur.connection, PEER, EPOCH, own, peer, model.matches())

@@ -34,6 +34,7 @@
     ├── PeerUnavailable            UNAVAILABLE
     │   └── RetryLater             (busy, or state to rebuild: try again shortly)
     │       ├── CompactionAbandoned (a pair's compaction given up: changed, or stopping)
+    │       ├── StagingLost        (a pair's staged runs not all there at its commit)
     │       └── StoreUnavailable   (the node's PostgreSQL database cannot be reached)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── SelfCheckFailed            INTERNAL  (the X25519 backend disagreed with cryptography)
@@ -229,6 +230,12 @@ class RetryLater(PeerUnavailable):
 class CompactionAbandoned(RetryLater):
     """A pair's compaction given up (the pair changed under it, or the node is
     stopping): its state is left as it was, and a later run compacts it."""
+
+
+class StagingLost(RetryLater):
+    """A pair's staged runs were not all there when they were to become its state
+    (another writer of the pair dropped or wrote into them): nothing was made
+    current, and the run is tried again."""
 
 
 class StoreUnavailable(RetryLater):

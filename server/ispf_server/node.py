@@ -58,6 +58,7 @@ from ispf_server.session.lifecycle import SessionContext, fail_interrupted
 from ispf_server.session.progress import ProgressBoard, Snapshot
 from ispf_server.session.responder import Responder
 from ispf_server.storage import Store
+from ispf_server.storage.pairs.compaction import Compactor
 from ispf_server.storage.registry import Registry, StoredRecord
 from ispf_server.storage.sessions import Sessions
 from ispf_server.tls import TlsFiles
@@ -177,6 +178,22 @@ class Node:
             "Entries in the signed audit log",
             lambda: float(self.audit.size()),
         )
+        compactor = self.store.compactor
+        for outcome, meaning in (
+            ("compacted", "merged into new sorted runs"),
+            ("gave_way", "stopped for a session of the pair, to be tried again"),
+            ("failed", "abandoned or failed, the state left as it was"),
+        ):
+            self.metrics.gauge(
+                f"ispf_pair_compactions_{outcome}",
+                f"Compactions of pair state {meaning}",
+                _compactions(compactor, outcome),
+            )
+        self.metrics.gauge(
+            "ispf_pair_overlay_rows",
+            "Rows and tombstones on top of the pairs' sorted runs (compaction keeps it small)",
+            lambda: float(self.store.pairs.overlay_rows()),
+        )
         self.metrics.gauge(
             "ispf_x25519_healthy",
             "1 if the X25519 backend passed its self-checks (0: fell back or failed a spot check)",
@@ -194,6 +211,7 @@ class Node:
         )
         self.health = Health(config, self.store, self.salts, self.audit, self.metrics)
         fail_interrupted(self.sessions)
+        self.store.sweep_pairs()  # (after: a failed session's staging is its own to drop)
         self._sweeping = threading.Event()
         if self.store.shared:  # (replicas: fail the sessions of one that died)
             threading.Thread(target=self._sweep, name="replica-sweep", daemon=True).start()
@@ -336,6 +354,10 @@ def retire_epoch(config: NodeConfig, epoch: int) -> None:
     finally:
         store.close()
     log.info("epoch %d retired on node %s", epoch, config.province)
+
+
+def _compactions(compactor: Compactor, outcome: str) -> Callable[[], float]:
+    return lambda: float(getattr(compactor.counts, outcome))
 
 
 def _counted(stats: CoalescerStats, what: str) -> Callable[[], float]:

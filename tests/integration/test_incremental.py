@@ -95,16 +95,19 @@ def test_incremental_equals_full_over_random_changes(federation: Federation, see
 def test_incremental_runs_over_compacted_state_equal_full_runs(federation: Federation) -> None:
     """Both nodes compact the pair's state after every incremental run (the threshold
     set to nothing): runs then keep answering on the compacted runs, the overlay is
-    empty after each compaction, and every result equals the full one."""
+    empty after each compaction, and every result equals the full one. A small pool
+    of IDs, so that matches are made, moved and lost at every step."""
     rng = random.Random(21)
-    pool = [f"3520{rng.randrange(10**9):09d}" for _ in range(60)]
+    pool = [f"3520{rng.randrange(10**9):09d}" for _ in range(16)]
     regs: dict[str, Registry] = {"punjab": {}, "sindh": {}}
     for p in regs:
         federation.nodes[p].store.compactor.share = 0.0
         federation.nodes[p].store.compactor.minimum = 1
         federation.nodes[p].store.compactor.quiet = 0.0
-        mutate(rng, federation, p, regs[p], pool, p[:1])
+        for i in range(3):
+            mutate(rng, federation, p, regs[p], pool, f"{p[:1]}-{i}")
     assert federation.reconcile("punjab", "sindh").sync == "full"
+    seen: list[int] = []
     gens: dict[str, int] = {}
     for step in range(5):
         for p in regs:
@@ -122,6 +125,8 @@ def test_incremental_runs_over_compacted_state_equal_full_runs(federation: Feder
                 assert store.db.fetchone(f"SELECT count(*) FROM {table}") == (0,)
         for side, other in (("punjab", "sindh"), ("sindh", "punjab")):
             assert got(federation, side, inc.session_id) == reference(regs[side], regs[other])
+        seen.append(len(reference(regs["punjab"], regs["sindh"])))
+    assert min(seen) >= 5, seen  # (the steps had matches to keep, move and lose)
     assert full_equals(federation, "punjab", "sindh", inc)
 
 
@@ -374,3 +379,38 @@ def full_equals(fed: Federation, a: str, b: str, inc: internal_pb2.SessionStatus
         got(fed, side, full.session_id) == got(fed, side, inc.session_id)
         for side in ("punjab", "sindh")
     )
+
+
+def test_a_run_goes_ahead_while_a_compaction_holds_the_pairs_lock(
+    federation: Federation,
+) -> None:
+    """A compaction of the pair's state holds the pair's lock on both sides (held here
+    as one does): the initiator asks its own to give way, and so does the peer's
+    Handshake, instead of waiting for them or being refused. One attempt, and no
+    failed session on either side."""
+    import threading
+
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    held = []
+    for own, peer in (("punjab", "sindh"), ("sindh", "punjab")):
+        lock = federation.nodes[own].store.pair_lock(peer)
+        give_way = lock.acquire_giving_way(5)
+        assert give_way is not None
+        held.append((lock, give_way))
+
+    def compaction(lock: object, give_way: threading.Event) -> None:
+        give_way.wait(60)  # (the compaction's next read sees it)
+        lock.release()  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=compaction, args=h) for h in held]
+    for t in threads:
+        t.start()
+    st = federation.client("punjab").reconcile("sindh", attempts=1)
+    for t in threads:
+        t.join()
+    assert st.state == COMPLETED, st.error
+    assert all(give_way.is_set() for _, give_way in held)
+    for province in ("punjab", "sindh"):
+        states = federation.nodes[province].store.db.fetchall("SELECT state FROM sessions")
+        assert [s for (s,) in states] == ["COMPLETED"], province

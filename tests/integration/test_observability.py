@@ -54,6 +54,24 @@ def test_metrics_count_sessions_values_probes_and_rpcs(fed: Federation) -> None:
     assert "3520212345671" not in text
 
 
+def test_metrics_count_compactions_and_the_overlay_waiting(fed: Federation) -> None:
+    node = fed.nodes["sindh"]
+    port = node.metrics.serve("127.0.0.1:0")
+    compactor = node.store.compactor
+    compactor.share, compactor.minimum, compactor.quiet = 0.0, 1, 5.0
+    fed.load("punjab", [("P1", "3520212345671", "BISP", "enrolled")])
+    fed.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    assert fed.reconcile("punjab", "sindh").sync == "full"
+    fed.load("sindh", [("S2", "3520212345672", "SSPA", "eligible")])
+    assert fed.reconcile("punjab", "sindh").sync == "incremental"
+    assert "ispf_pair_overlay_rows 0.0" not in scrape(port)  # (compacted once quiet, 5 s)
+    compactor.wait(60)
+    text = scrape(port)
+    assert "ispf_pair_compactions_compacted 1.0" in text
+    assert "ispf_pair_compactions_failed 0.0" in text
+    assert "ispf_pair_overlay_rows 0.0" in text
+
+
 def test_every_log_line_is_json_with_request_and_session_ids(fed: Federation) -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -152,6 +152,8 @@ class Responder:
     """Answers peers' sessions for one node: their steps, the table of open
     sessions, and their expiry."""
 
+    GIVE_WAY_WAIT = 10.0  # seconds a peer's Handshake waits for a compaction to stop
+
     def __init__(
         self,
         ctx: SessionContext,
@@ -320,7 +322,11 @@ class Responder:
         if req.mode != common_pb2.MODE_MUTUAL or req.responder_collections:
             raise ProtocolViolation("a sync session is mutual and covers every collection")
         lock = self.pair_lock(caller)
-        if not lock.acquire(blocking=False) and not self._supersede(caller, lock):
+        if (
+            not lock.acquire(blocking=False)
+            and not self._supersede(caller, lock)
+            and not (lock.ask_to_give_way() and lock.acquire(timeout=self.GIVE_WAY_WAIT))
+        ):  # (held by a session, ours or another replica's; or a compaction slow to stop)
             raise RetryLater(
                 f"a session between {caller} and {self.province} is already running; "
                 "try again when it ends"

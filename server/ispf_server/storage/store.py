@@ -44,6 +44,7 @@ class PairLock:
     def __init__(self, db: Database, peer: str) -> None:
         self._db, self._peer = db, peer
         self._local = threading.Lock()
+        self._give_way: threading.Event | None = None  # (held by housekeeping that yields)
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         deadline = None if timeout < 0 else time.monotonic() + timeout
@@ -60,7 +61,27 @@ class PairLock:
             raise
         return True
 
+    def acquire_giving_way(self, timeout: float) -> threading.Event | None:
+        """Take the lock for work that can stop and come back later (a compaction):
+        the event returned is set when a session asks for the lock
+        (`ask_to_give_way`), and the holder then stops and releases it. None: the
+        lock stayed busy for `timeout` s."""
+        if not self.acquire(timeout=timeout):
+            return None
+        self._give_way = threading.Event()
+        return self._give_way
+
+    def ask_to_give_way(self) -> bool:
+        """Ask a holder that gives way (`acquire_giving_way`) to stop; False: the lock
+        is not held so (a session holds it, or another replica)."""
+        give_way = self._give_way
+        if give_way is None:
+            return False
+        give_way.set()
+        return True
+
     def release(self) -> None:
+        self._give_way = None
         try:
             self._db.release(PEER_SPACE, self._peer)
         finally:
@@ -294,6 +315,37 @@ class Store:
             if lock is None:
                 lock = self._pair_locks[peer] = PairLock(self.db, peer)
             return lock
+
+    @storage_errors
+    def sweep_pairs(self) -> tuple[int, int]:
+        """At a node's start, what an earlier one left half-written in pair state: state
+        without its pair key (an epoch retired while it was written, `keys.drop_keyless`)
+        is erased, and staged generations nobody is writing (a node stopped while a
+        session or a compaction staged runs) are dropped, each under its pair's lock
+        (a replica staging holds it). Returns (pairs erased, pairs' stagings dropped)."""
+        erased = keys.drop_keyless(self.db)
+        if erased:
+            log.warning(
+                "pair state of %d pairs without a pair key erased (an epoch was retired "
+                "while it was written)",
+                erased,
+            )
+        with self.db.reading() as conn:
+            staged = pairruns.staged_pairs(conn)
+        dropped = 0
+        for peer, epoch in staged:
+            lock = self.pair_lock(peer)
+            if not lock.acquire(blocking=False):
+                continue  # (a session or a compaction of the pair is staging)
+            try:
+                with self.db.transaction() as cur:
+                    pairruns.drop_staged(cur, peer, epoch)
+                dropped += 1
+            finally:
+                lock.release()
+        if dropped:
+            log.info("staged pair runs of %d pairs dropped (left by a stopped node)", dropped)
+        return erased, dropped
 
     def prune_changes(self) -> int:
         """Drop the registry changes every pair has synced past (`Registry.prune_changes`

@@ -72,9 +72,9 @@ def staged(
     own_added: list[OwnGroup],
     peer_added: list[PeerGroup],
     matched: dict[str, tuple[bytes, str]],
-) -> int:
+) -> pairruns.Staged:
     """The state's runs written as a staged generation (what a full run's delta names
-    in `staged`); its number."""
+    in `staged`)."""
     packed = pack_runs(own_added, peer_added, matched)
     assert packed is not None, "IDs must be 13 digits and tags 16 bytes to pack"
     return pairruns.stage(conn.cursor(), peer, epoch, *packed)

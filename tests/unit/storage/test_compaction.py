@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ispf.errors import CompactionAbandoned, RepeatedKey
+from ispf.errors import CompactionAbandoned, RepeatedKey, UnknownEpoch
 from ispf_server.storage import Store
 from ispf_server.storage.pairs import compaction, deltas
 from ispf_server.storage.pairs.compaction import Compactor, Size
+from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.pairs.staging import RunStager, StagedRun
 from ispf_server.storage.pairs.state import OwnTag, PairDelta
 from tests.conftest import StoreUrls
@@ -41,6 +42,8 @@ def store(tmp_path: Path, store_urls: StoreUrls) -> Iterator[Store]:
         s = Store(tmp_path / "postgresql", tmp_path / "master.key", url=url)
     else:
         s = Store(tmp_path / "node.sqlite", tmp_path / "master.key")
+    for peer, epoch in ((PEER, EPOCH), ("kp", EPOCH), (PEER, EPOCH + 1)):
+        s.pairs.key(peer, epoch)  # (state is written only under a pair's key)
     yield s
     s.close()
 
@@ -284,4 +287,120 @@ def test_a_compaction_killed_before_its_commit_leaves_a_staging_nothing_reads(
     check(store, model, rng, nids)
     assert compaction.compact(store.db, PEER, EPOCH) is not None
     assert len(generations(store)) == 1 and overlay(store) == 0
+    check(store, model, rng, nids)
+
+
+def staged_generation(store: Store) -> bool:
+    return len(generations(store)) > 1
+
+
+def test_a_compaction_gives_way_to_a_session_and_comes_back_after_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session asking for the pair's lock (a peer's Handshake) does not wait for the
+    compaction to end, nor is it refused: the compaction stops at its next read,
+    drops what it staged, lets go, and runs again once the node is quiet."""
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
+    monkeypatch.setattr(StagedRun, "FLUSH", 4096)
+    rng, model, nids, tag_of = setup(14, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    compacting, go_on = threading.Event(), threading.Event()
+    parts = compaction._parts
+
+    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 3:
+                compacting.set()
+                go_on.wait(10)
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    # (quiet: the session takes the lock before the compaction's retry can)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=1.0)
+    compactor.after_session(PEER, EPOCH)
+    assert compacting.wait(30)
+    lock = store.pair_lock(PEER)
+    assert not lock.acquire(blocking=False)
+    assert lock.ask_to_give_way()
+    go_on.set()
+    assert lock.acquire(timeout=10)  # it stopped and let go
+    try:
+        assert compactor.counts.gave_way == 1 and compactor.counts.compacted == 0
+        assert overlay(store) > 0 and not staged_generation(store)  # its staging dropped
+        check(store, model, rng, nids)
+        assert not lock.ask_to_give_way()  # (held by a session now: nothing to ask)
+    finally:
+        lock.release()
+    compactor.wait(30)
+    assert compactor.counts.compacted == 1 and compactor.counts.failed == 0
+    assert overlay(store) == 0 and not staged_generation(store)
+    check(store, model, rng, nids)
+
+
+def test_an_epoch_retired_while_compacting_leaves_nothing_of_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--retire-epoch` erases the epoch's pair state from another process while the
+    node compacts it: every later staging write is refused, so even a node killed
+    before its cleanup (none here) leaves no part of the retired epoch behind."""
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
+    monkeypatch.setattr(StagedRun, "FLUSH", 4096)
+    monkeypatch.setattr(compaction, "_drop_staging", lambda *a: None)  # (no cleanup)
+    rng, model, nids, tag_of = setup(15, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    parts = compaction._parts
+
+    def retired_midway(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 2 and store.pairs.rekey_count(PEER, EPOCH) is not None:
+                store.destroy_epoch(EPOCH)
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", retired_midway)
+    with pytest.raises(UnknownEpoch):
+        compaction.compact(store.db, PEER, EPOCH)
+    for table in STATE_TABLES:
+        assert not store.db.fetchall(f"SELECT 1 FROM {table} WHERE epoch=?", (EPOCH,)), table
+    assert store.db.fetchall("SELECT 1 FROM own_tags WHERE epoch=?", (EPOCH + 1,)) == []
+
+
+def test_a_session_of_a_retired_epoch_commits_no_pair_state(store: Store) -> None:
+    store.destroy_epoch(EPOCH)
+    rng = random.Random(16)
+    nids = [f"35202{i:08d}" for i in range(600)]
+    with pytest.raises(UnknownEpoch):
+        apply(store, random_step(rng, Model(), nids, {n: rng.randbytes(16) for n in nids}))
+    with pytest.raises(UnknownEpoch):
+        store.pairs.run_stager(PEER, EPOCH)
+    for table in STATE_TABLES:
+        assert not store.db.fetchall(f"SELECT 1 FROM {table} WHERE epoch=?", (EPOCH,)), table
+
+
+def test_a_nodes_start_sweeps_what_a_killed_one_left_in_pair_state(store: Store) -> None:
+    """State without its pair key (written past an epoch's retirement by an older
+    node) is erased; a staging nobody writes is dropped; a staging whose pair's lock
+    is held (a replica staging now) and every keyed pair's state are kept."""
+    rng, model, nids, tag_of = setup(17, store)
+    with store.db.transaction() as cur:  # kp: a staging left by a killed node
+        packing.staged(cur.connection, "kp", EPOCH, own_groups(model.own), [], {})
+    with store.db.transaction() as cur:  # epoch 9: state whose key went
+        cur.execute("INSERT INTO pair_keys VALUES ('kp', 9, 0, '2026-01-01')")
+        deltas.apply_delta(cur, "kp", 9, random_step(rng, Model(), nids, tag_of))
+        cur.execute("DELETE FROM pair_keys WHERE epoch=9")
+    apply(store, random_step(rng, model, nids, tag_of))
+    with store.db.transaction() as cur:  # sindh: a staging a session is writing now
+        packing.staged(cur.connection, PEER, EPOCH, own_groups(model.own), [], {})
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)
+    try:
+        assert store.sweep_pairs() == (1, 1)
+    finally:
+        lock.release()
+    for table in STATE_TABLES:
+        assert not store.db.fetchall(f"SELECT 1 FROM {table} WHERE epoch=9", ()), table
+    assert store.db.fetchall("SELECT DISTINCT gen FROM pair_runs WHERE peer='kp'") == []
+    assert staged_generation(store)  # sindh's, whose lock was held
+    check(store, model, rng, nids)
+    assert store.sweep_pairs() == (0, 1)
+    assert not staged_generation(store)
     check(store, model, rng, nids)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ispf.errors import StagingLost
 from ispf_server.storage.pairs import deltas, lookups, schema, state
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.state import OwnGroup, OwnTag, PairDelta, PeerGroup
@@ -40,6 +41,7 @@ def db(store_backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[
         if store_backend == "sqlite":
             conn = sqlite3.connect(":memory:", isolation_level=None)
             conn.executescript(schema.SCHEMA)
+            keyed(conn)
             return conn
         import psycopg
 
@@ -49,11 +51,19 @@ def db(store_backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[
         raw = psycopg.connect(url, autocommit=True)
         made.append(raw)
         raw.execute(ddl(schema.SCHEMA))
-        return PgConnection(raw)
+        conn = PgConnection(raw)
+        keyed(conn)
+        return conn
 
     yield make
     for raw in made:
         raw.close()
+
+
+def keyed(conn: Conn) -> None:
+    """The pairs these tests write state for have keys (state is written only so)."""
+    for peer, epoch in (("sindh", 1), ("sindh", 3), ("punjab", 1)):
+        conn.execute("INSERT INTO pair_keys VALUES (?, ?, 0, '2026-01-01')", (peer, epoch))
 
 
 def rows(conn: Conn) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
@@ -191,12 +201,46 @@ def test_a_staged_generation_is_invisible_until_its_commit(db: Callable[[], Conn
     assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_old
     # A session that failed left it behind: the next staging drops it.
     again = full(t_new)
-    gen = again.staged
+    assert again.staged is not None
+    gen = again.staged.gen
     gens = {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")}
     assert gens == {pairruns.current(conn, "sindh", 1), gen}
     deltas.apply_delta(cur, "sindh", 1, again)  # the commit flips to it
     assert lookups.own_by_nids(conn, "sindh", 1, ["3520200000001"])["3520200000001"].tag == t_new
     assert {r[0] for r in conn.execute("SELECT DISTINCT gen FROM pair_runs")} == {gen}
+
+
+def test_a_staged_generation_missing_a_part_is_never_made_current(db: Callable[[], Conn]) -> None:
+    """Should anything drop or add parts of a staging before its commit (another
+    writer of the pair), the commit refuses it and the pair keeps its state."""
+    conn = db()
+    rng = random.Random(5)
+    nids = [f"35202{i:08d}" for i in range(2000)]
+    old = {n: OwnTag('["P/a"]', rng.randbytes(16)) for n in nids[:1000]}
+    new = {n: OwnTag('["P/b"]', rng.randbytes(16)) for n in nids}
+
+    def full(own: dict[str, OwnTag]) -> PairDelta:
+        groups = own_groups(own)
+        return delta(
+            reset=True, own_added=groups, staged=packing.staged(conn, "sindh", 1, groups, [], {})
+        )
+
+    deltas.apply_delta(conn.cursor(), "sindh", 1, full(old))
+    for damage in (
+        "DELETE FROM pair_runs WHERE gen=? AND kind='own_tag' AND part=1",
+        "INSERT INTO pair_runs SELECT peer, epoch, gen, kind, 99, last, data FROM pair_runs "
+        "WHERE gen=? AND kind='own_nid' AND part=0",
+    ):
+        again = full(new)
+        assert again.staged is not None
+        conn.execute(damage, (again.staged.gen,))
+        with pytest.raises(StagingLost):
+            deltas.apply_delta(conn.cursor(), "sindh", 1, again)
+        got = lookups.own_by_nids(conn, "sindh", 1, nids[:3])
+        assert {n: o.tag for n, o in got.items()} == {n: old[n].tag for n in nids[:3]}
+    again = full(new)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, again)
+    assert lookups.own_by_nids(conn, "sindh", 1, nids[1999:])[nids[1999]].tag == new[nids[1999]].tag
 
 
 def test_a_lookup_of_many_keys_finds_what_one_key_at_a_time_finds(

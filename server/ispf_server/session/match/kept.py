@@ -234,7 +234,7 @@ def _new_state(
     reset: bool,
     own_added: list[OwnGroup],
     peer_added: list[PeerGroup],
-    staged: int | None = None,
+    staged: pairruns.Staged | None = None,
 ) -> PairDelta:
     """The pair's changes, with its new fingerprints: the kept sets' less what each
     side removed, with what it added (XOR: removing is adding again)."""

@@ -11,7 +11,7 @@ from ispf.keys import BlindingKey, MasterKey
 from ispf_server.clock import utcnow
 from ispf_server.storage.db import Database, storage_errors
 from ispf_server.storage.meta import Meta
-from ispf_server.storage.pairs import keys, lookups
+from ispf_server.storage.pairs import compaction, keys, lookups
 from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.pairs.staging import RunStager
 from ispf_server.storage.pairs.state import OwnTag, SyncRow
@@ -86,6 +86,12 @@ class Pairs:
 
     def sync_row(self, peer: str, epoch: int) -> SyncRow | None:
         return SyncRow.of(self._db.fetchone(SyncRow.SELECT, (peer, epoch)))
+
+    @storage_errors
+    def overlay_rows(self) -> int:
+        """Rows and tombstones on top of every pair's sorted runs (`compaction`)."""
+        with self._db.reading() as conn:
+            return compaction.overlay_rows(conn)
 
     def version(self, peer: str, epoch: int) -> int | None:
         """The registry version the own tags for this peer reflect; None: no state."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ispf.errors import CompactionAbandoned as Abandoned
+from ispf.errors import IspfError
 from ispf_server.records import ascending, merge_sorted
 from ispf_server.storage.db import Connection, Database
 from ispf_server.storage.pairs import lookups
@@ -96,6 +97,14 @@ def size(db: Connection, peer: str, epoch: int) -> Size:
             ).fetchone()[0]
         )
     return Size(overlay, parts * pairruns.PART_RECORDS)
+
+
+def overlay_rows(db: Connection) -> int:
+    """Rows and tombstones on top of every pair's runs (what compaction keeps small)."""
+    return sum(
+        int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # noqa: S608
+        for t in OVERLAY
+    )
 
 
 def _sync_row(db: Connection, peer: str, epoch: int) -> SyncRow | None:
@@ -193,7 +202,7 @@ def _parts(
     at = 0
     while True:
         if stopping():
-            raise Abandoned("the node is stopping")
+            raise Abandoned("stopped before it ended")
         with db.reading() as conn:
             rows = conn.execute(
                 "SELECT part, last, data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
@@ -265,7 +274,6 @@ def compact(
         return None
     overlay = _read_overlay(db, peer, epoch, gen)
     stager = RunStager(db, peer, epoch)
-    written: dict[str, int] = {}
     records = 0
     try:
         for kind in pairruns.KINDS:
@@ -282,28 +290,16 @@ def compact(
                 run.append(chunk)
                 size += len(chunk)
             run.close()
-            written[kind.name] = run.part  # (the parts it wrote)
             records += size // kind.width
         new = stager.done(overlay.labelsets)
         with db.transaction() as cur:
             conn = cur.connection
-            staged = dict(
-                conn.execute(
-                    "SELECT kind, count(*) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
-                    "GROUP BY kind",
-                    (peer, epoch, new),
-                ).fetchall()
-            )
-            parts = {k: v for k, v in written.items() if v}
-            whole = {k: int(v) for k, v in staged.items()} == parts
             same = (
-                _sync_row(conn, peer, epoch) == start
-                and pairruns.current(conn, peer, epoch) == gen
-                and whole
+                _sync_row(conn, peer, epoch) == start and pairruns.current(conn, peer, epoch) == gen
             )
             if not same:
                 raise Abandoned(f"the pair state with {peer} changed while it was compacted")
-            pairruns.activate(cur, peer, epoch, new)
+            pairruns.activate(cur, peer, epoch, new)  # (checks every part staged is there)
             for table in OVERLAY:
                 cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
     except BaseException:
@@ -326,11 +322,20 @@ def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
 
 
 class Lock(Protocol):
-    """What a compaction uses of a pair's lock (`PairLock`, or `threading.Lock`)."""
+    """What a compaction uses of a pair's lock (`PairLock`)."""
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+    def acquire_giving_way(self, timeout: float) -> threading.Event | None: ...
 
     def release(self) -> None: ...
+
+
+@dataclass
+class Counts:
+    """Compactions so far, by how they ended (the node's metrics)."""
+
+    compacted: int = 0
+    gave_way: int = 0  # stopped for a session of the pair, tried again after it
+    failed: int = 0  # abandoned or failed: the state left as it was
 
 
 class Compactor:
@@ -341,9 +346,11 @@ class Compactor:
     running and none ended for `quiet` seconds (a nightly job's runs with its peers
     follow each other; its compactions then wait until the last has ended, and take
     no CPU from them), or after `LONGEST_WAIT` regardless. It holds the pair's lock
-    while it runs, so a session with that peer waits for it. One compaction per
-    pair is pending at a time. `stop`: compactions waiting or running are given up
-    (a running one at its next read), and waited for."""
+    while it runs, giving way to a session of the pair that asks for it
+    (`PairLock.ask_to_give_way`): it stops at its next read, drops what it staged,
+    lets go, and is tried again once the node is quiet. One compaction per pair is
+    pending at a time. `stop`: compactions waiting or running are given up (a
+    running one at its next read), and waited for."""
 
     LOCK_WAIT = 600.0  # seconds a compaction waits for the pair's lock before giving up
     QUIET = 15.0  # seconds without a batch session on the node before compacting
@@ -367,6 +374,11 @@ class Compactor:
         self._last_session = time.monotonic()
         self._guard = threading.Lock()
         self.finished: collections.deque[Compacted] = collections.deque(maxlen=100)
+        self.counts = Counts()
+
+    def _count(self, outcome: str) -> None:
+        with self._guard:
+            setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)
 
     def after_session(self, peer: str, epoch: int) -> None:
         self._last_session = time.monotonic()
@@ -393,7 +405,8 @@ class Compactor:
         if self._stopping.is_set():
             return None
         lock = self._pair_lock(peer)
-        if not lock.acquire(timeout=self.LOCK_WAIT):
+        give_way = lock.acquire_giving_way(self.LOCK_WAIT)
+        if give_way is None:
             log.warning("pair state with %s not compacted: its lock stayed busy", peer)
             return None
         try:
@@ -403,10 +416,24 @@ class Compactor:
                 due = size(conn, peer, epoch).due(self.share, self.minimum)
             if not due:
                 return None
-            done = compact(self._db, peer, epoch, self._stopping.is_set)
+            done = compact(
+                self._db, peer, epoch, lambda: self._stopping.is_set() or give_way.is_set()
+            )
+        except Abandoned:
+            if not give_way.is_set() or self._stopping.is_set():
+                raise
+            self._count("gave_way")
+            log.info(
+                "pair state with %s: compaction gave way to a session of the pair; it is "
+                "tried again once the node is quiet",
+                peer,
+            )
+            self.after_session(peer, epoch)
+            return None
         finally:
             lock.release()
         if done is not None:
+            self._count("compacted")
             self.finished.append(done)
             log.info(
                 "pair state with %s (epoch %d) compacted: %d overlay rows merged into "
@@ -427,9 +454,12 @@ class Compactor:
                 with self._guard:
                     self._pending.discard((peer, epoch))  # (a later run's comes after this)
             self.run_now(peer, epoch)
-        except Abandoned as exc:
-            log.info("pair state with %s not compacted: %s", peer, exc.message)
+        except IspfError as exc:  # (abandoned, or its epoch retired: a message of ours)
+            if not self._stopping.is_set():
+                self._count("failed")
+                log.info("pair state with %s not compacted: %s", peer, exc.message)
         except Exception as exc:  # housekeeping: the state stays as it was, and correct
+            self._count("failed")
             if not self._db.closed:
                 log.warning(
                     "pair state with %s not compacted (%s); the next run will try again",

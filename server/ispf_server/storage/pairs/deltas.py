@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ispf_server.storage.db import Cursor, is_postgres, upsert_sql
+from ispf_server.storage.pairs import keys
 from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.state import (
     NID_BYTES,
@@ -92,7 +93,9 @@ def apply_delta(cur: Cursor, peer: str, epoch: int, d: PairDelta, session_id: st
 
     A full run replaces the state: with the sorted runs it staged (`d.staged`),
     else as rows. An incremental run writes rows on top, and tombstones the
-    run entries it replaces or removes."""
+    run entries it replaces or removes. Only while the pair's key exists
+    (`keys.require`): a session whose epoch was retired under it commits nothing."""
+    keys.require(cur, peer, epoch)
     if d.reset:
         for table in ("own_tags", "peer_tags", "own_gone", "peer_gone"):
             cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608

@@ -11,9 +11,9 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ispf.errors import KeyFileError
+from ispf.errors import KeyFileError, UnknownEpoch
 from ispf.keys import BlindingKey, MasterKey
-from ispf_server.storage.db import Connection, Cursor, Database
+from ispf_server.storage.db import Connection, Cursor, Database, is_postgres
 from ispf_server.storage.pairs.schema import STATE_TABLES
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,44 @@ def pair_key(db: Connection, master: MasterKey, peer: str, epoch: int, now: str)
         "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
     ).fetchone()
     return master.pair_key(peer, epoch, int(row[0]))
+
+
+def require(cur: Cursor, peer: str, epoch: int) -> None:
+    """Pair state is written only while the pair's key exists (its row in `pair_keys`,
+    made before any state): an epoch retired (`Store.destroy_epoch`, perhaps from
+    another process) while a session or a compaction of the pair was writing fails
+    that write, so nothing of a retired epoch is written after its erasure. In
+    PostgreSQL the key's row is also locked until the writer commits, so an erasure
+    waits for it and then removes what it wrote (SQLite's writers take turns)."""
+    sql = "SELECT 1 FROM pair_keys WHERE peer=? AND epoch=?"
+    if is_postgres(cur):
+        sql += " FOR SHARE"
+    if cur.execute(sql, (peer, epoch)).fetchone() is None:
+        raise UnknownEpoch(
+            f"epoch {epoch} has no pair key with {peer} on this node (retired, or never "
+            "used): its pair state is not written"
+        )
+
+
+def drop_keyless(db: Database) -> int:
+    """Erase pair state left without its pair key (written by a node killed while an
+    epoch was retired under it: `require` keeps a live one from it); returns how many
+    (peer, epoch) pairs had any. Run at a node's start."""
+    keyed = {(str(p), int(e)) for p, e in db.fetchall("SELECT peer, epoch FROM pair_keys")}
+    tables = [t for t in STATE_TABLES if t != "pair_keys"]
+    orphans: set[tuple[str, int]] = set()
+    for table in tables:
+        held = db.fetchall(f"SELECT DISTINCT peer, epoch FROM {table}")  # noqa: S608
+        orphans |= {(str(p), int(e)) for p, e in held} - keyed
+    if orphans:
+        with db.transaction() as cur:
+            for pair in sorted(orphans):
+                if cur.execute("SELECT 1 FROM pair_keys WHERE peer=? AND epoch=?", pair).fetchone():
+                    continue  # (keyed meanwhile: a pair's first session)
+                for table in tables:
+                    cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", pair)  # noqa: S608
+        db.compact(checkpoint_first=True)  # (as the erasure would have: no bytes left over)
+    return len(orphans)
 
 
 def rekey_due(db: Connection, peer: str, epoch: int, now: datetime, days: int) -> bool:

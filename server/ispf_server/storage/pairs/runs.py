@@ -20,7 +20,9 @@ Runs are written under a generation number and become the pair's state when
 `pair_gen` points at it. A session stages its runs before the peer has agreed
 (while the peer works too), and its commit only flips the pointer; a staged
 generation that never became current (a failed session) is dropped by the
-next staging for the pair, or with the epoch.
+next staging for the pair, or with the epoch. The flip checks that every part the
+stager wrote is there (`Staged`), so a generation something else dropped or wrote
+into is never made the state.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from ispf.errors import StagingLost
 from ispf_server.storage.db import IN_BATCH, Connection, Cursor, upsert_sql
 
 NID = 13
@@ -88,6 +91,15 @@ CREATE TABLE IF NOT EXISTS pair_gen (
 """
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A staged generation, and how many parts each of its runs was written in (kind
+    name -> parts; a run with none is left out), which `activate` checks."""
+
+    gen: int
+    parts: dict[str, int]
+
+
 def lsid(n: int) -> bytes:
     return n.to_bytes(LSID, "big")
 
@@ -106,10 +118,10 @@ def held(db: Connection, peer: str, epoch: int) -> bool:
     return current(db, peer, epoch) is not None
 
 
-def write_run(cur: Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> None:
+def write_run(cur: Cursor, peer: str, epoch: int, gen: int, kind: Kind, data: Run) -> int:
     """Store the sorted records of `kind` in parts, under generation `gen` (written
-    once per generation)."""
-    write_parts(cur, peer, epoch, gen, kind, 0, data)
+    once per generation); returns how many parts."""
+    return write_parts(cur, peer, epoch, gen, kind, 0, data)
 
 
 def write_parts(
@@ -140,14 +152,13 @@ def stage(
     epoch: int,
     labelsets: dict[str, int],
     runs: dict[str, Run],
-) -> int:
+) -> Staged:
     """Write sorted runs (by kind name) as a new generation, not yet current; returns
     it. Generations other than the current one (stale stagings) are dropped first."""
     gen = new_generation(cur, peer, epoch)
-    for kind in KINDS:
-        write_run(cur, peer, epoch, gen, kind, runs[kind.name])
+    parts = {kind.name: write_run(cur, peer, epoch, gen, kind, runs[kind.name]) for kind in KINDS}
     write_labelsets(cur, peer, epoch, gen, labelsets)
-    return gen
+    return Staged(gen, {k: n for k, n in parts.items() if n})
 
 
 def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
@@ -167,6 +178,19 @@ def drop_staged(cur: Cursor, peer: str, epoch: int) -> int | None:
     return now
 
 
+def staged_pairs(db: Connection) -> list[tuple[str, int]]:
+    """The pairs holding generations other than their current one: stagings of a
+    session or a compaction, running or left by a node that stopped."""
+    return [
+        (str(p), int(e))
+        for p, e in db.execute(
+            "SELECT DISTINCT r.peer, r.epoch FROM pair_runs r LEFT JOIN pair_gen g "
+            "ON g.peer = r.peer AND g.epoch = r.epoch "
+            "WHERE g.gen IS NULL OR r.gen <> g.gen ORDER BY 1, 2"
+        )
+    ]
+
+
 def write_labelsets(
     cur: Cursor, peer: str, epoch: int, gen: int, labelsets: dict[str, int]
 ) -> None:
@@ -176,8 +200,19 @@ def write_labelsets(
     )
 
 
-def activate(cur: Cursor, peer: str, epoch: int, gen: int) -> None:
-    """Make a staged generation the pair's state and drop every other one."""
+def activate(cur: Cursor, peer: str, epoch: int, staged: Staged) -> None:
+    """Make a staged generation the pair's state and drop every other one; `StagingLost`
+    (nothing changed) where its parts are not all there as they were written."""
+    gen = staged.gen
+    found = cur.execute(
+        "SELECT kind, count(*) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? GROUP BY kind",
+        (peer, epoch, gen),
+    ).fetchall()
+    if {str(k): int(n) for k, n in found} != staged.parts:
+        raise StagingLost(
+            f"the staged runs of the pair state with {peer} are not as they were written "
+            "(dropped or written into by another writer of the pair): not made current"
+        )
     cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen))
     cur.execute(
         "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen)

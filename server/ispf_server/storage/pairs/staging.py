@@ -4,6 +4,7 @@ so no run is ever whole in memory."""
 from __future__ import annotations
 
 from ispf_server.storage.db import Database
+from ispf_server.storage.pairs import keys
 from ispf_server.storage.pairs import runs as pairruns
 
 
@@ -13,21 +14,27 @@ class RunStager:
     The generation is not the pair's state until the session commits
     (`Store.complete_session` activates `PairDelta.staged`); a session that fails leaves
     it to be dropped by the pair's next staging. Sessions of a pair never overlap
-    (the node holds a lock per peer), so one pair has one staging at a time."""
+    (the node holds a lock per peer), so one pair has one staging at a time. Each
+    piece is written only while the pair's key exists (`keys.require`): an epoch
+    retired meanwhile fails the staging instead of leaving parts of it behind."""
 
     def __init__(self, db: Database, peer: str, epoch: int) -> None:
         self.db, self.peer, self.epoch = db, peer, epoch
+        self.parts: dict[str, int] = {}  # kind name -> parts its run was written in
         with db.transaction(staging=True) as cur:
+            keys.require(cur, peer, epoch)
             self.gen = pairruns.new_generation(cur, peer, epoch)
 
     def writer(self, kind: pairruns.Kind) -> StagedRun:
         """A run written as it is merged, piece by piece (`StagedRun`)."""
         return StagedRun(self, kind)
 
-    def done(self, labelsets: dict[str, int]) -> int:
+    def done(self, labelsets: dict[str, int]) -> pairruns.Staged:
+        """The generation staged, with its label sets, once every run is closed."""
         with self.db.transaction(staging=True) as cur:
+            keys.require(cur, self.peer, self.epoch)
             pairruns.write_labelsets(cur, self.peer, self.epoch, self.gen, labelsets)
-        return self.gen
+        return pairruns.Staged(self.gen, {k: n for k, n in self.parts.items() if n})
 
 
 class StagedRun:
@@ -50,6 +57,7 @@ class StagedRun:
 
     def close(self) -> None:
         self._flush(len(self._buf))
+        self.stager.parts[self.kind.name] = self.part
 
     def _flush(self, size: int) -> None:
         if not size:
@@ -57,6 +65,7 @@ class StagedRun:
         s, data = self.stager, memoryview(self._buf)[:size]
         try:
             with s.db.transaction(staging=True) as cur:
+                keys.require(cur, s.peer, s.epoch)
                 self.part = pairruns.write_parts(
                     cur, s.peer, s.epoch, s.gen, self.kind, self.part, data
                 )

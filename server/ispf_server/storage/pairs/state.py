@@ -134,7 +134,7 @@ class PairDelta:
     # A full run's state as sorted runs, staged piece by piece before the commit
     # (`pairs.staging`, while the peer does the same): `staged` names the generation,
     # and the commit only makes it current.
-    staged: int | None = None
+    staged: pairruns.Staged | None = None
 
 
 def xor_fp(a: bytes, b: bytes) -> bytes:
