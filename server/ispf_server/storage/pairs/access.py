@@ -61,6 +61,12 @@ class Pairs:
         return pairs
 
     def key(self, peer: str, epoch: int) -> BlindingKey:
+        """The pair's key: a read where its row exists (every online-check probe asks),
+        a write transaction only the first time (`keys.pair_key` makes the row)."""
+        with self._db.reading() as conn:
+            rekey = keys.rekey_counter(conn, peer, epoch)
+        if rekey is not None:
+            return self._master.pair_key(peer, epoch, rekey)
         with self._db.transaction() as cur:
             return keys.pair_key(cur.connection, self._master, peer, epoch, utcnow())
 
@@ -79,10 +85,8 @@ class Pairs:
 
     def rekey_count(self, peer: str, epoch: int) -> int | None:
         """The pair's re-key counter (None: no pair key yet)."""
-        row = self._db.fetchone(
-            "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
-        )
-        return int(row[0]) if row else None
+        with self._db.reading() as conn:
+            return keys.rekey_counter(conn, peer, epoch)
 
     def sync_row(self, peer: str, epoch: int) -> SyncRow | None:
         return SyncRow.of(self._db.fetchone(SyncRow.SELECT, (peer, epoch)))

@@ -19,14 +19,22 @@ from ispf_server.storage.pairs.schema import STATE_TABLES
 log = logging.getLogger(__name__)
 
 
-def pair_key(db: Connection, master: MasterKey, peer: str, epoch: int, now: str) -> BlindingKey:
-    """The node's fixed scalar for this (peer, epoch): derived from the master key over
-    the pair's re-key counter (the row is made, counter 0, on first use)."""
-    db.execute("INSERT INTO pair_keys VALUES (?,?,0,?) ON CONFLICT DO NOTHING", (peer, epoch, now))
+def rekey_counter(db: Connection, peer: str, epoch: int) -> int | None:
+    """The pair's re-key counter; None: the pair has no key yet (or its epoch was retired)."""
     row = db.execute(
         "SELECT rekey FROM pair_keys WHERE peer=? AND epoch=?", (peer, epoch)
     ).fetchone()
-    return master.pair_key(peer, epoch, int(row[0]))
+    return None if row is None else int(row[0])
+
+
+def pair_key(db: Connection, master: MasterKey, peer: str, epoch: int, now: str) -> BlindingKey:
+    """The node's fixed scalar for this (peer, epoch): derived from the master key over
+    the pair's re-key counter (the row is made, counter 0, on first use; in a write
+    transaction)."""
+    db.execute("INSERT INTO pair_keys VALUES (?,?,0,?) ON CONFLICT DO NOTHING", (peer, epoch, now))
+    rekey = rekey_counter(db, peer, epoch)
+    assert rekey is not None  # (just made, in this transaction)
+    return master.pair_key(peer, epoch, rekey)
 
 
 def require(cur: Cursor, peer: str, epoch: int) -> None:
