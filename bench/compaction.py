@@ -7,6 +7,14 @@ runs, tombstones for what they replace). After each night, the state reads an
 incremental run makes (the pair's whole matched state, and lookups of 1% of the
 IDs and tags) are timed, best of three; then the overlay is compacted and the
 same reads timed again. Prints seconds and the ratios, measured in this run.
+
+Then what a compaction does to the reads an online check makes meanwhile (one
+ID's own tag and the peer's labels for its tag, in a thread of the same process,
+as a node's compaction shares its process with the checks it serves): their
+latency while nothing else runs, and while a night's overlay is compacted with
+the run writer's 8 MB pieces and with 1 MB pieces (each piece is a write
+transaction, holding SQLite's lock).
+
 Asserts nothing: figures, not pass/fail.
 
     python bench/compaction.py [--n 300000] [--nights 5]
@@ -18,13 +26,16 @@ import argparse
 import random
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ispf_server.storage import Store
 from ispf_server.storage.pairs import compaction, deltas, lookups
+from ispf_server.storage.pairs.staging import StagedRun
 from ispf_server.storage.pairs.state import OwnTag
 from tests.unit.storage import packing  # (a full run's runs, built in memory)
 from tests.unit.storage.pairmodel import (
@@ -37,6 +48,7 @@ from tests.unit.storage.pairmodel import (
 )
 
 PEER, EPOCH = "sindh", 1
+FLUSH = StagedRun.FLUSH
 
 
 def main() -> None:
@@ -110,7 +122,66 @@ def main() -> None:
             f"(the matched state alone {last[0] / after[0]:.1f}x), and "
             f"{(last[0] + last[1]) / (fresh[0] + fresh[1]):.1f}x the full run's"
         )
+        probe_latency(store, rng, model, nids, tag_of, n)
         store.close()
+
+
+def probe_latency(
+    store: Store,
+    rng: random.Random,
+    model: Model,
+    nids: list[str],
+    tag_of: dict[str, bytes],
+    n: int,
+) -> None:
+    def probes(during: Callable[[], object]) -> list[float]:
+        stop, lat = threading.Event(), []
+
+        def probe() -> None:
+            pick = random.Random(2)
+            while not stop.is_set():
+                x = pick.choice(nids)
+                t0 = time.perf_counter()
+                with store.db.reading() as conn:
+                    lookups.own_by_nids(conn, PEER, EPOCH, [x])
+                    lookups.peer_by_tags(conn, PEER, EPOCH, [tag_of[x]])
+                lat.append(time.perf_counter() - t0)
+                time.sleep(0.002)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        during()
+        stop.set()
+        t.join()
+        return sorted(lat)
+
+    def compacted(flush: int) -> Callable[[], object]:
+        step = random_step(rng, model, nids, tag_of, n // 100, n // 100)
+        with store.db.transaction() as cur:  # (a night's overlay to compact, before the probes)
+            deltas.apply_delta(cur, PEER, EPOCH, step)
+
+        def run() -> object:
+            StagedRun.FLUSH = flush
+            try:
+                return compaction.compact(store.db, PEER, EPOCH)
+            finally:
+                StagedRun.FLUSH = FLUSH
+
+        return run
+
+    print()
+    print("an online check's store reads (one ID, one tag) in a thread, meanwhile:")
+    print(f"{'':36} {'reads':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
+    idle: Callable[[], Callable[[], object]] = lambda: lambda: time.sleep(2.0)  # noqa: E731
+    for label, during in (
+        ("nothing", idle),
+        ("a compaction, 8 MB pieces", lambda: compacted(8 << 20)),
+        ("a compaction, 1 MB pieces", lambda: compacted(1 << 20)),
+        ("nothing, again", idle),
+    ):
+        lat = probes(during())
+        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(f"{label:36} {len(lat):>6} {p50 * 1e3:>7.2f} {p99 * 1e3:>7.2f} {lat[-1] * 1e3:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def test_a_compacted_state_answers_like_the_model_and_keeps_no_overlay(
     old runs and of the new ones is exercised at this size; another pair, and this
     pair in another epoch, keep their overlays untouched."""
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
+    monkeypatch.setattr(compaction, "DROP_PARTS", 3)
     monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     rng, model, nids, tag_of = setup(seed, store)
     others = [("kp", EPOCH), (PEER, EPOCH + 1)]
@@ -403,4 +404,15 @@ def test_a_nodes_start_sweeps_what_a_killed_one_left_in_pair_state(store: Store)
     check(store, model, rng, nids)
     assert store.sweep_pairs() == (0, 1)
     assert not staged_generation(store)
+    check(store, model, rng, nids)
+
+
+def test_dropping_a_generation_never_drops_the_pairs_state(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compaction, "DROP_PARTS", 2)
+    rng, model, nids, tag_of = setup(18, store)
+    (gen,) = generations(store)
+    compaction._drop_staging(store.db, PEER, EPOCH, gen)
+    assert generations(store) == {gen}
     check(store, model, rng, nids)

@@ -17,8 +17,10 @@ memory: only the overlay, which compacting at a share of the base keeps small),
 and becomes current in one transaction that also clears the overlay, and only if
 the pair is still as the compaction found it (same generation, same sync row,
 every part staged); otherwise the staging is dropped and the state is left as it
-was. A node killed while compacting leaves a staged generation that nothing
-reads, dropped by the pair's next staging.
+was. The old runs are then deleted a piece at a time, after that transaction,
+so no write holds the store's lock for long. A node killed while compacting
+leaves a generation that nothing reads, dropped when it starts again
+(`Store.sweep_pairs`) or by the pair's next staging.
 """
 
 from __future__ import annotations
@@ -299,25 +301,54 @@ def compact(
             )
             if not same:
                 raise Abandoned(f"the pair state with {peer} changed while it was compacted")
-            pairruns.activate(cur, peer, epoch, new)  # (checks every part staged is there)
+            # (checks every part staged is there; the old runs go after the commit)
+            pairruns.activate(cur, peer, epoch, new, keep_old=True)
             for table in OVERLAY:
                 cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
     except BaseException:
         _drop_staging(db, peer, epoch, stager.gen)
         raise
+    if gen is not None:
+        _drop_staging(db, peer, epoch, gen)  # (the old runs, no longer read)
     return Compacted(overlay.rows, records, time.perf_counter() - t0)
 
 
+DROP_PARTS = 64  # parts of a generation deleted per write transaction (about 0.5 MB)
+
+
 def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
-    """A compaction's own staged generation dropped as it fails, never another's (a
-    node killed leaves it to the pair's next staging, which drops every generation
-    but the current)."""
-    if not db.closed:
-        with contextlib.suppress(Exception), db.transaction() as cur:
-            for table in ("pair_runs", "pair_labelsets"):
+    """A generation that is not the pair's state dropped, a piece at a time: the
+    compaction's own staging as it fails (never another's), or the old runs after
+    it. Each piece is a short write transaction (online checks wait on SQLite's
+    lock for a piece, not for a whole copy of the pair's runs), and checks the
+    generation is still not the current one. A node killed meanwhile leaves the
+    rest to its next start (`Store.sweep_pairs`) or the pair's next staging."""
+    if db.closed:
+        return
+    with contextlib.suppress(Exception):
+        with db.reading() as conn:
+            ends = conn.execute(
+                "SELECT kind, max(part) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
+                "GROUP BY kind",
+                (peer, epoch, gen),
+            ).fetchall()
+        pieces = [
+            (str(kind), at) for kind, last in ends for at in range(0, int(last) + 1, DROP_PARTS)
+        ]
+        for kind, at in [*pieces, ("", -1)]:
+            with db.transaction() as cur:
+                if pairruns.current(cur.connection, peer, epoch) == gen:
+                    return  # (never the pair's state)
+                if at < 0:  # (last: its label sets)
+                    cur.execute(
+                        "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen=?",
+                        (peer, epoch, gen),
+                    )
+                    continue
                 cur.execute(
-                    f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=?",  # noqa: S608
-                    (peer, epoch, gen),
+                    "DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen=? AND kind=? "
+                    "AND part >= ? AND part < ?",
+                    (peer, epoch, gen, kind, at, at + DROP_PARTS),
                 )
 
 

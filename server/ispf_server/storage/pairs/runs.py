@@ -200,9 +200,11 @@ def write_labelsets(
     )
 
 
-def activate(cur: Cursor, peer: str, epoch: int, staged: Staged) -> None:
+def activate(cur: Cursor, peer: str, epoch: int, staged: Staged, *, keep_old: bool = False) -> None:
     """Make a staged generation the pair's state and drop every other one; `StagingLost`
-    (nothing changed) where its parts are not all there as they were written."""
+    (nothing changed) where its parts are not all there as they were written.
+    `keep_old`: the other generations' parts are left for the caller to drop after
+    the commit, a piece at a time (`compaction`), which nothing reads meanwhile."""
     gen = staged.gen
     found = cur.execute(
         "SELECT kind, count(*) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? GROUP BY kind",
@@ -213,7 +215,8 @@ def activate(cur: Cursor, peer: str, epoch: int, staged: Staged) -> None:
             f"the staged runs of the pair state with {peer} are not as they were written "
             "(dropped or written into by another writer of the pair): not made current"
         )
-    cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen))
+    if not keep_old:
+        cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen))
     cur.execute(
         "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen)
     )
