@@ -411,7 +411,7 @@ def test_dropping_a_generation_never_drops_the_pairs_state(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(compaction, "DROP_PARTS", 2)
-    rng, model, nids, tag_of = setup(18, store)
+    rng, model, nids, _ = setup(18, store)
     (gen,) = generations(store)
     compaction._drop_staging(store.db, PEER, EPOCH, gen)
     assert generations(store) == {gen}
