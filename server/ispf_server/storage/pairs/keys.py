@@ -41,9 +41,10 @@ def require(cur: Cursor, peer: str, epoch: int) -> None:
     """Pair state is written only while the pair's key exists (its row in `pair_keys`,
     made before any state): an epoch retired (`Store.destroy_epoch`, perhaps from
     another process) while a session or a compaction of the pair was writing fails
-    that write, so nothing of a retired epoch is written after its erasure. In
-    PostgreSQL the key's row is also locked until the writer commits, so an erasure
-    waits for it and then removes what it wrote (SQLite's writers take turns)."""
+    that write, so nothing of a retired epoch is written after its erasure. Write
+    transactions take turns on both backends (SQLite's write lock, PostgreSQL's
+    advisory write lock), so the check and the write see the same pair_keys; the
+    row is also taken FOR SHARE in PostgreSQL, should that ever change."""
     sql = "SELECT 1 FROM pair_keys WHERE peer=? AND epoch=?"
     if is_postgres(cur):
         sql += " FOR SHARE"
