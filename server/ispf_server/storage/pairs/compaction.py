@@ -333,22 +333,20 @@ def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
                 (peer, epoch, gen),
             ).fetchall()
         pieces = [
-            (str(kind), at) for kind, last in ends for at in range(0, int(last) + 1, DROP_PARTS)
+            ("AND kind=? AND part >= ? AND part < ?", (str(kind), at, at + DROP_PARTS))
+            for kind, last in ends
+            for at in range(0, int(last) + 1, DROP_PARTS)
         ]
-        for kind, at in [*pieces, ("", -1)]:
+        for table, where, args in [
+            *(("pair_runs", w, a) for w, a in pieces),
+            ("pair_labelsets", "", ()),  # (last: its label sets)
+        ]:
             with db.transaction() as cur:
                 if pairruns.current(cur.connection, peer, epoch) == gen:
                     return  # (never the pair's state)
-                if at < 0:  # (last: its label sets)
-                    cur.execute(
-                        "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen=?",
-                        (peer, epoch, gen),
-                    )
-                    continue
                 cur.execute(
-                    "DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen=? AND kind=? "
-                    "AND part >= ? AND part < ?",
-                    (peer, epoch, gen, kind, at, at + DROP_PARTS),
+                    f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=? {where}",  # noqa: S608
+                    (peer, epoch, gen, *args),
                 )
 
 
