@@ -243,6 +243,39 @@ def test_a_staged_generation_missing_a_part_is_never_made_current(db: Callable[[
     assert lookups.own_by_nids(conn, "sindh", 1, nids[1999:])[nids[1999]].tag == new[nids[1999]].tag
 
 
+def test_a_generation_number_is_never_given_out_twice(db: Callable[[], Conn]) -> None:
+    """A staging dropped under its writer (by another writer of the pair) and staged
+    again with the same parts: the first writer's commit finds its own parts gone,
+    not the other's under its number, and refuses; so does the second's once a
+    third writer dropped it. Numbers go on past every one given out."""
+    conn = db()
+    rng = random.Random(6)
+    own = {f"35202{i:08d}": OwnTag('["P/a"]', rng.randbytes(16)) for i in range(600)}
+    groups = own_groups(own)
+
+    def staged() -> PairDelta:
+        return delta(
+            reset=True, own_added=groups, staged=packing.staged(conn, "sindh", 1, groups, [], {})
+        )
+
+    first = staged()
+    second = staged()  # (drops the first's staging, as its next staging does)
+    assert first.staged is not None and second.staged is not None
+    assert first.staged.parts == second.staged.parts  # the same parts, another number
+    assert second.staged.gen > first.staged.gen
+    with pytest.raises(StagingLost):
+        deltas.apply_delta(conn.cursor(), "sindh", 1, first)
+    third = staged()
+    assert third.staged is not None and third.staged.gen > second.staged.gen
+    with pytest.raises(StagingLost):
+        deltas.apply_delta(conn.cursor(), "sindh", 1, second)
+    deltas.apply_delta(conn.cursor(), "sindh", 1, third)
+    assert pairruns.current(conn, "sindh", 1) == third.staged.gen
+    assert staged().staged.gen > third.staged.gen  # type: ignore[union-attr]
+    conn.execute("DELETE FROM pair_gen_last")  # (a store from before numbers were kept)
+    assert staged().staged.gen > third.staged.gen + 1  # type: ignore[union-attr]
+
+
 def test_a_lookup_of_many_keys_finds_what_one_key_at_a_time_finds(
     db: Callable[[], Conn],
 ) -> None:

@@ -20,9 +20,10 @@ Runs are written under a generation number and become the pair's state when
 `pair_gen` points at it. A session stages its runs before the peer has agreed
 (while the peer works too), and its commit only flips the pointer; a staged
 generation that never became current (a failed session) is dropped by the
-next staging for the pair, or with the epoch. The flip checks that every part the
-stager wrote is there (`Staged`), so a generation something else dropped or wrote
-into is never made the state.
+next staging for the pair, or with the epoch. Generation numbers are the
+store's, each given out once (`new_generation`, `pair_gen_last`). The flip
+checks that every part the stager wrote is there (`Staged`), so a generation
+something else dropped or wrote into is never made the state.
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ CREATE TABLE IF NOT EXISTS pair_gen (
     epoch INTEGER NOT NULL,
     gen   INTEGER NOT NULL,
     PRIMARY KEY (peer, epoch)
+);
+-- The last generation number given out, for every pair (one row): no number is
+-- given out twice (`new_generation`).
+CREATE TABLE IF NOT EXISTS pair_gen_last (
+    one  INTEGER PRIMARY KEY CHECK (one = 1),
+    gen  INTEGER NOT NULL
 );
 """
 
@@ -162,9 +169,23 @@ def stage(
 
 
 def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
-    """A generation to stage runs under, after the current one; stale stagings (any
-    generation but the current) are dropped first. Nothing reads it until `activate`."""
-    return (drop_staged(cur, peer, epoch) or 0) + 1
+    """A generation to stage runs under; stale stagings (any generation but the
+    current) are dropped first. Nothing reads it until `activate`. Its number is
+    the store's next (`pair_gen_last`), never given out before, nor dropped and
+    given out again: a writer whose staging was dropped under it (two writers of
+    one pair) finds its parts missing at `activate`, never another's staging
+    under its number."""
+    row = cur.execute("SELECT gen FROM pair_gen_last WHERE one = 1").fetchone()
+    if row is None:  # (a store from before numbers were kept: past every one it holds)
+        last = max(
+            int(cur.execute(f"SELECT coalesce(max(gen), 0) FROM {table}").fetchone()[0])  # noqa: S608
+            for table in ("pair_runs", "pair_labelsets", "pair_gen")
+        )
+    else:
+        last = int(row[0])
+    cur.execute(upsert_sql("pair_gen_last", ("one", "gen"), ("one",)), (1, last + 1))
+    drop_staged(cur, peer, epoch)  # (after the count: a number it drops is never reused)
+    return last + 1
 
 
 def drop_staged(cur: Cursor, peer: str, epoch: int) -> int | None:
