@@ -52,6 +52,24 @@ class Federation:
     def stop(self, province: str) -> None:
         self.servers[province].stop(grace=None).wait()
 
+    def restart(self, province: str, pool: BlindingPool) -> None:
+        """Stop a node and start it again on the same files (its store, its keys)."""
+        self.stop(province)
+        old = self.nodes[province]
+        peers = old.peer_addresses
+        old.close()
+        node = Node(old.config, pool=pool)
+        server, port = create_server(node, "127.0.0.1:0")
+        server.start()
+        node.peer_addresses = peers
+        self.nodes[province], self.servers[province], self.ports[province] = node, server, port
+        for p, n in self.nodes.items():
+            if p != province:
+                n.peer_addresses[province] = f"127.0.0.1:{port}"
+        client = self.clients.pop(province, None)
+        if client is not None:
+            client.close()
+
     def close(self) -> None:
         for c in self.clients.values():
             c.close()

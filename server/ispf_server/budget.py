@@ -104,6 +104,13 @@ class QueryBudget:
             )
         return state
 
+    def would_allow(self, pp: PeerPolicy, epoch: int, values: int, *, declared: int = 0) -> bool:
+        """Whether `charge` would allow `values` now (nothing charged, nothing counted)."""
+        today = self.today()
+        held = self.store.budgets.get(pp.peer, epoch)
+        old_declared, used, _, first = held or (0, 0, 0, today)
+        return used + values <= pp.budget_allowance(old_declared or declared, _days(first, today))
+
     def state(self, pp: PeerPolicy, epoch: int) -> BudgetState:
         """The peer's budget in the epoch as it stands (nothing charged)."""
         today = self.today()

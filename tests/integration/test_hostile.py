@@ -216,6 +216,45 @@ def test_sync_state_for_an_epoch_not_held(stub: peer_pb2_grpc.PeerServiceStub, e
     assert not state.held
 
 
+def test_handshakes_refused_anyway_do_not_stop_a_compaction(
+    fed: Federation, stub: peer_pb2_grpc.PeerServiceStub
+) -> None:
+    """A compaction of the pair's state gives way to a peer's sync Handshake, but only
+    to one that passes the checks needing no lock: one assuming a state not held
+    here, or over a spent budget, is told to retry and the compaction goes on (a
+    peer cannot keep the pair from ever compacting so). One that passes is let in."""
+    store = fed.nodes["punjab"].store
+    lock = store.pair_lock("sindh")
+    give_way = lock.acquire_giving_way(5)  # (held as a compaction holds it)
+    assert give_way is not None
+    released = False
+    try:
+        stale = hello(fed, sync=True, incremental=True, state=bytes(64))
+        expect(grpc.StatusCode.UNAVAILABLE, "another state", stub.Handshake, stale, timeout=15)
+        assert not give_way.is_set()
+        store.db.write(
+            "INSERT INTO query_budget VALUES ('sindh', 1, 2, 1000000000000, 0, '2026-01-01') "
+            "ON CONFLICT(peer, epoch) DO UPDATE SET used = excluded.used"
+        )
+        spent = hello(fed, sync=True)
+        expect(grpc.StatusCode.UNAVAILABLE, "already running", stub.Handshake, spent, timeout=15)
+        assert not give_way.is_set()
+        lock.release()
+        released = True
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "is spent", stub.Handshake, spent, timeout=15)
+    finally:
+        store.db.write("DELETE FROM query_budget WHERE peer='sindh'")
+        if not released:
+            lock.release()
+    give_way = lock.acquire_giving_way(5)
+    assert give_way is not None
+    threading.Thread(target=lambda: give_way.wait(30) and lock.release()).start()
+    req = hello(fed, sync=True)
+    resp = stub.Handshake(req, timeout=15)  # (passes: the compaction lets go)
+    assert give_way.is_set() and resp.session_id == req.session_id
+    stub.Abort(peer_pb2.AbortRequest(session_id=req.session_id, reason="test"), timeout=5)
+
+
 def test_replayed_session_id(fed: Federation, stub: peer_pb2_grpc.PeerServiceStub) -> None:
     req = hello(fed)
     stub.Handshake(req, timeout=5)

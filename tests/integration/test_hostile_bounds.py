@@ -13,16 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from ispf.nodeconfig import load_config
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_client.forum import write_policy
-from ispf_server.node import Node, create_server
 from ispf_server.pool import BlindingPool
 from tests.conftest import Federation, start_federation
 from tests.integration.test_hostile import channel, chunk, expect, hello, points, reblind
@@ -52,24 +49,6 @@ def fed(tmp_path: Path, inline_pool: BlindingPool) -> Iterator[Federation]:
     f.close()
 
 
-def restart(fed: Federation, province: str, pool: BlindingPool) -> None:
-    """Stop a node and start it again on the same files (its store, its keys)."""
-    fed.stop(province)
-    old = fed.nodes[province]
-    peers = old.peer_addresses
-    old.close()
-    cfg = replace(load_config(fed.layout.node_dir(province) / "node.toml"), chunk_values=64)
-    node = Node(cfg, pool=pool)
-    server, port = create_server(node, "127.0.0.1:0")
-    server.start()
-    node.peer_addresses = peers
-    fed.nodes[province], fed.servers[province], fed.ports[province] = node, server, port
-    for p, n in fed.nodes.items():
-        if p != province:
-            n.peer_addresses[province] = f"127.0.0.1:{port}"
-    fed.clients.pop(province, None)
-
-
 def budget_of(fed: Federation, peer: str) -> internal_pb2.PeerBudget:
     listing = fed.client("punjab")._recon.ListPeers(internal_pb2.ListPeersRequest(), timeout=5)
     return next(b for b in listing.budgets if b.peer == peer)
@@ -96,7 +75,7 @@ def test_budget_stops_a_peer_over_sessions_and_survives_restart(
         expect(
             EXHAUSTED, "query budget of sindh", stub.Handshake, hello(fed, n=10, registry_size=20)
         )
-    restart(fed, "punjab", inline_pool)
+    fed.restart("punjab", inline_pool)
     with channel(fed) as ch:
         stub = peer_pb2_grpc.PeerServiceStub(ch)
         expect(EXHAUSTED, "30 of 30 values used", stub.Handshake, hello(fed, n=1, registry_size=20))

@@ -8,6 +8,7 @@ from collections import defaultdict
 import pytest
 
 from ispf.v1 import internal_pb2
+from ispf_server.pool import BlindingPool
 from ispf_server.storage.pairs import compaction
 from tests.conftest import Federation, RawStore
 
@@ -414,3 +415,43 @@ def test_a_run_goes_ahead_while_a_compaction_holds_the_pairs_lock(
     for province in ("punjab", "sindh"):
         states = federation.nodes[province].store.db.fetchall("SELECT state FROM sessions")
         assert [s for (s,) in states] == ["COMPLETED"], province
+
+
+def test_a_nodes_start_drops_what_a_killed_node_left_in_pair_state(
+    federation: Federation, inline_pool: BlindingPool
+) -> None:
+    """A node killed while staging runs (a full run, a compaction) leaves a generation
+    nothing reads; one killed as an epoch was retired, state without its pair key.
+    The node's next start drops both, keeps the pair's state, and runs on it."""
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    first = federation.reconcile("punjab", "sindh")
+    assert first.state == COMPLETED and first.match_count == 1
+    federation.stop("punjab")
+    federation.nodes["punjab"].close()
+    raw = RawStore(federation.nodes["punjab"])
+    try:
+        (gen,) = raw.execute("SELECT gen FROM pair_gen").fetchall()[0]
+        raw.execute(  # a staging left behind: a copy of the runs under another number
+            "INSERT INTO pair_runs SELECT peer, epoch, ?, kind, part, last, data FROM pair_runs",
+            (gen + 1000,),
+        )
+        raw.execute(  # state of a pair whose key went
+            "INSERT INTO own_tags VALUES ('kp', 9, '3520200000009', '[]', ?)", (bytes(16),)
+        )
+        before = raw.execute("SELECT kind, part, data FROM pair_runs WHERE gen=?", (gen,))
+        before = sorted(before.fetchall())
+    finally:
+        raw.close()
+    federation.restart("punjab", inline_pool)
+    raw = RawStore(federation.nodes["punjab"])
+    try:
+        assert [g for (g,) in raw.execute("SELECT DISTINCT gen FROM pair_runs")] == [gen]
+        assert raw.execute("SELECT count(*) FROM own_tags WHERE epoch=9").fetchone()[0] == 0
+        after = raw.execute("SELECT kind, part, data FROM pair_runs WHERE gen=?", (gen,))
+        assert sorted(after.fetchall()) == before
+    finally:
+        raw.close()
+    again = federation.reconcile("punjab", "sindh")
+    assert again.state == COMPLETED and again.sync == "incremental", again.error
+    assert (again.match_count, again.result_digest) == (first.match_count, first.result_digest)

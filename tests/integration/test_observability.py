@@ -70,6 +70,10 @@ def test_metrics_count_compactions_and_the_overlay_waiting(fed: Federation) -> N
     assert "ispf_pair_compactions_compacted 1.0" in text
     assert "ispf_pair_compactions_failed 0.0" in text
     assert "ispf_pair_overlay_rows 0.0" in text
+    compactor.counts.gave_way, compactor.counts.failed = 2, 3  # (each outcome its own gauge)
+    text = scrape(port)
+    assert "ispf_pair_compactions_gave_way 2.0" in text
+    assert "ispf_pair_compactions_failed 3.0" in text
 
 
 def test_every_log_line_is_json_with_request_and_session_ids(fed: Federation) -> None:

@@ -167,11 +167,10 @@ class Initiator:
 
     def _run_guarded(self) -> None:
         lock = self.peer.pair_lock
-        if lock is not None and not lock.acquire(blocking=False):
-            lock.ask_to_give_way()  # (a compaction of the pair's state stops for us)
-            if not lock.acquire(timeout=self.peer.session_deadline):
-                self._fail(f"another session with {self.facts.peer} did not finish in time", True)
-                return
+        # (a compaction of the pair's state, holding the lock or waiting, stops for us)
+        if lock is not None and not lock.acquire_asking(self.peer.session_deadline):
+            self._fail(f"another session with {self.facts.peer} did not finish in time", True)
+            return
         try:
             self._run()
         except IspfError as exc:

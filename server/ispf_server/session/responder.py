@@ -268,6 +268,34 @@ class Responder:
             self._fail(s, "superseded: the peer started a new session")
         return lock.acquire(timeout=5)
 
+    def _check_state(self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy) -> None:
+        """An incremental run's assumed pair state is the one held here (RetryLater)."""
+        fps = state_fingerprints(self.store, caller, req.epoch, pp)
+        theirs = (req.state[32:], req.state[:32])  # (our set, their set) as they hold
+        if fps is None or fps != theirs:
+            raise RetryLater(
+                f"{self.province} holds another state for the pair than {caller} "
+                "assumes: run again (it will be a full run)"
+            )
+
+    def _compaction_gave_way(
+        self, req: peer_pb2.HandshakeRequest, caller: str, pp: PeerPolicy, lock: PairLock
+    ) -> bool:
+        """A compaction of the pair's state, holding its lock or waiting for it, asked
+        to give way, and the lock taken within GIVE_WAY_WAIT. Asked only for a
+        Handshake that passes the checks that need no lock (the state it assumes, its
+        query budget): a peer cannot keep the pair from compacting with Handshakes
+        that are refused anyway. (A compaction leaves the state's fingerprints as
+        they are; the checks are made again under the lock.)"""
+        if req.incremental:
+            self._check_state(req, caller, pp)
+        values = sum(g.size for g in req.groups)
+        if not self.budget.would_allow(pp, req.epoch, values, declared=req.registry_size):
+            return False  # (refused once the lock is free: the compaction goes on)
+        return lock.ask_to_give_way() and lock.acquire_asking(
+            self.GIVE_WAY_WAIT, until_refused=True
+        )
+
     def _speculate(self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool) -> None:
         """Plan this side of the sync `caller` is about to start, in a thread (one at a
         time per peer); the Handshake takes it if still valid, else plans afresh.
@@ -321,11 +349,13 @@ class Responder:
     ) -> tuple[SyncSide, list[bytes], PairLock]:
         if req.mode != common_pb2.MODE_MUTUAL or req.responder_collections:
             raise ProtocolViolation("a sync session is mutual and covers every collection")
+        if not req.incremental and req.removed:
+            raise ProtocolViolation("a full run removes nothing")
         lock = self.pair_lock(caller)
         if (
             not lock.acquire(blocking=False)
             and not self._supersede(caller, lock)
-            and not (lock.ask_to_give_way() and lock.acquire(timeout=self.GIVE_WAY_WAIT))
+            and not self._compaction_gave_way(req, caller, pp, lock)
         ):  # (held by a session, ours or another replica's; or a compaction slow to stop)
             raise RetryLater(
                 f"a session between {caller} and {self.province} is already running; "
@@ -333,15 +363,7 @@ class Responder:
             )
         try:
             if req.incremental:
-                fps = state_fingerprints(self.store, caller, req.epoch, pp)
-                theirs = (req.state[32:], req.state[:32])  # (our set, their set) as they hold
-                if fps is None or fps != theirs:
-                    raise RetryLater(
-                        f"{self.province} holds another state for the pair than {caller} "
-                        "assumes: run again (it will be a full run)"
-                    )
-            elif req.removed:
-                raise ProtocolViolation("a full run removes nothing")
+                self._check_state(req, caller, pp)
             side = self._speculated(caller, req.epoch, pp, incremental=req.incremental) or prepare(
                 self.store, pp, caller, req.epoch, incremental=req.incremental
             )

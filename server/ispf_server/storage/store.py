@@ -37,16 +37,27 @@ PEER_SPACE = 0x15F2  # advisory lock space: a batch session with a peer, by its 
 class PairLock:
     """`threading.Lock`'s acquire and release, held in this process and, where the
     store is shared by replicas, in the database too (a session-level advisory lock,
-    which PostgreSQL drops with the holder's connection: a killed replica lets go)."""
+    which PostgreSQL drops with the holder's connection: a killed replica lets go).
+
+    Work that can stop and come back later (a compaction) takes it giving way
+    (`acquire_giving_way`); a session asks such work, waiting for the lock or
+    holding it, to let go (`ask_to_give_way`, `acquire_asking`)."""
 
     POLL = 0.2  # seconds between tries of the database lock while waiting
+    ASK_EVERY = 0.25  # seconds between asks while a session waits (`acquire_asking`)
 
     def __init__(self, db: Database, peer: str) -> None:
         self._db, self._peer = db, peer
         self._local = threading.Lock()
-        self._give_way: threading.Event | None = None  # (held by housekeeping that yields)
+        self._state = threading.Lock()  # (guards the three below)
+        self._yielders: set[threading.Event] = set()  # of work that gives way, waiting or holding
+        self._held = False  # held in this process
+        self._holder: threading.Event | None = None  # the holder's, if it gives way
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._take(blocking, timeout, None)
+
+    def _take(self, blocking: bool, timeout: float, yields: threading.Event | None) -> bool:
         deadline = None if timeout < 0 else time.monotonic() + timeout
         if not self._local.acquire(blocking, timeout if blocking else -1):
             return False
@@ -59,29 +70,71 @@ class PairLock:
         except BaseException:
             self._local.release()
             raise
+        with self._state:
+            self._held, self._holder = True, yields
         return True
 
     def acquire_giving_way(self, timeout: float) -> threading.Event | None:
         """Take the lock for work that can stop and come back later (a compaction):
-        the event returned is set when a session asks for the lock
-        (`ask_to_give_way`), and the holder then stops and releases it. None: the
-        lock stayed busy for `timeout` s."""
-        if not self.acquire(timeout=timeout):
-            return None
-        self._give_way = threading.Event()
-        return self._give_way
+        the event returned is set when a session asks for the lock (`ask_to_give_way`),
+        also while this still waited for it, and the holder then stops and releases
+        it. None: the lock stayed busy for `timeout` s."""
+        give_way = threading.Event()
+        with self._state:
+            self._yielders.add(give_way)
+        held = False
+        try:
+            held = self._take(True, timeout, give_way)
+        finally:
+            if not held:
+                with self._state:
+                    self._yielders.discard(give_way)
+        return give_way if held else None
+
+    def stop_giving_way(self) -> None:
+        """The holder that took the lock giving way holds it as a session does from now
+        on: asked no more (its event stays as it was)."""
+        with self._state:
+            if self._holder is not None:
+                self._yielders.discard(self._holder)
+            self._holder = None
 
     def ask_to_give_way(self) -> bool:
-        """Ask a holder that gives way (`acquire_giving_way`) to stop; False: the lock
-        is not held so (a session holds it, or another replica)."""
-        give_way = self._give_way
-        if give_way is None:
-            return False
-        give_way.set()
-        return True
+        """Ask the work that gives way, holding the lock or waiting for it, to stop (or
+        not to start); False: there was none (the lock is free, or held by a session,
+        this process's or another replica's)."""
+        with self._state:
+            yielders = list(self._yielders)
+        for give_way in yielders:
+            give_way.set()
+        return bool(yielders)
+
+    def acquire_asking(self, timeout: float, *, until_refused: bool = False) -> bool:
+        """Take the lock for a session within `timeout` s, asking the work that gives
+        way to stop, and asking again while waiting (other such work, a compaction
+        of another epoch, may take the lock the first let go). `until_refused`: give
+        up as soon as the lock is held by a session of this process, instead of
+        waiting for it to end."""
+        if self.acquire(blocking=False):
+            return True  # (free: nothing asked)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.ask_to_give_way()
+            with self._state:
+                refused = until_refused and self._held and self._holder is None
+            left = deadline - time.monotonic()
+            if refused:
+                return False
+            if self.acquire(timeout=max(0.0, min(self.ASK_EVERY, left))):
+                return True
+            if left <= self.ASK_EVERY:
+                return False
 
     def release(self) -> None:
-        self._give_way = None
+        with self._state:
+            if self._holder is not None:
+                self._yielders.discard(self._holder)
+            self._held, self._holder = False, None
         try:
             self._db.release(PEER_SPACE, self._peer)
         finally:

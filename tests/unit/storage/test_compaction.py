@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from ispf.errors import CompactionAbandoned, RepeatedKey, UnknownEpoch
 from ispf_server.storage import Store
-from ispf_server.storage.pairs import compaction, deltas
+from ispf_server.storage.pairs import compaction, deltas, keys
 from ispf_server.storage.pairs.compaction import Compactor, Size
 from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.pairs.staging import RunStager, StagedRun
@@ -202,6 +203,11 @@ def test_a_broken_invariant_fails_the_compaction_not_the_state(
     with pytest.raises(RepeatedKey):
         compaction.compact(store.db, PEER, EPOCH)
     assert len(generations(store)) == 1 and overlay(store) > 0
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.0)
+    compactor.after_session(PEER, EPOCH)  # (in the background: counted, logged, no more)
+    compactor.wait(30)
+    assert (compactor.counts.failed, compactor.counts.compacted) == (1, 0)
+    assert len(generations(store)) == 1 and overlay(store) > 0
 
 
 def test_due_when_the_overlay_passes_its_share_of_the_base() -> None:
@@ -278,7 +284,7 @@ def test_a_compaction_killed_before_its_commit_leaves_a_staging_nothing_reads(
         raise Killed
 
     monkeypatch.setattr(RunStager, "done", killed)
-    monkeypatch.setattr(compaction, "_drop_staging", lambda *a: None)  # (no cleanup)
+    monkeypatch.setattr(compaction, "drop_generation", lambda *a: None)  # (no cleanup)
     with pytest.raises(Killed):
         compaction.compact(store.db, PEER, EPOCH)
     monkeypatch.undo()
@@ -300,7 +306,7 @@ def test_a_compaction_gives_way_to_a_session_and_comes_back_after_it(
 ) -> None:
     """A session asking for the pair's lock (a peer's Handshake) does not wait for the
     compaction to end, nor is it refused: the compaction stops at its next read,
-    drops what it staged, lets go, and runs again once the node is quiet."""
+    lets go, drops what it staged, and runs again once the node is quiet."""
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
     monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     rng, model, nids, tag_of = setup(14, store)
@@ -327,7 +333,12 @@ def test_a_compaction_gives_way_to_a_session_and_comes_back_after_it(
     assert lock.acquire(timeout=10)  # it stopped and let go
     try:
         assert compactor.counts.gave_way == 1 and compactor.counts.compacted == 0
-        assert overlay(store) > 0 and not staged_generation(store)  # its staging dropped
+        assert overlay(store) > 0
+        # its staging dropped after it let go, while the session goes on
+        deadline = time.monotonic() + 10
+        while staged_generation(store) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not staged_generation(store)
         check(store, model, rng, nids)
         assert not lock.ask_to_give_way()  # (held by a session now: nothing to ask)
     finally:
@@ -346,7 +357,7 @@ def test_an_epoch_retired_while_compacting_leaves_nothing_of_it(
     before its cleanup (none here) leaves no part of the retired epoch behind."""
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
     monkeypatch.setattr(StagedRun, "FLUSH", 4096)
-    monkeypatch.setattr(compaction, "_drop_staging", lambda *a: None)  # (no cleanup)
+    monkeypatch.setattr(compaction, "drop_generation", lambda *a: None)  # (no cleanup)
     rng, model, nids, tag_of = setup(15, store)
     apply(store, random_step(rng, model, nids, tag_of))
     parts = compaction._parts
@@ -413,6 +424,254 @@ def test_dropping_a_generation_never_drops_the_pairs_state(
     monkeypatch.setattr(compaction, "DROP_PARTS", 2)
     rng, model, nids, _ = setup(18, store)
     (gen,) = generations(store)
-    compaction._drop_staging(store.db, PEER, EPOCH, gen)
+    compaction.drop_generation(store.db, PEER, EPOCH, gen)
     assert generations(store) == {gen}
+    check(store, model, rng, nids)
+
+
+def state_of(store: Store, peer: str, epoch: int) -> list[object]:
+    """Every row of a pair's state (runs by generation number aside)."""
+    pair = (peer, epoch)
+    out: list[object] = [
+        store.db.fetchall(f"SELECT * FROM {t} WHERE peer=? AND epoch=? ORDER BY 3", pair)
+        for t in ("own_tags", "peer_tags", "own_gone", "peer_gone", "pair_sync")
+    ]
+    out.append(
+        store.db.fetchall(
+            "SELECT r.kind, r.part, r.data FROM pair_runs r JOIN pair_gen g ON g.peer = r.peer "
+            "AND g.epoch = r.epoch AND g.gen = r.gen WHERE r.peer=? AND r.epoch=? ORDER BY 1, 2",
+            pair,
+        )
+    )
+    return out
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["runs", "rows-only"])
+def test_a_compaction_stopped_at_any_of_its_checks_leaves_the_state_as_it_was(
+    store: Store, monkeypatch: pytest.MonkeyPatch, runs: bool
+) -> None:
+    """Asked to stop, a compaction stops at its next check, wherever it is: reading
+    the overlay, reading the old runs, or (a pair whose state is rows only, which
+    reads no runs) staging the new ones. A stop at each check in turn leaves every
+    row as it was and drops what it staged; past the last, it compacts."""
+    monkeypatch.setattr(StagedRun, "FLUSH", 4096)
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
+    if runs:
+        rng, model, nids, tag_of = setup(19, store)
+    else:
+        rng, model = random.Random(19), Model()
+        nids = [f"35202{i:08d}" for i in range(3000)]
+        tag_of = {n: rng.randbytes(16) for n in nids}
+    apply(store, random_step(rng, model, nids, tag_of))
+    assert bool(generations(store)) == runs
+    before, gens = state_of(store, PEER, EPOCH), generations(store)
+    stop_at = 0
+    while True:
+        checks = iter(range(stop_at))
+        try:
+            done = compaction.compact(
+                store.db,
+                PEER,
+                EPOCH,
+                lambda: next(checks, None) is None,  # noqa: B023
+            )
+        except CompactionAbandoned:
+            assert state_of(store, PEER, EPOCH) == before, stop_at
+            assert generations(store) == gens, stop_at
+            stop_at += 1
+            continue
+        break
+    assert done is not None and overlay(store) == 0
+    assert stop_at >= (12 if runs else 8)  # (the overlay's reads, each run's pieces)
+    check(store, model, rng, nids)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_compaction_asked_while_it_waits_for_the_lock_gives_way_once_it_has_it(
+    store: Store,
+) -> None:
+    """A session asks while the compaction still waits for the pair's lock (held by
+    another session): the ask is not lost. The compaction, once it has the lock,
+    lets go at once without compacting, and the asking session gets the lock."""
+    rng, model, nids, tag_of = setup(20, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    before = state_of(store, PEER, EPOCH)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.5)
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)  # a session
+    compactor.after_session(PEER, EPOCH)
+    assert wait_for(lock.ask_to_give_way)  # (true once the compaction waits for the lock)
+    lock.release()  # the session ends: the compaction has the lock, and lets go
+    assert wait_for(lambda: compactor.counts.gave_way == 1)
+    assert lock.acquire(timeout=10)  # the session that asked
+    try:
+        assert compactor.counts.compacted == 0
+        assert state_of(store, PEER, EPOCH) == before
+    finally:
+        lock.release()
+    compactor.wait(30)
+    assert compactor.counts.compacted == 1 and overlay(store) == 0
+    check(store, model, rng, nids)
+
+
+def test_a_session_asks_again_while_it_waits_so_no_compaction_of_the_peer_keeps_it_out(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two compactions of one peer's pairs (two epochs) share the peer's lock: the one
+    waiting takes the lock the first let go. The session asks again while it waits,
+    so both give way, and neither runs to its end before the session."""
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
+    rng, model, nids, tag_of = setup(21, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    other = Model()
+    for n in rng.sample(nids, 1500):
+        other.own[n] = OwnTag(rng.choice(LABELS), tag_of[n])
+    with store.db.transaction() as cur:  # the pair in the next epoch: runs and rows
+        staged = packing.staged(cur.connection, PEER, EPOCH + 1, own_groups(other.own), [], {})
+        deltas.apply_delta(cur, PEER, EPOCH + 1, delta(reset=True, staged=staged))
+        deltas.apply_delta(cur, PEER, EPOCH + 1, random_step(rng, other, nids, tag_of))
+    parts = compaction._parts
+    compacting = threading.Event()
+
+    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 3:
+                compacting.set()
+                time.sleep(0.6)  # (a long compaction: asks come while it runs)
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=1.0)
+    compactor.after_session(PEER, EPOCH)
+    compactor.after_session(PEER, EPOCH + 1)
+    assert compacting.wait(30)
+    lock = store.pair_lock(PEER)
+    assert lock.acquire_asking(10)
+    try:
+        lock.release()  # (a compaction still waiting now sees the ask it had)
+        assert lock.acquire_asking(10)
+        assert compactor.counts.compacted == 0
+    finally:
+        lock.release()
+    compactor.wait(30)
+    assert compactor.counts.gave_way == 2 and compactor.counts.compacted == 2
+    assert compactor.counts.failed == 0
+    check(store, model, rng, nids)
+
+
+def test_a_compaction_due_past_its_longest_wait_no_longer_gives_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The longest wait counts from when the pair was first found due, not from each
+    try after giving way: sessions that follow one another cannot put the merge
+    off for ever. Past it, the compaction holds the lock as a session does (a
+    peer's Handshake is told to retry), and finishes."""
+    monkeypatch.setattr(Compactor, "LONGEST_WAIT", 1.5)
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
+    rng, model, nids, tag_of = setup(22, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    parts = compaction._parts
+    compacting = threading.Event()
+
+    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 3:
+                compacting.set()
+                time.sleep(0.3)
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.2)
+    due = time.monotonic()
+    compactor.after_session(PEER, EPOCH)
+    assert compacting.wait(30)
+    compacting.clear()
+    lock = store.pair_lock(PEER)
+    assert lock.acquire_asking(10)  # a session: the compaction gives way
+    try:
+        assert compactor.counts.gave_way == 1
+        time.sleep(max(0.0, due + 1.7 - time.monotonic()))  # past the longest wait
+    finally:
+        lock.release()
+    assert compacting.wait(30)  # tried again, at once: no more waiting for quiet
+    assert not lock.ask_to_give_way()
+    assert not lock.acquire_asking(5, until_refused=True)  # (refused, not kept waiting)
+    compactor.wait(30)
+    assert compactor.counts.compacted == 1 and compactor.counts.gave_way == 1
+    assert overlay(store) == 0
+    check(store, model, rng, nids)
+
+
+def test_the_old_runs_are_dropped_after_the_compaction_lets_go_of_the_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting the old generation takes many writes at a million records: a session
+    of the pair does not wait for them."""
+    rng, model, nids, tag_of = setup(23, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    (old,) = generations(store)
+    dropped, real = [], compaction.drop_generation
+
+    def drop(db: object, peer: str, epoch: int, gen: int, *args: object) -> None:
+        lock = store.pair_lock(peer)
+        free = lock.acquire(blocking=False)
+        if free:
+            lock.release()
+        dropped.append((gen, free))
+        real(db, peer, epoch, gen, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compaction, "drop_generation", drop)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1)
+    assert compactor.run_now(PEER, EPOCH) is not None
+    assert dropped == [(old, True)]
+    assert len(generations(store)) == 1 and old not in generations(store)
+    check(store, model, rng, nids)
+
+
+def test_a_staging_is_finished_only_while_its_pair_key_exists(store: Store) -> None:
+    """The last write of a staging (its label sets) checks the pair's key too: an
+    epoch retired after the runs were written leaves no label sets behind."""
+    setup(24, store)
+    stager = RunStager(store.db, PEER, EPOCH)
+    run = stager.writer(compaction.OWN_NID)
+    run.append(b"3520200000001" + bytes(16) + compaction.pairruns.lsid(0))
+    run.close()
+    store.db.write("DELETE FROM pair_keys WHERE peer=? AND epoch=?", (PEER, EPOCH))
+    with pytest.raises(UnknownEpoch):
+        stager.done({"[]": 0})
+    labelsets = "SELECT count(*) FROM pair_labelsets WHERE gen=?"
+    assert store.db.fetchone(labelsets, (stager.gen,)) == (0,)
+
+
+def test_the_start_sweep_keeps_state_keyed_while_it_looked(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """State without a key is erased, a pair with only its generation pointer too;
+    but a pair keyed between the sweep's look and its erasure (its first session
+    began) keeps its state."""
+    rng, model, nids, tag_of = setup(25, store)
+    with store.db.transaction() as cur:
+        cur.execute("INSERT INTO pair_keys VALUES ('kp', 9, 0, '2026-01-01')")
+        deltas.apply_delta(cur, "kp", 9, random_step(rng, Model(), nids, tag_of))
+        cur.execute("DELETE FROM pair_keys WHERE epoch=9")
+        cur.execute("INSERT INTO pair_gen VALUES ('kp', 8, 5)")  # (only its pointer left)
+    transaction = store.db.transaction
+
+    def keyed_meanwhile(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(store.db, "transaction", transaction)
+        store.db.write("INSERT INTO pair_keys VALUES ('kp', 9, 0, '2026-01-01')")
+        return transaction(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.db, "transaction", keyed_meanwhile)
+    assert keys.drop_keyless(store.db) == 1  # kp in epoch 8
+    assert store.db.fetchall("SELECT * FROM pair_gen WHERE epoch=8") == []
+    assert store.db.fetchone("SELECT count(*) FROM own_tags WHERE epoch=9")[0] > 0  # type: ignore[index]
     check(store, model, rng, nids)

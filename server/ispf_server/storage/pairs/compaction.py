@@ -124,7 +124,14 @@ class _Overlay:
     rows: int
 
 
-def _read_overlay(db: Database, peer: str, epoch: int, gen: int | None) -> _Overlay:
+def _stop_if(stopping: Callable[[], bool]) -> None:
+    if stopping():
+        raise Abandoned("stopped before it ended")
+
+
+def _read_overlay(
+    db: Database, peer: str, epoch: int, gen: int | None, stopping: Callable[[], bool]
+) -> _Overlay:
     pair = (peer, epoch)
     with db.reading() as conn:
         own = [
@@ -148,14 +155,17 @@ def _read_overlay(db: Database, peer: str, epoch: int, gen: int | None) -> _Over
             for r in conn.execute("SELECT tag FROM peer_gone WHERE peer=? AND epoch=?", pair)
         )
         base_ls = pairruns.labelsets(conn, peer, epoch) if gen is not None else {}
+    _stop_if(stopping)
     with db.reading() as conn:
         matched = lookups.overlay_matches(conn, peer, epoch)
     # The base's entries the tombstones remove, in every run: an own ID's entry by
     # tag too (its tag in the base), and a match by the own ID holding the peer tag
     # that went.
     gone_nids = [n.encode("ascii") for n in own_gone if n.isascii() and len(n) == pairruns.NID]
+    _stop_if(stopping)
     with db.reading() as conn:
         own_base = pairruns.lookup(conn, peer, epoch, OWN_NID, gone_nids) if gen is not None else {}
+    _stop_if(stopping)
     with db.reading() as conn:
         owners = pairruns.lookup(conn, peer, epoch, OWN_TAG, peer_gone) if gen is not None else {}
     labelsets: dict[str, int] = {}
@@ -203,8 +213,7 @@ def _parts(
     """(last key, records) of each part of a run, in order, a batch per read."""
     at = 0
     while True:
-        if stopping():
-            raise Abandoned("stopped before it ended")
+        _stop_if(stopping)
         with db.reading() as conn:
             rows = conn.execute(
                 "SELECT part, last, data FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
@@ -262,67 +271,90 @@ def merged(
 
 
 def compact(
-    db: Database, peer: str, epoch: int, stopping: Callable[[], bool] = lambda: False
+    db: Database,
+    peer: str,
+    epoch: int,
+    stopping: Callable[[], bool] = lambda: False,
+    leftovers: list[int] | None = None,
 ) -> Compacted | None:
     """Rewrite the pair's runs from its merged state and clear its overlay (see the
     module's notes). The caller holds the pair's lock. None: the pair has no state;
     `Abandoned` where the pair changed meanwhile or `stopping()` became true (its
-    state then left as it was)."""
+    state then left as it was). The generation left to drop (the old runs, or this
+    one's staging where it failed) is dropped before it returns, or, given
+    `leftovers`, put there for the caller to drop once it has let go of the lock
+    (`drop_generation`): nothing reads it, nor stages under its number again."""
     t0 = time.perf_counter()
+    _stop_if(stopping)
     with db.reading() as conn:
         start = _sync_row(conn, peer, epoch)
         gen = pairruns.current(conn, peer, epoch)
     if start is None:
         return None
-    overlay = _read_overlay(db, peer, epoch, gen)
+    overlay = _read_overlay(db, peer, epoch, gen, stopping)
+    _stop_if(stopping)
     stager = RunStager(db, peer, epoch)
+    left = [] if leftovers is None else leftovers
     records = 0
     try:
-        for kind in pairruns.KINDS:
-            base: Iterator[tuple[bytes, bytes]] = (
-                iter(()) if gen is None else _parts(db, peer, epoch, gen, kind, stopping)
-            )
-            run = stager.writer(kind)
-            size = 0
-            for chunk in ascending(
-                merged(base, kind, overlay.drop[kind.name], overlay.add[kind.name]),
-                kind.width,
-                kind.key,
-            ):
-                run.append(chunk)
-                size += len(chunk)
-            run.close()
-            records += size // kind.width
-        new = stager.done(overlay.labelsets)
-        with db.transaction() as cur:
-            conn = cur.connection
-            same = (
-                _sync_row(conn, peer, epoch) == start and pairruns.current(conn, peer, epoch) == gen
-            )
-            if not same:
-                raise Abandoned(f"the pair state with {peer} changed while it was compacted")
-            # (checks every part staged is there; the old runs go after the commit)
-            pairruns.activate(cur, peer, epoch, new, keep_old=True)
-            for table in OVERLAY:
-                cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
-    except BaseException:
-        _drop_staging(db, peer, epoch, stager.gen)
-        raise
-    if gen is not None:
-        _drop_staging(db, peer, epoch, gen)  # (the old runs, no longer read)
+        try:
+            for kind in pairruns.KINDS:
+                base: Iterator[tuple[bytes, bytes]] = (
+                    iter(()) if gen is None else _parts(db, peer, epoch, gen, kind, stopping)
+                )
+                run = stager.writer(kind)
+                size = 0
+                for chunk in ascending(
+                    merged(base, kind, overlay.drop[kind.name], overlay.add[kind.name]),
+                    kind.width,
+                    kind.key,
+                ):
+                    _stop_if(stopping)  # (a pair without runs reads none: asked here)
+                    run.append(chunk)
+                    size += len(chunk)
+                _stop_if(stopping)
+                run.close()
+                records += size // kind.width
+            new = stager.done(overlay.labelsets)
+            with db.transaction() as cur:
+                conn = cur.connection
+                same = (
+                    _sync_row(conn, peer, epoch) == start
+                    and pairruns.current(conn, peer, epoch) == gen
+                )
+                if not same:
+                    raise Abandoned(f"the pair state with {peer} changed while it was compacted")
+                # (checks every part staged is there; the old runs go after the commit)
+                pairruns.activate(cur, peer, epoch, new, keep_old=True)
+                for table in OVERLAY:
+                    cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", (peer, epoch))  # noqa: S608
+        except BaseException:
+            left.append(stager.gen)
+            raise
+        if gen is not None:
+            left.append(gen)  # (the old runs, no longer read)
+    finally:
+        if leftovers is None:
+            for g in left:
+                drop_generation(db, peer, epoch, g)
     return Compacted(overlay.rows, records, time.perf_counter() - t0)
 
 
 DROP_PARTS = 64  # parts of a generation deleted per write transaction (about 0.5 MB)
 
 
-def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
-    """A generation that is not the pair's state dropped, a piece at a time: the
-    compaction's own staging as it fails (never another's), or the old runs after
-    it. Each piece is a short write transaction (online checks wait on SQLite's
-    lock for a piece, not for a whole copy of the pair's runs), and checks the
-    generation is still not the current one. A node killed meanwhile leaves the
-    rest to its next start (`Store.sweep_pairs`) or the pair's next staging."""
+def drop_generation(
+    db: Database, peer: str, epoch: int, gen: int, stopping: Callable[[], bool] = lambda: False
+) -> None:
+    """A generation that is not the pair's state dropped, a piece at a time: a
+    compaction's own staging as it fails (never another's: generation numbers are
+    not reused), or the old runs after it. Each piece is a short write transaction
+    (online checks wait on SQLite's lock for a piece, not for a whole copy of the
+    pair's runs), and checks the generation is still not the current one. It needs
+    no pair lock: nothing reads a generation that is not current, and nothing
+    stages under its number again. Stopped (`stopping()`, or a node killed
+    meanwhile), it leaves the rest to the node's next start (`Store.sweep_pairs`)
+    or the pair's next staging."""
     if db.closed:
         return
     with contextlib.suppress(Exception):
@@ -341,6 +373,8 @@ def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
             *(("pair_runs", w, a) for w, a in pieces),
             ("pair_labelsets", "", ()),  # (last: its label sets)
         ]:
+            if stopping():
+                return
             with db.transaction() as cur:
                 if pairruns.current(cur.connection, peer, epoch) == gen:
                     return  # (never the pair's state)
@@ -353,7 +387,11 @@ def _drop_staging(db: Database, peer: str, epoch: int, gen: int) -> None:
 class Lock(Protocol):
     """What a compaction uses of a pair's lock (`PairLock`)."""
 
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+
     def acquire_giving_way(self, timeout: float) -> threading.Event | None: ...
+
+    def stop_giving_way(self) -> None: ...
 
     def release(self) -> None: ...
 
@@ -374,16 +412,21 @@ class Compactor:
     (`Size.due`), in a thread of its own, once the node is quiet: no batch session
     running and none ended for `quiet` seconds (a nightly job's runs with its peers
     follow each other; its compactions then wait until the last has ended, and take
-    no CPU from them), or after `LONGEST_WAIT` regardless. It holds the pair's lock
-    while it runs, giving way to a session of the pair that asks for it
-    (`PairLock.ask_to_give_way`): it stops at its next read, drops what it staged,
-    lets go, and is tried again once the node is quiet. One compaction per pair is
-    pending at a time. `stop`: compactions waiting or running are given up (a
+    no CPU from them), or `LONGEST_WAIT` after the pair was first found due,
+    regardless. It holds the pair's lock while it runs, giving way to a session of
+    the pair that asks for it (`PairLock.ask_to_give_way`), also while it still
+    waits for the lock: it stops at its next read, lets go, drops what it staged,
+    and is tried again once the node is quiet. Past `LONGEST_WAIT` it no longer
+    gives way (sessions of the pair then wait for it, and a peer's Handshake is
+    asked to retry), so sessions that follow each other without end cannot keep
+    the overlay from ever being merged. The generation a compaction leaves (its
+    old runs, or its staging) is dropped after it lets go. One compaction per pair
+    is pending at a time. `stop`: compactions waiting or running are given up (a
     running one at its next read), and waited for."""
 
     LOCK_WAIT = 600.0  # seconds a compaction waits for the pair's lock before giving up
     QUIET = 15.0  # seconds without a batch session on the node before compacting
-    LONGEST_WAIT = 3600.0  # a node never quiet this long compacts anyway
+    LONGEST_WAIT = 3600.0  # a pair due this long is compacted anyway, without giving way
 
     def __init__(
         self,
@@ -400,6 +443,7 @@ class Compactor:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pending: set[tuple[str, int]] = set()
+        self._due_since: dict[tuple[str, int], float] = {}  # (kept while it gives way)
         self._last_session = time.monotonic()
         self._guard = threading.Lock()
         self.finished: collections.deque[Compacted] = collections.deque(maxlen=100)
@@ -415,41 +459,77 @@ class Compactor:
             if self._stopping.is_set() or (peer, epoch) in self._pending:
                 return
             self._pending.add((peer, epoch))
+            self._due_since.setdefault((peer, epoch), time.monotonic())
             t = threading.Thread(
                 target=self._run, args=(peer, epoch), name=f"compact-{peer}", daemon=True
             )
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+            t.start()  # (under the guard: `wait` never sees it listed and not yet alive)
 
-    def _wait_for_quiet(self) -> None:
-        deadline = time.monotonic() + self.LONGEST_WAIT
+    def _deadline(self, peer: str, epoch: int) -> float:
+        """When the pair's compaction stops waiting for quiet and giving way."""
+        with self._guard:
+            since = self._due_since.get((peer, epoch), time.monotonic())
+        return since + self.LONGEST_WAIT
+
+    def _wait_for_quiet(self, deadline: float) -> None:
         while not self._stopping.is_set() and time.monotonic() < deadline:
             idle = time.monotonic() - self._last_session
             if idle >= self.quiet and not self._busy():
                 return
             self._stopping.wait(min(1.0, max(0.05, self.quiet - idle)))
 
+    def _take(self, lock: Lock, peer: str, epoch: int) -> threading.Event | None:
+        """The pair's lock, giving way unless the pair is past its longest wait (an
+        event then that no session sets); None: it stayed busy."""
+        if time.monotonic() < self._deadline(peer, epoch):
+            give_way = lock.acquire_giving_way(self.LOCK_WAIT)
+            if give_way is None or time.monotonic() < self._deadline(peer, epoch):
+                return give_way
+            lock.stop_giving_way()  # (its longest wait ran out while it waited for the lock)
+        elif not lock.acquire(timeout=self.LOCK_WAIT):
+            return None
+        log.info(
+            "pair state with %s (epoch %d) due for compaction for %.0f s: compacting "
+            "without giving way to sessions of the pair",
+            peer,
+            epoch,
+            self.LONGEST_WAIT,
+        )
+        return threading.Event()
+
     def run_now(self, peer: str, epoch: int) -> Compacted | None:
         """Compact the pair if due, in this thread (waits for the pair's lock)."""
         if self._stopping.is_set():
             return None
         lock = self._pair_lock(peer)
-        give_way = lock.acquire_giving_way(self.LOCK_WAIT)
+        give_way = self._take(lock, peer, epoch)
         if give_way is None:
             log.warning("pair state with %s not compacted: its lock stayed busy", peer)
             return None
+        leftovers: list[int] = []
         try:
-            if self._stopping.is_set():
-                return None
-            with self._db.reading() as conn:
-                due = size(conn, peer, epoch).due(self.share, self.minimum)
-            if not due:
-                return None
-            done = compact(
-                self._db, peer, epoch, lambda: self._stopping.is_set() or give_way.is_set()
-            )
+            try:
+                if self._stopping.is_set():
+                    return None
+                _stop_if(give_way.is_set)  # (asked while it waited for the lock)
+                with self._db.reading() as conn:
+                    due = size(conn, peer, epoch).due(self.share, self.minimum)
+                if not due:
+                    self._settled(peer, epoch)
+                    return None
+                done = compact(
+                    self._db,
+                    peer,
+                    epoch,
+                    lambda: self._stopping.is_set() or give_way.is_set(),
+                    leftovers,
+                )
+            finally:
+                lock.release()
         except Abandoned:
             if not give_way.is_set() or self._stopping.is_set():
+                self._settled(peer, epoch)
                 raise
             self._count("gave_way")
             log.info(
@@ -459,8 +539,13 @@ class Compactor:
             )
             self.after_session(peer, epoch)
             return None
+        except BaseException:
+            self._settled(peer, epoch)
+            raise
         finally:
-            lock.release()
+            for gen in leftovers:  # (after letting go: a session need not wait for it)
+                drop_generation(self._db, peer, epoch, gen, self._stopping.is_set)
+        self._settled(peer, epoch)
         if done is not None:
             self._count("compacted")
             self.finished.append(done)
@@ -475,10 +560,15 @@ class Compactor:
             )
         return done
 
+    def _settled(self, peer: str, epoch: int) -> None:
+        """The pair's compaction ended other than by giving way: its wait starts anew."""
+        with self._guard:
+            self._due_since.pop((peer, epoch), None)
+
     def _run(self, peer: str, epoch: int) -> None:
         try:
             try:
-                self._wait_for_quiet()
+                self._wait_for_quiet(self._deadline(peer, epoch))
             finally:
                 with self._guard:
                     self._pending.discard((peer, epoch))  # (a later run's comes after this)
@@ -497,12 +587,16 @@ class Compactor:
                 )
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for the compactions started so far to end (`timeout` s in all)."""
+        """Wait for the compactions started so far to end, tries again after giving
+        way included (`timeout` s in all)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._guard:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        while True:
+            with self._guard:
+                threads = [t for t in self._threads if t.is_alive()]
+            if not threads or (deadline is not None and time.monotonic() >= deadline):
+                return
+            for t in threads:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Give up the compactions waiting or running; wait `timeout` s for them in all."""

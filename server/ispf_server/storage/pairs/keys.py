@@ -58,13 +58,14 @@ def require(cur: Cursor, peer: str, epoch: int) -> None:
 def drop_keyless(db: Database) -> int:
     """Erase pair state left without its pair key (written by a node killed while an
     epoch was retired under it: `require` keeps a live one from it); returns how many
-    (peer, epoch) pairs had any. Run at a node's start."""
+    (peer, epoch) pairs it erased. Run at a node's start."""
     keyed = {(str(p), int(e)) for p, e in db.fetchall("SELECT peer, epoch FROM pair_keys")}
     tables = [t for t in STATE_TABLES if t != "pair_keys"]
     orphans: set[tuple[str, int]] = set()
     for table in tables:
         held = db.fetchall(f"SELECT DISTINCT peer, epoch FROM {table}")  # noqa: S608
         orphans |= {(str(p), int(e)) for p, e in held} - keyed
+    erased = 0
     if orphans:
         with db.transaction() as cur:
             for pair in sorted(orphans):
@@ -72,8 +73,10 @@ def drop_keyless(db: Database) -> int:
                     continue  # (keyed meanwhile: a pair's first session)
                 for table in tables:
                     cur.execute(f"DELETE FROM {table} WHERE peer=? AND epoch=?", pair)  # noqa: S608
+                erased += 1
+    if erased:
         db.compact(checkpoint_first=True)  # (as the erasure would have: no bytes left over)
-    return len(orphans)
+    return erased
 
 
 def rekey_due(db: Connection, peer: str, epoch: int, now: datetime, days: int) -> bool:
