@@ -193,7 +193,7 @@ def test_a_stopped_compaction_leaves_the_state_as_it_was(store: Store) -> None:
 
 
 def test_a_broken_invariant_fails_the_compaction_not_the_state(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An overlay entry that a tombstone does not cover would put a key in a run twice:
     the merged runs are checked to ascend, and the compaction fails instead."""
@@ -207,6 +207,8 @@ def test_a_broken_invariant_fails_the_compaction_not_the_state(
     compactor.after_session(PEER, EPOCH)  # (in the background: counted, logged, no more)
     compactor.wait(30)
     assert (compactor.counts.failed, compactor.counts.compacted) == (1, 0)
+    (warned,) = [r for r in caplog.records if "not compacted" in r.getMessage()]
+    assert warned.levelname == "WARNING"  # (a broken invariant, not a pair that changed)
     assert len(generations(store)) == 1 and overlay(store) > 0
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ispf.errors import CompactionAbandoned as Abandoned
-from ispf.errors import IspfError
+from ispf.errors import IspfError, StagingLost, UnknownEpoch
 from ispf_server.records import ascending, merge_sorted
 from ispf_server.storage.db import Connection, Database
 from ispf_server.storage.pairs import lookups
@@ -573,10 +573,18 @@ class Compactor:
                 with self._guard:
                     self._pending.discard((peer, epoch))  # (a later run's comes after this)
             self.run_now(peer, epoch)
-        except IspfError as exc:  # (abandoned, or its epoch retired: a message of ours)
+        except IspfError as exc:  # (a message of ours)
             if not self._stopping.is_set():
                 self._count("failed")
-                log.info("pair state with %s not compacted: %s", peer, exc.message)
+                # (abandoned, or its epoch retired: expected now and then; anything
+                # else, such as a key twice in a run, is a broken invariant)
+                expected = isinstance(exc, (Abandoned, StagingLost, UnknownEpoch))
+                log.log(
+                    logging.INFO if expected else logging.WARNING,
+                    "pair state with %s not compacted: %s",
+                    peer,
+                    exc.message,
+                )
         except Exception as exc:  # housekeeping: the state stays as it was, and correct
             self._count("failed")
             if not self._db.closed:
