@@ -12,7 +12,8 @@ Prints, per level: p50 and p99 latency, checks/s, errors (any province answer
 other than match / no match), each node process's CPU seconds (the process and
 its children, from /proc/<pid>/stat) and checks/s per node core (checks per CPU
 second of that node: the asker's is the figure the target names), and how
-many probes shared each X25519 call (the nodes' metrics). First, in this
+many probes shared each X25519 call and, at the asker, each Probe call (the
+nodes' metrics). First, in this
 process, the coalescer where the ladder is the bottleneck: 32 threads each
 re-blinding one value under one key, alone and through `batching.Coalescer`.
 Asserts nothing.
@@ -81,18 +82,26 @@ def tree_cpu(root: int) -> float:
     return total
 
 
-def batching(metrics_port: int) -> tuple[float, float, float, float]:
+def batching(metrics_port: int) -> tuple[float, ...]:
     """A node's online-check batching so far, from its metrics: probes blinded and
-    their batches (asking), probes re-blinded and theirs (answering); NaN where the
-    node has no such metrics (before batching)."""
+    their batches (asking), probes re-blinded and theirs (answering), probes sent
+    and the Probe calls they went in (asking); NaN where the node has no such
+    metrics (an older node)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     got = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         got[name] = float(value) if value and not line.startswith("#") else 0.0
-    names = ("blind_calls", "blind_batches", "reblind_calls", "reblind_batches")
-    return tuple(got.get(f"ispf_online_{n}", float("nan")) for n in names)  # type: ignore[return-value]
+    names = (
+        "blind_calls",
+        "blind_batches",
+        "reblind_calls",
+        "reblind_batches",
+        "probe_calls",
+        "probe_batches",
+    )
+    return tuple(got.get(f"ispf_online_{n}", float("nan")) for n in names)
 
 
 def ladder_bound(backend: str, seconds: float = 3.0, threads: int = 32) -> str:
@@ -335,7 +344,7 @@ def main() -> None:
                 f"{'callers':>7} {'checks':>7} {'p50 ms':>7} {'p99 ms':>7} {'checks/s':>9} "
                 f"{'errors':>6} | node CPU s ({', '.join(provinces)}) | "
                 "checks/s per node core (asker first) | probes per X25519 call "
-                "(asker blind, peers reblind)"
+                "(asker blind, peers reblind) | probes per Probe call (asker)"
             )
             for callers in (int(c) for c in args.callers.split(",") if c):
                 r = run_level(
@@ -364,6 +373,12 @@ def main() -> None:
                         if p != asker and b[3]
                         else "-"
                         for p, b in r["batch"].items()  # type: ignore[attr-defined]
+                    )
+                    + " | "
+                    + " ".join(
+                        f"{b[4] / b[5]:.1f}" if b[5] else "-"
+                        for p, b in r["batch"].items()  # type: ignore[attr-defined]
+                        if p == asker
                     ),
                     flush=True,
                 )

@@ -169,6 +169,16 @@ class Node:
                 _counted(stats, "batches"),
             )
         self.metrics.gauge(
+            "ispf_online_probe_calls",
+            "Online-check probes this node sent, one per check per peer",
+            _counted(self.checker.prober.stats, "calls"),
+        )
+        self.metrics.gauge(
+            "ispf_online_probe_batches",
+            "Probe calls those probes went in (concurrent checks' probes to a peer shared)",
+            _counted(self.checker.prober.stats, "batches"),
+        )
+        self.metrics.gauge(
             "ispf_registry_records",
             "Records in the registry",
             lambda: float(self.store.registry.stats()[0]),

@@ -13,7 +13,15 @@ Concurrent checks share X25519 calls (`batching.Coalescer`): the asker blinds
 the IDs of checks that arrive while a blinding for the same peer runs in one
 call, and the peer re-blinds probes that arrive together in one, each under the
 pair key of (peer, epoch) only. Each probe is admitted, rate-limited, charged
-and counted on its own, as before; only the curve arithmetic is shared.
+and counted on its own; only the curve arithmetic is shared.
+
+They share Probe calls too: the checks whose values for a peer are ready while
+a Probe to that peer (same epoch and purpose) is on its way go together in the
+next one, each check's values in its own random order, and each gets back the
+hits in its own span. The peer admits, rate-limits, charges and counts a shared
+Probe by its number of values, as it would the separate ones; a shared Probe
+refused for its size (RESOURCE_EXHAUSTED: a rate limit or budget) is asked again
+check by check, so no check is refused for sharing. A lone check goes at once.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import hashlib
 import logging
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -98,6 +107,26 @@ class _Blind:
 
     def __len__(self) -> int:
         return len(self.digits)
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One check's blinded values for one peer (one job of the probe coalescer): the
+    peer, epoch and purpose are its group's, the same for every job of a batch."""
+
+    peer: str
+    epoch: int
+    purpose: str
+    values: bytes = field(repr=False)
+    end: float  # (monotonic) when its check stops waiting
+
+    def __len__(self) -> int:
+        return len(self.values) // POINT_BYTES
+
+
+class _OneByOne(Exception):
+    """A shared probe refused for its size (the peer's rate limit): each check's
+    values are asked again on their own (`Coalescer`'s `isolate`)."""
 
 
 def _same_key(keys: list[bytes]) -> None:
@@ -370,9 +399,15 @@ class Checker:
         self.province_digits = province_digits
         self.log = ProbeLog(audit, "checks")
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check")
-        # Concurrent checks' probes to one peer are blinded in shared ladder calls.
+        # Concurrent checks' probes to one peer are blinded in shared ladder calls,
+        # and sent in shared Probe calls: checks that arrive while a Probe to that
+        # peer is on its way go together in the next one (each check's values
+        # counted, limited and charged by the peer as before, by number of values).
         self.blinder: Coalescer[_Blind, bytes] = Coalescer(
             self._blind_batch, cap=BATCH_VALUES, size=len
+        )
+        self.prober: Coalescer[_Ask, _Answer] = Coalescer(
+            self._probe_batch, cap=MAX_CHECK_IDS, size=len, isolate=(_OneByOne,)
         )
 
     def _blind_batch(self, jobs: Sequence[_Blind]) -> list[bytes]:
@@ -480,38 +515,78 @@ class Checker:
                 _Blind(key, salt, [digits[i] for i in order]),
                 deadline,
             )
+            got = self.prober.submit(
+                (peer, salt.epoch, purpose),
+                _Ask(peer, salt.epoch, purpose, values, end),
+                max(0.0, end - time.monotonic()),
+            )
         except DeadlineExceeded:
             return _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
-        try:
-            resp = self.stub_for(peer).Probe(
-                peer_pb2.ProbeRequest(epoch=salt.epoch, purpose=purpose, values=values),
-                timeout=max(0.001, end - time.monotonic()),
-            )
-        except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            status = {
-                grpc.StatusCode.RESOURCE_EXHAUSTED: S.PROVINCE_STATUS_RATE_LIMITED,
-                grpc.StatusCode.PERMISSION_DENIED: S.PROVINCE_STATUS_NOT_AUTHORISED,
-                grpc.StatusCode.FAILED_PRECONDITION: S.PROVINCE_STATUS_NOT_SYNCED,
-                grpc.StatusCode.UNAVAILABLE: S.PROVINCE_STATUS_UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED: S.PROVINCE_STATUS_UNAVAILABLE,
-                grpc.StatusCode.UNAUTHENTICATED: S.PROVINCE_STATUS_NOT_AUTHORISED,
-            }.get(code, S.PROVINCE_STATUS_ERROR)
-            if isinstance(err, RateLimited):
-                return _Answer(
-                    status,
-                    None,
-                    err.message,
-                    retry_after_ms=min(round(err.retry_after * 1000), 2**32 - 1),
-                    limit_per_minute=min(err.per_minute, 2**32 - 1),
-                )
-            return _Answer(status, None, err.message)
-        except IspfError as exc:
-            return _Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)
+        if got.hits is None:
+            return got
         hits = [
             peer_pb2.ProbeHit(index=order[h.index], labels=h.labels)
-            for h in resp.hits
+            for h in got.hits
             if h.index < len(order)  # (a position past the values asked names nothing)
         ]
         return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, hits, "")
+
+    def _probe_batch(self, asks: Sequence[_Ask]) -> list[_Answer]:
+        """One Probe for the checks of one batch; each check's hits, by its own index.
+        The Probe waits as long as the check that waits longest (the others stop
+        waiting on their own)."""
+        first = asks[0]
+        if any(
+            (a.peer, a.epoch, a.purpose) != (first.peer, first.epoch, first.purpose) for a in asks
+        ):
+            raise RuntimeError("a batch of probes mixed peers, epochs or purposes: refused")
+        try:
+            resp = self.stub_for(first.peer).Probe(
+                peer_pb2.ProbeRequest(
+                    epoch=first.epoch,
+                    purpose=first.purpose,
+                    values=b"".join(a.values for a in asks),
+                ),
+                timeout=max(0.001, max(a.end for a in asks) - time.monotonic()),
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            if len(asks) > 1 and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _OneByOne from exc  # (refused for the batch's size, maybe not each's)
+            return [self._refused(exc)] * len(asks)
+        except IspfError as exc:
+            return [_Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)] * len(asks)
+        starts, at = [], 0
+        for a in asks:
+            starts.append(at)
+            at += len(a)
+        hits: list[list[peer_pb2.ProbeHit]] = [[] for _ in asks]
+        for h in resp.hits:
+            if h.index >= at:
+                continue  # (a position past the values asked names nothing)
+            j = bisect_right(starts, h.index) - 1
+            hits[j].append(peer_pb2.ProbeHit(index=h.index - starts[j], labels=h.labels))
+        return [_Answer(S.PROVINCE_STATUS_UNSPECIFIED, h, "") for h in hits]
+
+    @staticmethod
+    def _refused(exc: grpc.RpcError) -> _Answer:
+        """A failed Probe as each of its checks' answer from that province."""
+        err = from_rpc_error(exc)
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        status = {
+            grpc.StatusCode.RESOURCE_EXHAUSTED: S.PROVINCE_STATUS_RATE_LIMITED,
+            grpc.StatusCode.PERMISSION_DENIED: S.PROVINCE_STATUS_NOT_AUTHORISED,
+            grpc.StatusCode.FAILED_PRECONDITION: S.PROVINCE_STATUS_NOT_SYNCED,
+            grpc.StatusCode.UNAVAILABLE: S.PROVINCE_STATUS_UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED: S.PROVINCE_STATUS_UNAVAILABLE,
+            grpc.StatusCode.UNAUTHENTICATED: S.PROVINCE_STATUS_NOT_AUTHORISED,
+        }.get(code, S.PROVINCE_STATUS_ERROR)
+        if isinstance(err, RateLimited):
+            return _Answer(
+                status,
+                None,
+                err.message,
+                retry_after_ms=min(round(err.retry_after * 1000), 2**32 - 1),
+                limit_per_minute=min(err.per_minute, 2**32 - 1),
+            )
+        return _Answer(status, None, err.message)

@@ -66,3 +66,72 @@ def test_concurrent_checks_share_ladder_calls_and_get_their_own_answers(
     assert asker.stats.calls - calls0 == 2 * len(ids)  # (a probe per peer per check)
     assert asker.stats.batches - batches0 < asker.stats.calls - calls0  # (some shared)
     assert asker.stats.largest > 1 and any(p.stats.largest > 1 for p in peers)
+
+
+def _federation(root: Any, pool: BlindingPool, policy: dict[str, int]) -> Federation:
+    f = start_federation(root, ["punjab", "sindh", "kp"], pool, policy=policy)
+    f.load("punjab", [("P1", "3520212345671", "BISP", "enrolled")])
+    for p in ("sindh", "kp"):
+        rows = [(f"{p}{i}", n, "BISP", "enrolled") for i, (n, q) in enumerate(ENROLLED.items())]
+        f.load(p, [r for r in rows if ENROLLED[r[1]] == p])
+        assert f.reconcile("punjab", p).state == S.SESSION_STATE_COMPLETED
+    return f
+
+
+def _want(nid: str, provinces: Sequence[str] = ("sindh", "kp")) -> dict[str, int]:
+    return {
+        p: S.PROVINCE_STATUS_MATCH if ENROLLED.get(nid) == p else S.PROVINCE_STATUS_NO_MATCH
+        for p in provinces
+    }
+
+
+def test_concurrent_checks_share_probe_calls_and_each_gets_its_own_hits(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """Checks to a peer that arrive while a Probe to it is on its way go in the next
+    one together; each check still gets exactly its own answers, by position,
+    including checks of several IDs."""
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
+    try:
+        prober = fed.nodes["punjab"].checker.prober
+        _slowed(prober, 0.05)
+        others = [f"35202{i:07d}1" for i in range(12)]
+        enrolled = list(ENROLLED)
+        checks = [[enrolled[i], others[i]][:: 1 if i % 2 else -1][: 1 + i % 2] for i in range(12)]
+        checks += [[others[i], enrolled[i], enrolled[-1 - i]] for i in range(6)]
+        with ThreadPoolExecutor(len(checks)) as ex:
+            got = list(ex.map(lambda ids: (ids, fed.client("punjab").check(ids)), checks))
+        for ids, resp in got:
+            assert [r.position for r in resp.results] == list(range(1, len(ids) + 1))
+            for nid, result in zip(ids, resp.results, strict=True):
+                assert {a.province: a.status for a in result.provinces} == _want(nid), (ids, nid)
+        assert prober.stats.calls == 2 * len(checks)  # (a probe per peer per check)
+        assert prober.stats.batches < prober.stats.calls and prober.stats.largest > 3
+    finally:
+        fed.close()
+
+
+def test_a_shared_probe_refused_for_its_size_is_asked_again_check_by_check(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """A peer's rate limit that refuses the shared Probe (more values than it allows
+    now) need not refuse each check in it: each is asked on its own, and answered
+    or refused as it would have been alone."""
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 3})
+    try:
+        prober = fed.nodes["punjab"].checker.prober
+        _slowed(prober, 0.2)
+        ids = [*list(ENROLLED)[:2], "3520200000011", "3520200000021"]
+        client = fed.client("punjab")
+        with ThreadPoolExecutor(len(ids)) as ex:
+            got = list(ex.map(lambda n: (n, client.check([n], provinces=["sindh"])), ids))
+        statuses = []
+        for nid, resp in got:
+            (answer,) = resp.results[0].provinces
+            statuses.append(answer.status)
+            if answer.status != S.PROVINCE_STATUS_RATE_LIMITED:
+                assert answer.status == _want(nid, ["sindh"])["sindh"], nid
+        assert statuses.count(S.PROVINCE_STATUS_RATE_LIMITED) == 1, statuses
+        assert prober.stats.largest > 1  # (some were sent together first)
+    finally:
+        fed.close()
