@@ -70,10 +70,19 @@ class QueryBudget:
         self.today = today
 
     def charge(
-        self, pp: PeerPolicy, epoch: int, values: int, *, declared: int = 0, what: str
+        self,
+        pp: PeerPolicy,
+        epoch: int,
+        values: int,
+        *,
+        declared: int = 0,
+        what: str,
+        check_only: bool = False,
     ) -> BudgetState:
         """Charge `values` submitted by `pp.peer` (for `what`, as said in a refusal);
-        raise BudgetExhausted, with the figures, if the budget does not allow them."""
+        raise BudgetExhausted, with the figures, if the budget does not allow them.
+        `check_only`: refused as ever where they do not fit, but not charged where
+        they do (the charge comes later)."""
         today = self.today()
         row = self.store.budgets.charge(
             pp.peer,
@@ -82,6 +91,7 @@ class QueryBudget:
             declared,
             today,
             lambda size, first: pp.budget_allowance(size, _days(first, today)),
+            check_only=check_only,
         )
         state = BudgetState(pp.peer, epoch, row.declared, row.used, row.allowance, row.refused)
         if not row.charged:
@@ -103,13 +113,6 @@ class QueryBudget:
                 "tomorrow (UTC) or in a new epoch"
             )
         return state
-
-    def would_allow(self, pp: PeerPolicy, epoch: int, values: int, *, declared: int = 0) -> bool:
-        """Whether `charge` would allow `values` now (nothing charged, nothing counted)."""
-        today = self.today()
-        held = self.store.budgets.get(pp.peer, epoch)
-        old_declared, used, _, first = held or (0, 0, 0, today)
-        return used + values <= pp.budget_allowance(old_declared or declared, _days(first, today))
 
     def state(self, pp: PeerPolicy, epoch: int) -> BudgetState:
         """The peer's budget in the epoch as it stands (nothing charged)."""

@@ -22,6 +22,7 @@ from ispf_server.session.initiator import SESSION_KEY
 from tests.conftest import Federation, start_federation
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 MAX_MESSAGE = 1024 * 1024
 
 
@@ -221,8 +222,9 @@ def test_handshakes_refused_anyway_do_not_stop_a_compaction(
 ) -> None:
     """A compaction of the pair's state gives way to a peer's sync Handshake, but only
     to one that passes the checks needing no lock: one assuming a state not held
-    here, or over a spent budget, is told to retry and the compaction goes on (a
-    peer cannot keep the pair from ever compacting so). One that passes is let in."""
+    here is told to retry, one over a spent budget that it is spent, and the
+    compaction goes on (a peer cannot keep the pair from ever compacting so). One
+    that passes is let in."""
     store = fed.nodes["punjab"].store
     lock = store.pair_lock("sindh")
     give_way = lock.acquire_giving_way(5)  # (held as a compaction holds it)
@@ -236,9 +238,11 @@ def test_handshakes_refused_anyway_do_not_stop_a_compaction(
             "INSERT INTO query_budget VALUES ('sindh', 1, 2, 1000000000000, 0, '2026-01-01') "
             "ON CONFLICT(peer, epoch) DO UPDATE SET used = excluded.used"
         )
-        spent = hello(fed, sync=True)
-        expect(grpc.StatusCode.UNAVAILABLE, "already running", stub.Handshake, spent, timeout=15)
+        spent = hello(fed, sync=True)  # (refused as it is without a compaction)
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "is spent", stub.Handshake, spent, timeout=15)
         assert not give_way.is_set()
+        refused = store.db.fetchone("SELECT refused FROM query_budget WHERE peer='sindh'")
+        assert refused == (1,)  # (and counted)
         lock.release()
         released = True
         expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "is spent", stub.Handshake, spent, timeout=15)
@@ -253,6 +257,60 @@ def test_handshakes_refused_anyway_do_not_stop_a_compaction(
     resp = stub.Handshake(req, timeout=15)  # (passes: the compaction lets go)
     assert give_way.is_set() and resp.session_id == req.session_id
     stub.Abort(peer_pb2.AbortRequest(session_id=req.session_id, reason="test"), timeout=5)
+
+
+def test_a_handshake_refused_for_its_removed_tags_does_not_stop_a_compaction(
+    fed: Federation, stub: peer_pb2_grpc.PeerServiceStub
+) -> None:
+    """An incremental Handshake whose state is right but whose removed tags are not
+    whole (or never held) is refused before any compaction is asked."""
+    from ispf_server.session.plan import state_fingerprints
+
+    store = fed.nodes["punjab"].store
+    assert fed.reconcile("sindh", "punjab").state == internal_pb2.SESSION_STATE_COMPLETED
+    pp = fed.nodes["punjab"].policy.current().peers["sindh"]
+    fps = state_fingerprints(store, "sindh", 1, pp)
+    assert fps is not None
+    own, theirs = fps
+    lock = store.pair_lock("sindh")
+    give_way = lock.acquire_giving_way(5)
+    assert give_way is not None
+    try:
+        for removed, why in ((bytes(15), "whole"), (bytes(16), "never held")):
+            bad = hello(fed, sync=True, incremental=True, state=theirs + own, removed=removed)
+            expect(INVALID, why, stub.Handshake, bad, timeout=15)
+            assert not give_way.is_set()
+    finally:
+        lock.release()
+
+
+def test_a_handshake_refused_while_a_session_holds_the_pair_asks_no_compaction(
+    fed: Federation, stub: peer_pb2_grpc.PeerServiceStub
+) -> None:
+    """A session of this node holds the pair's lock and a compaction waits for it: a
+    peer's Handshake is told at once that a session is running, and the waiting
+    compaction is not asked to give way (it gave way to nobody)."""
+    lock = fed.nodes["punjab"].store.pair_lock("sindh")
+    assert lock.acquire(timeout=5)  # (a session)
+    waiting: list[threading.Event] = []
+
+    def compaction() -> None:
+        give_way = lock.acquire_giving_way(30)
+        if give_way is not None:
+            waiting.append(give_way)
+            lock.release()
+
+    t = threading.Thread(target=compaction)
+    t.start()
+    try:
+        time.sleep(0.2)  # (the compaction waits for the lock)
+        t0 = time.monotonic()
+        expect(UNAVAILABLE, "already running", stub.Handshake, hello(fed, sync=True), timeout=15)
+        assert time.monotonic() - t0 < 3  # (not kept waiting for the session)
+    finally:
+        lock.release()
+    t.join(10)
+    assert waiting and not waiting[0].is_set()
 
 
 def test_replayed_session_id(fed: Federation, stub: peer_pb2_grpc.PeerServiceStub) -> None:

@@ -234,8 +234,10 @@ class Responder:
             if s.failed is not None:
                 return  # failed already, by another step: that reason stands
             s.failed = reason
-        s.release()
-        s.life.fail(reason)
+        try:
+            s.life.fail(reason)  # (its staging dropped while it still holds the pair's lock)
+        finally:
+            s.release()
 
     def _guard(self, s: ResponderSession, step: str) -> _Step:
         return _Step(self, s, step)
@@ -283,18 +285,32 @@ class Responder:
     ) -> bool:
         """A compaction of the pair's state, holding its lock or waiting for it, asked
         to give way, and the lock taken within GIVE_WAY_WAIT. Asked only for a
-        Handshake that passes the checks that need no lock (the state it assumes, its
-        query budget): a peer cannot keep the pair from compacting with Handshakes
-        that are refused anyway. (A compaction leaves the state's fingerprints as
-        they are; the checks are made again under the lock.)"""
+        Handshake that passes every check that needs no lock, each refusing as it
+        would under the lock: the state it assumes and the tags it removes (a
+        compaction leaves both as they are), its query budget (checked, not yet
+        charged) and its open sessions. So a peer cannot keep the pair from
+        compacting with Handshakes that are refused anyway; the checks are made
+        again under the lock. Nothing is asked where a session holds the lock."""
         if req.incremental:
             self._check_state(req, caller, pp)
-        values = sum(g.size for g in req.groups)
-        if not self.budget.would_allow(pp, req.epoch, values, declared=req.registry_size):
-            return False  # (refused once the lock is free: the compaction goes on)
-        return lock.ask_to_give_way() and lock.acquire_asking(
-            self.GIVE_WAY_WAIT, until_refused=True
+            parse_removed(
+                req.removed,
+                lambda ts: self.store.pairs.peer_labels_for(caller, req.epoch, ts),
+                caller,
+            )
+        self.budget.charge(
+            pp,
+            req.epoch,
+            sum(g.size for g in req.groups),
+            declared=req.registry_size,
+            what="session's set (sync)",
+            check_only=True,
         )
+        with self._lock:
+            crowded = self._open_with(caller)
+        if crowded >= pp.max_open_sessions:
+            raise self._too_many(caller, pp, crowded)
+        return lock.acquire_asking(self.GIVE_WAY_WAIT, until_refused=True)
 
     def _speculate(self, caller: str, epoch: int, pp: PeerPolicy, *, incremental: bool) -> None:
         """Plan this side of the sync `caller` is about to start, in a thread (one at a

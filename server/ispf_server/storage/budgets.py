@@ -48,13 +48,16 @@ class Budgets:
         declared: int,
         today: str,
         allowance: Callable[[int, str], int],
+        *,
+        check_only: bool = False,
     ) -> BudgetRow:
         """Add `values` to the peer's use in the epoch if `allowance(declared, first_day)`
         allows it, in one transaction; else count a refusal. The size the allowance is
         drawn from is the first non-zero one the peer declared in the epoch: a later
         declaration cannot raise it (a peer that declared a small registry and spent its
         budget must not buy more by declaring a large one; `budget_daily` covers
-        growth). Returns the row after (`charged` says which)."""
+        growth). Returns the row after (`charged` says which). `check_only`: a refusal
+        is counted as ever, but values allowed change nothing (checked, not charged)."""
         with self._db.transaction() as cur:
             row = cur.execute(
                 "SELECT declared, used, refused, first_day FROM query_budget "
@@ -65,6 +68,8 @@ class Budgets:
             size = old_declared or declared
             limit = allowance(size, first_day)
             charged = used + values <= limit
+            if charged and check_only:
+                return BudgetRow(peer, epoch, size, used, refused, first_day, limit, charged)
             if charged:
                 used += values
             else:

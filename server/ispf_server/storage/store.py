@@ -109,22 +109,29 @@ class PairLock:
             give_way.set()
         return bool(yielders)
 
+    def _held_by_session(self) -> bool:
+        """Whether work that does not give way holds the lock: a session of this
+        process, or anything of another replica's (the database lock, while this
+        process holds none)."""
+        with self._state:
+            if self._held:
+                return self._holder is None
+        return self._db.is_held_elsewhere(PEER_SPACE, self._peer)
+
     def acquire_asking(self, timeout: float, *, until_refused: bool = False) -> bool:
         """Take the lock for a session within `timeout` s, asking the work that gives
         way to stop, and asking again while waiting (other such work, a compaction
         of another epoch, may take the lock the first let go). `until_refused`: give
-        up as soon as the lock is held by a session of this process, instead of
-        waiting for it to end."""
+        up, asking nothing, as soon as the lock is held by work that does not give
+        way (`_held_by_session`), instead of waiting for it to end."""
         if self.acquire(blocking=False):
             return True  # (free: nothing asked)
         deadline = time.monotonic() + timeout
         while True:
-            self.ask_to_give_way()
-            with self._state:
-                refused = until_refused and self._held and self._holder is None
-            left = deadline - time.monotonic()
-            if refused:
+            if until_refused and self._held_by_session():
                 return False
+            self.ask_to_give_way()
+            left = deadline - time.monotonic()
             if self.acquire(timeout=max(0.0, min(self.ASK_EVERY, left))):
                 return True
             if left <= self.ASK_EVERY:
@@ -146,7 +153,7 @@ log = logging.getLogger(__name__)
 # The schema's version, kept in `meta` ('schema_version'). Each migration takes a
 # store from the version before it to its own; a store newer than this node knows
 # is refused (its tables may mean what this code does not know).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _to_v1(db: Database) -> int:
@@ -183,7 +190,20 @@ def _to_v3(db: Database) -> None:
         cur.execute("CREATE INDEX pair_runs_last ON pair_runs(peer, epoch, gen, kind, last, part)")
 
 
-MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2, 3: _to_v3}
+def _to_v4(db: Database) -> None:
+    """Version 4: pair runs' generation numbers are the store's, each given out once
+    (`pair_gen_last`), instead of the pair's current one plus one. The count starts
+    past every generation the store holds. (A replica of an older version would
+    number generations its own way: the guard in `migrate` keeps it off.)"""
+    db.create(PAIR_SCHEMA)
+    with db.transaction() as cur:
+        if cur.execute("SELECT 1 FROM pair_gen_last").fetchone() is None:
+            cur.execute(
+                "INSERT INTO pair_gen_last VALUES (1, ?)", (pairruns.held_generations(cur),)
+            )
+
+
+MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 
 
 def schema_version(db: Database) -> int:

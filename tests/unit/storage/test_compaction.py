@@ -677,3 +677,63 @@ def test_the_start_sweep_keeps_state_keyed_while_it_looked(
     assert store.db.fetchall("SELECT * FROM pair_gen WHERE epoch=8") == []
     assert store.db.fetchone("SELECT count(*) FROM own_tags WHERE epoch=9")[0] > 0  # type: ignore[index]
     check(store, model, rng, nids)
+
+
+def test_a_session_asks_again_work_that_came_to_wait_after_its_first_ask(store: Store) -> None:
+    """Held as compactions hold the peer's lock: the first lets go when asked; the
+    second began waiting after the session's first ask, and is asked again."""
+    lock = store.pair_lock(PEER)
+    first = lock.acquire_giving_way(5)
+    assert first is not None
+    got: list[bool] = []
+    session = threading.Thread(target=lambda: got.append(lock.acquire_asking(10)))
+    session.start()
+    assert first.wait(5)  # (asked)
+    second: list[threading.Event] = []
+
+    def later() -> None:
+        give_way = lock.acquire_giving_way(10)  # (waits: registered after the first ask)
+        assert give_way is not None
+        second.append(give_way)
+        give_way.wait(5)  # (holds the lock until asked)
+        lock.release()
+
+    other = threading.Thread(target=later)
+    other.start()
+    time.sleep(0.6)  # (the session asks again meanwhile)
+    t0 = time.monotonic()
+    lock.release()  # the first lets go
+    session.join(10)
+    assert got == [True] and time.monotonic() - t0 < 3  # not kept out by the second
+    lock.release()
+    other.join(10)
+    assert second and second[0].is_set()
+
+
+def test_work_that_gave_up_waiting_is_asked_no_more(store: Store) -> None:
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)  # a session
+    assert lock.acquire_giving_way(0.2) is None  # (busy: it gave up)
+    assert not lock.ask_to_give_way()
+    assert not lock.acquire_asking(5, until_refused=True)  # (a session holds it: at once)
+    lock.release()
+    assert lock.acquire_asking(5, until_refused=True)
+    lock.release()
+
+
+def test_a_generation_dropped_while_stopping_is_left_to_the_sweep(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compaction, "DROP_PARTS", 1)
+    _, model, _, _ = setup(26, store)
+    with store.db.transaction() as cur:
+        staged = packing.staged(cur.connection, PEER, EPOCH, own_groups(model.own), [], {})
+    parts = "SELECT count(*) FROM pair_runs WHERE gen=?"
+    left = store.db.fetchone(parts, (staged.gen,))[0]  # type: ignore[index]
+    pieces = iter(range(2))
+    compaction.drop_generation(
+        store.db, PEER, EPOCH, staged.gen, lambda: next(pieces, None) is None
+    )
+    assert store.db.fetchone(parts, (staged.gen,))[0] == left - 2  # type: ignore[index]
+    assert store.sweep_pairs() == (0, 1)
+    assert staged.gen not in generations(store)

@@ -322,3 +322,28 @@ def test_a_database_user_without_rights_is_told_what_to_do(
         open_store(tmp_path, low)
     with pytest.raises(StoreUnavailable, match='invalid integer value "notaport"'):
         open_store(tmp_path, url + "&port=notaport")
+
+
+def test_a_store_of_version_3_counts_generations_past_those_it_holds(
+    tmp_path: Path, url: str
+) -> None:
+    """Version 4 numbers pair runs' generations store-wide, each once: a store from
+    before starts the count past every generation it holds."""
+    from ispf_server.storage.pairs import runs as pairruns
+
+    s = open_store(tmp_path, url)
+    with s.db.transaction() as cur:
+        cur.execute("INSERT INTO pair_gen VALUES ('sindh', 1, 41)")
+        cur.execute("INSERT INTO pair_labelsets VALUES ('sindh', 2, 57, 0, '[]')")
+        cur.execute("DELETE FROM pair_gen_last")
+    s.meta.set("schema_version", "3")
+    s.close()
+    s = open_store(tmp_path, url)
+    try:
+        assert s.meta.get("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert s.db.fetchone("SELECT gen FROM pair_gen_last") == (57,)
+        s.pairs.key("kp", 1)
+        with s.db.transaction() as cur:
+            assert pairruns.new_generation(cur, "kp", 1) == 58
+    finally:
+        s.close()

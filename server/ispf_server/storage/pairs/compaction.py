@@ -412,8 +412,9 @@ class Compactor:
     (`Size.due`), in a thread of its own, once the node is quiet: no batch session
     running and none ended for `quiet` seconds (a nightly job's runs with its peers
     follow each other; its compactions then wait until the last has ended, and take
-    no CPU from them), or `LONGEST_WAIT` after the pair was first found due,
-    regardless. It holds the pair's lock while it runs, giving way to a session of
+    no CPU from them), or `LONGEST_WAIT` after the run that made it due, regardless
+    (that time kept until a compaction of the pair ends other than by giving way,
+    or finds it not due). It holds the pair's lock while it runs, giving way to a session of
     the pair that asks for it (`PairLock.ask_to_give_way`), also while it still
     waits for the lock: it stops at its next read, lets go, drops what it staged,
     and is tried again once the node is quiet. Past `LONGEST_WAIT` it no longer
@@ -508,6 +509,7 @@ class Compactor:
             log.warning("pair state with %s not compacted: its lock stayed busy", peer)
             return None
         leftovers: list[int] = []
+        gave_way = False
         try:
             try:
                 if self._stopping.is_set():
@@ -525,13 +527,17 @@ class Compactor:
                     lambda: self._stopping.is_set() or give_way.is_set(),
                     leftovers,
                 )
+            except Abandoned:
+                gave_way = give_way.is_set() and not self._stopping.is_set()
+                if gave_way:  # (counted before it lets go: the session then sees it)
+                    self._count("gave_way")
+                raise
             finally:
                 lock.release()
         except Abandoned:
-            if not give_way.is_set() or self._stopping.is_set():
+            if not gave_way:
                 self._settled(peer, epoch)
                 raise
-            self._count("gave_way")
             log.info(
                 "pair state with %s: compaction gave way to a session of the pair; it is "
                 "tried again once the node is quiet",

@@ -176,16 +176,19 @@ def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
     one pair) finds its parts missing at `activate`, never another's staging
     under its number."""
     row = cur.execute("SELECT gen FROM pair_gen_last WHERE one = 1").fetchone()
-    if row is None:  # (a store from before numbers were kept: past every one it holds)
-        last = max(
-            int(cur.execute(f"SELECT coalesce(max(gen), 0) FROM {table}").fetchone()[0])  # noqa: S608
-            for table in ("pair_runs", "pair_labelsets", "pair_gen")
-        )
-    else:
-        last = int(row[0])
+    last = held_generations(cur) if row is None else int(row[0])
     cur.execute(upsert_sql("pair_gen_last", ("one", "gen"), ("one",)), (1, last + 1))
     drop_staged(cur, peer, epoch)  # (after the count: a number it drops is never reused)
     return last + 1
+
+
+def held_generations(cur: Cursor) -> int:
+    """The highest generation number the store holds, of any pair (0: none): where
+    the count starts on a store from before it was kept (schema version 4)."""
+    return max(
+        int(cur.execute(f"SELECT coalesce(max(gen), 0) FROM {table}").fetchone()[0])  # noqa: S608
+        for table in ("pair_runs", "pair_labelsets", "pair_gen")
+    )
 
 
 def drop_staged(cur: Cursor, peer: str, epoch: int) -> int | None:
