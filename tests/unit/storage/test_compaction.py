@@ -737,3 +737,142 @@ def test_a_generation_dropped_while_stopping_is_left_to_the_sweep(
     assert store.db.fetchone(parts, (staged.gen,))[0] == left - 2  # type: ignore[index]
     assert store.sweep_pairs() == (0, 1)
     assert staged.gen not in generations(store)
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["runs", "rows-only"])
+def test_a_compaction_asked_to_stop_reads_nothing_more(
+    store: Store, monkeypatch: pytest.MonkeyPatch, runs: bool
+) -> None:
+    """Asked to stop during any of its reads (the sync row, each read of the overlay,
+    each batch of the old runs), a compaction makes no further read: a session
+    asking it to give way waits for one read at most, not for a phase."""
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
+    if runs:
+        rng, model, nids, tag_of = setup(27, store)
+    else:
+        rng, model = random.Random(27), Model()
+        nids = [f"35202{i:08d}" for i in range(3000)]
+        tag_of = {n: rng.randbytes(16) for n in nids}
+    apply(store, random_step(rng, model, nids, tag_of))
+    reading = store.db.reading
+    reads: list[int] = []
+    stop_at = 1
+    asked = False
+
+    def counted() -> object:
+        nonlocal asked
+        reads.append(1)
+        asked = asked or len(reads) == stop_at  # (asked while this read runs)
+        return reading()
+
+    def stopping() -> bool:
+        return asked
+
+    monkeypatch.setattr(store.db, "reading", counted)
+    while True:
+        reads.clear()
+        asked = False
+        left: list[int] = []
+        try:
+            done = compaction.compact(store.db, PEER, EPOCH, stopping, left)
+        except CompactionAbandoned:
+            assert len(reads) == stop_at, f"read again after a stop asked at read {stop_at}"
+            for gen in left:
+                compaction.drop_generation(store.db, PEER, EPOCH, gen)
+            stop_at += 1
+            continue
+        break
+    assert done is not None and overlay(store) == 0
+    assert stop_at > (5 + 4 * 2 if runs else 5)  # (the overlay's reads, the runs' batches)
+    check(store, model, rng, nids)
+
+
+def test_a_compaction_stops_within_a_batch_of_old_parts(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop asked while the merged runs are staged is seen before the next part is
+    appended, not only at the next read of the old runs (64 parts a read)."""
+    monkeypatch.setattr(StagedRun, "FLUSH", 1 << 30)  # (nothing written: counted)
+    rng, model, nids, tag_of = setup(28, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    with store.db.reading() as conn:
+        own_parts = conn.execute(
+            "SELECT count(*) FROM pair_runs WHERE kind=?", (compaction.OWN_NID.name,)
+        ).fetchone()[0]
+    assert own_parts > 2  # (so one read gives out several)
+    appended: list[int] = []
+    append = StagedRun.append
+
+    def counted(self: StagedRun, data: bytes) -> None:
+        appended.append(len(data))
+        append(self, data)
+
+    monkeypatch.setattr(StagedRun, "append", counted)
+    with pytest.raises(CompactionAbandoned):
+        compaction.compact(store.db, PEER, EPOCH, lambda: bool(appended))
+    assert len(appended) == 1
+    check(store, model, rng, nids)
+
+
+def test_waiting_for_compactions_waits_for_a_try_after_giving_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wait` called while a compaction runs returns only once it has ended, the try
+    after giving way to a session included: not when the first try let go."""
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
+    rng, model, nids, tag_of = setup(29, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    parts = compaction._parts
+    compacting, go_on = threading.Event(), threading.Event()
+
+    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 3 and not compacting.is_set():
+                compacting.set()
+                go_on.wait(10)
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.3)
+    compactor.after_session(PEER, EPOCH)
+    assert compacting.wait(30)
+    seen: list[int] = []
+    waiter = threading.Thread(
+        target=lambda: (compactor.wait(30), seen.append(compactor.counts.compacted))
+    )
+    waiter.start()
+    lock = store.pair_lock(PEER)
+    assert not lock.acquire(blocking=False)
+    assert lock.ask_to_give_way()
+    go_on.set()
+    assert lock.acquire(timeout=10)  # a session: the compaction gave way
+    time.sleep(0.2)
+    lock.release()
+    waiter.join(40)
+    assert seen == [1] and compactor.counts.gave_way == 1
+    assert overlay(store) == 0
+
+
+def test_the_longest_wait_starts_anew_once_a_compaction_has_ended(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pair compacted, then due again later, gives way again: its longest wait
+    counts from when it was due this time, not from the first time it was."""
+    monkeypatch.setattr(Compactor, "LONGEST_WAIT", 2.0)
+    rng, model, nids, tag_of = setup(30, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.1)
+    compactor.after_session(PEER, EPOCH)
+    compactor.wait(30)
+    assert compactor.counts.compacted == 1
+    time.sleep(2.3)  # (past the longest wait from the first time it was due)
+    apply(store, random_step(rng, model, nids, tag_of))
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)  # a session, while the compaction waits for it
+    compactor.after_session(PEER, EPOCH)
+    assert wait_for(lock.ask_to_give_way)  # (it waits giving way: within its wait)
+    lock.release()
+    assert wait_for(lambda: compactor.counts.gave_way == 1)
+    compactor.wait(30)
+    assert compactor.counts.compacted == 2 and compactor.counts.failed == 0
+    check(store, model, rng, nids)

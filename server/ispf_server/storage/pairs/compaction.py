@@ -291,6 +291,7 @@ def compact(
         gen = pairruns.current(conn, peer, epoch)
     if start is None:
         return None
+    _stop_if(stopping)  # (every read is followed by a check before the next)
     overlay = _read_overlay(db, peer, epoch, gen, stopping)
     _stop_if(stopping)
     stager = RunStager(db, peer, epoch)
