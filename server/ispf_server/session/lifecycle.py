@@ -150,11 +150,13 @@ class Lifecycle:
 
 
 def _record_failure(
-    ctx: SessionContext, facts: SessionFacts, reason: str, *, retriable: bool
+    ctx: SessionContext, facts: SessionFacts, reason: str, *, retriable: bool, orphan: bool = False
 ) -> bool:
     """The session FAILED in the store, with its entry, once (False: it was not running)."""
     entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
-    return ctx.store.fail_session(facts.session_id, reason, entry, retriable=retriable)
+    return ctx.store.fail_session(
+        facts.session_id, reason, entry, retriable=retriable, orphan=orphan
+    )
 
 
 def fail_interrupted(ctx: SessionContext, *, at_start: bool = True) -> int:
@@ -168,7 +170,7 @@ def fail_interrupted(ctx: SessionContext, *, at_start: bool = True) -> int:
     failed = 0
     for row in ctx.store.orphaned_sessions():
         facts = SessionFacts.from_row(ctx.province, row)
-        if _record_failure(ctx, facts, reason, retriable=True):
+        if _record_failure(ctx, facts, reason, retriable=True, orphan=True):
             failed += 1
             log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
     if at_start or failed:

@@ -328,17 +328,39 @@ class Store:
 
     @storage_errors
     def fail_session(
-        self, session_id: str, error: str, entry: bytes | None, *, retriable: bool = False
+        self,
+        session_id: str,
+        error: str,
+        entry: bytes | None,
+        *,
+        retriable: bool = False,
+        orphan: bool = False,
     ) -> bool:
         """Mark a running session FAILED, drop what it staged (match rows, runs) and
         append its entry, in one transaction. Does nothing (returns False) if the
-        session is not running, so a session never gets two entries."""
+        session is not running, so a session never gets two entries.
+
+        `orphan`: the session of a replica that is gone (or of a node before its
+        restart), failed by another. Its staged runs are then dropped only where the
+        pair's lock is free: a live session or compaction of the pair holding it
+        stages runs of its own, which must not go (their first write already dropped
+        what the gone one left; otherwise the pair's next staging, or a node's start,
+        drops it)."""
         with self.db.transaction() as cur:
             failed = sessions.fail_in(cur, session_id, error, retriable=retriable)
             if failed is not None:
-                pairruns.drop_staged(cur, *failed)
+                if not orphan:
+                    pairruns.drop_staged(cur, *failed)
                 if entry is not None:
                     auditlog.append(cur, session_id, entry)
+        if failed is not None and orphan:
+            lock = self.pair_lock(failed[0])
+            if lock.acquire(blocking=False):
+                try:
+                    with self.db.transaction() as cur:
+                        pairruns.drop_staged(cur, *failed)
+                finally:
+                    lock.release()
         return failed is not None
 
     @property

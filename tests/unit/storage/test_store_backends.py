@@ -15,6 +15,8 @@ import pytest
 from ispf.errors import ConfigError, RetryLater, StoreUnavailable
 from ispf.records import Label
 from ispf_server.storage import Store
+from ispf_server.storage.pairs import runs as pairruns
+from ispf_server.storage.pairs.staging import RunStager
 from ispf_server.storage.registry import StoredRecord, code_bytes, label_code
 from ispf_server.storage.sessions import MatchRow, SessionTotals
 from ispf_server.storage.store import SCHEMA_VERSION
@@ -290,6 +292,51 @@ def test_a_replica_that_lost_its_lock_cannot_complete_a_session_failed_meanwhile
         assert b.orphaned_sessions() == []
     finally:
         a.close()
+        b.close()
+
+
+def test_failing_a_gone_replicas_session_leaves_a_live_ones_staging(
+    tmp_path: Path, url: str
+) -> None:
+    """Replica A stopped during a session with sindh; B, serving on, runs the next
+    session of the pair (it holds the pair's lock and stages runs) when its sweep
+    fails A's session. B's staging stays (its commit would otherwise find its parts
+    gone); with the pair's lock free, what the failed session staged is dropped."""
+    if not url:
+        pytest.skip("replicas share a PostgreSQL store only")
+    a, b = open_store(tmp_path, url), open_store(tmp_path, url)
+    try:
+        b.pairs.key("sindh", 1)
+        a.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
+        a.sessions.begin("s2", "sindh", "initiator", 1, "reconciliation", 1)
+        a.close()  # (stopped: its replica lock goes with its connections)
+        deadline = time.monotonic() + 10
+        while len(b.orphaned_sessions()) < 2:
+            assert time.monotonic() < deadline, "A's lock was never released"
+            time.sleep(0.02)
+
+        def stage() -> int:
+            stager = RunStager(b.db, "sindh", 1)
+            run = stager.writer(pairruns.KINDS[0])
+            run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
+            run.close()
+            return stager.gen
+
+        def parts(gen: int) -> int:
+            row = b.db.fetchone("SELECT count(*) FROM pair_runs WHERE gen=?", (gen,))
+            return int(row[0]) if row else 0
+
+        lock = b.pair_lock("sindh")
+        assert lock.acquire(timeout=5)  # B's session of the pair
+        try:
+            live = stage()
+            assert b.fail_session("s1", "the replica running it stopped", None, orphan=True)
+            assert parts(live) == 1  # (B's staging kept)
+        finally:
+            lock.release()
+        assert b.fail_session("s2", "the replica running it stopped", None, orphan=True)
+        assert parts(live) == 0  # (the lock free: nobody stages; dropped)
+    finally:
         b.close()
 
 
