@@ -312,7 +312,7 @@ class ProbeAnswerer:
             self.on_probe(caller, "refused", n)
             raise
         self._freshen(caller, req.epoch)
-        key = self.store.pairs.key(caller, req.epoch)
+        key = self.store.pairs.key(caller, req.epoch)  # (after: the sync may re-key)
         tags = self.reblinder.submit(
             (_key_group(key), self.backend),
             _Reblind(key, req.values),
@@ -445,6 +445,7 @@ class Checker:
         futures = {}
         salt = self.salt()
         policy = self.policy()
+        synced = self.store.pairs.synced_keys(salt.epoch)  # (one read for every peer)
         for peer in targets:
             if peer not in known:
                 answers[peer] = _Answer(S.PROVINCE_STATUS_ERROR, None, "not a configured peer")
@@ -457,7 +458,8 @@ class Checker:
                     f"purpose '{purpose}' not allowed with {peer} by policy",
                 )
                 continue
-            if self.store.pairs.version(peer, salt.epoch) is None:
+            key = synced.get(peer)
+            if key is None:
                 answers[peer] = _Answer(
                     S.PROVINCE_STATUS_NOT_SYNCED,
                     None,
@@ -467,7 +469,9 @@ class Checker:
             if not valid:  # nothing to ask: every ID was invalid
                 answers[peer] = _Answer(S.PROVINCE_STATUS_UNSPECIFIED, [], "")
                 continue
-            futures[peer] = self._pool.submit(self._probe, peer, purpose, salt, digits, deadline)
+            futures[peer] = self._pool.submit(
+                self._probe, peer, key, purpose, salt, digits, deadline
+            )
         done, _ = wait(futures.values(), timeout=deadline + 0.5)
         for peer, fut in futures.items():
             if fut in done:
@@ -499,10 +503,15 @@ class Checker:
         return internal_pb2.CheckResponse(results=results)
 
     def _probe(
-        self, peer: str, purpose: str, salt: Any, digits: list[bytes], deadline: float
+        self,
+        peer: str,
+        key: BlindingKey,
+        purpose: str,
+        salt: Any,
+        digits: list[bytes],
+        deadline: float,
     ) -> _Answer:
         end = time.monotonic() + deadline
-        key = self.store.pairs.key(peer, salt.epoch)
         # The values go in a random order, never the caller's (a batch sorted by ID
         # would let the peer bracket the values it does not hold between its hits);
         # the hits' positions are mapped back. Other checks' values for this peer may

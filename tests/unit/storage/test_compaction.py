@@ -876,3 +876,21 @@ def test_the_longest_wait_starts_anew_once_a_compaction_has_ended(
     compactor.wait(30)
     assert compactor.counts.compacted == 2 and compactor.counts.failed == 0
     check(store, model, rng, nids)
+
+
+def test_the_keys_of_synced_pairs_are_read_together(store: Store) -> None:
+    """An online check reads, in one read, the key of every pair of the epoch that
+    holds state: the pair's own key; a pair keyed but never reconciled, of another
+    epoch, or re-keyed and not reconciled since, is not among them (the check
+    answers "not synced")."""
+    setup(31, store)  # (sindh, epoch 1: state; kp and sindh in epoch 2: keys only)
+    synced = store.pairs.synced_keys(EPOCH)
+    assert list(synced) == [PEER]
+    key = store.pairs.key(PEER, EPOCH)
+    assert synced[PEER].unsafe_raw() == key.unsafe_raw()
+    assert store.pairs.synced_keys(EPOCH + 1) == {}
+    with store.db.transaction() as cur:  # re-keyed: its state goes with the old key
+        keys.rekey(cur, PEER, EPOCH, "2026-12-01T00:00:00Z")
+    assert store.pairs.synced_keys(EPOCH) == {}
+    full_run(store, Model())  # (its next run is full, under the new key)
+    assert store.pairs.synced_keys(EPOCH)[PEER].unsafe_raw() != key.unsafe_raw()

@@ -70,6 +70,14 @@ class Pairs:
         with self._db.transaction() as cur:
             return keys.pair_key(cur.connection, self._master, peer, epoch, utcnow())
 
+    def synced_keys(self, epoch: int) -> dict[str, BlindingKey]:
+        """The keys of the epoch's pairs that hold state (a reconciliation ran), by
+        peer, in one read: what an online check needs of every peer it asks. A pair
+        missing has no state yet: not synced."""
+        with self._db.reading() as conn:
+            rekeys = keys.synced_rekeys(conn, epoch)
+        return {p: self._master.pair_key(p, epoch, r) for p, r in rekeys.items()}
+
     def rekey_if_due(self, peer: str, epoch: int, days: int) -> bool:
         """Re-key the pair if its key is `days` old (0: never); True if it did. The
         pair's state goes with the old key, so the next run with the peer is full."""

@@ -27,6 +27,20 @@ def rekey_counter(db: Connection, peer: str, epoch: int) -> int | None:
     return None if row is None else int(row[0])
 
 
+def synced_rekeys(db: Connection, epoch: int) -> dict[str, int]:
+    """Re-key counters of the epoch's pairs that hold state (a sync row: a
+    reconciliation ran), by peer. (State is written only under its pair's key, so
+    a pair with state has a key row.)"""
+    return {
+        str(p): int(r)
+        for p, r in db.execute(
+            "SELECT s.peer, k.rekey FROM pair_sync s JOIN pair_keys k "
+            "ON k.peer = s.peer AND k.epoch = s.epoch WHERE s.epoch=?",
+            (epoch,),
+        )
+    }
+
+
 def pair_key(db: Connection, master: MasterKey, peer: str, epoch: int, now: str) -> BlindingKey:
     """The node's fixed scalar for this (peer, epoch): derived from the master key over
     the pair's re-key counter (the row is made, counter 0, on first use; in a write
