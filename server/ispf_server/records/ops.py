@@ -162,7 +162,10 @@ def split_unique(data: Buffer, width: int, code_bytes: int = 1) -> tuple[dict[in
 
 def shuffle(items: list[T]) -> None:
     """Shuffle in place, the randomness from the OS: in C (keyed BLAKE3 under a fresh
-    seed) when the module is built, else `secrets.SystemRandom`."""
+    seed) when the module is built, else `secrets.SystemRandom`. (A list of one or
+    none has one order: no seed drawn, as for each lone online-check probe.)"""
+    if len(items) < 2:
+        return
     if native is not None:
         native.shuffle(items, os.urandom(32))
     else:
