@@ -894,3 +894,31 @@ def test_the_keys_of_synced_pairs_are_read_together(store: Store) -> None:
     assert store.pairs.synced_keys(EPOCH) == {}
     full_run(store, Model())  # (its next run is full, under the new key)
     assert store.pairs.synced_keys(EPOCH)[PEER].unsafe_raw() != key.unsafe_raw()
+
+
+def test_past_its_longest_wait_a_compaction_kept_from_the_lock_gives_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past its longest wait a compaction waits for the pair's lock as a session does,
+    for `LOCK_WAIT` at most: held all that time, it gives up with a warning and
+    leaves the state as it was; the pair's next session starts it again."""
+    monkeypatch.setattr(Compactor, "LONGEST_WAIT", 0.0)
+    monkeypatch.setattr(Compactor, "LOCK_WAIT", 0.3)
+    rng, model, nids, tag_of = setup(32, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    before = state_of(store, PEER, EPOCH)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.0)
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)  # a session that outlasts the compaction's wait
+    try:
+        with caplog.at_level("WARNING", logger=compaction.__name__):
+            compactor.after_session(PEER, EPOCH)
+            compactor.wait(10)
+        assert "its lock stayed busy" in caplog.text
+        assert compactor.counts.compacted == 0 and state_of(store, PEER, EPOCH) == before
+    finally:
+        lock.release()
+    compactor.after_session(PEER, EPOCH)
+    compactor.wait(10)
+    assert compactor.counts.compacted == 1 and overlay(store) == 0
+    check(store, model, rng, nids)
