@@ -448,6 +448,19 @@ def state_of(store: Store, peer: str, epoch: int) -> list[object]:
     return out
 
 
+def with_overlay(seed: int, store: Store, runs: bool) -> tuple[random.Random, Model, list[str]]:
+    """A pair's state with an overlay: over a full run's runs, or (`runs` false) rows
+    only, as a pair holds before its first compaction when it never ran full."""
+    if runs:
+        rng, model, nids, tag_of = setup(seed, store)
+    else:
+        rng, model = random.Random(seed), Model()
+        nids = [f"35202{i:08d}" for i in range(3000)]
+        tag_of = {n: rng.randbytes(16) for n in nids}
+    apply(store, random_step(rng, model, nids, tag_of))
+    return rng, model, nids
+
+
 @pytest.mark.parametrize("runs", [True, False], ids=["runs", "rows-only"])
 def test_a_compaction_stopped_at_any_of_its_checks_leaves_the_state_as_it_was(
     store: Store, monkeypatch: pytest.MonkeyPatch, runs: bool
@@ -458,13 +471,7 @@ def test_a_compaction_stopped_at_any_of_its_checks_leaves_the_state_as_it_was(
     row as it was and drops what it staged; past the last, it compacts."""
     monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
-    if runs:
-        rng, model, nids, tag_of = setup(19, store)
-    else:
-        rng, model = random.Random(19), Model()
-        nids = [f"35202{i:08d}" for i in range(3000)]
-        tag_of = {n: rng.randbytes(16) for n in nids}
-    apply(store, random_step(rng, model, nids, tag_of))
+    rng, model, nids = with_overlay(19, store, runs)
     assert bool(generations(store)) == runs
     before, gens = state_of(store, PEER, EPOCH), generations(store)
     stop_at = 0
@@ -747,13 +754,7 @@ def test_a_compaction_asked_to_stop_reads_nothing_more(
     each batch of the old runs), a compaction makes no further read: a session
     asking it to give way waits for one read at most, not for a phase."""
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
-    if runs:
-        rng, model, nids, tag_of = setup(27, store)
-    else:
-        rng, model = random.Random(27), Model()
-        nids = [f"35202{i:08d}" for i in range(3000)]
-        tag_of = {n: rng.randbytes(16) for n in nids}
-    apply(store, random_step(rng, model, nids, tag_of))
+    rng, model, nids = with_overlay(27, store, runs)
     reading = store.db.reading
     reads: list[int] = []
     stop_at = 1
