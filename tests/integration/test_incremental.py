@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 
 import pytest
@@ -455,3 +456,29 @@ def test_a_nodes_start_drops_what_a_killed_node_left_in_pair_state(
     again = federation.reconcile("punjab", "sindh")
     assert again.state == COMPLETED and again.sync == "incremental", again.error
     assert (again.match_count, again.result_digest) == (first.match_count, first.result_digest)
+
+
+def test_a_session_that_fails_holding_the_pairs_lock_drops_what_it_staged(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sides of a full run stage the pair's new runs before they commit. Where the
+    commit fails, each side's session fails while it still holds the pair's lock,
+    and drops its staging: nothing of it is left in the store."""
+    from ispf.errors import PreconditionFailed
+
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+
+    def refused(*args: object, **kwargs: object) -> int:
+        raise PreconditionFailed("the commit is refused (test)")
+
+    for province in ("punjab", "sindh"):
+        monkeypatch.setattr(federation.nodes[province].store, "complete_session", refused)
+    st = federation.reconcile("punjab", "sindh")
+    assert st.state == internal_pb2.SESSION_STATE_FAILED
+    for province in ("punjab", "sindh"):
+        store = federation.nodes[province].store
+        deadline = time.monotonic() + 10  # (the responder fails on the initiator's Abort)
+        while store.db.fetchall("SELECT DISTINCT gen FROM pair_runs"):
+            assert time.monotonic() < deadline, f"{province} kept a failed session's staging"
+            time.sleep(0.05)

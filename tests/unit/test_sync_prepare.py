@@ -522,10 +522,11 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
         rows = store.db.conn.execute("SELECT DISTINCT gen FROM pair_runs").fetchall()
         return {g for (g,) in rows}
 
-    # A failed session leaves neither its rows nor its runs.
+    # A failed session (a sync session: it holds the pair's lock) leaves neither its
+    # rows nor its runs.
     failed = staged_run("s-failed")
     assert failed.delta.staged is not None and generations() == {failed.delta.staged.gen}
-    assert store.fail_session("s-failed", "peer gone", None)
+    assert store.fail_session("s-failed", "peer gone", None, holds_pair_lock=True)
     assert generations() == set() and pairruns.current(store.db.conn, "sindh", 1) is None
     # A completed one makes its staged runs the pair's state.
     ok = staged_run("s-ok")

@@ -137,25 +137,40 @@ class Lifecycle:
             self.clock,
         )
 
-    def fail(self, reason: str, *, retriable: bool = False) -> str:
+    def fail(self, reason: str, *, retriable: bool = False, holds_pair_lock: bool = False) -> str:
         """Mark the session failed, with its entry (once however often it fails); the
-        reason as recorded (it may quote what the peer sent)."""
+        reason as recorded (it may quote what the peer sent). `holds_pair_lock`: the
+        session holds the pair's lock, so the pair's staged runs are its own, and go
+        (`Store.fail_session`)."""
         reason = untrusted(reason, 300)
         f = self.facts
         log.warning("session %s with %s failed: %s", f.session_id, f.peer, reason)
-        if _record_failure(self.ctx, f, reason, retriable=retriable):
+        if _record_failure(
+            self.ctx, f, reason, retriable=retriable, holds_pair_lock=holds_pair_lock
+        ):
             self.ctx.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason, retriable=retriable)
         return reason
 
 
 def _record_failure(
-    ctx: SessionContext, facts: SessionFacts, reason: str, *, retriable: bool, orphan: bool = False
+    ctx: SessionContext,
+    facts: SessionFacts,
+    reason: str,
+    *,
+    retriable: bool,
+    holds_pair_lock: bool = False,
+    orphan: bool = False,
 ) -> bool:
     """The session FAILED in the store, with its entry, once (False: it was not running)."""
     entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
     return ctx.store.fail_session(
-        facts.session_id, reason, entry, retriable=retriable, orphan=orphan
+        facts.session_id,
+        reason,
+        entry,
+        retriable=retriable,
+        holds_pair_lock=holds_pair_lock,
+        orphan=orphan,
     )
 
 

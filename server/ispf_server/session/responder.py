@@ -235,7 +235,9 @@ class Responder:
                 return  # failed already, by another step: that reason stands
             s.failed = reason
         try:
-            s.life.fail(reason)  # (its staging dropped while it still holds the pair's lock)
+            # (its staging dropped while it still holds the pair's lock; a one-off
+            # session, holding none, leaves the pair's staging to its holder)
+            s.life.fail(reason, holds_pair_lock=s.pair_lock is not None)
         finally:
             s.release()
 

@@ -19,7 +19,13 @@ from ispf.errors import ConfigError
 from ispf_server.storage import auditlog, budgets, meta, registry, sessions
 from ispf_server.storage.auditlog import AuditLog
 from ispf_server.storage.budgets import Budgets
-from ispf_server.storage.db import Database, open_database, storage_errors, translate
+from ispf_server.storage.db import (
+    Database,
+    open_database,
+    storage_errors,
+    translate,
+    upsert_sql,
+)
 from ispf_server.storage.meta import Meta
 from ispf_server.storage.pairs import Pairs, deltas, keys
 from ispf_server.storage.pairs import runs as pairruns
@@ -193,14 +199,15 @@ def _to_v3(db: Database) -> None:
 def _to_v4(db: Database) -> None:
     """Version 4: pair runs' generation numbers are the store's, each given out once
     (`pair_gen_last`), instead of the pair's current one plus one. The count starts
-    past every generation the store holds. (A replica of an older version would
-    number generations its own way: the guard in `migrate` keeps it off.)"""
+    past every generation the store holds, and past a count already there (a store
+    run at version 3 by code that kept the count, then by code that did not, holds
+    a count behind its generations). (A replica of an older version would number
+    generations its own way: the guard in `migrate` keeps it off.)"""
     db.create(PAIR_SCHEMA)
     with db.transaction() as cur:
-        if cur.execute("SELECT 1 FROM pair_gen_last").fetchone() is None:
-            cur.execute(
-                "INSERT INTO pair_gen_last VALUES (1, ?)", (pairruns.held_generations(cur),)
-            )
+        row = cur.execute("SELECT gen FROM pair_gen_last WHERE one = 1").fetchone()
+        start = max(pairruns.held_generations(cur), 0 if row is None else int(row[0]))
+        cur.execute(upsert_sql("pair_gen_last", ("one", "gen"), ("one",)), (1, start))
 
 
 MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
@@ -334,22 +341,27 @@ class Store:
         entry: bytes | None,
         *,
         retriable: bool = False,
+        holds_pair_lock: bool = False,
         orphan: bool = False,
     ) -> bool:
-        """Mark a running session FAILED, drop what it staged (match rows, runs) and
-        append its entry, in one transaction. Does nothing (returns False) if the
-        session is not running, so a session never gets two entries.
+        """Mark a running session FAILED, drop its staged match rows and append its
+        entry, in one transaction. Does nothing (returns False) if the session is not
+        running, so a session never gets two entries.
 
-        `orphan`: the session of a replica that is gone (or of a node before its
-        restart), failed by another. Its staged runs are then dropped only where the
-        pair's lock is free: a live session or compaction of the pair holding it
-        stages runs of its own, which must not go (their first write already dropped
-        what the gone one left; otherwise the pair's next staging, or a node's start,
-        drops it)."""
+        The pair's staged runs (stagings are per pair, not per session) are dropped
+        only by whoever may stage them: with `holds_pair_lock`, a sync session that
+        fails while it holds the pair's lock, in the same transaction; else never (a
+        one-off session, or one that never got the lock, stages no runs, and the
+        session or compaction holding the lock, perhaps on another replica, keeps
+        its own). `orphan`: the session of a replica that is gone (or of a node
+        before its restart), failed by another: its staged runs are dropped where
+        the pair's lock is free now (a holder's first staging write already dropped
+        what the gone one left; otherwise the pair's next staging, or a node's
+        start, drops it)."""
         with self.db.transaction() as cur:
             failed = sessions.fail_in(cur, session_id, error, retriable=retriable)
             if failed is not None:
-                if not orphan:
+                if holds_pair_lock:
                     pairruns.drop_staged(cur, *failed)
                 if entry is not None:
                     auditlog.append(cur, session_id, entry)

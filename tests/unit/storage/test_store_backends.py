@@ -394,3 +394,58 @@ def test_a_store_of_version_3_counts_generations_past_those_it_holds(
             assert pairruns.new_generation(cur, "kp", 1) == 58
     finally:
         s.close()
+
+
+def test_a_version_3_count_behind_the_generations_held_is_moved_past_them(
+    tmp_path: Path, url: str
+) -> None:
+    """A store run at version 3 by code that kept the count, then by code that numbered
+    current+1 (both say version 3): the count lags what the store holds. The
+    migration starts it past both, and a count that lags anyway (a store edited by
+    hand) never numbers a staging as the pair's current generation."""
+    s = open_store(tmp_path, url)
+    s.pairs.key("sindh", 1)
+    with s.db.transaction() as cur:
+        cur.execute("INSERT INTO pair_gen VALUES ('sindh', 1, 41)")
+        cur.execute("UPDATE pair_gen_last SET gen = 40")
+    s.meta.set("schema_version", "3")
+    s.close()
+    s = open_store(tmp_path, url)
+    try:
+        assert s.db.fetchone("SELECT gen FROM pair_gen_last") == (41,)
+        with s.db.transaction() as cur:
+            assert pairruns.new_generation(cur, "sindh", 1) == 42
+            cur.execute("UPDATE pair_gen_last SET gen = 3")  # (behind again)
+            cur.execute(
+                "INSERT INTO pair_runs VALUES ('sindh', 1, 42, 'own_nid', 0, ?, ?)",
+                (b"k", b"d"),
+            )
+            assert pairruns.new_generation(cur, "sindh", 1) == 43
+    finally:
+        s.close()
+
+
+def test_a_failing_session_drops_the_pairs_staging_only_if_it_holds_the_lock(
+    store: Store,
+) -> None:
+    """Stagings are per pair. A one-off session of the pair (it takes no lock), or a
+    session that never got the lock, fails while a sync session or compaction of
+    the pair holds the lock and stages: that staging stays. A session that fails
+    holding the lock drops the pair's staging, its own."""
+    store.pairs.key("sindh", 1)
+    store.sessions.begin("one-off", "sindh", "initiator", 1, "reconciliation", 1)
+    store.sessions.begin("sync", "sindh", "initiator", 1, "reconciliation", 1)
+    lock = store.pair_lock("sindh")
+    assert lock.acquire(timeout=5)  # the sync session
+    try:
+        stager = RunStager(store.db, "sindh", 1)
+        run = stager.writer(pairruns.KINDS[0])
+        run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
+        run.close()
+        parts = "SELECT count(*) FROM pair_runs WHERE gen=?"
+        assert store.fail_session("one-off", "aborted by sindh: gone", None)
+        assert store.db.fetchone(parts, (stager.gen,)) == (1,)  # (the holder's, kept)
+        assert store.fail_session("sync", "peer gone", None, holds_pair_lock=True)
+        assert store.db.fetchone(parts, (stager.gen,)) == (0,)
+    finally:
+        lock.release()

@@ -177,6 +177,11 @@ def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
     under its number."""
     row = cur.execute("SELECT gen FROM pair_gen_last WHERE one = 1").fetchone()
     last = held_generations(cur) if row is None else int(row[0])
+    row = cur.execute(
+        "SELECT coalesce(max(gen), 0) FROM pair_runs WHERE peer=? AND epoch=?", (peer, epoch)
+    ).fetchone()
+    if max(int(row[0]), current(cur.connection, peer, epoch) or 0) > last:
+        last = held_generations(cur)  # (a count behind what the store holds: never reuse)
     cur.execute(upsert_sql("pair_gen_last", ("one", "gen"), ("one",)), (1, last + 1))
     drop_staged(cur, peer, epoch)  # (after the count: a number it drops is never reused)
     return last + 1
