@@ -30,7 +30,6 @@ import hashlib
 import logging
 import threading
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -122,6 +121,31 @@ class _Ask:
 
     def __len__(self) -> int:
         return len(self.values) // POINT_BYTES
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One check's share of a Probe call on its way: its hits are those of its span
+    of the call's values (`start`, `n`), cut out once the answer is in. Each check
+    waits for it until its own deadline (`answer`), not the batch's longest."""
+
+    call: Any  # (a grpc future: the Probe call)
+    start: int
+    n: int
+
+    def answer(self, end: float) -> _Answer:
+        try:
+            resp = self.call.result(timeout=max(0.0, end - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            return _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+        except grpc.RpcError as exc:
+            return Checker._refused(exc)
+        hits = [
+            peer_pb2.ProbeHit(index=h.index - self.start, labels=h.labels)
+            for h in resp.hits
+            if self.start <= h.index < self.start + self.n
+        ]
+        return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, hits, "")
 
 
 class _OneByOne(Exception):
@@ -406,7 +430,7 @@ class Checker:
         self.blinder: Coalescer[_Blind, bytes] = Coalescer(
             self._blind_batch, cap=BATCH_VALUES, size=len
         )
-        self.prober: Coalescer[_Ask, _Answer] = Coalescer(
+        self.prober: Coalescer[_Ask, _Answer | _Pending] = Coalescer(
             self._probe_batch, cap=MAX_CHECK_IDS, size=len, isolate=(_OneByOne,)
         )
 
@@ -531,6 +555,8 @@ class Checker:
             )
         except DeadlineExceeded:
             return _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+        if isinstance(got, _Pending):
+            got = got.answer(end)
         if got.hits is None:
             return got
         hits = [
@@ -540,42 +566,47 @@ class Checker:
         ]
         return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, hits, "")
 
-    def _probe_batch(self, asks: Sequence[_Ask]) -> list[_Answer]:
-        """One Probe for the checks of one batch; each check's hits, by its own index.
-        The Probe waits as long as the check that waits longest (the others stop
-        waiting on their own)."""
+    def _probe_batch(self, asks: Sequence[_Ask]) -> list[_Answer | _Pending]:
+        """One Probe for the checks of one batch: each check's share of it (`_Pending`),
+        or its answer where the call failed at once. The call may run as long as the
+        check that waits longest; the batch waits for it until the first of its
+        checks' deadlines (so the next batch forms meanwhile), then lets the next
+        batch go, each check waiting on for its own share until its own deadline.
+        Checks whose deadlines have all passed are not sent (asked again one by
+        one after a refusal, some may have)."""
         first = asks[0]
         if any(
             (a.peer, a.epoch, a.purpose) != (first.peer, first.epoch, first.purpose) for a in asks
         ):
             raise RuntimeError("a batch of probes mixed peers, epochs or purposes: refused")
+        now = time.monotonic()
+        if all(a.end <= now for a in asks):
+            return [_Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")] * len(asks)
         try:
-            resp = self.stub_for(first.peer).Probe(
+            call = self.stub_for(first.peer).Probe.future(
                 peer_pb2.ProbeRequest(
                     epoch=first.epoch,
                     purpose=first.purpose,
                     values=b"".join(a.values for a in asks),
                 ),
-                timeout=max(0.001, max(a.end for a in asks) - time.monotonic()),
+                timeout=max(0.001, max(a.end for a in asks) - now),
             )
+        except IspfError as exc:
+            return [_Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)] * len(asks)
+        try:
+            call.result(timeout=max(0.0, min(a.end for a in asks) - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            pass  # (on its way still: each check waits on for it, to its own deadline)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             if len(asks) > 1 and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _OneByOne from exc  # (refused for the batch's size, maybe not each's)
-            return [self._refused(exc)] * len(asks)
-        except IspfError as exc:
-            return [_Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)] * len(asks)
-        starts, at = [], 0
+        pending: list[_Answer | _Pending] = []
+        at = 0
         for a in asks:
-            starts.append(at)
+            pending.append(_Pending(call, at, len(a)))
             at += len(a)
-        hits: list[list[peer_pb2.ProbeHit]] = [[] for _ in asks]
-        for h in resp.hits:
-            if h.index >= at:
-                continue  # (a position past the values asked names nothing)
-            j = bisect_right(starts, h.index) - 1
-            hits[j].append(peer_pb2.ProbeHit(index=h.index - starts[j], labels=h.labels))
-        return [_Answer(S.PROVINCE_STATUS_UNSPECIFIED, h, "") for h in hits]
+        return pending
 
     @staticmethod
     def _refused(exc: grpc.RpcError) -> _Answer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -133,5 +134,48 @@ def test_a_shared_probe_refused_for_its_size_is_asked_again_check_by_check(
                 assert answer.status == _want(nid, ["sindh"])["sindh"], nid
         assert statuses.count(S.PROVINCE_STATUS_RATE_LIMITED) == 1, statuses
         assert prober.stats.largest > 1  # (some were sent together first)
+    finally:
+        fed.close()
+
+
+def test_each_check_in_a_shared_probe_keeps_its_own_deadline(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """A slow peer (1 s a Probe). While a first check's Probe is on its way, a check
+    of a 1.5 s deadline and one of 5 s come, and go in the next Probe together, the
+    short one leading it. The short one is answered "no answer in time" at its own
+    deadline (not when the call ends, past it); the long one gets its hit from
+    that same call."""
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
+    try:
+        answerer = fed.nodes["sindh"].probes
+        real = answerer.probe
+
+        def slow(req: Any, caller: str, timeout: Any = None) -> Any:
+            time.sleep(1.0)
+            return real(req, caller, timeout)
+
+        answerer.probe = slow  # type: ignore[method-assign]
+        checker = fed.nodes["punjab"].checker
+        nid = next(n for n, p in ENROLLED.items() if p == "sindh")
+        out: dict[str, tuple[float, int]] = {}
+
+        def one(name: str, ms: int) -> None:
+            t = time.monotonic()
+            r = checker.check(S.CheckRequest(nids=[nid], provinces=["sindh"], deadline_ms=ms))
+            out[name] = (time.monotonic() - t, r.results[0].provinces[0].status)
+
+        threads = []
+        for name, ms in (("first", 5000), ("short", 1500), ("long", 5000)):
+            threads.append(threading.Thread(target=one, args=(name, ms)))
+            threads[-1].start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(15)
+        assert checker.prober.stats.largest == 2  # (short and long shared a Probe)
+        took, status = out["short"]
+        assert status == S.PROVINCE_STATUS_UNAVAILABLE and took < 1.5 + 0.25, out
+        for name in ("first", "long"):
+            assert out[name][1] == S.PROVINCE_STATUS_MATCH, (name, out)
     finally:
         fed.close()
