@@ -1301,7 +1301,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask only this province (repeatable; default every peer)",
     )
     p.add_argument(
-        "--deadline-ms", type=int, default=2000, help="wait this long for the slowest province"
+        "--deadline-ms",
+        type=int,
+        default=2000,
+        help="wait this long for the slowest province (at most 60000)",
     )
     p.add_argument(
         "--max-wait",

@@ -67,6 +67,7 @@ from ispf_server.storage.pairs.state import labels_of
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_MS = 2000
+MAX_DEADLINE_MS = 60_000  # (a check holds a thread per peer while it waits)
 FLUSH_SECONDS = 60.0
 SYNC_RETRY_SECONDS = 5.0
 S = internal_pb2
@@ -452,6 +453,11 @@ class Checker:
     def check(self, req: internal_pb2.CheckRequest) -> internal_pb2.CheckResponse:
         if not 0 < len(req.nids) <= MAX_CHECK_IDS:
             raise InvalidInput(f"a check holds 1 to {MAX_CHECK_IDS} identity numbers")
+        if req.deadline_ms > MAX_DEADLINE_MS:
+            raise InvalidInput(
+                f"deadline_ms is {req.deadline_ms}: a check waits at most {MAX_DEADLINE_MS} ms "
+                "for the provinces' answers (0: the default, 2000)"
+            )
         deadline = (req.deadline_ms or DEFAULT_DEADLINE_MS) / 1000.0
         purpose = req.purpose or "online-check"
         results = [internal_pb2.CheckResult(position=i + 1) for i in range(len(req.nids))]

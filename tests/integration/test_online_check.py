@@ -159,3 +159,16 @@ def test_checks_are_logged_and_carry_no_id(fed: Federation) -> None:
     for nid in (ENROLLED_IN_SINDH, "1730155555550", "3520299999999"):
         assert nid.encode() not in wire
     assert not re.search(rb"\d{13}", b"".join(fed.nodes["punjab"].store.audit.entries()))
+
+
+def test_a_check_without_ids_or_waiting_too_long_is_refused_with_the_reason(
+    fed: Federation,
+) -> None:
+    from ispf.errors import InvalidInput
+
+    client = fed.client("punjab")
+    with pytest.raises(InvalidInput, match="1 to"):
+        client.check([])
+    with pytest.raises(InvalidInput, match="at most 60000 ms"):
+        client.check(["3520212345671"], deadline_ms=3_600_000)
+    assert client.check(["3520212345671"], deadline_ms=60_000).results
