@@ -213,6 +213,18 @@ class RateLimiter:
             self._tokens[peer] = tokens - n
             self._day[peer] = (today, used + n)
 
+    def give_back(self, peer: str, n: int) -> None:
+        """Return what `take` took for values then refused all the same (the peer's
+        query budget spent, or no reconciliation yet): a refusal costs no quota, so a
+        shared probe refused and asked again check by check is charged once."""
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        with self._lock:
+            if peer in self._tokens:
+                self._tokens[peer] += n  # (capped at the rate by the next `take`)
+            day, used = self._day.get(peer, (today, 0))
+            if day == today:
+                self._day[peer] = (day, max(0, used - n))
+
 
 def _until_utc_midnight() -> float:
     now = datetime.now(UTC)
@@ -325,6 +337,7 @@ class ProbeAnswerer:
             self.on_probe(caller, "refused", n)
             raise
         if self.store.pairs.version(caller, req.epoch) is None:
+            self.limiter.give_back(caller, n)
             self.log.count(caller, n, refused=n)
             raise PreconditionFailed(
                 f"no reconciliation between {caller} and this node in epoch {req.epoch} yet: "
@@ -333,6 +346,7 @@ class ProbeAnswerer:
         try:  # (the values count against the peer's query budget, as a session's do)
             self.budget.charge(pp, req.epoch, n, what="probe")
         except ResourceExhausted:
+            self.limiter.give_back(caller, n)
             self.log.count(caller, n, refused=n)
             self.on_probe(caller, "refused", n)
             raise

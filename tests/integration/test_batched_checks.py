@@ -179,3 +179,44 @@ def test_each_check_in_a_shared_probe_keeps_its_own_deadline(
             assert out[name][1] == S.PROVINCE_STATUS_MATCH, (name, out)
     finally:
         fed.close()
+
+
+def test_a_shared_probe_the_budget_refuses_costs_the_rate_limit_nothing(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """Sindh's query budget for Punjab has 2 values left. One check alone takes one;
+    the next two share a Probe, which the budget refuses (2 values, 1 left), and
+    are asked again one by one: one answered, one refused. The rate limit and
+    the daily quota are charged for the two values answered, not for the shared
+    Probe refused nor the refused re-ask."""
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
+    try:
+        sindh = fed.nodes["sindh"]
+        epoch = fed.nodes["punjab"].checker.salt().epoch
+        pp = sindh.probes.policy().peers["punjab"]
+        allowance = sindh.probes.budget.state(pp, epoch).allowance
+        sindh.store.db.write(
+            "UPDATE query_budget SET used=? WHERE peer=? AND epoch=?",
+            (allowance - 2, "punjab", epoch),
+        )
+        prober = fed.nodes["punjab"].checker.prober
+        _slowed(prober, 0.3)
+        day0 = sindh.probes.limiter._day.get("punjab", ("", 0))[1]
+        client = fed.client("punjab")
+        ids = [next(iter(ENROLLED)), "3520200000011", "3520200000021"]
+        got: dict[str, int] = {}
+
+        def one(nid: str) -> None:
+            got[nid] = client.check([nid], provinces=["sindh"]).results[0].provinces[0].status
+
+        first = threading.Thread(target=one, args=(ids[0],))
+        first.start()
+        time.sleep(0.1)  # (its Probe on its way: the next two share one)
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(one, ids[1:]))
+        first.join(10)
+        assert prober.stats.largest == 2
+        assert sorted(got.values()).count(S.PROVINCE_STATUS_RATE_LIMITED) == 1, got
+        assert sindh.probes.limiter._day["punjab"][1] - day0 == 2
+    finally:
+        fed.close()
