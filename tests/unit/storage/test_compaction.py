@@ -505,7 +505,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 def test_a_compaction_asked_while_it_waits_for_the_lock_gives_way_once_it_has_it(
-    store: Store,
+    store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A session asks while the compaction still waits for the pair's lock (held by
     another session): the ask is not lost. The compaction, once it has the lock,
@@ -513,6 +513,9 @@ def test_a_compaction_asked_while_it_waits_for_the_lock_gives_way_once_it_has_it
     rng, model, nids, tag_of = setup(20, store)
     apply(store, random_step(rng, model, nids, tag_of))
     before = state_of(store, PEER, EPOCH)
+    sized: list[int] = []
+    size = compaction.size
+    monkeypatch.setattr(compaction, "size", lambda *a: sized.append(1) or size(*a))
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.5)
     lock = store.pair_lock(PEER)
     assert lock.acquire(timeout=5)  # a session
@@ -522,7 +525,7 @@ def test_a_compaction_asked_while_it_waits_for_the_lock_gives_way_once_it_has_it
     assert wait_for(lambda: compactor.counts.gave_way == 1)
     assert lock.acquire(timeout=10)  # the session that asked
     try:
-        assert compactor.counts.compacted == 0
+        assert compactor.counts.compacted == 0 and not sized  # (it let go before reading)
         assert state_of(store, PEER, EPOCH) == before
     finally:
         lock.release()
@@ -750,41 +753,50 @@ def test_a_generation_dropped_while_stopping_is_left_to_the_sweep(
 def test_a_compaction_asked_to_stop_reads_nothing_more(
     store: Store, monkeypatch: pytest.MonkeyPatch, runs: bool
 ) -> None:
-    """Asked to stop during any of its reads (the sync row, each read of the overlay,
-    each batch of the old runs), a compaction makes no further read: a session
-    asking it to give way waits for one read at most, not for a phase."""
+    """Asked to stop before it begins, or during any of its store calls (the sync
+    row, each read of the overlay, each batch of the old runs, each piece it
+    stages), a compaction makes no further call: a session asking it to give way
+    waits for one call at most, not for a phase. Only a stop asked during its
+    last piece is too late: the label sets and the commit then follow (two
+    calls), and it ends compacted."""
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
+    monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     rng, model, nids = with_overlay(27, store, runs)
-    reading = store.db.reading
-    reads: list[int] = []
-    stop_at = 1
+    calls: list[str] = []
+    stop_at = 0
     asked = False
 
-    def counted() -> object:
-        nonlocal asked
-        reads.append(1)
-        asked = asked or len(reads) == stop_at  # (asked while this read runs)
-        return reading()
+    def counted(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            nonlocal asked
+            calls.append(name)
+            asked = asked or len(calls) == stop_at  # (asked while this call runs)
+            return real(*args, **kwargs)
+
+        return call
 
     def stopping() -> bool:
         return asked
 
-    monkeypatch.setattr(store.db, "reading", counted)
+    monkeypatch.setattr(store.db, "reading", counted("read", store.db.reading))
+    monkeypatch.setattr(store.db, "transaction", counted("write", store.db.transaction))
     while True:
-        reads.clear()
-        asked = False
+        calls.clear()
+        asked = stop_at == 0  # (the first time, asked before it begins: no call at all)
         left: list[int] = []
         try:
             done = compaction.compact(store.db, PEER, EPOCH, stopping, left)
+            made = list(calls)
         except CompactionAbandoned:
-            assert len(reads) == stop_at, f"read again after a stop asked at read {stop_at}"
+            assert len(calls) == stop_at, f"called again after a stop asked at {stop_at}: {calls}"
             for gen in left:
                 compaction.drop_generation(store.db, PEER, EPOCH, gen)
             stop_at += 1
             continue
         break
     assert done is not None and overlay(store) == 0
-    assert stop_at > (5 + 4 * 2 if runs else 5)  # (the overlay's reads, the runs' batches)
+    assert len(made) == stop_at + 2 and made[-3:] == ["write"] * 3, (stop_at, made)
+    assert made.count("write") > 4 + 2  # (pieces of each kind's run, then the last two)
     check(store, model, rng, nids)
 
 
@@ -854,19 +866,35 @@ def test_waiting_for_compactions_waits_for_a_try_after_giving_way(
     assert overlay(store) == 0
 
 
+@pytest.mark.parametrize("ended", ["compacted", "not-due", "abandoned", "failed"])
 def test_the_longest_wait_starts_anew_once_a_compaction_has_ended(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, ended: str
 ) -> None:
-    """A pair compacted, then due again later, gives way again: its longest wait
-    counts from when it was due this time, not from the first time it was."""
-    monkeypatch.setattr(Compactor, "LONGEST_WAIT", 2.0)
+    """A pair's compaction that ended other than by giving way (it compacted, found
+    the pair no longer due, was abandoned, or failed), then due again later, gives
+    way again: its longest wait counts from when it was due this time, not from
+    the first time it was."""
+    monkeypatch.setattr(Compactor, "LONGEST_WAIT", 1.5)
     rng, model, nids, tag_of = setup(30, store)
     apply(store, random_step(rng, model, nids, tag_of))
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.1)
+    real = compaction.compact
+
+    def ends_at_once(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(compaction, "compact", real)
+        if ended == "abandoned":
+            raise CompactionAbandoned("the pair state changed while it was compacted")
+        raise RuntimeError("a failure")
+
+    if ended == "not-due":
+        compactor.minimum = 10**9
+    elif ended != "compacted":
+        monkeypatch.setattr(compaction, "compact", ends_at_once)
     compactor.after_session(PEER, EPOCH)
     compactor.wait(30)
-    assert compactor.counts.compacted == 1
-    time.sleep(2.3)  # (past the longest wait from the first time it was due)
+    assert compactor.counts.compacted == (ended == "compacted") and not compactor.counts.gave_way
+    compactor.minimum = 1
+    time.sleep(1.8)  # (past the longest wait from the first time it was due)
     apply(store, random_step(rng, model, nids, tag_of))
     lock = store.pair_lock(PEER)
     assert lock.acquire(timeout=5)  # a session, while the compaction waits for it
@@ -875,7 +903,40 @@ def test_the_longest_wait_starts_anew_once_a_compaction_has_ended(
     lock.release()
     assert wait_for(lambda: compactor.counts.gave_way == 1)
     compactor.wait(30)
-    assert compactor.counts.compacted == 2 and compactor.counts.failed == 0
+    assert compactor.counts.compacted == 1 + (ended == "compacted")
+    assert compactor.counts.failed == (ended in ("abandoned", "failed"))
+    check(store, model, rng, nids)
+
+
+def test_a_compaction_the_node_stops_is_not_counted_as_giving_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
+    rng, model, nids, tag_of = setup(33, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    parts = compaction._parts
+    compacting, go_on = threading.Event(), threading.Event()
+
+    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 3:
+                compacting.set()
+                go_on.wait(10)
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.1)
+    compactor.after_session(PEER, EPOCH)
+    assert compacting.wait(30)
+    lock = store.pair_lock(PEER)
+    assert lock.ask_to_give_way()  # (asked, and then the node stops too)
+    stopping = threading.Thread(target=compactor.stop)
+    stopping.start()
+    time.sleep(0.1)
+    go_on.set()
+    stopping.join(15)
+    assert compactor.counts.gave_way == 0 and compactor.counts.compacted == 0
+    assert overlay(store) > 0
     check(store, model, rng, nids)
 
 
