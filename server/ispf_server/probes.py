@@ -179,7 +179,9 @@ class RateLimiter:
         self._stamp: dict[str, float] = {}
         self._day: dict[str, tuple[str, int]] = {}
 
-    def take(self, peer: str, n: int, pp: PeerPolicy) -> None:
+    def take(self, peer: str, n: int, pp: PeerPolicy) -> str:
+        """Take `n` values from the peer's bucket and today's quota, or refuse them
+        (RateLimited); returns the day (UTC) they were counted on."""
         now = self._clock()
         today = datetime.now(UTC).strftime("%Y-%m-%d")
         with self._lock:
@@ -220,17 +222,18 @@ class RateLimiter:
                 )
             self._tokens[peer] = tokens - n
             self._day[peer] = (today, used + n)
+            return today
 
-    def give_back(self, peer: str, n: int) -> None:
-        """Return what `take` took for values then refused all the same (the peer's
-        query budget spent, or no reconciliation yet): a refusal costs no quota, so a
-        shared probe refused and asked again check by check is charged once."""
-        today = datetime.now(UTC).strftime("%Y-%m-%d")
+    def give_back(self, peer: str, n: int, day: str) -> None:
+        """Return `n` of what `take` took on `day` for values then refused all the
+        same (the peer's query budget spent): a shared probe so refused and asked
+        again check by check is not charged in full twice. (Not to the day after:
+        a quota that reset meanwhile is left as it is.)"""
         with self._lock:
             if peer in self._tokens:
                 self._tokens[peer] += n  # (capped at the rate by the next `take`)
-            day, used = self._day.get(peer, (today, 0))
-            if day == today:
+            counted, used = self._day.get(peer, (day, 0))
+            if counted == day:
                 self._day[peer] = (day, max(0, used - n))
 
 
@@ -339,13 +342,12 @@ class ProbeAnswerer:
             )
         try:
             pp = self.policy().check_session(caller, req.purpose, count_only=False)
-            self.limiter.take(caller, n, pp)
+            day = self.limiter.take(caller, n, pp)
         except (PolicyRefused, ResourceExhausted):
             self.log.count(caller, n, refused=n)
             self.on_probe(caller, "refused", n)
             raise
         if self.store.pairs.version(caller, req.epoch) is None:
-            self.limiter.give_back(caller, n)
             self.log.count(caller, n, refused=n)
             raise PreconditionFailed(
                 f"no reconciliation between {caller} and this node in epoch {req.epoch} yet: "
@@ -354,7 +356,10 @@ class ProbeAnswerer:
         try:  # (the values count against the peer's query budget, as a session's do)
             self.budget.charge(pp, req.epoch, n, what="probe")
         except ResourceExhausted:
-            self.limiter.give_back(caller, n)
+            # (a refusal costs one value of the limits, not all it held: refused
+            # probes stay limited, and a shared one asked again check by check is
+            # not charged twice in full)
+            self.limiter.give_back(caller, n - 1, day)
             self.log.count(caller, n, refused=n)
             self.on_probe(caller, "refused", n)
             raise

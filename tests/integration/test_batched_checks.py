@@ -181,14 +181,14 @@ def test_each_check_in_a_shared_probe_keeps_its_own_deadline(
         fed.close()
 
 
-def test_a_shared_probe_the_budget_refuses_costs_the_rate_limit_nothing(
+def test_a_shared_probe_the_budget_refuses_costs_the_rate_limit_one_value(
     tmp_path: Any, inline_pool: BlindingPool
 ) -> None:
     """Sindh's query budget for Punjab has 2 values left. One check alone takes one;
     the next two share a Probe, which the budget refuses (2 values, 1 left), and
-    are asked again one by one: one answered, one refused. The rate limit and
-    the daily quota are charged for the two values answered, not for the shared
-    Probe refused nor the refused re-ask."""
+    are asked again one by one: one answered, one refused. A refusal costs one
+    value of the rate limit and the daily quota, not all it held: 2 answered, 2
+    refusals (the shared Probe's 2 values would have cost 2)."""
     fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
     try:
         sindh = fed.nodes["sindh"]
@@ -217,6 +217,32 @@ def test_a_shared_probe_the_budget_refuses_costs_the_rate_limit_nothing(
         first.join(10)
         assert prober.stats.largest == 2
         assert sorted(got.values()).count(S.PROVINCE_STATUS_RATE_LIMITED) == 1, got
-        assert sindh.probes.limiter._day["punjab"][1] - day0 == 2
+        assert sindh.probes.limiter._day["punjab"][1] - day0 == 2 + 2
+    finally:
+        fed.close()
+
+
+def test_probes_refused_all_the_same_stay_rate_limited(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """A peer probing an epoch never reconciled (its choice), or with its budget spent,
+    is refused, and each refusal costs at least one value of its rate limit: past
+    its 3 a minute it is refused for the rate, before any store read."""
+    from ispf.errors import PreconditionFailed, RateLimited
+    from ispf.v1 import peer_pb2
+
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 3})
+    try:
+        answerer = fed.nodes["sindh"].probes
+        req = peer_pb2.ProbeRequest(epoch=999, purpose="online-check", values=bytes(32))
+        kinds = []
+        for _ in range(20):
+            try:
+                answerer.probe(req, "punjab")
+            except RateLimited:
+                kinds.append("rate")
+            except PreconditionFailed:
+                kinds.append("not synced")
+        assert kinds.count("not synced") == 3 and kinds.count("rate") == 17, kinds
     finally:
         fed.close()

@@ -35,23 +35,28 @@ def test_daily_quota_is_enforced_regardless_of_the_bucket() -> None:
         lim.take("sindh", 1, pp)
 
 
-def test_values_given_back_cost_neither_the_bucket_nor_the_quota() -> None:
+def test_values_given_back_cost_neither_the_bucket_nor_that_days_quota() -> None:
     """A probe taken, then refused all the same (the query budget spent), gives back
-    what it took: asked again, it is charged once."""
+    what it took, to the day it was counted on: not to the day after, whose quota
+    started anew meanwhile."""
     now = [0.0]
     lim = RateLimiter(clock=lambda: now[0])
     pp = PeerPolicy("sindh", frozenset(), probes_per_minute=4, probes_per_day=6)
-    lim.take("sindh", 3, pp)
-    lim.give_back("sindh", 3)
+    day = lim.take("sindh", 3, pp)
+    lim.give_back("sindh", 3, day)
     lim.take("sindh", 4, pp)  # (the whole bucket again)
     with pytest.raises(ResourceExhausted, match="per minute"):
         lim.take("sindh", 1, pp)
-    lim.give_back("sindh", 4)
-    lim.give_back("sindh", 9)  # (more than taken: the bucket stays at its size)
+    lim.give_back("sindh", 4, day)
+    lim.give_back("sindh", 9, day)  # (more than taken: the bucket stays at its size)
     lim.take("sindh", 4, pp)
     with pytest.raises(ResourceExhausted, match="per minute"):
         lim.take("sindh", 1, pp)
     now[0] += 120
     lim.take("sindh", 2, pp)  # 4 + 2: the day's quota, as if nothing had come back twice
+    with pytest.raises(ResourceExhausted, match="daily probe quota of 6"):
+        lim.take("sindh", 1, pp)
+    lim.give_back("sindh", 6, "2000-01-01")  # (another day's: today's quota unchanged)
+    now[0] += 120
     with pytest.raises(ResourceExhausted, match="daily probe quota of 6"):
         lim.take("sindh", 1, pp)
