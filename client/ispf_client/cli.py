@@ -713,6 +713,11 @@ def cmd_check(args: argparse.Namespace, con: Console) -> int:
     """Identity numbers come from a file or stdin, never the command line (shell history)."""
     from ispf_client.checking import check_paced
 
+    if not 0 <= args.deadline_ms <= 60_000:
+        raise ConfigError(
+            f"--deadline-ms {args.deadline_ms}: give 0 to 60000 (milliseconds the node "
+            "waits for the slowest province; 0: its default, 2000)"
+        )
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     nids = [line.strip() for line in text.splitlines() if line.strip()]
     if not nids:

@@ -90,6 +90,13 @@ def test_check_exits_0_only_when_every_province_answered_and_none_matched(
     assert "1 ID: 0 matched, every province answered for every ID" in done.stdout
 
 
+def test_a_check_deadline_out_of_range_is_a_usage_error_not_a_traceback(profile: str) -> None:
+    for bad in ("-1", "60001", str(2**32)):
+        done = ispf("check", "--profile", profile, "--deadline-ms", bad, stdin="3520299999999\n")
+        assert done.returncode == 2, (bad, done.stderr)
+        assert "give 0 to 60000" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_check_exits_3_when_an_id_matched(profile: str) -> None:
     done = ispf("check", "--profile", profile, "--province", "sindh", stdin=ENROLLED + "\n")
     assert done.returncode == 3
