@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import defaultdict
 
@@ -482,3 +483,53 @@ def test_a_session_that_fails_holding_the_pairs_lock_drops_what_it_staged(
         while store.db.fetchall("SELECT DISTINCT gen FROM pair_runs"):
             assert time.monotonic() < deadline, f"{province} kept a failed session's staging"
             time.sleep(0.05)
+
+
+def test_a_responder_session_failed_while_its_matching_stages_leaves_no_staging(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The initiator fails after the exchange, before Conclude, and aborts, while
+    Sindh's matching still stages the pair's new runs (slowly here). Sindh's
+    session fails at once, but keeps the pair's lock until its matching has
+    ended, and then drops what it staged: nothing of it is left, and the lock
+    is free."""
+    from ispf.errors import PreconditionFailed
+
+    federation.load("punjab", [("A1", "3520212345671", "BISP", "enrolled")])
+    federation.load("sindh", [("S1", "3520212345671", "SSPA", "eligible")])
+    sindh = federation.nodes["sindh"].store
+    real_stager = sindh.pairs.run_stager
+    staging = []
+
+    def slow_stager(peer: str, epoch: int) -> object:
+        st = real_stager(peer, epoch)
+        real_writer = st.writer
+        staging.append(st)
+
+        def writer(kind: object) -> object:
+            time.sleep(0.5)  # (a large merge)
+            return real_writer(kind)  # type: ignore[arg-type]
+
+        st.writer = writer  # type: ignore[method-assign]
+        return st
+
+    monkeypatch.setattr(sindh.pairs, "run_stager", slow_stager)
+
+    def refused(*args: object, **kwargs: object) -> object:
+        raise PreconditionFailed("the initiator fails before Conclude (test)")
+
+    monkeypatch.setattr(federation.nodes["punjab"].audit, "checkpoint_for", refused)
+    st = federation.reconcile("punjab", "sindh")
+    assert st.state == internal_pb2.SESSION_STATE_FAILED
+    assert staging  # (sindh's matching began staging)
+    lock = sindh.pair_lock("punjab")
+    assert lock.acquire(timeout=10)  # (let go once its matching had ended)
+    try:
+        deadline = time.monotonic() + 10
+        while any(t.name.startswith("match-") for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "sindh's matching never ended"
+            time.sleep(0.05)
+        rows = sindh.db.fetchall("SELECT gen, kind, count(*) FROM pair_runs GROUP BY gen, kind")
+        assert not rows, f"sindh kept a failed session's staging: {rows}"
+    finally:
+        lock.release()

@@ -375,6 +375,13 @@ class Store:
                     lock.release()
         return failed is not None
 
+    @storage_errors
+    def drop_staging(self, peer: str, epoch: int) -> None:
+        """Drop the pair's staged runs; the caller holds the pair's lock (they are its
+        own: a failed session's, once the matching that staged them has ended)."""
+        with self.db.transaction() as cur:
+            pairruns.drop_staged(cur, peer, epoch)
+
     @property
     def shared(self) -> bool:
         """Whether other replicas may run over this store (PostgreSQL)."""
