@@ -135,6 +135,9 @@ class _Pending:
     call: Any  # (a grpc future: the Probe call)
     start: int
     n: int
+    # (a shared call's: this check's values asked again alone, a call of their own,
+    # where the shared one is refused for its size, RESOURCE_EXHAUSTED)
+    alone: Callable[[], Any] | None = None
 
     def answer(self, end: float) -> _Answer:
         try:
@@ -142,8 +145,14 @@ class _Pending:
         except grpc.FutureTimeoutError:
             return _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
         except grpc.RpcError as exc:
+            if self.alone is not None and _exhausted(exc) and time.monotonic() < end:
+                return _Pending(self.alone(), 0, self.n).answer(end)
             return Checker._refused(exc)
         return _share(resp, self.start, self.n)
+
+
+def _exhausted(exc: grpc.RpcError) -> bool:
+    return isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _share(resp: peer_pb2.ProbeResponse, start: int, n: int) -> _Answer:
@@ -155,11 +164,6 @@ def _share(resp: peer_pb2.ProbeResponse, start: int, n: int) -> _Answer:
         if start <= h.index < start + n
     ]
     return _Answer(S.PROVINCE_STATUS_UNSPECIFIED, hits, "")
-
-
-class _OneByOne(Exception):
-    """A shared probe refused for its size (the peer's rate limit): each check's
-    values are asked again on their own (`Coalescer`'s `isolate`)."""
 
 
 def _same_key(keys: list[bytes]) -> None:
@@ -459,7 +463,7 @@ class Checker:
             self._blind_batch, cap=BATCH_VALUES, size=len
         )
         self.prober: Coalescer[_Ask, _Answer | _Pending] = Coalescer(
-            self._probe_batch, cap=MAX_CHECK_IDS, size=len, isolate=(_OneByOne,)
+            self._probe_batch, cap=MAX_CHECK_IDS, size=len
         )
 
     def _blind_batch(self, jobs: Sequence[_Blind]) -> list[bytes]:
@@ -603,8 +607,11 @@ class Checker:
         """One Probe for the checks of one batch, and each check's share of it (its
         hits, by its own index), or why there are none. No check waits past its own
         deadline, nor does the next batch wait for a call past the first deadline
-        of this one. Checks whose deadlines have all passed are not sent (asked
-        again one by one after a refusal, some may have)."""
+        of this one. A shared call refused for its size (RESOURCE_EXHAUSTED: the
+        peer's rate limit or budget may allow each check's values, not all) is
+        asked again check by check, each in a call of its own, sent at once and
+        waited for by that check alone. Checks whose deadlines have all passed
+        are not sent."""
         first = asks[0]
         if any(
             (a.peer, a.epoch, a.purpose) != (first.peer, first.epoch, first.purpose) for a in asks
@@ -617,31 +624,51 @@ class Checker:
         for a in asks:
             starts.append(at)
             at += len(a)
-        request = peer_pb2.ProbeRequest(
-            epoch=first.epoch, purpose=first.purpose, values=b"".join(a.values for a in asks)
-        )
-        soonest, latest = min(a.end for a in asks), max(a.end for a in asks)
         try:
             probe = self.stub_for(first.peer).Probe
+        except IspfError as exc:
+            return [_Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)] * len(asks)
+
+        def send(values: bytes, end: float) -> Any:
+            request = peer_pb2.ProbeRequest(epoch=first.epoch, purpose=first.purpose, values=values)
+            return probe.future(request, timeout=max(0.001, end - time.monotonic()))
+
+        def again(a: _Ask) -> Callable[[], Any]:
+            return lambda: send(a.values, a.end)
+
+        def each_alone() -> list[_Answer | _Pending]:
+            late = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+            now = time.monotonic()
+            return [
+                _Pending(send(a.values, a.end), 0, len(a)) if a.end > now else late for a in asks
+            ]
+
+        values = b"".join(a.values for a in asks)
+        soonest, latest = min(a.end for a in asks), max(a.end for a in asks)
+        try:
             if latest - soonest <= DEADLINE_SPREAD:
                 # (deadlines about equal, as those of checks that came together with
                 # the default are: a blocking call to the first of them, cheaper on
                 # the CPU than a future; the others then lose at most the spread)
+                request = peer_pb2.ProbeRequest(
+                    epoch=first.epoch, purpose=first.purpose, values=values
+                )
                 resp = probe(request, timeout=max(0.001, soonest - now))
                 return [_share(resp, start, len(a)) for start, a in zip(starts, asks, strict=True)]
-            call = probe.future(request, timeout=max(0.001, latest - now))
+            call = send(values, latest)
             # (waits for the call until the first deadline, the next batch forming
             # meanwhile; on its way still then, each check waits on to its own)
             with contextlib.suppress(grpc.FutureTimeoutError):
                 call.result(timeout=max(0.0, soonest - time.monotonic()))
-            return [_Pending(call, start, len(a)) for start, a in zip(starts, asks, strict=True)]
+            shared = len(asks) > 1
+            return [
+                _Pending(call, start, len(a), again(a) if shared else None)
+                for start, a in zip(starts, asks, strict=True)
+            ]
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            if len(asks) > 1 and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise _OneByOne from exc  # (refused for the batch's size, maybe not each's)
+            if len(asks) > 1 and _exhausted(exc):
+                return each_alone()  # (refused for the batch's size, maybe not each's)
             return [self._refused(exc)] * len(asks)
-        except IspfError as exc:
-            return [_Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)] * len(asks)
 
     @staticmethod
     def _refused(exc: grpc.RpcError) -> _Answer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -244,5 +244,98 @@ def test_probes_refused_all_the_same_stay_rate_limited(
             except PreconditionFailed:
                 kinds.append("not synced")
         assert kinds.count("not synced") == 3 and kinds.count("rate") == 17, kinds
+    finally:
+        fed.close()
+
+
+SINDH_NID = next(n for n, p in ENROLLED.items() if p == "sindh")
+
+
+def _three_checks(fed: Federation, short_ms: int, long_ms: int) -> dict[str, tuple[float, int]]:
+    """A first check, then a short and a long one that share the next Probe."""
+    checker = fed.nodes["punjab"].checker
+    out: dict[str, tuple[float, int]] = {}
+
+    def one(name: str, ms: int) -> None:
+        t = time.monotonic()
+        r = checker.check(S.CheckRequest(nids=[SINDH_NID], provinces=["sindh"], deadline_ms=ms))
+        out[name] = (time.monotonic() - t, r.results[0].provinces[0].status)
+
+    threads = []
+    for name, ms in (("first", 5000), ("short", short_ms), ("long", long_ms)):
+        threads.append(threading.Thread(target=one, args=(name, ms)))
+        threads[-1].start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(20)
+    return out
+
+
+def _peer(fed: Federation, answer: Callable[[int, int], None]) -> list[int]:
+    """Sindh's Probe answers, each first through `answer(call number, values)`."""
+    answerer = fed.nodes["sindh"].probes
+    real = answerer.probe
+    calls: list[int] = []
+
+    def peer(req: Any, caller: str, timeout: Any = None) -> Any:
+        calls.append(len(req.values) // 32)
+        answer(len(calls), calls[-1])
+        return real(req, caller, timeout)
+
+    answerer.probe = peer  # type: ignore[method-assign]
+    return calls
+
+
+def test_checks_asked_again_alone_each_wait_for_their_own_answer_only(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """A shared Probe refused for its size: each check is asked again alone, all at
+    once, each waiting for its own answer. The short check's comes at once and
+    it matches, though the long one's re-ask is slow (3 s)."""
+    from ispf.errors import ResourceExhausted
+
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
+    try:
+
+        def answer(call: int, n: int) -> None:
+            if call == 1:
+                time.sleep(0.4)  # (the first check's Probe: the next two queue)
+            elif n > 1:
+                raise ResourceExhausted("refused for its size (test)")
+            elif call == 4:
+                time.sleep(3.0)  # (the second re-ask: a slow peer)
+
+        calls = _peer(fed, answer)
+        out = _three_checks(fed, 1500, 5000)
+        assert calls[:2] == [1, 2], calls
+        assert out["short"][1] == S.PROVINCE_STATUS_MATCH, (out, calls)
+        assert out["long"][1] == S.PROVINCE_STATUS_MATCH, (out, calls)
+    finally:
+        fed.close()
+
+
+def test_a_shared_probe_refused_after_the_first_deadline_is_still_asked_again_alone(
+    tmp_path: Any, inline_pool: BlindingPool
+) -> None:
+    """Mixed deadlines: the refusal for its size comes after the short check's
+    deadline (which answers "no answer in time"); the long check is asked again
+    alone, and matches."""
+    from ispf.errors import ResourceExhausted
+
+    fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
+    try:
+
+        def answer(call: int, n: int) -> None:
+            if call == 1:
+                time.sleep(0.25)
+            elif n > 1:
+                time.sleep(0.6)  # (past the short check's deadline)
+                raise ResourceExhausted("refused for its size (test)")
+
+        calls = _peer(fed, answer)
+        out = _three_checks(fed, 500, 5000)
+        assert calls[:2] == [1, 2], calls
+        assert out["short"][1] == S.PROVINCE_STATUS_UNAVAILABLE, (out, calls)
+        assert out["long"][1] == S.PROVINCE_STATUS_MATCH, (out, calls)
     finally:
         fed.close()
