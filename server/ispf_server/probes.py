@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import grpc
@@ -149,6 +150,12 @@ class _Pending:
                 return _Pending(self.alone(), 0, self.n).answer(end)
             return Checker._refused(exc)
         return _share(resp, self.start, self.n)
+
+
+def _send(probe: Any, ask: _Ask, values: bytes, end: float) -> Any:
+    """A Probe call of `values` in `ask`'s epoch and purpose, on its way (a future)."""
+    request = peer_pb2.ProbeRequest(epoch=ask.epoch, purpose=ask.purpose, values=values)
+    return probe.future(request, timeout=max(0.001, end - time.monotonic()))
 
 
 def _exhausted(exc: grpc.RpcError) -> bool:
@@ -628,21 +635,6 @@ class Checker:
             probe = self.stub_for(first.peer).Probe
         except IspfError as exc:
             return [_Answer(S.PROVINCE_STATUS_ERROR, None, exc.message)] * len(asks)
-
-        def send(values: bytes, end: float) -> Any:
-            request = peer_pb2.ProbeRequest(epoch=first.epoch, purpose=first.purpose, values=values)
-            return probe.future(request, timeout=max(0.001, end - time.monotonic()))
-
-        def again(a: _Ask) -> Callable[[], Any]:
-            return lambda: send(a.values, a.end)
-
-        def each_alone() -> list[_Answer | _Pending]:
-            late = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
-            now = time.monotonic()
-            return [
-                _Pending(send(a.values, a.end), 0, len(a)) if a.end > now else late for a in asks
-            ]
-
         values = b"".join(a.values for a in asks)
         soonest, latest = min(a.end for a in asks), max(a.end for a in asks)
         try:
@@ -655,19 +647,30 @@ class Checker:
                 )
                 resp = probe(request, timeout=max(0.001, soonest - now))
                 return [_share(resp, start, len(a)) for start, a in zip(starts, asks, strict=True)]
-            call = send(values, latest)
+            call = _send(probe, first, values, latest)
             # (waits for the call until the first deadline, the next batch forming
             # meanwhile; on its way still then, each check waits on to its own)
             with contextlib.suppress(grpc.FutureTimeoutError):
                 call.result(timeout=max(0.0, soonest - time.monotonic()))
             shared = len(asks) > 1
             return [
-                _Pending(call, start, len(a), again(a) if shared else None)
+                _Pending(
+                    call,
+                    start,
+                    len(a),
+                    partial(_send, probe, a, a.values, a.end) if shared else None,
+                )
                 for start, a in zip(starts, asks, strict=True)
             ]
         except grpc.RpcError as exc:
             if len(asks) > 1 and _exhausted(exc):
-                return each_alone()  # (refused for the batch's size, maybe not each's)
+                # (refused for the batch's size, maybe not each's: each asked alone)
+                late = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+                now = time.monotonic()
+                return [
+                    _Pending(_send(probe, a, a.values, a.end), 0, len(a)) if a.end > now else late
+                    for a in asks
+                ]
             return [self._refused(exc)] * len(asks)
 
     @staticmethod
