@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -180,6 +180,13 @@ def _same_key(keys: list[bytes]) -> None:
         raise RuntimeError("a batch of online-check values mixed keys: refused")
 
 
+class Taken(NamedTuple):
+    """What `RateLimiter.take` took: on which day (UTC) and when (its clock)."""
+
+    day: str
+    at: float
+
+
 class RateLimiter:
     """Per-peer token bucket (per minute) and daily quota (UTC day), from the policy."""
 
@@ -189,14 +196,17 @@ class RateLimiter:
         self._tokens: dict[str, float] = {}
         self._stamp: dict[str, float] = {}
         self._day: dict[str, tuple[str, int]] = {}
+        self._rate: dict[str, float] = {}  # (each peer's refill per second, as last taken)
 
-    def take(self, peer: str, n: int, pp: PeerPolicy) -> str:
+    def take(self, peer: str, n: int, pp: PeerPolicy) -> Taken:
         """Take `n` values from the peer's bucket and today's quota, or refuse them
-        (RateLimited); returns the day (UTC) they were counted on."""
-        now = self._clock()
-        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        (RateLimited); returns the day (UTC) they were counted on, and when."""
         with self._lock:
-            rate = pp.probes_per_minute / 60.0
+            now = self._clock()
+            # (the day read under the lock, and never back: probes racing at midnight
+            # cannot count against a day already left, nor reset the new one)
+            today = max(datetime.now(UTC).strftime("%Y-%m-%d"), self._day.get(peer, ("",))[0])
+            rate = self._rate[peer] = pp.probes_per_minute / 60.0
             tokens = min(
                 float(pp.probes_per_minute),
                 self._tokens.get(peer, float(pp.probes_per_minute))
@@ -233,19 +243,22 @@ class RateLimiter:
                 )
             self._tokens[peer] = tokens - n
             self._day[peer] = (today, used + n)
-            return today
+            return Taken(today, now)
 
-    def give_back(self, peer: str, n: int, day: str) -> None:
-        """Return `n` of what `take` took on `day` for values then refused all the
+    def give_back(self, peer: str, n: int, taken: Taken) -> None:
+        """Return `n` of what `take` took (`taken`) for values then refused all the
         same (the peer's query budget spent): a shared probe so refused and asked
-        again check by check is not charged in full twice. (Not to the day after:
-        a quota that reset meanwhile is left as it is.)"""
+        again check by check is not charged in full twice. To the bucket, less what
+        it refilled since (which the bucket's size may have cut off: never more
+        than it would hold had they not been taken); to the quota of that day only,
+        not of the day after."""
         with self._lock:
             if peer in self._tokens:
-                self._tokens[peer] += n  # (capped at the rate by the next `take`)
-            counted, used = self._day.get(peer, (day, 0))
-            if counted == day:
-                self._day[peer] = (day, max(0, used - n))
+                refilled = (self._clock() - taken.at) * self._rate.get(peer, 0.0)
+                self._tokens[peer] += max(0.0, n - refilled)
+            counted, used = self._day.get(peer, (taken.day, 0))
+            if counted == taken.day:
+                self._day[peer] = (taken.day, max(0, used - n))
 
 
 def _until_utc_midnight() -> float:
@@ -353,7 +366,7 @@ class ProbeAnswerer:
             )
         try:
             pp = self.policy().check_session(caller, req.purpose, count_only=False)
-            day = self.limiter.take(caller, n, pp)
+            taken = self.limiter.take(caller, n, pp)
         except (PolicyRefused, ResourceExhausted):
             self.log.count(caller, n, refused=n)
             self.on_probe(caller, "refused", n)
@@ -370,7 +383,7 @@ class ProbeAnswerer:
             # (a refusal costs one value of the limits, not all it held: refused
             # probes stay limited, and a shared one asked again check by check is
             # not charged twice in full)
-            self.limiter.give_back(caller, n - 1, day)
+            self.limiter.give_back(caller, n - 1, taken)
             self.log.count(caller, n, refused=n)
             self.on_probe(caller, "refused", n)
             raise

@@ -6,7 +6,7 @@ import pytest
 
 from ispf.errors import ResourceExhausted
 from ispf_server.policy import PeerPolicy
-from ispf_server.probes import RateLimiter
+from ispf_server.probes import RateLimiter, Taken
 
 
 def test_bucket_allows_a_burst_then_refills_with_time() -> None:
@@ -42,13 +42,13 @@ def test_values_given_back_cost_neither_the_bucket_nor_that_days_quota() -> None
     now = [0.0]
     lim = RateLimiter(clock=lambda: now[0])
     pp = PeerPolicy("sindh", frozenset(), probes_per_minute=4, probes_per_day=6)
-    day = lim.take("sindh", 3, pp)
-    lim.give_back("sindh", 3, day)
+    taken = lim.take("sindh", 3, pp)
+    lim.give_back("sindh", 3, taken)
     lim.take("sindh", 4, pp)  # (the whole bucket again)
     with pytest.raises(ResourceExhausted, match="per minute"):
         lim.take("sindh", 1, pp)
-    lim.give_back("sindh", 4, day)
-    lim.give_back("sindh", 9, day)  # (more than taken: the bucket stays at its size)
+    lim.give_back("sindh", 4, taken)
+    lim.give_back("sindh", 9, taken)  # (more than taken: the bucket stays at its size)
     lim.take("sindh", 4, pp)
     with pytest.raises(ResourceExhausted, match="per minute"):
         lim.take("sindh", 1, pp)
@@ -56,7 +56,22 @@ def test_values_given_back_cost_neither_the_bucket_nor_that_days_quota() -> None
     lim.take("sindh", 2, pp)  # 4 + 2: the day's quota, as if nothing had come back twice
     with pytest.raises(ResourceExhausted, match="daily probe quota of 6"):
         lim.take("sindh", 1, pp)
-    lim.give_back("sindh", 6, "2000-01-01")  # (another day's: today's quota unchanged)
+    lim.give_back("sindh", 6, Taken("2000-01-01", now[0]))  # (another day's: quota kept)
     now[0] += 120
     with pytest.raises(ResourceExhausted, match="daily probe quota of 6"):
+        lim.take("sindh", 1, pp)
+
+
+def test_what_is_given_back_is_less_what_the_bucket_refilled_meanwhile() -> None:
+    """A takes 30 of 60; 40 s pass (the bucket would refill past its size); B takes
+    the 60 it holds; A's refusal gives back 29: the bucket holds no more than it
+    would have had A never taken them."""
+    now = [0.0]
+    lim = RateLimiter(clock=lambda: now[0])
+    pp = PeerPolicy("sindh", frozenset(), probes_per_minute=60, probes_per_day=10_000)
+    a = lim.take("sindh", 30, pp)
+    now[0] += 40
+    lim.take("sindh", 60, pp)
+    lim.give_back("sindh", 29, a)
+    with pytest.raises(ResourceExhausted, match="per minute"):
         lim.take("sindh", 1, pp)

@@ -115,12 +115,14 @@ class ResponderSession:
     failed: str | None = None
 
     def release(self) -> None:
-        self.initiator_tags.close()
-        self.own_tags.close()
-        self.plan.close()
-        lock, self.pair_lock = self.pair_lock, None
-        if lock is not None:
-            lock.release()
+        try:
+            self.initiator_tags.close()
+            self.own_tags.close()
+            self.plan.close()
+        finally:  # (the pair's lock goes even where closing a spool failed)
+            lock, self.pair_lock = self.pair_lock, None
+            if lock is not None:
+                lock.release()
 
     @property
     def session_id(self) -> str:
