@@ -144,7 +144,7 @@ class _Pending:
         try:
             resp = self.call.result(timeout=max(0.0, end - time.monotonic()))
         except grpc.FutureTimeoutError:
-            return _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+            return _LATE
         except grpc.RpcError as exc:
             if self.alone is not None and _exhausted(exc) and time.monotonic() < end:
                 return _Pending(self.alone(), 0, self.n).answer(end)
@@ -152,10 +152,14 @@ class _Pending:
         return _share(resp, self.start, self.n)
 
 
+def _request(ask: _Ask, values: bytes) -> peer_pb2.ProbeRequest:
+    """A Probe of `values` in `ask`'s epoch and purpose (its batch's)."""
+    return peer_pb2.ProbeRequest(epoch=ask.epoch, purpose=ask.purpose, values=values)
+
+
 def _send(probe: Any, ask: _Ask, values: bytes, end: float) -> Any:
     """A Probe call of `values` in `ask`'s epoch and purpose, on its way (a future)."""
-    request = peer_pb2.ProbeRequest(epoch=ask.epoch, purpose=ask.purpose, values=values)
-    return probe.future(request, timeout=max(0.001, end - time.monotonic()))
+    return probe.future(_request(ask, values), timeout=max(0.001, end - time.monotonic()))
 
 
 def _exhausted(exc: grpc.RpcError) -> bool:
@@ -181,10 +185,12 @@ def _same_key(keys: list[bytes]) -> None:
 
 
 class Taken(NamedTuple):
-    """What `RateLimiter.take` took: on which day (UTC) and when (its clock)."""
+    """What `RateLimiter.take` took: on which day (UTC), when (its clock), and the
+    bucket's refill then (values per second)."""
 
     day: str
     at: float
+    rate: float
 
 
 class RateLimiter:
@@ -196,7 +202,6 @@ class RateLimiter:
         self._tokens: dict[str, float] = {}
         self._stamp: dict[str, float] = {}
         self._day: dict[str, tuple[str, int]] = {}
-        self._rate: dict[str, float] = {}  # (each peer's refill per second, as last taken)
 
     def take(self, peer: str, n: int, pp: PeerPolicy) -> Taken:
         """Take `n` values from the peer's bucket and today's quota, or refuse them
@@ -206,7 +211,7 @@ class RateLimiter:
             # (the day read under the lock, and never back: probes racing at midnight
             # cannot count against a day already left, nor reset the new one)
             today = max(datetime.now(UTC).strftime("%Y-%m-%d"), self._day.get(peer, ("",))[0])
-            rate = self._rate[peer] = pp.probes_per_minute / 60.0
+            rate = pp.probes_per_minute / 60.0
             tokens = min(
                 float(pp.probes_per_minute),
                 self._tokens.get(peer, float(pp.probes_per_minute))
@@ -243,7 +248,7 @@ class RateLimiter:
                 )
             self._tokens[peer] = tokens - n
             self._day[peer] = (today, used + n)
-            return Taken(today, now)
+            return Taken(today, now, rate)
 
     def give_back(self, peer: str, n: int, taken: Taken) -> None:
         """Return `n` of what `take` took (`taken`) for values then refused all the
@@ -254,7 +259,7 @@ class RateLimiter:
         not of the day after."""
         with self._lock:
             if peer in self._tokens:
-                refilled = (self._clock() - taken.at) * self._rate.get(peer, 0.0)
+                refilled = (self._clock() - taken.at) * taken.rate
                 self._tokens[peer] += max(0.0, n - refilled)
             counted, used = self._day.get(peer, (taken.day, 0))
             if counted == taken.day:
@@ -448,6 +453,9 @@ class _Answer:
     limit_per_minute: int = 0
 
 
+_LATE = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")  # (immutable: shared)
+
+
 class Checker:
     """The asking side: fans a check out to the peers."""
 
@@ -559,7 +567,7 @@ class Checker:
                 answers[peer] = fut.result()
             else:
                 fut.cancel()
-                answers[peer] = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+                answers[peer] = _LATE
         for peer in targets:
             got = answers[peer]
             hits = got.hits
@@ -611,7 +619,7 @@ class Checker:
                 max(0.0, end - time.monotonic()),
             )
         except DeadlineExceeded:
-            return _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
+            return _LATE
         if isinstance(got, _Pending):
             got = got.answer(end)
         if got.hits is None:
@@ -639,7 +647,7 @@ class Checker:
             raise RuntimeError("a batch of probes mixed peers, epochs or purposes: refused")
         now = time.monotonic()
         if all(a.end <= now for a in asks):
-            return [_Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")] * len(asks)
+            return [_LATE] * len(asks)
         starts, at = [], 0
         for a in asks:
             starts.append(at)
@@ -655,10 +663,7 @@ class Checker:
                 # (deadlines about equal, as those of checks that came together with
                 # the default are: a blocking call to the first of them, cheaper on
                 # the CPU than a future; the others then lose at most the spread)
-                request = peer_pb2.ProbeRequest(
-                    epoch=first.epoch, purpose=first.purpose, values=values
-                )
-                resp = probe(request, timeout=max(0.001, soonest - now))
+                resp = probe(_request(first, values), timeout=max(0.001, soonest - now))
                 return [_share(resp, start, len(a)) for start, a in zip(starts, asks, strict=True)]
             call = _send(probe, first, values, latest)
             # (waits for the call until the first deadline, the next batch forming
@@ -678,10 +683,9 @@ class Checker:
         except grpc.RpcError as exc:
             if len(asks) > 1 and _exhausted(exc):
                 # (refused for the batch's size, maybe not each's: each asked alone)
-                late = _Answer(S.PROVINCE_STATUS_UNAVAILABLE, None, "no answer in time")
                 now = time.monotonic()
                 return [
-                    _Pending(_send(probe, a, a.values, a.end), 0, len(a)) if a.end > now else late
+                    _Pending(_send(probe, a, a.values, a.end), 0, len(a)) if a.end > now else _LATE
                     for a in asks
                 ]
             return [self._refused(exc)] * len(asks)

@@ -56,7 +56,7 @@ def test_values_given_back_cost_neither_the_bucket_nor_that_days_quota() -> None
     lim.take("sindh", 2, pp)  # 4 + 2: the day's quota, as if nothing had come back twice
     with pytest.raises(ResourceExhausted, match="daily probe quota of 6"):
         lim.take("sindh", 1, pp)
-    lim.give_back("sindh", 6, Taken("2000-01-01", now[0]))  # (another day's: quota kept)
+    lim.give_back("sindh", 6, Taken("2000-01-01", now[0], 4 / 60))  # (another day's: quota kept)
     now[0] += 120
     with pytest.raises(ResourceExhausted, match="daily probe quota of 6"):
         lim.take("sindh", 1, pp)
