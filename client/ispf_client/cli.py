@@ -39,6 +39,7 @@ from rich.markup import escape
 from ispf import files, logs
 from ispf.errors import AuditFailure, ConfigError, DeadlineExceeded, IspfError, PeerUnavailable
 from ispf.identity import ROLE_AUDIT, ROLE_INTERNAL, ROLE_NODE
+from ispf.protocol import MAX_DEADLINE_MS
 from ispf.v1 import internal_pb2
 from ispf_client import output
 from ispf_client.auditor import AuditProfile
@@ -713,10 +714,10 @@ def cmd_check(args: argparse.Namespace, con: Console) -> int:
     """Identity numbers come from a file or stdin, never the command line (shell history)."""
     from ispf_client.checking import check_paced
 
-    if not 0 <= args.deadline_ms <= 60_000:
+    if not 0 <= args.deadline_ms <= MAX_DEADLINE_MS:
         raise ConfigError(
-            f"--deadline-ms {args.deadline_ms}: give 0 to 60000 (milliseconds the node "
-            "waits for the slowest province; 0: its default, 2000)"
+            f"--deadline-ms {args.deadline_ms}: give 0 to {MAX_DEADLINE_MS} (milliseconds "
+            "the node waits for the slowest province; 0: its default, 2000)"
         )
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     nids = [line.strip() for line in text.splitlines() if line.strip()]
@@ -1309,7 +1310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--deadline-ms",
         type=int,
         default=2000,
-        help="wait this long for the slowest province (at most 60000)",
+        help=f"wait this long for the slowest province (at most {MAX_DEADLINE_MS})",
     )
     p.add_argument(
         "--max-wait",

@@ -14,12 +14,14 @@ MAX_CHUNK_VALUES = 65_536  # values (points or tags) per streamed chunk, at most
 
 # The client's calls to its own node.
 MAX_CHECK_IDS = 1000  # IDs per online check request (CheckService), at most
+MAX_DEADLINE_MS = 60_000  # an online check's wait for the provinces, at most (a thread each)
 MAX_RECORDS_PER_MESSAGE = 50_000  # records per registry load request or stream message
 MAX_LOG_ENTRIES = 1000  # audit-log entries per GetEntries answer, at most
 
 __all__ = [
     "MAX_CHECK_IDS",
     "MAX_CHUNK_VALUES",
+    "MAX_DEADLINE_MS",
     "MAX_LOG_ENTRIES",
     "MAX_RECORDS_PER_MESSAGE",
     "PROTOCOL_VERSION",

@@ -55,7 +55,7 @@ from ispf.errors import (
 )
 from ispf.keys import BlindingKey
 from ispf.nid import canonicalise
-from ispf.protocol import MAX_CHECK_IDS
+from ispf.protocol import MAX_CHECK_IDS, MAX_DEADLINE_MS
 from ispf.v1 import common_pb2, internal_pb2, peer_pb2, peer_pb2_grpc
 from ispf_server.audit import AuditLog
 from ispf_server.batching import Coalescer
@@ -69,7 +69,6 @@ from ispf_server.storage.pairs.state import labels_of
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_MS = 2000
-MAX_DEADLINE_MS = 60_000  # (a check holds a thread per peer while it waits)
 DEADLINE_SPREAD = 0.05  # s: checks' deadlines this close share a blocking Probe call
 FLUSH_SECONDS = 60.0
 SYNC_RETRY_SECONDS = 5.0
