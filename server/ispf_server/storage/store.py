@@ -366,14 +366,20 @@ class Store:
                 if entry is not None:
                     auditlog.append(cur, session_id, entry)
         if failed is not None and orphan:
-            lock = self.pair_lock(failed[0])
-            if lock.acquire(blocking=False):
-                try:
-                    with self.db.transaction() as cur:
-                        pairruns.drop_staged(cur, *failed)
-                finally:
-                    lock.release()
+            self._drop_staging_if_free(*failed)
         return failed is not None
+
+    def _drop_staging_if_free(self, peer: str, epoch: int) -> bool:
+        """Drop the pair's staged runs where its lock is free now (nobody stages them);
+        False: a session or a compaction of the pair holds it, and its staging stays."""
+        lock = self.pair_lock(peer)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            self.drop_staging(peer, epoch)
+        finally:
+            lock.release()
+        return True
 
     @storage_errors
     def drop_staging(self, peer: str, epoch: int) -> None:
@@ -448,15 +454,7 @@ class Store:
             staged = pairruns.staged_pairs(conn)
         dropped = 0
         for peer, epoch in staged:
-            lock = self.pair_lock(peer)
-            if not lock.acquire(blocking=False):
-                continue  # (a session or a compaction of the pair is staging)
-            try:
-                with self.db.transaction() as cur:
-                    pairruns.drop_staged(cur, peer, epoch)
-                dropped += 1
-            finally:
-                lock.release()
+            dropped += self._drop_staging_if_free(peer, epoch)
         if dropped:
             log.info("staged pair runs of %d pairs dropped (left by a stopped node)", dropped)
         return erased, dropped
