@@ -303,6 +303,26 @@ def staged_generation(store: Store) -> bool:
     return len(generations(store)) > 1
 
 
+def paused_at_a_part(
+    monkeypatch: pytest.MonkeyPatch, pause: Callable[[], object], *, once: bool = False
+) -> threading.Event:
+    """The old runs read with a pause at the fourth part (`pause()`, after setting the
+    event returned): a compaction under way, for a session to ask meanwhile; with
+    `once`, only the first compaction pauses."""
+    parts = compaction._parts
+    compacting = threading.Event()
+
+    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
+        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 3 and not (once and compacting.is_set()):
+                compacting.set()
+                pause()
+            yield part
+
+    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    return compacting
+
+
 def test_a_compaction_gives_way_to_a_session_and_comes_back_after_it(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -313,17 +333,8 @@ def test_a_compaction_gives_way_to_a_session_and_comes_back_after_it(
     monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     rng, model, nids, tag_of = setup(14, store)
     apply(store, random_step(rng, model, nids, tag_of))
-    compacting, go_on = threading.Event(), threading.Event()
-    parts = compaction._parts
-
-    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
-        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
-            if i == 3:
-                compacting.set()
-                go_on.wait(10)
-            yield part
-
-    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    go_on = threading.Event()
+    compacting = paused_at_a_part(monkeypatch, lambda: go_on.wait(10))
     # (quiet: the session takes the lock before the compaction's retry can)
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=1.0)
     compactor.after_session(PEER, EPOCH)
@@ -550,17 +561,8 @@ def test_a_session_asks_again_while_it_waits_so_no_compaction_of_the_peer_keeps_
         staged = packing.staged(cur.connection, PEER, EPOCH + 1, own_groups(other.own), [], {})
         deltas.apply_delta(cur, PEER, EPOCH + 1, delta(reset=True, staged=staged))
         deltas.apply_delta(cur, PEER, EPOCH + 1, random_step(rng, other, nids, tag_of))
-    parts = compaction._parts
-    compacting = threading.Event()
-
-    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
-        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
-            if i == 3:
-                compacting.set()
-                time.sleep(0.6)  # (a long compaction: asks come while it runs)
-            yield part
-
-    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    # (a long compaction: asks come while it runs)
+    compacting = paused_at_a_part(monkeypatch, lambda: time.sleep(0.6))
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=1.0)
     compactor.after_session(PEER, EPOCH)
     compactor.after_session(PEER, EPOCH + 1)
@@ -590,17 +592,7 @@ def test_a_compaction_due_past_its_longest_wait_no_longer_gives_way(
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
     rng, model, nids, tag_of = setup(22, store)
     apply(store, random_step(rng, model, nids, tag_of))
-    parts = compaction._parts
-    compacting = threading.Event()
-
-    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
-        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
-            if i == 3:
-                compacting.set()
-                time.sleep(0.3)
-            yield part
-
-    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    compacting = paused_at_a_part(monkeypatch, lambda: time.sleep(0.3))
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.2)
     due = time.monotonic()
     compactor.after_session(PEER, EPOCH)
@@ -835,17 +827,8 @@ def test_waiting_for_compactions_waits_for_a_try_after_giving_way(
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
     rng, model, nids, tag_of = setup(29, store)
     apply(store, random_step(rng, model, nids, tag_of))
-    parts = compaction._parts
-    compacting, go_on = threading.Event(), threading.Event()
-
-    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
-        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
-            if i == 3 and not compacting.is_set():
-                compacting.set()
-                go_on.wait(10)
-            yield part
-
-    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    go_on = threading.Event()
+    compacting = paused_at_a_part(monkeypatch, lambda: go_on.wait(10), once=True)
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.3)
     compactor.after_session(PEER, EPOCH)
     assert compacting.wait(30)
@@ -918,17 +901,8 @@ def test_a_running_compaction_the_node_stops_is_given_up_not_counted_as_giving_w
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 1)
     rng, model, nids, tag_of = setup(33, store)
     apply(store, random_step(rng, model, nids, tag_of))
-    parts = compaction._parts
-    compacting, go_on = threading.Event(), threading.Event()
-
-    def slow_parts(*args: object, **kwargs: object) -> Iterator[tuple[bytes, bytes]]:
-        for i, part in enumerate(parts(*args, **kwargs)):  # type: ignore[arg-type]
-            if i == 3:
-                compacting.set()
-                go_on.wait(10)
-            yield part
-
-    monkeypatch.setattr(compaction, "_parts", slow_parts)
+    go_on = threading.Event()
+    compacting = paused_at_a_part(monkeypatch, lambda: go_on.wait(10))
     compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1, quiet=0.1)
     compactor.after_session(PEER, EPOCH)
     assert compacting.wait(30)
