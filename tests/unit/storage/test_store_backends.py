@@ -371,21 +371,30 @@ def test_a_database_user_without_rights_is_told_what_to_do(
         open_store(tmp_path, url + "&port=notaport")
 
 
+def reopened_from_version_3(tmp_path: Path, url: str, *statements: str) -> Store:
+    """A store changed by `statements` and marked schema version 3, opened again (so
+    migrated to the current version)."""
+    s = open_store(tmp_path, url)
+    with s.db.transaction() as cur:
+        for sql in statements:
+            cur.execute(sql)
+    s.meta.set("schema_version", "3")
+    s.close()
+    return open_store(tmp_path, url)
+
+
 def test_a_store_of_version_3_counts_generations_past_those_it_holds(
     tmp_path: Path, url: str
 ) -> None:
     """Version 4 numbers pair runs' generations store-wide, each once: a store from
     before starts the count past every generation it holds."""
-    from ispf_server.storage.pairs import runs as pairruns
-
-    s = open_store(tmp_path, url)
-    with s.db.transaction() as cur:
-        cur.execute("INSERT INTO pair_gen VALUES ('sindh', 1, 41)")
-        cur.execute("INSERT INTO pair_labelsets VALUES ('sindh', 2, 57, 0, '[]')")
-        cur.execute("DELETE FROM pair_gen_last")
-    s.meta.set("schema_version", "3")
-    s.close()
-    s = open_store(tmp_path, url)
+    s = reopened_from_version_3(
+        tmp_path,
+        url,
+        "INSERT INTO pair_gen VALUES ('sindh', 1, 41)",
+        "INSERT INTO pair_labelsets VALUES ('sindh', 2, 57, 0, '[]')",
+        "DELETE FROM pair_gen_last",
+    )
     try:
         assert s.meta.get("schema_version") == str(SCHEMA_VERSION) == "4"
         assert s.db.fetchone("SELECT gen FROM pair_gen_last") == (57,)
@@ -403,14 +412,13 @@ def test_a_version_3_count_behind_the_generations_held_is_moved_past_them(
     current+1 (both say version 3): the count lags what the store holds. The
     migration starts it past both, and a count that lags anyway (a store edited by
     hand) never numbers a staging as the pair's current generation."""
-    s = open_store(tmp_path, url)
-    s.pairs.key("sindh", 1)
-    with s.db.transaction() as cur:
-        cur.execute("INSERT INTO pair_gen VALUES ('sindh', 1, 41)")
-        cur.execute("UPDATE pair_gen_last SET gen = 40")
-    s.meta.set("schema_version", "3")
-    s.close()
-    s = open_store(tmp_path, url)
+    s = reopened_from_version_3(
+        tmp_path,
+        url,
+        "INSERT INTO pair_keys VALUES ('sindh', 1, 0, '2026-01-01')",
+        "INSERT INTO pair_gen VALUES ('sindh', 1, 41)",
+        "UPDATE pair_gen_last SET gen = 40",
+    )
     try:
         assert s.db.fetchone("SELECT gen FROM pair_gen_last") == (41,)
         with s.db.transaction() as cur:
