@@ -138,6 +138,44 @@ def test_a_shared_probe_refused_for_its_size_is_asked_again_check_by_check(
         fed.close()
 
 
+SINDH_NID = next(n for n, p in ENROLLED.items() if p == "sindh")
+
+
+def _three_checks(fed: Federation, short_ms: int, long_ms: int) -> dict[str, tuple[float, int]]:
+    """A first check, then a short and a long one that share the next Probe."""
+    checker = fed.nodes["punjab"].checker
+    out: dict[str, tuple[float, int]] = {}
+
+    def one(name: str, ms: int) -> None:
+        t = time.monotonic()
+        r = checker.check(S.CheckRequest(nids=[SINDH_NID], provinces=["sindh"], deadline_ms=ms))
+        out[name] = (time.monotonic() - t, r.results[0].provinces[0].status)
+
+    threads = []
+    for name, ms in (("first", 5000), ("short", short_ms), ("long", long_ms)):
+        threads.append(threading.Thread(target=one, args=(name, ms)))
+        threads[-1].start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(20)
+    return out
+
+
+def _peer(fed: Federation, answer: Callable[[int, int], None]) -> list[int]:
+    """Sindh's Probe answers, each first through `answer(call number, values)`."""
+    answerer = fed.nodes["sindh"].probes
+    real = answerer.probe
+    calls: list[int] = []
+
+    def peer(req: Any, caller: str, timeout: Any = None) -> Any:
+        calls.append(len(req.values) // 32)
+        answer(len(calls), calls[-1])
+        return real(req, caller, timeout)
+
+    answerer.probe = peer  # type: ignore[method-assign]
+    return calls
+
+
 def test_each_check_in_a_shared_probe_keeps_its_own_deadline(
     tmp_path: Any, inline_pool: BlindingPool
 ) -> None:
@@ -148,31 +186,9 @@ def test_each_check_in_a_shared_probe_keeps_its_own_deadline(
     that same call."""
     fed = _federation(tmp_path, inline_pool, {"probes_per_minute": 6000})
     try:
-        answerer = fed.nodes["sindh"].probes
-        real = answerer.probe
-
-        def slow(req: Any, caller: str, timeout: Any = None) -> Any:
-            time.sleep(1.0)
-            return real(req, caller, timeout)
-
-        answerer.probe = slow  # type: ignore[method-assign]
-        checker = fed.nodes["punjab"].checker
-        nid = next(n for n, p in ENROLLED.items() if p == "sindh")
-        out: dict[str, tuple[float, int]] = {}
-
-        def one(name: str, ms: int) -> None:
-            t = time.monotonic()
-            r = checker.check(S.CheckRequest(nids=[nid], provinces=["sindh"], deadline_ms=ms))
-            out[name] = (time.monotonic() - t, r.results[0].provinces[0].status)
-
-        threads = []
-        for name, ms in (("first", 5000), ("short", 1500), ("long", 5000)):
-            threads.append(threading.Thread(target=one, args=(name, ms)))
-            threads[-1].start()
-            time.sleep(0.1)
-        for t in threads:
-            t.join(15)
-        assert checker.prober.stats.largest == 2  # (short and long shared a Probe)
+        _peer(fed, lambda call, n: time.sleep(1.0))
+        out = _three_checks(fed, 1500, 5000)
+        assert fed.nodes["punjab"].checker.prober.stats.largest == 2  # (short and long shared)
         took, status = out["short"]
         assert status == S.PROVINCE_STATUS_UNAVAILABLE and took < 1.5 + 0.25, out
         for name in ("first", "long"):
@@ -246,44 +262,6 @@ def test_probes_refused_all_the_same_stay_rate_limited(
         assert kinds.count("not synced") == 3 and kinds.count("rate") == 17, kinds
     finally:
         fed.close()
-
-
-SINDH_NID = next(n for n, p in ENROLLED.items() if p == "sindh")
-
-
-def _three_checks(fed: Federation, short_ms: int, long_ms: int) -> dict[str, tuple[float, int]]:
-    """A first check, then a short and a long one that share the next Probe."""
-    checker = fed.nodes["punjab"].checker
-    out: dict[str, tuple[float, int]] = {}
-
-    def one(name: str, ms: int) -> None:
-        t = time.monotonic()
-        r = checker.check(S.CheckRequest(nids=[SINDH_NID], provinces=["sindh"], deadline_ms=ms))
-        out[name] = (time.monotonic() - t, r.results[0].provinces[0].status)
-
-    threads = []
-    for name, ms in (("first", 5000), ("short", short_ms), ("long", long_ms)):
-        threads.append(threading.Thread(target=one, args=(name, ms)))
-        threads[-1].start()
-        time.sleep(0.1)
-    for t in threads:
-        t.join(20)
-    return out
-
-
-def _peer(fed: Federation, answer: Callable[[int, int], None]) -> list[int]:
-    """Sindh's Probe answers, each first through `answer(call number, values)`."""
-    answerer = fed.nodes["sindh"].probes
-    real = answerer.probe
-    calls: list[int] = []
-
-    def peer(req: Any, caller: str, timeout: Any = None) -> Any:
-        calls.append(len(req.values) // 32)
-        answer(len(calls), calls[-1])
-        return real(req, caller, timeout)
-
-    answerer.probe = peer  # type: ignore[method-assign]
-    return calls
 
 
 def test_checks_asked_again_alone_each_wait_for_their_own_answer_only(
