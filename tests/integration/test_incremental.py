@@ -501,8 +501,8 @@ def test_a_responder_session_failed_while_its_matching_stages_leaves_no_staging(
     real_stager = sindh.pairs.run_stager
     staging = []
 
-    def slow_stager(peer: str, epoch: int) -> object:
-        st = real_stager(peer, epoch)
+    def slow_stager(peer: str, epoch: int, session_id: str | None) -> object:
+        st = real_stager(peer, epoch, session_id)
         real_writer = st.writer
         staging.append(st)
 

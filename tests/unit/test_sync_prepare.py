@@ -232,6 +232,7 @@ def _full_run(
         spooled(store.directory, peer),
         [],
         stage_rows=None if stage is None else functools.partial(_gather, stage),
+        session_id=None,
     )
     # The runs are staged in the store as they are built (a generation that is not
     # current yet); no per-ID groups are kept.
@@ -515,18 +516,23 @@ def test_runs_staged_one_at_a_time_become_state_on_commit_or_go_on_failure(
         side = planning.prepare(store, POLICIES[0], "sindh", 1, incremental=False)
         own = b"".join(tag_of[n.decode()] for n in side.plan.order)
         return kept.finish(
-            side, spooled(tmp_path, own), [(LABELS[0],)], [120], spooled(tmp_path, peer), []
+            side,
+            spooled(tmp_path, own),
+            [(LABELS[0],)],
+            [120],
+            spooled(tmp_path, peer),
+            [],
+            session_id=sid,
         )
 
     def generations() -> set[int]:
         rows = store.db.conn.execute("SELECT DISTINCT gen FROM pair_runs").fetchall()
         return {g for (g,) in rows}
 
-    # A failed session (a sync session: it holds the pair's lock) leaves neither its
-    # rows nor its runs.
+    # A failed session leaves neither its rows nor the runs it staged.
     failed = staged_run("s-failed")
     assert failed.delta.staged is not None and generations() == {failed.delta.staged.gen}
-    assert store.fail_session("s-failed", "peer gone", None, holds_pair_lock=True)
+    assert store.fail_session("s-failed", "peer gone", None)
     assert generations() == set() and pairruns.current(store.db.conn, "sindh", 1) is None
     # A completed one makes its staged runs the pair's state.
     ok = staged_run("s-ok")

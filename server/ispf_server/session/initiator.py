@@ -170,28 +170,26 @@ class Initiator:
         # (a compaction of the pair's state, holding the lock or waiting, stops for us)
         if lock is not None and not lock.acquire_asking(self.peer.session_deadline):
             self._fail(f"another session with {self.facts.peer} did not finish in time", True)
-            return  # (without the lock: the pair's staging, if any, is the holder's)
-        held = lock is not None
+            return  # (it staged nothing: the pair's staging, if any, is the holder's)
         try:
             self._run()
         except IspfError as exc:
-            self._fail(exc.message, exc.code in RETRIABLE_SESSION, held)
+            self._fail(exc.message, exc.code in RETRIABLE_SESSION)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
-            self._fail(
-                f"peer {self.facts.peer}: {err.message}", err.code in RETRIABLE_SESSION, held
-            )
+            self._fail(f"peer {self.facts.peer}: {err.message}", err.code in RETRIABLE_SESSION)
         except Exception:
             log.exception("session %s: unexpected failure", self.facts.session_id)
-            self._fail("internal error (see the node log)", False, held)
+            self._fail("internal error (see the node log)", False)
         finally:
             if self.plan is not None:
                 self.plan.close()  # (a spooled send order's file)
             if lock is not None:
                 lock.release()
 
-    def _fail(self, reason: str, retriable: bool, holds_pair_lock: bool = False) -> None:
-        reason = self.life.fail(reason, retriable=retriable, holds_pair_lock=holds_pair_lock)
+    def _fail(self, reason: str, retriable: bool) -> None:
+        # (what it staged goes with it: its matching ran in this thread, and has ended)
+        reason = self.life.fail(reason, retriable=retriable)
         # The peer may be gone or already know; its own idle timeout cleans up then.
         with contextlib.suppress(grpc.RpcError):
             self.stub.Abort(

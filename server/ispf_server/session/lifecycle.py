@@ -90,6 +90,7 @@ class Lifecycle:
             directory=self.ctx.store.directory,
             stage_rows=self.stage_rows,
             carry_rows=self.carry_rows,
+            session_id=self.facts.session_id,
         )
 
     def stage(self, matched: Matched) -> None:
@@ -137,17 +138,15 @@ class Lifecycle:
             self.clock,
         )
 
-    def fail(self, reason: str, *, retriable: bool = False, holds_pair_lock: bool = False) -> str:
+    def fail(self, reason: str, *, retriable: bool = False, keep_staging: bool = False) -> str:
         """Mark the session failed, with its entry (once however often it fails); the
-        reason as recorded (it may quote what the peer sent). `holds_pair_lock`: the
-        session holds the pair's lock, so the pair's staged runs are its own, and go
-        (`Store.fail_session`)."""
+        reason as recorded (it may quote what the peer sent). The pair runs it staged
+        go with it, unless `keep_staging` (its matching may still write them: the
+        caller drops them after, `Store.drop_staging`)."""
         reason = untrusted(reason, 300)
         f = self.facts
         log.warning("session %s with %s failed: %s", f.session_id, f.peer, reason)
-        if _record_failure(
-            self.ctx, f, reason, retriable=retriable, holds_pair_lock=holds_pair_lock
-        ):
+        if _record_failure(self.ctx, f, reason, retriable=retriable, keep_staging=keep_staging):
             self.ctx.audit.sign_checkpoint()
         self.progress.finish(FAILED, error=reason, retriable=retriable)
         return reason
@@ -159,8 +158,7 @@ def _record_failure(
     reason: str,
     *,
     retriable: bool,
-    holds_pair_lock: bool = False,
-    orphan: bool = False,
+    keep_staging: bool = False,
 ) -> bool:
     """The session FAILED in the store, with its entry, once (False: it was not running)."""
     entry = ctx.audit.session_entry(facts.entry("failed", at=utcnow(), reason=reason))
@@ -169,8 +167,7 @@ def _record_failure(
         reason,
         entry,
         retriable=retriable,
-        holds_pair_lock=holds_pair_lock,
-        orphan=orphan,
+        keep_staging=keep_staging,
     )
 
 
@@ -185,7 +182,7 @@ def fail_interrupted(ctx: SessionContext, *, at_start: bool = True) -> int:
     failed = 0
     for row in ctx.store.orphaned_sessions():
         facts = SessionFacts.from_row(ctx.province, row)
-        if _record_failure(ctx, facts, reason, retriable=True, orphan=True):
+        if _record_failure(ctx, facts, reason, retriable=True):
             failed += 1
             log.warning("session %s with %s: %s", row.session_id, row.peer, reason)
     if at_start or failed:

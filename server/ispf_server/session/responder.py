@@ -238,28 +238,25 @@ class Responder:
             s.failed = reason
             matching = s.matching  # (none starts from now on: `_start_matching`)
         if matching is not None and not matching.done():
-            # Its matching still stages the pair's new runs, in a thread of its own:
+            # Its matching may still stage the pair's new runs, in a thread of its own:
             # the session fails now (its row and entry), and what it staged is dropped,
             # and the pair's lock let go, once that thread has ended (dropped before,
             # the staging would be written on after, without the lock).
             try:
-                s.life.fail(reason)
+                s.life.fail(reason, keep_staging=True)
             finally:
                 matching.add_done_callback(lambda _: self._drop_and_release(s))
             return
         try:
-            # (its staging dropped while it still holds the pair's lock; a one-off
-            # session, holding none, leaves the pair's staging to its holder)
-            s.life.fail(reason, holds_pair_lock=s.pair_lock is not None)
+            s.life.fail(reason)  # (with what it staged, if anything)
         finally:
             s.release()
 
     def _drop_and_release(self, s: ResponderSession) -> None:
-        """After a failed session's matching has ended: its staging dropped, under the
-        pair's lock it still holds, then every resource let go."""
+        """After a failed session's matching has ended: what it staged dropped, then
+        every resource let go, the pair's lock last."""
         try:
-            if s.pair_lock is not None:
-                self.store.drop_staging(s.peer, s.life.facts.epoch)
+            self.store.drop_staging(s.session_id)
         except Exception as exc:  # (left to the pair's next staging, or the next start)
             log.warning(
                 "session %s: its staged pair runs were not dropped (%s)",

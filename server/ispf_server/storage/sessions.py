@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ispf.errors import RetryLater
 from ispf.records import Label
 from ispf_server.clock import utcnow
-from ispf_server.storage.db import Cursor, Database, insert_rows, storage_errors
+from ispf_server.storage.db import Connection, Cursor, Database, insert_rows, storage_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -102,6 +102,7 @@ class SessionRow:
     retriable: int = 0
     answer: bytes | None = None
     owner: str = ""  # the replica running it (a PostgreSQL store's; "": the node's)
+    staged_gen: int | None = None  # the generation of pair runs it staged (`record_staging`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +218,12 @@ def carry_in(cur: Cursor, session_id: str, base: str, drop: Iterable[bytes]) -> 
     return True
 
 
-def fail_in(cur: Cursor, session_id: str, error: str, *, retriable: bool) -> tuple[str, int] | None:
+def fail_in(
+    cur: Cursor, session_id: str, error: str, *, retriable: bool
+) -> tuple[str, int, int | None] | None:
     """Mark a running session FAILED and drop the match rows staged for it, in the
-    caller's transaction; its (peer, epoch), or None where it was not running."""
+    caller's transaction; its (peer, epoch, the generation of pair runs it staged,
+    if any: `record_staging`), or None where it was not running."""
     changed = cur.execute(
         "UPDATE sessions SET state='FAILED', error=?, finished_at=?, retriable=? "
         "WHERE session_id=? AND state='RUNNING'",
@@ -228,10 +232,28 @@ def fail_in(cur: Cursor, session_id: str, error: str, *, retriable: bool) -> tup
     if not changed:
         return None
     cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
-    peer, epoch = cur.execute(
-        "SELECT peer, epoch FROM sessions WHERE session_id=?", (session_id,)
+    return staging_of(cur.connection, session_id)
+
+
+def staging_of(conn: Connection, session_id: str) -> tuple[str, int, int | None]:
+    """A session's (peer, epoch, generation of pair runs it staged; None: none)."""
+    peer, epoch, gen = conn.execute(
+        "SELECT peer, epoch, staged_gen FROM sessions WHERE session_id=?", (session_id,)
     ).fetchone()
-    return str(peer), int(epoch)
+    return str(peer), int(epoch), None if gen is None else int(gen)
+
+
+def record_staging(cur: Cursor, session_id: str, gen: int) -> bool:
+    """Record, in the caller's transaction, that a running session stages the pair's
+    runs under generation `gen`, so that its failure drops that generation and no
+    other (`Store.fail_session`); False: the session is not running (it failed
+    meanwhile), and must stage nothing."""
+    return bool(
+        cur.execute(
+            "UPDATE sessions SET staged_gen=? WHERE session_id=? AND state='RUNNING'",
+            (gen, session_id),
+        ).rowcount
+    )
 
 
 def erase_tags(cur: Cursor, epoch: int) -> int:

@@ -32,6 +32,7 @@ from ispf_server.storage.pairs import runs as pairruns
 from ispf_server.storage.pairs.compaction import Compactor
 from ispf_server.storage.pairs.schema import SCHEMA as PAIR_SCHEMA
 from ispf_server.storage.pairs.schema import STATE_TABLES
+from ispf_server.storage.pairs.staging import drop_generation
 from ispf_server.storage.pairs.state import PairDelta
 from ispf_server.storage.registry import Registry
 from ispf_server.storage.sessions import MatchRow, SessionRow, Sessions, SessionTotals
@@ -159,7 +160,7 @@ log = logging.getLogger(__name__)
 # The schema's version, kept in `meta` ('schema_version'). Each migration takes a
 # store from the version before it to its own; a store newer than this node knows
 # is refused (its tables may mean what this code does not know).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _to_v1(db: Database) -> int:
@@ -210,7 +211,25 @@ def _to_v4(db: Database) -> None:
         cur.execute(upsert_sql("pair_gen_last", ("one", "gen"), ("one",)), (1, start))
 
 
-MIGRATIONS: dict[int, Callable[[Database], object]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+def _to_v5(db: Database) -> None:
+    """Version 5: a sync session records the generation of pair runs it stages
+    (`sessions.staged_gen`), so that its failure drops that generation and no other.
+    Before, a failing session dropped every staged generation of the pair: on
+    PostgreSQL, where a replica whose lock connection dropped can believe it still
+    holds a pair's lock, that was another replica's live staging too. (A session
+    running at the upgrade has none recorded: what it staged is dropped by the
+    pair's next staging, or at the next start.)"""
+    if "staged_gen" not in db.columns("sessions"):
+        with db.transaction() as cur:
+            cur.execute("ALTER TABLE sessions ADD COLUMN staged_gen INTEGER")
+
+
+MIGRATIONS: dict[int, Callable[[Database], object]] = {
+    2: _to_v2,
+    3: _to_v3,
+    4: _to_v4,
+    5: _to_v5,
+}
 
 
 def schema_version(db: Database) -> int:
@@ -341,33 +360,31 @@ class Store:
         entry: bytes | None,
         *,
         retriable: bool = False,
-        holds_pair_lock: bool = False,
-        orphan: bool = False,
+        keep_staging: bool = False,
     ) -> bool:
         """Mark a running session FAILED, drop its staged match rows and append its
         entry, in one transaction. Does nothing (returns False) if the session is not
         running, so a session never gets two entries.
 
-        The pair's staged runs (stagings are per pair, not per session) are dropped
-        only by whoever may stage them: with `holds_pair_lock`, a sync session that
-        fails while it holds the pair's lock, in the same transaction; else never (a
-        one-off session, or one that never got the lock, stages no runs, and the
-        session or compaction holding the lock, perhaps on another replica, keeps
-        its own). `orphan`: the session of a replica that is gone (or of a node
-        before its restart), failed by another: its staged runs are dropped where
-        the pair's lock is free now (a holder's first staging write already dropped
-        what the gone one left; otherwise the pair's next staging, or a node's
-        start, drops it)."""
+        Then the pair runs the session staged, the generation it recorded
+        (`sessions.record_staging`) and no other, are dropped a piece at a time: never
+        the staging of another session or compaction of the pair (on this replica or
+        another), whoever holds the pair's lock. A one-off session, or one that never
+        got the lock, staged none. `keep_staging`: a matching thread of the session
+        may still write its runs; the caller drops them once it has ended
+        (`drop_staging`). The session of a gone replica (failed by another) is handled
+        alike: its generation is never made current now, nor staged under again."""
         with self.db.transaction() as cur:
             failed = sessions.fail_in(cur, session_id, error, retriable=retriable)
-            if failed is not None:
-                if holds_pair_lock:
-                    pairruns.drop_staged(cur, *failed)
-                if entry is not None:
-                    auditlog.append(cur, session_id, entry)
-        if failed is not None and orphan:
-            self._drop_staging_if_free(*failed)
+            if failed is not None and entry is not None:
+                auditlog.append(cur, session_id, entry)
+        if failed is not None and not keep_staging:
+            self._drop_generation(*failed)
         return failed is not None
+
+    def _drop_generation(self, peer: str, epoch: int, gen: int | None) -> None:
+        if gen is not None:
+            drop_generation(self.db, peer, epoch, gen)
 
     def _drop_staging_if_free(self, peer: str, epoch: int) -> bool:
         """Drop the pair's staged runs where its lock is free now (nobody stages them);
@@ -376,17 +393,19 @@ class Store:
         if not lock.acquire(blocking=False):
             return False
         try:
-            self.drop_staging(peer, epoch)
+            with self.db.transaction() as cur:
+                pairruns.drop_staged(cur, peer, epoch)
         finally:
             lock.release()
         return True
 
     @storage_errors
-    def drop_staging(self, peer: str, epoch: int) -> None:
-        """Drop the pair's staged runs; the caller holds the pair's lock (they are its
-        own: a failed session's, once the matching that staged them has ended)."""
-        with self.db.transaction() as cur:
-            pairruns.drop_staged(cur, peer, epoch)
+    def drop_staging(self, session_id: str) -> None:
+        """Drop the pair runs a failed session staged, once the matching that staged
+        them has ended (`fail_session` with `keep_staging`)."""
+        with self.db.reading() as conn:
+            staged = sessions.staging_of(conn, session_id)
+        self._drop_generation(*staged)
 
     @property
     def shared(self) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from ispf.errors import CompactionAbandoned, RepeatedKey, UnknownEpoch
 from ispf_server.storage import Store
-from ispf_server.storage.pairs import compaction, deltas, keys
+from ispf_server.storage.pairs import compaction, deltas, keys, staging
 from ispf_server.storage.pairs.compaction import Compactor, Size
 from ispf_server.storage.pairs.schema import STATE_TABLES
 from ispf_server.storage.pairs.staging import RunStager, StagedRun
@@ -102,7 +102,7 @@ def test_a_compacted_state_answers_like_the_model_and_keeps_no_overlay(
     old runs and of the new ones is exercised at this size; another pair, and this
     pair in another epoch, keep their overlays untouched."""
     monkeypatch.setattr(compaction, "PARTS_PER_READ", 2)
-    monkeypatch.setattr(compaction, "DROP_PARTS", 3)
+    monkeypatch.setattr(staging, "DROP_PARTS", 3)
     monkeypatch.setattr(StagedRun, "FLUSH", 4096)
     rng, model, nids, tag_of = setup(seed, store)
     others = [("kp", EPOCH), (PEER, EPOCH + 1)]
@@ -396,7 +396,7 @@ def test_a_session_of_a_retired_epoch_commits_no_pair_state(store: Store) -> Non
     with pytest.raises(UnknownEpoch):
         apply(store, random_step(rng, Model(), nids, {n: rng.randbytes(16) for n in nids}))
     with pytest.raises(UnknownEpoch):
-        store.pairs.run_stager(PEER, EPOCH)
+        store.pairs.run_stager(PEER, EPOCH, None)
     for table in STATE_TABLES:
         assert not store.db.fetchall(f"SELECT 1 FROM {table} WHERE epoch=?", (EPOCH,)), table
 
@@ -434,7 +434,7 @@ def test_a_nodes_start_sweeps_what_a_killed_one_left_in_pair_state(store: Store)
 def test_dropping_a_generation_never_drops_the_pairs_state(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compaction, "DROP_PARTS", 2)
+    monkeypatch.setattr(staging, "DROP_PARTS", 2)
     rng, model, nids, _ = setup(18, store)
     (gen,) = generations(store)
     compaction.drop_generation(store.db, PEER, EPOCH, gen)
@@ -644,7 +644,7 @@ def test_a_staging_is_finished_only_while_its_pair_key_exists(store: Store) -> N
     """The last write of a staging (its label sets) checks the pair's key too: an
     epoch retired after the runs were written leaves no label sets behind."""
     setup(24, store)
-    stager = RunStager(store.db, PEER, EPOCH)
+    stager = RunStager(store.db, PEER, EPOCH, None)
     run = stager.writer(compaction.OWN_NID)
     run.append(b"3520200000001" + bytes(16) + compaction.pairruns.lsid(0))
     run.close()
@@ -726,7 +726,7 @@ def test_work_that_gave_up_waiting_is_asked_no_more(store: Store) -> None:
 def test_a_generation_dropped_while_stopping_is_left_to_the_sweep(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compaction, "DROP_PARTS", 1)
+    monkeypatch.setattr(staging, "DROP_PARTS", 1)
     _, model, _, _ = setup(26, store)
     with store.db.transaction() as cur:
         staged = packing.staged(cur.connection, PEER, EPOCH, own_groups(model.own), [], {})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ispf.errors import ConfigError, RetryLater, StoreUnavailable
+from ispf.errors import ConfigError, RetryLater, SessionAborted, StoreUnavailable
 from ispf.records import Label
 from ispf_server.storage import Store
 from ispf_server.storage.pairs import runs as pairruns
@@ -295,13 +295,29 @@ def test_a_replica_that_lost_its_lock_cannot_complete_a_session_failed_meanwhile
         b.close()
 
 
+def staged(store: Store, session_id: str | None) -> int:
+    """A one-record own-ID run staged for sindh (epoch 1) as `session_id`'s; its
+    generation."""
+    stager = RunStager(store.db, "sindh", 1, session_id)
+    run = stager.writer(pairruns.KINDS[0])
+    run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
+    run.close()
+    return stager.gen
+
+
+def parts_of(store: Store, gen: int) -> int:
+    row = store.db.fetchone("SELECT count(*) FROM pair_runs WHERE gen=?", (gen,))
+    return int(row[0]) if row else 0
+
+
 def test_failing_a_gone_replicas_session_leaves_a_live_ones_staging(
     tmp_path: Path, url: str
 ) -> None:
-    """Replica A stopped during a session with sindh; B, serving on, runs the next
-    session of the pair (it holds the pair's lock and stages runs) when its sweep
-    fails A's session. B's staging stays (its commit would otherwise find its parts
-    gone); with the pair's lock free, what the failed session staged is dropped."""
+    """Replica A stopped during a session with sindh that staged runs; B, serving on,
+    runs the next session of the pair (it holds the pair's lock and stages runs)
+    when its sweep fails A's sessions. What A's session staged is dropped at once,
+    lock or no lock (its generation is its own, and never made current now); B's
+    staging stays (its commit would otherwise find its parts gone)."""
     if not url:
         pytest.skip("replicas share a PostgreSQL store only")
     a, b = open_store(tmp_path, url), open_store(tmp_path, url)
@@ -309,33 +325,32 @@ def test_failing_a_gone_replicas_session_leaves_a_live_ones_staging(
         b.pairs.key("sindh", 1)
         a.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
         a.sessions.begin("s2", "sindh", "initiator", 1, "reconciliation", 1)
+        gone = staged(a, "s1")
         a.close()  # (stopped: its replica lock goes with its connections)
         deadline = time.monotonic() + 10
         while len(b.orphaned_sessions()) < 2:
             assert time.monotonic() < deadline, "A's lock was never released"
             time.sleep(0.02)
-
-        def stage() -> int:
-            stager = RunStager(b.db, "sindh", 1)
-            run = stager.writer(pairruns.KINDS[0])
-            run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
-            run.close()
-            return stager.gen
-
-        def parts(gen: int) -> int:
-            row = b.db.fetchone("SELECT count(*) FROM pair_runs WHERE gen=?", (gen,))
-            return int(row[0]) if row else 0
-
+        b.sessions.begin("s3", "sindh", "initiator", 1, "reconciliation", 1)
         lock = b.pair_lock("sindh")
         assert lock.acquire(timeout=5)  # B's session of the pair
         try:
-            live = stage()
-            assert b.fail_session("s1", "the replica running it stopped", None, orphan=True)
-            assert parts(live) == 1  # (B's staging kept)
+            # (B's first staging write drops what A left, as it always did: stage A's
+            # again, as if A's replica had written it after B's began)
+            live = staged(b, "s3")
+            with b.db.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO pair_runs SELECT peer, epoch, CAST(? AS INTEGER), kind, part, "
+                    "last, data FROM pair_runs WHERE gen=?",
+                    (gone, live),
+                )
+            assert b.fail_session("s1", "the replica running it stopped", None)
+            assert parts_of(b, gone) == 0  # (A's own, dropped)
+            assert parts_of(b, live) == 1  # (B's, kept)
+            assert b.fail_session("s2", "the replica running it stopped", None)
+            assert parts_of(b, live) == 1  # (s2 staged nothing: nothing of B's goes)
         finally:
             lock.release()
-        assert b.fail_session("s2", "the replica running it stopped", None, orphan=True)
-        assert parts(live) == 0  # (the lock free: nobody stages; dropped)
     finally:
         b.close()
 
@@ -396,7 +411,7 @@ def test_a_store_of_version_3_counts_generations_past_those_it_holds(
         "DELETE FROM pair_gen_last",
     )
     try:
-        assert s.meta.get("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert s.meta.get("schema_version") == str(SCHEMA_VERSION) == "5"
         assert s.db.fetchone("SELECT gen FROM pair_gen_last") == (57,)
         s.pairs.key("kp", 1)
         with s.db.transaction() as cur:
@@ -433,27 +448,77 @@ def test_a_version_3_count_behind_the_generations_held_is_moved_past_them(
         s.close()
 
 
-def test_a_failing_session_drops_the_pairs_staging_only_if_it_holds_the_lock(
-    store: Store,
-) -> None:
-    """Stagings are per pair. A one-off session of the pair (it takes no lock), or a
-    session that never got the lock, fails while a sync session or compaction of
-    the pair holds the lock and stages: that staging stays. A session that fails
-    holding the lock drops the pair's staging, its own."""
-    store.pairs.key("sindh", 1)
-    store.sessions.begin("one-off", "sindh", "initiator", 1, "reconciliation", 1)
-    store.sessions.begin("sync", "sindh", "initiator", 1, "reconciliation", 1)
-    lock = store.pair_lock("sindh")
-    assert lock.acquire(timeout=5)  # the sync session
+def test_a_store_of_version_4_records_each_sessions_staging(tmp_path: Path, url: str) -> None:
+    """Version 5 adds `sessions.staged_gen`; a session running at the upgrade (it
+    staged before its staging was recorded) has none, and its failure drops nothing,
+    leaving its runs to the pair's next staging."""
+    s = open_store(tmp_path, url)
+    s.pairs.key("sindh", 1)
+    s.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
+    gen = staged(s, None)
+    with s.db.transaction() as cur:
+        cur.execute("ALTER TABLE sessions DROP COLUMN staged_gen")
+    s.meta.set("schema_version", "4")
+    s.close()
+    s = open_store(tmp_path, url)
     try:
-        stager = RunStager(store.db, "sindh", 1)
-        run = stager.writer(pairruns.KINDS[0])
-        run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
-        run.close()
-        parts = "SELECT count(*) FROM pair_runs WHERE gen=?"
-        assert store.fail_session("one-off", "aborted by sindh: gone", None)
-        assert store.db.fetchone(parts, (stager.gen,)) == (1,)  # (the holder's, kept)
-        assert store.fail_session("sync", "peer gone", None, holds_pair_lock=True)
-        assert store.db.fetchone(parts, (stager.gen,)) == (0,)
+        assert s.meta.get("schema_version") == "5" and "staged_gen" in s.db.columns("sessions")
+        assert s.sessions.get("s1").staged_gen is None  # type: ignore[union-attr]
+        assert s.fail_session("s1", "node restarted during session", None)
+        assert parts_of(s, gen) == 1
+        s.sessions.begin("s2", "sindh", "initiator", 1, "reconciliation", 1)
+        assert parts_of(s, staged(s, "s2")) == 1 and parts_of(s, gen) == 0
     finally:
-        lock.release()
+        s.close()
+
+
+def test_a_failing_session_drops_what_it_staged_and_nothing_else(store: Store) -> None:
+    """Stagings are recorded per session. A one-off session of the pair (it takes no
+    lock and stages nothing) fails while a sync session of the pair stages: that
+    staging stays. Session A, which staged and then lost the pair (on PostgreSQL, a
+    replica whose lock connection dropped, while replica B took the lock and staged,
+    dropping A's), fails believing it still holds the lock: B's staging stays, and
+    B can still make it current. A session that fails drops its own staging."""
+    store.pairs.key("sindh", 1)
+    for sid in ("one-off", "a", "b", "c"):
+        store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
+    first = staged(store, "a")
+    second = staged(store, "b")  # (drops A's: the holder's first write, as always)
+    assert parts_of(store, first) == 0 and parts_of(store, second) == 1
+    assert store.fail_session("one-off", "aborted by sindh: gone", None)
+    assert store.fail_session("a", "peer gone", None)
+    assert parts_of(store, second) == 1  # (B's, kept: the old rule dropped it)
+    assert store.sessions.get("b").staged_gen == second  # type: ignore[union-attr]
+    with store.db.transaction() as cur:
+        pairruns.activate(cur, "sindh", 1, pairruns.Staged(second, {"own_nid": 1}))
+    assert store.db.fetchone("SELECT gen FROM pair_gen WHERE peer='sindh'") == (second,)
+    third = staged(store, "c")
+    assert parts_of(store, third) == 1
+    assert store.fail_session("c", "peer gone", None)
+    assert parts_of(store, third) == 0 and parts_of(store, second) == 1  # (the current stays)
+
+
+def test_a_session_that_failed_stages_nothing(store: Store) -> None:
+    """A session failed (by an Abort, its idle expiry, a sweep) before its matching
+    began to stage: the staging is refused, and nothing is written."""
+    store.pairs.key("sindh", 1)
+    store.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
+    assert store.fail_session("s1", "aborted by sindh", None)
+    last = store.db.fetchone("SELECT gen FROM pair_gen_last")
+    with pytest.raises(SessionAborted, match="no longer running"):
+        staged(store, "s1")
+    assert store.db.fetchone("SELECT count(*) FROM pair_runs") == (0,)
+    assert store.db.fetchone("SELECT gen FROM pair_gen_last") == last
+    assert store.sessions.get("s1").staged_gen is None  # type: ignore[union-attr]
+
+
+def test_a_failed_sessions_staging_is_dropped_after_its_matching_ends(store: Store) -> None:
+    """`keep_staging`: the session fails, and what it staged stays until the caller
+    drops it (`drop_staging`), once its matching thread has ended."""
+    store.pairs.key("sindh", 1)
+    store.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
+    gen = staged(store, "s1")
+    assert store.fail_session("s1", "idle too long", None, keep_staging=True)
+    assert parts_of(store, gen) == 1
+    store.drop_staging("s1")
+    assert parts_of(store, gen) == 0

@@ -34,10 +34,12 @@ def matcher_for(
     directory: "Path | None",
     stage_rows: "RowSink | None",
     carry_rows: "RowCarry | None" = None,
+    session_id: str,
 ) -> "Matcher | None":
     """Kept state for a sync session; a one-off labelled session's intersection; a
     count-only session's count where this side learns it (`counts`: the initiator).
-    None: this side learns nothing (a count-only session's responder)."""
+    None: this side learns nothing (a count-only session's responder). A sync
+    session's new runs are staged as `session_id`'s."""
     if side is not None:
         return KeptState(
             side,
@@ -46,6 +48,7 @@ def matcher_for(
             peer_removed,
             stage_rows=stage_rows,
             carry_rows=carry_rows,
+            session_id=session_id,
         )
     if labelled:
         return OneOffLabelled(

@@ -78,9 +78,11 @@ class KeptState:
         *,
         stage_rows: RowSink | None,
         carry_rows: RowCarry | None = None,
+        session_id: str,
     ) -> None:
         self.side, self.peer_groups, self.peer_sizes = side, peer_groups, peer_sizes
         self.peer_removed, self.stage_rows, self.carry_rows = peer_removed, stage_rows, carry_rows
+        self.session_id = session_id
 
     def match(self, own_tags: TagSpool, peer_tags: TagSpool) -> Matched:
         return finish(
@@ -92,6 +94,7 @@ class KeptState:
             self.peer_removed,
             stage_rows=self.stage_rows,
             carry_rows=self.carry_rows,
+            session_id=self.session_id,
         )
 
 
@@ -117,6 +120,7 @@ def _finish_full(
     peer_added_tags: TagSpool,
     peer_removed: list[bytes],
     stage_rows: RowSink | None,
+    session_id: str | None,
 ) -> Matched:
     """A full run on packed data, within a fixed memory budget however large the
     registry, with or without the C module (`records` chooses). Each run of the
@@ -185,7 +189,7 @@ def _finish_full(
             repeated, fingerprint_packed(select_fields(records, PEER_TAG.width, ((0, TAG_BYTES),)))
         )
 
-    stager = side.store.pairs.run_stager(side.peer, side.epoch)
+    stager = side.store.pairs.run_stager(side.peer, side.epoch, session_id)
     rows = RowBatches(stage_rows)
     with (
         own_sorted(by_tag=True) as own_by_tag,
@@ -289,8 +293,10 @@ def finish(
     *,
     stage_rows: RowSink | None = None,
     carry_rows: RowCarry | None = None,
+    session_id: str | None,
 ) -> Matched:
     """Apply both deltas (in memory) to the kept matches; the state itself changes on commit.
+    A full run's new runs are staged as `session_id`'s (None: no session's, in tests).
 
     Each direction's tags are spooled to disk: a full run reads them back in
     chunks (`_finish_full`); an incremental one reads them whole."""
@@ -299,7 +305,14 @@ def finish(
         raise ProtocolViolation(f"{own_tags_in.count} tags for {plan.total} values sent")
     if side.kind is SyncKind.FULL:
         return _finish_full(
-            side, own_tags_in, peer_groups, peer_sizes, peer_tags_in, peer_removed, stage_rows
+            side,
+            own_tags_in,
+            peer_groups,
+            peer_sizes,
+            peer_tags_in,
+            peer_removed,
+            stage_rows,
+            session_id,
         )
     # An incremental run: the deltas are small, read whole.
     own_added_tags, peer_added_tags = own_tags_in.getvalue(), peer_tags_in.getvalue()

@@ -136,7 +136,8 @@ class Pairs:
         with self._db.reading() as conn:
             return lookups.matched_state(conn, peer, epoch)
 
-    def run_stager(self, peer: str, epoch: int) -> RunStager:
+    def run_stager(self, peer: str, epoch: int, session_id: str | None) -> RunStager:
         """Stages a full run's sorted runs piece by piece as they are merged, so no
-        run is ever whole in memory (`RunStager`, `StagedRun`)."""
-        return RunStager(self._db, peer, epoch)
+        run is ever whole in memory (`RunStager`, `StagedRun`), as the staging of
+        `session_id` (None: of no session)."""
+        return RunStager(self._db, peer, epoch, session_id)

@@ -26,7 +26,6 @@ leaves a generation that nothing reads, dropped when it starts again
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -50,7 +49,7 @@ from ispf_server.storage.pairs.runs import (
     TAG_LED_NID,
     Kind,
 )
-from ispf_server.storage.pairs.staging import RunStager
+from ispf_server.storage.pairs.staging import RunStager, drop_generation
 from ispf_server.storage.pairs.state import SyncRow
 
 log = logging.getLogger(__name__)
@@ -294,7 +293,7 @@ def compact(
     _stop_if(stopping)  # (every read is followed by a check before the next)
     overlay = _read_overlay(db, peer, epoch, gen, stopping)
     _stop_if(stopping)
-    stager = RunStager(db, peer, epoch)
+    stager = RunStager(db, peer, epoch, None)
     left = [] if leftovers is None else leftovers
     records = 0
     try:
@@ -339,50 +338,6 @@ def compact(
             for g in left:
                 drop_generation(db, peer, epoch, g)
     return Compacted(overlay.rows, records, time.perf_counter() - t0)
-
-
-DROP_PARTS = 64  # parts of a generation deleted per write transaction (about 0.5 MB)
-
-
-def drop_generation(
-    db: Database, peer: str, epoch: int, gen: int, stopping: Callable[[], bool] = lambda: False
-) -> None:
-    """A generation that is not the pair's state dropped, a piece at a time: a
-    compaction's own staging as it fails (never another's: generation numbers are
-    not reused), or the old runs after it. Each piece is a short write transaction
-    (online checks wait on SQLite's lock for a piece, not for a whole copy of the
-    pair's runs), and checks the generation is still not the current one. It needs
-    no pair lock: nothing reads a generation that is not current, and nothing
-    stages under its number again. Stopped (`stopping()`, or a node killed
-    meanwhile), it leaves the rest to the node's next start (`Store.sweep_pairs`)
-    or the pair's next staging."""
-    if db.closed:
-        return
-    with contextlib.suppress(Exception):
-        with db.reading() as conn:
-            ends = conn.execute(
-                "SELECT kind, max(part) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
-                "GROUP BY kind",
-                (peer, epoch, gen),
-            ).fetchall()
-        pieces = [
-            ("AND kind=? AND part >= ? AND part < ?", (str(kind), at, at + DROP_PARTS))
-            for kind, last in ends
-            for at in range(0, int(last) + 1, DROP_PARTS)
-        ]
-        for table, where, args in [
-            *(("pair_runs", w, a) for w, a in pieces),
-            ("pair_labelsets", "", ()),  # (last: its label sets)
-        ]:
-            if stopping():
-                return
-            with db.transaction() as cur:
-                if pairruns.current(cur.connection, peer, epoch) == gen:
-                    return  # (never the pair's state)
-                cur.execute(
-                    f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=? {where}",  # noqa: S608
-                    (peer, epoch, gen, *args),
-                )
 
 
 class Lock(Protocol):

@@ -3,6 +3,11 @@ so no run is ever whole in memory."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
+from ispf.errors import SessionAborted
+from ispf_server.storage import sessions
 from ispf_server.storage.db import Database
 from ispf_server.storage.pairs import keys
 from ispf_server.storage.pairs import runs as pairruns
@@ -12,18 +17,25 @@ class RunStager:
     """A staged generation of one pair's sorted runs, each written in pieces as merged.
 
     The generation is not the pair's state until the session commits
-    (`Store.complete_session` activates `PairDelta.staged`); a session that fails leaves
-    it to be dropped by the pair's next staging. Sessions of a pair never overlap
+    (`Store.complete_session` activates `PairDelta.staged`). A session's staging is
+    recorded on its row as it starts (`sessions.record_staging`; `session_id`, None
+    for a compaction, which drops its own): a session that fails drops that
+    generation and no other (`Store.fail_session`), and a session that has failed
+    already stages nothing (`SessionAborted`). Sessions of a pair never overlap
     (the node holds a lock per peer), so one pair has one staging at a time. Each
     piece is written only while the pair's key exists (`keys.require`): an epoch
     retired meanwhile fails the staging instead of leaving parts of it behind."""
 
-    def __init__(self, db: Database, peer: str, epoch: int) -> None:
+    def __init__(self, db: Database, peer: str, epoch: int, session_id: str | None) -> None:
         self.db, self.peer, self.epoch = db, peer, epoch
         self.parts: dict[str, int] = {}  # kind name -> parts its run was written in
         with db.transaction(staging=True) as cur:
             keys.require(cur, peer, epoch)
             self.gen = pairruns.new_generation(cur, peer, epoch)
+            if session_id is not None and not sessions.record_staging(cur, session_id, self.gen):
+                raise SessionAborted(
+                    f"session {session_id} is no longer running: its pair runs are not staged"
+                )
 
     def writer(self, kind: pairruns.Kind) -> StagedRun:
         """A run written as it is merged, piece by piece (`StagedRun`)."""
@@ -72,3 +84,47 @@ class StagedRun:
         finally:
             data.release()
         del self._buf[:size]
+
+
+DROP_PARTS = 64  # parts of a generation deleted per write transaction (about 0.5 MB)
+
+
+def drop_generation(
+    db: Database, peer: str, epoch: int, gen: int, stopping: Callable[[], bool] = lambda: False
+) -> None:
+    """A generation that is not the pair's state dropped, a piece at a time: a
+    compaction's own staging as it fails, or the old runs after it; a failed
+    session's staging (never another's: generation numbers are not reused). Each
+    piece is a short write transaction (online checks wait on SQLite's lock for a
+    piece, not for a whole copy of the pair's runs), and checks the generation is
+    still not the current one. It needs no pair lock: nothing reads a generation
+    that is not current, and nothing stages under its number again. Stopped
+    (`stopping()`, or a node killed meanwhile), it leaves the rest to the node's
+    next start (`Store.sweep_pairs`) or the pair's next staging."""
+    if db.closed:
+        return
+    with contextlib.suppress(Exception):
+        with db.reading() as conn:
+            ends = conn.execute(
+                "SELECT kind, max(part) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
+                "GROUP BY kind",
+                (peer, epoch, gen),
+            ).fetchall()
+        pieces = [
+            ("AND kind=? AND part >= ? AND part < ?", (str(kind), at, at + DROP_PARTS))
+            for kind, last in ends
+            for at in range(0, int(last) + 1, DROP_PARTS)
+        ]
+        for table, where, args in [
+            *(("pair_runs", w, a) for w, a in pieces),
+            ("pair_labelsets", "", ()),  # (last: its label sets)
+        ]:
+            if stopping():
+                return
+            with db.transaction() as cur:
+                if pairruns.current(cur.connection, peer, epoch) == gen:
+                    return  # (never the pair's state)
+                cur.execute(
+                    f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=? {where}",  # noqa: S608
+                    (peer, epoch, gen, *args),
+                )
