@@ -113,6 +113,9 @@ class ResponderSession:
     # Why the session failed, once it has: a step still running (its spool closed
     # under it) then reports this reason rather than what the closing did to it.
     failed: str | None = None
+    # Guards the pair lock's hand-back: Conclude's end and a failed session's
+    # matching callback may both release the session, and the lock goes once.
+    _releasing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def release(self) -> None:
         try:
@@ -120,7 +123,8 @@ class ResponderSession:
             self.own_tags.close()
             self.plan.close()
         finally:  # (the pair's lock goes even where closing a spool failed)
-            lock, self.pair_lock = self.pair_lock, None
+            with self._releasing:
+                lock, self.pair_lock = self.pair_lock, None
             if lock is not None:
                 lock.release()
 
