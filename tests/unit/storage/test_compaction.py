@@ -545,6 +545,37 @@ def test_a_compaction_asked_while_it_waits_for_the_lock_gives_way_once_it_has_it
     check(store, model, rng, nids)
 
 
+def test_a_compaction_the_node_stops_while_it_waits_for_the_lock_reads_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node stops while a compaction waits for the pair's lock (held by a
+    session, which does not ask it to give way): once it has the lock it lets go
+    without a read, and gives up quietly (None, nothing counted)."""
+    rng, model, nids, tag_of = setup(22, store)
+    apply(store, random_step(rng, model, nids, tag_of))
+    before = state_of(store, PEER, EPOCH)
+    sized: list[int] = []
+    size = compaction.size
+    monkeypatch.setattr(compaction, "size", lambda *a: sized.append(1) or size(*a))
+    compactor = Compactor(store.db, store.pair_lock, share=0.0, minimum=1)
+    lock = store.pair_lock(PEER)
+    assert lock.acquire(timeout=5)  # a session
+    out: list[object] = []
+    waiting = threading.Thread(target=lambda: out.append(compactor.run_now(PEER, EPOCH)))
+    waiting.start()
+    try:
+        assert wait_for(lambda: bool(lock._yielders))  # (it waits for the lock)
+        compactor.stop(timeout=0)
+    finally:
+        lock.release()
+    waiting.join(10)
+    assert out == [None] and not sized
+    assert compactor.counts.compacted == compactor.counts.gave_way == 0
+    assert compactor.counts.failed == 0
+    assert state_of(store, PEER, EPOCH) == before
+    check(store, model, rng, nids)
+
+
 def test_a_session_asks_again_while_it_waits_so_no_compaction_of_the_peer_keeps_it_out(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
