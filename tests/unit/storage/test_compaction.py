@@ -880,12 +880,13 @@ def test_waiting_for_compactions_waits_for_a_try_after_giving_way(
     assert overlay(store) == 0
 
 
-@pytest.mark.parametrize("ended", ["compacted", "not-due", "abandoned", "failed"])
+@pytest.mark.parametrize("ended", ["compacted", "not-due", "no-state", "abandoned", "failed"])
 def test_the_longest_wait_starts_anew_once_a_compaction_has_ended(
     store: Store, monkeypatch: pytest.MonkeyPatch, ended: str
 ) -> None:
     """A pair's compaction that ended other than by giving way (it compacted, found
-    the pair no longer due, was abandoned, or failed), then due again later, gives
+    the pair no longer due, found no state to compact (no sync row: the pair's
+    state erased meanwhile), was abandoned, or failed), then due again later, gives
     way again: its longest wait counts from when it was due this time, not from
     the first time it was."""
     monkeypatch.setattr(Compactor, "LONGEST_WAIT", 2.5)
@@ -896,6 +897,8 @@ def test_the_longest_wait_starts_anew_once_a_compaction_has_ended(
 
     def ends_at_once(*args: object, **kwargs: object) -> object:
         monkeypatch.setattr(compaction, "compact", real)
+        if ended == "no-state":
+            return None
         if ended == "abandoned":
             raise CompactionAbandoned("the pair state changed while it was compacted")
         raise RuntimeError("a failure")
