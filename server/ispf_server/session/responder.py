@@ -244,8 +244,8 @@ class Responder:
         if matching is not None and not matching.done():
             # Its matching may still stage the pair's new runs, in a thread of its own:
             # the session fails now (its row and entry), and what it staged is dropped,
-            # and the pair's lock let go, once that thread has ended (dropped before,
-            # the staging would be written on after, without the lock).
+            # and the pair's lock let go, once that thread has ended (dropped now, the
+            # thread would write on after, and the drop be done twice).
             try:
                 s.life.fail(reason, keep_staging=True)
             finally:

@@ -232,15 +232,36 @@ def fail_in(
     if not changed:
         return None
     cur.execute("DELETE FROM matches WHERE session_id=?", (session_id,))
-    return staging_of(cur.connection, session_id)
+    staged = staging_of(cur.connection, session_id)
+    assert staged is not None  # (its row was just updated)
+    return staged
 
 
-def staging_of(conn: Connection, session_id: str) -> tuple[str, int, int | None]:
-    """A session's (peer, epoch, generation of pair runs it staged; None: none)."""
-    peer, epoch, gen = conn.execute(
+def staging_of(conn: Connection, session_id: str) -> tuple[str, int, int | None] | None:
+    """A session's (peer, epoch, generation of pair runs it staged; None: none);
+    None where there is no such session."""
+    row = conn.execute(
         "SELECT peer, epoch, staged_gen FROM sessions WHERE session_id=?", (session_id,)
     ).fetchone()
+    if row is None:
+        return None
+    peer, epoch, gen = row
     return str(peer), int(epoch), None if gen is None else int(gen)
+
+
+def running_stagings(conn: Connection, peer: str, epoch: int) -> list[int]:
+    """The generations of pair runs that running sessions of the pair stage: a new
+    staging of the pair leaves them (`runs.new_generation`), so that a replica that
+    believes it holds the pair's lock when another has it never drops that one's
+    (each is dropped when its session fails, or made current when it commits)."""
+    return [
+        int(g)
+        for (g,) in conn.execute(
+            "SELECT staged_gen FROM sessions WHERE peer=? AND epoch=? AND state='RUNNING' "
+            "AND staged_gen IS NOT NULL",
+            (peer, epoch),
+        )
+    ]
 
 
 def record_staging(cur: Cursor, session_id: str, gen: int) -> bool:

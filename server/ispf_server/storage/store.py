@@ -220,8 +220,10 @@ def _to_v5(db: Database) -> None:
     running at the upgrade has none recorded: what it staged is dropped by the
     pair's next staging, or at the next start.)"""
     if "staged_gen" not in db.columns("sessions"):
+        # (PostgreSQL: two replicas of this version started at once both migrate)
+        maybe = " IF NOT EXISTS" if db.dialect == "postgresql" else ""
         with db.transaction() as cur:
-            cur.execute("ALTER TABLE sessions ADD COLUMN staged_gen INTEGER")
+            cur.execute(f"ALTER TABLE sessions ADD COLUMN{maybe} staged_gen INTEGER")
 
 
 MIGRATIONS: dict[int, Callable[[Database], object]] = {
@@ -378,8 +380,13 @@ class Store:
             failed = sessions.fail_in(cur, session_id, error, retriable=retriable)
             if failed is not None and entry is not None:
                 auditlog.append(cur, session_id, entry)
-        if failed is not None and not keep_staging:
-            self._drop_generation(*failed)
+        if not keep_staging:
+            if failed is None:  # (failed meanwhile by another, say a replica's sweep
+                # while this one was cut off from the store: parts it went on to write
+                # after that drop are its own still, and never made current)
+                self.drop_staging(session_id)
+            else:
+                self._drop_generation(*failed)
         return failed is not None
 
     def _drop_generation(self, peer: str, epoch: int, gen: int | None) -> None:
@@ -394,7 +401,8 @@ class Store:
             return False
         try:
             with self.db.transaction() as cur:
-                pairruns.drop_staged(cur, peer, epoch)
+                running = sessions.running_stagings(cur.connection, peer, epoch)
+                pairruns.drop_staged(cur, peer, epoch, running)
         finally:
             lock.release()
         return True
@@ -402,10 +410,12 @@ class Store:
     @storage_errors
     def drop_staging(self, session_id: str) -> None:
         """Drop the pair runs a failed session staged, once the matching that staged
-        them has ended (`fail_session` with `keep_staging`)."""
+        them has ended (`fail_session` with `keep_staging`). (Never the pair's state,
+        where the session completed: `drop_generation` checks.)"""
         with self.db.reading() as conn:
             staged = sessions.staging_of(conn, session_id)
-        self._drop_generation(*staged)
+        if staged is not None:
+            self._drop_generation(*staged)
 
     @property
     def shared(self) -> bool:

@@ -335,15 +335,8 @@ def test_failing_a_gone_replicas_session_leaves_a_live_ones_staging(
         lock = b.pair_lock("sindh")
         assert lock.acquire(timeout=5)  # B's session of the pair
         try:
-            # (B's first staging write drops what A left, as it always did: stage A's
-            # again, as if A's replica had written it after B's began)
-            live = staged(b, "s3")
-            with b.db.transaction() as cur:
-                cur.execute(
-                    "INSERT INTO pair_runs SELECT peer, epoch, CAST(? AS INTEGER), kind, part, "
-                    "last, data FROM pair_runs WHERE gen=?",
-                    (gone, live),
-                )
+            live = staged(b, "s3")  # (A's is left: its session still runs)
+            assert parts_of(b, gone) == 1
             assert b.fail_session("s1", "the replica running it stopped", None)
             assert parts_of(b, gone) == 0  # (A's own, dropped)
             assert parts_of(b, live) == 1  # (B's, kept)
@@ -473,20 +466,22 @@ def test_a_store_of_version_4_records_each_sessions_staging(tmp_path: Path, url:
 
 
 def test_a_failing_session_drops_what_it_staged_and_nothing_else(store: Store) -> None:
-    """Stagings are recorded per session. A one-off session of the pair (it takes no
-    lock and stages nothing) fails while a sync session of the pair stages: that
-    staging stays. Session A, which staged and then lost the pair (on PostgreSQL, a
-    replica whose lock connection dropped, while replica B took the lock and staged,
-    dropping A's), fails believing it still holds the lock: B's staging stays, and
-    B can still make it current. A session that fails drops its own staging."""
+    """Stagings are recorded per session. Session A stages, then loses the pair (on
+    PostgreSQL, a replica whose lock connection dropped, while replica B took the
+    lock); B stages, and A's staging is left, its session still running. A one-off
+    session of the pair (no lock, nothing staged) fails: both stay. A fails,
+    believing it still holds the lock: only its own goes, and B can still make its
+    staging current. A session that fails drops its own."""
     store.pairs.key("sindh", 1)
     for sid in ("one-off", "a", "b", "c"):
         store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
     first = staged(store, "a")
-    second = staged(store, "b")  # (drops A's: the holder's first write, as always)
-    assert parts_of(store, first) == 0 and parts_of(store, second) == 1
+    second = staged(store, "b")
+    assert parts_of(store, first) == 1 and parts_of(store, second) == 1
     assert store.fail_session("one-off", "aborted by sindh: gone", None)
+    assert parts_of(store, first) == 1 and parts_of(store, second) == 1
     assert store.fail_session("a", "peer gone", None)
+    assert parts_of(store, first) == 0
     assert parts_of(store, second) == 1  # (B's, kept: the old rule dropped it)
     assert store.sessions.get("b").staged_gen == second  # type: ignore[union-attr]
     with store.db.transaction() as cur:
@@ -495,7 +490,66 @@ def test_a_failing_session_drops_what_it_staged_and_nothing_else(store: Store) -
     third = staged(store, "c")
     assert parts_of(store, third) == 1
     assert store.fail_session("c", "peer gone", None)
-    assert parts_of(store, third) == 0 and parts_of(store, second) == 1  # (the current stays)
+    assert parts_of(store, third) == 0
+
+
+def test_a_new_staging_drops_only_stagings_no_running_session_writes(store: Store) -> None:
+    """A staging of the pair (a session's or a compaction's) drops what a failed
+    session, a stopped node or a compaction left, and leaves a running session's."""
+    store.pairs.key("sindh", 1)
+    for sid in ("running", "failed", "next"):
+        store.sessions.begin(sid, "sindh", "initiator", 1, "reconciliation", 1)
+    running = staged(store, "running")
+    unrecorded = staged(store, None)  # (a compaction's, say)
+    assert parts_of(store, running) == 1 and parts_of(store, unrecorded) == 1
+    failed = staged(store, "failed")
+    assert parts_of(store, unrecorded) == 0 and parts_of(store, running) == 1
+    assert store.fail_session("failed", "peer gone", None, keep_staging=True)  # (kept)
+    assert parts_of(store, failed) == 1
+    staged(store, "next")
+    assert parts_of(store, failed) == 0 and parts_of(store, running) == 1
+
+
+def test_a_session_failed_by_another_drops_what_it_staged_when_it_fails_itself(
+    store: Store,
+) -> None:
+    """A session failed meanwhile by another (a replica's sweep, while this one was
+    cut off from the store) goes on writing runs, then fails itself: `fail_session`
+    says it was not running, and drops its staging all the same (never made current
+    now)."""
+    store.pairs.key("sindh", 1)
+    store.sessions.begin("s1", "sindh", "initiator", 1, "reconciliation", 1)
+    stager = RunStager(store.db, "sindh", 1, "s1")
+    assert store.fail_session("s1", "the replica running it stopped", None)
+    run = stager.writer(pairruns.KINDS[0])  # (written on after that drop)
+    run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
+    run.close()
+    assert parts_of(store, stager.gen) == 1
+    assert not store.fail_session("s1", "peer gone", None)
+    assert parts_of(store, stager.gen) == 0
+    assert not store.fail_session("unknown", "peer gone", None)  # (no such session)
+
+
+def test_a_generation_that_could_not_be_dropped_is_logged(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drop that fails (the database gone for a moment) is not raised into the
+    session's failure, but it is not silent either: what is left, and who drops it."""
+    from ispf_server.storage.pairs.staging import drop_generation
+
+    store.pairs.key("sindh", 1)
+    gen = staged(store, None)
+
+    def gone(*args: object, **kwargs: object) -> object:
+        raise StoreUnavailable("the database cannot be reached (test)")
+
+    monkeypatch.setattr(store.db, "transaction", gone)
+    with caplog.at_level("WARNING"):
+        drop_generation(store.db, "sindh", 1, gen)
+    monkeypatch.undo()
+    assert parts_of(store, gen) == 1
+    assert f"generation {gen} not dropped (StoreUnavailable)" in caplog.text
+    assert "next start drops it" in caplog.text
 
 
 def test_a_session_that_failed_stages_nothing(store: Store) -> None:

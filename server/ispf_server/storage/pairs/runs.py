@@ -29,7 +29,7 @@ something else dropped or wrote into is never made the state.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from ispf.errors import StagingLost
@@ -168,9 +168,10 @@ def stage(
     return Staged(gen, {k: n for k, n in parts.items() if n})
 
 
-def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
+def new_generation(cur: Cursor, peer: str, epoch: int, keep: Collection[int] = ()) -> int:
     """A generation to stage runs under; stale stagings (any generation but the
-    current) are dropped first. Nothing reads it until `activate`. Its number is
+    current, and those in `keep`: of running sessions) are dropped first. Nothing
+    reads it until `activate`. Its number is
     the store's next (`pair_gen_last`), never given out before, nor dropped and
     given out again: a writer whose staging was dropped under it (two writers of
     one pair) finds its parts missing at `activate`, never another's staging
@@ -183,7 +184,7 @@ def new_generation(cur: Cursor, peer: str, epoch: int) -> int:
     if max(int(row[0]), current(cur.connection, peer, epoch) or 0) > last:
         last = held_generations(cur)  # (a count behind what the store holds: never reuse)
     cur.execute(upsert_sql("pair_gen_last", ("one", "gen"), ("one",)), (1, last + 1))
-    drop_staged(cur, peer, epoch)  # (after the count: a number it drops is never reused)
+    drop_staged(cur, peer, epoch, keep)  # (after the count: a number it drops is never reused)
     return last + 1
 
 
@@ -196,13 +197,16 @@ def held_generations(cur: Cursor) -> int:
     )
 
 
-def drop_staged(cur: Cursor, peer: str, epoch: int) -> int | None:
-    """Drop every generation of the pair but the current one; returns the current."""
+def drop_staged(cur: Cursor, peer: str, epoch: int, keep: Collection[int] = ()) -> int | None:
+    """Drop every generation of the pair but the current one and those in `keep`;
+    returns the current."""
     now = current(cur.connection, peer, epoch)
+    spared = sorted({-1 if now is None else now, *keep})
+    marks = ",".join("?" * len(spared))
     for table in ("pair_runs", "pair_labelsets"):
         cur.execute(
-            f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen <> ?",  # noqa: S608
-            (peer, epoch, -1 if now is None else now),
+            f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen NOT IN ({marks})",  # noqa: S608
+            (peer, epoch, *spared),
         )
     return now
 

@@ -3,7 +3,7 @@ so no run is ever whole in memory."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Callable
 
 from ispf.errors import SessionAborted
@@ -11,6 +11,8 @@ from ispf_server.storage import sessions
 from ispf_server.storage.db import Database
 from ispf_server.storage.pairs import keys
 from ispf_server.storage.pairs import runs as pairruns
+
+log = logging.getLogger(__name__)
 
 
 class RunStager:
@@ -20,8 +22,9 @@ class RunStager:
     (`Store.complete_session` activates `PairDelta.staged`). A session's staging is
     recorded on its row as it starts (`sessions.record_staging`; `session_id`, None
     for a compaction, which drops its own): a session that fails drops that
-    generation and no other (`Store.fail_session`), and a session that has failed
-    already stages nothing (`SessionAborted`). Sessions of a pair never overlap
+    generation and no other (`Store.fail_session`), a new staging of the pair
+    leaves it while its session runs, and a session that has failed already
+    stages nothing (`SessionAborted`). Sessions of a pair never overlap
     (the node holds a lock per peer), so one pair has one staging at a time. Each
     piece is written only while the pair's key exists (`keys.require`): an epoch
     retired meanwhile fails the staging instead of leaving parts of it behind."""
@@ -31,7 +34,8 @@ class RunStager:
         self.parts: dict[str, int] = {}  # kind name -> parts its run was written in
         with db.transaction(staging=True) as cur:
             keys.require(cur, peer, epoch)
-            self.gen = pairruns.new_generation(cur, peer, epoch)
+            running = sessions.running_stagings(cur.connection, peer, epoch)
+            self.gen = pairruns.new_generation(cur, peer, epoch, running)
             if session_id is not None and not sessions.record_staging(cur, session_id, self.gen):
                 raise SessionAborted(
                     f"session {session_id} is no longer running: its pair runs are not staged"
@@ -103,28 +107,43 @@ def drop_generation(
     next start (`Store.sweep_pairs`) or the pair's next staging."""
     if db.closed:
         return
-    with contextlib.suppress(Exception):
-        with db.reading() as conn:
-            ends = conn.execute(
-                "SELECT kind, max(part) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
-                "GROUP BY kind",
-                (peer, epoch, gen),
-            ).fetchall()
-        pieces = [
-            ("AND kind=? AND part >= ? AND part < ?", (str(kind), at, at + DROP_PARTS))
-            for kind, last in ends
-            for at in range(0, int(last) + 1, DROP_PARTS)
-        ]
-        for table, where, args in [
-            *(("pair_runs", w, a) for w, a in pieces),
-            ("pair_labelsets", "", ()),  # (last: its label sets)
-        ]:
-            if stopping():
-                return
-            with db.transaction() as cur:
-                if pairruns.current(cur.connection, peer, epoch) == gen:
-                    return  # (never the pair's state)
-                cur.execute(
-                    f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=? {where}",  # noqa: S608
-                    (peer, epoch, gen, *args),
-                )
+    try:
+        _drop_generation(db, peer, epoch, gen, stopping)
+    except Exception as exc:  # (left to the pair's next staging, or the next start)
+        log.warning(
+            "pair state with %s (epoch %d): generation %d not dropped (%s); the pair's "
+            "next run or the node's next start drops it",
+            peer,
+            epoch,
+            gen,
+            type(exc).__name__,
+        )
+
+
+def _drop_generation(
+    db: Database, peer: str, epoch: int, gen: int, stopping: Callable[[], bool]
+) -> None:
+    with db.reading() as conn:
+        ends = conn.execute(
+            "SELECT kind, max(part) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? "
+            "GROUP BY kind",
+            (peer, epoch, gen),
+        ).fetchall()
+    pieces = [
+        ("AND kind=? AND part >= ? AND part < ?", (str(kind), at, at + DROP_PARTS))
+        for kind, last in ends
+        for at in range(0, int(last) + 1, DROP_PARTS)
+    ]
+    for table, where, args in [
+        *(("pair_runs", w, a) for w, a in pieces),
+        ("pair_labelsets", "", ()),  # (last: its label sets)
+    ]:
+        if stopping():
+            return
+        with db.transaction() as cur:
+            if pairruns.current(cur.connection, peer, epoch) == gen:
+                return  # (never the pair's state)
+            cur.execute(
+                f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen=? {where}",  # noqa: S608
+                (peer, epoch, gen, *args),
+            )
