@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ispf.errors import ConfigError, RetryLater, SessionAborted, StoreUnavailable
+from ispf.errors import (
+    ConfigError,
+    RetryLater,
+    SessionAborted,
+    StagingLost,
+    StoreUnavailable,
+)
 from ispf.records import Label
 from ispf_server.storage import Store
 from ispf_server.storage.pairs import runs as pairruns
@@ -508,6 +514,40 @@ def test_a_new_staging_drops_only_stagings_no_running_session_writes(store: Stor
     assert parts_of(store, failed) == 1
     staged(store, "next")
     assert parts_of(store, failed) == 0 and parts_of(store, running) == 1
+
+
+def test_a_compactions_commit_leaves_a_running_sessions_staging_whole(store: Store) -> None:
+    """Session A has staged the pair's runs and their label sets; a compaction of the
+    pair (another replica's, while A believes it still holds the lock) stages and
+    commits, leaving the old runs to drop after. A's staging is still whole, label
+    sets too, so A's commit makes a whole state current; a staging whose label sets
+    are gone is never made current (StagingLost)."""
+    store.pairs.key("sindh", 1)
+    store.sessions.begin("a", "sindh", "initiator", 1, "reconciliation", 1)
+
+    def stage(session_id: str | None) -> pairruns.Staged:
+        stager = RunStager(store.db, "sindh", 1, session_id)
+        run = stager.writer(pairruns.KINDS[0])
+        run.append(b"3520200000001" + bytes(16) + pairruns.lsid(0))
+        run.close()
+        return stager.done({"[]": 0})
+
+    first = stage("a")
+    compacted = stage(None)
+    with store.db.transaction() as cur:
+        pairruns.activate(cur, "sindh", 1, compacted, keep_old=True)
+    labelsets = "SELECT count(*) FROM pair_labelsets WHERE gen=?"
+    assert store.db.fetchone(labelsets, (first.gen,)) == (1,)
+    with store.db.transaction() as cur:
+        pairruns.activate(cur, "sindh", 1, first)
+    assert store.db.fetchone("SELECT gen FROM pair_gen WHERE peer='sindh'") == (first.gen,)
+    assert store.db.fetchone(labelsets, (first.gen,)) == (1,)
+    store.sessions.begin("b", "sindh", "initiator", 1, "reconciliation", 1)
+    second = stage("b")
+    store.db.write("DELETE FROM pair_labelsets WHERE gen=?", (second.gen,))
+    with pytest.raises(StagingLost), store.db.transaction() as cur:
+        pairruns.activate(cur, "sindh", 1, second)
+    assert store.db.fetchone("SELECT gen FROM pair_gen WHERE peer='sindh'") == (first.gen,)
 
 
 def test_a_session_failed_by_another_drops_what_it_staged_when_it_fails_itself(

@@ -105,6 +105,7 @@ class Staged:
 
     gen: int
     parts: dict[str, int]
+    labelsets: int | None = None  # how many label sets were written (None: not checked)
 
 
 def lsid(n: int) -> bytes:
@@ -165,7 +166,7 @@ def stage(
     gen = new_generation(cur, peer, epoch)
     parts = {kind.name: write_run(cur, peer, epoch, gen, kind, runs[kind.name]) for kind in KINDS}
     write_labelsets(cur, peer, epoch, gen, labelsets)
-    return Staged(gen, {k: n for k, n in parts.items() if n})
+    return Staged(gen, {k: n for k, n in parts.items() if n}, len(labelsets))
 
 
 def new_generation(cur: Cursor, peer: str, epoch: int, keep: Collection[int] = ()) -> int:
@@ -235,7 +236,8 @@ def write_labelsets(
 
 def activate(cur: Cursor, peer: str, epoch: int, staged: Staged, *, keep_old: bool = False) -> None:
     """Make a staged generation the pair's state and drop every other one; `StagingLost`
-    (nothing changed) where its parts are not all there as they were written.
+    (nothing changed) where its parts, or its label sets, are not all there as they
+    were written.
     `keep_old`: the other generations' parts are left for the caller to drop after
     the commit, a piece at a time (`compaction`), which nothing reads meanwhile."""
     gen = staged.gen
@@ -243,16 +245,24 @@ def activate(cur: Cursor, peer: str, epoch: int, staged: Staged, *, keep_old: bo
         "SELECT kind, count(*) FROM pair_runs WHERE peer=? AND epoch=? AND gen=? GROUP BY kind",
         (peer, epoch, gen),
     ).fetchall()
-    if {str(k): int(n) for k, n in found} != staged.parts:
+    labelled = cur.execute(
+        "SELECT count(*) FROM pair_labelsets WHERE peer=? AND epoch=? AND gen=?",
+        (peer, epoch, gen),
+    ).fetchone()
+    if {str(k): int(n) for k, n in found} != staged.parts or (
+        staged.labelsets is not None and int(labelled[0]) != staged.labelsets
+    ):
         raise StagingLost(
             f"the staged runs of the pair state with {peer} are not as they were written "
             "(dropped or written into by another writer of the pair): not made current"
         )
-    if not keep_old:
-        cur.execute("DELETE FROM pair_runs WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen))
-    cur.execute(
-        "DELETE FROM pair_labelsets WHERE peer=? AND epoch=? AND gen!=?", (peer, epoch, gen)
-    )
+    if not keep_old:  # (else the old runs, label sets last, go after: `drop_generation`;
+        # and a running session's staging, which a new staging leaves, stays whole)
+        for table in ("pair_runs", "pair_labelsets"):
+            cur.execute(
+                f"DELETE FROM {table} WHERE peer=? AND epoch=? AND gen!=?",  # noqa: S608
+                (peer, epoch, gen),
+            )
     cur.execute(
         upsert_sql("pair_gen", ("peer", "epoch", "gen"), ("peer", "epoch")), (peer, epoch, gen)
     )

@@ -50,7 +50,8 @@ class RunStager:
         with self.db.transaction(staging=True) as cur:
             keys.require(cur, self.peer, self.epoch)
             pairruns.write_labelsets(cur, self.peer, self.epoch, self.gen, labelsets)
-        return pairruns.Staged(self.gen, {k: n for k, n in self.parts.items() if n})
+        parts = {k: n for k, n in self.parts.items() if n}
+        return pairruns.Staged(self.gen, parts, len(labelsets))
 
 
 class StagedRun:
